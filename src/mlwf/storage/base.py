@@ -1,0 +1,145 @@
+"""The one object-store interface every stage and command goes through.
+
+Keys and prefixes behave exactly like S3: a key is a ``/``-separated string, a
+prefix matches any key that starts with it (``a/b`` matches ``a/b/c`` and
+``a/bc``), and listings come back sorted by key. A :class:`Store` is bound to
+one bucket.
+"""
+
+from __future__ import annotations
+
+import abc
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mlwf.errors import StoreError
+
+MAX_KEY_BYTES = 1024  # S3's limit, enforced everywhere so local runs behave like S3
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object."""
+
+    key: str
+    size: int
+
+
+def check_key(key: str, *, what: str = "key") -> str:
+    """Return ``key`` if it is a safe object key, else raise :class:`StoreError`.
+
+    Refused: empty keys, absolute paths, ``.`` or ``..`` segments, empty
+    segments, backslashes and control characters, and keys over 1,024 bytes.
+    Such keys could escape a local store's root or mean different objects on
+    different stores.
+    """
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"empty {what}: give a non-empty object key")
+    problem = None
+    if key.startswith("/"):
+        problem = "is absolute"
+    elif "\\" in key:
+        problem = "contains a backslash"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in key):
+        problem = "contains a control character"
+    elif len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        problem = f"is longer than {MAX_KEY_BYTES} bytes"
+    else:
+        parts = key.split("/")
+        body = parts[:-1] if key.endswith("/") else parts
+        if any(p in (".", "..") for p in body):
+            problem = "has a '.' or '..' segment that would escape the store root"
+        elif any(p == "" for p in body):
+            problem = "has an empty path segment ('//')"
+    if problem:
+        raise StoreError(f"refused {what} {key!r}: it {problem}; use a relative key like 'dir/name'")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Validate a listing prefix; the empty prefix means the whole bucket."""
+    if prefix == "":
+        return prefix
+    return check_key(prefix, what="prefix")
+
+
+def join_key(*parts: str) -> str:
+    """Join key segments with ``/``, ignoring empty ones and duplicate slashes."""
+    return posixpath.join(*[p.strip("/") for p in parts if p and p.strip("/")])
+
+
+class Store(abc.ABC):
+    """An object store bound to one bucket.
+
+    Implementations: :class:`mlwf.storage.local.LocalStore` (a directory) and
+    :class:`mlwf.storage.s3.S3Store` (any S3-compatible service).
+    """
+
+    #: Where the store is, fit to print: never carries credentials.
+    url: str
+    bucket: str
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Return every object whose key starts with ``prefix``, sorted by key.
+
+        Raises :class:`~mlwf.errors.NotFoundError` if the bucket does not exist.
+        """
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the bytes of ``key``; :class:`~mlwf.errors.NotFoundError` if absent."""
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes]:
+        """Return the bytes of every key, in order (concurrently where it pays)."""
+        return [self.get(k) for k in keys]
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` atomically: readers see the old or the new object."""
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """Write several objects (concurrently where it pays)."""
+        for key, data in items:
+            self.put(key, data)
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error (as on S3)."""
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete every key; return how many were asked for."""
+        n = 0
+        for key in keys:
+            self.delete(key)
+            n += 1
+        return n
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at ``key``."""
+
+    @abc.abstractmethod
+    def bucket_exists(self) -> bool:
+        """Whether the bucket exists."""
+
+    @abc.abstractmethod
+    def create_bucket(self) -> None:
+        """Create the bucket if it does not exist."""
+
+    def require_bucket(self) -> None:
+        """Raise a clear :class:`~mlwf.errors.NotFoundError` if the bucket is missing."""
+        from mlwf.errors import NotFoundError
+
+        if not self.bucket_exists():
+            raise NotFoundError(
+                f"bucket {self.bucket!r} does not exist in store {self.url}: "
+                "check --bucket/--store, or upload data with 'mlwf s3 upload-dir'"
+            )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the store must not be used afterwards."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, bucket={self.bucket!r})"
