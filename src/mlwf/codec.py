@@ -1,0 +1,172 @@
+"""The one byte format for everything that crosses a process, a store or the network.
+
+A payload is a JSON value in which NumPy arrays stand as ``{"__array__": i}``,
+followed by the raw bytes of the arrays::
+
+    b"MLWF" | u32 format version | u64 header length | header JSON | pad | arrays
+
+The header lists each array's dtype, shape, offset and length, and the SHA-256
+of the array section. Decoding parses JSON and reinterprets raw bytes with a
+whitelisted dtype: nothing in a payload is ever executed, which is why stored or
+received bytes never go through pickle. Encoding is deterministic (sorted keys,
+fixed alignment), so equal content gives equal bytes and equal digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+from mlwf.errors import MlwfError
+
+MAGIC = b"MLWF"
+VERSION = 1
+_ALIGN = 64
+_PREAMBLE = struct.Struct("<4sIQ")
+_MAX_HEADER = 64 << 20
+_DTYPES = frozenset(
+    ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
+)
+
+
+class CodecError(MlwfError):
+    """Bytes that are not a valid payload (truncated, corrupt or tampered with)."""
+
+
+def encode(value: Any) -> bytes:
+    """Serialize a JSON-like value that may hold NumPy arrays.
+
+    Parameters
+    ----------
+    value : dict, list, str, int, float, bool, None or numpy.ndarray, nested.
+        Dict keys must be strings. Arrays must have a numeric or bool dtype.
+
+    Returns
+    -------
+    bytes
+        The payload; equal values give equal bytes.
+
+    Raises
+    ------
+    TypeError
+        If the value holds something else (objects, non-string keys).
+    """
+    arrays: list[np.ndarray] = []
+
+    def lift(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            arrays.append(v)
+            return {"__array__": len(arrays) - 1}
+        if isinstance(v, dict):
+            if "__array__" in v:
+                raise TypeError("dict key '__array__' is reserved")
+            out = {}
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"dict keys must be str, got {type(k).__name__}")
+                out[k] = lift(x)
+            return out
+        if isinstance(v, (list, tuple)):
+            return [lift(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        if v is None or isinstance(v, (str, int, float, bool)):
+            return v
+        raise TypeError(f"cannot encode {type(v).__name__}")
+
+    meta = lift(value)
+    descs = []
+    offset = 0
+    blobs = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        a = a.astype(dt, copy=False)
+        if dt.str not in _DTYPES:
+            raise TypeError(f"cannot encode arrays of dtype {a.dtype}")
+        pad = (-offset) % _ALIGN
+        if pad:
+            blobs.append(b"\0" * pad)
+            offset += pad
+        data = a.tobytes()
+        descs.append({"dtype": dt.str, "shape": list(a.shape), "offset": offset, "nbytes": len(data)})
+        blobs.append(data)
+        offset += len(data)
+    body = b"".join(blobs)
+    header = {"arrays": descs, "meta": meta, "sha256": hashlib.sha256(body).hexdigest()}
+    hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    head_len = _PREAMBLE.size + len(hjson)
+    pad = b"\0" * ((-head_len) % _ALIGN)
+    return b"".join([_PREAMBLE.pack(MAGIC, VERSION, len(hjson)), hjson, pad, body])
+
+
+def decode(data: bytes | bytearray | memoryview, *, what: str = "payload") -> Any:
+    """Parse a payload made by :func:`encode`.
+
+    Arrays come back as read-only views of ``data`` (no copy).
+
+    Raises
+    ------
+    CodecError
+        If the bytes are truncated, corrupt, tampered with or of another format
+        version; ``what`` names the object in the message.
+    """
+    buf = memoryview(data).cast("B")
+    if len(buf) < _PREAMBLE.size:
+        raise CodecError(f"{what} is truncated ({len(buf)} bytes)")
+    magic, version, hlen = _PREAMBLE.unpack_from(buf)
+    if magic != MAGIC:
+        raise CodecError(f"{what} is not an mlwf payload (bad magic bytes)")
+    if version != VERSION:
+        raise CodecError(f"{what} has payload format version {version}; this mlwf reads version {VERSION}")
+    if hlen > _MAX_HEADER or _PREAMBLE.size + hlen > len(buf):
+        raise CodecError(f"{what} is truncated (header runs past the end)")
+    try:
+        header = json.loads(bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen]))
+        descs = header["arrays"]
+        digest = header["sha256"]
+        meta = header["meta"]
+    except (ValueError, KeyError, TypeError):
+        raise CodecError(f"{what} is corrupt (unreadable header)") from None
+    start = _PREAMBLE.size + hlen
+    start += (-start) % _ALIGN
+    body = buf[start:]
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise CodecError(f"{what} is corrupt or was modified (checksum mismatch)")
+    arrays = []
+    try:
+        for d in descs:
+            dtype, shape, off, nbytes = d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"]
+            if dtype not in _DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise ValueError
+            dt = np.dtype(dtype)
+            if not (isinstance(off, int) and isinstance(nbytes, int)) or off < 0 or off + nbytes > len(body):
+                raise ValueError
+            if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
+                raise ValueError
+            arrays.append(np.frombuffer(body[off : off + nbytes], dtype=dt).reshape(shape))
+    except (ValueError, KeyError, TypeError):
+        raise CodecError(f"{what} is corrupt (bad array table)") from None
+
+    def lower(v: Any) -> Any:
+        if isinstance(v, dict):
+            if set(v) == {"__array__"}:
+                i = v["__array__"]
+                if not isinstance(i, int) or not 0 <= i < len(arrays):
+                    raise CodecError(f"{what} is corrupt (bad array reference)")
+                return arrays[i]
+            return {k: lower(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [lower(x) for x in v]
+        return v
+
+    return lower(meta)
+
+
+def digest(data: bytes | memoryview) -> str:
+    """The SHA-256 hex digest used to name and check payloads."""
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,82 @@
+"""The embedded default backend: a pool of worker processes on this machine.
+
+Workers are forked from a clean server process that has already imported the
+stage code (multiprocessing's forkserver with preloading), so starting them is
+cheap and no thread of the driver (progress bars, S3 client runtimes) is ever
+forked. The pool is reused across stages and across runs of one
+:class:`~mlwf.engine.driver.Engine`. Each worker pins its BLAS to one thread:
+the parallelism is the functions, as on a serverless platform.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from mlwf.engine import runner
+from mlwf.engine.calls import Call, Outcome, RunContext
+
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def _init_worker() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+class LocalBackend:
+    """Runs calls in ``workers`` processes (default: one per core)."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["mlwf.engine.runner", "mlwf.workflows.training",
+                                        "mlwf.workflows.inference"])
+            saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+            try:
+                for k in _BLAS_ENV:
+                    os.environ[k] = "1"
+                from multiprocessing import forkserver
+
+                forkserver.ensure_running()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+        return self._pool
+
+    def warm_up(self) -> None:
+        """Start the workers now rather than at the first call."""
+        pool = self._start()
+        for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
+            f.result()
+
+    def submit(self, call: Call, ctx: RunContext) -> Future[Outcome]:
+        try:
+            return self._start().submit(runner.execute, call, ctx)
+        except BrokenProcessPool:
+            self.reset()
+            return self._start().submit(runner.execute, call, ctx)
+
+    def reset(self) -> None:
+        """Throw away a broken pool; the next call starts a new one."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

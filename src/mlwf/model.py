@@ -1,0 +1,436 @@
+"""The trained ensemble: build it, turn it into bytes, load it back, predict.
+
+A model is a list of *members*. Each member is the PCA projection it was trained
+on plus its random forest, exported to plain arrays (no scikit-learn objects).
+Prediction projects the images with each member's trained projection, runs
+every tree, and averages the class probabilities over all members, over the
+full set of classes (a member that never saw a class gives it probability 0).
+
+The file is an :mod:`mlwf.codec` payload: JSON metadata plus raw arrays.
+Loading parses and checks it (format version, checksum, shapes, tree
+structure) and never executes anything from it.
+
+Library use::
+
+    import mlwf.model
+    model = mlwf.model.load("ml-inference/model")      # from the configured store
+    model = mlwf.model.load("path/to/model.mlwf")      # or from a file
+    model.predict(["img1.png", "img2.png"])            # -> array of class names
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlwf import codec
+from mlwf.errors import ModelError, NotFoundError
+
+FORMAT = "mlwf-model"
+#: Bump when the model layout changes; :func:`from_bytes` refuses other versions.
+FORMAT_VERSION = 1
+MANIFEST = "MODEL.json"
+MANIFEST_FORMAT = "mlwf-model-manifest"
+HISTORY_LENGTH = 10
+_BATCH = 4096
+
+
+# --------------------------------------------------------------------------- build
+def project(pixels: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Apply a trained PCA projection; the one code path for training and inference.
+
+    Computed in float64 and rounded to float32, the precision the forests
+    compare in, so a row's features do not depend on the batch it came in.
+    """
+    centred = np.asarray(pixels, dtype=np.float64) - mean
+    return (centred @ components.T).astype(np.float32)
+
+
+def export_forest(forest, class_index: Sequence[int], n_classes: int) -> dict[str, Any]:
+    """Export a fitted ``RandomForestClassifier`` to the arrays a member stores.
+
+    Parameters
+    ----------
+    forest : sklearn.ensemble.RandomForestClassifier, fitted.
+    class_index : the global class number of each of ``forest.classes_``.
+    n_classes : size of the full label set.
+
+    Returns
+    -------
+    dict of arrays: ``roots``, ``left``, ``right`` (leaves point to themselves),
+    ``feature``, ``threshold``, ``leaf_index`` (-1 on internal nodes),
+    ``leaf_value`` (class probabilities per leaf over all classes) and
+    ``max_depth``.
+    """
+    cols = np.asarray(class_index, dtype=np.int64)
+    roots, lefts, rights, feats, thrs, leaf_idx, leaf_vals = [], [], [], [], [], [], []
+    offset = 0
+    n_leaves = 0
+    depth = 0
+    for est in forest.estimators_:
+        t = est.tree_
+        n = t.node_count
+        ids = np.arange(n, dtype=np.int64)
+        is_leaf = t.children_left < 0
+        roots.append(offset)
+        lefts.append(np.where(is_leaf, ids, t.children_left) + offset)
+        rights.append(np.where(is_leaf, ids, t.children_right) + offset)
+        feats.append(np.where(is_leaf, 0, t.feature))
+        thrs.append(np.where(is_leaf, 0.0, t.threshold))
+        li = np.full(n, -1, dtype=np.int64)
+        li[is_leaf] = np.arange(is_leaf.sum()) + n_leaves
+        leaf_idx.append(li)
+        v = t.value[is_leaf, 0, :]
+        v = v / v.sum(axis=1, keepdims=True)
+        full = np.zeros((v.shape[0], n_classes), dtype=np.float64)
+        full[:, cols] = v
+        leaf_vals.append(full)
+        n_leaves += int(is_leaf.sum())
+        offset += n
+        depth = max(depth, int(t.max_depth))
+    return {
+        "max_depth": depth,
+        "roots": np.asarray(roots, dtype=np.int32),
+        "left": np.concatenate(lefts).astype(np.int32),
+        "right": np.concatenate(rights).astype(np.int32),
+        "feature": np.concatenate(feats).astype(np.int32),
+        "threshold": np.concatenate(thrs).astype(np.float64),
+        "leaf_index": np.concatenate(leaf_idx).astype(np.int32),
+        "leaf_value": np.concatenate(leaf_vals).astype(np.float32),
+    }
+
+
+@dataclass
+class Model:
+    """A trained ensemble. Build one with :func:`build`, load one with :func:`load`."""
+
+    classes: list[str]
+    image_size: int
+    projections: list[dict[str, np.ndarray]]
+    members: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: SHA-256 of the bytes this model was loaded from or serialized to.
+    digest: str | None = None
+
+    # ---------------------------------------------------------------- predict
+    def predict_proba(self, images) -> np.ndarray:
+        """Class probabilities, shape ``(n_images, n_classes)``, columns in :attr:`classes` order.
+
+        ``images``: encoded image bytes, file paths, Pillow images, or an array of
+        shape ``(n, height, width)``; converted exactly as in training.
+        """
+        from mlwf.images import as_pixels
+
+        return self.proba_from_pixels(as_pixels(images, self.image_size))
+
+    def predict(self, images) -> np.ndarray:
+        """Predicted class names, one per image (see :meth:`predict_proba`)."""
+        proba = self.predict_proba(images)
+        return np.asarray(self.classes, dtype=object)[np.argmax(proba, axis=1)]
+
+    def proba_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities for already decoded ``float32[n, size*size]`` pixels."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if pixels.ndim != 2 or pixels.shape[1] != self.image_size**2:
+            raise ValueError(f"expected pixels of shape (n, {self.image_size**2}), got {pixels.shape}")
+        out = np.empty((len(pixels), len(self.classes)), dtype=np.float64)
+        for start in range(0, len(pixels), _BATCH):
+            out[start : start + _BATCH] = self._proba_batch(pixels[start : start + _BATCH])
+        return out
+
+    def _proba_batch(self, pixels: np.ndarray) -> np.ndarray:
+        projected = [project(pixels, p["mean"], p["components"]) for p in self.projections]
+        acc = np.zeros((len(pixels), len(self.classes)), dtype=np.float64)
+        n_trees = 0
+        for m in self.members:
+            x = projected[m["projection"]]
+            nodes = np.broadcast_to(m["roots"], (len(pixels), len(m["roots"]))).copy()
+            for _ in range(m["max_depth"]):
+                f = m["feature"][nodes]
+                go_left = np.take_along_axis(x, f, axis=1) <= m["threshold"][nodes]
+                nodes = np.where(go_left, m["left"][nodes], m["right"][nodes])
+            values = m["leaf_value"][m["leaf_index"][nodes]]  # (n, trees, classes)
+            # Tree by tree, so a row's sum never depends on the rows beside it.
+            for t in range(values.shape[1]):
+                acc += values[:, t, :]
+            n_trees += values.shape[1]
+        return acc / max(n_trees, 1)
+
+    # ---------------------------------------------------------------- bytes
+    def to_bytes(self) -> bytes:
+        """Serialize; equal models give equal bytes. Sets :attr:`digest`."""
+        data = codec.encode(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "classes": list(self.classes),
+                "image_size": int(self.image_size),
+                "config": self.config,
+                "metrics": self.metrics,
+                "projections": self.projections,
+                "members": self.members,
+            }
+        )
+        self.digest = codec.digest(data)
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description (no arrays)."""
+        return {
+            "digest": self.digest,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "num_members": len(self.members),
+            "num_projections": len(self.projections),
+            "num_trees": int(sum(len(m["roots"]) for m in self.members)),
+            "config": self.config,
+            "metrics": self.metrics,
+        }
+
+
+def build(classes, image_size, projections, members, config=None, metrics=None) -> Model:
+    """Assemble a :class:`Model` and check it as :func:`from_bytes` would."""
+    model = Model(list(classes), int(image_size), list(projections), list(members),
+                  dict(config or {}), dict(metrics or {}))
+    _check(model, "new model")
+    return model
+
+
+# --------------------------------------------------------------------------- load
+def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
+    """Parse and check model bytes.
+
+    Raises
+    ------
+    ModelError
+        If the bytes are not a model, are truncated, corrupt or tampered with,
+        or were written by an incompatible version. Nothing in them is executed.
+    """
+    try:
+        meta = codec.decode(data, what=source)
+    except codec.CodecError as e:
+        raise ModelError(f"{e}: refusing to load it; retrain with 'mlwf run ml-training'") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{source} is not an mlwf model")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{source} is model format version {meta.get('version')!r}, this mlwf reads version "
+            f"{FORMAT_VERSION}: retrain with 'mlwf run ml-training' or use the mlwf that wrote it"
+        )
+    try:
+        model = Model(
+            classes=[str(c) for c in meta["classes"]],
+            image_size=meta["image_size"],
+            projections=meta["projections"],
+            members=meta["members"],
+            config=meta.get("config") or {},
+            metrics=meta.get("metrics") or {},
+            digest=codec.digest(data),
+        )
+    except (KeyError, TypeError):
+        raise ModelError(f"{source} is corrupt (missing fields)") from None
+    _check(model, source)
+    return model
+
+
+def _check(model: Model, source: str) -> None:
+    """Refuse anything that could make prediction index out of bounds or loop."""
+
+    def bad(why: str):
+        raise ModelError(f"{source} is corrupt or was tampered with ({why}); refusing to use it")
+
+    if not isinstance(model.image_size, int) or not 1 <= model.image_size <= 1024:
+        bad("image size")
+    if len(model.classes) < 2 or len(set(model.classes)) != len(model.classes):
+        bad("class list")
+    d = model.image_size**2
+    if not model.projections or not model.members:
+        bad("empty ensemble")
+    for p in model.projections:
+        if not isinstance(p, dict):
+            bad("projection")
+        mean, comp = p.get("mean"), p.get("components")
+        if not isinstance(mean, np.ndarray) or not isinstance(comp, np.ndarray):
+            bad("projection arrays")
+        if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or comp.shape[0] < 1:
+            bad("projection shape")
+        if not (np.issubdtype(mean.dtype, np.floating) and np.issubdtype(comp.dtype, np.floating)):
+            bad("projection dtype")
+    n_classes = len(model.classes)
+    for m in model.members:
+        try:
+            pi = m["projection"]
+            depth = m["max_depth"]
+            roots, left, right = m["roots"], m["left"], m["right"]
+            feature, threshold = m["feature"], m["threshold"]
+            leaf_index, leaf_value = m["leaf_index"], m["leaf_value"]
+        except (KeyError, TypeError):
+            bad("member fields")
+        if not (isinstance(pi, int) and 0 <= pi < len(model.projections)):
+            bad("member projection")
+        k = model.projections[pi]["components"].shape[0]
+        arrays = (roots, left, right, feature, threshold, leaf_index, leaf_value)
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            bad("member arrays")
+        n = len(left)
+        if not (isinstance(depth, int) and 0 <= depth <= 64) or n == 0:
+            bad("tree depth")
+        if any(a.ndim != 1 or len(a) != n for a in (right, feature, threshold, leaf_index)) or roots.ndim != 1:
+            bad("tree array lengths")
+        if not all(np.issubdtype(a.dtype, np.integer) for a in (roots, left, right, feature, leaf_index)):
+            bad("tree array dtypes")
+        if not (np.issubdtype(threshold.dtype, np.floating) and np.issubdtype(leaf_value.dtype, np.floating)):
+            bad("tree array dtypes")
+        ids = np.arange(n)
+        leaf = left == ids
+        internal = ~leaf
+        # Children come after their parent (no cycles) and stay in range.
+        if np.any(leaf != (right == ids)) or np.any(left[internal] <= ids[internal]) \
+                or np.any(right[internal] <= ids[internal]) or np.any(left >= n) or np.any(right >= n):
+            bad("tree links")
+        if np.any(feature[internal] < 0) or np.any(feature[internal] >= k) or np.any(feature < 0):
+            bad("tree features")
+        if roots.size == 0 or np.any(roots < 0) or np.any(roots >= n) or roots[0] != 0 \
+                or np.any(np.diff(roots) <= 0):
+            bad("tree roots")
+        n_leaves = int(leaf.sum())
+        if leaf_value.shape != (n_leaves, n_classes) or not np.all(np.isfinite(leaf_value)) \
+                or np.any(leaf_value < 0):
+            bad("leaf values")
+        if np.any(leaf_index[internal] != -1) or np.any(np.sort(leaf_index[leaf]) != np.arange(n_leaves)):
+            bad("leaf index")
+        # Every node must be reachable within max_depth steps of its tree's root.
+        tree_end = np.append(roots[1:], n)
+        owner = np.searchsorted(roots, ids, side="right") - 1
+        if np.any(left[internal] >= tree_end[owner[internal]]) or np.any(right[internal] >= tree_end[owner[internal]]):
+            bad("tree links cross trees")
+        node_depth = np.full(n, -1, dtype=np.int64)
+        node_depth[roots] = 0
+        frontier = roots
+        for level in range(1, depth + 2):
+            kids = np.concatenate([left[frontier][internal[frontier]], right[frontier][internal[frontier]]])
+            if kids.size == 0:
+                break
+            if level > depth:
+                bad("tree deeper than its stated depth")
+            node_depth[kids] = level
+            frontier = kids
+        if np.any(node_depth < 0):
+            bad("unreachable nodes")
+
+
+# --------------------------------------------------------------------------- store
+def read_manifest(get, prefix: str, *, where: str = "the store") -> dict[str, Any]:
+    """The manifest of the model published at ``prefix``.
+
+    ``get(key) -> bytes`` reads one object (e.g. ``store.get``). Raises
+    :class:`~mlwf.errors.ModelError` if there is no model there.
+    """
+    from mlwf.storage import join_key
+
+    key = join_key(prefix, MANIFEST)
+    try:
+        raw = get(key)
+    except NotFoundError:
+        raise ModelError(
+            f"no model at {prefix!r} in {where}: run ml-training first, e.g. "
+            f"'mlwf run ml-training ml-training/mnist-images-2k 2 8 --model-prefix {prefix}'"
+        ) from None
+    try:
+        manifest = json.loads(raw)
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("object"), str):
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise ModelError(f"model manifest {key!r} is corrupt: retrain with 'mlwf run ml-training'") from None
+    return manifest
+
+
+def read_published(get, prefix: str, *, where: str = "the store") -> tuple[bytes, dict[str, Any]]:
+    """Bytes and manifest of the model published at ``prefix``, checksum verified."""
+    manifest = read_manifest(get, prefix, where=where)
+    try:
+        data = get(manifest["object"])
+    except NotFoundError:
+        raise ModelError(f"model object {manifest['object']!r} named by {prefix}/{MANIFEST} is missing: "
+                         "retrain with 'mlwf run ml-training'") from None
+    if codec.digest(data) != manifest.get("sha256"):
+        raise ModelError(f"model object {manifest['object']!r} does not match its manifest checksum "
+                         "(truncated or modified): refusing to load it; retrain with 'mlwf run ml-training'")
+    return data, manifest
+
+
+def publish(store, prefix: str, data: bytes, *, run_id: str, summary: dict[str, Any] | None = None) -> dict:
+    """Publish validated model bytes at ``prefix``; return the new manifest.
+
+    The model object is written first under a content-addressed key
+    (``versions/<sha256>.mlwf``), then the manifest that names it, in one
+    atomic put. A reader therefore sees the old model or the new one, never a
+    mix; concurrent publishers leave one whole model (the last manifest
+    written). Earlier versions stay, listed in the manifest's ``history``.
+    """
+    from mlwf.storage import join_key
+
+    sha = codec.digest(data)
+    obj = join_key(prefix, "versions", f"{sha}.mlwf")
+    if not store.exists(obj):
+        store.put(obj, data)
+    history: list[dict] = []
+    try:
+        old = read_manifest(store.get, prefix)
+        history = [_entry(old)] + list(old.get("history", []))
+    except ModelError:
+        pass
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "object": obj,
+        "sha256": sha,
+        "size": len(data),
+        "run_id": run_id,
+        "published_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "summary": summary or {},
+        "history": [h for h in history if h.get("sha256") != sha][:HISTORY_LENGTH],
+    }
+    store.put(join_key(prefix, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _entry(manifest: dict) -> dict:
+    return {k: manifest.get(k) for k in ("object", "sha256", "size", "run_id", "published_at")}
+
+
+def load(source: str | os.PathLike | bytes, *, store=None, bucket: str | None = None) -> Model:
+    """Load a model from a file, from bytes, or from a model prefix in a store.
+
+    Parameters
+    ----------
+    source : a path to a ``.mlwf`` file, the model's bytes, or a model prefix
+        such as ``"ml-inference/model"``.
+    store : a :class:`~mlwf.storage.Store` or a store URL/directory; by default
+        ``MLWF_STORE`` or the default local store. Used only for prefixes.
+    bucket : bucket name when ``store`` is a URL (default ``MLWF_BUCKET`` or ``tless``).
+
+    Raises
+    ------
+    ModelError
+        If there is no model there or it cannot be trusted (see :func:`from_bytes`).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return from_bytes(source)
+    path = os.fspath(source)
+    if store is None and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return from_bytes(f.read(), source=path)
+    from mlwf.storage import Store, StoreSpec
+
+    if not isinstance(store, Store):
+        store = StoreSpec.resolve(store, bucket).open()
+    data, manifest = read_published(store.get, path, where=f"bucket {store.bucket!r} of {store.url}")
+    return from_bytes(data, source=manifest["object"])

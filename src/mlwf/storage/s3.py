@@ -1,0 +1,802 @@
+"""S3 and S3-compatible services (MinIO, Ceph, moto, AWS) through obstore.
+
+Where the store is comes from the ``--store`` URL and the environment:
+
+* ``s3://`` takes the endpoint from ``S3_HOST``/``S3_PORT`` (plain HTTP, as a
+  MinIO seed provides; ``S3_HOST`` may also be a full ``http(s)://`` URL), else
+  ``AWS_ENDPOINT_URL``, else AWS S3 itself;
+* ``s3://HOST:PORT`` names the endpoint (plain HTTP) and overrides the above.
+
+Credentials: ``S3_USER``/``S3_PASSWORD``, else ``AWS_ACCESS_KEY_ID``/
+``AWS_SECRET_ACCESS_KEY`` (with ``AWS_SESSION_TOKEN``); region ``AWS_REGION``
+(or ``AWS_DEFAULT_REGION``), default ``us-east-1``. With no credentials at all a
+custom endpoint is used anonymously and AWS falls back to obstore's own chain
+(web identity, container and instance credentials).
+
+Credentials never appear in :attr:`S3Store.url`, a ``repr``, a pickle or an
+error message: every obstore failure becomes a :class:`~mlwf.errors.StoreError`
+with our own one-line message, scrubbed of the keys in case the server echoed
+them.
+
+Bounds (``MLWF_S3_TIMEOUT``, default 15 s, written *T*): a request to an
+endpoint that cannot be reached (refused, unroutable, unknown host) fails
+within *T*; throttling (503 SlowDown), other 5xx answers and dropped
+connections are retried with exponential backoff and jitter for up to
+``T - connect - max_backoff`` seconds. A server that accepts connections but
+never answers fails a read within about ``1.5 T``. Bulk operations run
+``MLWF_S3_CONCURRENCY`` (default 64) requests at once on one event loop
+thread per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hashlib
+import hmac
+import http.client
+import itertools
+import os
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from mlwf.errors import NotFoundError, StoreError
+from mlwf.storage.base import ObjectInfo, Store, check_key, check_prefix
+
+__all__ = ["NoSuchBucketError", "S3Store", "S3Timeouts", "DEFAULT_CONCURRENCY", "DEFAULT_TIMEOUT", "MAX_PUT_BYTES"]
+
+ENV_TIMEOUT = "MLWF_S3_TIMEOUT"
+ENV_CONCURRENCY = "MLWF_S3_CONCURRENCY"
+DEFAULT_TIMEOUT = 15.0  # seconds, see S3Timeouts
+DEFAULT_CONCURRENCY = 64
+DEFAULT_REGION = "us-east-1"
+MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT
+_DELETE_BATCH = 1000  # DeleteObjects takes at most 1,000 keys
+_CREDENTIAL_HINT = "check S3_USER/S3_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+_ENDPOINT_HINT = "check S3_HOST/S3_PORT, AWS_ENDPOINT_URL or the s3://HOST:PORT store URL, and that the server is up"
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+
+T = TypeVar("T")
+
+
+# -- settings -----------------------------------------------------------------
+@dataclass(frozen=True)
+class S3Timeouts:
+    """Time bounds derived from one total ``T`` (``MLWF_S3_TIMEOUT``), in seconds.
+
+    An unreachable endpoint is retried for ``retry`` seconds; the last attempt
+    can start after a backoff of at most ``max_backoff`` and wait ``connect``
+    seconds, so the call fails within ``retry + max_backoff + connect == total``.
+    """
+
+    total: float
+    connect: float
+    max_backoff: float
+    retry: float
+    read: float
+    request: float
+
+    @classmethod
+    def from_total(cls, total: float) -> S3Timeouts:
+        if not total > 0:
+            raise StoreError(f"{ENV_TIMEOUT} must be a positive number of seconds, not {total!r}")
+        connect = min(max(total / 5, 0.2), 5.0)
+        max_backoff = min(max(total / 5, 0.1), 5.0)
+        retry = max(total - connect - max_backoff, 0.1)
+        # A healthy server never goes silent this long in the middle of a
+        # response; a stalled one fails a read within about retry + read.
+        read = max(total * 2 / 3, 1.0)
+        # One attempt as a whole (large objects take a while).
+        request = max(300.0, 4 * total)
+        return cls(total, connect, max_backoff, retry, read, request)
+
+    @classmethod
+    def from_env(cls) -> S3Timeouts:
+        raw = os.environ.get(ENV_TIMEOUT, "").strip()
+        if not raw:
+            return cls.from_total(DEFAULT_TIMEOUT)
+        try:
+            total = float(raw)
+        except ValueError:
+            raise StoreError(f"{ENV_TIMEOUT}={raw!r} is not a number: give seconds, e.g. 15") from None
+        return cls.from_total(total)
+
+
+def _concurrency_from_env() -> int:
+    raw = os.environ.get(ENV_CONCURRENCY, "").strip()
+    if not raw:
+        return DEFAULT_CONCURRENCY
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise StoreError(f"{ENV_CONCURRENCY}={raw!r} is not a positive integer: give e.g. 64")
+    return n
+
+
+class _Credentials:
+    """Access key, secret and token; prints as where they came from, never as values."""
+
+    __slots__ = ("access_key", "secret_key", "token", "source")
+
+    def __init__(self, access_key: str, secret_key: str, token: str | None, source: str):
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.token = token or None
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"<credentials from {self.source}>"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # never pickle secrets
+        raise TypeError("S3 credentials cannot be pickled; they are read from the environment")
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.access_key, self.secret_key, self.token) if s]
+
+    def provider(self) -> Callable[[], dict[str, Any]]:
+        value = {
+            "access_key_id": self.access_key,
+            "secret_access_key": self.secret_key,
+            "token": self.token,
+            "expires_at": None,
+        }
+
+        def credentials() -> dict[str, Any]:
+            return value
+
+        return credentials
+
+
+def _env_credentials() -> _Credentials | None:
+    env = os.environ
+    if env.get("S3_USER") or env.get("S3_PASSWORD"):
+        if not (env.get("S3_USER") and env.get("S3_PASSWORD")):
+            raise StoreError("set both S3_USER and S3_PASSWORD (or neither, to use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+        return _Credentials(env["S3_USER"], env["S3_PASSWORD"], None, "S3_USER/S3_PASSWORD")
+    if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SECRET_ACCESS_KEY"):
+        if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+            raise StoreError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        token = env.get("AWS_SESSION_TOKEN") or env.get("AWS_TOKEN")
+        return _Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token, "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    return None
+
+
+def _clean_endpoint(endpoint: str, what: str) -> str:
+    """``scheme://host[:port]`` with no user info, path, query or trailing slash."""
+    parts = urllib.parse.urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StoreError(f"{what} {_strip_userinfo(endpoint)!r} is not an http(s)://HOST[:PORT] URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise StoreError(f"{what} {_strip_userinfo(endpoint)!r} has an invalid port") from None
+    host = parts.hostname
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    if parts.path not in ("", "/"):
+        raise StoreError(f"{what} {_strip_userinfo(endpoint)!r} has a path: give only http(s)://HOST[:PORT]")
+    return f"{parts.scheme}://{netloc}"
+
+
+def _strip_userinfo(url: str) -> str:
+    return re.sub(r"(://)[^/@]*@", r"\1", url)
+
+
+def _env_endpoint() -> tuple[str | None, str]:
+    """The endpoint from the environment and the variable it came from."""
+    env = os.environ
+    host = env.get("S3_HOST", "").strip()
+    if host:
+        if "://" in host:
+            return _clean_endpoint(host, "S3_HOST"), "S3_HOST"
+        port = env.get("S3_PORT", "").strip() or "9000"
+        if not port.isdigit():
+            raise StoreError(f"S3_PORT={port!r} is not a port number")
+        return _clean_endpoint(f"http://{host}:{port}", "S3_HOST/S3_PORT"), "S3_HOST/S3_PORT"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"):
+        value = env.get(name, "").strip()
+        if value:
+            return _clean_endpoint(value, name), name
+    return None, "AWS"
+
+
+def _check_bucket(bucket: str) -> str:
+    if not isinstance(bucket, str) or not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise StoreError(
+            f"refused bucket name {bucket!r}: S3 bucket names are 3-63 lowercase letters, digits, '.' and '-'"
+        )
+    return bucket
+
+
+# -- one event loop thread per process ------------------------------------------
+class _LoopThread:
+    """A daemon thread running an asyncio loop, created on first use in each process.
+
+    Callers in any thread (or in a process with no loop) submit coroutines and
+    block for their result; nothing is created per call.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def _after_fork(self) -> None:
+        # The loop thread does not survive a fork; start afresh on next use.
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread = None
+        self._pid = 0
+
+    def _get(self) -> asyncio.AbstractEventLoop:
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and self._pid == os.getpid() and thread.is_alive():
+            return loop
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or not self._thread or not self._thread.is_alive():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="mlwf-s3-loop", daemon=True)
+                thread.start()
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+            return self._loop
+
+    def run(self, coro: Awaitable[T]) -> T:
+        loop = self._get()
+        if threading.current_thread() is self._thread:
+            coro.close()  # type: ignore[attr-defined]
+            raise RuntimeError("S3Store called from its own event loop thread")
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+
+
+_LOOP = _LoopThread()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_LOOP._after_fork)
+
+
+async def _bounded(fn: Callable[[Any], Awaitable[T]], items: Sequence[Any], limit: int) -> list[T]:
+    """``[await fn(x) for x in items]`` with at most ``limit`` in flight; order kept.
+
+    The first failure cancels the rest and is raised.
+    """
+    results: list[Any] = [None] * len(items)
+    todo = iter(enumerate(items))
+
+    async def worker() -> None:
+        for i, item in todo:
+            results[i] = await fn(item)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(min(limit, len(items)))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return results
+
+
+class NoSuchBucketError(NotFoundError):
+    """The bucket itself does not exist."""
+
+
+class _Failed(Exception):
+    """An obstore failure with what we were doing, turned into a StoreError by the caller."""
+
+    def __init__(self, op: str, key: str | None, exc: BaseException):
+        super().__init__(op)
+        self.op, self.key, self.exc = op, key, exc
+
+
+# -- the store -----------------------------------------------------------------
+class S3Store(Store):
+    """A bucket on S3 or an S3-compatible service, through obstore.
+
+    The obstore client is created on first use and again whenever the process
+    id changes, so an instance made in a parent process works in forked
+    workers. Pickling carries no credentials: the unpickled store reads them
+    from the environment of the process that unpickles it.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        credentials: _Credentials | None = None,
+        timeouts: S3Timeouts | None = None,
+        concurrency: int | None = None,
+        endpoint_source: str = "argument",
+    ):
+        self.bucket = _check_bucket(bucket)
+        self.endpoint = _clean_endpoint(endpoint, "S3 endpoint") if endpoint else None
+        self.region = region or DEFAULT_REGION
+        self._credentials = credentials
+        self.timeouts = timeouts or S3Timeouts.from_env()
+        self.concurrency = concurrency or _concurrency_from_env()
+        if self.concurrency < 1:
+            raise StoreError(f"S3 concurrency must be at least 1, not {self.concurrency}")
+        self.endpoint_source = endpoint_source
+        if self.endpoint:
+            scheme, _, hostport = self.endpoint.partition("://")
+            self.url = f"s3://{hostport}" if scheme == "http" else f"s3+https://{hostport}"
+        else:
+            self.url = "s3://aws"
+        self._client_lock = threading.Lock()
+        self._obs: Any = None
+        self._pid = 0
+
+    # -- construction --------------------------------------------------------
+    @classmethod
+    def from_url(cls, url: str, bucket: str) -> S3Store:
+        """Open ``s3://`` (endpoint from the environment) or ``s3://HOST:PORT`` (plain HTTP)."""
+        if not url.startswith("s3://"):
+            raise StoreError(f"not an S3 store URL: {_strip_userinfo(url)!r}; use s3:// or s3://HOST:PORT")
+        rest = url[len("s3://") :].rstrip("/")
+        if "@" in rest:
+            raise StoreError("do not put credentials in the store URL: set S3_USER/S3_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        if rest:
+            if "/" in rest or not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}", rest):
+                raise StoreError(
+                    f"S3 store URL {url!r} is not s3:// or s3://HOST:PORT: the bucket goes in --bucket, "
+                    "the endpoint in s3://HOST:PORT or S3_HOST/S3_PORT"
+                )
+            endpoint, source = f"http://{rest}", "store URL"
+        else:
+            endpoint, source = _env_endpoint()
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+        return cls(
+            bucket,
+            endpoint=endpoint,
+            region=region,
+            credentials=_env_credentials(),
+            endpoint_source=source,
+        )
+
+    def __reduce__(self):
+        return (
+            _unpickle,
+            (self.bucket, self.endpoint, self.region, self.timeouts, self.concurrency, self.endpoint_source),
+        )
+
+    # -- obstore client ------------------------------------------------------
+    def _client(self) -> Any:
+        pid = os.getpid()
+        obs = self._obs
+        if obs is not None and self._pid == pid:
+            return obs
+        if self._pid != pid:
+            self._client_lock = threading.Lock()  # a lock copied by fork may be held
+        with self._client_lock:
+            if self._obs is None or self._pid != pid:
+                self._obs = self._make_client()
+                self._pid = pid
+            return self._obs
+
+    def _make_client(self) -> Any:
+        from datetime import timedelta
+
+        from obstore.store import S3Store as ObS3Store
+
+        t = self.timeouts
+        config: dict[str, Any] = {"region": self.region}
+        if self.endpoint:
+            config["endpoint"] = self.endpoint
+            config["virtual_hosted_style_request"] = False  # path style, as MinIO needs
+        else:
+            config["virtual_hosted_style_request"] = "." not in self.bucket
+        kwargs: dict[str, Any] = {}
+        if self._credentials is not None:
+            # A provider (not config keys) so no stray AWS_SESSION_TOKEN from the
+            # environment is mixed with S3_USER/S3_PASSWORD.
+            kwargs["credential_provider"] = self._credentials.provider()
+        elif self.endpoint:
+            config["skip_signature"] = True  # anonymous access to a custom endpoint
+        client_options = {
+            "allow_http": True,
+            "connect_timeout": timedelta(seconds=t.connect),
+            "read_timeout": timedelta(seconds=t.read),
+            "timeout": timedelta(seconds=t.request),
+            "user_agent": "mlwf",
+        }
+        retry_config = {
+            "max_retries": 10,
+            "retry_timeout": timedelta(seconds=t.retry),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=t.max_backoff),
+                "base": 2,
+            },
+        }
+        try:
+            return ObS3Store(
+                self.bucket, config=config, client_options=client_options, retry_config=retry_config, **kwargs
+            )
+        except Exception as e:  # noqa: BLE001 - configuration errors
+            raise StoreError(f"cannot configure S3 store {self.url}: {self._scrub_detail(e)}") from None
+
+    # -- errors --------------------------------------------------------------
+    def _scrub(self, text: str) -> str:
+        if self._credentials is not None:
+            for secret in self._credentials.secrets():
+                text = text.replace(secret, "***")
+        text = re.sub(r"(Credential=)[^,\s\"']+", r"\1***", text)
+        text = re.sub(r"(?i)(signature=)[0-9a-f]+", r"\1***", text)
+        text = re.sub(r"(?i)(x-amz-security-token[=:]\s*)[^\s&\"']+", r"\1***", text)
+        return _strip_userinfo(text)
+
+    def _scrub_detail(self, exc: BaseException) -> str:
+        """One short, credential-free line about ``exc``."""
+        text = str(exc).split("\n\nDebug source:", 1)[0]
+        code = re.search(r"<Code>([^<]{1,64})</Code>", text)
+        text = re.sub(r"<\?xml.*", "", text, flags=re.S).strip().rstrip(":")
+        text = " ".join(text.split())
+        if code:
+            text += f" ({code.group(1)})"
+        text = self._scrub(text)
+        return text[:300] + ("..." if len(text) > 300 else "")
+
+    def _bucket_missing(self) -> NoSuchBucketError:
+        return NoSuchBucketError(
+            f"bucket {self.bucket!r} does not exist at {self.url}: create it with --create-bucket, "
+            "or check --bucket (and the endpoint)"
+        )
+
+    def _error(self, op: str, key: str | None, exc: BaseException) -> StoreError:
+        """Turn an obstore exception into our error; never carries its raw text."""
+        from obstore import exceptions as oe
+
+        if isinstance(exc, StoreError):
+            return exc
+        text = str(exc)
+        what = f"{op} {key!r}" if key is not None else op
+        where = f"in bucket {self.bucket!r} at {self.url}"
+        if "NoSuchBucket" in text:
+            return self._bucket_missing()
+        not_found = isinstance(exc, FileNotFoundError) or isinstance(exc, getattr(oe, "NotFoundError", ())) or (
+            "404 Not Found" in text
+        )
+        if not_found:
+            if op in ("list", "check bucket") or "NoSuchKey" not in text and not self.bucket_exists():
+                return self._bucket_missing()
+            return NotFoundError(f"no object {key!r} in bucket {self.bucket!r} at {self.url}")
+        if (
+            isinstance(exc, (oe.PermissionDeniedError, oe.UnauthenticatedError))
+            or re.search(r"\b40[13] (Forbidden|Unauthorized)", text)
+            or any(c in text for c in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"))
+        ):
+            who = self._credentials.source if self._credentials else "no credentials (anonymous)"
+            return StoreError(
+                f"access denied: {what} {where} using {who}: {_CREDENTIAL_HINT}, "
+                "and that this user may use the bucket"
+            )
+        if isinstance(exc, oe.InvalidPathError):
+            return StoreError(
+                f"cannot {what} {where}: the bucket holds a key obstore cannot represent "
+                f"({self._scrub_detail(exc)}); rename or delete it with another S3 client"
+            )
+        status = re.search(r"non-2xx status code: (5\d\d)", text)
+        if status:
+            return StoreError(
+                f"S3 server at {self.url} kept answering HTTP {status.group(1)} to {what} after retrying for "
+                f"{self.timeouts.retry:.0f} s: it is overloaded or failing; try again later "
+                f"or raise {ENV_TIMEOUT}"
+            )
+        lowered = text.lower()
+        if any(
+            s in lowered
+            for s in ("error sending request", "connect", "dns error", "timed out", "timeout", "connection", "broken pipe")
+        ):
+            return StoreError(
+                f"cannot reach the S3 endpoint {self.url} to {what} (gave up after about "
+                f"{self.timeouts.total:.0f} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
+            )
+        return StoreError(f"S3 {what} {where} failed: {self._scrub_detail(exc)}")
+
+    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except _Failed as f:
+            raise self._error(f.op, f.key, f.exc) from None
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every obstore failure becomes ours
+            raise self._error(op, key, e) from None
+
+    def _run(self, coro: Awaitable[T]) -> T:
+        return self._call("access", None, lambda: _LOOP.run(coro))
+
+    # -- async single-object operations (run on the loop thread) -------------
+    async def _aget(self, key: str) -> bytes:
+        import obstore
+
+        try:
+            resp = await obstore.get_async(self._client(), key)
+            return bytes(await resp.bytes_async())
+        except Exception as e:  # noqa: BLE001
+            raise _Failed("get", key, e) from None
+
+    async def _aput(self, item: tuple[str, bytes]) -> None:
+        import obstore
+
+        key, data = item
+        try:
+            await obstore.put_async(self._client(), key, data, use_multipart=False)
+        except Exception as e:  # noqa: BLE001
+            raise _Failed("put", key, e) from None
+
+    # -- Store ---------------------------------------------------------------
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        check_prefix(prefix)
+        import obstore
+
+        # obstore prefixes are whole path segments ('a/b' lists 'a/b/...'), S3
+        # prefixes are strings: list the deepest folder the prefix names and
+        # filter. Keys starting with the prefix sort after prefix[:-1], so the
+        # server skips the siblings before it (start-after).
+        head, sep, _ = prefix.rpartition("/")
+        segment = head if sep else None
+        offset = prefix[:-1] if len(prefix) > 1 and not prefix[:-1].endswith("/") else None
+
+        def run() -> list[ObjectInfo]:
+            kwargs: dict[str, Any] = {"chunk_size": 1000}
+            if offset is not None:
+                kwargs["offset"] = offset
+            found = [
+                ObjectInfo(meta["path"], int(meta["size"]))
+                for chunk in obstore.list(self._client(), segment, **kwargs)
+                for meta in chunk
+                if meta["path"].startswith(prefix)
+            ]
+            found.sort(key=lambda o: o.key)
+            return found
+
+        return self._call("list", prefix, run)
+
+    def get(self, key: str) -> bytes:
+        self._check_object_key(key)
+        import obstore
+
+        return self._call("get", key, lambda: bytes(obstore.get(self._client(), key).bytes()))
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes]:
+        keys = list(keys)
+        for key in keys:
+            self._check_object_key(key)
+        if not keys:
+            return []
+        if len(keys) == 1:
+            return [self.get(keys[0])]
+        return self._run(_bounded(self._aget, keys, self.concurrency))
+
+    def put(self, key: str, data: bytes) -> None:
+        self._check_object_key(key)
+        data = self._check_data(key, data)
+        import obstore
+
+        self._call("put", key, lambda: obstore.put(self._client(), key, data, use_multipart=False))
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        # Consume the iterable in chunks so a generator of large objects is
+        # never held in memory all at once.
+        it = iter(items)
+        chunk_len = max(8 * self.concurrency, 256)
+        while True:
+            chunk = [(self._check_object_key(k), self._check_data(k, d)) for k, d in itertools.islice(it, chunk_len)]
+            if not chunk:
+                return
+            self._run(_bounded(self._aput, chunk, self.concurrency))
+
+    def delete(self, key: str) -> None:
+        self._check_object_key(key)
+        self._delete_keys([key])
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        it = iter(keys)
+        n = 0
+        while True:
+            batch = [self._check_object_key(k) for k in itertools.islice(it, _DELETE_BATCH * 8)]
+            if not batch:
+                return n
+            self._delete_keys(batch)
+            n += len(batch)
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        import obstore
+
+        try:
+            # Bulk DeleteObjects, 1,000 keys a request; missing keys are not errors on S3.
+            obstore.delete(self._client(), keys if len(keys) > 1 else keys[0])
+        except Exception as e:  # noqa: BLE001
+            err = self._error("delete", keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more)", e)
+            if isinstance(err, NotFoundError) and not isinstance(err, NoSuchBucketError):
+                return  # a missing key in an existing bucket: deleting it is fine
+            raise err from None
+
+    def exists(self, key: str) -> bool:
+        self._check_object_key(key)
+        import obstore
+
+        try:
+            obstore.head(self._client(), key)
+            return True
+        except FileNotFoundError:
+            return False
+        except Exception as e:  # noqa: BLE001
+            err = self._error("check", key, e)
+            if isinstance(err, NotFoundError):
+                return False
+            raise err from None
+
+    def bucket_exists(self) -> bool:
+        import obstore
+
+        try:
+            stream = obstore.list(self._client(), None, chunk_size=1)
+            next(iter(stream), None)
+            return True
+        except Exception as e:  # noqa: BLE001
+            err = self._error("check bucket", None, e)
+            if isinstance(err, NotFoundError):
+                return False
+            raise err from None
+
+    def require_bucket(self) -> None:
+        if not self.bucket_exists():
+            raise self._bucket_missing()
+
+    def create_bucket(self) -> None:
+        """Create the bucket (PUT Bucket, signed here: obstore has no bucket API).
+
+        An existing bucket owned by these credentials is fine.
+        """
+        if self.endpoint:
+            base = self.endpoint
+            path = "/" + self.bucket
+        elif "." not in self.bucket:
+            base = f"https://{self.bucket}.s3.{self.region}.amazonaws.com"
+            path = "/"
+        else:
+            base = f"https://s3.{self.region}.amazonaws.com"
+            path = "/" + self.bucket
+        body = b""
+        if self.region != "us-east-1":
+            body = (
+                '<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<LocationConstraint>{self.region}</LocationConstraint></CreateBucketConfiguration>"
+            ).encode()
+        status, text = self._signed_request("PUT", base, path, body)
+        if 200 <= status < 300 or "BucketAlreadyOwnedByYou" in text:
+            return
+        code = re.search(r"<Code>([^<]{1,64})</Code>", text)
+        code_s = code.group(1) if code else f"HTTP {status}"
+        if code_s == "BucketAlreadyExists":
+            raise StoreError(
+                f"cannot create bucket {self.bucket!r} at {self.url}: the name is taken by another account; "
+                "choose another --bucket"
+            )
+        if status in (401, 403) or code_s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            who = self._credentials.source if self._credentials else "no credentials (anonymous)"
+            raise StoreError(
+                f"access denied: create bucket {self.bucket!r} at {self.url} using {who} ({code_s}): "
+                f"{_CREDENTIAL_HINT}, and that this user may create buckets"
+            )
+        raise StoreError(f"cannot create bucket {self.bucket!r} at {self.url}: the server answered {self._scrub(code_s)}")
+
+    def _signed_request(self, method: str, base: str, path: str, body: bytes) -> tuple[int, str]:
+        """One SigV4-signed request, retried like obstore's (5xx, connection errors)."""
+        t = self.timeouts
+        parts = urllib.parse.urlsplit(base)
+        deadline = time.monotonic() + t.retry
+        delay = 0.1
+        while True:
+            headers = {"content-length": str(len(body))}
+            if self._credentials is not None:
+                headers.update(_sigv4_headers(method, parts.netloc, path, self.region, self._credentials, body))
+            conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn = conn_cls(parts.hostname, parts.port, timeout=t.connect)
+            try:
+                conn.connect()
+                conn.sock.settimeout(t.read)
+                conn.request(method, path, body=body, headers={"Host": parts.netloc, **headers})
+                resp = conn.getresponse()
+                status, text = resp.status, resp.read(65536).decode("utf-8", "replace")
+                if status < 500 or time.monotonic() >= deadline:
+                    return status, text
+            except (OSError, http.client.HTTPException) as e:
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"cannot reach the S3 endpoint {self.url} to create bucket {self.bucket!r} "
+                        f"({type(e).__name__}; gave up after about {t.total:.0f} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
+                    ) from None
+            finally:
+                conn.close()
+            time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            delay = min(delay * 2, t.max_backoff)
+
+    def close(self) -> None:
+        """Drop the client and its connections; a later call would open new ones."""
+        self._obs = None
+
+    # -- helpers -------------------------------------------------------------
+    def _check_object_key(self, key: str) -> str:
+        check_key(key)
+        if key.endswith("/"):
+            raise StoreError(f"refused key {key!r}: an object key cannot end with '/'")
+        return key
+
+    @staticmethod
+    def _check_data(key: str, data: Any) -> Any:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise StoreError(f"cannot put {key!r}: data must be bytes, not {type(data).__name__}")
+        if len(data) > MAX_PUT_BYTES:
+            raise StoreError(f"cannot put {key!r}: {len(data)} bytes is over S3's 5 GiB single-PUT limit")
+        return data
+
+
+def _unpickle(bucket, endpoint, region, timeouts, concurrency, endpoint_source) -> S3Store:
+    return S3Store(
+        bucket,
+        endpoint=endpoint,
+        region=region,
+        credentials=_env_credentials(),
+        timeouts=timeouts,
+        concurrency=concurrency,
+        endpoint_source=endpoint_source,
+    )
+
+
+# -- AWS Signature Version 4 (for the one request obstore cannot make) ----------
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode("utf-8"), hashlib.sha256).digest()
+
+
+def _sigv4_headers(
+    method: str,
+    host: str,
+    path: str,
+    region: str,
+    creds: _Credentials,
+    body: bytes,
+    now: _dt.datetime | None = None,
+) -> dict[str, str]:
+    """Headers signing a request without query string (SigV4, service s3)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    day = amz_date[:8]
+    payload = hashlib.sha256(body).hexdigest()
+    headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": amz_date}
+    if creds.token:
+        headers["x-amz-security-token"] = creds.token
+    names = sorted(headers)
+    signed = ";".join(names)
+    canonical = "\n".join(
+        [method, urllib.parse.quote(path, safe="/~"), "", *(f"{n}:{headers[n].strip()}" for n in names), "", signed, payload]
+    )
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(_hmac(_hmac(_hmac(("AWS4" + creds.secret_key).encode(), day), region), "s3"), "aws4_request")
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out = {k: v for k, v in headers.items() if k != "host"}
+    out["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, SignedHeaders={signed}, Signature={signature}"
+    )
+    return out
+

@@ -1,0 +1,24 @@
+"""The workflows: their stage functions and the drivers that chain them.
+
+``STAGES`` maps ``(workflow, stage)`` to the stage function, so every backend
+(local processes, Ray, the HTTP function server) finds a stage by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mlwf.errors import UsageError
+
+WORKFLOWS = ("ml-training", "ml-inference")
+
+
+def stage_function(workflow: str, stage: str) -> Callable:
+    """The function for ``stage`` of ``workflow``; :class:`UsageError` if unknown."""
+    from mlwf.workflows import inference, training
+
+    table = {"ml-training": training.STAGES, "ml-inference": inference.STAGES}
+    try:
+        return table[workflow][stage]
+    except KeyError:
+        raise UsageError(f"unknown stage {workflow}/{stage}: known workflows are {', '.join(WORKFLOWS)}") from None

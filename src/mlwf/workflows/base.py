@@ -1,0 +1,45 @@
+"""The vocabulary stage functions speak; nothing here knows a backend or a store.
+
+A stage is a plain function. Its parameters are its inputs; a parameter named
+``fetch`` receives a function ``fetch(keys) -> list[bytes]`` and one named
+``list_keys`` a function ``list_keys(prefix) -> list[(key, size)]``, supplied
+by whichever engine runs the stage. It returns a :class:`StageOutput`: the
+parts it hands to later stages, and small facts for the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Blob:
+    """A part that is already bytes; ``kind`` says how a consumer reads it."""
+
+    data: bytes
+    kind: str = "raw"
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns.
+
+    ``parts`` are handed on to later stages (each a JSON-like value with NumPy
+    arrays, or a :class:`Blob`); ``info`` is a small JSON-able dict for the
+    driver's summary.
+    """
+
+    parts: list[Any] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def derive_seed(seed: int, stage: str, index: int = 0) -> int:
+    """A 32-bit seed for one call, fixed by the run seed, the stage and the call index.
+
+    Retried or resumed calls get the same seed, so they write the same bytes.
+    """
+    stage_no = int.from_bytes(stage.encode()[:8].ljust(8, b"\0"), "little")
+    return int(np.random.SeedSequence([seed, stage_no, index]).generate_state(1)[0])

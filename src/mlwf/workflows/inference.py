@@ -1,0 +1,161 @@
+"""ml-inference: {partition ‖ load} → predict ×N, merged by the driver.
+
+Unlike the reference, prediction applies each member's *trained* projection
+(never a PCA fitted on the inference batch) and averages class probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from mlwf.errors import DataError, UsageError
+from mlwf.workflows.base import Blob, StageOutput
+from mlwf.workflows.training import label_of
+
+WORKFLOW = "ml-inference"
+_EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------- stages
+def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
+    """List the images under ``prefix`` in key order and deal them round-robin to
+    at most ``num_funcs`` predict functions (never more functions than images).
+
+    Each assignment holds ``keys`` and ``labels`` (the class folder of each key,
+    or ``None`` for keys directly under the prefix).
+    """
+    folder = prefix.rstrip("/") + "/"
+    keys = [k for k, _ in list_keys(folder)]
+    if not keys:
+        raise DataError(f"no images under prefix {folder!r}: upload them first "
+                        f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")
+    used = min(num_funcs, len(keys))
+    parts = []
+    for i in range(used):
+        mine = keys[i::used]
+        parts.append({"keys": mine, "labels": [label_of(k, folder) for k in mine]})
+    info = {"num_images": len(keys), "num_funcs": used,
+            "labelled": sum(label_of(k, folder) is not None for k in keys)}
+    return StageOutput(parts, info)
+
+
+def load(fetch, *, model_prefix: str) -> StageOutput:
+    """Read the published model once, check it (format version, checksum, structure)
+    and hand its bytes on to the predict functions."""
+    from mlwf.model import from_bytes, read_published
+
+    data, manifest = read_published(lambda key: fetch([key])[0], model_prefix,
+                                    where=f"model prefix {model_prefix!r}")
+    model = from_bytes(data, source=manifest["object"])
+    info = {"model_digest": model.digest, "classes": model.classes, "image_size": model.image_size,
+            "model_run_id": manifest.get("run_id"), "model_object": manifest["object"],
+            "validation_accuracy": model.metrics.get("validation_accuracy")}
+    return StageOutput([Blob(data, kind="model")], info)
+
+
+def predict(assignment: dict, model, fetch) -> StageOutput:
+    """Decode this function's images exactly as training did and classify them.
+
+    Returns one part with ``keys``, ``labels``, predicted class numbers
+    ``pred`` and their probabilities ``prob``; undecodable objects are skipped
+    and named in the info.
+    """
+    from mlwf.images import decode_many
+
+    keys = assignment["keys"]
+    pixels, bad = decode_many(fetch(keys), model.image_size)
+    bad_set = set(bad)
+    ok = [i for i in range(len(keys)) if i not in bad_set]
+    proba = model.proba_from_pixels(pixels)
+    pred = np.argmax(proba, axis=1).astype(np.int32)
+    part = {"keys": [keys[i] for i in ok], "labels": [assignment["labels"][i] for i in ok],
+            "pred": pred, "prob": proba[np.arange(len(pred)), pred].astype(np.float64)}
+    skipped = [keys[i] for i in bad]
+    return StageOutput([part], {"num_images": len(ok), "skipped": len(skipped), "skipped_keys": skipped})
+
+
+STAGES = {"partition": partition, "load": load, "predict": predict}
+
+
+# --------------------------------------------------------------------------- driver
+def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int) -> dict[str, Any]:
+    """Run the inference workflow and write its results.
+
+    Writes ``ml-inference/outputs/<run-id>/predictions.csv`` (``key,prediction,
+    probability,label``, one row per classified image in key order) and
+    ``summary.json``; returns the report with ``accuracy`` (None when no image
+    is labelled), ``results_key`` and ``model_digest``.
+    """
+    from mlwf.storage import check_prefix, join_key
+
+    if not isinstance(num_funcs, int) or isinstance(num_funcs, bool) or num_funcs < 1:
+        raise UsageError(f"NUM_FUNCS must be a positive integer, got {num_funcs!r}")
+    check_prefix(model_prefix)
+    check_prefix(data_prefix)
+    if not data_prefix.strip("/"):
+        raise UsageError("DATA_PREFIX is empty: give the prefix of the images, e.g. ml-inference/images-inference-1k")
+    engine.store.require_bucket()
+    run = engine.start_run(WORKFLOW, {"model_prefix": model_prefix, "data_prefix": data_prefix,
+                                      "num_funcs": num_funcs})
+    try:
+        first = run.stages(partition=[dict(prefix=data_prefix, num_funcs=num_funcs)],
+                           load=[dict(model_prefix=model_prefix)])
+        [part], [loaded] = first["partition"], first["load"]
+        model_ref = loaded.outputs[0]
+        preds = run.stages(predict=[dict(assignment=ref, model=model_ref) for ref in part.outputs])["predict"]
+        classes = loaded.info["classes"]
+        rows = []
+        for out in preds:
+            p = run.read(out.outputs[0])
+            for key, label, c, prob in zip(p["keys"], p["labels"], p["pred"].tolist(), p["prob"].tolist()):
+                rows.append((key, classes[c], prob, label))
+        rows.sort(key=lambda r: r[0])
+        skipped = sorted(k for out in preds for k in out.info["skipped_keys"])
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["key", "prediction", "probability", "label"])
+        for key, name, prob, label in rows:
+            writer.writerow([key, name, f"{prob:.6f}", "" if label is None else label])
+        labelled = [(r[1], r[3]) for r in rows if r[3] is not None]
+        accuracy, confusion, unknown = None, None, []
+        if labelled:
+            accuracy = sum(p == t for p, t in labelled) / len(labelled)
+            index = {c: i for i, c in enumerate(classes)}
+            unknown = sorted({t for _, t in labelled if t not in index})
+            matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+            for p, t in labelled:
+                if t in index:
+                    matrix[index[t], index[p]] += 1
+            confusion = {"labels": classes, "matrix": matrix.tolist()}
+        results_key = join_key(run.outputs_prefix, "predictions.csv")
+        summary = {
+            "model_prefix": model_prefix,
+            "data_prefix": data_prefix,
+            "model_digest": loaded.info["model_digest"],
+            "num_images": part.info["num_images"],
+            "num_predicted": len(rows),
+            "num_funcs": part.info["num_funcs"],
+            "num_funcs_requested": num_funcs,
+            "num_labelled": len(labelled),
+            "accuracy": accuracy,
+            "confusion": confusion,
+            "labels_not_in_model": unknown,
+            "skipped": len(skipped),
+            "skipped_examples": skipped[:_EXAMPLES],
+            "results_key": results_key,
+            "summary_key": join_key(run.outputs_prefix, "summary.json"),
+        }
+        engine.store.put(results_key, buf.getvalue().encode())
+        report = run.report(**summary)
+        engine.store.put(summary["summary_key"], json.dumps(report, indent=2).encode())
+    except BaseException as e:
+        run.fail(e)
+        raise
+    run.finish(report)
+    return report

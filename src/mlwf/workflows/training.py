@@ -1,0 +1,334 @@
+"""ml-training: partition → PCA ×P → random forest ×T → validation.
+
+The reference's shape without its defects: labels come from the class folders,
+a held-out set measures accuracy, each member keeps the projection it was
+trained on, and the model is published only once it is complete and validated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mlwf.errors import DataError, UsageError
+from mlwf.workflows.base import Blob, StageOutput, derive_seed
+
+WORKFLOW = "ml-training"
+DEFAULT_MODEL_PREFIX = "ml-inference/model"
+_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides the model's bytes (besides the images)."""
+
+    image_size: int = 64
+    n_components: int = 10
+    n_trees: int = 100
+    max_depth: int = 10
+    min_samples_split: int = 5
+    holdout: float = 0.2
+    seed: int = 0
+
+    def check(self) -> TrainingConfig:
+        """Raise :class:`UsageError` for values no run could use."""
+        for name, low, high in (("image_size", 4, 1024), ("n_components", 1, 4096), ("n_trees", 1, 10_000),
+                                ("max_depth", 1, 64), ("min_samples_split", 2, 1_000_000)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise UsageError(f"{name.replace('_', '-')} must be an integer in [{low}, {high}], got {v!r}")
+        if self.n_components > self.image_size**2:
+            raise UsageError(f"n-components ({self.n_components}) cannot exceed image-size² ({self.image_size**2})")
+        if not isinstance(self.holdout, (int, float)) or not 0.0 <= self.holdout < 1.0:
+            raise UsageError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"seed must be a non-negative integer, got {self.seed!r}")
+        return self
+
+
+def label_of(key: str, prefix: str) -> str | None:
+    """The class folder of ``key`` under ``prefix`` (``prefix/<label>/…``), or None."""
+    rel = key[len(prefix):]
+    label, sep, rest = rel.partition("/")
+    return label if sep and label and rest else None
+
+
+def sort_classes(names) -> list[str]:
+    """Class names in a stable order: numerically if all are integers, else by text."""
+    names = set(names)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def train_split(num_pca: int, num_train: int) -> list[int]:
+    """How many training functions each PCA function feeds.
+
+    ``num_train`` need not be a multiple of ``num_pca``: the first
+    ``num_train % num_pca`` PCA functions feed one more (the reference divides
+    and silently drops the remainder).
+    """
+    base, extra = divmod(num_train, num_pca)
+    return [base + (1 if i < extra else 0) for i in range(num_pca)]
+
+
+# --------------------------------------------------------------------------- stages
+def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: float, seed: int,
+              n_components: int) -> StageOutput:
+    """List the images, label them from their class folders, hold out a validation
+    set and deal the rest to the PCA functions.
+
+    Returns ``num_pca`` assignments (``keys``, ``labels``, ``num_train``,
+    ``first_train``) followed by the held-out set (``keys``, ``labels``); its
+    info holds the class names and counts.
+    """
+    folder = prefix.rstrip("/") + "/"
+    objects = list_keys(folder)
+    if not objects:
+        raise DataError(f"no objects under prefix {folder!r}: upload images first "
+                        f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")
+    keys, names, unlabelled = [], [], []
+    for key, _size in objects:
+        label = label_of(key, folder)
+        if label is None:
+            unlabelled.append(key)
+        else:
+            keys.append(key)
+            names.append(label)
+    if not keys:
+        raise DataError(f"no labelled images under {folder!r}: training needs class folders "
+                        f"{folder}<label>/<image>")
+    classes = sort_classes(names)
+    if len(classes) < 2:
+        raise DataError(f"only one class ({classes[0]!r}) under {folder!r}: training needs at least two "
+                        "class folders")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[n] for n in names], dtype=np.int32)
+
+    # Stratified, seeded hold-out: the same keys are held out on every run.
+    rng = np.random.default_rng(derive_seed(seed, "partition"))
+    held = np.zeros(len(keys), dtype=bool)
+    for c in range(len(classes)):
+        members = np.flatnonzero(labels == c)
+        n_hold = int(np.floor(holdout * len(members)))
+        if n_hold:
+            held[rng.permutation(members)[:n_hold]] = True
+    train_idx = np.flatnonzero(~held)
+    train_idx = train_idx[rng.permutation(len(train_idx))]  # mix classes across slices
+
+    split = train_split(num_pca, num_train)
+    n_train = len(train_idx)
+    per_pca = [len(train_idx[i::num_pca]) for i in range(num_pca)]
+    if n_train < num_train or min(per_pca) < max(n_components, 1):
+        need = max(num_train, num_pca * n_components)
+        raise DataError(
+            f"{n_train} training images under {folder!r} (after holding out {int(held.sum())}) are too few "
+            f"for {num_pca} PCA functions of {n_components} components and {num_train} training functions: "
+            f"need at least {need}; use fewer functions or more images")
+
+    parts: list[Any] = []
+    first = 0
+    for i in range(num_pca):
+        mine = train_idx[i::num_pca]
+        parts.append({"keys": [keys[j] for j in mine], "labels": labels[mine],
+                      "num_train": split[i], "first_train": first})
+        first += split[i]
+    hold_idx = np.flatnonzero(held)
+    parts.append({"keys": [keys[j] for j in hold_idx], "labels": labels[hold_idx]})
+    info = {
+        "classes": classes,
+        "num_objects": len(objects),
+        "num_images": len(keys),
+        "num_train_images": n_train,
+        "num_holdout": int(held.sum()),
+        "class_counts": {c: int(n) for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))},
+        "unlabelled": len(unlabelled),
+        "unlabelled_examples": unlabelled[:_EXAMPLES],
+        "train_per_pca": split,
+    }
+    return StageOutput(parts, info)
+
+
+def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: int, index: int) -> StageOutput:
+    """Decode this function's images, fit PCA on them, project, and slice the rows
+    for its training functions.
+
+    Undecodable objects are skipped and named in the info. Returns one slice per
+    training function (``features``, ``labels``) followed by the projection
+    (``mean``, ``components``).
+    """
+    from sklearn.decomposition import PCA
+
+    from mlwf.images import decode_many
+    from mlwf.model import project
+
+    keys = assignment["keys"]
+    pixels, bad = decode_many(fetch(keys), image_size)
+    labels = np.delete(np.asarray(assignment["labels"]), bad)
+    skipped = [keys[i] for i in bad]
+    n_slices = int(assignment["num_train"])
+    if len(pixels) < max(n_components, n_slices):
+        raise DataError(f"PCA function {index} has {len(pixels)} decodable images of {len(keys)} "
+                        f"({len(skipped)} undecodable, e.g. {skipped[:1]}): it needs at least "
+                        f"{max(n_components, n_slices)}; use fewer functions or check the images")
+    fitted = PCA(n_components=n_components, svd_solver="randomized",
+                 random_state=derive_seed(seed, "pca", index)).fit(pixels.astype(np.float64))
+    mean = fitted.mean_.astype(np.float64)
+    components = fitted.components_.astype(np.float64)
+    features = project(pixels, mean, components)
+    parts: list[Any] = []
+    for rows in np.array_split(np.arange(len(features)), n_slices):
+        parts.append({"features": features[rows], "labels": labels[rows].astype(np.int32)})
+    parts.append({"mean": mean, "components": components})
+    info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES]}
+    return StageOutput(parts, info)
+
+
+def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_samples_split: int,
+          seed: int, index: int, projection: int) -> StageOutput:
+    """Train one random forest on a slice and export it as a model member."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    from mlwf.model import export_forest
+
+    forest = RandomForestClassifier(n_estimators=n_trees, max_depth=max_depth,
+                                    min_samples_split=min_samples_split,
+                                    random_state=derive_seed(seed, "train", index), n_jobs=1)
+    forest.fit(data["features"], data["labels"])
+    member = export_forest(forest, forest.classes_.tolist(), num_classes)
+    member["projection"] = projection
+    return StageOutput([member], {"num_samples": len(data["labels"]),
+                                  "num_nodes": int(len(member["left"]))})
+
+
+def validation(members: list, projections: list, holdout: dict, fetch, *, classes: list[str],
+               image_size: int, config: dict) -> StageOutput:
+    """Assemble the ensemble, measure it on the held-out images, and emit the model bytes.
+
+    The bytes are parsed back and checked before they are emitted, so what is
+    published is exactly what was validated.
+    """
+    from mlwf.images import decode_many
+    from mlwf.model import build, from_bytes
+
+    model = build(classes, image_size, projections, members, config)
+    keys = holdout["keys"]
+    accuracy, confusion, skipped = None, None, []
+    if keys:
+        pixels, bad = decode_many(fetch(keys), image_size)
+        skipped = [keys[i] for i in bad]
+        truth = np.delete(np.asarray(holdout["labels"]), bad)
+        if len(truth):
+            pred = np.argmax(model.proba_from_pixels(pixels), axis=1)
+            accuracy = float(np.mean(pred == truth))
+            confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+            np.add.at(confusion, (truth, pred), 1)
+    model.metrics = {"validation_accuracy": accuracy, "num_validation": len(keys) - len(skipped),
+                     "validation_skipped": len(skipped)}
+    data = model.to_bytes()
+    checked = from_bytes(data, source="new model")
+    info = {"accuracy": accuracy, "num_validation": len(keys) - len(skipped), "skipped": len(skipped),
+            "skipped_examples": skipped[:_EXAMPLES], "digest": checked.digest,
+            "confusion": confusion.tolist() if confusion is not None else None}
+    return StageOutput([Blob(data, kind="model")], info)
+
+
+STAGES = {"partition": partition, "pca": pca, "train": train, "validation": validation}
+
+
+# --------------------------------------------------------------------------- driver
+def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: TrainingConfig | None = None,
+          model_prefix: str = DEFAULT_MODEL_PREFIX, publish: bool = True) -> dict[str, Any]:
+    """Run the training workflow on ``engine`` and publish the model.
+
+    Returns the run's report (see :meth:`mlwf.engine.driver.Run.report`) with
+    ``validation_accuracy``, ``model_prefix`` and ``model_digest``.
+
+    Raises
+    ------
+    UsageError, DataError, StoreError, StageError
+        With one line saying what to fix; nothing is published then.
+    """
+    from mlwf.model import publish as publish_model
+    from mlwf.storage import check_prefix
+
+    config = (config or TrainingConfig()).check()
+    for name, v in (("NUM_PCA", num_pca), ("NUM_TRAIN", num_train)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    if num_train < num_pca:
+        raise UsageError(f"NUM_TRAIN ({num_train}) must be at least NUM_PCA ({num_pca}): "
+                         "each PCA function feeds at least one training function")
+    check_prefix(data_prefix)
+    check_prefix(model_prefix)
+    if not data_prefix.strip("/"):
+        raise UsageError("DATA_PREFIX is empty: give the prefix of the images, e.g. ml-training/mnist-images-2k")
+    engine.store.require_bucket()
+
+    cfg = asdict(config)
+    params = {"data_prefix": data_prefix, "num_pca": num_pca, "num_train": num_train,
+              "model_prefix": model_prefix, **cfg}
+    run = engine.start_run(WORKFLOW, params)
+    try:
+        [part] = run.stages(partition=[dict(prefix=data_prefix, num_pca=num_pca, num_train=num_train,
+                                            holdout=config.holdout, seed=config.seed,
+                                            n_components=config.n_components)])["partition"]
+        classes = part.info["classes"]
+        pcas = run.stages(pca=[dict(assignment=part.outputs[i], image_size=config.image_size,
+                                    n_components=config.n_components, seed=config.seed, index=i)
+                               for i in range(num_pca)])["pca"]
+        train_calls = []
+        for i, out in enumerate(pcas):
+            for ref in out.outputs[:-1]:
+                train_calls.append(dict(data=ref, num_classes=len(classes), n_trees=config.n_trees,
+                                        max_depth=config.max_depth, min_samples_split=config.min_samples_split,
+                                        seed=config.seed, index=len(train_calls), projection=i))
+        trains = run.stages(train=train_calls)["train"]
+        model_config = {**cfg, "num_pca": num_pca, "num_train": num_train,
+                        "data_prefix": data_prefix, "trained_with": _versions()}
+        [val] = run.stages(validation=[dict(members=[t.outputs[0] for t in trains],
+                                            projections=[p.outputs[-1] for p in pcas],
+                                            holdout=part.outputs[num_pca], classes=classes,
+                                            image_size=config.image_size, config=model_config)])["validation"]
+        model_ref = val.outputs[0]
+        skipped = sum(p.info["skipped"] for p in pcas) + val.info["skipped"]
+        examples = [k for p in pcas for k in p.info["skipped_examples"]] + val.info["skipped_examples"]
+        summary = {
+            "num_images": part.info["num_images"],
+            "num_train_images": part.info["num_train_images"] - sum(p.info["skipped"] for p in pcas),
+            "num_validation": val.info["num_validation"],
+            "classes": classes,
+            "validation_accuracy": val.info["accuracy"],
+            "confusion": val.info["confusion"],
+            "skipped": skipped,
+            "skipped_examples": examples[:_EXAMPLES],
+            "unlabelled": part.info["unlabelled"],
+            "unlabelled_examples": part.info["unlabelled_examples"],
+            "train_per_pca": part.info["train_per_pca"],
+            "model_digest": model_ref.sha256,
+            "model_bytes": model_ref.nbytes,
+            "model_prefix": model_prefix if publish else None,
+        }
+        if publish:
+            t = time.perf_counter()
+            publish_model(engine.store, model_prefix, run.read_bytes(model_ref), run_id=run.run_id,
+                          summary={"validation_accuracy": val.info["accuracy"], "classes": classes,
+                                   "num_train_images": summary["num_train_images"]})
+            summary["publish_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+        report = run.report(**summary)
+    except BaseException as e:
+        run.fail(e)
+        raise
+    run.finish(report)
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+
+    from mlwf import __version__
+
+    return {"mlwf": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__}
