@@ -158,10 +158,10 @@ def _dims(buf: bytes, ndim: int, path: Path) -> tuple[int, ...]:
 
 
 def _length_error(path: Path, dims: tuple[int, ...], expected: int, got: int) -> DataError:
-    shape = "x".join(str(d) for d in dims)
+    shape = "x".join(str(d) for d in dims) + " = " if len(dims) > 1 else ""
     what = "truncated" if got < expected else "longer than its header says"
     return DataError(
-        f"IDX file {path} is {what}: header declares {shape} = {expected} "
+        f"IDX file {path} is {what}: header declares {shape}{expected} "
         f"data bytes but the file holds {got}; download it again"
     )
 

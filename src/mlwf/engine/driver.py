@@ -86,6 +86,7 @@ class Engine:
         from mlwf.engine.local import LocalBackend
 
         self.backend = LocalBackend(workers)
+        self.backend.start()
 
     def start_run(self, workflow: str, params: dict[str, Any]) -> Run:
         return Run(self, workflow, params)

@@ -39,8 +39,10 @@ class LocalBackend:
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = mp.get_context("forkserver")
+            # Import the heavy libraries once in the server, not in every worker.
             ctx.set_forkserver_preload(["mlwf.engine.runner", "mlwf.workflows.training",
-                                        "mlwf.workflows.inference"])
+                                        "mlwf.workflows.inference", "mlwf.model", "mlwf.images",
+                                        "sklearn.decomposition", "sklearn.ensemble"])
             saved = {k: os.environ.get(k) for k in _BLAS_ENV}
             try:
                 for k in _BLAS_ENV:
@@ -56,6 +58,10 @@ class LocalBackend:
                         os.environ[k] = v
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
         return self._pool
+
+    def start(self) -> None:
+        """Start the fork server now (it imports in the background while the driver works)."""
+        self._start()
 
     def warm_up(self) -> None:
         """Start the workers now rather than at the first call."""

@@ -24,6 +24,8 @@ class ObjectInfo:
 
     key: str
     size: int
+    #: The store's content tag where it has one (S3: the ETag, an MD5 for simple PUTs).
+    etag: str | None = None
 
 
 def check_key(key: str, *, what: str = "key") -> str:
@@ -137,6 +139,22 @@ class Store(abc.ABC):
                 f"bucket {self.bucket!r} does not exist in store {self.url}: "
                 "check --bucket/--store, or upload data with 'mlwf s3 upload-dir'"
             )
+
+    def same_object(self, info: ObjectInfo | None, key: str, data: bytes) -> bool:
+        """Whether ``key`` (listed as ``info``) already holds exactly ``data``.
+
+        Compares size and ETag (MD5) where the store gives one, else the bytes.
+        """
+        if info is None or info.size != len(data):
+            return False
+        if info.etag:
+            import hashlib
+
+            return info.etag.strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest()
+        try:
+            return self.get(key) == data
+        except StoreError:
+            return False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the store must not be used afterwards."""

@@ -265,6 +265,12 @@ class _LoopThread:
 
 
 _LOOP = _LoopThread()
+
+# obstore runs its requests on a tokio runtime that does not survive fork():
+# in a child forked after the parent made S3 requests every obstore call hangs
+# (https://github.com/developmentseed/obstore/pull/441, tokio-rs/tokio#4301).
+# A fresh client does not help, so such a child gets a clear error instead.
+_OBSTORE_PID = 0  # the process that started obstore's runtime (inherited by fork)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_LOOP._after_fork)
 
@@ -309,9 +315,12 @@ class S3Store(Store):
     """A bucket on S3 or an S3-compatible service, through obstore.
 
     The obstore client is created on first use and again whenever the process
-    id changes, so an instance made in a parent process works in forked
-    workers. Pickling carries no credentials: the unpickled store reads them
-    from the environment of the process that unpickles it.
+    id changes, so an instance made (but not yet used) in a parent process
+    works in workers it forks, and a pickled instance works in forkserver or
+    spawn workers. A child forked *after* the parent made S3 requests gets a
+    :class:`~mlwf.errors.StoreError` rather than a hang: obstore's runtime does
+    not survive fork. Pickling carries no credentials: the unpickled store
+    reads them from the environment of the process that unpickles it.
     """
 
     def __init__(
@@ -378,10 +387,18 @@ class S3Store(Store):
 
     # -- obstore client ------------------------------------------------------
     def _client(self) -> Any:
+        global _OBSTORE_PID
         pid = os.getpid()
         obs = self._obs
         if obs is not None and self._pid == pid:
             return obs
+        if _OBSTORE_PID and _OBSTORE_PID != pid:
+            raise StoreError(
+                f"cannot use S3 store {self.url} in a process forked from one that already used S3 "
+                "(obstore's runtime does not survive fork): start workers with the 'forkserver' or "
+                "'spawn' multiprocessing method, or fork before the first S3 request"
+            )
+        _OBSTORE_PID = pid
         if self._pid != pid:
             self._client_lock = threading.Lock()  # a lock copied by fork may be held
         with self._client_lock:
@@ -417,7 +434,7 @@ class S3Store(Store):
             "user_agent": "mlwf",
         }
         retry_config = {
-            "max_retries": 10,
+            "max_retries": 30,  # retry_timeout is the bound
             "retry_timeout": timedelta(seconds=t.retry),
             "backoff": {
                 "init_backoff": timedelta(milliseconds=100),
@@ -505,8 +522,8 @@ class S3Store(Store):
             for s in ("error sending request", "connect", "dns error", "timed out", "timeout", "connection", "broken pipe")
         ):
             return StoreError(
-                f"cannot reach the S3 endpoint {self.url} to {what} (gave up after about "
-                f"{self.timeouts.total:.0f} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
+                f"cannot reach the S3 endpoint {self.url} to {what} (gave up after retrying for up to "
+                f"{self.timeouts.total:g} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
             )
         return StoreError(f"S3 {what} {where} failed: {self._scrub_detail(exc)}")
 
@@ -724,7 +741,7 @@ class S3Store(Store):
                 if time.monotonic() >= deadline:
                     raise StoreError(
                         f"cannot reach the S3 endpoint {self.url} to create bucket {self.bucket!r} "
-                        f"({type(e).__name__}; gave up after about {t.total:.0f} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
+                        f"({type(e).__name__}; gave up after retrying for up to {t.total:g} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
                     ) from None
             finally:
                 conn.close()

@@ -100,6 +100,10 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int) -> dict[s
     if not data_prefix.strip("/"):
         raise UsageError("DATA_PREFIX is empty: give the prefix of the images, e.g. ml-inference/images-inference-1k")
     engine.store.require_bucket()
+    from mlwf.model import read_manifest
+
+    # Fail before starting any function when there is no model at all.
+    read_manifest(engine.store.get, model_prefix, where=f"bucket {engine.spec.bucket!r} of {engine.spec.url}")
     run = engine.start_run(WORKFLOW, {"model_prefix": model_prefix, "data_prefix": data_prefix,
                                       "num_funcs": num_funcs})
     try:

@@ -1,0 +1,293 @@
+"""The ``mlwf`` command: parse, call, print. Kept thin (and light to import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from mlwf.errors import MlwfError, UsageError
+
+SEED_BUCKET_HELP = "bucket (default: $MLWF_BUCKET, else 'tless')"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message: str):  # noqa: D401
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("--store", help="store: a directory, file://DIR or s3:// (default: $MLWF_STORE, "
+                                   "else ~/.local/share/mlwf/store)")
+    p.add_argument("--bucket", help=SEED_BUCKET_HELP)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="local", help="where stages run: local (default)")
+    p.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed call (default 2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mlwf", description="Serverless ML training and inference workflows.")
+    parser.add_argument("--version", action="version", version=f"mlwf {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a workflow")
+    wf = run.add_subparsers(dest="workflow", required=True, parser_class=_Parser)
+    tr = wf.add_parser("ml-training", help="partition → PCA ×P → random forest ×T → validation, then publish",
+                       description="Train on labelled images under DATA_PREFIX (class folders "
+                                   "DATA_PREFIX/<label>/<image>) and publish the model.")
+    tr.add_argument("data_prefix", metavar="DATA_PREFIX")
+    tr.add_argument("num_pca", metavar="NUM_PCA", type=int)
+    tr.add_argument("num_train", metavar="NUM_TRAIN", type=int)
+    tr.add_argument("--seed", type=int, default=0, help="run seed (default 0): same seed and data, same model bytes")
+    tr.add_argument("--image-size", type=int, default=64, help="images are resized to N×N (default 64)")
+    tr.add_argument("--components", type=int, default=10, help="PCA components (default 10)")
+    tr.add_argument("--trees", type=int, default=100, help="trees per forest (default 100)")
+    tr.add_argument("--max-depth", type=int, default=10, help="tree depth (default 10)")
+    tr.add_argument("--min-samples-split", type=int, default=5,
+                    help="fewest samples a node needs to be split (default 5)")
+    tr.add_argument("--holdout", type=float, default=0.2, help="fraction held out for validation (default 0.2)")
+    tr.add_argument("--model-prefix", default="ml-inference/model",
+                    help="where the model is published (default ml-inference/model)")
+    tr.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
+    _engine_options(tr)
+    _common(tr)
+
+    inf = wf.add_parser("ml-inference", help="{partition ‖ load} → predict ×N over a batch of images",
+                        description="Classify the images under DATA_PREFIX with the model at MODEL_PREFIX.")
+    inf.add_argument("model_prefix", metavar="MODEL_PREFIX")
+    inf.add_argument("data_prefix", metavar="DATA_PREFIX")
+    inf.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    _engine_options(inf)
+    _common(inf)
+
+    ds = sub.add_parser("dataset", help="write a dataset as PNG class folders OUT/<label>/<index>.png")
+    dss = ds.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    dg = dss.add_parser("digits", help="scikit-learn's bundled digits (1,797 8×8 images)")
+    dg.add_argument("out", metavar="OUT")
+    dg.add_argument("--n", type=int, help="only the first N images")
+    dg.add_argument("--json", action="store_true")
+    dg.add_argument("--debug", action="store_true")
+    di = dss.add_parser("idx", help="an MNIST-format IDX pair (MNIST, Fashion-MNIST), gzipped or not")
+    di.add_argument("images", metavar="IMAGES")
+    di.add_argument("labels", metavar="LABELS")
+    di.add_argument("out", metavar="OUT")
+    di.add_argument("--n", type=int, help="only N images")
+    di.add_argument("--offset", type=int, default=0, help="start at image K (default 0)")
+    di.add_argument("--json", action="store_true")
+    di.add_argument("--debug", action="store_true")
+
+    s3 = sub.add_parser("s3", help="manage objects in the configured store (directory or S3)")
+    s3s = s3.add_subparsers(dest="s3_command", required=True, parser_class=_Parser)
+    up = s3s.add_parser("upload-dir", help="upload a folder (idempotent: unchanged objects are skipped)")
+    up.add_argument("--host-path", required=True)
+    up.add_argument("--s3-path", required=True)
+    up.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    _common(up)
+    down = s3s.add_parser("download-dir", help="download every object under a prefix into a folder")
+    down.add_argument("--s3-path", required=True)
+    down.add_argument("--host-path", required=True)
+    _common(down)
+    cb = s3s.add_parser("clear-bucket", help="delete every object in the bucket")
+    _common(cb)
+    cd = s3s.add_parser("clear-dir", help="delete every object under a prefix")
+    cd.add_argument("--prefix", required=True)
+    _common(cd)
+    ls = s3s.add_parser("ls", help="list objects")
+    ls.add_argument("--prefix", default="")
+    _common(ls)
+
+    model = sub.add_parser("model", help="inspect a published model")
+    ms = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
+    show = ms.add_parser("show", help="describe the model published at a prefix")
+    show.add_argument("prefix", nargs="?", default="ml-inference/model", metavar="MODEL_PREFIX")
+    _common(show)
+
+    demo = sub.add_parser("demo", help="build the digits dataset, train, classify a held-out batch")
+    demo.add_argument("--workers", type=int)
+    _common(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except MlwfError as e:
+        if debug:
+            raise
+        print(f"mlwf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mlwf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        print(f"mlwf: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command == "dataset":
+        return _dataset(args)
+    if args.command == "s3":
+        return _s3(args)
+    if args.command == "model":
+        return _model(args)
+    if args.command == "demo":
+        return _demo(args)
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+# --------------------------------------------------------------------------- run
+def _run(args) -> int:
+    from mlwf.engine.driver import Engine
+    from mlwf.ui import StageProgress
+
+    with StageProgress(enabled=not args.json) as progress, \
+            Engine(args.store, args.bucket, backend=args.backend, workers=args.workers,
+                   retries=args.retries, progress=progress) as engine:
+        if args.workflow == "ml-training":
+            from mlwf.workflows.training import TrainingConfig
+
+            config = TrainingConfig(image_size=args.image_size, n_components=args.components,
+                                    n_trees=args.trees, max_depth=args.max_depth,
+                                    min_samples_split=args.min_samples_split, holdout=args.holdout,
+                                    seed=args.seed)
+            report = engine.run_training(args.data_prefix, args.num_pca, args.num_train, config=config,
+                                         model_prefix=args.model_prefix, publish=not args.no_publish)
+        else:
+            report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs)
+    _emit(args, report)
+    return 0
+
+
+def _emit(args, report: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(report, sort_keys=False))
+        return
+    from mlwf.ui import print_report
+
+    print_report(report)
+
+
+# --------------------------------------------------------------------------- dataset
+def _dataset(args) -> int:
+    from mlwf import datasets
+    from mlwf.ui import count_progress
+
+    with count_progress("writing images", enabled=not args.json) as progress:
+        if args.dataset == "digits":
+            n = datasets.write_digits(args.out, n=args.n, progress=progress)
+        else:
+            n = datasets.write_idx(args.images, args.labels, args.out, n=args.n, offset=args.offset,
+                                   progress=progress)
+    if args.json:
+        print(json.dumps({"images": n, "out": os.path.abspath(args.out)}))
+    else:
+        print(f"wrote {n} images to {args.out}/<label>/<index>.png")
+    return 0
+
+
+# --------------------------------------------------------------------------- s3
+def _open(args):
+    from mlwf.storage import StoreSpec
+
+    return StoreSpec.resolve(args.store, args.bucket).open()
+
+
+def _s3(args) -> int:
+    from mlwf import bulk
+    from mlwf.ui import count_progress
+
+    store = _open(args)
+    try:
+        cmd = args.s3_command
+        if cmd == "ls":
+            objects = store.list(args.prefix)
+            if args.json:
+                print(json.dumps({"bucket": store.bucket, "prefix": args.prefix, "count": len(objects),
+                                  "bytes": sum(o.size for o in objects),
+                                  "objects": [{"key": o.key, "size": o.size} for o in objects]}))
+            else:
+                for o in objects:
+                    print(f"{o.size:>10}  {o.key}")
+                print(f"{len(objects)} objects, {sum(o.size for o in objects)} bytes", file=sys.stderr)
+            return 0
+        with count_progress(cmd, enabled=not args.json) as progress:
+            if cmd == "upload-dir":
+                result = bulk.upload_dir(store, args.host_path, args.s3_path,
+                                         create_bucket=args.create_bucket, progress=progress)
+                text = (f"uploaded {result['uploaded']} of {result['files']} files to "
+                        f"{store.bucket}/{args.s3_path} ({result['skipped']} unchanged, skipped)")
+            elif cmd == "download-dir":
+                result = bulk.download_dir(store, args.s3_path, args.host_path, progress=progress)
+                text = f"downloaded {result['objects']} objects to {args.host_path}"
+            elif cmd == "clear-bucket":
+                result = bulk.clear(store, "", progress=progress)
+                text = f"deleted {result['deleted']} objects from bucket {store.bucket}"
+            else:
+                result = bulk.clear(store, args.prefix, progress=progress)
+                text = f"deleted {result['deleted']} objects under {args.prefix}"
+        print(json.dumps({"bucket": store.bucket, **result}) if args.json else text)
+        return 0
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- model
+def _model(args) -> int:
+    from mlwf import model as mlwf_model
+
+    store = _open(args)
+    try:
+        data, manifest = mlwf_model.read_published(store.get, args.prefix,
+                                                   where=f"bucket {store.bucket!r} of {store.url}")
+        m = mlwf_model.from_bytes(data, source=manifest["object"])
+    finally:
+        store.close()
+    info = {"prefix": args.prefix, **m.summary(), "run_id": manifest.get("run_id"),
+            "published_at": manifest.get("published_at"), "object": manifest["object"],
+            "bytes": manifest.get("size"), "history": manifest.get("history", [])}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        from mlwf.ui import print_model
+
+        print_model(info)
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _demo(args) -> int:
+    from mlwf.demo import run_demo
+
+    report = run_demo(store=args.store, bucket=args.bucket, workers=args.workers, quiet=args.json)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def _version() -> str:
+    from mlwf import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``mlwf demo``: the whole story on a fresh install, on scikit-learn's bundled digits.
+
+Writes the digits as PNG class folders, uploads the first 1,497 as the training
+set and the last 300 as a batch to classify, trains (2 PCA, 8 forests),
+publishes the model, and classifies the batch with 4 predict functions.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TRAIN_PREFIX = "ml-training/digits"
+BATCH_PREFIX = "ml-inference/digits-batch"
+MODEL_PREFIX = "ml-inference/model"
+NUM_DIGITS = 1797
+BATCH = 300
+
+
+def run_demo(store: str | None = None, bucket: str | None = None, workers: int | None = None,
+             quiet: bool = False) -> dict[str, Any]:
+    """Run the demo and return both reports; prints a summary unless ``quiet``."""
+    from rich.console import Console
+
+    from mlwf import bulk, datasets
+    from mlwf.engine.driver import Engine
+    from mlwf.ui import StageProgress, print_report
+
+    console = Console(quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="mlwf-demo-") as tmp:
+        images = Path(tmp) / "digits"
+        datasets.write_digits(images)
+        train_dir, batch_dir = Path(tmp) / "train", Path(tmp) / "batch"
+        # Split by index: images 0..1496 train, 1497..1796 are the unseen batch.
+        for png in images.rglob("*.png"):
+            target = (batch_dir if int(png.stem) >= NUM_DIGITS - BATCH else train_dir) / png.parent.name
+            target.mkdir(parents=True, exist_ok=True)
+            png.rename(target / png.name)
+        with StageProgress(enabled=not quiet) as progress, \
+                Engine(store, bucket, workers=workers, progress=progress) as engine:
+            console.print(f"[bold]mlwf demo[/bold]: store {engine.spec.url}, bucket {engine.spec.bucket}")
+            up1 = bulk.upload_dir(engine.store, train_dir, TRAIN_PREFIX, create_bucket=True)
+            up2 = bulk.upload_dir(engine.store, batch_dir, BATCH_PREFIX, create_bucket=True)
+            console.print(f"uploaded {up1['files']} training images to {TRAIN_PREFIX}/ and "
+                          f"{up2['files']} unseen images to {BATCH_PREFIX}/")
+            console.print(f"\n[bold]1. mlwf run ml-training {TRAIN_PREFIX} 2 8[/bold]")
+            training = engine.run_training(TRAIN_PREFIX, 2, 8, model_prefix=MODEL_PREFIX)
+            if not quiet:
+                print_report(training)
+            console.print(f"\n[bold]2. mlwf run ml-inference {MODEL_PREFIX} {BATCH_PREFIX} 4[/bold]")
+            inference = engine.run_inference(MODEL_PREFIX, BATCH_PREFIX, 4)
+            if not quiet:
+                print_report(inference)
+    console.print(f"\nThe model classified {inference['num_predicted']} digits it never saw with "
+                  f"[bold]{100 * inference['accuracy']:.1f} %[/bold] accuracy "
+                  f"(validation accuracy during training: {100 * training['validation_accuracy']:.1f} %).")
+    console.print(f"Predictions: {inference['results_key']} in bucket {engine.spec.bucket}.")
+    return {"training": training, "inference": inference}
