@@ -1,0 +1,60 @@
+"""Shared fixtures: a local store holding real PNG datasets, and engines on it.
+
+Everything a test needs is generated here (scikit-learn's bundled digits); no
+test reads ../shared or downloads anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlwf import bulk, datasets
+from mlwf.engine.driver import Engine
+from mlwf.storage import StoreSpec
+from mlwf.workflows.training import TrainingConfig
+
+pytest_plugins = ["tests.s3server"]
+
+TRAIN_PREFIX = "ml-training/digits"
+BATCH_PREFIX = "ml-inference/digits-batch"
+#: Small settings so a whole training run takes a fraction of a second.
+FAST = TrainingConfig(image_size=16, n_components=6, n_trees=12, max_depth=8, holdout=0.2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The first 600 digits as PNG class folders; the next 120 in a batch folder."""
+    root = tmp_path_factory.mktemp("digits")
+    datasets.write_digits(root / "all", n=720)
+    train, batch = root / "train", root / "batch"
+    for png in sorted((root / "all").rglob("*.png")):
+        target = (batch if int(png.stem) >= 600 else train) / png.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, target / png.name)
+    return root
+
+
+@pytest.fixture
+def store_url(tmp_path, digits_dir) -> str:
+    """A fresh local store with the digits uploaded under TRAIN_PREFIX and BATCH_PREFIX."""
+    url = str(tmp_path / "store")
+    store = StoreSpec(url, "tless").open()
+    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX, create_bucket=True)
+    bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
+    return url
+
+
+@pytest.fixture
+def engine(store_url):
+    with Engine(store_url, "tless") as e:
+        yield e
+
+
+@pytest.fixture
+def trained(engine):
+    """An engine whose store has a model published at ml-inference/model."""
+    report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    return engine, report
