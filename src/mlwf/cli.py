@@ -161,7 +161,8 @@ def _run(args) -> int:
 
     with StageProgress(enabled=not args.json) as progress, \
             Engine(args.store, args.bucket, backend=args.backend, workers=args.workers,
-                   retries=args.retries, progress=progress) as engine:
+                   retries=args.retries, progress=progress,
+                   preload_sklearn=args.workflow == "ml-training") as engine:
         if args.workflow == "ml-training":
             from mlwf.workflows.training import TrainingConfig
 

@@ -32,17 +32,21 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, workers: int | None = None):
+    #: Imported once in the fork server, so no worker pays for them.
+    LIGHT = ["mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference", "mlwf.model",
+             "mlwf.images"]
+    #: scikit-learn takes 0.6 s to import here; only training stages need it.
+    HEAVY = ["sklearn.decomposition", "sklearn.ensemble"]
+
+    def __init__(self, workers: int | None = None, preload_sklearn: bool = True):
         self.workers = workers or os.cpu_count() or 1
+        self.preload = self.LIGHT + (self.HEAVY if preload_sklearn else [])
         self._pool: ProcessPoolExecutor | None = None
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = mp.get_context("forkserver")
-            # Import the heavy libraries once in the server, not in every worker.
-            ctx.set_forkserver_preload(["mlwf.engine.runner", "mlwf.workflows.training",
-                                        "mlwf.workflows.inference", "mlwf.model", "mlwf.images",
-                                        "sklearn.decomposition", "sklearn.ensemble"])
+            ctx.set_forkserver_preload(self.preload)
             saved = {k: os.environ.get(k) for k in _BLAS_ENV}
             try:
                 for k in _BLAS_ENV:

@@ -483,15 +483,18 @@ class S3Store(Store):
         if isinstance(exc, StoreError):
             return exc
         text = str(exc)
-        what = f"{op} {key!r}" if key is not None else op
-        where = f"in bucket {self.bucket!r} at {self.url}"
+        if op == "list":
+            what = f"list prefix {key!r}" if key else "list objects"
+        else:
+            what = f"{op} {key!r}" if key is not None else op
+        where = f"(bucket {self.bucket!r} at {self.url})"
         if "NoSuchBucket" in text:
             return self._bucket_missing()
         not_found = isinstance(exc, FileNotFoundError) or isinstance(exc, getattr(oe, "NotFoundError", ())) or (
             "404 Not Found" in text
         )
         if not_found:
-            if op in ("list", "check bucket") or "NoSuchKey" not in text and not self.bucket_exists():
+            if op in ("list", "check the bucket") or "NoSuchKey" not in text and not self.bucket_exists():
                 return self._bucket_missing()
             return NotFoundError(f"no object {key!r} in bucket {self.bucket!r} at {self.url}")
         if (
@@ -513,7 +516,7 @@ class S3Store(Store):
         if status:
             return StoreError(
                 f"S3 server at {self.url} kept answering HTTP {status.group(1)} to {what} after retrying for "
-                f"{self.timeouts.retry:.0f} s: it is overloaded or failing; try again later "
+                f"{self.timeouts.retry:.1f} s: it is overloaded or failing; try again later "
                 f"or raise {ENV_TIMEOUT}"
             )
         lowered = text.lower()
@@ -522,7 +525,7 @@ class S3Store(Store):
             for s in ("error sending request", "connect", "dns error", "timed out", "timeout", "connection", "broken pipe")
         ):
             return StoreError(
-                f"cannot reach the S3 endpoint {self.url} to {what} (gave up after retrying for up to "
+                f"cannot reach (or get an answer from) the S3 endpoint {self.url} to {what} (gave up after retrying for up to "
                 f"{self.timeouts.total:g} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
             )
         return StoreError(f"S3 {what} {where} failed: {self._scrub_detail(exc)}")
@@ -657,7 +660,7 @@ class S3Store(Store):
         except FileNotFoundError:
             return False
         except Exception as e:  # noqa: BLE001
-            err = self._error("check", key, e)
+            err = self._error("check for", key, e)
             if isinstance(err, NotFoundError):
                 return False
             raise err from None
@@ -670,7 +673,7 @@ class S3Store(Store):
             next(iter(stream), None)
             return True
         except Exception as e:  # noqa: BLE001
-            err = self._error("check bucket", None, e)
+            err = self._error("check the bucket", None, e)
             if isinstance(err, NotFoundError):
                 return False
             raise err from None
@@ -715,7 +718,15 @@ class S3Store(Store):
                 f"access denied: create bucket {self.bucket!r} at {self.url} using {who} ({code_s}): "
                 f"{_CREDENTIAL_HINT}, and that this user may create buckets"
             )
-        raise StoreError(f"cannot create bucket {self.bucket!r} at {self.url}: the server answered {self._scrub(code_s)}")
+        if status >= 500:
+            raise StoreError(
+                f"cannot create bucket {self.bucket!r}: S3 server at {self.url} kept answering HTTP {status} "
+                f"({self._scrub(code_s)}) after retrying for {self.timeouts.retry:.1f} s: it is overloaded or failing; "
+                f"try again later or raise {ENV_TIMEOUT}"
+            )
+        raise StoreError(
+            f"cannot create bucket {self.bucket!r} at {self.url}: the server answered HTTP {status} ({self._scrub(code_s)})"
+        )
 
     def _signed_request(self, method: str, base: str, path: str, body: bytes) -> tuple[int, str]:
         """One SigV4-signed request, retried like obstore's (5xx, connection errors)."""
