@@ -118,6 +118,7 @@ class Outcome:
     worker: str = ""
     start: float = 0.0
     end: float = 0.0
+    rss_kb: int = 0  # the worker process's peak resident memory so far
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import resource
 import secrets
 import time
 from collections import defaultdict
@@ -130,7 +131,6 @@ class Run:
                               self.outputs_prefix, engine.transfer)
         self.stats: dict[str, StageStats] = {}
         self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.produced: dict[str, float] = {}  # sha -> encode+put ms of the producer
         self.outcomes: list[tuple[Call, Outcome]] = []
         self.t0 = time.perf_counter()
         self._record("running")
@@ -222,11 +222,6 @@ class Run:
             edge = self.edges[("store", call.stage)]
             edge["bytes"] += outcome.timings["fetch_bytes"]
             edge["transfer_ms"] += outcome.timings.get("fetch_ms", 0.0)
-        n = max(len(outcome.outputs), 1)
-        per_part = (outcome.timings.get("encode_ms", 0.0)) / n
-        per_put = outcome.timings.get("put_ms", 0.0) / n
-        for ref in outcome.outputs:
-            self.produced[ref.sha256] = (per_part, per_put)
 
     def read(self, ref: Ref) -> Any:
         """Read an output in the driver (e.g. to merge results), with accounting."""
@@ -251,11 +246,6 @@ class Run:
         for name, st in self.stats.items():
             stages[name] = {"calls": st.calls, "attempts": st.attempts, "wall_ms": round(st.wall_ms, 3),
                             **{k: round(v, 3) for k, v in sorted(st.timings.items())}}
-        # Serialization is paid once per produced part, whoever consumes it.
-        consumed: dict[tuple[str, str], set] = defaultdict(set)
-        for call, outcome in self.outcomes:
-            for e in outcome.input_edges:
-                consumed[(e["from"], e["to"])]
         edges = []
         for (src, dst), e in sorted(self.edges.items()):
             edges.append({"from": src, "to": dst, "bytes": int(e["bytes"]),
@@ -266,6 +256,7 @@ class Run:
         for call, outcome in self.outcomes:
             by_producer[call.stage] += outcome.timings.get("encode_ms", 0.0)
             put_by_producer[call.stage] += outcome.timings.get("put_ms", 0.0)
+        # A producer's serialization and puts are shared among its outgoing edges by bytes.
         for e in edges:
             outgoing = [x for x in edges if x["from"] == e["from"]]
             total = sum(x["bytes"] for x in outgoing) or 1
@@ -274,6 +265,9 @@ class Run:
             e["transfer_ms"] = round(e["transfer_ms"] + put_by_producer.get(e["from"], 0.0) * share, 3)
         transfer_ms = sum(e["serialize_ms"] + e["transfer_ms"] + e["deserialize_ms"]
                           for e in edges if e["from"] != "store")
+        workers = {}
+        for _, outcome in self.outcomes:
+            workers[outcome.worker] = max(workers.get(outcome.worker, 0), outcome.rss_kb)
         report = {
             "workflow": self.workflow,
             "run_id": self.run_id,
@@ -285,6 +279,9 @@ class Run:
             "e2e_ms": round(e2e, 3),
             "stage_ms": {k: v["wall_ms"] for k, v in stages.items()},
             "state_transfer_ms": round(transfer_ms, 3),
+            "memory": {"driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                       "worker_peak_mb": round(max(workers.values(), default=0) / 1024, 1),
+                       "workers": len(workers)},
             "stages": stages,
             "edges": edges,
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import resource
 import socket
 import time
 from collections import OrderedDict
@@ -166,4 +167,5 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         outputs.append(ref)
     end = time.perf_counter()
     return Outcome(outputs=outputs, info=result.info, timings=clock.t, input_edges=edges,
-                   spans=clock.spans, worker=f"{socket.gethostname()}:{os.getpid()}", start=start, end=end)
+                   spans=clock.spans, worker=f"{socket.gethostname()}:{os.getpid()}", start=start, end=end,
+                   rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
