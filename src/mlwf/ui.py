@@ -62,13 +62,18 @@ def count_progress(description: str, enabled: bool = True):
         yield update
 
 
+def _stdout_console() -> Console:
+    # Piped output is not wrapped at 80 columns, so digests and keys stay whole.
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f} %"
 
 
 def print_report(report: dict[str, Any]) -> None:
     """A readable summary of a run report."""
-    console = Console()
+    console = _stdout_console()
     wf = report["workflow"]
     table = Table(title=f"{wf} run {report['run_id']} ({report['backend']} backend)", show_header=False)
     table.add_column(style="bold")
@@ -97,7 +102,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def print_model(info: dict[str, Any]) -> None:
-    console = Console()
+    console = _stdout_console()
     table = Table(title=f"model at {info['prefix']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -120,6 +120,10 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int) -> dict[s
                 rows.append((key, classes[c], prob, label))
         rows.sort(key=lambda r: r[0])
         skipped = sorted(k for out in preds for k in out.info["skipped_keys"])
+        if not rows:
+            raise DataError(f"no decodable images under prefix {data_prefix.rstrip('/') + '/'!r}: all "
+                            f"{len(skipped)} objects were skipped (e.g. {', '.join(skipped[:3])}); "
+                            "upload PNG/JPEG images there")
 
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")

@@ -1,0 +1,282 @@
+"""The ``mlwf`` command as a user runs it: reports, errors, the s3 and dataset commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlwf.cli import main
+from tests.conftest import BATCH_PREFIX, TRAIN_PREFIX
+
+FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
+TRAINING_KEYS = {"workflow", "run_id", "backend", "num_images", "e2e_ms", "stage_ms", "validation_accuracy",
+                 "model_prefix", "model_digest"}
+INFERENCE_KEYS = {"workflow", "run_id", "backend", "num_images", "e2e_ms", "stage_ms", "accuracy",
+                  "results_key", "model_digest"}
+
+
+def _where(store_url, bucket="tless"):
+    return ["--store", store_url, "--bucket", bucket]
+
+
+def _json_out(capsys, argv) -> dict:
+    """Run ``mlwf argv``; it must succeed and print exactly one JSON object on stdout."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.endswith("\n") and out.count("\n") == 1, out
+    return json.loads(out)
+
+
+def _one_error_line(capsys, argv) -> str:
+    """Run ``mlwf argv``; it must fail with one ``mlwf: error:`` line on stderr and no traceback."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlwf: error: "), err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- run
+def test_training_then_inference_print_one_json_report_each(capsys, store_url):
+    train = _json_out(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--json", *_where(store_url),
+                               *FAST_FLAGS])
+    assert TRAINING_KEYS <= set(train)
+    assert train["workflow"] == "ml-training" and train["backend"] == "local" and train["num_images"] == 600
+    assert set(train["stage_ms"]) == {"partition", "pca", "train", "validation"}
+    assert train["validation_accuracy"] > 0.8 and train["model_prefix"] == "ml-inference/model"
+
+    infer = _json_out(capsys, ["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "3", "--json",
+                               *_where(store_url)])
+    assert INFERENCE_KEYS <= set(infer)
+    assert infer["workflow"] == "ml-inference" and infer["num_images"] == 120
+    assert set(infer["stage_ms"]) == {"partition", "load", "predict"}
+    assert infer["model_digest"] == train["model_digest"]
+    assert infer["accuracy"] > 0.7
+    csv_path = Path(store_url) / "tless" / infer["results_key"]
+    assert csv_path.read_text().splitlines()[0] == "key,prediction,probability,label"
+
+    # Without --json the same run prints a readable summary instead.
+    assert main(["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2", *_where(store_url)]) == 0
+    out = capsys.readouterr().out
+    assert "ml-inference run" in out and "accuracy" in out and " %" in out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+
+
+def test_training_options_reach_the_model(capsys, store_url, tmp_path):
+    report = _json_out(capsys, ["run", "ml-training", TRAIN_PREFIX, "1", "2", "--json", *_where(store_url),
+                                *FAST_FLAGS, "--model-prefix", "models/small", "--seed", "3"])
+    assert report["model_prefix"] == "models/small"
+    import mlwf.model
+
+    model = mlwf.model.load("models/small", store=store_url, bucket="tless")
+    assert model.digest == report["model_digest"]
+    assert model.image_size == 16 and model.projections[0]["components"].shape == (6, 256)
+    assert sum(len(m["roots"]) for m in model.members) == 24 and model.config["seed"] == 3
+    assert not (Path(store_url) / "tless" / "ml-inference" / "model").exists()
+
+
+def test_model_show_json_gives_the_trained_digest(capsys, trained, store_url):
+    _, report = trained
+    info = _json_out(capsys, ["model", "show", "--json", *_where(store_url)])
+    assert info["digest"] == report["model_digest"]
+    assert info["prefix"] == "ml-inference/model" and info["run_id"] == report["run_id"]
+    assert info["classes"] == report["classes"] and info["num_members"] == 4 and info["num_trees"] == 48
+    assert info["metrics"]["validation_accuracy"] == report["validation_accuracy"]
+    assert main(["model", "show", *_where(store_url)]) == 0
+    out = capsys.readouterr().out
+    assert "model at ml-inference/model" in out and report["run_id"] in out
+    assert report["model_digest"][:40] in out  # the table may wrap the rest at 80 columns
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv, match", [
+    (["run", "ml-training", TRAIN_PREFIX, "x", "4"], "NUM_PCA: invalid int value: 'x'"),
+    (["run", "ml-training", TRAIN_PREFIX, "0", "4"], "NUM_PCA must be a positive integer, got 0"),
+    (["run", "ml-training", TRAIN_PREFIX, "-1", "4"], "NUM_PCA must be a positive integer, got -1"),
+    (["run", "ml-training", TRAIN_PREFIX, "2", "four"], "NUM_TRAIN: invalid int value: 'four'"),
+    (["run", "ml-training", TRAIN_PREFIX, "2", "4", "--holdout", "1.5"], r"holdout must be a fraction in \[0, 1\)"),
+    (["run", "ml-training", TRAIN_PREFIX, "2", "4", "--image-size", "2"], "image-size must be an integer"),
+    (["run", "ml-training", "ml-training/nothing", "2", "4"], "no objects under prefix 'ml-training/nothing/'"),
+    (["run", "ml-learning", TRAIN_PREFIX, "2", "4"], "invalid choice: 'ml-learning'"),
+    (["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2"], "run ml-training first"),
+    (["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "0"], "NUM_FUNCS must be a positive integer"),
+    (["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "two"], "NUM_FUNCS: invalid int value"),
+    (["model", "show"], "run ml-training first"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_is_one_error_line(capsys, store_url, argv, match):
+    line = _one_error_line(capsys, [*argv, *_where(store_url)])
+    assert re.search(match, line), line
+
+
+def test_store_that_is_a_file_is_one_error_line(capsys, tmp_path):
+    not_a_dir = tmp_path / "store.txt"
+    not_a_dir.write_text("hello")
+    line = _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", *_where(str(not_a_dir))])
+    assert "is not a directory" in line
+    line = _one_error_line(capsys, ["s3", "ls", *_where(str(not_a_dir))])
+    assert "is not a directory" in line
+
+
+def test_missing_bucket_is_one_error_line(capsys, store_url):
+    line = _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", *_where(store_url, "nope")])
+    assert "bucket 'nope' does not exist" in line
+    line = _one_error_line(capsys, ["s3", "ls", *_where(store_url, "nope")])
+    assert "'nope'" in line
+
+
+def test_bad_input_leaves_the_published_model_alone(capsys, trained, store_url):
+    _, report = trained
+    _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "0", "4", *_where(store_url)])
+    _one_error_line(capsys, ["run", "ml-training", "ml-training/nothing", "2", "4", *_where(store_url)])
+    info = _json_out(capsys, ["model", "show", "--json", *_where(store_url)])
+    assert info["digest"] == report["model_digest"] and info["history"] == []
+
+
+# --------------------------------------------------------------------------- s3
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def host_dir(tmp_path) -> Path:
+    root = tmp_path / "host"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.txt").write_bytes(b"alpha\n")
+    (root / "sub" / "b.bin").write_bytes(bytes(range(256)) * 3)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(root / "sub" / "deeper" / "c.png")
+    (root / ".hidden").write_bytes(b"ignored")
+    return root
+
+
+def test_s3_commands_on_a_local_store(capsys, tmp_path, host_dir):
+    where = _where(str(tmp_path / "store"), "b")
+    up = _json_out(capsys, ["s3", "upload-dir", "--host-path", str(host_dir), "--s3-path", "data/set",
+                            "--create-bucket", "--json", *where])
+    assert up["files"] == 3 and up["uploaded"] == 3 and up["skipped"] == 0
+    assert up["bytes"] == sum(len(v) for k, v in _tree(host_dir).items() if not k.startswith("."))
+    again = _json_out(capsys, ["s3", "upload-dir", "--host-path", str(host_dir), "--s3-path", "data/set",
+                               "--json", *where])
+    assert again["uploaded"] == 0 and again["skipped"] == 3 and again["bytes"] == 0
+    # A changed file is uploaded again, the others stay skipped.
+    (host_dir / "a.txt").write_bytes(b"alpha, edited\n")
+    changed = _json_out(capsys, ["s3", "upload-dir", "--host-path", str(host_dir), "--s3-path", "data/set",
+                                 "--json", *where])
+    assert changed["uploaded"] == 1 and changed["skipped"] == 2
+    _json_out(capsys, ["s3", "upload-dir", "--host-path", str(host_dir / "sub"), "--s3-path", "keep", "--json",
+                       *where])
+
+    listing = _json_out(capsys, ["s3", "ls", "--json", *where])
+    keys = [o["key"] for o in listing["objects"]]
+    assert keys == sorted(keys) == ["data/set/a.txt", "data/set/sub/b.bin", "data/set/sub/deeper/c.png",
+                                    "keep/b.bin", "keep/deeper/c.png"]
+    assert listing["count"] == 5 and listing["bucket"] == "b"
+    assert {o["key"]: o["size"] for o in listing["objects"]}["data/set/sub/b.bin"] == 768
+    assert main(["s3", "ls", "--prefix", "data/", *where]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[-1] for line in out.splitlines()] == keys[:3]
+    assert "3 objects" in err
+
+    assert _json_out(capsys, ["s3", "download-dir", "--s3-path", "data/set", "--host-path",
+                              str(tmp_path / "down"), "--json", *where])["objects"] == 3
+    assert _tree(tmp_path / "down") == {k: v for k, v in _tree(host_dir).items() if not k.startswith(".")}
+
+    assert _json_out(capsys, ["s3", "clear-dir", "--prefix", "data/set/sub", "--json", *where])["deleted"] == 2
+    left = [o["key"] for o in _json_out(capsys, ["s3", "ls", "--json", *where])["objects"]]
+    assert left == ["data/set/a.txt", "keep/b.bin", "keep/deeper/c.png"]
+
+    assert _json_out(capsys, ["s3", "clear-bucket", "--json", *where])["deleted"] == 3
+    assert _json_out(capsys, ["s3", "ls", "--json", *where])["count"] == 0
+
+
+def test_s3_refusals_are_one_line(capsys, tmp_path, host_dir):
+    where = _where(str(tmp_path / "store"), "b")
+    (tmp_path / "empty").mkdir()
+    assert "no files under" in _one_error_line(
+        capsys, ["s3", "upload-dir", "--host-path", str(tmp_path / "empty"), "--s3-path", "x", "--create-bucket",
+                 *where])
+    assert "no such directory" in _one_error_line(
+        capsys, ["s3", "upload-dir", "--host-path", str(tmp_path / "missing"), "--s3-path", "x", *where])
+    assert "--s3-path" in _one_error_line(capsys, ["s3", "upload-dir", "--host-path", str(host_dir), *where])
+    _json_out(capsys, ["s3", "upload-dir", "--host-path", str(host_dir), "--s3-path", "x", "--create-bucket",
+                       "--json", *where])
+    assert "nothing to download" in _one_error_line(
+        capsys, ["s3", "download-dir", "--s3-path", "nothing", "--host-path", str(tmp_path / "d"), *where])
+    assert "refused prefix '/'" in _one_error_line(capsys, ["s3", "clear-dir", "--prefix", "/", *where])
+    assert "refused prefix '../x'" in _one_error_line(capsys, ["s3", "clear-dir", "--prefix", "../x", *where])
+    assert _json_out(capsys, ["s3", "ls", "--json", *where])["count"] == 3
+
+
+# --------------------------------------------------------------------------- dataset
+def test_dataset_digits_then_train_on_it(capsys, tmp_path):
+    out = tmp_path / "digits50"
+    written = _json_out(capsys, ["dataset", "digits", str(out), "--n", "50", "--json"])
+    assert written == {"images": 50, "out": str(out.resolve())}
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 50 and {p.parent.name for p in pngs} == {str(i) for i in range(10)}
+    where = _where(str(tmp_path / "store"))
+    _json_out(capsys, ["s3", "upload-dir", "--host-path", str(out), "--s3-path", "ml-training/d50",
+                       "--create-bucket", "--json", *where])
+    report = _json_out(capsys, ["run", "ml-training", "ml-training/d50", "1", "2", "--json", *where,
+                                *FAST_FLAGS])
+    assert report["num_images"] == 50 and report["classes"] == [str(i) for i in range(10)]
+    per_class = [sum(p.parent.name == str(c) for p in pngs) for c in range(10)]
+    assert report["num_validation"] == sum(int(0.2 * n) for n in per_class)
+    assert 0 <= report["validation_accuracy"] <= 1
+    info = _json_out(capsys, ["model", "show", "--json", *where])
+    assert info["digest"] == report["model_digest"]
+
+
+# --------------------------------------------------------------------------- real processes
+def _mlwf(*args, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLWF_")}
+    return subprocess.run([*args], capture_output=True, text=True, env=env, timeout=120, **kw)
+
+
+def test_console_script_bad_num_pca_exits_2_with_one_line(store_url):
+    script = Path(sys.executable).parent / "mlwf"
+    assert script.exists()
+    proc = _mlwf(str(script), "run", "ml-training", TRAIN_PREFIX, "x", "4", *_where(store_url))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("mlwf: error: ")
+    assert "NUM_PCA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_module_entry_point_same_error_and_debug_shows_the_traceback(store_url):
+    base = [sys.executable, "-m", "mlwf.cli", "model", "show", *_where(store_url)]
+    plain = _mlwf(*base)
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert plain.stderr.count("\n") == 1 and plain.stderr.startswith("mlwf: error: ")
+    assert "run ml-training first" in plain.stderr and "Traceback" not in plain.stderr
+
+    debug = _mlwf(*base, "--debug")
+    assert debug.returncode != 0
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "mlwf.errors.ModelError" in debug.stderr and "run ml-training first" in debug.stderr
+
+
+def test_console_script_json_run_is_machine_readable(tmp_path, digits_dir):
+    where = _where(str(tmp_path / "store"))
+    script = str(Path(sys.executable).parent / "mlwf")
+    up = _mlwf(script, "s3", "upload-dir", "--host-path", str(digits_dir / "train"), "--s3-path", TRAIN_PREFIX,
+               "--create-bucket", "--json", *where)
+    assert up.returncode == 0 and json.loads(up.stdout)["uploaded"] == 600
+    run = _mlwf(script, "run", "ml-training", TRAIN_PREFIX, "2", "2", "--json", *where, *FAST_FLAGS,
+                "--trees", "4")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert TRAINING_KEYS <= set(report) and report["num_images"] == 600
