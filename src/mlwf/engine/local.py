@@ -21,9 +21,17 @@ from mlwf.engine.calls import Call, Outcome, RunContext
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
 
-def _init_worker() -> None:
+#: Environment a worker needs from the driver *now*, not from when the fork
+#: server started: store endpoints, credentials and limits.
+_FORWARDED_ENV = ("S3_", "AWS_", "MLWF_")
+
+
+def _init_worker(env: dict[str, str]) -> None:
     from threadpoolctl import threadpool_limits
 
+    for name in [k for k in os.environ if k.startswith(_FORWARDED_ENV)]:
+        del os.environ[name]
+    os.environ.update(env)
     threadpool_limits(1)
 
 
@@ -60,7 +68,9 @@ class LocalBackend:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+            env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(env,))
         return self._pool
 
     def start(self) -> None:

@@ -59,9 +59,14 @@ MAX_PUT_BYTES = 5 * 1024**3  # S3's limit for one PUT
 _DELETE_BATCH = 1000  # DeleteObjects takes at most 1,000 keys
 _CREDENTIAL_HINT = "check S3_USER/S3_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
 _ENDPOINT_HINT = "check S3_HOST/S3_PORT, AWS_ENDPOINT_URL or the s3://HOST:PORT store URL, and that the server is up"
+
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 
 T = TypeVar("T")
+
+
+def _endpoint_hint(source: str) -> str:
+    return f"endpoint from {source}; {_ENDPOINT_HINT}"
 
 
 # -- settings -----------------------------------------------------------------
@@ -160,13 +165,17 @@ def _env_credentials() -> _Credentials | None:
     env = os.environ
     if env.get("S3_USER") or env.get("S3_PASSWORD"):
         if not (env.get("S3_USER") and env.get("S3_PASSWORD")):
-            raise StoreError("set both S3_USER and S3_PASSWORD (or neither, to use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+            raise StoreError(
+                "set both S3_USER and S3_PASSWORD (or neither, to use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            )
         return _Credentials(env["S3_USER"], env["S3_PASSWORD"], None, "S3_USER/S3_PASSWORD")
     if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_SECRET_ACCESS_KEY"):
         if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
             raise StoreError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         token = env.get("AWS_SESSION_TOKEN") or env.get("AWS_TOKEN")
-        return _Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token, "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return _Credentials(
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], token, "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
     return None
 
 
@@ -329,11 +338,24 @@ class S3Store(Store):
         *,
         endpoint: str | None = None,
         region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        session_token: str | None = None,
         credentials: _Credentials | None = None,
         timeouts: S3Timeouts | None = None,
         concurrency: int | None = None,
         endpoint_source: str = "argument",
     ):
+        """Most callers use :meth:`from_url`; this takes everything explicitly.
+
+        ``timeouts`` and ``concurrency`` default to ``MLWF_S3_TIMEOUT`` and
+        ``MLWF_S3_CONCURRENCY``. Without credentials a custom endpoint is used
+        anonymously.
+        """
+        if access_key or secret_key:
+            if not (access_key and secret_key):
+                raise StoreError("give both access_key and secret_key")
+            credentials = _Credentials(access_key, secret_key, session_token, "arguments")
         self.bucket = _check_bucket(bucket)
         self.endpoint = _clean_endpoint(endpoint, "S3 endpoint") if endpoint else None
         self.region = region or DEFAULT_REGION
@@ -360,7 +382,7 @@ class S3Store(Store):
             raise StoreError(f"not an S3 store URL: {_strip_userinfo(url)!r}; use s3:// or s3://HOST:PORT")
         rest = url[len("s3://") :].rstrip("/")
         if "@" in rest:
-            raise StoreError("do not put credentials in the store URL: set S3_USER/S3_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            raise StoreError(f"do not put credentials in the store URL: set {_CREDENTIAL_HINT.removeprefix('check ')}")
         if rest:
             if "/" in rest or not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}", rest):
                 raise StoreError(
@@ -522,11 +544,12 @@ class S3Store(Store):
         lowered = text.lower()
         if any(
             s in lowered
-            for s in ("error sending request", "connect", "dns error", "timed out", "timeout", "connection", "broken pipe")
+            for s in ("error sending request", "connect", "dns error", "timed out", "timeout", "broken pipe")
         ):
             return StoreError(
-                f"cannot reach (or get an answer from) the S3 endpoint {self.url} to {what} (gave up after retrying for up to "
-                f"{self.timeouts.total:g} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
+                f"cannot reach (or get an answer from) the S3 endpoint {self.url} to {what} "
+                f"(gave up after retrying for up to {self.timeouts.total:g} s, {ENV_TIMEOUT}): "
+                f"{_endpoint_hint(self.endpoint_source)}"
             )
         return StoreError(f"S3 {what} {where} failed: {self._scrub_detail(exc)}")
 
@@ -580,7 +603,7 @@ class S3Store(Store):
             if offset is not None:
                 kwargs["offset"] = offset
             found = [
-                ObjectInfo(meta["path"], int(meta["size"]))
+                ObjectInfo(meta["path"], int(meta["size"]), meta.get("e_tag"))
                 for chunk in obstore.list(self._client(), segment, **kwargs)
                 for meta in chunk
                 if meta["path"].startswith(prefix)
@@ -725,7 +748,8 @@ class S3Store(Store):
                 f"try again later or raise {ENV_TIMEOUT}"
             )
         raise StoreError(
-            f"cannot create bucket {self.bucket!r} at {self.url}: the server answered HTTP {status} ({self._scrub(code_s)})"
+            f"cannot create bucket {self.bucket!r} at {self.url}: "
+            f"the server answered HTTP {status} ({self._scrub(code_s)})"
         )
 
     def _signed_request(self, method: str, base: str, path: str, body: bytes) -> tuple[int, str]:
@@ -752,7 +776,8 @@ class S3Store(Store):
                 if time.monotonic() >= deadline:
                     raise StoreError(
                         f"cannot reach the S3 endpoint {self.url} to create bucket {self.bucket!r} "
-                        f"({type(e).__name__}; gave up after retrying for up to {t.total:g} s, {ENV_TIMEOUT}): {_ENDPOINT_HINT}"
+                        f"({type(e).__name__}; gave up after retrying for up to {t.total:g} s, {ENV_TIMEOUT}): "
+                        f"{_endpoint_hint(self.endpoint_source)}"
                     ) from None
             finally:
                 conn.close()
@@ -816,7 +841,15 @@ def _sigv4_headers(
     names = sorted(headers)
     signed = ";".join(names)
     canonical = "\n".join(
-        [method, urllib.parse.quote(path, safe="/~"), "", *(f"{n}:{headers[n].strip()}" for n in names), "", signed, payload]
+        [
+            method,
+            urllib.parse.quote(path, safe="/~"),
+            "",  # no query string
+            *(f"{n}:{headers[n].strip()}" for n in names),
+            "",
+            signed,
+            payload,
+        ]
     )
     scope = f"{day}/{region}/s3/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])

@@ -1,0 +1,229 @@
+"""The Store contract, run against the local store and the S3 store (moto server)."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+
+import pytest
+
+from mlwf.errors import NotFoundError, StoreError
+from mlwf.storage import ObjectInfo, open_store
+from mlwf.storage.local import LocalStore
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path):
+    """A factory ``make(bucket=None)`` for stores of one kind; ``None`` means the test's ready bucket."""
+    if request.param == "local":
+        root = tmp_path / "store"
+        root.mkdir()
+        LocalStore(root, "tless").create_bucket()
+
+        def make(bucket: str | None = None):
+            return open_store(str(root), bucket or "tless")
+
+        make.kind = "local"
+        make.root = root
+        return make
+    bucket = request.getfixturevalue("s3_env")
+
+    def make(bucket_name: str | None = None):
+        return open_store("s3://", bucket_name or bucket)
+
+    make.kind = "s3"
+    make.root = None
+    return make
+
+
+@pytest.fixture
+def store(backend):
+    s = backend()
+    yield s
+    s.close()
+
+
+def unique_bucket() -> str:
+    return f"fresh-{uuid.uuid4().hex[:12]}"
+
+
+def tree(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, files in os.walk(path) for f in files)
+
+
+def test_put_get_round_trip(store):
+    store.put("imgs/a.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert store.get("imgs/a.png") == b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+    store.put("imgs/a.png", b"new")  # overwrite
+    assert store.get("imgs/a.png") == b"new"
+    store.put("empty", b"")
+    assert store.get("empty") == b""
+    assert store.list() == [ObjectInfo("empty", 0), ObjectInfo("imgs/a.png", 3)]
+
+
+def test_list_is_by_string_prefix(store):
+    for key in ["a/b/c", "a/bc", "a/c", "a/b/d/e", "ab", "b/x"]:
+        store.put(key, key.encode())
+    keys = lambda prefix: [o.key for o in store.list(prefix)]  # noqa: E731
+    assert keys("a/b") == ["a/b/c", "a/b/d/e", "a/bc"]
+    assert keys("a/b/") == ["a/b/c", "a/b/d/e"]
+    assert keys("a") == ["a/b/c", "a/b/d/e", "a/bc", "a/c", "ab"]
+    assert keys("a/bc") == ["a/bc"]
+    assert keys("a/b/d") == ["a/b/d/e"]
+    assert keys("zzz") == [] and keys("a/x") == []
+    assert keys("") == ["a/b/c", "a/b/d/e", "a/bc", "a/c", "ab", "b/x"]
+    assert {o.key: o.size for o in store.list("a/")} == {"a/b/c": 5, "a/bc": 4, "a/c": 3, "a/b/d/e": 7}
+
+
+def test_listing_is_sorted_by_key(store):
+    keys = [f"s/{name}" for name in ["B", "a", "a0", "a-1", "a.1", "a_1", "Z9", "10", "9", "é", "z"]]
+    keys += [f"s/n/{i}" for i in range(30)]
+    shuffled = keys[:]
+    random.Random(1).shuffle(shuffled)
+    store.put_many((k, k.encode()) for k in shuffled)
+    assert [o.key for o in store.list("s/")] == sorted(keys)
+
+
+def test_get_many_keeps_order(store):
+    keys = [f"many/{i:03d}.png" for i in range(150)]
+    store.put_many((k, f"data {k}".encode()) for k in keys)
+    order = keys[:]
+    random.Random(2).shuffle(order)
+    order += order[:5]  # duplicates too
+    assert store.get_many(order) == [f"data {k}".encode() for k in order]
+    assert store.get_many([]) == []
+    assert store.get_many(order[:1]) == [f"data {order[0]}".encode()]
+
+
+def test_get_many_missing_key(store):
+    store.put("m/1", b"1")
+    with pytest.raises(NotFoundError, match="m/2"):
+        store.get_many(["m/1", "m/2", "m/1"])
+
+
+def test_delete_is_idempotent(store):
+    store.put("d/x", b"1")
+    store.put("d/y", b"2")
+    assert store.exists("d/x")
+    store.delete("d/x")
+    store.delete("d/x")
+    store.delete("never/there")
+    assert not store.exists("d/x")
+    assert [o.key for o in store.list()] == ["d/y"]
+    assert store.delete_many(["d/y", "d/y", "nope"]) == 3
+    assert store.delete_many(iter([])) == 0
+    assert store.list() == []
+
+
+def test_delete_many_large(store):
+    keys = [f"dm/{i}" for i in range(1100)]
+    store.put_many((k, b"x") for k in keys)
+    assert len(store.list("dm/")) == 1100
+    assert store.delete_many(k for k in keys) == 1100
+    assert store.list("dm/") == []
+
+
+def test_exists(store):
+    assert not store.exists("e/x")
+    store.put("e/x", b"1")
+    assert store.exists("e/x")
+    assert not store.exists("e")  # a 'folder' is not an object
+    assert store.bucket_exists()
+
+
+def test_missing_key(store):
+    with pytest.raises(NotFoundError) as info:
+        store.get("no/such/key.png")
+    assert "no/such/key.png" in str(info.value)
+    assert store.bucket in str(info.value)
+
+
+def test_missing_bucket(backend):
+    bucket = unique_bucket()
+    store = backend(bucket)
+    assert not store.bucket_exists()
+    for call in (lambda: store.list(), lambda: store.get("k"), store.require_bucket):
+        with pytest.raises(NotFoundError) as info:
+            call()
+        message = str(info.value)
+        assert bucket in message and "--bucket" in message
+        if backend.kind == "s3":
+            assert "--create-bucket" in message
+    assert not store.exists("k")
+
+
+def test_keys_with_spaces_and_non_ascii(store):
+    keys = [
+        "dir/ünï cödé 1.png",
+        "with space.png",
+        "日本語/ファイル名.png",
+        "emoji/🙂 x.png",
+        "sym/a+b=c,d;e@f!(1).png",
+        "odd/100%/#[x]~y?.png",
+    ]
+    for key in keys:
+        store.put(key, key.encode("utf-8"))
+    assert [o.key for o in store.list()] == sorted(keys)
+    assert [o.key for o in store.list("dir/ü")] == ["dir/ünï cödé 1.png"]
+    assert store.get_many(keys) == [k.encode("utf-8") for k in keys]
+    for key in keys:
+        assert store.get(key) == key.encode("utf-8")
+        assert store.exists(key)
+    store.delete("dir/ünï cödé 1.png")
+    assert not store.exists("dir/ünï cödé 1.png")
+
+
+@pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/../../x", "./a", "a/./b", "", "a\\b", "a\x00b", "x" * 1025])
+def test_refused_keys(backend, tmp_path, key):
+    store = backend()
+    before = tree(tmp_path)
+    for call in (
+        lambda: store.put(key, b"evil"),
+        lambda: store.get(key),
+        lambda: store.delete(key),
+        lambda: store.exists(key),
+        lambda: store.get_many([key]),
+        lambda: store.put_many([(key, b"evil")]),
+        lambda: store.delete_many([key]),
+    ):
+        with pytest.raises(StoreError):
+            call()
+    assert tree(tmp_path) == before
+    assert not (tmp_path.parent / "x").exists()
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("prefix", ["../", "/abs", "a//"])
+def test_refused_prefixes(store, prefix):
+    with pytest.raises(StoreError):
+        store.list(prefix)
+
+
+def test_create_bucket(backend):
+    store = backend(unique_bucket())
+    assert not store.bucket_exists()
+    store.create_bucket()
+    assert store.bucket_exists()
+    store.create_bucket()  # again: fine
+    store.put("k", b"v")
+    assert store.get("k") == b"v"
+    assert store.list() == [ObjectInfo("k", 1)]
+
+
+def test_repr_and_url(store):
+    assert store.bucket in repr(store)
+    assert store.url in repr(store)
+
+
+def test_objects_put_by_boto3_are_readable(s3_server, s3_env):
+    client = s3_server.boto3_client()
+    keys = ["b3/plain.png", "b3/ünï cödé 1.png", "b3/deep/er/x"]
+    for key in keys:
+        client.put_object(Bucket=s3_env, Key=key, Body=key.encode())
+    store = open_store("s3://", s3_env)
+    assert [o.key for o in store.list("b3/")] == sorted(keys)
+    assert store.get_many(keys) == [k.encode() for k in keys]
+    # and the other way round
+    store.put("ours/ü x", b"ours")
+    assert client.get_object(Bucket=s3_env, Key="ours/ü x")["Body"].read() == b"ours"
