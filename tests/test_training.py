@@ -244,3 +244,25 @@ def test_a_stage_failing_mid_run_publishes_nothing(trained):
     runs = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-training/outputs/")
             if o.key.endswith("run.json")]
     assert sorted(r["status"] for r in runs) == ["failed", "succeeded"]
+
+
+def test_direct_transfer_gives_the_same_model_and_accounts_for_every_edge(engine):
+    stored = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    with Engine(engine.spec.url, "tless", transfer="direct") as direct_engine:
+        direct = direct_engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert direct["transfer"] == "direct" and direct["model_digest"] == stored["model_digest"]
+    # Direct transfer writes no intermediate to the store; store transfer writes them all.
+    prefix = f"ml-training/outputs/{direct['run_id']}/"
+    assert [o.key for o in engine.store.list(prefix)] == [prefix + "run.json"]
+    assert any(o.key.endswith("/train/0-0.bin") for o in engine.store.list(f"ml-training/outputs/{stored['run_id']}/"))
+    edges = {(e["from"], e["to"]): e for e in direct["edges"]}
+    assert {("partition", "pca"), ("pca", "train"), ("train", "validation"), ("store", "pca")} <= set(edges)
+    assert all(e["bytes"] > 0 for e in edges.values())
+    assert edges[("train", "validation")]["serialize_ms"] > 0
+
+
+def test_unknown_backend_or_transfer_is_refused(store_url):
+    with pytest.raises(UsageError, match="unknown backend 'lambda'"):
+        Engine(store_url, "tless", backend="lambda")
+    with pytest.raises(UsageError, match="unknown transfer"):
+        Engine(store_url, "tless", transfer="carrier-pigeon")

@@ -30,9 +30,16 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="local", help="where stages run: local (default)")
+    p.add_argument("--backend", default="local", help="where stages run: local (default), ray or knative")
+    p.add_argument("--transfer", default="store", choices=("store", "direct"),
+                   help="how state moves between stages: through the object store (default, as in the seed) "
+                        "or directly from call to call")
     p.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed call (default 2)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance for the run)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="URL|STAGE=URL",
+                   help="knative backend: the function service URL, or STAGE=URL per stage (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +168,9 @@ def _run(args) -> int:
 
     with StageProgress(enabled=not args.json) as progress, \
             Engine(args.store, args.bucket, backend=args.backend, workers=args.workers,
-                   retries=args.retries, progress=progress,
-                   preload_sklearn=args.workflow == "ml-training") as engine:
+                   transfer=args.transfer, retries=args.retries, progress=progress,
+                   preload_sklearn=args.workflow == "ml-training",
+                   backend_options=_backend_options(args)) as engine:
         if args.workflow == "ml-training":
             from mlwf.workflows.training import TrainingConfig
 
@@ -176,6 +184,14 @@ def _run(args) -> int:
             report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs)
     _emit(args, report)
     return 0
+
+
+def _backend_options(args) -> dict[str, Any]:
+    if args.backend == "ray":
+        return {"address": args.ray_address or os.environ.get("RAY_ADDRESS")}
+    if args.backend == "knative":
+        return {"endpoints": args.endpoint}
+    return {}
 
 
 def _emit(args, report: dict[str, Any]) -> None:

@@ -107,7 +107,8 @@ class Outcome:
     (store reads the stage asked for), ``input_get_ms``/``input_bytes`` and
     ``input_decode_ms`` (its inputs arriving), ``compute_ms``, ``encode_ms``,
     ``put_ms``/``output_bytes`` (its outputs leaving). ``spans`` are
-    ``(name, start_s, end_s)`` on the worker's clock for traces.
+    ``(name, start_s, end_s)`` on the worker's wall clock (``time.time()``), as
+    are ``start`` and ``end``.
     """
 
     outputs: list[Ref]

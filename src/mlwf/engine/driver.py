@@ -25,8 +25,7 @@ from mlwf.engine.runner import decode_ref_bytes
 from mlwf.errors import MlwfError, StageError, UsageError
 from mlwf.storage import StoreSpec, join_key
 
-BACKENDS = ("local",)
-TRANSFERS = ("store",)
+from mlwf.engine import BACKENDS, TRANSFERS, make_backend
 
 
 class Progress(Protocol):
@@ -64,9 +63,12 @@ class Engine:
     ----------
     store : store URL or directory (default ``MLWF_STORE`` or the default local store).
     bucket : bucket name (default ``MLWF_BUCKET`` or ``tless``).
-    backend : ``"local"``.
+    backend : ``"local"`` (default), ``"ray"`` or ``"knative"``.
     workers : worker processes for the local backend (default: one per core).
-    transfer : how intermediate state moves: ``"store"``.
+    transfer : how intermediate state moves between stages: ``"store"`` (every
+        intermediate is an object in the store, as in the seed) or ``"direct"``
+        (handed from call to call by the backend).
+    backend_options : backend-specific settings (e.g. ``ray_address``, ``endpoints``).
     retries : extra attempts for a failed call (not for bad input).
     progress : an object with ``stage_started``, ``call_done``, ``stage_done``.
     preload_sklearn : import scikit-learn once in the local fork server (worth it
@@ -75,7 +77,7 @@ class Engine:
 
     def __init__(self, store: str | None = None, bucket: str | None = None, *, backend: str = "local",
                  workers: int | None = None, transfer: str = "store", retries: int = 2, progress=None,
-                 preload_sklearn: bool = True):
+                 preload_sklearn: bool = True, backend_options: dict[str, Any] | None = None):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if transfer not in TRANSFERS:
@@ -87,9 +89,11 @@ class Engine:
         self.transfer = transfer
         self.retries = retries
         self.progress = progress or _NoProgress()
-        from mlwf.engine.local import LocalBackend
-
-        self.backend = LocalBackend(workers, preload_sklearn=preload_sklearn)
+        self.backend = make_backend(backend, workers=workers, preload_sklearn=preload_sklearn,
+                                    options=backend_options)
+        if transfer not in self.backend.transfers:
+            raise UsageError(f"the {backend} backend cannot do --transfer {transfer}: use "
+                             f"{' or '.join(self.backend.transfers)}")
         self.backend.start()
 
     def start_run(self, workflow: str, params: dict[str, Any]) -> Run:
@@ -209,6 +213,10 @@ class Run:
         return self.engine.backend.submit(call, self.ctx)
 
     def _account(self, call: Call, outcome: Outcome) -> None:
+        if any(ref.data is not None for ref in outcome.outputs):
+            # Direct transfer: the outputs rode back with the outcome; the wall
+            # clock from the worker's end to here is their transfer time.
+            outcome.timings["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
         self.outcomes.append((call, outcome))
         st = self.stats[call.stage]
         for k, v in outcome.timings.items():
@@ -255,7 +263,7 @@ class Run:
         put_by_producer = defaultdict(float)
         for call, outcome in self.outcomes:
             by_producer[call.stage] += outcome.timings.get("encode_ms", 0.0)
-            put_by_producer[call.stage] += outcome.timings.get("put_ms", 0.0)
+            put_by_producer[call.stage] += outcome.timings.get("put_ms", 0.0) + outcome.timings.get("return_ms", 0.0)
         # A producer's serialization and puts are shared among its outgoing edges by bytes.
         for e in edges:
             outgoing = [x for x in edges if x["from"] == e["from"]]

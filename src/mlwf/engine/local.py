@@ -39,6 +39,9 @@ class LocalBackend:
     """Runs calls in ``workers`` processes (default: one per core)."""
 
     name = "local"
+    #: ``direct`` hands each output's bytes back through the pool's pipe to the
+    #: driver and on to the next call; ``store`` puts them in the object store.
+    transfers = ("store", "direct")
 
     #: Imported once in the fork server, so no worker pays for them.
     LIGHT = ["mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference", "mlwf.model",

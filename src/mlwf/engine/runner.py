@@ -49,12 +49,14 @@ def decode_ref_bytes(data, ref: Ref) -> Any:
 
 
 class _Clock:
+    """Durations in ms and spans on the wall clock (comparable across processes and hosts)."""
+
     def __init__(self):
         self.t: dict[str, float] = {}
         self.spans: list[tuple[str, float, float]] = []
 
     def add(self, name: str, start: float, nbytes: int | None = None, bytes_name: str | None = None):
-        end = time.perf_counter()
+        end = time.time()
         self.t[name + "_ms"] = self.t.get(name + "_ms", 0.0) + (end - start) * 1e3
         if nbytes is not None:
             k = bytes_name or name + "_bytes"
@@ -73,7 +75,7 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
     StageError
         For any other failure, with the call's name and the error in one line.
     """
-    start = time.perf_counter()
+    start = time.time()
     clock = _Clock()
     store = store_for(ctx.store_url, ctx.bucket)
     fn = stage_function(call.workflow, call.stage)
@@ -81,19 +83,21 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
 
     def resolve(ref: Ref):
         cached = _decoded.get((ref.sha256, ref.kind))
-        edge = {"from": ref.producer, "to": call.stage, "bytes": ref.nbytes,
+        # A cached object read from the store moved no bytes; inline bytes always rode along.
+        moved = ref.nbytes if cached is None or ref.data is not None else 0
+        edge = {"from": ref.producer, "to": call.stage, "bytes": moved,
                 "transfer_ms": 0.0, "deserialize_ms": 0.0, "cached": cached is not None}
         if cached is not None:
             _decoded.move_to_end((ref.sha256, ref.kind))
             edges.append(edge)
             return cached
-        t = time.perf_counter()
+        t = time.time()
         if ref.data is not None:
             data = ref.data
         else:
             data = store.get(ref.key)
             edge["transfer_ms"] = (clock.add("input_get", t, len(data), "input_bytes") - t) * 1e3
-        t = time.perf_counter()
+        t = time.time()
         value = decode_ref_bytes(data, ref)
         edge["deserialize_ms"] = (clock.add("input_decode", t) - t) * 1e3
         edges.append(edge)
@@ -117,20 +121,20 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         params = _signatures[fn] = frozenset(inspect.signature(fn).parameters)
     if "fetch" in params:
         def fetch(keys):
-            t = time.perf_counter()
+            t = time.time()
             blobs = store.get_many(list(keys))
             clock.add("fetch", t, sum(len(b) for b in blobs))
             return blobs
         kwargs["fetch"] = fetch
     if "list_keys" in params:
         def list_keys(prefix):
-            t = time.perf_counter()
+            t = time.time()
             found = [(o.key, o.size) for o in store.list(prefix)]
             clock.add("list", t)
             return found
         kwargs["list_keys"] = list_keys
 
-    t = time.perf_counter()
+    t = time.time()
     try:
         result = fn(**kwargs)
     except Exception as e:
@@ -139,8 +143,8 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         if isinstance(e, MlwfError):
             raise
         raise StageError(f"{call.workflow} stage {call.name} failed: {type(e).__name__}: {e}") from e
-    run_ms = (time.perf_counter() - t) * 1e3
-    clock.spans.append(("compute", t, time.perf_counter()))
+    run_ms = (time.time() - t) * 1e3
+    clock.spans.append(("compute", t, time.time()))
     io_inside = clock.t.get("fetch_ms", 0.0) + clock.t.get("list_ms", 0.0)
     clock.t["compute_ms"] = run_ms - io_inside
     if not isinstance(result, StageOutput):
@@ -148,7 +152,7 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
 
     outputs = []
     for j, part in enumerate(result.parts):
-        t = time.perf_counter()
+        t = time.time()
         if isinstance(part, Blob):
             data, kind = part.data, part.kind
         else:
@@ -158,14 +162,14 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         ref = Ref(sha256=sha, nbytes=len(data), kind=kind, producer=call.stage)
         if ctx.transfer == "store":
             key = join_key(ctx.outputs_prefix, call.stage, f"{call.index}-{j}.bin")
-            t = time.perf_counter()
+            t = time.time()
             store.put(key, data)
             clock.add("put", t)
             ref = Ref(sha256=sha, nbytes=len(data), kind=kind, key=key, producer=call.stage)
         else:
             ref = Ref(sha256=sha, nbytes=len(data), kind=kind, data=data, producer=call.stage)
         outputs.append(ref)
-    end = time.perf_counter()
+    end = time.time()
     return Outcome(outputs=outputs, info=result.info, timings=clock.t, input_edges=edges,
                    spans=clock.spans, worker=f"{socket.gethostname()}:{os.getpid()}", start=start, end=end,
                    rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
