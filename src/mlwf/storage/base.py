@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import posixpath
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlwf.errors import StoreError
 
@@ -25,7 +25,7 @@ class ObjectInfo:
     key: str
     size: int
     #: The store's content tag where it has one (S3: the ETag, an MD5 for simple PUTs).
-    etag: str | None = None
+    etag: str | None = field(default=None, compare=False)
 
 
 def check_key(key: str, *, what: str = "key") -> str:
