@@ -10,7 +10,7 @@ from PIL import Image
 
 import mlwf.model
 from mlwf.engine.driver import Engine
-from mlwf.errors import DataError, NotFoundError, StoreError, UsageError
+from mlwf.errors import DataError, MlwfError, NotFoundError, StoreError, UsageError
 from mlwf.workflows import training
 from mlwf.workflows.training import TrainingConfig, train_split
 from tests.conftest import FAST, TRAIN_PREFIX
@@ -266,3 +266,22 @@ def test_unknown_backend_or_transfer_is_refused(store_url):
         Engine(store_url, "tless", backend="lambda")
     with pytest.raises(UsageError, match="unknown transfer"):
         Engine(store_url, "tless", transfer="carrier-pigeon")
+
+
+def test_a_killed_worker_is_replaced_and_the_run_gives_the_same_model(engine, monkeypatch):
+    clean = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.setenv("MLWF_FAULTS", "train:2:exit:1;pca:1:raise:1")
+    with Engine(engine.spec.url, "tless") as faulty:
+        report = faulty.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert report["model_digest"] == clean["model_digest"]
+    assert report["stages"]["pca"]["attempts"] == 3
+    assert report["stages"]["train"]["attempts"] > 4
+
+
+def test_a_call_that_keeps_failing_fails_the_run_naming_stage_and_index(trained, monkeypatch):
+    engine, first = trained
+    monkeypatch.setenv("MLWF_FAULTS", "train:1:raise:5")
+    with Engine(engine.spec.url, "tless", retries=2) as faulty, pytest.raises(MlwfError) as info:
+        faulty.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    assert "train[1]" in str(info.value) and "injected fault" in str(info.value)
+    assert mlwf.model.load("ml-inference/model", store=engine.store).digest == first["model_digest"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from mlwf import codec
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
+from mlwf.engine.faults import maybe_inject
 from mlwf.errors import StageError
 from mlwf.storage import Store, StoreSpec, join_key
 from mlwf.workflows import stage_function
@@ -134,6 +135,7 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
             return found
         kwargs["list_keys"] = list_keys
 
+    maybe_inject(call.stage, call.index, ctx.run_id)
     t = time.time()
     try:
         result = fn(**kwargs)
