@@ -402,6 +402,41 @@ def publish(store, prefix: str, data: bytes, *, run_id: str, summary: dict[str, 
     return manifest
 
 
+def rollback(store, prefix: str) -> dict:
+    """Make the previous published version current again; return the new manifest.
+
+    The model it replaces becomes the newest entry of ``history``, so a second
+    rollback undoes the first.
+
+    Raises
+    ------
+    ModelError
+        If there is no model, no earlier version, or the earlier object is
+        missing or does not match its checksum.
+    """
+    from mlwf.storage import join_key
+
+    current = read_manifest(store.get, prefix, where=f"bucket {store.bucket!r} of {store.url}")
+    history = list(current.get("history", []))
+    if not history:
+        raise ModelError(f"no earlier version of the model at {prefix!r} to roll back to")
+    previous = history[0]
+    try:
+        data = store.get(previous["object"])
+    except NotFoundError:
+        raise ModelError(f"the earlier model object {previous['object']!r} is gone: cannot roll back") from None
+    if codec.digest(data) != previous.get("sha256"):
+        raise ModelError(f"the earlier model object {previous['object']!r} does not match its checksum: "
+                         "cannot roll back to it")
+    from_bytes(data, source=previous["object"])
+    manifest = {**current, **previous,
+                "rolled_back_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "history": [_entry(current)] + history[1:]}
+    manifest.pop("summary", None)
+    store.put(join_key(prefix, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
 def _entry(manifest: dict) -> dict:
     return {k: manifest.get(k) for k in ("object", "sha256", "size", "run_id", "published_at")}
 

@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.runner import decode_ref_bytes
 from mlwf.errors import MlwfError, StageError, UsageError
@@ -42,9 +43,14 @@ class _NoProgress:
     def stage_done(self, stage): pass
 
 
+def _call_digest(call: Call) -> str:
+    """What identifies a call's work: its stage, index and arguments (with input checksums)."""
+    return digest(json.dumps(call.to_json(), sort_keys=True).encode())
+
+
 def new_run_id() -> str:
-    """A sortable, unique run id such as ``20261126T121500Z-3f9a1c``."""
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    """A unique run id that sorts by start time, such as ``20261126T121500.123456Z-3f9a1c``."""
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     return f"{now}-{secrets.token_hex(3)}"
 
 
@@ -54,6 +60,7 @@ class StageStats:
     wall_ms: float = 0.0
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     attempts: int = 0
+    reused: int = 0
 
 
 class Engine:
@@ -68,7 +75,9 @@ class Engine:
     transfer : how intermediate state moves between stages: ``"store"`` (every
         intermediate is an object in the store, as in the seed) or ``"direct"``
         (handed from call to call by the backend).
-    backend_options : backend-specific settings (e.g. ``ray_address``, ``endpoints``).
+    backend_options : backend-specific settings (e.g. ``address`` for Ray, ``endpoints``).
+    timeout : seconds a call may run before it counts as failed (default 600).
+    stage_timeouts : per-stage overrides of ``timeout``, e.g. ``{"train": 120}``.
     retries : extra attempts for a failed call (not for bad input).
     progress : an object with ``stage_started``, ``call_done``, ``stage_done``.
     preload_sklearn : import scikit-learn once in the local fork server (worth it
@@ -77,7 +86,8 @@ class Engine:
 
     def __init__(self, store: str | None = None, bucket: str | None = None, *, backend: str = "local",
                  workers: int | None = None, transfer: str = "store", retries: int = 2, progress=None,
-                 preload_sklearn: bool = True, backend_options: dict[str, Any] | None = None):
+                 preload_sklearn: bool = True, backend_options: dict[str, Any] | None = None,
+                 timeout: float = 600.0, stage_timeouts: dict[str, float] | None = None):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if transfer not in TRANSFERS:
@@ -87,7 +97,14 @@ class Engine:
         self.spec = StoreSpec.resolve(store, bucket)
         self.store = self.spec.open()
         self.transfer = transfer
+        if retries < 0:
+            raise UsageError(f"--retries must be 0 or more, got {retries}")
         self.retries = retries
+        self.timeout = timeout
+        self.stage_timeouts = dict(stage_timeouts or {})
+        for name, t in [("timeout", timeout), *self.stage_timeouts.items()]:
+            if not t > 0:
+                raise UsageError(f"timeout for {name} must be a positive number of seconds, got {t!r}")
         self.progress = progress or _NoProgress()
         self.backend = make_backend(backend, workers=workers, preload_sklearn=preload_sklearn,
                                     options=backend_options)
@@ -96,8 +113,29 @@ class Engine:
                              f"{' or '.join(self.backend.transfers)}")
         self.backend.start()
 
-    def start_run(self, workflow: str, params: dict[str, Any]) -> Run:
-        return Run(self, workflow, params)
+    def timeout_for(self, stage: str) -> float:
+        return self.stage_timeouts.get(stage, self.timeout)
+
+    def start_run(self, workflow: str, params: dict[str, Any], resume: str | None = None) -> Run:
+        """A new run, or with ``resume`` the run of that id, checked to be the same work."""
+        if resume is None:
+            return Run(self, workflow, params)
+        if self.transfer != "store":
+            raise UsageError("--resume needs --transfer store: a direct-transfer run keeps no outputs to reuse")
+        record = find_run(self.store, resume)
+        if record is None:
+            raise UsageError(f"unknown run id {resume!r} in bucket {self.spec.bucket!r} of {self.spec.url}: "
+                             "see 'mlwf runs ls'")
+        if record["workflow"] != workflow:
+            raise UsageError(f"run {resume} is a {record['workflow']} run, not {workflow}: resume it with "
+                             f"'mlwf run {record['workflow']} … --resume {resume}'")
+        differ = sorted(k for k in set(params) | set(record["params"])
+                        if params.get(k) != record["params"].get(k))
+        if differ:
+            was = ", ".join(f"{k}={record['params'].get(k)!r}" for k in differ)
+            raise UsageError(f"run {resume} was started with other parameters ({was}): "
+                             "resume it with the same command line")
+        return Run(self, workflow, params, run_id=resume)
 
     def run_training(self, data_prefix: str, num_pca: int, num_train: int, **options) -> dict[str, Any]:
         """Run ml-training; see :func:`mlwf.workflows.training.drive` for the options."""
@@ -122,14 +160,29 @@ class Engine:
         self.close()
 
 
+def find_run(store, run_id: str) -> dict[str, Any] | None:
+    """The ``run.json`` record of ``run_id`` in any workflow, or None."""
+    from mlwf.workflows import WORKFLOWS
+
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        return None
+    for workflow in WORKFLOWS:
+        try:
+            return json.loads(store.get(join_key(workflow, "outputs", run_id, "run.json")))
+        except (MlwfError, ValueError):
+            continue
+    return None
+
+
 class Run:
     """One run of a workflow: its id, output prefix, stage calls and accounting."""
 
-    def __init__(self, engine: Engine, workflow: str, params: dict[str, Any]):
+    def __init__(self, engine: Engine, workflow: str, params: dict[str, Any], run_id: str | None = None):
         self.engine = engine
         self.workflow = workflow
         self.params = params
-        self.run_id = new_run_id()
+        self.resumed = run_id is not None
+        self.run_id = run_id or new_run_id()
         self.outputs_prefix = join_key(workflow, "outputs", self.run_id)
         self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket,
                               self.outputs_prefix, engine.transfer)
@@ -147,13 +200,48 @@ class Run:
     def stages(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
         """Run every call of the given stages concurrently; return outcomes in call order.
 
-        ``calls`` maps a stage name to the argument dicts of its calls.
+        ``calls`` maps a stage name to the argument dicts of its calls. A call
+        that fails (its stage raised something other than bad-input errors,
+        its worker died, or it ran past its stage's timeout) is retried up to
+        the engine's ``retries`` with exponential backoff; its outputs have
+        fixed keys and bytes, so a retry writes exactly what the first attempt
+        would have. On a resumed run, a call whose recorded outputs still
+        match their checksums is not run again.
         """
         backend = self.engine.backend
         progress = self.engine.progress
-        pending: dict[Any, tuple[Call, int]] = {}
+        pending: dict[Any, tuple[Call, int, float]] = {}
         results: dict[str, list[Outcome | None]] = {s: [None] * len(c) for s, c in calls.items()}
-        started = {}
+        started: dict[str, float] = {}
+        remaining = {s: len(c) for s, c in calls.items()}
+
+        def finished(call: Call, outcome: Outcome) -> None:
+            results[call.stage][call.index] = outcome
+            progress.call_done(call.stage)
+            remaining[call.stage] -= 1
+            if remaining[call.stage] == 0:
+                self.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
+                progress.stage_done(call.stage)
+
+        def submit(call: Call, attempt: int, pause: bool = False) -> None:
+            if pause:
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+            deadline = time.monotonic() + self.engine.timeout_for(call.stage)
+            pending[backend.submit(call, self.ctx)] = (call, attempt, deadline)
+
+        def give_up_or_restart(call: Call, attempt: int, why: str) -> None:
+            """The backend lost or stuck a worker: restart it and resubmit everything in flight."""
+            if attempt >= self.engine.retries:
+                raise StageError(f"{self.workflow} stage {call.name} failed: {why} "
+                                 f"({attempt + 1} attempts)")
+            in_flight = [(c, a) for c, a, _ in pending.values()] + [(call, attempt)]
+            for fut in pending:
+                fut.cancel()
+            pending.clear()
+            backend.reset()
+            for c, a in in_flight:
+                submit(c, a + 1)
+
         for stage, arg_list in calls.items():
             self.stats[stage] = StageStats(calls=len(arg_list))
             progress.stage_started(stage, len(arg_list))
@@ -161,56 +249,84 @@ class Run:
         for stage, arg_list in calls.items():
             for i, args in enumerate(arg_list):
                 call = Call(self.workflow, stage, i, args)
-                pending[backend.submit(call, self.ctx)] = (call, 0)
-        remaining = {s: len(c) for s, c in calls.items()}
-        for s, n in remaining.items():
-            if n == 0:
-                self.stats[s].wall_ms = 0.0
+                reused = self._reuse(call)
+                if reused is not None:
+                    self.stats[stage].reused += 1
+                    self._account(call, reused)
+                    finished(call, reused)
+                else:
+                    submit(call, 0)
+        for s, arg_list in calls.items():
+            if not arg_list:
                 progress.stage_done(s)
         try:
             while pending:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                timeout = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
+                done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
+                if not done:
+                    fut, (call, attempt, _) = min(pending.items(), key=lambda kv: kv[1][2])
+                    self.stats[call.stage].attempts += 1
+                    del pending[fut]
+                    give_up_or_restart(call, attempt, f"timed out after {self.engine.timeout_for(call.stage):g} s")
+                    continue
                 for fut in done:
-                    call, attempt = pending.pop(fut)
+                    if fut not in pending:
+                        continue  # cancelled by a restart in this same batch
+                    call, attempt, _ = pending.pop(fut)
                     self.stats[call.stage].attempts += 1
                     try:
                         outcome = fut.result()
                     except MlwfError as e:
                         if not isinstance(e, StageError) or attempt >= self.engine.retries:
                             raise
-                        pending[self._resubmit(call, attempt)] = (call, attempt + 1)
+                        submit(call, attempt + 1, pause=True)
                         continue
                     except BrokenProcessPool:
-                        if attempt >= self.engine.retries:
-                            raise StageError(f"{self.workflow} stage {call.name} failed: its worker process "
-                                             f"died {attempt + 1} times") from None
-                        backend.reset()
-                        pending = {self._resubmit(c, a, pause=False): (c, a + 1) for c, a in
-                                   list(pending.values()) + [(call, attempt)]}
+                        give_up_or_restart(call, attempt, "its worker process died")
                         break
                     except Exception as e:  # an engine failure, not the stage's own error
                         if attempt >= self.engine.retries:
                             raise StageError(f"{self.workflow} stage {call.name} failed: "
                                              f"{type(e).__name__}: {e}") from e
-                        pending[self._resubmit(call, attempt)] = (call, attempt + 1)
+                        submit(call, attempt + 1, pause=True)
                         continue
                     self._account(call, outcome)
-                    results[call.stage][call.index] = outcome
-                    progress.call_done(call.stage)
-                    remaining[call.stage] -= 1
-                    if remaining[call.stage] == 0:
-                        self.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
-                        progress.stage_done(call.stage)
+                    self._mark_done(call, outcome)
+                    finished(call, outcome)
         except BaseException:
             for fut in pending:
                 fut.cancel()
             raise
         return {s: list(r) for s, r in results.items()}  # type: ignore[arg-type]
 
-    def _resubmit(self, call: Call, attempt: int, pause: bool = True):
-        if pause:
-            time.sleep(min(0.05 * 2**attempt, 2.0))
-        return self.engine.backend.submit(call, self.ctx)
+    # ------------------------------------------------------------------ resume
+    def _done_key(self, call: Call) -> str:
+        return join_key(self.outputs_prefix, call.stage, f"{call.index}.done.json")
+
+    def _mark_done(self, call: Call, outcome: Outcome) -> None:
+        """Record a finished call so a resumed run can reuse it (store transfer only)."""
+        if self.engine.transfer != "store":
+            return
+        doc = {"call": _call_digest(call), "outcome": outcome.to_json()}
+        self.store.put(self._done_key(call), json.dumps(doc).encode())
+
+    def _reuse(self, call: Call) -> Outcome | None:
+        """On a resumed run, the recorded outcome of ``call`` if its outputs verify."""
+        if not self.resumed:
+            return None
+        try:
+            doc = json.loads(self.store.get(self._done_key(call)))
+            if doc["call"] != _call_digest(call):
+                return None
+            outcome = Outcome.from_json(doc["outcome"])
+            for ref in outcome.outputs:
+                if ref.key is None or digest(self.store.get(ref.key)) != ref.sha256:
+                    return None
+        except (MlwfError, ValueError, KeyError, TypeError):
+            return None
+        outcome.timings = {}
+        outcome.input_edges = []
+        return outcome
 
     def _account(self, call: Call, outcome: Outcome) -> None:
         if any(ref.data is not None for ref in outcome.outputs):
@@ -234,7 +350,7 @@ class Run:
     def read(self, ref: Ref) -> Any:
         """Read an output in the driver (e.g. to merge results), with accounting."""
         t = time.perf_counter()
-        data = ref.data if ref.data is not None else self.store.get(ref.key)
+        data = self.read_bytes(ref)
         t1 = time.perf_counter()
         value = decode_ref_bytes(data, ref)
         edge = self.edges[(ref.producer, "driver")]
@@ -244,6 +360,8 @@ class Run:
         return value
 
     def read_bytes(self, ref: Ref) -> bytes:
+        if ref.data is None and ref.handle is not None:  # held by the backend (Ray's object store)
+            return self.engine.backend.fetch(ref)
         return ref.data if ref.data is not None else self.store.get(ref.key)
 
     # ------------------------------------------------------------------ report
@@ -252,7 +370,8 @@ class Run:
         e2e = (time.perf_counter() - self.t0) * 1e3
         stages = {}
         for name, st in self.stats.items():
-            stages[name] = {"calls": st.calls, "attempts": st.attempts, "wall_ms": round(st.wall_ms, 3),
+            stages[name] = {"calls": st.calls, "attempts": st.attempts, "reused": st.reused,
+                            "wall_ms": round(st.wall_ms, 3),
                             **{k: round(v, 3) for k, v in sorted(st.timings.items())}}
         edges = []
         for (src, dst), e in sorted(self.edges.items()):
@@ -306,6 +425,6 @@ class Run:
 
     def _record(self, status: str, **extra: Any) -> None:
         doc = {"run_id": self.run_id, "workflow": self.workflow, "status": status,
-               "params": self.params,
+               "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
                "updated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **extra}
         self.store.put(join_key(self.outputs_prefix, "run.json"), json.dumps(doc, indent=2).encode())

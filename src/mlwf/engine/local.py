@@ -94,12 +94,26 @@ class LocalBackend:
             return self._start().submit(runner.execute, call, ctx)
 
     def reset(self) -> None:
-        """Throw away a broken pool; the next call starts a new one."""
+        """Kill the workers (a dead, stuck or broken pool); the next call starts new ones."""
         if self._pool is not None:
+            # The executor has no public way to stop a stuck worker.
+            processes = list(getattr(self._pool, "_processes", {}).values())
+            for proc in processes:
+                if proc.is_alive():
+                    proc.kill()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                proc.join(timeout=5)
             self._pool = None
 
     def close(self) -> None:
+        """Stop the workers; one still busy (a run that failed around it) is killed."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            processes = list(getattr(self._pool, "_processes", {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                proc.join(timeout=2)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(timeout=5)
             self._pool = None

@@ -89,7 +89,10 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         edge = {"from": ref.producer, "to": call.stage, "bytes": moved,
                 "transfer_ms": 0.0, "deserialize_ms": 0.0, "cached": cached is not None}
         if cached is not None:
-            _decoded.move_to_end((ref.sha256, ref.kind))
+            try:
+                _decoded.move_to_end((ref.sha256, ref.kind))
+            except KeyError:  # evicted meanwhile by another thread (the HTTP server runs calls in threads)
+                pass
             edges.append(edge)
             return cached
         t = time.time()
@@ -105,7 +108,10 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         if ref.kind == "model" or ref.nbytes > (1 << 20):
             _decoded[(ref.sha256, ref.kind)] = value
             while len(_decoded) > _DECODED_MAX:
-                _decoded.popitem(last=False)
+                try:
+                    _decoded.popitem(last=False)
+                except KeyError:
+                    break
         return value
 
     kwargs = {}

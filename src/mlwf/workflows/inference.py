@@ -83,7 +83,8 @@ STAGES = {"partition": partition, "load": load, "predict": predict}
 
 
 # --------------------------------------------------------------------------- driver
-def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int) -> dict[str, Any]:
+def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
+          resume: str | None = None) -> dict[str, Any]:
     """Run the inference workflow and write its results.
 
     Writes ``ml-inference/outputs/<run-id>/predictions.csv`` (``key,prediction,
@@ -105,7 +106,7 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int) -> dict[s
     # Fail before starting any function when there is no model at all.
     read_manifest(engine.store.get, model_prefix, where=f"bucket {engine.spec.bucket!r} of {engine.spec.url}")
     run = engine.start_run(WORKFLOW, {"model_prefix": model_prefix, "data_prefix": data_prefix,
-                                      "num_funcs": num_funcs})
+                                      "num_funcs": num_funcs}, resume=resume)
     try:
         first = run.stages(partition=[dict(prefix=data_prefix, num_funcs=num_funcs)],
                            load=[dict(model_prefix=model_prefix)])

@@ -241,11 +241,13 @@ STAGES = {"partition": partition, "pca": pca, "train": train, "validation": vali
 
 # --------------------------------------------------------------------------- driver
 def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: TrainingConfig | None = None,
-          model_prefix: str = DEFAULT_MODEL_PREFIX, publish: bool = True) -> dict[str, Any]:
+          model_prefix: str = DEFAULT_MODEL_PREFIX, publish: bool = True,
+          resume: str | None = None) -> dict[str, Any]:
     """Run the training workflow on ``engine`` and publish the model.
 
     Returns the run's report (see :meth:`mlwf.engine.driver.Run.report`) with
-    ``validation_accuracy``, ``model_prefix`` and ``model_digest``.
+    ``validation_accuracy``, ``model_prefix`` and ``model_digest``. With
+    ``resume=RUN_ID`` the calls of that run whose outputs verify are reused.
 
     Raises
     ------
@@ -271,7 +273,7 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     cfg = asdict(config)
     params = {"data_prefix": data_prefix, "num_pca": num_pca, "num_train": num_train,
               "model_prefix": model_prefix, **cfg}
-    run = engine.start_run(WORKFLOW, params)
+    run = engine.start_run(WORKFLOW, params, resume=resume)
     try:
         [part] = run.stages(partition=[dict(prefix=data_prefix, num_pca=num_pca, num_train=num_train,
                                             holdout=config.holdout, seed=config.seed,

@@ -1,0 +1,214 @@
+"""Runs that survive faults, resume where they stopped, and never tear a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import mlwf.model
+import mlwf.workflows.training
+from mlwf.cli import main
+from mlwf.engine.driver import Engine
+from mlwf.errors import MlwfError, UsageError
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
+
+FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
+
+
+def test_a_hung_call_is_timed_out_killed_and_retried(engine, monkeypatch):
+    clean = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.setenv("MLWF_FAULTS", "train:3:hang:1")
+    with Engine(engine.spec.url, "tless", stage_timeouts={"train": 3}) as e:
+        t = time.monotonic()
+        report = e.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert report["model_digest"] == clean["model_digest"]
+    assert time.monotonic() - t < 30
+
+
+def test_a_call_that_keeps_hanging_fails_with_the_stage_and_index(engine, monkeypatch):
+    monkeypatch.setenv("MLWF_FAULTS", "pca:1:hang:5")
+    with Engine(engine.spec.url, "tless", retries=1, stage_timeouts={"pca": 1.5}) as e, \
+            pytest.raises(MlwfError, match=r"pca\[1\] failed: timed out after 1.5 s \(2 attempts\)"):
+        e.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+
+
+def test_resume_reuses_verified_outputs_and_reruns_only_the_rest(engine, monkeypatch):
+    clean = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.setenv("MLWF_FAULTS", "train:2:raise:99")
+    with pytest.raises(MlwfError):
+        with Engine(engine.spec.url, "tless", retries=0) as e:
+            e.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.delenv("MLWF_FAULTS")
+    [failed] = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-training/outputs/")
+                if o.key.endswith("run.json") and json.loads(engine.store.get(o.key))["status"] == "failed"]
+    run_id = failed["run_id"]
+    # Damage one finished output: resume must notice by checksum and redo that call only.
+    pca_out = f"ml-training/outputs/{run_id}/pca/1-0.bin"
+    data = engine.store.get(pca_out)
+    engine.store.put(pca_out, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False, resume=run_id)
+    assert report["run_id"] == run_id
+    assert report["model_digest"] == clean["model_digest"]
+    stages = report["stages"]
+    assert stages["partition"]["reused"] == 1 and stages["partition"]["attempts"] == 0
+    assert stages["pca"]["reused"] == 1 and stages["pca"]["attempts"] == 1
+    # The redone pca wrote the same bytes, so every train call that had finished is reused;
+    # train 2 never finished and runs again.
+    assert stages["train"]["attempts"] >= 1 and stages["train"]["reused"] >= 1
+    assert stages["train"]["attempts"] + stages["train"]["reused"] == 4
+    assert stages["validation"]["attempts"] == 1
+
+
+def test_resume_after_the_driver_is_killed(store_url):
+    env = {**os.environ, "MLWF_FAULTS": "train:1:hang:1"}
+    args = [sys.executable, "-m", "mlwf.cli", "run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url,
+            "--bucket", "tless", *FAST_FLAGS, "--json"]
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    outputs = os.path.join(store_url, "tless", "ml-training", "outputs")
+    deadline = time.monotonic() + 60
+    run_dir = None
+    while time.monotonic() < deadline:  # wait until three of four train calls have finished
+        runs = os.listdir(outputs) if os.path.isdir(outputs) else []
+        if runs:
+            run_dir = os.path.join(outputs, runs[0])
+            train = os.path.join(run_dir, "train")
+            if os.path.isdir(train) and len([f for f in os.listdir(train) if f.endswith(".done.json")]) >= 3:
+                break
+        time.sleep(0.1)
+    assert run_dir, "the driver never started"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its workers, as when a node disappears
+    driver.wait(timeout=30)
+    run_id = os.path.basename(run_dir)
+    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "running"
+
+    resumed = subprocess.run(args[:-1] + ["--resume", run_id, "--json"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["stages"]["pca"]["reused"] == 2 and report["stages"]["pca"]["attempts"] == 0
+    assert report["stages"]["train"]["reused"] == 3 and report["stages"]["train"]["attempts"] == 1
+    with Engine(store_url, "tless") as e:
+        assert report["model_digest"] == e.run_training(TRAIN_PREFIX, 2, 4, config=FAST)["model_digest"]
+
+
+@pytest.mark.parametrize("resume, match", [
+    ("20990101T000000Z-000000", "unknown run id"),
+    ("../x", "unknown run id"),
+])
+def test_resume_of_an_unknown_run_is_refused(engine, resume, match):
+    with pytest.raises(UsageError, match=match):
+        engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, resume=resume)
+
+
+def test_resume_of_another_workflow_or_other_parameters_is_refused_and_changes_nothing(trained, capsys):
+    engine, first = trained
+    before = sorted(o.key for o in engine.store.list(""))
+    with pytest.raises(UsageError, match="is a ml-training run, not ml-inference"):
+        engine.run_inference("ml-inference/model", BATCH_PREFIX, 4, resume=first["run_id"])
+    with pytest.raises(UsageError, match=r"other parameters \(num_train=4"):
+        engine.run_training(TRAIN_PREFIX, 2, 5, config=FAST, resume=first["run_id"])
+    assert sorted(o.key for o in engine.store.list("")) == before
+    code = main(["run", "ml-training", TRAIN_PREFIX, "2", "8", "--store", engine.spec.url, "--resume",
+                 first["run_id"], *FAST_FLAGS])
+    assert code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_concurrent_training_runs_leave_one_whole_model(store_url):
+    reports, errors = [], []
+
+    def train(seed):
+        try:
+            with Engine(store_url, "tless", workers=1) as e:
+                config = mlwf.workflows.training.TrainingConfig(**{**FAST.__dict__, "seed": seed})
+                reports.append(e.run_training(TRAIN_PREFIX, 2, 4, config=config))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({r["run_id"] for r in reports}) == 2
+    model = mlwf.model.load("ml-inference/model", store=store_url)
+    assert model.digest in {r["model_digest"] for r in reports}
+
+
+def test_inference_reading_while_training_publishes_always_sees_a_whole_model(trained):
+    engine, _ = trained
+    stop = threading.Event()
+    published = []
+
+    def publish_repeatedly():
+        seed = 10
+        while not stop.is_set():
+            config = mlwf.workflows.training.TrainingConfig(**{**FAST.__dict__, "seed": seed})
+            with Engine(engine.spec.url, "tless", workers=1) as e:
+                published.append(e.run_training(TRAIN_PREFIX, 2, 4, config=config)["model_digest"])
+            seed += 1
+
+    writer = threading.Thread(target=publish_repeatedly)
+    writer.start()
+    try:
+        digests = set()
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            report = engine.run_inference("ml-inference/model", BATCH_PREFIX, 2)
+            assert report["num_predicted"] == 120
+            digests.add(report["model_digest"])
+    finally:
+        stop.set()
+        writer.join()
+    assert published and len(digests) >= 1
+
+
+def test_rollback_restores_the_previous_model(trained, capsys):
+    engine, first = trained
+    second = engine.run_training(TRAIN_PREFIX, 2, 4,
+                                 config=mlwf.workflows.training.TrainingConfig(**{**FAST.__dict__, "seed": 7}))
+    assert mlwf.model.load("ml-inference/model", store=engine.store).digest == second["model_digest"]
+    assert main(["model", "rollback", "--store", engine.spec.url, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sha256"] == first["model_digest"] and out["replaced"] == second["model_digest"]
+    assert mlwf.model.load("ml-inference/model", store=engine.store).digest == first["model_digest"]
+    # Rolling back again returns to the newer one: the replaced model is now the previous version.
+    assert main(["model", "rollback", "--store", engine.spec.url]) == 0
+    assert mlwf.model.load("ml-inference/model", store=engine.store).digest == second["model_digest"]
+
+
+def test_rollback_without_an_earlier_version_is_one_line(trained, capsys):
+    engine, _ = trained
+    assert main(["model", "rollback", "--store", engine.spec.url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no earlier version" in err
+
+
+def test_runs_ls_and_gc_keep_models_and_recent_runs(trained, capsys):
+    engine, first = trained
+    second = engine.run_inference("ml-inference/model", BATCH_PREFIX, 2)
+    third = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    assert main(["runs", "ls", "--store", engine.spec.url, "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    by_id = {r["run_id"]: r for r in runs}
+    assert by_id[first["run_id"]]["status"] == "succeeded"
+    assert by_id[first["run_id"]]["progress"] == {"partition": "1/1", "pca": "2/2", "train": "4/4",
+                                                  "validation": "1/1"}
+    assert by_id[second["run_id"]]["workflow"] == "ml-inference"
+
+    assert main(["runs", "gc", "--keep", "1", "--store", engine.spec.url, "--json"]) == 0
+    gc = json.loads(capsys.readouterr().out)
+    assert gc["runs"] == [first["run_id"]] and gc["deleted"] > 0
+    left = [o.key for o in engine.store.list(f"ml-training/outputs/{first['run_id']}/")]
+    assert left == [f"ml-training/outputs/{first['run_id']}/run.json"]
+    assert engine.store.list(f"ml-training/outputs/{third['run_id']}/train/")
+    assert engine.store.exists(second["results_key"])
+    assert mlwf.model.load("ml-inference/model", store=engine.store).digest == third["model_digest"]
+    # The model version the first run published is never collected.
+    assert engine.store.exists(f"ml-inference/model/versions/{first['model_digest']}.mlwf")
