@@ -36,8 +36,18 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                         "or directly from call to call")
     p.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed call (default 2)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a call may run before it is retried (default 600)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="finish an interrupted run: reuse its calls whose outputs verify, rerun the rest")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance for the run)")
+    p.add_argument("--shared-store", action="store_true",
+                   help="ray backend: the directory store is mounted at the same path on every node")
+    p.add_argument("--stage-cpus", action="append", default=[], metavar="STAGE=N",
+                   help="ray backend: CPUs per call of STAGE (default 1; repeatable)")
+    p.add_argument("--stage-memory", action="append", default=[], metavar="STAGE=MB",
+                   help="ray backend: memory per call of STAGE in MB (repeatable)")
     p.add_argument("--endpoint", action="append", default=[], metavar="URL|STAGE=URL",
                    help="knative backend: the function service URL, or STAGE=URL per stage (repeatable)")
 
@@ -119,6 +129,50 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("prefix", nargs="?", default="ml-inference/model", metavar="MODEL_PREFIX")
     _common(show)
 
+    rb = ms.add_parser("rollback", help="make the previous published model current again")
+    rb.add_argument("prefix", nargs="?", default="ml-inference/model", metavar="MODEL_PREFIX")
+    _common(rb)
+
+    runs = sub.add_parser("runs", help="runs kept in the store")
+    rs = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
+    rls = rs.add_parser("ls", help="list runs with status and stage progress")
+    _common(rls)
+    rgc = rs.add_parser("gc", help="delete intermediate outputs of old runs (never a published model)")
+    rgc.add_argument("--keep", type=int, required=True, help="keep the N newest runs of each workflow")
+    _common(rgc)
+
+    sv = sub.add_parser("serve", help="run every stage as an HTTP CloudEvents function (Knative runtime contract)")
+    sv.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    sv.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
+    sv.add_argument("--stages", default="all", help="stages served: all (default) or WORKFLOW[/STAGE],...")
+    sv.add_argument("--max-body", default="1MiB", help="largest request body, e.g. 1MiB (default); more: 413")
+    sv.add_argument("--threads", type=int, help="calls run at once (default: cores + 4, at most 32)")
+    sv.add_argument("--workers", type=int, default=0,
+                    help="run calls in N worker processes instead of threads (CPU-bound stages on a multi-core host)")
+    sv.add_argument("--grace", type=float, default=300.0,
+                    help="seconds calls in flight may take to finish after SIGTERM (default 300)")
+    sv.add_argument("--max-age", type=int, default=300, help="seconds a signed call stays valid (default 300)")
+    sv.add_argument("--insecure-no-auth", action="store_true",
+                    help="accept unsigned calls (local experiments only: anyone who can connect runs stages)")
+    sv.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    dp = sub.add_parser("deploy", help="render deployment manifests")
+    dps = dp.add_subparsers(dest="deploy_target", required=True, parser_class=_Parser)
+    kn = dps.add_parser("knative", help="Knative Services running 'mlwf serve', their Secret and driver Jobs")
+    kn.add_argument("--image", required=True, help="the image built from the Dockerfile, e.g. ghcr.io/you/mlwf:0.1.0")
+    kn.add_argument("--namespace", required=True)
+    kn.add_argument("--s3-host", required=True, help="S3/MinIO host as seen from the cluster")
+    kn.add_argument("--s3-port", type=int, required=True)
+    kn.add_argument("--bucket", default="tless", help="bucket (default tless)")
+    mode = kn.add_mutually_exclusive_group()
+    mode.add_argument("--per-stage", dest="per_stage", action="store_true", default=True,
+                      help="one Service per stage (default)")
+    mode.add_argument("--single", dest="per_stage", action="store_false", help="one Service for every stage")
+    kn.add_argument("--min-scale", type=int, default=0, help="pods kept warm per Service (default 0)")
+    kn.add_argument("--out", default="deploy/knative", help="output folder (default deploy/knative)")
+    kn.add_argument("--json", action="store_true")
+    kn.add_argument("--debug", action="store_true")
+
     demo = sub.add_parser("demo", help="build the digits dataset, train, classify a held-out batch")
     demo.add_argument("--workers", type=int)
     _common(demo)
@@ -156,8 +210,12 @@ def _dispatch(args) -> int:
         return _s3(args)
     if args.command == "model":
         return _model(args)
+    if args.command == "runs":
+        return _runs(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command in ("serve", "deploy"):
+        return _serve_or_deploy(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 
@@ -166,9 +224,13 @@ def _run(args) -> int:
     from mlwf.engine.driver import Engine
     from mlwf.ui import StageProgress
 
-    with StageProgress(enabled=not args.json) as progress, \
+    import contextlib
+
+    # Under --json only the report goes to stdout (Ray prints worker-death notices there).
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet, StageProgress(enabled=not args.json) as progress, \
             Engine(args.store, args.bucket, backend=args.backend, workers=args.workers,
-                   transfer=args.transfer, retries=args.retries, progress=progress,
+                   transfer=args.transfer, retries=args.retries, timeout=args.timeout, progress=progress,
                    preload_sklearn=args.workflow == "ml-training",
                    backend_options=_backend_options(args)) as engine:
         if args.workflow == "ml-training":
@@ -179,19 +241,43 @@ def _run(args) -> int:
                                     min_samples_split=args.min_samples_split, holdout=args.holdout,
                                     seed=args.seed)
             report = engine.run_training(args.data_prefix, args.num_pca, args.num_train, config=config,
-                                         model_prefix=args.model_prefix, publish=not args.no_publish)
+                                         model_prefix=args.model_prefix, publish=not args.no_publish,
+                                         resume=args.resume)
         else:
-            report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs)
+            report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs,
+                                          resume=args.resume)
     _emit(args, report)
     return 0
 
 
 def _backend_options(args) -> dict[str, Any]:
     if args.backend == "ray":
-        return {"address": args.ray_address or os.environ.get("RAY_ADDRESS")}
+        from mlwf.storage import StoreSpec
+
+        return {"address": args.ray_address or os.environ.get("RAY_ADDRESS"), "shared_store": args.shared_store,
+                "stage_resources": _stage_resources(args),
+                "store_url": StoreSpec.resolve(args.store, args.bucket).url}
     if args.backend == "knative":
         return {"endpoints": args.endpoint}
     return {}
+
+
+def _stage_resources(args) -> dict[str, dict[str, Any]]:
+    """``--stage-cpus train=2 --stage-memory train=512`` as ``{"train": {"num_cpus": 2, "memory": 512 MiB}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, items, key in (("--stage-cpus", args.stage_cpus, "num_cpus"),
+                             ("--stage-memory", args.stage_memory, "memory")):
+        for item in items:
+            stage, sep, value = item.partition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not sep or not stage or not number > 0:
+                raise UsageError(f"{flag} {item!r}: expected STAGE={'N' if key == 'num_cpus' else 'MB'} "
+                                 "with a positive number, e.g. train=2")
+            out.setdefault(stage, {})[key] = number if key == "num_cpus" else int(number * 2**20)
+    return out
 
 
 def _emit(args, report: dict[str, Any]) -> None:
@@ -272,6 +358,18 @@ def _model(args) -> int:
     from mlwf import model as mlwf_model
 
     store = _open(args)
+    if args.model_command == "rollback":
+        try:
+            current = mlwf_model.read_manifest(store.get, args.prefix)
+            manifest = mlwf_model.rollback(store, args.prefix)
+        finally:
+            store.close()
+        result = {"prefix": args.prefix, "sha256": manifest["sha256"], "object": manifest["object"],
+                  "run_id": manifest.get("run_id"), "replaced": current["sha256"]}
+        print(json.dumps(result) if args.json else
+              f"{args.prefix} now holds {manifest['sha256'][:16]}… (run {manifest.get('run_id')}); "
+              f"replaced {current['sha256'][:16]}…")
+        return 0
     try:
         data, manifest = mlwf_model.read_published(store.get, args.prefix,
                                                    where=f"bucket {store.bucket!r} of {store.url}")
@@ -290,6 +388,30 @@ def _model(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- runs
+def _runs(args) -> int:
+    from mlwf import runs
+
+    store = _open(args)
+    try:
+        store.require_bucket()
+        if args.runs_command == "ls":
+            found = runs.list_runs(store)
+            if args.json:
+                print(json.dumps({"runs": found}))
+            else:
+                for r in found:
+                    progress = "  ".join(f"{s} {p}" for s, p in r["progress"].items())
+                    print(f"{r['run_id']}  {r['workflow']:<12}  {r['status']:<9}  {progress}")
+            return 0
+        result = runs.gc_runs(store, args.keep)
+    finally:
+        store.close()
+    print(json.dumps(result) if args.json else
+          f"deleted {result['deleted']} intermediate objects of {len(result['runs'])} runs")
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 def _demo(args) -> int:
     from mlwf.demo import run_demo
@@ -297,6 +419,28 @@ def _demo(args) -> int:
     report = run_demo(store=args.store, bucket=args.bucket, workers=args.workers, quiet=args.json)
     if args.json:
         print(json.dumps(report))
+    return 0
+
+
+# --------------------------------------------------------------------------- serve, deploy
+def _serve_or_deploy(args) -> int:
+    if args.command == "serve":
+        from mlwf import server
+
+        return server.serve(host=args.host, port=args.port, stages=args.stages,
+                            max_body=server.parse_size(args.max_body), threads=args.threads, grace=args.grace,
+                            insecure_no_auth=args.insecure_no_auth, max_age=args.max_age, workers=args.workers)
+    from mlwf import deploy
+
+    files = deploy.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,
+                          s3_port=args.s3_port, bucket=args.bucket, per_stage=args.per_stage,
+                          min_scale=args.min_scale)
+    written = deploy.write(files, args.out)
+    if args.json:
+        print(json.dumps({"out": os.path.abspath(args.out), "files": [str(p) for p in written]}))
+    else:
+        print(f"wrote {len(written)} files to {args.out}/: kubectl apply -f {args.out}/ (after creating the "
+              f"Secret, see {args.out}/templates/secret.yaml); flags for mlwf run in {args.out}/endpoints.txt")
     return 0
 
 

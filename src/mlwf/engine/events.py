@@ -1,0 +1,180 @@
+"""The wire protocol between the Knative backend and ``mlwf serve``: CloudEvents, signed.
+
+A stage invocation is a CloudEvent (spec 1.0, JSON data, binary or structured
+HTTP mode) of type ``dev.mlwf.<workflow>.<stage>`` whose data is
+``{"call": Call.to_json(), "context": RunContext.to_json()}``. The reply is a
+CloudEvent of type ``dev.mlwf.<workflow>.<stage>.done`` whose data is
+``Outcome.to_json()`` and whose id is ``<request id>.done``.
+
+Authenticated chaining: both carry two extension attributes (so they survive
+either HTTP mode and any CloudEvents-aware proxy):
+
+* ``mlwftime``: the signing time, whole Unix seconds, as a string;
+* ``mlwfsignature``: ``v1=`` + hex HMAC-SHA256, keyed with the shared secret
+  (``MLWF_FUNCTION_SECRET``), over the length-prefixed fields
+  ``mlwf-v1, kind ("call" or "done"), workflow, stage, run id,
+  SHA-256 of the canonical JSON of the data, event id, mlwftime``.
+
+Canonical JSON is ``json.dumps(data, sort_keys=True, separators=(",", ":"),
+ensure_ascii=True)``, so the signature covers every byte of the call (its
+arguments, input checksums and store context), not just its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+from mlwf.errors import UsageError
+
+SECRET_ENV = "MLWF_FUNCTION_SECRET"
+TYPE_PREFIX = "dev.mlwf."
+DONE_SUFFIX = ".done"
+SIGNATURE_ATTR = "mlwfsignature"
+TIME_ATTR = "mlwftime"
+#: Signatures older than this many seconds are refused (and event ids are remembered this long).
+DEFAULT_MAX_AGE = 300
+#: Signing times this far ahead of the server's clock are refused.
+MAX_FUTURE_SKEW = 60
+MIN_SECRET_CHARS = 16
+#: What the rendered Secret template holds until someone puts a real secret in it.
+PLACEHOLDER_SECRET = "CHANGE-ME-run-openssl-rand-hex-32"
+JSON_TYPE = "application/json"
+STRUCTURED_TYPE = "application/cloudevents+json"
+
+
+def read_secret(value: str | None = None, *, who: str) -> str:
+    """The shared secret (``value`` or ``$MLWF_FUNCTION_SECRET``); :class:`UsageError` if unusable."""
+    secret = (value if value is not None else os.environ.get(SECRET_ENV, "")).strip()
+    if not secret:
+        raise UsageError(f"{who} needs the shared secret in {SECRET_ENV} (the same value as the cluster's "
+                         "Secret, e.g. from 'openssl rand -hex 32')")
+    if secret == PLACEHOLDER_SECRET:
+        raise UsageError(f"{SECRET_ENV} still holds the template's placeholder: put a real secret in it "
+                         "(e.g. 'openssl rand -hex 32')")
+    if len(secret) < MIN_SECRET_CHARS:
+        raise UsageError(f"{SECRET_ENV} is too short ({len(secret)} characters): use at least "
+                         f"{MIN_SECRET_CHARS}, e.g. 'openssl rand -hex 32'")
+    return secret
+
+
+def known_stages() -> dict[str, list[str]]:
+    """Every workflow's stage names, in pipeline order."""
+    from mlwf.workflows import inference, training
+
+    return {"ml-training": list(training.STAGES), "ml-inference": list(inference.STAGES)}
+
+
+def event_type(workflow: str, stage: str, *, done: bool = False) -> str:
+    return f"{TYPE_PREFIX}{workflow}.{stage}{DONE_SUFFIX if done else ''}"
+
+
+def parse_type(value: Any) -> tuple[str, str] | None:
+    """``(workflow, stage)`` of a request type ``dev.mlwf.<workflow>.<stage>``, or None."""
+    if not isinstance(value, str) or not value.startswith(TYPE_PREFIX):
+        return None
+    workflow, sep, stage = value[len(TYPE_PREFIX):].partition(".")
+    if not sep or not workflow or not stage or "." in stage:
+        return None
+    return workflow, stage
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _message(kind: str, workflow: str, stage: str, run_id: str, data: Any, event_id: str, timestamp: str) -> bytes:
+    fields = [b"mlwf-v1", kind.encode(), workflow.encode(), stage.encode(), run_id.encode(),
+              hashlib.sha256(canonical_json(data)).hexdigest().encode(), event_id.encode(), timestamp.encode()]
+    return b"".join(b"%d:%s" % (len(f), f) for f in fields)
+
+
+def sign(secret: str, kind: str, workflow: str, stage: str, run_id: str, data: Any, event_id: str,
+         timestamp: str) -> str:
+    mac = hmac.new(secret.encode(), _message(kind, workflow, stage, run_id, data, event_id, timestamp),
+                   hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def verify(secret: str, signature: Any, kind: str, workflow: str, stage: str, run_id: str, data: Any,
+           event_id: str, timestamp: str) -> bool:
+    if not isinstance(signature, str):
+        return False
+    expected = sign(secret, kind, workflow, stage, run_id, data, event_id, timestamp)
+    return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_stamp() -> str:
+    return str(int(time.time()))
+
+
+def make_event(attributes: dict[str, Any], data: dict[str, Any]):
+    from cloudevents.core.v1.event import CloudEvent
+
+    return CloudEvent(attributes, data)
+
+
+def call_event(call_json: dict, ctx_json: dict, secret: str | None, *, source: str = "/mlwf/driver",
+               event_id: str | None = None, timestamp: str | None = None):
+    """The signed CloudEvent that invokes ``call_json`` (``secret=None``: unsigned)."""
+    data = {"call": call_json, "context": ctx_json}
+    event_id = event_id or new_event_id()
+    timestamp = timestamp or now_stamp()
+    attrs: dict[str, Any] = {"type": event_type(call_json["workflow"], call_json["stage"]), "source": source,
+                             "id": event_id, "datacontenttype": JSON_TYPE,
+                             "subject": f"{call_json['stage']}[{call_json['index']}]", TIME_ATTR: timestamp}
+    if secret is not None:
+        attrs[SIGNATURE_ATTR] = sign(secret, "call", call_json["workflow"], call_json["stage"],
+                                     ctx_json["run_id"], data, event_id, timestamp)
+    return make_event(attrs, data)
+
+
+def to_http(event, structured: bool = False) -> tuple[dict[str, str], bytes]:
+    """Headers and body of ``event`` in binary (default) or structured content mode."""
+    from cloudevents.core.bindings import http
+
+    message = http.to_structured_event(event) if structured else http.to_binary_event(event)
+    return dict(message.headers), message.body
+
+
+def from_http(headers, body: bytes):
+    """Parse a CloudEvents 1.0 HTTP message (either mode); raises on anything malformed."""
+    from cloudevents.core.bindings import http
+    from cloudevents.core.formats.json import JSONFormat
+    from cloudevents.core.v1.event import CloudEvent
+
+    message = http.HTTPMessage(headers={k.lower(): v for k, v in dict(headers).items()}, body=body)
+    event = http.from_http(message, JSONFormat(), CloudEvent)
+    if not hasattr(event, "get_attributes"):
+        raise ValueError("not a CloudEvent")
+    return event
+
+
+def is_structured(headers) -> bool:
+    h = {k.lower(): v for k, v in dict(headers).items()}
+    return not any(k.startswith("ce-") for k in h) and h.get("content-type", "").startswith(STRUCTURED_TYPE)
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` with NumPy scalars and arrays turned into plain JSON types."""
+    import numpy as np
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (bytes, bytearray)):
+            raise TypeError("bytes in an outcome's info")
+        raise TypeError(f"{type(o).__name__} is not JSON")
+
+    return json.loads(json.dumps(value, default=default))

@@ -1,0 +1,522 @@
+"""``mlwf serve``: every stage of both workflows as an HTTP CloudEvents function.
+
+One ASGI app (Starlette on uvicorn) that follows the Knative Serving runtime
+contract: it listens on ``$PORT`` (default 8080), answers ``GET /healthz``
+(alive) and ``GET /readyz`` (ready for calls; 503 while starting or
+draining), logs one line per invocation to stdout, and on SIGTERM stops
+accepting connections, lets the calls in flight finish (up to ``--grace``
+seconds) and exits with status 0.
+
+``POST /`` takes a CloudEvent in binary or structured mode (see
+:mod:`mlwf.engine.events`), checks it, and runs the call with
+:func:`mlwf.engine.runner.execute` in a worker thread, opening the store the
+call names from *this* process's environment (credentials never travel with a
+call). The reply is a signed CloudEvent ``dev.mlwf.<workflow>.<stage>.done``
+in the request's mode, with ``Outcome.to_json()`` as its data.
+
+Refusals are an HTTP status and ``{"error": "...", "retryable": bool}``; the
+server stays up and nothing runs:
+
+====  ==========================================================
+400   not a CloudEvent, not JSON, or not ``{call, context}``
+401   no signature, or a signature that does not match
+403   signing time too old/too far ahead, or an event id seen before
+404   unknown workflow or stage, or one this server does not serve
+413   body over ``--max-body`` (counted while reading)
+500   the stage raised: ``type`` names the error class; ``retryable`` is
+      false for bad input (DataError, ModelError, UsageError,
+      NotFoundError), true otherwise
+503   too many invocations in the replay window, or shutting down
+====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from mlwf.engine import events
+from mlwf.errors import DataError, ModelError, NotFoundError, UsageError
+
+log = logging.getLogger("mlwf.serve")
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+DEFAULT_GRACE = 300.0  # Knative's default revision timeout: a call may take that long
+DEFAULT_MAX_CONNECTIONS = 512
+#: Event ids remembered at most (a full cache refuses new calls with 503 rather than forget one).
+REPLAY_CACHE_MAX = 100_000
+#: After a refusal for size, read (and discard) at most this much more so the client sees the 413.
+_DRAIN_MAX = 8 << 20
+#: Bad input: retrying cannot help.
+NOT_RETRYABLE = (DataError, ModelError, UsageError, NotFoundError)
+_SAFE = re.compile(r"[^A-Za-z0-9._:/\[\]=-]")
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, error: str, retryable: bool = False):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.retryable = retryable
+
+
+@dataclass
+class ServeConfig:
+    stages: frozenset[tuple[str, str]] | None = None  # None: every stage
+    secret: str | None = None  # None only with insecure=True
+    insecure: bool = False
+    max_body: int = DEFAULT_MAX_BODY
+    max_age: int = events.DEFAULT_MAX_AGE
+    threads: int | None = None
+    workers: int = 0  # > 0: run calls in that many worker processes instead of threads
+
+
+def parse_stages(spec: str | None) -> frozenset[tuple[str, str]] | None:
+    """``all`` (or empty) → None; else ``WORKFLOW/STAGE`` or ``WORKFLOW`` entries, comma-separated."""
+    if not spec or spec.strip() == "all":
+        return None
+    known = events.known_stages()
+    chosen: set[tuple[str, str]] = set()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        workflow, _, stage = item.partition("/")
+        if workflow not in known or (stage and stage not in known[workflow]):
+            names = ", ".join(f"{w}/{s}" for w, ss in known.items() for s in ss)
+            raise UsageError(f"--stages: unknown stage {item!r}: use 'all', a workflow, or WORKFLOW/STAGE "
+                             f"from {names}")
+        chosen |= {(workflow, s) for s in ([stage] if stage else known[workflow])}
+    if not chosen:
+        raise UsageError("--stages is empty: give 'all' or WORKFLOW/STAGE,...")
+    return frozenset(chosen)
+
+
+def parse_size(text: str) -> int:
+    """``1048576``, ``512KiB``, ``1MiB``, ``2MB`` → bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-body {text!r} is not a size: give bytes or e.g. 1MiB")
+    n = int(m.group(1))
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1 << 20, "MB": 10**6, "MIB": 1 << 20,
+             "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}[unit]
+    if n * scale < 1024:
+        raise UsageError(f"--max-body {text!r} is too small: at least 1KiB")
+    return n * scale
+
+
+class ReplayGuard:
+    """Event ids seen recently; bounded, forgets an id only once its signature has expired anyway."""
+
+    def __init__(self, keep_s: float, max_entries: int = REPLAY_CACHE_MAX):
+        self.keep_s = keep_s
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check_and_add(self, event_id: str) -> None:
+        now = time.time()
+        while self._seen:
+            oldest, expiry = next(iter(self._seen.items()))
+            if expiry > now:
+                break
+            del self._seen[oldest]
+        if event_id in self._seen:
+            raise Refusal(403, f"event id {event_id!r} was already used: replayed invocations are refused")
+        if len(self._seen) >= self.max_entries:
+            raise Refusal(503, "too many invocations within the signature window; retry later", retryable=True)
+        self._seen[event_id] = now + self.keep_s
+
+
+def _clean(value: Any, n: int = 80) -> str:
+    return _SAFE.sub("?", str(value))[:n] if value not in (None, "") else "-"
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    too_big = f"body over the limit of {limit} bytes (--max-body): send smaller calls"
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise Refusal(400, "bad Content-Length") from None
+        if declared > limit:
+            if declared <= limit + _DRAIN_MAX:
+                await _drain(request, limit + _DRAIN_MAX)
+            raise Refusal(413, too_big)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request, limit + _DRAIN_MAX - size)
+            raise Refusal(413, too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request, budget: int) -> None:
+    """Read and discard what the client is still sending (bounded), so it gets to read our answer."""
+    with contextlib.suppress(Exception):
+        async for chunk in request.stream():
+            budget -= len(chunk)
+            if budget <= 0:
+                break
+
+
+class App:
+    """The ASGI application and its state (readiness, replay cache, worker threads)."""
+
+    def __init__(self, config: ServeConfig):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        self.config = config
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0  # requests waiting for their call
+        self.running = 0  # calls running in a thread or process (may outlive a cancelled request)
+        self._lock = threading.Lock()
+        self.replays = ReplayGuard(config.max_age + events.MAX_FUTURE_SKEW)
+        self.threads = threads = config.threads or min(32, (os.cpu_count() or 1) + 4)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlwf-stage")
+        self.processes = None
+        if config.workers:
+            # CPU-bound calls in pure Python hold the GIL; worker processes (the
+            # local backend's forkserver pool) run them truly in parallel.
+            from mlwf.engine.local import LocalBackend
+
+            self.processes = LocalBackend(config.workers, preload_sklearn=True)
+            self.processes.warm_up()
+        self.source = f"/mlwf/serve/{socket.gethostname()}"
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.ready = True
+            try:
+                yield
+            finally:
+                self.ready = False
+
+        self.asgi = Starlette(routes=[Route("/healthz", self.healthz, methods=["GET"]),
+                                      Route("/readyz", self.readyz, methods=["GET"]),
+                                      Route("/", self.invoke, methods=["POST"])],
+                              lifespan=lifespan)
+
+    # ------------------------------------------------------------------ probes
+    async def healthz(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request):
+        from starlette.responses import JSONResponse
+
+        if self.ready and not self.draining:
+            return JSONResponse({"status": "ready", "in_flight": self.in_flight})
+        return JSONResponse({"status": "draining" if self.draining else "starting"}, status_code=503)
+
+    # ------------------------------------------------------------------ calls
+    async def invoke(self, request):
+        from starlette.responses import JSONResponse, Response
+
+        t0 = time.perf_counter()
+        event_id, etype, status = "-", "-", 500
+        try:
+            if self.draining:
+                raise Refusal(503, "shutting down: retry on another instance", retryable=True)
+            body = await _read_body(request, self.config.max_body)
+            try:
+                event = events.from_http(request.headers, body)
+            except Exception as e:  # the SDK raises several kinds for malformed input
+                raise Refusal(400, f"not a CloudEvents 1.0 request: {_one_line(e)}") from None
+            event_id, etype = event.get_id(), event.get_type()
+            call, ctx, data = self._parse(event)
+            self._authenticate(event, call, ctx, data)
+            self._route(call)
+            self.in_flight += 1
+            try:
+                outcome = await self._run(call, ctx)
+            finally:
+                self.in_flight -= 1
+            headers, payload = self._reply(event, call, ctx, outcome, events.is_structured(request.headers))
+            status = 200
+            return Response(payload, status_code=200, headers=headers)
+        except Refusal as r:
+            status = r.status
+            return JSONResponse({"error": r.error, "retryable": r.retryable, "id": event_id}, status_code=r.status)
+        except Exception as e:  # the stage (or the runner) raised: report, stay up
+            status = 500
+            retryable = not isinstance(e, NOT_RETRYABLE)
+            return JSONResponse({"error": _one_line(e), "type": type(e).__name__, "retryable": retryable,
+                                 "id": event_id}, status_code=500)
+        finally:
+            log.info("event=%s type=%s status=%d ms=%.1f", _clean(event_id), _clean(etype), status,
+                     (time.perf_counter() - t0) * 1e3)
+
+    async def _run(self, call, ctx):
+        """``runner.execute(call, ctx)`` off the event loop: in a worker thread, or a worker process."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        future = self.pool.submit(_execute, call, ctx) if self.processes is None else self.processes.submit(call, ctx)
+        with self._lock:
+            self.running += 1
+
+        def done(_):
+            with self._lock:
+                self.running -= 1
+
+        future.add_done_callback(done)
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool:
+            self.processes.reset()
+            raise RuntimeError(f"the worker process running {call.workflow} stage {call.name} died") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.processes is not None:
+            self.processes.close()
+
+    def _parse(self, event):
+        from mlwf.engine.calls import Call, RunContext
+
+        if len(str(event.get_id())) > 200:
+            raise Refusal(400, "event id longer than 200 characters")
+        data = event.get_data()
+        if not isinstance(data, dict) or not isinstance(data.get("call"), dict) \
+                or not isinstance(data.get("context"), dict):
+            raise Refusal(400, "data must be a JSON object {\"call\": ..., \"context\": ...}")
+        try:
+            call = Call.from_json(data["call"])
+            ctx = RunContext(**data["context"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise Refusal(400, f"malformed call or context: {_one_line(e)}") from None
+        for name in ("run_id", "workflow", "store_url", "bucket", "outputs_prefix", "transfer"):
+            if not isinstance(getattr(ctx, name), str):
+                raise Refusal(400, f"context.{name} must be a string")
+        if not isinstance(call.workflow, str) or not isinstance(call.stage, str):
+            raise Refusal(400, "call.workflow and call.stage must be strings")
+        parsed = events.parse_type(event.get_type())
+        if parsed is None:
+            raise Refusal(404, f"unknown event type {_clean(event.get_type())!r}: expected "
+                               "dev.mlwf.<workflow>.<stage>")
+        if parsed != (call.workflow, call.stage) or ctx.workflow != call.workflow:
+            raise Refusal(400, f"event type {_clean(event.get_type())} does not match the call "
+                               f"{_clean(call.workflow)}/{_clean(call.stage)} of a {_clean(ctx.workflow)} run")
+        return call, ctx, data
+
+    def _authenticate(self, event, call, ctx, data) -> None:
+        if self.config.insecure:
+            return
+        signature = event.get_extension(events.SIGNATURE_ATTR)
+        stamp = event.get_extension(events.TIME_ATTR)
+        if signature in (None, "") or stamp in (None, ""):
+            raise Refusal(401, f"unsigned invocation: {events.SIGNATURE_ATTR} and {events.TIME_ATTR} are required")
+        stamp = str(stamp)
+        if not stamp.isdigit() or len(stamp) > 12:
+            raise Refusal(401, f"{events.TIME_ATTR} must be whole Unix seconds")
+        if not events.verify(self.config.secret, str(signature), "call", call.workflow, call.stage, ctx.run_id,
+                             data, event.get_id(), stamp):
+            raise Refusal(401, "bad signature: the caller's MLWF_FUNCTION_SECRET differs, or the event was altered")
+        age = time.time() - int(stamp)
+        if age > self.config.max_age:
+            raise Refusal(403, f"expired invocation: signed {age:.0f} s ago, over the {self.config.max_age} s "
+                               "window (check the clocks)")
+        if age < -events.MAX_FUTURE_SKEW:
+            raise Refusal(403, f"invocation signed {-age:.0f} s in the future (check the clocks)")
+        self.replays.check_and_add(event.get_id())
+
+    def _route(self, call) -> None:
+        from mlwf.workflows import stage_function
+
+        try:
+            stage_function(call.workflow, call.stage)
+        except UsageError as e:
+            raise Refusal(404, str(e)) from None
+        if self.config.stages is not None and (call.workflow, call.stage) not in self.config.stages:
+            raise Refusal(404, f"this server does not serve {call.workflow}/{call.stage} (--stages): "
+                               "check the caller's --endpoint")
+
+    def _reply(self, request_event, call, ctx, outcome, structured: bool):
+        data = events.plain_json(outcome.to_json())
+        reply_id = f"{request_event.get_id()}.done"
+        stamp = events.now_stamp()
+        attrs: dict[str, Any] = {"type": events.event_type(call.workflow, call.stage, done=True),
+                                 "source": self.source, "id": reply_id, "datacontenttype": events.JSON_TYPE,
+                                 "subject": call.name, events.TIME_ATTR: stamp}
+        if self.config.secret is not None:
+            attrs[events.SIGNATURE_ATTR] = events.sign(self.config.secret, "done", call.workflow, call.stage,
+                                                       ctx.run_id, data, reply_id, stamp)
+        return events.to_http(events.make_event(attrs, data), structured=structured)
+
+
+def _execute(call, ctx):
+    from mlwf.engine import runner
+
+    return runner.execute(call, ctx)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:2000]
+
+
+# --------------------------------------------------------------------------- running it
+def preload() -> None:
+    """Import every stage's code now (not at the first call) and pin BLAS to one thread per call."""
+    import importlib
+
+    for name in ("mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference", "mlwf.model",
+                 "mlwf.images", "sklearn.decomposition", "sklearn.ensemble"):
+        importlib.import_module(name)
+    from threadpoolctl import threadpool_limits
+
+    # Parallelism is the concurrent calls, as in the local backend's workers; one
+    # BLAS thread also keeps the model bytes identical to the other backends'.
+    threadpool_limits(1)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None = None,
+          max_body: int = DEFAULT_MAX_BODY, threads: int | None = None, grace: float = DEFAULT_GRACE,
+          insecure_no_auth: bool = False, max_age: int = events.DEFAULT_MAX_AGE,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, workers: int = 0) -> int:
+    """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    try:
+        import uvicorn
+    except ModuleNotFoundError:
+        raise UsageError("mlwf serve needs its server libraries: pip install 'mlwf[knative]'") from None
+    if port is None:
+        raw = os.environ.get("PORT", str(DEFAULT_PORT))
+        try:
+            port = int(raw)
+        except ValueError:
+            raise UsageError(f"PORT={raw!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a port number")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 (threads) or more, got {workers}")
+    if not grace >= 0:
+        raise UsageError(f"--grace must be 0 or more seconds, got {grace}")
+    if max_age < 1:
+        raise UsageError(f"--max-age must be at least 1 second, got {max_age}")
+    if insecure_no_auth:
+        secret = os.environ.get(events.SECRET_ENV, "").strip() or None
+    else:
+        secret = events.read_secret(who="mlwf serve (or pass --insecure-no-auth, for local experiments only)")
+    # With --insecure-no-auth, a secret that is there anyway still signs the replies.
+    config = ServeConfig(stages=parse_stages(stages), secret=secret,
+                         insecure=insecure_no_auth, max_body=max_body, max_age=max_age, threads=threads,
+                         workers=workers)
+    _setup_logging()
+    if insecure_no_auth:
+        warning = ("AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach "
+                   f"{host}:{port} can run stages with this server's store credentials")
+        print(f"mlwf: WARNING: {warning}", file=sys.stderr, flush=True)
+        log.warning(warning)
+    sock = _bind(host, port)
+    preload()
+    app = App(config)
+    served = "all stages" if config.stages is None else ", ".join(sorted(f"{w}/{s}" for w, s in config.stages))
+    log.info("mlwf serve on %s:%d: %s; max body %d bytes; %s; auth %s", host,
+             sock.getsockname()[1], served, max_body,
+             f"{workers} worker processes" if workers else f"{app.threads} worker threads",
+             "off" if insecure_no_auth else "HMAC-SHA256")
+    uconfig = uvicorn.Config(app.asgi, log_config=None, access_log=False, lifespan="on",
+                             timeout_graceful_shutdown=grace,
+                             limit_concurrency=max_connections, timeout_keep_alive=30, server_header=False,
+                             proxy_headers=False)
+    server = _Server(uconfig, app)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if app.running:
+        log.error("exiting with %d calls still running after the %s s grace period", app.running, grace)
+        app.pool.shutdown(wait=False, cancel_futures=True)
+        if app.processes is not None:
+            app.processes.reset()
+        logging.shutdown()
+        os._exit(1)
+    app.close()
+    log.info("mlwf serve stopped cleanly")
+    return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM ends in a clean exit (status 0), not a re-raised signal."""
+
+        def __init__(self, config, app: App):
+            super().__init__(config)
+            self.mlwf_app = app
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def _on_signal(self, sig, frame) -> None:
+            if not self.mlwf_app.draining:
+                log.info("received %s: draining %d calls in flight, then exiting",
+                         signal.Signals(sig).name, self.mlwf_app.in_flight)
+            self.mlwf_app.draining = True
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    return Server
+
+
+def _Server(config, app):  # noqa: N802 - a factory standing in for the class
+    return _server_class()(config, app)

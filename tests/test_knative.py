@@ -1,0 +1,447 @@
+"""The Knative backend and ``mlwf serve``: function servers as separate processes on 127.0.0.1.
+
+Every server here is ``python -m mlwf.cli serve`` in its own process, with its
+store credentials pointing at the moto S3 server (tests/s3server.py) and a
+test secret; the tests talk to them with the CloudEvents SDK and httpx, or run
+whole workflows through ``Engine(backend="knative")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from mlwf import bulk, codec
+from mlwf.engine import events
+from mlwf.engine.calls import Call, Ref, RunContext
+from mlwf.engine.driver import Engine
+from mlwf.errors import DataError, StageError, UsageError
+from mlwf.storage import StoreSpec
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
+from tests.s3server import S3_ENV_VARS, free_port
+
+SECRET = "mlwf-test-secret-5f1c0c2a9d8e4b7a"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServeProcess:
+    """``mlwf serve`` on a free 127.0.0.1 port, in its own process, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1",
+                                      "--port", str(self.port), *args],
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 60.0) -> ServeProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlwf serve exited with {self.proc.returncode}: {self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mlwf serve did not get ready within {timeout} s: {self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _server_env(s3_server, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in S3_ENV_VARS and not k.startswith("MLWF_")}
+    env.update(s3_server.env())
+    env["MLWF_FUNCTION_SECRET"] = SECRET
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(s3_server, tmp_path_factory):
+    """One service for every stage."""
+    proc = ServeProcess(_server_env(s3_server), tmp_path_factory.mktemp("serve") / "all.log").wait_ready()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def server_b(s3_server, tmp_path_factory):
+    """A second service, for training's train and validation only, running calls in 2 worker processes;
+    in every run its train[1] fails once and its validation[0] twice."""
+    proc = ServeProcess(_server_env(s3_server, MLWF_FAULTS="train:1:raise:1;validation:0:raise:2"),
+                        tmp_path_factory.mktemp("serve") / "b.log",
+                        "--stages", "ml-training/train,ml-training/validation", "--workers", "2").wait_ready()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture
+def secret(monkeypatch):
+    monkeypatch.setenv("MLWF_FUNCTION_SECRET", SECRET)
+    return SECRET
+
+
+@pytest.fixture
+def s3_data(s3_env, digits_dir, secret):
+    """A fresh bucket in the S3 server holding the digits (training set and batch)."""
+    store = StoreSpec("s3://", s3_env).open()
+    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX)
+    bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
+    store.close()
+    return s3_env
+
+
+def _keys(s3_server, bucket) -> set[str]:
+    client = s3_server.boto3_client()
+    return {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])}
+
+
+# --------------------------------------------------------------------------- whole workflows
+def test_both_workflows_through_knative_match_the_local_backend(server, s3_data, s3_server, store_url):
+    with Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": [server.url]}) as engine:
+        trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    # Inference in structured content mode, training in binary mode.
+    with Engine("s3://", s3_data, backend="knative",
+                backend_options={"endpoints": [server.url], "structured": True}) as engine:
+        inferred = engine.run_inference("ml-inference/model", BATCH_PREFIX, 4)
+    with Engine(store_url, "tless") as local:
+        local_trained = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        local_inferred = local.run_inference("ml-inference/model", BATCH_PREFIX, 4)
+
+    assert trained["backend"] == inferred["backend"] == "knative"
+    assert trained["model_digest"] == local_trained["model_digest"]
+    assert inferred["accuracy"] == local_inferred["accuracy"] and inferred["num_predicted"] == 120
+    assert inferred["model_digest"] == trained["model_digest"]
+    keys = _keys(s3_server, s3_data)
+    run = trained["run_id"]
+    assert {f"ml-training/outputs/{run}/run.json", f"ml-training/outputs/{run}/validation/0-0.bin",
+            "ml-inference/model/MODEL.json", inferred["results_key"]} <= keys
+    assert sum(k.startswith(f"ml-training/outputs/{run}/train/") for k in keys) >= 4
+    log = server.log()
+    assert "type=dev.mlwf.ml-training.pca status=200" in log and "type=dev.mlwf.ml-inference.predict status=200" in log
+    assert SECRET not in log and s3_server.password not in log
+
+
+def test_two_services_with_per_stage_endpoints(server, server_b, s3_data):
+    with Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": [server.url]}) as engine:
+        single = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    endpoints = [f"ml-training/partition={server.url}", f"pca={server.url}",
+                 f"train={server_b.url}", f"ml-training/validation={server_b.url}"]
+    with Engine("s3://", s3_data, backend="knative", retries=0,
+                backend_options={"endpoints": endpoints}) as engine:
+        split = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert split["model_digest"] == single["model_digest"]
+    b_log = server_b.log()
+    # train[1] failed once on service B (a retryable 500) and was retried there by the backend.
+    assert "type=dev.mlwf.ml-training.train status=500" in b_log
+    assert b_log.count("type=dev.mlwf.ml-training.train status=200") == 4
+    assert b_log.count("type=dev.mlwf.ml-training.validation status=500") == 2
+    assert "ml-training.pca" not in b_log and "ml-training.partition" not in b_log
+
+    # With fewer retries than failures, the call fails naming the stage, index, service and last error.
+    options = {"endpoints": endpoints, "retries": 1, "backoff": 0.05}
+    with Engine("s3://", s3_data, backend="knative", retries=0, backend_options=options) as engine, \
+            pytest.raises(StageError) as info:
+        engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    text = str(info.value)
+    assert text.startswith(f"ml-training stage validation[0] failed on {server_b.url} after 2 attempts: ")
+    assert "InjectedFault: injected fault in validation[0]" in text and "\n" not in text
+
+
+def test_bad_input_reads_the_same_as_on_the_local_backend(server, s3_data, store_url, capsys):
+    from mlwf.cli import main
+
+    with Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": [server.url]}) as engine, \
+            pytest.raises(DataError) as remote:
+        engine.run_training("ml-training/no-such-images", 2, 4, config=FAST)
+    with Engine(store_url, "tless") as local, pytest.raises(DataError) as here:
+        local.run_training("ml-training/no-such-images", 2, 4, config=FAST)
+    assert str(remote.value) == str(here.value) and "\n" not in str(remote.value)
+    # The same through the command line: one line on stderr, status 2.
+    code = main(["run", "ml-training", "ml-training/no-such-images", "2", "4", "--store", "s3://", "--bucket", s3_data,
+                 "--backend", "knative", "--endpoint", f"ml-training/partition={server.url}",
+                 "--endpoint", f"ml-training={server.url}", "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err == f"mlwf: error: {here.value}\n" and captured.out == ""
+
+
+def test_endpoint_settings_are_checked_in_one_line(secret, s3_data, monkeypatch, tmp_path):
+    cases = [
+        ({"endpoints": ["ml-training/pcaa=http://127.0.0.1:1"]}, "s3://", "unknown stage 'ml-training/pcaa'"),
+        ({"endpoints": ["nope=http://127.0.0.1:1"]}, "s3://", "unknown stage 'nope'"),
+        ({"endpoints": ["ftp://example.org"]}, "s3://", "is not an http(s):// URL"),
+        ({"endpoints": []}, "s3://", "needs --endpoint"),
+        ({"endpoints": ["partition=http://127.0.0.1:1"]}, "s3://", "no --endpoint for ml-training stage(s) pca"),
+        ({"endpoints": ["http://functions.example.org"]}, str(tmp_path / "store"), "needs a store its services share"),
+    ]
+    StoreSpec(str(tmp_path / "store"), s3_data).open().create_bucket()
+    for options, store, message in cases:
+        with pytest.raises(UsageError) as info:
+            with Engine(store, s3_data, backend="knative", backend_options=options) as engine:
+                engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        assert message in str(info.value) and "\n" not in str(info.value), (options, str(info.value))
+    monkeypatch.delenv("MLWF_FUNCTION_SECRET")
+    with pytest.raises(UsageError, match="MLWF_FUNCTION_SECRET"):
+        Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": ["http://127.0.0.1:1"]})
+
+
+def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(s3_data):
+    refused = f"http://127.0.0.1:{free_port()}"
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # accepts connections (in the kernel) and never answers
+    silent = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        for url, message in ((refused, "cannot reach"), (silent, "no answer from")):
+            options = {"endpoints": [url], "retries": 1, "timeout": 1.0, "backoff": 0.05}
+            t = time.monotonic()
+            with Engine("s3://", s3_data, backend="knative", retries=0, backend_options=options) as engine, \
+                    pytest.raises(StageError) as info:
+                engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+            text = str(info.value)
+            assert "partition[0]" in text and url in text and message in text and "2 attempts" in text, text
+            assert time.monotonic() - t < 10
+    finally:
+        hole.close()
+
+
+# --------------------------------------------------------------------------- refusals
+def _call(stage="partition", workflow="ml-inference", args=None, bucket="", **kw) -> tuple[dict, dict]:
+    """A call's and its context's JSON (default: ml-inference partition of the digits batch)."""
+    args = args if args is not None else (kw or {"prefix": BATCH_PREFIX, "num_funcs": 2})
+    run = f"refusal-{time.time_ns()}"
+    ctx = RunContext(run, workflow, "s3://", bucket, f"{workflow}/outputs/{run}")
+    return Call(workflow, stage, 0, args).to_json(), ctx.to_json()
+
+
+def _send(url, call, ctx, *, secret=SECRET, structured=False, event_id=None, timestamp=None, tamper=None):
+    event = events.call_event(call, ctx, secret, event_id=event_id, timestamp=timestamp)
+    if tamper is not None:
+        data = json.loads(json.dumps(event.get_data()))
+        tamper(data)
+        event = events.make_event(dict(event.get_attributes()), data)
+    headers, body = events.to_http(event, structured=structured)
+    return event, httpx.post(url, content=body, headers=headers, timeout=30)
+
+
+def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3_data, s3_server):
+    url = server.url
+
+    def call(**kw):
+        return _call(bucket=s3_data, **kw)
+
+    before = _keys(s3_server, s3_data)
+    refusals = []
+    # 400: not a CloudEvent (a binary event without ce-source; structured JSON that does not parse; no call)
+    good_call, good_ctx = call()
+    headers, body = events.to_http(events.call_event(good_call, good_ctx, SECRET))
+    del headers["ce-source"]
+    refusals.append((httpx.post(url, content=body, headers=headers), 400))
+    refusals.append((httpx.post(url, content=b'{"specversion": "1.0", "id": ',
+                                headers={"content-type": "application/cloudevents+json"}), 400))
+    refusals.append((httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/cloudevents+json"}),
+                     400))
+    bad = events.make_event({"type": "dev.mlwf.ml-inference.partition", "source": "/t", "id": "x1",
+                             "datacontenttype": "application/json"}, {"hello": "world"})
+    refusals.append((httpx.post(url, content=events.to_http(bad)[1], headers=events.to_http(bad)[0]), 400))
+    # 404: unknown stage, unknown workflow, a stage service B does not serve (all correctly signed)
+    refusals.append((_send(url, *call(stage="nope"))[1], 404))
+    c, x = call(workflow="ml-nothing")
+    refusals.append((_send(url, c, x)[1], 404))
+    refusals.append((_send(server_b.url, *call(stage="pca", workflow="ml-training"))[1], 404))
+    # 413: over 1 MiB, announced by Content-Length and streamed without one
+    big = b"x" * (2 << 20)
+    refusals.append((httpx.post(url, content=big, headers={"content-type": "application/cloudevents+json"}), 413))
+    refusals.append((httpx.post(url, content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                                headers={"content-type": "application/cloudevents+json"}), 413))
+    # 401: unsigned, signed with another secret, altered after signing
+    refusals.append((_send(url, *call(), secret=None)[1], 401))
+    refusals.append((_send(url, *call(), secret="another-secret-0123456789")[1], 401))
+    refusals.append((_send(url, *call(), tamper=lambda d: d["call"]["args"].update(num_funcs=3))[1], 401))
+    # 403: signed too long ago, or too far in the future
+    refusals.append((_send(url, *call(), timestamp=str(int(time.time()) - 1000))[1], 403))
+    refusals.append((_send(url, *call(), timestamp=str(int(time.time()) + 1000))[1], 403))
+    for resp, status in refusals:
+        assert resp.status_code == status, (status, resp.text)
+        assert isinstance(resp.json()["error"], str) and resp.json()["error"]
+    assert _keys(s3_server, s3_data) == before  # nothing ran
+
+    # A good call runs (binary in, binary out), and its replay is refused without running again.
+    event, resp = _send(url, good_call, good_ctx)
+    assert resp.status_code == 200, resp.text
+    reply = events.from_http(resp.headers, resp.content)
+    assert reply.get_type() == "dev.mlwf.ml-inference.partition.done" and reply.get_id() == event.get_id() + ".done"
+    outputs = reply.get_data()["outputs"]
+    assert len(outputs) == 2 and all(o["key"].startswith(good_ctx["outputs_prefix"]) for o in outputs)
+    after_good = _keys(s3_server, s3_data)
+    assert {o["key"] for o in outputs} == after_good - before
+    _, replay = _send(url, good_call, good_ctx, event_id=event.get_id(), timestamp=event.get_extension("mlwftime"))
+    assert replay.status_code == 403 and "already used" in replay.json()["error"]
+
+    # Structured in, structured out.
+    event, resp = _send(url, *call(), structured=True)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("application/cloudevents+json")
+    assert events.from_http(resp.headers, resp.content).get_id() == event.get_id() + ".done"
+    after_structured = _keys(s3_server, s3_data)
+
+    # 500: the stage raised. Bad input is not retryable; a crash is.
+    _, resp = _send(url, *call(args={"prefix": "ml-inference/nothing-here", "num_funcs": 2}))
+    assert resp.status_code == 500 and resp.json()["retryable"] is False and resp.json()["type"] == "DataError"
+    c, x = call(stage="train", workflow="ml-training", data={"features": "not numbers", "labels": [1]},
+                num_classes=2, n_trees=2, max_depth=2, min_samples_split=2, seed=0, index=0, projection=0)
+    _, resp = _send(url, c, x)
+    assert resp.status_code == 500 and resp.json()["retryable"] is True, resp.text
+    assert "train[0]" in resp.json()["error"]
+    assert _keys(s3_server, s3_data) == after_structured
+
+    assert httpx.get(url + "/readyz").status_code == 200 and httpx.get(url + "/healthz").status_code == 200
+    log = server.log()
+    assert "status=401" in log and "status=413" in log and SECRET not in log
+
+
+# --------------------------------------------------------------------------- process lifecycle
+def test_sigterm_lets_the_call_in_flight_finish_then_exits_cleanly(s3_server, s3_data, tmp_path):
+    proc = ServeProcess(_server_env(s3_server), tmp_path / "serve.log", "--threads", "2").wait_ready()
+    rng = np.random.default_rng(0)
+    data = codec.encode({"features": rng.normal(size=(4000, 10)), "labels": rng.integers(0, 10, 4000).astype(np.int32)})
+    ref = Ref(sha256=codec.digest(data), nbytes=len(data), data=data, producer="test")
+    call, ctx = _call(stage="train", workflow="ml-training", bucket=s3_data, data=ref, num_classes=10, n_trees=60,
+                      max_depth=12, min_samples_split=5, seed=0, index=0, projection=0)
+    result = {}
+    sender = threading.Thread(target=lambda: result.update(resp=_send(proc.url, call, ctx)[1]))
+    sender.start()
+    deadline = time.monotonic() + 20
+    while httpx.get(proc.url + "/readyz").json().get("in_flight") != 1:
+        assert time.monotonic() < deadline, proc.log()
+        time.sleep(0.02)
+    proc.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(httpx.TransportError):  # no new connections once draining
+        httpx.get(proc.url + "/healthz", timeout=1)
+    sender.join(30)
+    assert result["resp"].status_code == 200, result["resp"].text
+    assert proc.proc.wait(30) == 0
+    proc.stop()
+    log = proc.log()
+    assert "received SIGTERM" in log and "type=dev.mlwf.ml-training.train status=200" in log
+    assert "stopped cleanly" in log
+
+
+def test_the_server_refuses_to_start_without_a_secret_unless_told_to_be_insecure(s3_server, s3_env, tmp_path):
+    for secret, message in (("", "MLWF_FUNCTION_SECRET"), ("short", "too short"),
+                            (events.PLACEHOLDER_SECRET, "placeholder")):
+        env = _server_env(s3_server, MLWF_FUNCTION_SECRET=secret)
+        out = subprocess.run([sys.executable, "-m", "mlwf.cli", "serve", "--port", str(free_port())], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    env = _server_env(s3_server)
+    del env["MLWF_FUNCTION_SECRET"]
+    proc = ServeProcess(env, tmp_path / "insecure.log", "--insecure-no-auth").wait_ready()
+    try:
+        call, ctx = _call(args={"prefix": "ml-inference/nothing", "num_funcs": 1}, bucket=s3_env)
+        _, resp = _send(proc.url, call, ctx, secret=None)
+        assert resp.status_code == 500 and resp.json()["type"] == "DataError"  # ran, unsigned
+    finally:
+        assert proc.stop() == 0
+    assert "AUTHENTICATION DISABLED" in proc.log()
+
+
+# --------------------------------------------------------------------------- deployment
+def test_deploy_renders_manifests_a_cluster_can_use(tmp_path, capsys):
+    from mlwf.cli import main
+
+    base = ["deploy", "knative", "--image", "registry.example.com/mlwf:0.1.0", "--namespace", "mlwf",
+            "--s3-host", "minio.tless.svc.cluster.local", "--s3-port", "9000", "--bucket", "tless"]
+    assert main([*base, "--out", str(tmp_path / "per-stage"), "--json"]) == 0
+    assert main([*base, "--single", "--out", str(tmp_path / "single"), "--json"]) == 0
+    capsys.readouterr()
+
+    def services(folder):
+        docs = list(yaml.safe_load_all((folder / "20-services.yaml").read_text()))
+        assert all(d["apiVersion"] == "serving.knative.dev/v1" and d["kind"] == "Service" for d in docs)
+        return docs
+
+    per_stage, single = services(tmp_path / "per-stage"), services(tmp_path / "single")
+    assert len(per_stage) == 7 and len(single) == 1
+    served = {d["spec"]["template"]["spec"]["containers"][0]["args"][2] for d in per_stage}
+    assert served == {"ml-training/partition", "ml-training/pca", "ml-training/train", "ml-training/validation",
+                      "ml-inference/partition", "ml-inference/load", "ml-inference/predict"}
+    assert single[0]["spec"]["template"]["spec"]["containers"][0]["args"][:3] == ["serve", "--stages", "all"]
+    for svc in per_stage + single:
+        assert svc["metadata"]["namespace"] == "mlwf"
+        template = svc["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        assert int(annotations["autoscaling.knative.dev/min-scale"]) == 0
+        assert int(annotations["autoscaling.knative.dev/max-scale"]) >= 1
+        spec = template["spec"]
+        assert isinstance(spec["containerConcurrency"], int) and spec["containerConcurrency"] >= 1
+        [container] = spec["containers"]
+        assert container["image"] == "registry.example.com/mlwf:0.1.0"
+        assert container["args"][-1] == str(spec["containerConcurrency"])  # --threads matches
+        env = {e["name"]: e for e in container["env"]}
+        assert "PORT" not in env  # Knative reserves PORT and sets it itself
+        for name, key in (("MLWF_FUNCTION_SECRET", "function-secret"), ("S3_USER", "s3-user"),
+                          ("S3_PASSWORD", "s3-password")):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlwf-secrets", "key": key}
+            assert "value" not in env[name]
+        assert env["S3_HOST"]["value"] == "minio.tless.svc.cluster.local" and env["S3_PORT"]["value"] == "9000"
+        assert [p["containerPort"] for p in container["ports"]] == [8080]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["securityContext"]["runAsNonRoot"] is True
+    cpu_bound = {d["metadata"]["labels"]["mlwf.dev/stage"]: d["spec"]["template"]["spec"]["containerConcurrency"]
+                 for d in per_stage if d["metadata"]["labels"]["mlwf.dev/workflow"] == "ml-training"}
+    assert cpu_bound["pca"] == cpu_bound["train"] == 1
+
+    [ns] = yaml.safe_load_all((tmp_path / "per-stage/00-namespace.yaml").read_text())
+    assert ns["kind"] == "Namespace" and ns["metadata"]["name"] == "mlwf"
+    [secret] = yaml.safe_load_all((tmp_path / "per-stage/templates/secret.yaml").read_text())
+    assert secret["kind"] == "Secret" and set(secret["stringData"]) == {"function-secret", "s3-user", "s3-password"}
+    [job] = yaml.safe_load_all((tmp_path / "per-stage/run/ml-training.yaml").read_text())
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert job["kind"] == "Job" and args[:2] == ["run", "ml-training"] and args.count("--endpoint") == 4
+    assert "http://mlwf-training-pca.mlwf.svc.cluster.local" in (tmp_path / "per-stage/endpoints.txt").read_text()
+
+    # The committed manifests are exactly what the command renders.
+    committed = REPO / "deploy" / "knative"
+    for name in ("00-namespace.yaml", "20-services.yaml", "templates/secret.yaml", "run/ml-training.yaml",
+                 "run/ml-inference.yaml", "endpoints.txt"):
+        assert (committed / name).read_text() == (tmp_path / "per-stage" / name).read_text(), name
+    assert main([*base[:2], "--image", "x", "--namespace", "Bad_NS", "--s3-host", "h", "--s3-port", "1"]) == 2
+
+
+def test_dockerfile_runs_serve_as_a_non_root_user_with_only_the_knative_extra():
+    text = (REPO / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text and 'CMD ["mlwf", "serve"]' in text and "ENV PORT=8080" in text
+    assert "[knative]" in text and "[test]" not in text
+    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0")
