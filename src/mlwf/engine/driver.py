@@ -100,6 +100,8 @@ class Engine:
         if retries < 0:
             raise UsageError(f"--retries must be 0 or more, got {retries}")
         self.retries = retries
+        #: Record each finished call for --resume (switch off only to measure what it costs).
+        self.checkpoints = True
         self.timeout = timeout
         self.stage_timeouts = dict(stage_timeouts or {})
         for name, t in [("timeout", timeout), *self.stage_timeouts.items()]:
@@ -305,7 +307,7 @@ class Run:
 
     def _mark_done(self, call: Call, outcome: Outcome) -> None:
         """Record a finished call so a resumed run can reuse it (store transfer only)."""
-        if self.engine.transfer != "store":
+        if self.engine.transfer != "store" or not self.engine.checkpoints:
             return
         doc = {"call": _call_digest(call), "outcome": outcome.to_json()}
         self.store.put(self._done_key(call), json.dumps(doc).encode())
