@@ -9,7 +9,7 @@ put, and always their SHA-256, so a consumer can verify and cache them.
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 #: How a consumer turns a reference's bytes back into a value.
@@ -26,9 +26,12 @@ class Ref:
     key: str | None = None  # where it is in the object store
     data: bytes | None = None  # or the bytes themselves
     producer: str = ""  # stage that made it, for per-edge accounting
+    #: Or a backend's own handle on it (a Ray ObjectRef): opaque, never in JSON.
+    handle: Any = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, handle=None))
+        del d["handle"]
         if self.data is not None:
             d["data"] = base64.b64encode(self.data).decode()
         return d
