@@ -34,7 +34,8 @@ TEST1K = "ml-inference/images-inference-1k"
 TEST10K = "ml-inference/fashion-test-10k"
 
 
-def prepare(fashion: Path, data: Path) -> str:
+def prepare(fashion: Path, data: Path, extra: list[tuple[str, str, int, int]] = ()) -> str:
+    """Write the image sets (and ``extra`` ones: ``(prefix, "train"|"t10k", n, offset)``) into the store."""
     from mlwf import bulk, datasets
     from mlwf.storage import StoreSpec
 
@@ -44,6 +45,7 @@ def prepare(fashion: Path, data: Path) -> str:
         (TRAIN, "train", 2000, 0),
         (TEST1K, "t10k", 1000, 0),
         (TEST10K, "t10k", 10000, 0),
+        *extra,
     ]
     for prefix, kind, n, offset in sets:
         folder = data / prefix.replace("/", "_")

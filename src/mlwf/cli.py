@@ -50,6 +50,34 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="ray backend: memory per call of STAGE in MB (repeatable)")
     p.add_argument("--endpoint", action="append", default=[], metavar="URL|STAGE=URL",
                    help="knative backend: the function service URL, or STAGE=URL per stage (repeatable)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write the run as a Chrome/Perfetto trace (JSON) to FILE; draw it with 'mlwf trace plot'")
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    """ml-training's arguments and settings (mlwf run and mlwf bench)."""
+    p.add_argument("data_prefix", metavar="DATA_PREFIX")
+    p.add_argument("num_pca", metavar="NUM_PCA", type=int)
+    p.add_argument("num_train", metavar="NUM_TRAIN", type=int)
+    p.add_argument("--seed", type=int, default=0, help="run seed (default 0): same seed and data, same model bytes")
+    p.add_argument("--image-size", type=int, default=64, help="images are resized to N×N (default 64)")
+    p.add_argument("--components", type=int, default=10, help="PCA components (default 10)")
+    p.add_argument("--trees", type=int, default=100, help="trees per forest (default 100)")
+    p.add_argument("--max-depth", type=int, default=10, help="tree depth (default 10)")
+    p.add_argument("--min-samples-split", type=int, default=5,
+                   help="fewest samples a node needs to be split (default 5)")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction held out for validation (default 0.2)")
+    p.add_argument("--model-prefix", default="ml-inference/model",
+                   help="where the model is published (default ml-inference/model)")
+    p.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
+
+
+def _training_config(args):
+    from mlwf.workflows.training import TrainingConfig
+
+    return TrainingConfig(image_size=args.image_size, n_components=args.components, n_trees=args.trees,
+                          max_depth=args.max_depth, min_samples_split=args.min_samples_split,
+                          holdout=args.holdout, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,20 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = wf.add_parser("ml-training", help="partition → PCA ×P → random forest ×T → validation, then publish",
                        description="Train on labelled images under DATA_PREFIX (class folders "
                                    "DATA_PREFIX/<label>/<image>) and publish the model.")
-    tr.add_argument("data_prefix", metavar="DATA_PREFIX")
-    tr.add_argument("num_pca", metavar="NUM_PCA", type=int)
-    tr.add_argument("num_train", metavar="NUM_TRAIN", type=int)
-    tr.add_argument("--seed", type=int, default=0, help="run seed (default 0): same seed and data, same model bytes")
-    tr.add_argument("--image-size", type=int, default=64, help="images are resized to N×N (default 64)")
-    tr.add_argument("--components", type=int, default=10, help="PCA components (default 10)")
-    tr.add_argument("--trees", type=int, default=100, help="trees per forest (default 100)")
-    tr.add_argument("--max-depth", type=int, default=10, help="tree depth (default 10)")
-    tr.add_argument("--min-samples-split", type=int, default=5,
-                    help="fewest samples a node needs to be split (default 5)")
-    tr.add_argument("--holdout", type=float, default=0.2, help="fraction held out for validation (default 0.2)")
-    tr.add_argument("--model-prefix", default="ml-inference/model",
-                    help="where the model is published (default ml-inference/model)")
-    tr.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
+    _training_options(tr)
     _engine_options(tr)
     _common(tr)
 
@@ -173,6 +188,41 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--json", action="store_true")
     kn.add_argument("--debug", action="store_true")
 
+    bench = sub.add_parser("bench", help="end-to-end latency per backend and transfer, with breakdown and plots")
+    bs = bench.add_subparsers(dest="bench_workflow", required=True, parser_class=_Parser)
+    btr = bs.add_parser("ml-training", help="benchmark ml-training DATA_PREFIX NUM_PCA NUM_TRAIN")
+    _training_options(btr)
+    binf = bs.add_parser("ml-inference", help="benchmark ml-inference MODEL_PREFIX DATA_PREFIX NUM_FUNCS")
+    binf.add_argument("model_prefix", metavar="MODEL_PREFIX")
+    binf.add_argument("data_prefix", metavar="DATA_PREFIX")
+    binf.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    for b in (btr, binf):
+        b.add_argument("--backend", default="local",
+                       help="backends, comma-separated: local,ray,knative (default local)")
+        b.add_argument("--transfer", default="store",
+                       help="transfers, comma-separated: store,direct (default store)")
+        b.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
+        b.add_argument("--cold", action="store_true", help="also time fresh 'mlwf run' processes, start to exit")
+        b.add_argument("--baseline", action="store_true",
+                       help="also time the same work as plain scikit-learn in this process (benchmarks/baseline.py)")
+        b.add_argument("--out", required=True, metavar="DIR", help="folder for the CSVs, traces and plots")
+        b.add_argument("--no-plots", action="store_true", help="write the CSVs only")
+        b.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
+        b.add_argument("--endpoint", action="append", default=[], metavar="URL|STAGE=URL",
+                       help="knative backend: the function service URL, or STAGE=URL per stage (repeatable)")
+        b.add_argument("--ray-address", default=None, help="ray backend: the cluster to join")
+        _common(b)
+    bp = bs.add_parser("plot", help="redraw the plots of a benchmark folder from its CSVs")
+    bp.add_argument("dir", metavar="DIR")
+    bp.add_argument("--debug", action="store_true")
+
+    tc = sub.add_parser("trace", help="draw a trace written by 'mlwf run --trace'")
+    tcs = tc.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
+    tp = tcs.add_parser("plot", help="a Gantt chart PNG: a row per worker, a bar per call coloured by stage")
+    tp.add_argument("file", metavar="FILE")
+    tp.add_argument("--out", metavar="PNG", help="output PNG (default: FILE with .png)")
+    tp.add_argument("--debug", action="store_true")
+
     demo = sub.add_parser("demo", help="build the digits dataset, train, classify a held-out batch")
     demo.add_argument("--workers", type=int)
     _common(demo)
@@ -212,6 +262,10 @@ def _dispatch(args) -> int:
         return _model(args)
     if args.command == "runs":
         return _runs(args)
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "trace":
+        return _trace(args)
     if args.command == "demo":
         return _demo(args)
     if args.command in ("serve", "deploy"):
@@ -222,6 +276,7 @@ def _dispatch(args) -> int:
 # --------------------------------------------------------------------------- run
 def _run(args) -> int:
     from mlwf.engine.driver import Engine
+    from mlwf.engine.trace import StageClock
     from mlwf.ui import StageProgress
 
     import contextlib
@@ -230,22 +285,25 @@ def _run(args) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet, StageProgress(enabled=not args.json) as progress, \
             Engine(args.store, args.bucket, backend=args.backend, workers=args.workers,
-                   transfer=args.transfer, retries=args.retries, timeout=args.timeout, progress=progress,
+                   transfer=args.transfer, retries=args.retries, timeout=args.timeout,
+                   progress=(clock := StageClock(progress)),
                    preload_sklearn=args.workflow == "ml-training",
                    backend_options=_backend_options(args)) as engine:
         if args.workflow == "ml-training":
-            from mlwf.workflows.training import TrainingConfig
-
-            config = TrainingConfig(image_size=args.image_size, n_components=args.components,
-                                    n_trees=args.trees, max_depth=args.max_depth,
-                                    min_samples_split=args.min_samples_split, holdout=args.holdout,
-                                    seed=args.seed)
-            report = engine.run_training(args.data_prefix, args.num_pca, args.num_train, config=config,
+            report = engine.run_training(args.data_prefix, args.num_pca, args.num_train,
+                                         config=_training_config(args),
                                          model_prefix=args.model_prefix, publish=not args.no_publish,
                                          resume=args.resume)
         else:
             report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs,
                                           resume=args.resume)
+        if args.trace:
+            from mlwf.engine import trace
+
+            path = trace.write(trace.build(engine.last_run, report, clock), args.trace)
+            if not args.json:
+                print(f"trace written to {path} (open it in https://ui.perfetto.dev, or: mlwf trace plot {path})",
+                      file=sys.stderr)
     _emit(args, report)
     return 0
 
@@ -409,6 +467,45 @@ def _runs(args) -> int:
         store.close()
     print(json.dumps(result) if args.json else
           f"deleted {result['deleted']} intermediate objects of {len(result['runs'])} runs")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench, trace
+def _bench(args) -> int:
+    from mlwf import bench
+
+    if args.bench_workflow == "plot":
+        written = bench.plot_dir(args.dir)
+        for path in written:
+            print(path)
+        return 0
+    if args.bench_workflow == "ml-training":
+        positional = [args.data_prefix, args.num_pca, args.num_train]
+        extra = dict(config=_training_config(args), model_prefix=args.model_prefix, publish=not args.no_publish)
+    else:
+        positional = [args.model_prefix, args.data_prefix, args.num_funcs]
+        extra = {}
+    spec = bench.BenchSpec(workflow=args.bench_workflow, args=positional, out=args.out, backends=args.backend,
+                           transfers=args.transfer, repeats=args.repeats, cold=args.cold, baseline=args.baseline,
+                           store=args.store, bucket=args.bucket, workers=args.workers, endpoints=args.endpoint,
+                           ray_address=args.ray_address, plots=not args.no_plots, **extra)
+    result = bench.run(spec, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from mlwf.ui import print_bench
+
+        print_bench(result)
+    return 0
+
+
+def _trace(args) -> int:
+    from mlwf import plots
+    from mlwf.engine import trace
+
+    doc = trace.load(args.file)
+    out = args.out or (args.file[:-5] if args.file.endswith(".json") else args.file) + ".png"
+    print(plots.gantt(doc, out))
     return 0
 
 

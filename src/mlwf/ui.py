@@ -116,3 +116,18 @@ def print_model(info: dict[str, Any]) -> None:
     table.add_row("validation accuracy", _pct(info["metrics"].get("validation_accuracy")))
     table.add_row("earlier versions", str(len(info["history"])))
     console.print(table)
+
+
+def print_bench(result: dict[str, Any]) -> None:
+    """The summary of ``mlwf bench``: one row per configuration, then where the files are."""
+    console = _stdout_console()
+    table = Table(title=f"mlwf bench → {result['out']}")
+    for col in ("backend", "transfer", "workflow", "mode", "median", "min–max", "× baseline", "accuracy"):
+        table.add_column(col, justify="right" if col in ("median", "min–max", "× baseline", "accuracy") else "left")
+    for r in result["summary"]:
+        table.add_row(r["backend"], r["transfer"] or "", r["workflow"], r["mode"], f"{r['median_ms']:.0f} ms",
+                      f"{r['min_ms']:.0f}–{r['max_ms']:.0f} ms",
+                      "" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}",
+                      _pct(r.get("accuracy")))
+    console.print(table)
+    console.print(f"{len(result['files'])} files written: CSVs, traces/ and latency/breakdown plots in {result['out']}")

@@ -192,6 +192,7 @@ class Run:
         self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.outcomes: list[tuple[Call, Outcome]] = []
         self.t0 = time.perf_counter()
+        engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
         self._record("running")
 
     @property

@@ -1,0 +1,189 @@
+"""Traces of runs (`mlwf run --trace`, `mlwf trace plot`) and the latency benchmark (`mlwf bench`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+
+import pytest
+
+from mlwf import cli
+from mlwf.engine import trace
+from mlwf.engine.driver import Engine
+
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
+
+FAST_FLAGS = ["--image-size", str(FAST.image_size), "--components", str(FAST.n_components),
+              "--trees", str(FAST.n_trees), "--max-depth", str(FAST.max_depth)]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _one_error_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("mlwf: error: "), err
+    return err[0]
+
+
+def _calls_and_spans(doc: dict) -> tuple[list[dict], list[dict]]:
+    xs = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    return [e for e in xs if e["cat"] == "call"], [e for e in xs if "call" in e.get("args", {})]
+
+
+def _check_nesting(calls: list[dict], spans: list[dict]) -> None:
+    by_name = {c["name"]: c for c in calls}
+    assert spans
+    for s in spans:
+        c = by_name[s["args"]["call"]]
+        assert (s["pid"], s["tid"]) == (c["pid"], c["tid"])
+        assert c["ts"] <= s["ts"] and s["ts"] + s["dur"] <= c["ts"] + c["dur"], (s, c)
+
+
+def test_run_trace_has_one_event_per_call_with_spans_inside(store_url, tmp_path, capsys):
+    path = tmp_path / "train.trace.json"
+    code = cli.main(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS,
+                     "--trace", str(path), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is the report alone, without the trace
+    assert "trace" not in report and report["workflow"] == "ml-training"
+
+    doc = json.loads(path.read_text())
+    calls, spans = _calls_and_spans(doc)
+    expected = {"partition[0]", "pca[0]", "pca[1]", "validation[0]", *(f"train[{i}]" for i in range(4))}
+    assert sorted(c["name"] for c in calls) == sorted(expected)
+    for c in calls:
+        assert c["name"] == f"{c['args']['stage']}[{c['args']['index']}]"
+        assert c["args"]["worker"].count(":") == 1 and c["dur"] > 0
+    _check_nesting(calls, spans)
+    names = {s["name"] for s in spans}
+    assert {"compute", "store read", "input read", "deserialize", "serialize", "store write"} <= names
+    # Every worker is a named process; the driver has one span per stage.
+    procs = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M"
+             and e["name"] == "process_name"}
+    assert {procs[c["pid"]] for c in calls} == {f"worker {c['args']['worker']}" for c in calls}
+    driver = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["cat"] == "stage"]
+    assert sorted(e["name"] for e in driver) == ["partition", "pca", "train", "validation"]
+    assert all(procs[e["pid"]] == "driver" and e["args"]["source"] == "driver" for e in driver)
+    assert doc["otherData"]["run_id"] == report["run_id"]
+
+
+def test_trace_of_a_direct_inference_run_from_the_engine(trained, store_url):
+    _, _ = trained
+    clock = trace.StageClock()
+    with Engine(store_url, "tless", transfer="direct", progress=clock, preload_sklearn=False) as engine:
+        report = engine.run_inference("ml-inference/model", BATCH_PREFIX, 3)
+        doc = trace.build(engine.last_run, report, clock)
+    calls, spans = _calls_and_spans(doc)
+    assert sorted(c["name"] for c in calls) == ["load[0]", "partition[0]", "predict[0]", "predict[1]", "predict[2]"]
+    _check_nesting(calls, spans)
+    assert not any(s["name"] in ("store write", "input read") for s in spans)  # direct: nothing via the store
+    returns = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].endswith("outputs → driver")]
+    assert len(returns) == len(calls)
+    # partition and load ran concurrently: their driver spans sit on separate lanes
+    stages = {e["name"]: e for e in doc["traceEvents"] if e["ph"] == "X" and e["cat"] == "stage"}
+    assert stages["partition"]["tid"] != stages["load"]["tid"]
+
+
+def test_trace_plot_writes_a_png(store_url, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "t.json"
+    assert cli.main(["run", "ml-training", TRAIN_PREFIX, "2", "2", "--store", store_url, *FAST_FLAGS,
+                     "--trace", str(path), "--json"]) == 0
+    out = tmp_path / "gantt.png"
+    assert cli.main(["trace", "plot", str(path), "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_MAGIC) and out.stat().st_size > 5000
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    _one_error_line(capsys, cli.main(["trace", "plot", str(bad)]))
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_local_writes_csvs_breakdown_summary_and_plots(store_url, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS,
+                     "--backend", "local", "--transfer", "store,direct", "--repeats", "2", "--cold", "--baseline",
+                     "--out", str(out), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("local-store-ml-training-warm.csv", "local-direct-ml-training-warm.csv",
+                 "local-store-ml-training-cold.csv", "baseline-ml-training.csv"):
+        lines = (out / name).read_text().splitlines()
+        assert lines[0] == "Run,TimeMs" and len(lines) == 3, (name, lines)
+        assert all(float(line.split(",")[1]) > 0 for line in lines[1:])
+    breakdown = _rows(out / "breakdown.csv")
+    stage_rows = [r for r in breakdown if r["kind"] == "stage" and r["transfer"] == "store" and r["mode"] == "warm"]
+    assert sorted({(r["run"], r["stage"]) for r in stage_rows}) == sorted(
+        (run, s) for run in ("0", "1") for s in ("partition", "pca", "train", "validation"))
+    for col in ("compute_ms", "fetch_ms", "encode_ms", "put_ms", "get_ms", "decode_ms", "bytes"):
+        assert all(r[col] != "" for r in stage_rows)
+    assert float(next(r for r in stage_rows if r["stage"] == "pca")["fetch_ms"]) > 0
+    edges = [r for r in breakdown if r["kind"] == "edge"]
+    assert {("pca", "train"), ("train", "validation")} <= {(r["from"], r["to"]) for r in edges}
+    assert all(r[c] != "" for r in edges for c in ("bytes", "serialize_ms", "transfer_ms", "deserialize_ms"))
+    summary = {(r["backend"], r["transfer"], r["mode"]): r for r in _rows(out / "summary.csv")}
+    assert set(summary) == {("local", "store", "warm"), ("local", "direct", "warm"), ("local", "store", "cold"),
+                            ("local", "direct", "cold"), ("baseline", "", "warm")}
+    warm = summary[("local", "store", "warm")]
+    assert warm["runs"] == "2" and float(warm["min_ms"]) <= float(warm["median_ms"]) <= float(warm["max_ms"])
+    assert float(warm["ratio_to_baseline"]) > 0 and float(warm["accuracy"]) > 0.5
+    for fig in ("latency", "breakdown"):
+        for ext, magic in (("png", PNG_MAGIC), ("svg", b"<?xml")):
+            assert (out / f"{fig}.{ext}").read_bytes().startswith(magic)
+    assert (out / "traces" / "local-store-ml-training-warm.png").stat().st_size > 5000
+    assert json.loads((out / "traces" / "local-direct-ml-training-warm.trace.json").read_text())["traceEvents"]
+    assert len(result["summary"]) == 5
+
+    # `mlwf bench plot` redraws everything from the files
+    for fig in ("latency.png", "breakdown.svg"):
+        (out / fig).unlink()
+    assert cli.main(["bench", "plot", str(out)]) == 0
+    assert (out / "latency.png").stat().st_size > 5000 and (out / "breakdown.svg").exists()
+
+
+def test_bench_inference_with_baseline_keeps_the_training_rows(trained, store_url, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    args = ["--store", store_url, "--repeats", "1", "--baseline", "--out", str(out), "--json", "--no-plots"]
+    assert cli.main(["bench", "ml-training", TRAIN_PREFIX, "2", "2", *FAST_FLAGS, *args]) == 0
+    assert cli.main(["bench", "ml-inference", "ml-inference/model", BATCH_PREFIX, "4", *args]) == 0
+    summary = _rows(out / "summary.csv")
+    assert {(r["backend"], r["workflow"]) for r in summary} == {
+        ("local", "ml-training"), ("baseline", "ml-training"), ("local", "ml-inference"), ("baseline", "ml-inference")}
+    base = next(r for r in summary if r["backend"] == "baseline" and r["workflow"] == "ml-inference")
+    assert float(base["accuracy"]) > 0.5
+    assert (out / "baseline-ml-inference.csv").read_text().startswith("Run,TimeMs\n0,")
+
+
+def test_bench_plot_on_a_folder_without_csv_fails_in_one_line(tmp_path, capsys):
+    _one_error_line(capsys, cli.main(["bench", "plot", str(tmp_path)]))
+    _one_error_line(capsys, cli.main(["bench", "plot", str(tmp_path / "missing")]))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "ml-training", TRAIN_PREFIX, "2", "4", "--backend", "local,lambda"], "unknown backend 'lambda'"),
+    (["bench", "ml-training", TRAIN_PREFIX, "2", "4", "--transfer", "rdma"], "unknown transfer 'rdma'"),
+    (["bench", "word-count", "x", "1"], "invalid choice: 'word-count'"),
+    (["bench", "ml-training", TRAIN_PREFIX, "2", "4", "--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bench_bad_input_is_one_line(argv, says, tmp_path, capsys):
+    line = _one_error_line(capsys, cli.main([*argv, "--out", str(tmp_path / "b")]))
+    assert says in line
+
+
+def test_bench_knative_endpoint_that_does_not_answer(store_url, tmp_path, capsys):
+    pytest.importorskip("httpx")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = _one_error_line(capsys, cli.main(["bench", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url,
+                                             "--backend", "knative", "--endpoint", f"http://127.0.0.1:{port}",
+                                             "--out", str(tmp_path / "b")]))
+    assert f"http://127.0.0.1:{port} does not answer" in line
+    assert not (tmp_path / "b").exists()
