@@ -1,0 +1,241 @@
+"""The Ray backend: both workflows on one real Ray instance (started once for the session).
+
+Every run is compared with the local backend on the same store: same images and
+seed, same model bytes and the same predictions, whichever way state moves.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 'mlwf[ray]'")
+
+from mlwf import bulk  # noqa: E402
+from mlwf.cli import main  # noqa: E402
+from mlwf.engine.driver import Engine  # noqa: E402
+from mlwf.engine.ray import RayBackend  # noqa: E402
+from mlwf.errors import DataError, UsageError  # noqa: E402
+from mlwf.storage import StoreSpec  # noqa: E402
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX  # noqa: E402
+from tests.s3server import free_port  # noqa: E402
+
+FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_instance():
+    """One Ray instance for the whole session: 2 CPUs, no dashboard, worker output in log files."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _predictions(engine: Engine, report: dict) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(engine.store.get(report["results_key"]).decode())))
+
+
+def _one_error_line(capsys, argv) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlwf: error: "), err
+    return lines[0]
+
+
+def _cli(args: list[str], env: dict | None = None, prelude: str = "", timeout: float = 60):
+    """``mlwf ARGS`` in a fresh interpreter (no Ray initialised in it); returns (code, stdout, stderr, s)."""
+    code = f"import sys\n{prelude}\nfrom mlwf.cli import main\nsys.exit(main({args!r}))\n"
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})})
+    return p.returncode, p.stdout, p.stderr, time.monotonic() - t
+
+
+# --------------------------------------------------------------------------- both workflows
+@pytest.mark.parametrize("transfer", ["store", "direct"])
+def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
+    with Engine(store_url, "tless") as local:
+        local_trained = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        local_inferred = local.run_inference("ml-inference/model", BATCH_PREFIX, 4)
+        local_rows = _predictions(local, local_inferred)
+
+    with Engine(store_url, "tless", backend="ray", transfer=transfer) as engine:
+        trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        inferred = engine.run_inference("ml-inference/model", BATCH_PREFIX, 4)
+        rows = _predictions(engine, inferred)
+        written = [o.key for o in engine.store.list(f"ml-training/outputs/{trained['run_id']}/")]
+
+    assert trained["backend"] == inferred["backend"] == "ray" and trained["transfer"] == transfer
+    assert trained["model_digest"] == local_trained["model_digest"]
+    assert trained["validation_accuracy"] == local_trained["validation_accuracy"]
+    assert inferred["model_digest"] == local_trained["model_digest"]
+    assert rows == local_rows and len(rows) == 121  # header + 120 images, same predictions and probabilities
+    assert inferred["accuracy"] == local_inferred["accuracy"]
+
+    edges = {(e["from"], e["to"]): e for e in trained["edges"]}
+    assert edges[("pca", "train")]["bytes"] > 0 and edges[("train", "validation")]["bytes"] > 0
+    assert all(e["transfer_ms"] >= 0 and e["deserialize_ms"] >= 0 for e in trained["edges"])
+    if transfer == "direct":
+        # Intermediates went task to task through Ray's object store: only the run record is in the store.
+        assert written == [f"ml-training/outputs/{trained['run_id']}/run.json"]
+        assert trained["stages"]["train"]["put_ms"] > 0 and trained["stages"]["train"]["input_get_ms"] > 0
+    else:
+        assert any("/train/" in k for k in written)
+
+
+def test_a_worker_killed_mid_call_is_rerun_by_ray_with_the_same_model(store_url, monkeypatch):
+    with Engine(store_url, "tless") as local:
+        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.setenv("MLWF_FAULTS", "train:1:exit:1")  # reaches the workers through runtime_env
+    with Engine(store_url, "tless", backend="ray", transfer="direct", retries=0) as engine:
+        report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert report["model_digest"] == clean["model_digest"]
+    # The worker did die (the fault was claimed) and Ray, not the driver, ran the call again.
+    assert (Path(tempfile.gettempdir()) / "mlwf-faults" / report["run_id"] / "train-1-exit-1-0").exists()
+    assert report["stages"]["train"]["attempts"] == 4
+
+
+def test_a_hung_call_is_timed_out_its_worker_killed_and_the_call_rerun(store_url, monkeypatch):
+    with Engine(store_url, "tless") as local:
+        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.setenv("MLWF_FAULTS", "train:1:hang:1")
+    with Engine(store_url, "tless", backend="ray", transfer="direct", stage_timeouts={"train": 3}) as engine:
+        report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+        assert report["model_digest"] == clean["model_digest"]
+        deadline = time.monotonic() + 10  # the stuck task was cancelled: its CPU comes back
+        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_a_stage_error_on_ray_is_the_stages_own_one_line_error(store_url):
+    with Engine(store_url, "tless", backend="ray") as engine, \
+            pytest.raises(DataError, match=r"^no objects under prefix 'ml-training/nothing/'"):
+        engine.run_training("ml-training/nothing", 2, 4, config=FAST)
+
+
+def test_s3_settings_reach_the_ray_workers(s3_env, digits_dir, store_url):
+    store = StoreSpec("s3://", s3_env).open()
+    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX)
+    with Engine(store_url, "tless") as local:
+        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    with Engine("s3://", s3_env, backend="ray") as engine:
+        report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    assert report["model_digest"] == clean["model_digest"]
+    assert any(o.key.startswith(f"ml-training/outputs/{report['run_id']}/train/")
+               for o in store.list("ml-training/outputs/"))
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli_runs_both_workflows_on_ray_with_one_json_report_each(capsys, store_url):
+    where = ["--store", store_url, "--bucket", "tless", "--backend", "ray"]
+    assert main(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--json", "--transfer", "direct",
+                 "--stage-cpus", "train=1", "--stage-memory", "train=64", *where, *FAST_FLAGS]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1, out
+    train = json.loads(out)
+    assert train["backend"] == "ray" and train["transfer"] == "direct" and train["num_images"] == 600
+    assert main(["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "3", "--json", *where]) == 0
+    out, err = capsys.readouterr()
+    infer = json.loads(out)
+    assert infer["backend"] == "ray" and infer["num_predicted"] == 120
+    assert infer["model_digest"] == train["model_digest"]
+
+
+def test_without_ray_installed_the_cli_says_how_to_install_it(store_url):
+    code, out, err, _ = _cli(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--backend", "ray",
+                              "--store", store_url, *FAST_FLAGS], prelude="sys.modules['ray'] = None")
+    assert code == 2 and out == ""
+    assert err.splitlines() == ["mlwf: error: the Ray backend needs Ray: pip install 'mlwf[ray]'"]
+
+
+def test_an_address_where_nothing_listens_fails_at_once_with_one_line(store_url):
+    port = free_port()
+    code, out, err, took = _cli(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--backend", "ray",
+                                 "--ray-address", f"127.0.0.1:{port}", "--store", store_url, *FAST_FLAGS])
+    assert code == 2 and out == "" and took < 15, (took, err)
+    [line] = err.splitlines()
+    assert line.startswith(f"mlwf: error: no Ray cluster answers at 127.0.0.1:{port} (")
+    assert "--ray-address" in line
+
+
+def test_an_address_that_accepts_but_never_answers_fails_within_the_bound(store_url):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: accepted.extend(silent.accept() for _ in range(2)), daemon=True).start()
+    try:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        code, out, err, took = _cli(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--backend", "ray",
+                                     "--ray-address", address, "--store", store_url, *FAST_FLAGS],
+                                    env={"MLWF_RAY_CONNECT_TIMEOUT": "3"})
+    finally:
+        silent.close()
+    assert code == 2 and out == "" and took < 12, (took, err)
+    [line] = err.splitlines()
+    assert line.startswith(f"mlwf: error: no Ray cluster answers at {address} (")
+
+
+def test_more_cpus_or_memory_than_any_node_is_refused_before_anything_runs(capsys, store_url):
+    where = ["--store", store_url, "--bucket", "tless", "--backend", "ray"]
+    t = time.monotonic()
+    line = _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--stage-cpus", "train=64",
+                                    *where, *FAST_FLAGS])
+    assert "stage train asks for 64 CPUs per call, but no node of the Ray cluster has that much" in line
+    assert "--stage-cpus" in line
+    line = _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--stage-memory",
+                                    "pca=100000000", *where, *FAST_FLAGS])
+    assert "stage pca asks for 1 CPU and 100000000 MB per call" in line
+    assert time.monotonic() - t < 10
+    assert not list(StoreSpec(store_url, "tless").open().list("ml-training/outputs/"))  # no run was started
+
+
+@pytest.mark.parametrize("flag, match", [
+    (["--stage-cpus", "train"], "--stage-cpus 'train': expected STAGE=N"),
+    (["--stage-cpus", "train=0"], "--stage-cpus 'train=0': expected STAGE=N"),
+    (["--stage-memory", "train=lots"], "--stage-memory 'train=lots': expected STAGE=MB"),
+    (["--stage-cpus", "fit=2"], "unknown stage 'fit'"),
+])
+def test_bad_stage_resource_flags_are_one_line(capsys, store_url, flag, match):
+    line = _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--backend", "ray",
+                                    "--store", store_url, *flag])
+    assert match in line
+
+
+def test_a_local_store_with_a_remote_cluster_needs_shared_store(capsys, store_url):
+    line = _one_error_line(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--backend", "ray",
+                                    "--ray-address", "10.1.2.3:6379", "--store", store_url, *FAST_FLAGS])
+    assert f"the store {store_url} is a directory on this machine" in line
+    assert "10.1.2.3:6379" in line and "--shared-store" in line and "s3://" in line
+    # Stated as shared, or on S3, the same cluster is accepted (checked before connecting).
+    RayBackend("10.1.2.3:6379", store_url=store_url, shared_store=True)._check_store_before_connecting(store_url)
+    RayBackend("10.1.2.3:6379")._check_store_before_connecting("s3://")
+
+
+def test_a_local_store_is_refused_when_the_joined_cluster_has_nodes_elsewhere(store_url, monkeypatch):
+    backend = RayBackend()
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.9.8.7", "Resources": {"CPU": 4.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    with pytest.raises(UsageError, match=r"nodes on other hosts \(10\.9\.8\.7\).*--shared-store"):
+        backend._check_store(store_url)
+    RayBackend(shared_store=True)._check_store(store_url)
