@@ -12,7 +12,6 @@ fresh-pool runs without a fault; both must give the same model digest.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,16 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import TRAIN, machine, prepare  # noqa: E402
+from run import TRAIN, arguments, machine, prepare  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fashion", type=Path, default=HERE.parent.parent / "shared/datasets/fashion-mnist")
-    p.add_argument("--data", type=Path, default=HERE / "data")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    a = p.parse_args()
+    a = arguments(__doc__, repeats=7).parse_args()
     from mlwf.engine.driver import Engine
 
     store = prepare(a.fashion, a.data)

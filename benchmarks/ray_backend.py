@@ -18,7 +18,6 @@ median over the measured runs, from the run reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import TRAIN, machine, prepare, stats  # noqa: E402
+from run import TRAIN, arguments, machine, prepare, stats  # noqa: E402
 
 CONFIGS = [("local", "direct"), ("ray", "direct"), ("local", "store"), ("ray", "store")]
 
@@ -45,12 +44,7 @@ def edge_medians(reports: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fashion", type=Path, default=HERE.parent.parent / "shared/datasets/fashion-mnist")
-    p.add_argument("--data", type=Path, default=HERE / "data")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    a = p.parse_args()
+    a = arguments(__doc__, repeats=5).parse_args()
 
     import ray
 

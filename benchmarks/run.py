@@ -103,13 +103,19 @@ def machine() -> dict:
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fashion", type=Path, default=HERE.parent.parent / "shared/datasets/fashion-mnist")
-    p.add_argument("--data", type=Path, default=HERE / "data")
-    p.add_argument("--repeats", type=int, default=5)
+def arguments(doc: str, repeats: int = 5) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: where the data is and goes, and how often to run."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fashion", type=Path, default=HERE.parent.parent / "shared/datasets/fashion-mnist",
+                   help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--data", type=Path, default=HERE / "data", help="where the PNG store is built (git-ignored)")
+    p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--out", type=Path, default=HERE / "results")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = arguments(__doc__).parse_args()
 
     from mlwf.engine.driver import Engine
 
