@@ -212,3 +212,23 @@ def test_runs_ls_and_gc_keep_models_and_recent_runs(trained, capsys):
     assert mlwf.model.load("ml-inference/model", store=engine.store).digest == third["model_digest"]
     # The model version the first run published is never collected.
     assert engine.store.exists(f"ml-inference/model/versions/{first['model_digest']}.mlwf")
+
+
+def test_a_store_failing_for_a_while_is_retried_and_the_run_completes(engine, monkeypatch):
+    clean = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    # Every worker's first image fetch fails, and every store operation is slow.
+    monkeypatch.setenv("MLWF_STORE_FAULTS", "get_many:1,latency_ms:2")
+    with Engine(engine.spec.url, "tless", retries=2) as e:
+        report = e.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert report["model_digest"] == clean["model_digest"]
+    assert report["stages"]["pca"]["attempts"] > 2
+
+
+def test_a_store_that_keeps_failing_fails_the_run_in_one_line(trained, monkeypatch):
+    engine, first = trained
+    monkeypatch.setenv("MLWF_STORE_FAULTS", "get_many:99")
+    with Engine(engine.spec.url, "tless", retries=1) as e, pytest.raises(MlwfError) as info:
+        e.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    assert "injected store fault in get_many" in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.delenv("MLWF_STORE_FAULTS")
+    assert mlwf.model.load("ml-inference/model", store=engine.store).digest == first["model_digest"]

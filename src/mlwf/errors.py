@@ -22,6 +22,10 @@ class StoreError(MlwfError):
     """The object store could not do what was asked."""
 
 
+class TransientStoreError(StoreError):
+    """The store failed in a way worth retrying (the engine retries the call)."""
+
+
 class NotFoundError(StoreError):
     """A key, prefix or bucket does not exist."""
 

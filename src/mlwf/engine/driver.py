@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.runner import decode_ref_bytes
-from mlwf.errors import MlwfError, StageError, UsageError
+from mlwf.errors import MlwfError, StageError, TransientStoreError, UsageError
 from mlwf.storage import StoreSpec, join_key
 
 from mlwf.engine import BACKENDS, TRANSFERS, make_backend
@@ -280,7 +280,7 @@ class Run:
                     try:
                         outcome = fut.result()
                     except MlwfError as e:
-                        if not isinstance(e, StageError) or attempt >= self.engine.retries:
+                        if not isinstance(e, (StageError, TransientStoreError)) or attempt >= self.engine.retries:
                             raise
                         submit(call, attempt + 1, pause=True)
                         continue

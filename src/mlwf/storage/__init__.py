@@ -63,7 +63,9 @@ class StoreSpec:
         return not self.url.startswith("s3://")
 
     def open(self) -> Store:
-        return open_store(self.url, self.bucket)
+        from mlwf.storage.faulty import wrap_if_asked  # test-only fault injection, off by default
+
+        return wrap_if_asked(open_store(self.url, self.bucket))
 
 
 def open_store(url: str, bucket: str) -> Store:

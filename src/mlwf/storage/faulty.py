@@ -1,0 +1,96 @@
+"""A store wrapper that injects errors and latency, for tests only.
+
+Off unless ``MLWF_STORE_FAULTS`` is set, e.g. ``"get_many:2,latency_ms:20"``:
+the first 2 ``get_many`` calls in each process raise
+:class:`~mlwf.errors.TransientStoreError` (a store that fails for a while:
+the engine retries the call), and every operation waits 20 ms first. Any
+operation name of :class:`~mlwf.storage.base.Store` can be given a count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mlwf.errors import TransientStoreError
+from mlwf.storage.base import Store
+
+ENV = "MLWF_STORE_FAULTS"
+_OPS = ("list", "get", "get_many", "put", "put_many", "delete", "delete_many", "exists")
+
+
+def parse(spec: str) -> tuple[dict[str, int], float]:
+    failures, latency = {}, 0.0
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{ENV}: bad entry {item!r}, expected OP:COUNT or latency_ms:MS") from None
+        if name == "latency_ms":
+            latency = number / 1000
+        elif name in _OPS:
+            failures[name] = int(number)
+        else:
+            raise ValueError(f"{ENV}: unknown operation {name!r}: use one of {', '.join(_OPS)} or latency_ms")
+    return failures, latency
+
+
+class FaultyStore(Store):
+    """Wraps a store; fails the first N calls of chosen operations and delays every call."""
+
+    def __init__(self, inner: Store, failures: dict[str, int], latency_s: float = 0.0):
+        self.inner = inner
+        self.url = inner.url
+        self.bucket = inner.bucket
+        self.remaining = dict(failures)
+        self.latency_s = latency_s
+
+    def _op(self, name: str, *args):
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.remaining.get(name, 0) > 0:
+            self.remaining[name] -= 1
+            raise TransientStoreError(f"injected store fault in {name} (pid {os.getpid()})")
+        return getattr(self.inner, name)(*args)
+
+    def list(self, prefix=""):
+        return self._op("list", prefix)
+
+    def get(self, key):
+        return self._op("get", key)
+
+    def get_many(self, keys):
+        return self._op("get_many", keys)
+
+    def put(self, key, data):
+        return self._op("put", key, data)
+
+    def put_many(self, items):
+        return self._op("put_many", items)
+
+    def delete(self, key):
+        return self._op("delete", key)
+
+    def delete_many(self, keys):
+        return self._op("delete_many", keys)
+
+    def exists(self, key):
+        return self._op("exists", key)
+
+    def bucket_exists(self):
+        return self.inner.bucket_exists()
+
+    def create_bucket(self):
+        return self.inner.create_bucket()
+
+    def close(self):
+        self.inner.close()
+
+
+def wrap_if_asked(store: Store) -> Store:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return store
+    failures, latency = parse(spec)
+    return FaultyStore(store, failures, latency)
