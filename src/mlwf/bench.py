@@ -111,25 +111,6 @@ def split_list(value: str | list[str], what: str, allowed: tuple[str, ...]) -> l
 
 
 # --------------------------------------------------------------------------- checks before running anything
-def _backend_transfers(backend: str) -> tuple[str, ...]:
-    """The transfers a backend can do, from its class (without starting it)."""
-    if backend == "local":
-        from mlwf.engine.local import LocalBackend as cls
-    elif backend == "ray":
-        try:
-            from mlwf.engine.ray import RayBackend as cls
-        except ModuleNotFoundError as e:
-            if e.name and e.name.split(".")[0] == "ray":
-                raise UsageError("the Ray backend needs Ray: pip install 'mlwf[ray]'") from None
-            raise
-    else:
-        try:
-            from mlwf.engine.knative import KnativeBackend as cls
-        except ModuleNotFoundError:
-            raise UsageError("the Knative backend needs its client libraries: pip install 'mlwf[knative]'") from None
-    return tuple(cls.transfers)
-
-
 def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
     """Refuse, in one line, an ``--endpoint`` whose service does not answer HTTP (``GET /healthz``)."""
     import httpx
@@ -148,9 +129,11 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
 
 def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str, str]]:
     """The (backend, transfer) pairs to measure; pairs a backend cannot do are skipped with a note."""
+    from mlwf.engine import backend_class
+
     pairs = []
     for backend in spec.backends:
-        can = _backend_transfers(backend)
+        can = tuple(backend_class(backend).transfers)
         for transfer in spec.transfers:
             if transfer in can:
                 pairs.append((backend, transfer))

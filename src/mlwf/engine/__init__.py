@@ -21,18 +21,16 @@ BACKENDS = ("local", "ray", "knative")
 TRANSFERS = ("store", "direct")
 
 
-def make_backend(name: str, *, workers: int | None = None, preload_sklearn: bool = True,
-                 options: dict[str, Any] | None = None):
-    """Create the backend called ``name``.
+def backend_class(name: str):
+    """The class of the backend called ``name`` (imported, not started).
 
     Raises :class:`UsageError` for an unknown backend, or one whose optional
     dependencies are not installed (with the command that installs them).
     """
-    options = options or {}
     if name == "local":
         from mlwf.engine.local import LocalBackend
 
-        return LocalBackend(workers, preload_sklearn=preload_sklearn)
+        return LocalBackend
     if name == "ray":
         try:
             from mlwf.engine.ray import RayBackend
@@ -40,7 +38,7 @@ def make_backend(name: str, *, workers: int | None = None, preload_sklearn: bool
             if e.name and e.name.split(".")[0] == "ray":
                 raise UsageError("the Ray backend needs Ray: pip install 'mlwf[ray]'") from None
             raise
-        return RayBackend(**options)
+        return RayBackend
     if name == "knative":
         try:
             from mlwf.engine.knative import KnativeBackend
@@ -48,5 +46,14 @@ def make_backend(name: str, *, workers: int | None = None, preload_sklearn: bool
             if e.name and e.name.split(".")[0] in ("httpx", "cloudevents"):
                 raise UsageError("the Knative backend needs its client libraries: pip install 'mlwf[knative]'") from None
             raise
-        return KnativeBackend(**options)
+        return KnativeBackend
     raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def make_backend(name: str, *, workers: int | None = None, preload_sklearn: bool = True,
+                 options: dict[str, Any] | None = None):
+    """Create the backend called ``name`` (see :func:`backend_class` for the errors)."""
+    cls = backend_class(name)
+    if name == "local":
+        return cls(workers, preload_sklearn=preload_sklearn)
+    return cls(**(options or {}))
