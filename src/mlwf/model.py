@@ -118,6 +118,7 @@ class Model:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: SHA-256 of the bytes this model was loaded from or serialized to.
     digest: str | None = None
+    _children: list = field(default_factory=list, repr=False, compare=False)
 
     # ---------------------------------------------------------------- predict
     def predict_proba(self, images) -> np.ndarray:
@@ -147,15 +148,21 @@ class Model:
 
     def _proba_batch(self, pixels: np.ndarray) -> np.ndarray:
         projected = [project(pixels, p["mean"], p["components"]) for p in self.projections]
-        acc = np.zeros((len(pixels), len(self.classes)), dtype=np.float64)
+        n = len(pixels)
+        acc = np.zeros((n, len(self.classes)), dtype=np.float64)
         n_trees = 0
-        for m in self.members:
+        if len(self._children) != len(self.members):
+            # Left and right child side by side: one gather per level picks the branch.
+            self._children = [np.stack([m["left"], m["right"]], axis=1).ravel() for m in self.members]
+        for m, children in zip(self.members, self._children):
             x = projected[m["projection"]]
-            nodes = np.broadcast_to(m["roots"], (len(pixels), len(m["roots"]))).copy()
+            flat = x.ravel()
+            row_start = (np.arange(n, dtype=np.int64) * x.shape[1])[:, None]
+            nodes = np.broadcast_to(m["roots"], (n, len(m["roots"]))).copy()
             for _ in range(m["max_depth"]):
-                f = m["feature"][nodes]
-                go_left = np.take_along_axis(x, f, axis=1) <= m["threshold"][nodes]
-                nodes = np.where(go_left, m["left"][nodes], m["right"][nodes])
+                # Every tree, every image, one level down (a leaf points to itself).
+                go_right = flat[row_start + m["feature"][nodes]] > m["threshold"][nodes]
+                nodes = children[2 * nodes + go_right]
             values = m["leaf_value"][m["leaf_index"][nodes]]  # (n, trees, classes)
             # Tree by tree, so a row's sum never depends on the rows beside it.
             for t in range(values.shape[1]):
