@@ -25,7 +25,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import train_test_split
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     image_size: int = 64
     n_components: int = 10

@@ -319,15 +319,10 @@ class NoopServer:
         raise RuntimeError(f"no-op responder did not answer on {self.endpoint} within {timeout} s")
 
     def stop(self) -> None:
+        from tests.s3server import stop_process
+
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 # --------------------------------------------------------------------------- data

@@ -29,7 +29,7 @@ import uuid
 
 import pytest
 
-__all__ = ["FaultProxy", "MotoServer", "free_port", "s3_env", "s3_server", "S3_ENV_VARS"]
+__all__ = ["FaultProxy", "MotoServer", "free_port", "stop_process", "s3_env", "s3_server", "S3_ENV_VARS"]
 
 #: Variables that could point a store elsewhere; ``s3_env`` clears them.
 S3_ENV_VARS = (
@@ -51,6 +51,18 @@ S3_ENV_VARS = (
     "MLWF_S3_TIMEOUT",
     "MLWF_S3_CONCURRENCY",
 )
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """Terminate a helper server process, killing it if it does not exit within ``grace`` seconds."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
 
 
 def free_port() -> int:
@@ -118,14 +130,7 @@ class MotoServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
     def restart(self) -> MotoServer:
         """Stop and start again on the same port (all data is lost)."""

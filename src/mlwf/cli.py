@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -278,8 +279,6 @@ def _run(args) -> int:
     from mlwf.engine.driver import Engine
     from mlwf.engine.trace import StageClock
     from mlwf.ui import StageProgress
-
-    import contextlib
 
     # Under --json only the report goes to stdout (Ray prints worker-death notices there).
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()

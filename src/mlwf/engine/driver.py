@@ -387,10 +387,11 @@ class Run:
             by_producer[call.stage] += outcome.timings.get("encode_ms", 0.0)
             put_by_producer[call.stage] += outcome.timings.get("put_ms", 0.0) + outcome.timings.get("return_ms", 0.0)
         # A producer's serialization and puts are shared among its outgoing edges by bytes.
+        out_bytes = defaultdict(int)
         for e in edges:
-            outgoing = [x for x in edges if x["from"] == e["from"]]
-            total = sum(x["bytes"] for x in outgoing) or 1
-            share = e["bytes"] / total
+            out_bytes[e["from"]] += e["bytes"]
+        for e in edges:
+            share = e["bytes"] / (out_bytes[e["from"]] or 1)
             e["serialize_ms"] = round(by_producer.get(e["from"], 0.0) * share, 3)
             e["transfer_ms"] = round(e["transfer_ms"] + put_by_producer.get(e["from"], 0.0) * share, 3)
         transfer_ms = sum(e["serialize_ms"] + e["transfer_ms"] + e["deserialize_ms"]
