@@ -176,6 +176,12 @@ class MotoServer:
         self.stop()
 
 
+class _ProxyServer(http.server.ThreadingHTTPServer):
+    # The default backlog of 5 drops connections when two workers open 64 each at once:
+    # that would test this proxy, not the client.
+    request_queue_size = 1024
+
+
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that misbehaves first.
 
@@ -199,7 +205,7 @@ class FaultProxy:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _ProxyServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)

@@ -97,6 +97,8 @@ def test_missing_bucket_is_one_line_unless_asked_to_create(s3_env, digits_dir, c
 def test_a_server_answering_503_for_a_while_is_retried_and_the_run_completes(s3_data, s3_server, monkeypatch):
     with FaultProxy(s3_server.endpoint, failures=6, mode="503") as proxy:
         monkeypatch.setenv("S3_PORT", str(proxy.port))
+        # The proxy is a small Python server in the test process: keep its load modest.
+        monkeypatch.setenv("MLWF_S3_CONCURRENCY", "16")
         with Engine("s3://", s3_data) as engine:
             report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
     assert proxy.faults == 6 and report["validation_accuracy"] > 0.8
