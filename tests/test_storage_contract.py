@@ -227,3 +227,94 @@ def test_objects_put_by_boto3_are_readable(s3_server, s3_env):
     # and the other way round
     store.put("ours/ü x", b"ours")
     assert client.get_object(Bucket=s3_env, Key="ours/ü x")["Body"].read() == b"ours"
+
+
+# --------------------------------------------------------------------------- conditional writes
+def test_put_if_absent_creates_once(store):
+    assert store.put_if_absent("markers/a", b"first") is True
+    assert store.put_if_absent("markers/a", b"second") is False
+    assert store.get("markers/a") == b"first"
+    # The same bytes again count as written: a retried request whose first attempt landed.
+    assert store.put_if_absent("markers/a", b"first") is True
+    assert [o.key for o in store.list("markers/")] == ["markers/a"]
+
+
+def test_put_if_absent_has_one_winner_among_concurrent_writers(backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [backend() for _ in range(8)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(lambda i: stores[i].put_if_absent("join/done", f"writer {i}".encode()), range(8)))
+        assert sum(won) == 1
+        assert stores[0].get("join/done") == f"writer {won.index(True)}".encode()
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_put_if_tag_is_compare_and_swap(store):
+    store.put("manifest", b"v1")
+    data, tag = store.get_tagged("manifest")
+    assert data == b"v1"
+    store.put("manifest", b"v2")  # someone else wrote meanwhile
+    assert store.put_if_tag("manifest", b"v1+mine", tag) is False
+    assert store.get("manifest") == b"v2"
+    data, tag = store.get_tagged("manifest")
+    assert store.put_if_tag("manifest", b"v2+mine", tag) is True
+    assert store.get("manifest") == b"v2+mine"
+    store.delete("manifest")
+    assert store.put_if_tag("manifest", b"v3", tag) is False
+    assert not store.exists("manifest")
+    with pytest.raises(NotFoundError):
+        store.get_tagged("manifest")
+
+
+def test_put_if_tag_loses_no_update_under_contention(backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = backend()
+    first.put("counter", b"0")
+
+    def add(times: int) -> None:
+        s = backend()
+        try:
+            for _ in range(times):
+                while True:
+                    data, tag = s.get_tagged("counter")
+                    if s.put_if_tag("counter", str(int(data) + 1).encode(), tag):
+                        break
+        finally:
+            s.close()
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(add, [5] * 6))
+    assert first.get("counter") == b"30"
+    first.close()
+
+
+def test_local_compare_and_swap_holds_across_processes(tmp_path):
+    import multiprocessing as mp
+
+    root = tmp_path / "store"
+    LocalStore(root, "tless").create_bucket()
+    LocalStore(root, "tless").put("counter", b"0")
+    ctx = mp.get_context("forkserver")
+    procs = [ctx.Process(target=_increment, args=(str(root), 10)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert LocalStore(root, "tless").get("counter") == b"40"
+    # The lock lives outside the bucket: it is never listed as an object.
+    assert [o.key for o in LocalStore(root, "tless").list()] == ["counter"]
+
+
+def _increment(root: str, times: int) -> None:
+    store = LocalStore(root, "tless")
+    for _ in range(times):
+        while True:
+            data, tag = store.get_tagged("counter")
+            if store.put_if_tag("counter", str(int(data) + 1).encode(), tag):
+                break

@@ -107,6 +107,35 @@ class Store(abc.ABC):
             self.put(key, data)
 
     @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if no object is there; return whether it was written.
+
+        Atomic against every other writer of the store, in any process or on
+        any host that shares it: of several concurrent calls for one key, one
+        writes. A key that already holds exactly ``data`` also returns True
+        (a retried request whose first attempt landed), so a caller that needs
+        to know which writer won must write bytes unique to it.
+        """
+
+    @abc.abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The bytes of ``key`` and a tag naming this version of it (for :meth:`put_if_tag`).
+
+        Raises :class:`~mlwf.errors.NotFoundError` if absent.
+        """
+
+    @abc.abstractmethod
+    def put_if_tag(self, key: str, data: bytes, tag: str) -> bool:
+        """Replace ``key`` with ``data`` only if it still is the version ``tag`` names.
+
+        Returns False, writing nothing, if another writer replaced or deleted
+        it since :meth:`get_tagged` (compare-and-swap: read, change, retry).
+        On S3 a request retried after a lost answer may find its own write and
+        return False too: a caller reads again and sees whether its change is
+        already in.
+        """
+
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error (as on S3)."""
 

@@ -16,7 +16,8 @@ from mlwf.errors import TransientStoreError
 from mlwf.storage.base import Store
 
 ENV = "MLWF_STORE_FAULTS"
-_OPS = ("list", "get", "get_many", "put", "put_many", "delete", "delete_many", "exists")
+_OPS = ("list", "get", "get_many", "put", "put_many", "put_if_absent", "get_tagged", "put_if_tag", "delete",
+        "delete_many", "exists")
 
 
 def parse(spec: str) -> tuple[dict[str, int], float]:
@@ -68,6 +69,15 @@ class FaultyStore(Store):
 
     def put_many(self, items):
         return self._op("put_many", items)
+
+    def put_if_absent(self, key, data):
+        return self._op("put_if_absent", key, data)
+
+    def get_tagged(self, key):
+        return self._op("get_tagged", key)
+
+    def put_if_tag(self, key, data, tag):
+        return self._op("put_if_tag", key, data, tag)
 
     def delete(self, key):
         return self._op("delete", key)

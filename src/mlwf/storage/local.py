@@ -9,6 +9,9 @@ reader never sees half an object.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +21,8 @@ from mlwf.errors import NotFoundError, StoreError
 from mlwf.storage.base import ObjectInfo, Store, check_key, check_prefix
 
 TMP_PREFIX = ".mlwf-tmp-"
+#: Beside the bucket folders; a bucket name cannot start with a dot.
+LOCK_FOLDER = ".mlwf-locks"
 
 
 class LocalStore(Store):
@@ -100,20 +105,95 @@ class LocalStore(Store):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+        with self._writing(key):
+            tmp = self._write_temporary(path, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
                 os.replace(tmp, path)
             except BaseException:
                 _unlink(tmp)
                 raise
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        with self._writing(key):
+            tmp = self._write_temporary(path, data)
+            try:
+                # link() fails if the name exists: an atomic create, also on NFS.
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                pass
+            finally:
+                _unlink(tmp)
+        return self._holds(key, data)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _tag(data)
+
+    def put_if_tag(self, key: str, data: bytes, tag: str) -> bool:
+        path = self._path(key)
+        with self._bucket_lock(), self._writing(key):
+            try:
+                current = self.get(key)
+            except NotFoundError:
+                return False
+            if _tag(current) != tag:
+                return False
+            tmp = self._write_temporary(path, data)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink(tmp)
+                raise
+            return True
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key) == data
+        except NotFoundError:
+            return False
+
+    def _write_temporary(self, path: Path, data: bytes) -> str:
+        """``data`` in a hidden temporary file beside ``path`` (renamed or linked into place by the caller)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return tmp
+
+    @contextlib.contextmanager
+    def _writing(self, key: str):
+        """Turn the file system's failures while writing ``key`` into one-line StoreErrors."""
+        try:
+            yield
         except (NotADirectoryError, FileExistsError, IsADirectoryError) as e:
             raise StoreError(f"cannot write {key!r} in {self.url}: a path segment is an object, not a folder") from e
         except OSError as e:
             raise StoreError(f"cannot write {key!r} in {self.url}: {e.strerror}") from e
+
+    @contextlib.contextmanager
+    def _bucket_lock(self):
+        """An exclusive lock on the bucket for compare-and-swap, held across processes.
+
+        The lock file lives beside the bucket folders, in a folder no bucket
+        can be named after, so it never shows up as an object.
+        """
+        folder = self.root / LOCK_FOLDER
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / f"{self.bucket}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise StoreError(f"cannot lock bucket {self.bucket!r} in {self.url}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -136,6 +216,10 @@ def check_bucket_name(bucket: str) -> str:
     if not bucket or "/" in bucket or "\\" in bucket or bucket in (".", "..") or bucket.startswith("."):
         raise StoreError(f"refused bucket name {bucket!r}: use a plain name such as 'tless'")
     return bucket
+
+
+def _tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _within(path: Path, root: Path) -> bool:

@@ -636,6 +636,56 @@ class S3Store(Store):
 
         self._call("put", key, lambda: obstore.put(self._client(), key, data, use_multipart=False))
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        self._check_object_key(key)
+        data = self._check_data(key, data)
+        import obstore
+        from obstore import exceptions as oe
+
+        def run() -> bool:
+            try:
+                obstore.put(self._client(), key, data, mode="create", use_multipart=False)  # If-None-Match: *
+                return True
+            except (oe.AlreadyExistsError, oe.PreconditionError):
+                return self._holds(key, data)
+
+        return self._call("create", key, run)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        self._check_object_key(key)
+        import obstore
+
+        def run() -> tuple[bytes, str]:
+            resp = obstore.get(self._client(), key)
+            tag = resp.meta.get("e_tag")
+            if not tag:
+                raise StoreError(f"the S3 server at {self.url} gave no ETag for {key!r}: it cannot do "
+                                 "conditional writes, which mlwf needs to update shared objects safely")
+            return bytes(resp.bytes()), tag
+
+        return self._call("get", key, run)
+
+    def put_if_tag(self, key: str, data: bytes, tag: str) -> bool:
+        self._check_object_key(key)
+        data = self._check_data(key, data)
+        import obstore
+        from obstore import exceptions as oe
+
+        def run() -> bool:
+            try:
+                obstore.put(self._client(), key, data, mode={"e_tag": tag}, use_multipart=False)  # If-Match
+                return True
+            except (oe.PreconditionError, oe.NotFoundError, FileNotFoundError):
+                return False
+
+        return self._call("replace", key, run)
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            return self.get(key) == data
+        except NotFoundError:
+            return False
+
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         # Consume the iterable in chunks so a generator of large objects is
         # never held in memory all at once.
