@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
     rls = rs.add_parser("ls", help="list runs with status and stage progress")
     _common(rls)
+    rsh = rs.add_parser("show", help="one run: parameters, status, per-stage figures, accuracy, "
+                                     "confusion matrix, where its outputs are")
+    rsh.add_argument("run_id", metavar="RUN_ID")
+    _common(rsh)
     rgc = rs.add_parser("gc", help="delete intermediate outputs of old runs (never a published model)")
     rgc.add_argument("--keep", type=int, required=True, help="keep the N newest runs of each workflow")
     _common(rgc)
@@ -230,7 +234,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status after the reader of our output went away (as a process killed by SIGPIPE).
+CLOSED_PIPE_EXIT = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``mlwf`` command line; return the exit status.
+
+    A reader that stops early (``mlwf runs ls | head -1``) is a normal way to
+    stop: the command then exits quietly with status 141, as a Unix tool
+    stopped by SIGPIPE does.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _quiet_closed_streams()
+        return CLOSED_PIPE_EXIT
+
+
+def _quiet_closed_streams() -> None:
+    """Point stdout and stderr at /dev/null, so flushing them at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass  # not a file descriptor (a test's captured stream)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
@@ -244,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlwf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # the reader went away: main() exits quietly
     except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
             raise
@@ -424,8 +461,8 @@ def _model(args) -> int:
         result = {"prefix": args.prefix, "sha256": manifest["sha256"], "object": manifest["object"],
                   "run_id": manifest.get("run_id"), "replaced": current["sha256"]}
         print(json.dumps(result) if args.json else
-              f"{args.prefix} now holds {manifest['sha256'][:16]}… (run {manifest.get('run_id')}); "
-              f"replaced {current['sha256'][:16]}…")
+              f"{args.prefix} now holds {manifest['sha256']} (run {manifest.get('run_id')}); "
+              f"replaced {current['sha256']}")
         return 0
     try:
         data, manifest = mlwf_model.read_published(store.get, args.prefix,
@@ -460,6 +497,15 @@ def _runs(args) -> int:
                 for r in found:
                     progress = "  ".join(f"{s} {p}" for s, p in r["progress"].items())
                     print(f"{r['run_id']}  {r['workflow']:<12}  {r['status']:<9}  {progress}")
+            return 0
+        if args.runs_command == "show":
+            info = runs.show_run(store, args.run_id)
+            if args.json:
+                print(json.dumps(info))
+            else:
+                from mlwf.ui import print_run
+
+                print_run(info)
             return 0
         result = runs.gc_runs(store, args.keep)
     finally:

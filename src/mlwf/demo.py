@@ -3,6 +3,10 @@
 Writes the digits as PNG class folders, uploads the first 1,497 as the training
 set and the last 300 as a batch to classify, trains (2 PCA, 8 forests),
 publishes the model, and classifies the batch with 4 predict functions.
+
+Everything the demo writes lives under its own prefix, ``mlwf-demo/`` (its
+images and its model), and under the two runs' own output folders: it never
+replaces a model published elsewhere, such as ``ml-inference/model``.
 """
 
 from __future__ import annotations
@@ -11,23 +15,38 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TRAIN_PREFIX = "ml-training/digits"
-BATCH_PREFIX = "ml-inference/digits-batch"
-MODEL_PREFIX = "ml-inference/model"
+DEMO_PREFIX = "mlwf-demo"
+TRAIN_PREFIX = f"{DEMO_PREFIX}/digits-train"
+BATCH_PREFIX = f"{DEMO_PREFIX}/digits-batch"
+MODEL_PREFIX = f"{DEMO_PREFIX}/model"
 NUM_DIGITS = 1797
 BATCH = 300
 
 
 def run_demo(store: str | None = None, bucket: str | None = None, workers: int | None = None,
              quiet: bool = False) -> dict[str, Any]:
-    """Run the demo and return both reports; prints a summary unless ``quiet``."""
-    from rich.console import Console
+    """Run the demo and return both reports; prints a summary unless ``quiet``.
+
+    Parameters
+    ----------
+    store, bucket : where to run (default: the configured store and bucket).
+    workers : worker processes (default: one per core).
+    quiet : print nothing (``mlwf demo --json``).
+
+    Returns
+    -------
+    dict with the ``training`` and ``inference`` run reports.
+    """
+    from rich.markup import escape
 
     from mlwf import bulk, datasets
     from mlwf.engine.driver import Engine
-    from mlwf.ui import StageProgress, print_report
+    from mlwf.ui import StageProgress, print_report, stdout_console
 
-    console = Console(quiet=quiet)
+    def say(text: str) -> None:
+        if not quiet:
+            stdout_console().print(text)
+
     with tempfile.TemporaryDirectory(prefix="mlwf-demo-") as tmp:
         images = Path(tmp) / "digits"
         datasets.write_digits(images)
@@ -39,21 +58,23 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
             png.rename(target / png.name)
         with StageProgress(enabled=not quiet) as progress, \
                 Engine(store, bucket, workers=workers, progress=progress) as engine:
-            console.print(f"[bold]mlwf demo[/bold]: store {engine.spec.url}, bucket {engine.spec.bucket}")
+            say(f"[bold]mlwf demo[/bold]: store {escape(engine.spec.url)}, bucket {escape(engine.spec.bucket)}, "
+                f"everything under {DEMO_PREFIX}/")
             up1 = bulk.upload_dir(engine.store, train_dir, TRAIN_PREFIX, create_bucket=True)
             up2 = bulk.upload_dir(engine.store, batch_dir, BATCH_PREFIX, create_bucket=True)
-            console.print(f"uploaded {up1['files']} training images to {TRAIN_PREFIX}/ and "
-                          f"{up2['files']} unseen images to {BATCH_PREFIX}/")
-            console.print(f"\n[bold]1. mlwf run ml-training {TRAIN_PREFIX} 2 8[/bold]")
+            say(f"uploaded {up1['files']} training images to {TRAIN_PREFIX}/ and "
+                f"{up2['files']} unseen images to {BATCH_PREFIX}/")
+            say(f"\n[bold]1. mlwf run ml-training {TRAIN_PREFIX} 2 8 --model-prefix {MODEL_PREFIX}[/bold]")
             training = engine.run_training(TRAIN_PREFIX, 2, 8, model_prefix=MODEL_PREFIX)
             if not quiet:
-                print_report(training)
-            console.print(f"\n[bold]2. mlwf run ml-inference {MODEL_PREFIX} {BATCH_PREFIX} 4[/bold]")
+                print_report(training)  # ends the progress display first
+            say(f"\n[bold]2. mlwf run ml-inference {MODEL_PREFIX} {BATCH_PREFIX} 4[/bold]")
             inference = engine.run_inference(MODEL_PREFIX, BATCH_PREFIX, 4)
             if not quiet:
                 print_report(inference)
-    console.print(f"\nThe model classified {inference['num_predicted']} digits it never saw with "
-                  f"[bold]{100 * inference['accuracy']:.1f} %[/bold] accuracy "
-                  f"(validation accuracy during training: {100 * training['validation_accuracy']:.1f} %).")
-    console.print(f"Predictions: {inference['results_key']} in bucket {engine.spec.bucket}.")
+    say(f"\nThe model classified {inference['num_predicted']} digits it never saw with "
+        f"[bold]{100 * inference['accuracy']:.1f} %[/bold] accuracy "
+        f"(validation accuracy during training: {100 * training['validation_accuracy']:.1f} %).")
+    say(f"Predictions: {inference['results_key']} in bucket {escape(engine.spec.bucket)} "
+        f"(see them with: mlwf runs show {inference['run_id']}).")
     return {"training": training, "inference": inference}
