@@ -405,8 +405,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
     import numpy
-    import sklearn
 
     cpu = "unknown"
     try:
@@ -416,7 +417,7 @@ def machine() -> dict[str, Any]:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+            "numpy": numpy.__version__, "scikit-learn": version("scikit-learn"),
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 

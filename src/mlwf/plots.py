@@ -22,6 +22,7 @@ from mlwf.errors import UsageError
 #: Stage colours, fixed so a stage looks the same in every figure.
 STAGE_ORDER = ["partition", "pca", "train", "validation", "load", "predict"]
 _STAGE_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948"]
+STARTUP_COLOUR = "#bab0ac"  # worker start-up, drawn on the driver's row
 
 #: The reference's published end-to-end latencies, seconds, on its own servers (REFERENCE.md).
 REFERENCE = {
@@ -111,6 +112,10 @@ def gantt(trace: dict[str, Any], out: str | Path) -> Path:
         if cat == "run":
             bar(e, 0.7, "#d9d9d9", edgecolor="#7f7f7f", linewidth=0.6)
             ax.text(0.005 * t_end, y_of[(e["pid"], e.get("tid", 0))], e["name"], va="center", fontsize=7)
+        elif cat == "startup":
+            bar(e, 0.7, STARTUP_COLOUR, edgecolor="white", linewidth=0.5)
+            ax.text((e["ts"] + e["dur"] / 2) / 1e6, y_of[(e["pid"], e.get("tid", 0))], e["name"],
+                    ha="center", va="center", fontsize=6.5, color="black")
         elif cat in ("call", "stage"):
             stage = args.get("stage", e["name"])
             if stage not in stages_seen:
@@ -148,6 +153,8 @@ def gantt(trace: dict[str, Any], out: str | Path) -> Path:
         title += f" · end to end {other['e2e_ms'] / 1e3:.2f} s"
     ax.set_title(title or "run", fontsize=9)
     handles = [Patch(facecolor=stage_colour(s), label=s) for s in stages_seen]
+    if any(e.get("cat") == "startup" for e in events):
+        handles.append(Patch(facecolor=STARTUP_COLOUR, label="worker start-up"))
     grey = "#9c9c9c"
     handles += [Patch(facecolor=_darker(grey), label="store read/write (darker)"),
                 Patch(facecolor=_darker(grey, 0.75), hatch="////", edgecolor=_darker(grey),

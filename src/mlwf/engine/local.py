@@ -6,17 +6,28 @@ cheap and no thread of the driver (progress bars, S3 client runtimes) is ever
 forked. The pool is reused across stages and across runs of one
 :class:`~mlwf.engine.driver.Engine`. Each worker pins its BLAS to one thread:
 the parallelism is the functions, as on a serverless platform.
+
+Workers never run the driver's main script. Multiprocessing's forkserver and
+spawn start methods normally re-import ``__main__`` in every new worker, so a
+script that creates an engine without an ``if __name__ == "__main__":`` guard
+would start engines inside its own workers. Workers only ever run mlwf's
+stage code, so the fork server is told which main module the driver has
+(:func:`_adopt_driver_main`), and multiprocessing then sees it as already
+imported in every worker it forks.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from mlwf.engine import runner
 from mlwf.engine.calls import Call, Outcome, RunContext
+from mlwf.errors import StageError
 
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
@@ -24,6 +35,42 @@ _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS
 #: Environment a worker needs from the driver *now*, not from when the fork
 #: server started: store endpoints, credentials and limits.
 _FORWARDED_ENV = ("S3_", "AWS_", "MLWF_")
+
+
+#: Set only while the fork server starts: the driver's main module, as
+#: multiprocessing would describe it to a new worker.
+_DRIVER_MAIN_ENV = "MLWF_DRIVER_MAIN"
+
+
+def _driver_main() -> str:
+    """The driver's main module as multiprocessing tells each new worker to import it (JSON)."""
+    from multiprocessing import spawn
+
+    data = spawn.get_preparation_data("mlwf-worker")
+    return json.dumps({"path": data.get("init_main_from_path"), "name": data.get("init_main_from_name")})
+
+
+def _adopt_driver_main() -> None:
+    """In the fork server: take on the driver's main module's name and path, not its code.
+
+    Multiprocessing skips re-running the main script in a new worker when the
+    process it was forked from already has a ``__main__`` of that path (or
+    module name); workers forked from here therefore never run it.
+    """
+    described = os.environ.pop(_DRIVER_MAIN_ENV, None)
+    if not described:
+        return
+    from importlib.machinery import ModuleSpec
+
+    driver_main = json.loads(described)
+    main = sys.modules["__main__"]
+    if driver_main.get("path"):
+        main.__file__ = driver_main["path"]
+    if driver_main.get("name"):
+        main.__spec__ = ModuleSpec(driver_main["name"], None)
+
+
+_adopt_driver_main()
 
 
 def _init_worker(env: dict[str, str]) -> None:
@@ -43,8 +90,9 @@ class LocalBackend:
     #: driver and on to the next call; ``store`` puts them in the object store.
     transfers = ("store", "direct")
 
-    #: Imported once in the fork server, so no worker pays for them.
-    LIGHT = ["mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference", "mlwf.model",
+    #: Imported once in the fork server, so no worker pays for them (this
+    #: module first: it adopts the driver's main module, see above).
+    LIGHT = ["mlwf.engine.local", "mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference", "mlwf.model",
              "mlwf.images"]
     #: scikit-learn takes 0.6 s to import here; only training stages need it.
     HEAVY = ["sklearn.decomposition", "sklearn.ensemble"]
@@ -53,15 +101,17 @@ class LocalBackend:
         self.workers = workers or os.cpu_count() or 1
         self.preload = self.LIGHT + (self.HEAVY if preload_sklearn else [])
         self._pool: ProcessPoolExecutor | None = None
+        self._workers_started = False
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(self.preload)
-            saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+            saved = {k: os.environ.get(k) for k in (*_BLAS_ENV, _DRIVER_MAIN_ENV)}
             try:
                 for k in _BLAS_ENV:
                     os.environ[k] = "1"
+                os.environ[_DRIVER_MAIN_ENV] = _driver_main()
                 from multiprocessing import forkserver
 
                 forkserver.ensure_running()
@@ -80,11 +130,25 @@ class LocalBackend:
         """Start the fork server now (it imports in the background while the driver works)."""
         self._start()
 
-    def warm_up(self) -> None:
-        """Start the workers now rather than at the first call."""
+    def warm_up(self) -> bool:
+        """Start every worker now, rather than at the first call, and wait until they take calls.
+
+        Returns whether any had to start (False when the pool was already
+        running). The driver times this as the run's worker start-up, so a
+        cold run does not charge it to its first stage.
+        """
+        if self._pool is not None and self._workers_started:
+            return False
         pool = self._start()
-        for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
-            f.result()
+        try:
+            for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
+                f.result()
+        except BrokenProcessPool:
+            self.reset()
+            raise StageError("the local backend's worker processes died as they started (their errors are "
+                             "above); in a script, create the engine under 'if __name__ == \"__main__\":'") from None
+        self._workers_started = True
+        return True
 
     def submit(self, call: Call, ctx: RunContext) -> Future[Outcome]:
         try:
@@ -105,6 +169,7 @@ class LocalBackend:
             for proc in processes:
                 proc.join(timeout=5)
             self._pool = None
+            self._workers_started = False
 
     def close(self) -> None:
         """Stop the workers; one still busy (a run that failed around it) is killed."""
@@ -117,3 +182,4 @@ class LocalBackend:
                     proc.kill()
                     proc.join(timeout=5)
             self._pool = None
+            self._workers_started = False

@@ -17,10 +17,11 @@ Layout of the trace:
   (``store list``, ``store read``, ``input read``, ``store write``),
   ``serialize``/``deserialize`` and ``compute`` (store reads a stage asks for
   while it computes nest inside ``compute``);
-* process 1 is the driver: the whole run, one span per stage from the moment
-  the driver submitted it to the moment its last call came back (when a
-  :class:`StageClock` watched the run), and on ``--transfer direct`` the
-  return of each call's outputs to the driver.
+* process 1 is the driver: the whole run, the worker start-up it waited for
+  before its first stage (``worker start-up``, on a cold local backend), one
+  span per stage from the moment the driver submitted it to the moment its
+  last call came back (when a :class:`StageClock` watched the run), and on
+  ``--transfer direct`` the return of each call's outputs to the driver.
 
 Timestamps (``ts``, ``dur``) are microseconds since the run started, on the
 wall clock (``time.time()``), so spans from different processes line up on
@@ -160,6 +161,12 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
                if report and k in report}
     events.append({"ph": "X", "cat": "run", "name": f"{run.workflow} {run.run_id}", "pid": DRIVER_PID, "tid": 0,
                    "ts": 0.0, "dur": us(end), "args": summary or {"workflow": run.workflow}})
+    if run.startup_span is not None:
+        meta(DRIVER_PID, 5, "thread_name", "start-up")
+        a, b = run.startup_span
+        events.append({"ph": "X", "cat": "startup", "name": "worker start-up", "pid": DRIVER_PID, "tid": 5,
+                       "ts": us(a), "dur": round(us(b) - us(a), 3),
+                       "args": {"startup_ms": round(run.startup_ms, 3), "backend": run.engine.backend.name}})
     stage_spans: list[tuple[str, float, float]] = []
     if stage_clock is not None:
         stage_spans = [(s, a, b) for s, a, b in stage_clock.spans if a >= t0 - 1e-3 and b <= now + 1e-3]
