@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import mlwf.model
-from mlwf import codec
-from mlwf.errors import DataError, ModelError, NotFoundError, UsageError
+from mlwf import codec, runs
+from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
 from mlwf.workflows import inference
 from mlwf.workflows.base import Blob
 from tests.conftest import BATCH_PREFIX
@@ -115,6 +115,8 @@ def test_load_hands_on_the_checked_model_bytes():
     out = inference.load(_fetch_from(_manifest_for("m", data)), model_prefix="m")
     [blob] = out.parts
     assert isinstance(blob, Blob) and blob.kind == "model" and blob.data == data
+    # Handed on as the published version object itself, not as a copy to store.
+    assert blob.stored_at == f"m/versions/{codec.digest(data)}.mlwf"
     assert out.info["model_digest"] == codec.digest(data)
     assert out.info["classes"] == ["dark", "bright"] and out.info["image_size"] == 2
     assert out.info["model_run_id"] == "r1"
@@ -152,6 +154,48 @@ def test_predict_classifies_skips_undecodable_and_keeps_labels_aligned():
 
 
 # --------------------------------------------------------------------------- workflow
+def _bytes_under(engine, prefix: str) -> int:
+    return sum(o.size for o in engine.store.list(prefix))
+
+
+@pytest.mark.parametrize("transfer", ["store", "direct"])
+def test_an_inference_run_references_the_published_model_and_stores_no_copy(trained, transfer):
+    engine, training_report = trained
+    manifest = json.loads(engine.store.get(f"{MODEL_PREFIX}/MODEL.json"))
+    model_bytes = manifest["size"]
+    with type(engine)(engine.spec.url, "tless", transfer=transfer) as e:
+        before = _bytes_under(e, "")
+        reports = [e.run_inference(MODEL_PREFIX, BATCH_PREFIX, 3) for _ in range(3)]
+        grown = _bytes_under(e, "") - before
+    # Three runs wrote their results and intermediates, and no copy of the model.
+    assert grown < model_bytes, (grown, model_bytes)
+    for report in reports:
+        assert report["model_digest"] == training_report["model_digest"]
+        assert report["accuracy"] > 0.7
+        run_folder = f"ml-inference/outputs/{report['run_id']}/"
+        assert not [o.key for o in engine.store.list(run_folder) if o.size >= model_bytes]
+    if transfer == "store":
+        done = json.loads(engine.store.get(f"ml-inference/outputs/{reports[0]['run_id']}/load/0.done.json"))
+        [ref] = done["outcome"]["outputs"]
+        assert ref["key"] == manifest["object"] and ref["sha256"] == manifest["sha256"]
+
+
+def test_a_resumed_inference_run_reuses_the_referenced_model(trained, monkeypatch):
+    engine, training_report = trained
+    monkeypatch.setenv("MLWF_FAULTS", "predict:1:raise:99")
+    with pytest.raises(MlwfError):
+        with type(engine)(engine.spec.url, "tless", retries=0, workers=1) as e:
+            e.run_inference(MODEL_PREFIX, BATCH_PREFIX, 3)
+    monkeypatch.delenv("MLWF_FAULTS")
+    [failed] = [r for r in runs.list_runs(engine.store) if r["workflow"] == "ml-inference"]
+    assert failed["status"] == "failed"
+    report = engine.run_inference(MODEL_PREFIX, BATCH_PREFIX, 3, resume=failed["run_id"])
+    assert report["run_id"] == failed["run_id"]
+    assert report["stages"]["load"]["reused"] == 1 and report["stages"]["load"]["attempts"] == 0
+    assert report["model_digest"] == training_report["model_digest"]
+    assert report["num_predicted"] == 120 and report["accuracy"] > 0.7
+
+
 def test_labelled_batch_reports_accuracy_confusion_and_writes_the_csv(trained):
     engine, training_report = trained
     report = engine.run_inference(MODEL_PREFIX, BATCH_PREFIX, 3)

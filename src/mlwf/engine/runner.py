@@ -161,14 +161,18 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
     outputs = []
     for j, part in enumerate(result.parts):
         t = time.time()
+        stored_at = None
         if isinstance(part, Blob):
-            data, kind = part.data, part.kind
+            data, kind, stored_at = part.data, part.kind, part.stored_at
         else:
             data, kind = codec.encode(part), "codec"
         sha = codec.digest(data)
         clock.add("encode", t, len(data), "output_bytes")
         ref = Ref(sha256=sha, nbytes=len(data), kind=kind, producer=call.stage)
-        if ctx.transfer == "store":
+        if ctx.transfer == "store" and stored_at is not None:
+            # Already an object in this store (the stage read these bytes from it): no copy.
+            ref = Ref(sha256=sha, nbytes=len(data), kind=kind, key=stored_at, producer=call.stage)
+        elif ctx.transfer == "store":
             key = join_key(ctx.outputs_prefix, call.stage, f"{call.index}-{j}.bin")
             t = time.time()
             store.put(key, data)

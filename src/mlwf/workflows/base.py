@@ -17,10 +17,17 @@ import numpy as np
 
 @dataclass
 class Blob:
-    """A part that is already bytes; ``kind`` says how a consumer reads it."""
+    """A part that is already bytes; ``kind`` says how a consumer reads it.
+
+    ``stored_at`` names the object these exact bytes were read from, when the
+    stage hands on an object that is already in the store (the published
+    model): an engine that moves state through the store then hands on that
+    key instead of writing a copy.
+    """
 
     data: bytes
     kind: str = "raw"
+    stored_at: str | None = None
 
 
 @dataclass

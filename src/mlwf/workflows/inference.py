@@ -46,7 +46,11 @@ def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
 
 def load(fetch, *, model_prefix: str) -> StageOutput:
     """Read the published model once, check it (format version, checksum, structure)
-    and hand its bytes on to the predict functions."""
+    and hand it on to the predict functions.
+
+    The part is the published version object itself (``stored_at`` its key):
+    a run references the model, it does not store a copy of it.
+    """
     from mlwf.model import from_bytes, read_published
 
     data, manifest = read_published(lambda key: fetch([key])[0], model_prefix,
@@ -55,7 +59,7 @@ def load(fetch, *, model_prefix: str) -> StageOutput:
     info = {"model_digest": model.digest, "classes": model.classes, "image_size": model.image_size,
             "model_run_id": manifest.get("run_id"), "model_object": manifest["object"],
             "validation_accuracy": model.metrics.get("validation_accuracy")}
-    return StageOutput([Blob(data, kind="model")], info)
+    return StageOutput([Blob(data, kind="model", stored_at=manifest["object"])], info)
 
 
 def predict(assignment: dict, model, fetch) -> StageOutput:
