@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from mlwf.datasets import read_idx, write_digits, write_idx
+from mlwf.datasets import KNOWN_CLASS_NAMES, check_class_names, read_class_names, read_idx, write_digits, write_idx
 from mlwf.errors import DataError
 
 # --------------------------------------------------------------------------
@@ -524,3 +524,88 @@ def test_write_idx_empty_files(tmp_path):
     with pytest.raises(DataError) as exc:
         write_idx(ip, lp, tmp_path / "out")
     assert "no images" in assert_one_line_naming(exc, ip)
+
+
+# --------------------------------------------------------------------------
+# Class names
+# --------------------------------------------------------------------------
+
+
+def test_write_idx_with_known_names_names_the_folders(tmp_path):
+    ip, lp, images, labels = make_pair(tmp_path, count=40, rows=4, cols=4)
+    out = tmp_path / "out"
+    assert write_idx(ip, lp, out, class_names=KNOWN_CLASS_NAMES["fashion-mnist"]) == 40
+    folders = {p.name for p in out.iterdir()}
+    assert folders == {KNOWN_CLASS_NAMES["fashion-mnist"][int(v)] for v in labels}
+    for i in range(40):
+        path = out / KNOWN_CLASS_NAMES["fashion-mnist"][int(labels[i])] / f"{i:05d}.png"
+        np.testing.assert_array_equal(read_png(path), images[i])
+
+
+def test_known_names_are_usable_folder_names():
+    for name, names in KNOWN_CLASS_NAMES.items():
+        assert check_class_names(names, name) == list(names) and len(names) == 10
+
+
+def test_dataset_idx_names_flags_reach_the_folders(tmp_path, capsys):
+    from mlwf.cli import main
+
+    ip, lp, _, labels = make_pair(tmp_path, count=12, rows=4, cols=4, classes=3)
+    names = tmp_path / "names.txt"
+    names.write_text("  cat \r\ndog\nbird\n", encoding="utf-8")  # stray spaces and CRLF are dropped
+    assert main(["dataset", "idx", str(ip), str(lp), str(tmp_path / "a"), "--names-file", str(names)]) == 0
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {["cat", "dog", "bird"][int(v)] for v in labels}
+    assert main(["dataset", "idx", str(ip), str(lp), str(tmp_path / "b"), "--names", "mnist"]) == 0
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {str(int(v)) for v in labels}
+    capsys.readouterr()
+    for argv in (["--names", "cifar"], ["--names", "mnist", "--names-file", str(names)]):
+        assert main(["dataset", "idx", str(ip), str(lp), str(tmp_path / "c"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mlwf: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a\n\nb\n", r"label 1 \(''\) is empty"),
+    ("", "lists no class names"),
+    ("a\nb/c\n", "label 1 .* path separator"),
+    ("a\nb\\c\n", "label 1 .* path separator"),
+    ("a\n..\n", r"label 1 .* starts with '\.'"),
+    (".hidden\nb\n", r"label 0 .* starts with '\.'"),
+    ("a\nb\x07\n", "control character"),
+    ("Coat\ncoat\n", r"label 1 \('coat'\) repeats the name of label 0 \('Coat'"),
+    ("a\n" + "x" * 256 + "\n", "longer than 255 bytes"),
+])
+def test_bad_class_names_are_refused_and_nothing_is_written(tmp_path, text, match):
+    ip, lp, _, _ = make_pair(tmp_path, count=6, rows=2, cols=2, classes=2)
+    names = tmp_path / "names.txt"
+    names.write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=match) as info:
+        write_idx(ip, lp, out, class_names=read_class_names(names))
+    assert_one_line_naming(info, names)
+    assert not out.exists()
+
+
+def test_a_label_without_a_name_is_refused_before_writing(tmp_path):
+    images = np.zeros((4, 2, 2), dtype=np.uint8)
+    ip = write_idx_file(tmp_path / "i", images)
+    lp = write_idx_file(tmp_path / "l", np.array([0, 1, 2, 1], dtype=np.uint8))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="label 2 of image 2 .* 2 names were given") as info:
+        write_idx(ip, lp, out, class_names=["zero", "one"])
+    assert_one_line_naming(info, lp)
+    assert not out.exists()
+    # Only the images asked for need names.
+    assert write_idx(ip, lp, out, n=2, class_names=["zero", "one"]) == 2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p, "does not exist"),
+    (lambda p: (p.mkdir(), p)[1], "is a directory"),
+    (lambda p: (p.write_bytes(b"\xff\xfe\x00a"), p)[1], "not UTF-8"),
+])
+def test_unreadable_names_file_is_one_line(tmp_path, make, match):
+    path = make(tmp_path / "names.txt")
+    with pytest.raises(DataError, match=match) as info:
+        read_class_names(path)
+    assert_one_line_naming(info, path)

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("out", metavar="OUT")
     di.add_argument("--n", type=int, help="only N images")
     di.add_argument("--offset", type=int, default=0, help="start at image K (default 0)")
+    names = di.add_mutually_exclusive_group()
+    names.add_argument("--names", choices=("fashion-mnist", "mnist"),
+                       help="name the class folders with the known class names of this dataset "
+                            "(default: label numbers 0, 1, …)")
+    names.add_argument("--names-file", metavar="FILE",
+                       help="name the class folders from FILE: one name per line, label 0 first")
     di.add_argument("--json", action="store_true")
     di.add_argument("--debug", action="store_true")
 
@@ -392,8 +398,12 @@ def _dataset(args) -> int:
         if args.dataset == "digits":
             n = datasets.write_digits(args.out, n=args.n, progress=progress)
         else:
+            if args.names_file is not None:
+                class_names = datasets.read_class_names(args.names_file)
+            else:
+                class_names = datasets.KNOWN_CLASS_NAMES.get(args.names)
             n = datasets.write_idx(args.images, args.labels, args.out, n=args.n, offset=args.offset,
-                                   progress=progress)
+                                   class_names=class_names, progress=progress)
     if args.json:
         print(json.dumps({"images": n, "out": os.path.abspath(args.out)}))
     else:

@@ -2,7 +2,9 @@
 
 Every writer in this module produces ``OUT/<label>/<index>.png``: one
 grayscale 8-bit PNG (Pillow mode ``"L"``) per image, in a folder named after
-the image's label as a decimal integer (``"0"`` .. ``"9"``). ``<index>`` is the
+the image's label: its class name when names are given (:func:`write_idx`'s
+``class_names``, e.g. :data:`KNOWN_CLASS_NAMES`), else the label as a decimal
+integer (``"0"`` .. ``"9"``). ``<index>`` is the
 image's position in its source set, zero-padded to 5 digits (more digits when
 the source holds 100,000 images or more), so a file name never changes with
 ``n`` or ``offset``.
@@ -38,7 +40,7 @@ from PIL import Image
 
 from mlwf.errors import DataError
 
-__all__ = ["read_idx", "write_digits", "write_idx"]
+__all__ = ["KNOWN_CLASS_NAMES", "check_class_names", "read_class_names", "read_idx", "write_digits", "write_idx"]
 
 ProgressFn = Callable[[int, int], None]
 
@@ -54,6 +56,15 @@ _IDX_TYPE_NAMES = {
 }
 _MAX_PROGRESS_CALLS = 100
 _DIGITS_SOURCE = "scikit-learn digits (sklearn.datasets.load_digits)"
+
+#: Class names of the standard MNIST-format datasets, by label, as folder names
+#: (Fashion-MNIST's "T-shirt/top" and "Ankle boot" made safe for a path).
+KNOWN_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": ("t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                      "bag", "ankle-boot"),
+}
+_MAX_NAME_BYTES = 255  # a folder name, on every common file system
 
 # Fixed encoder options: the bytes of a PNG depend only on its pixels.
 _PNG_OPTIONS = {"format": "PNG", "optimize": False, "compress_level": 6}
@@ -255,6 +266,7 @@ def write_idx(
     n: int | None = None,
     offset: int = 0,
     *,
+    class_names=None,
     progress: ProgressFn | None = None,
 ) -> int:
     """Write an MNIST-format IDX image/label pair as ``OUT/<label>/<index>.png``.
@@ -280,6 +292,10 @@ def write_idx(
         available is an error.
     offset : int, default=0
         Index of the first image to write.
+    class_names : sequence of str or None, default=None
+        The folder name of each label (label 0 first), e.g.
+        ``KNOWN_CLASS_NAMES["fashion-mnist"]``; checked with
+        :func:`check_class_names`. ``None`` names folders by the label's number.
     progress : callable or None, default=None
         Called as ``progress(done, total)`` while writing, at most about 100
         times, and always once with ``done == total`` at the end.
@@ -292,7 +308,8 @@ def write_idx(
     Raises
     ------
     DataError
-        If a file is missing, unreadable, not an 8-bit IDX file or truncated
+        If a class name is not usable, or a label has no name;
+        if a file is missing, unreadable, not an 8-bit IDX file or truncated
         (see :func:`read_idx`); the images file is not 3-dimensional or the
         labels file not 1-dimensional; the counts differ; ``n`` is not a
         positive int or larger than the images available after ``offset``;
@@ -307,6 +324,8 @@ def write_idx(
             f"for {images_path}; pass a whole number >= 0"
         )
     offset = int(offset)
+    if class_names is not None:
+        class_names = check_class_names(class_names)
     _check_out(out)
 
     images = read_idx(images_path)
@@ -345,10 +364,103 @@ def write_idx(
             f"{count} images; pass an offset from 0 to {count - 1}"
         )
     stop = _stop(offset, n, count, images_path)
+    if class_names is not None:
+        top = int(labels[offset:stop].max())
+        if top >= len(class_names):
+            first = offset + int(np.argmax(labels[offset:stop] >= len(class_names)))
+            raise DataError(
+                f"label {int(labels[first])} of image {first} in {labels_path} has no class name: "
+                f"{len(class_names)} names were given (labels 0 to {len(class_names) - 1}); "
+                "give a name for every label"
+            )
     return _write_images(
         out, images[offset:stop], labels[offset:stop], offset,
-        _index_width(count), progress,
+        _index_width(count), progress, class_names,
     )
+
+
+# --------------------------------------------------------------------------
+# Class names
+# --------------------------------------------------------------------------
+
+
+def check_class_names(names, source: str = "class names") -> list[str]:
+    """Check that ``names`` can name class folders; return them as a list.
+
+    A class name becomes a folder name and the prefix of store keys, and the
+    label training learns: it must be non-empty, free of ``/``, ``\\`` and
+    control characters, not ``.``/``..`` nor start with ``.`` (hidden files
+    are not uploaded), at most 255 bytes in UTF-8, and unique even ignoring
+    case (a case-insensitive file system would merge two folders).
+
+    Parameters
+    ----------
+    names : sequence of str
+        The name of label 0, label 1, ...
+    source : str
+        Where the names came from, for the error message.
+
+    Returns
+    -------
+    names : list of str
+
+    Raises
+    ------
+    DataError
+        Naming the first bad name, its position, and what to change.
+    """
+    names = list(names)
+    if not names:
+        raise DataError(f"{source} lists no class names; give one name per label, label 0 first")
+    seen: dict[str, int] = {}
+    for label, name in enumerate(names):
+        where = f"{source}: the name of label {label} ({name!r})"
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where} is empty; give every label a name")
+        if "/" in name or "\\" in name:
+            raise DataError(f"{where} holds a path separator; class names become folder names, "
+                            "use another character (e.g. t-shirt-top for T-shirt/top)")
+        if name.startswith("."):
+            raise DataError(f"{where} starts with '.'; such folders are hidden and not uploaded, rename it")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise DataError(f"{where} holds a control character; use printable characters")
+        if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+            raise DataError(f"{where} is longer than {_MAX_NAME_BYTES} bytes; shorten it")
+        folded = name.casefold()
+        if folded in seen:
+            raise DataError(f"{where} repeats the name of label {seen[folded]} ({names[seen[folded]]!r}, "
+                            "compared ignoring case); give every label its own name")
+        seen[folded] = label
+    return names
+
+
+def read_class_names(path: str | os.PathLike[str]) -> list[str]:
+    """Read class names from a text file: one name per line, label 0 first.
+
+    Surrounding whitespace is dropped; the names are checked with
+    :func:`check_class_names` (so a blank line is an error).
+
+    Raises
+    ------
+    DataError
+        If the file cannot be read, is not UTF-8 text, or a name is not usable.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"class names file {path} does not exist; give a text file with one name per "
+                        "line, or --names " + "|".join(KNOWN_CLASS_NAMES)) from None
+    except IsADirectoryError:
+        raise DataError(f"class names path {path} is a directory; give a text file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"class names file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read class names file {path}: {exc.strerror or exc}") from None
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()  # the newline that ends the last line
+    return check_class_names([line.strip() for line in lines], f"class names file {path}")
 
 
 # --------------------------------------------------------------------------
@@ -404,16 +516,20 @@ def _write_images(
     first_index: int,
     width: int,
     progress: ProgressFn | None,
+    class_names: list[str] | None = None,
 ) -> int:
-    """Write ``images[i]`` as ``out/<labels[i]>/<first_index + i>.png``."""
+    """Write ``images[i]`` as ``out/<name of labels[i]>/<first_index + i>.png``."""
     total = len(images)
     step = max(1, math.ceil(total / _MAX_PROGRESS_CALLS))
-    label_names = [str(int(v)) for v in labels]
+    if class_names is None:
+        label_names = [str(int(v)) for v in labels]
+    else:
+        label_names = [class_names[int(v)] for v in labels]
     folders: dict[str, Path] = {}
     target = out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in sorted(set(label_names), key=int):
+        for name in sorted(set(label_names)):
             target = out / name
             target.mkdir(exist_ok=True)
             folders[name] = target
