@@ -443,18 +443,20 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), console=Console(stderr=True))
-            self._p.start()
+            from mlwf.ui import show_progress
+
+            self._p = show_progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn())
             self._task = self._p.add_task("bench", total=self.total)
         return self
 
     def __exit__(self, *exc):
         if self._p is not None:
-            self._p.stop()
+            from mlwf.ui import hide_progress
+
+            hide_progress(self._p)
 
     def tick(self, what: str) -> None:
         if self._p is not None:

@@ -339,13 +339,15 @@ def _run(args) -> int:
         else:
             report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs,
                                           resume=args.resume)
+        trace_path = None
         if args.trace:
             from mlwf.engine import trace
 
-            path = trace.write(trace.build(engine.last_run, report, clock), args.trace)
-            if not args.json:
-                print(f"trace written to {path} (open it in https://ui.perfetto.dev, or: mlwf trace plot {path})",
-                      file=sys.stderr)
+            trace_path = trace.write(trace.build(engine.last_run, report, clock), args.trace)
+    # Printed once the progress display has ended, so it stands on its own lines.
+    if trace_path is not None and not args.json:
+        print(f"trace written to {trace_path} (open it in https://ui.perfetto.dev, or: mlwf trace plot "
+              f"{trace_path})", file=sys.stderr)
     _emit(args, report)
     return 0
 

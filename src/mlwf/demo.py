@@ -11,6 +11,7 @@ replaces a model published elsewhere, such as ``ml-inference/model``.
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
     from mlwf.engine.driver import Engine
     from mlwf.ui import StageProgress, print_report, stdout_console
 
-    def say(text: str) -> None:
+    def say(text: str, whole: bool = False) -> None:
+        # ``whole``: a command or key to copy, one logical line that a narrow terminal wraps softly.
         if not quiet:
-            stdout_console().print(text)
+            stdout_console().print(text, soft_wrap=whole)
 
     with tempfile.TemporaryDirectory(prefix="mlwf-demo-") as tmp:
         images = Path(tmp) / "digits"
@@ -64,17 +66,20 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
             up2 = bulk.upload_dir(engine.store, batch_dir, BATCH_PREFIX, create_bucket=True)
             say(f"uploaded {up1['files']} training images to {TRAIN_PREFIX}/ and "
                 f"{up2['files']} unseen images to {BATCH_PREFIX}/")
-            say(f"\n[bold]1. mlwf run ml-training {TRAIN_PREFIX} 2 8 --model-prefix {MODEL_PREFIX}[/bold]")
+            say(f"\n[bold]1. mlwf run ml-training {TRAIN_PREFIX} 2 8 --model-prefix {MODEL_PREFIX}[/bold]",
+                whole=True)
             training = engine.run_training(TRAIN_PREFIX, 2, 8, model_prefix=MODEL_PREFIX)
             if not quiet:
                 print_report(training)  # ends the progress display first
-            say(f"\n[bold]2. mlwf run ml-inference {MODEL_PREFIX} {BATCH_PREFIX} 4[/bold]")
+            say(f"\n[bold]2. mlwf run ml-inference {MODEL_PREFIX} {BATCH_PREFIX} 4[/bold]", whole=True)
             inference = engine.run_inference(MODEL_PREFIX, BATCH_PREFIX, 4)
             if not quiet:
                 print_report(inference)
     say(f"\nThe model classified {inference['num_predicted']} digits it never saw with "
         f"[bold]{100 * inference['accuracy']:.1f} %[/bold] accuracy "
         f"(validation accuracy during training: {100 * training['validation_accuracy']:.1f} %).")
-    say(f"Predictions: {inference['results_key']} in bucket {escape(engine.spec.bucket)} "
-        f"(see them with: mlwf runs show {inference['run_id']}).")
+    say(f"Predictions (bucket {escape(engine.spec.bucket)}): {escape(inference['results_key'])}", whole=True)
+    where = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("store", store), ("bucket", bucket))
+                    if value is not None)
+    say(f"The whole run: mlwf runs show {inference['run_id']}{escape(where)}", whole=True)
     return {"training": training, "inference": inference}

@@ -6,6 +6,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,22 +30,28 @@ def _stderr_console() -> Console:
 _live: list[Progress] = []
 
 
-def _show(progress: Progress) -> Progress:
+def show_progress(*columns) -> Progress:
+    """Start a progress display on stderr with these columns; end it with :func:`hide_progress`.
+
+    Every printer of this module ends it first, so nothing is drawn inside it.
+    """
+    progress = Progress(*columns, console=_stderr_console())
     progress.start()
     _live.append(progress)
     return progress
 
 
-def _hide(progress: Progress) -> None:
+def hide_progress(progress: Progress) -> None:
+    """End one progress display: its last state stays on screen, above what comes next."""
     if progress in _live:
         _live.remove(progress)
     progress.stop()
 
 
 def end_progress() -> None:
-    """Stop every progress display still drawing, so what is printed next stands below it, whole."""
+    """End every progress display still drawing, so what is printed next stands below it, whole."""
     while _live:
-        _hide(_live[-1])
+        hide_progress(_live[-1])
 
 
 class StageProgress:
@@ -69,7 +76,7 @@ class StageProgress:
     def end(self) -> None:
         """Stop drawing; the next stage starts a new display."""
         if self._progress is not None:
-            _hide(self._progress)
+            hide_progress(self._progress)
             self._progress = None
             self._tasks = {}
 
@@ -77,9 +84,8 @@ class StageProgress:
         if not self.enabled:
             return
         if self._progress is None or self._progress not in _live:
-            self._progress = _show(Progress(TextColumn("{task.description:<12}"), BarColumn(),
-                                            MofNCompleteColumn(), TimeElapsedColumn(),
-                                            console=_stderr_console(), transient=False))
+            self._progress = show_progress(TextColumn("{task.description:<12}"), BarColumn(),
+                                           MofNCompleteColumn(), TimeElapsedColumn())
             self._tasks = {}
         self._tasks[stage] = self._progress.add_task(stage, total=total)
 
@@ -97,8 +103,8 @@ def count_progress(description: str, enabled: bool = True):
     if not (enabled and sys.stderr.isatty()):
         yield None
         return
-    progress = _show(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), console=_stderr_console()))
+    progress = show_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn())
     try:
         task = progress.add_task(description, total=None)
 
@@ -107,7 +113,7 @@ def count_progress(description: str, enabled: bool = True):
 
         yield update
     finally:
-        _hide(progress)
+        hide_progress(progress)
 
 
 def stdout_console() -> Console:
@@ -240,15 +246,20 @@ def print_model(info: dict[str, Any]) -> None:
 
 
 def print_bench(result: dict[str, Any]) -> None:
-    """The summary of ``mlwf bench``: one row per configuration, then where the files are."""
+    """The summary of ``mlwf bench``: one row per configuration, then where the files are.
+
+    Every row is one workflow's, so the workflow is in the title; without
+    vertical rules the table fits 80 columns, and a narrower terminal wraps
+    headers and cells rather than cutting them.
+    """
     console = stdout_console()
-    table = Table(title=f"mlwf bench → {result['out']}")
-    for col in ("backend", "transfer", "workflow", "mode", "median", "min–max", "× baseline", "accuracy"):
-        # Headers and cells wrap on a narrow terminal rather than being cut short.
+    workflows = sorted({r["workflow"] for r in result["summary"]})
+    table = Table(title=Text(f"mlwf bench {', '.join(workflows)}"), box=box.SIMPLE_HEAD)
+    for col in ("backend", "transfer", "mode", "median", "min–max", "× baseline", "accuracy"):
         table.add_column(col, overflow="fold",
                          justify="right" if col in ("median", "min–max", "× baseline", "accuracy") else "left")
     for r in result["summary"]:
-        table.add_row(r["backend"], r["transfer"] or "", r["workflow"], r["mode"], f"{r['median_ms']:.0f} ms",
+        table.add_row(r["backend"], r["transfer"] or "", r["mode"], f"{r['median_ms']:.0f} ms",
                       f"{r['min_ms']:.0f}–{r['max_ms']:.0f} ms",
                       "" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}",
                       _pct(r.get("accuracy")))
