@@ -167,7 +167,8 @@ def print_report(report: dict[str, Any]) -> None:
     """A readable summary of a run report."""
     console = stdout_console()
     wf = report["workflow"]
-    table = _pairs(f"{wf} run {report['run_id']} ({report['backend']} backend)")
+    table = _pairs(f"{wf} run {report['run_id']}")
+    _add(table, "backend", report["backend"] + (f", transfer {report['transfer']}" if report.get("transfer") else ""))
     _add(table, "images", str(report.get("num_images")))
     if wf == "ml-training":
         _add(table, "training / validation", f"{report['num_train_images']} / {report['num_validation']}")

@@ -1,0 +1,175 @@
+"""What a user sees: the demo and the reports on a real terminal, and output into a pipe closed early.
+
+The commands run as separate processes in a pseudo-terminal of 80 and 120
+columns; a terminal emulator (pyte) replays what they drew (tests/terminal.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BATCH_PREFIX
+from tests.terminal import Screen, run_in_terminal
+
+MLWF = str(Path(sys.executable).parent / "mlwf")
+PROGRESS_BAR = "━"
+
+
+def _env(home: Path) -> dict[str, str]:
+    """A user's environment: their own HOME, none of the test run's mlwf settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLWF_")}
+    env["HOME"] = str(home)
+    return env
+
+
+def _snapshot(store) -> dict[str, str]:
+    return {o.key: hashlib.sha256(store.get(o.key)).hexdigest() for o in store.list("")}
+
+
+def _value(screen: Screen, name: str, start: int) -> tuple[str, int]:
+    """The value printed on the ``name  value`` line after line ``start``, joined if the terminal wrapped it."""
+    pattern = re.compile(rf"{re.escape(name)}\s{{2,}}(\S.*)$")
+    i = screen.index(lambda line: pattern.match(line) is not None, start)
+    return pattern.match(screen.logical_line(i)).group(1), i
+
+
+def _assert_report_whole(screen: Screen, report: dict, rows: list[str], values: dict[str, str]) -> int:
+    """The report of ``report``'s run is on screen whole: its title on a line of its own, every
+    row of its table, every value whole below it, and no progress bar inside; returns its last line."""
+    lines = screen.lines
+    title = f"{report['workflow']} run {report['run_id']}"
+    top = screen.index(lambda line: title in line)
+    assert lines[top].strip() == title, f"title glued to other output: {lines[top]!r}\n{screen.text}"
+    assert lines[top + 1].startswith("┌"), screen.text
+    bottom = screen.index(lambda line: line.startswith("└"), top)
+    cells = [row.split("│") for row in lines[top + 2:bottom]]
+    assert all(len(c) == 4 for c in cells), f"a row of the table was overwritten:\n{screen.text}"
+    names = [c[1].strip() for c in cells]
+    assert [n for n in names if n] == rows, screen.text
+    stages = " ".join(c[2].strip() for c in cells[names.index("stages"):])
+    for stage in report["stage_ms"]:
+        assert f"{stage} " in stages, screen.text
+    end = bottom
+    for name, expected in values.items():
+        value, end = _value(screen, name, bottom)
+        assert value == expected, (name, screen.text)
+    assert not any(PROGRESS_BAR in line for line in lines[top:end + 1]), screen.text
+    return end
+
+
+def _run_record(store, workflow: str, run_id: str) -> dict:
+    return json.loads(store.get(f"{workflow}/outputs/{run_id}/run.json"))
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_demo_on_a_terminal_prints_whole_reports_and_touches_nothing_of_the_user(trained, tmp_path, columns):
+    engine, _ = trained  # the user's own model at ml-inference/model, their images beside it
+    store = engine.store
+    before = _snapshot(store)
+    screen = run_in_terminal([MLWF, "demo", "--store", engine.spec.url], columns=columns,
+                             env=_env(tmp_path / "home"))
+    assert screen.returncode == 0, screen.text
+
+    after = _snapshot(store)
+    new_runs = {}
+    for key in set(after) - set(before):
+        parts = key.split("/")
+        if parts[1:2] == ["outputs"] and parts[-1] == "run.json":
+            new_runs[parts[0]] = parts[2]
+    assert set(new_runs) == {"ml-training", "ml-inference"}
+    training = _run_record(store, "ml-training", new_runs["ml-training"])["report"]
+    inference = _run_record(store, "ml-inference", new_runs["ml-inference"])["report"]
+    end = _assert_report_whole(
+        screen, training,
+        ["backend", "images", "training / validation", "classes", "functions", "validation accuracy",
+         "worker start-up", "end to end", "stages", "state transfer"],
+        {"model": "mlwf-demo/model", "model sha256": training["model_digest"]})
+    second = screen.index(lambda line: line.startswith("2. mlwf run ml-inference"), end)
+    _assert_report_whole(
+        screen, inference,
+        ["backend", "images", "predicted", "accuracy", "worker start-up", "end to end", "stages", "state transfer"],
+        {"results": inference["results_key"], "model": "mlwf-demo/model",
+         "model sha256": inference["model_digest"]})
+    # Both runs drew their progress, and each display ended complete, above its report.
+    bars = [line for line in screen.lines if PROGRESS_BAR in line]
+    assert len(bars) == 7, screen.text
+    for line in bars:
+        done, total = re.search(r"(\d+)/(\d+)", line).groups()
+        assert done == total, line
+    assert screen.index(lambda line: line.startswith("predict ") and PROGRESS_BAR in line) > second
+    # Nothing was cut short, and the closing lines give the whole key and a command to copy.
+    assert "…" not in screen.text
+    final = screen.index(lambda line: line.startswith("Predictions (bucket tless): "))
+    assert screen.logical_line(final).endswith(inference["results_key"])
+    show = screen.index(lambda line: line.startswith("The whole run: "), final)
+    command = screen.logical_line(show).removeprefix("The whole run: ")
+    assert command == f"mlwf runs show {inference['run_id']} --store {engine.spec.url}"
+
+    # Everything the user had is as it was; everything new is the demo's own.
+    assert {k: after.get(k) for k in before} == before
+    for key in set(after) - set(before):
+        assert key.startswith("mlwf-demo/") or any(key.startswith(f"{wf}/outputs/{run_id}/")
+                                                   for wf, run_id in new_runs.items()), key
+
+    # That command, as printed, shows the run on the same terminal.
+    shown = run_in_terminal([MLWF, *command.split()[1:]], columns=columns, env=_env(tmp_path / "home"))
+    assert shown.returncode == 0, shown.text
+    assert _value(shown, "predictions", 0)[0] == inference["results_key"]
+    assert _value(shown, "model sha256", 0)[0] == inference["model_digest"]
+    assert "confusion matrix (rows: true class, columns: predicted)" in shown.text
+    assert "…" not in shown.text
+
+
+def test_run_on_a_narrow_terminal_wraps_the_values_to_copy(trained, tmp_path):
+    engine, _ = trained
+    screen = run_in_terminal([MLWF, "run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "3",
+                              "--store", engine.spec.url, "--trace", str(tmp_path / "t.json")],
+                             columns=60, env=_env(tmp_path / "home"))
+    assert screen.returncode == 0, screen.text
+    [record] = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-inference/outputs/")
+                if o.key.endswith("/run.json")]
+    report = record["report"]
+    _assert_report_whole(screen, report,
+                         ["backend", "images", "predicted", "accuracy", "worker start-up", "end to end", "stages",
+                          "state transfer"],
+                         {"results": report["results_key"], "model": "ml-inference/model",
+                          "model sha256": report["model_digest"]})
+    note = screen.index(lambda line: line.startswith("trace written to "))
+    assert PROGRESS_BAR not in screen.lines[note] and "…" not in screen.text
+
+
+# --------------------------------------------------------------------------- a reader that stops early
+def _into_closed_pipe(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``mlwf argv`` with stdout a pipe whose reader has already gone (``mlwf … | head -0``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([MLWF, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def test_every_command_exits_quietly_when_the_reader_closes_the_pipe(trained, tmp_path):
+    engine, training = trained
+    where = ["--store", engine.spec.url]
+    env = _env(tmp_path / "home")
+    for argv in (["runs", "ls", *where], ["runs", "ls", "--json", *where],
+                 ["runs", "show", training["run_id"], *where], ["runs", "show", training["run_id"], "--json", *where],
+                 ["s3", "ls", *where], ["model", "show", *where], ["dataset", "digits", str(tmp_path / "d"), "--n", "20"],
+                 ["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2", *where]):
+        proc = _into_closed_pipe(argv, env)
+        assert (proc.returncode, proc.stderr) == (141, ""), argv
+    # The run whose report had nowhere to go still ran, whole.
+    records = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-inference/outputs/")
+               if o.key.endswith("/run.json")]
+    assert [r["status"] for r in records] == ["succeeded"]
+
