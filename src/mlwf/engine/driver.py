@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 import resource
 import secrets
 import time
@@ -46,6 +47,10 @@ class _NoProgress:
 def _call_digest(call: Call) -> str:
     """What identifies a call's work: its stage, index and arguments (with input checksums)."""
     return digest(json.dumps(call.to_json(), sort_keys=True).encode())
+
+
+#: The shape of every run id :func:`new_run_id` makes.
+_RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 
 
 def new_run_id() -> str:
@@ -166,8 +171,8 @@ def find_run(store, run_id: str) -> dict[str, Any] | None:
     """The ``run.json`` record of ``run_id`` in any workflow, or None."""
     from mlwf.workflows import WORKFLOWS
 
-    if not run_id or "/" in run_id or run_id in (".", ".."):
-        return None
+    if not _RUN_ID.fullmatch(run_id):
+        return None  # not an id mlwf makes (and never a path to follow)
     for workflow in WORKFLOWS:
         try:
             return json.loads(store.get(join_key(workflow, "outputs", run_id, "run.json")))
