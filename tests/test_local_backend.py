@@ -1,0 +1,127 @@
+"""The local backend from a user's seat: worker start-up as its own figure, scripts without a
+``__main__`` guard, and a driver that imports only what it needs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from mlwf.engine import trace
+from mlwf.engine.driver import Engine
+from mlwf.engine.local import LocalBackend
+from mlwf.errors import StageError
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
+
+
+def _python(args: list[str], cwd, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLWF_")}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_a_fresh_engine_reports_worker_start_up_apart_from_its_stages(store_url):
+    clock = trace.StageClock()
+    with Engine(store_url, "tless", progress=clock) as engine:
+        cold = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        doc = trace.build(engine.last_run, cold, clock)
+        warm = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+    assert cold["startup_ms"] > 0 and warm["startup_ms"] == 0
+    assert cold["e2e_ms"] > cold["startup_ms"]
+
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    [startup] = [e for e in spans if e["cat"] == "startup"]
+    assert startup["name"] == "worker start-up"
+    assert startup["args"]["startup_ms"] == pytest.approx(cold["startup_ms"])
+    assert startup["dur"] == pytest.approx(cold["startup_ms"] * 1e3, rel=0.01)
+    ready = startup["ts"] + startup["dur"]
+    # No stage, on the driver or in a worker, began before the workers were up.
+    stages = [e for e in spans if e["cat"] in ("stage", "call")]
+    assert {e["name"] for e in stages} >= {"partition", "partition[0]"}
+    assert all(e["ts"] >= ready for e in stages), (ready, sorted((e["ts"], e["name"]) for e in stages)[:3])
+    procs = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "process_name"}
+    assert procs[startup["pid"]] == "driver"
+
+
+def test_the_driver_imports_no_scikit_learn(store_url, tmp_path):
+    # The stages need scikit-learn; the driver only records its version.
+    script = textwrap.dedent(f"""
+        import importlib.metadata, json, sys
+        import mlwf
+        from mlwf.workflows.training import TrainingConfig
+        with mlwf.Engine({store_url!r}, "tless") as engine:
+            engine.run_training({TRAIN_PREFIX!r}, 2, 2, model_prefix="m",
+                                config=TrainingConfig(image_size=8, n_components=4, n_trees=4, max_depth=4))
+            engine.run_inference("m", {BATCH_PREFIX!r}, 2)
+        print(json.dumps({{"imported": sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "scipy")),
+                          "installed": importlib.metadata.version("scikit-learn")}}))
+    """)
+    proc = _python(["-c", script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["imported"] == []
+    import mlwf.model
+
+    model = mlwf.model.load("m", store=store_url, bucket="tless")
+    assert model.config["trained_with"]["scikit-learn"] == out["installed"]
+
+
+UNGUARDED = """\
+import json
+import mlwf
+from mlwf.workflows.training import TrainingConfig
+
+print("the script ran", flush=True)
+with mlwf.Engine({store!r}, "tless") as engine:
+    report = engine.run_training({train!r}, 2, 4, model_prefix="scripted",
+                                 config=TrainingConfig(image_size=8, n_components=4, n_trees=4, max_depth=4))
+print(json.dumps({{"digest": report["model_digest"]}}))
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "module"])
+def test_a_script_without_a_main_guard_runs_once(store_url, tmp_path, how):
+    code = UNGUARDED.format(store=store_url, train=TRAIN_PREFIX)
+    if how == "file":
+        (tmp_path / "train_it.py").write_text(code)
+        args = ["train_it.py"]
+    else:
+        (tmp_path / "jobs").mkdir()
+        (tmp_path / "jobs" / "__init__.py").write_text("")
+        (tmp_path / "jobs" / "train_it.py").write_text(code)
+        args = ["-m", "jobs.train_it"]
+    proc = _python(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "the script ran" and len(lines) == 2, proc.stdout  # the workers never ran it
+    assert len(json.loads(lines[1])["digest"]) == 64
+    assert "Traceback" not in proc.stderr
+
+
+class _DyingBackend(LocalBackend):
+    """Workers that die as they start, as they do when something kills them before their first call."""
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver"), initializer=os._exit,
+                                             initargs=(3,))
+        return self._pool
+
+
+def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():
+    backend = _DyingBackend(workers=1)
+    try:
+        with pytest.raises(StageError) as info:
+            backend.warm_up()
+    finally:
+        backend.close()
+    message = str(info.value)
+    assert "\n" not in message and "died as they started" in message
+    assert "if __name__ == \"__main__\":" in message
