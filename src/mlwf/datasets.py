@@ -65,6 +65,7 @@ KNOWN_CLASS_NAMES: dict[str, tuple[str, ...]] = {
                       "bag", "ankle-boot"),
 }
 _MAX_NAME_BYTES = 255  # a folder name, on every common file system
+_MAX_NAMES_FILE = 256 * 1024  # 256 labels (IDX labels are bytes) of 255 bytes each, with room to spare
 
 # Fixed encoder options: the bytes of a PNG depend only on its pixels.
 _PNG_OPTIONS = {"format": "PNG", "optimize": False, "compress_level": 6}
@@ -447,7 +448,12 @@ def read_class_names(path: str | os.PathLike[str]) -> list[str]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_NAMES_FILE + 1)  # bounded: the path may be a device or a huge file
+        if len(raw) > _MAX_NAMES_FILE:
+            raise DataError(f"class names file {path} is larger than {_MAX_NAMES_FILE // 1024} KiB; "
+                            "give a text file with one short name per label")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"class names file {path} does not exist; give a text file with one name per "
                         "line, or --names " + "|".join(KNOWN_CLASS_NAMES)) from None
