@@ -1,0 +1,186 @@
+"""The README, followed as a new user follows it.
+
+Its Quick start, its own-data steps, its Python example and its measuring
+example run exactly as README.md writes them today (the code blocks are read
+from the file, so the README cannot drift from what works), in a copy of the
+checkout, with a fresh virtual environment and a fresh HOME. The own-data steps
+need the IDX files the README tells the user to download: small ones with the
+same names are made here from scikit-learn's digits.
+
+The Quick start installs the project (about 20 s); it runs once per session
+and the later steps use the environment it made, as the user would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FASHION_NAMES = ["t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                 "ankle-boot"]
+
+
+def section(heading: str) -> str:
+    """The text of the README section whose ``## `` heading starts with ``heading``."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(heading)}.*?$(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"README.md has no section '## {heading}'"
+    return match.group(1)
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.S | re.M)
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """A new user's environment: a fresh HOME, no virtual environment active, no mlwf or test settings.
+
+    pip keeps its configuration (this machine's package index and wheel
+    locations) and the cache of the user running the tests, so the fresh HOME
+    does not download every wheel again.
+    """
+    ours = Path(sys.prefix) / "bin"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLWF_", "S3_", "AWS_", "PYTEST", "PYTHON", "VIRTUAL_ENV", "RAY_"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != ours)
+    env.setdefault("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+    env["HOME"] = str(home)
+    return env
+
+
+class User:
+    """A checkout, a HOME and the shell a user types the README's blocks into."""
+
+    def __init__(self, root: Path):
+        self.checkout = root / "mlwf"
+        self.home = root / "home"
+        self.home.mkdir()
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        for name in filter(None, files.decode().split("\0")):
+            source = ROOT / name
+            if source.is_file():  # a file deleted in the working tree is not part of the checkout
+                target = self.checkout / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+        self.env = _clean_env(self.home)
+
+    @property
+    def store(self) -> Path:
+        """The default local store's bucket, where the README's steps put everything."""
+        return self.home / ".local" / "share" / "mlwf" / "store" / "tless"
+
+    def bash(self, script: str, activate: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run ``script`` as typed into a shell in the checkout (after the Quick start's venv is active)."""
+        prologue = "set -euo pipefail\n" + (". .venv/bin/activate\n" if activate else "")
+        proc = subprocess.run(["bash", "-c", prologue + script], cwd=self.checkout, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{script}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_idx_files(folder: Path) -> None:
+    """The four IDX files the README names: 2,000 training and 1,000 test images (28×28, from the digits)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(p).resize((28, 28), Image.BILINEAR)) for p in pixels])
+    order = np.arange(2000) % len(images)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", images[order])
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", digits.target[order])
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", images[-1000:])
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", digits.target[-1000:])
+
+
+@pytest.fixture(scope="session")
+def user(tmp_path_factory) -> User:
+    return User(tmp_path_factory.mktemp("readme"))
+
+
+@pytest.fixture(scope="session")
+def quick_start(user) -> subprocess.CompletedProcess:
+    [block] = code_blocks(section("Quick start"), "bash")
+    assert "pip install ." in block and "mlwf demo" in block
+    return user.bash(block, activate=False)
+
+
+@pytest.fixture(scope="session")
+def own_data(user, quick_start) -> subprocess.CompletedProcess:
+    write_idx_files(user.checkout)
+    [block] = code_blocks(section("Your own data, step by step"), "bash")
+    return user.bash(block)
+
+
+def test_quick_start_installs_and_runs_the_demo(user, quick_start):
+    out = quick_start.stdout
+    for text in ("mlwf demo", "ml-training run ", "ml-inference run ", "digits it never saw", "mlwf runs show"):
+        assert text in out, out
+    assert "Traceback" not in quick_start.stderr
+    manifest = json.loads((user.store / "mlwf-demo" / "model" / "MODEL.json").read_text())
+    assert manifest["sha256"] in out
+    # Only the demo's own prefix and its runs' outputs.
+    assert sorted(p.name for p in user.store.iterdir()) == ["ml-inference", "ml-training", "mlwf-demo"]
+    assert sorted(p.name for p in (user.store / "ml-inference").iterdir()) == ["outputs"]
+
+
+def test_own_data_steps_run_as_written(user, own_data):
+    train = user.checkout / "data" / "train"
+    assert sorted(p.name for p in train.iterdir()) == sorted(FASHION_NAMES)
+    assert sum(1 for _ in train.rglob("*.png")) == 2000
+    assert sum(1 for _ in (user.checkout / "data" / "test").rglob("*.png")) == 1000
+    assert (user.store / "ml-inference" / "model" / "MODEL.json").is_file()
+    # Step 5 lists the runs newest first; `mlwf runs show` gives the inference run whole.
+    listed = [line.split() for line in own_data.stdout.splitlines()
+              if re.match(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}  ", line)]
+    assert len(listed) == 4, own_data.stdout  # the demo's two runs and these two
+    newest = listed[0]
+    assert newest[1] == "ml-inference" and newest[2] == "succeeded", own_data.stdout
+    shown = json.loads(user.bash(f"mlwf runs show {newest[0]} --json").stdout)
+    report = shown["report"]
+    assert report["num_predicted"] == 1000 and report["accuracy"] > 0.6
+    assert sorted(report["confusion"]["labels"]) == sorted(FASHION_NAMES)
+    predictions = (user.store / shown["outputs"]["predictions"]).read_text().splitlines()
+    assert predictions[0] == "key,prediction,probability,label" and len(predictions) == 1001
+
+
+def test_python_example_runs_saved_as_a_file(user, own_data):
+    [block] = code_blocks(section("Your own data, step by step"), "python")
+    (user.checkout / "train.py").write_text(block)
+    proc = user.bash("python train.py")
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("validation accuracy "), proc.stdout
+    true = eval(lines[1].removeprefix("true:").strip())  # a printed list of str
+    predicted = eval(lines[2].removeprefix("predicted:").strip())
+    assert len(true) == len(predicted) == 5 and set(true) | set(predicted) <= set(FASHION_NAMES)
+    assert len(lines) == 8  # and five rows of probabilities
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
+
+
+def test_measuring_example_runs_with_what_it_installs(user, own_data):
+    [block] = code_blocks(section("Measuring"), "bash")
+    assert "--backend" not in block  # the extras for other backends are not installed here
+    user.bash(block, timeout=900)
+    results = user.checkout / "results"
+    summary = (results / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 5  # local store/direct, warm/cold, and the baseline
+    assert (user.checkout / "run.png").stat().st_size > 5000
+    assert json.loads((user.checkout / "run.json").read_text())["traceEvents"]
