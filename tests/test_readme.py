@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.readme
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FASHION_NAMES = ["t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
