@@ -163,8 +163,10 @@ def test_every_command_exits_quietly_when_the_reader_closes_the_pipe(trained, tm
     where = ["--store", engine.spec.url]
     env = _env(tmp_path / "home")
     for argv in (["runs", "ls", *where], ["runs", "ls", "--json", *where],
-                 ["runs", "show", training["run_id"], *where], ["runs", "show", training["run_id"], "--json", *where],
-                 ["s3", "ls", *where], ["model", "show", *where], ["dataset", "digits", str(tmp_path / "d"), "--n", "20"],
+                 ["runs", "show", training["run_id"], *where],
+                 ["runs", "show", training["run_id"], "--json", *where],
+                 ["s3", "ls", *where], ["model", "show", *where],
+                 ["dataset", "digits", str(tmp_path / "d"), "--n", "20"],
                  ["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2", *where]):
         proc = _into_closed_pipe(argv, env)
         assert (proc.returncode, proc.stderr) == (141, ""), argv
@@ -173,3 +175,20 @@ def test_every_command_exits_quietly_when_the_reader_closes_the_pipe(trained, tm
                if o.key.endswith("/run.json")]
     assert [r["status"] for r in records] == ["succeeded"]
 
+
+
+def test_bench_table_fits_80_columns_with_every_header_whole(trained, tmp_path):
+    engine, _ = trained
+    out = tmp_path / "a-results-folder-with-a-long-name" / "that-goes-on-past-the-edge-of-the-terminal"
+    screen = run_in_terminal([MLWF, "bench", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2",
+                              "--repeats", "1", "--no-plots", "--out", str(out), "--store", engine.spec.url],
+                             columns=80, env=_env(tmp_path / "home"))
+    assert screen.returncode == 0, screen.text
+    header = screen.index(lambda line: line.split() and line.split()[0] == "backend")
+    assert screen.lines[header].split() == ["backend", "transfer", "mode", "median", "min–max", "×", "baseline",
+                                            "accuracy"], screen.text
+    row = screen.lines[screen.index(lambda line: line.split()[:1] == ["local"], header)].split()
+    assert row[:3] == ["local", "store", "warm"] and row[-1] == "%", row
+    assert "mlwf bench ml-inference" in screen.text and "…" not in screen.text
+    written = screen.index(lambda line: line.startswith("5 files written"), header)
+    assert screen.logical_line(written).endswith(f" in {out}")
