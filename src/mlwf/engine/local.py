@@ -92,8 +92,8 @@ class LocalBackend:
 
     #: Imported once in the fork server, so no worker pays for them (this
     #: module first: it adopts the driver's main module, see above).
-    LIGHT = ["mlwf.engine.local", "mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference", "mlwf.model",
-             "mlwf.images"]
+    LIGHT = ["mlwf.engine.local", "mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference",
+             "mlwf.model", "mlwf.images"]
     #: scikit-learn takes 0.6 s to import here; only training stages need it.
     HEAVY = ["sklearn.decomposition", "sklearn.ensemble"]
 
