@@ -131,7 +131,7 @@ class LocalBackend:
         self._start()
 
     def warm_up(self) -> bool:
-        """Start every worker now, rather than at the first call, and wait until they take calls.
+        """Start the workers now, rather than at the first call, and wait until they take calls.
 
         Returns whether any had to start (False when the pool was already
         running). The driver times this as the run's worker start-up, so a
@@ -140,8 +140,9 @@ class LocalBackend:
         if self._pool is not None and self._workers_started:
             return False
         pool = self._start()
+        # One per core at most: more than that (--workers 500) start as calls need them.
         try:
-            for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
+            for f in [pool.submit(os.getpid) for _ in range(min(self.workers, os.cpu_count() or 1))]:
                 f.result()
         except BrokenProcessPool:
             self.reset()
