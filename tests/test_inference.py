@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import pickle
@@ -16,7 +17,7 @@ from mlwf import codec, runs
 from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
 from mlwf.workflows import inference
 from mlwf.workflows.base import Blob
-from tests.conftest import BATCH_PREFIX
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 
 MODEL_PREFIX = "ml-inference/model"
 
@@ -178,6 +179,25 @@ def test_an_inference_run_references_the_published_model_and_stores_no_copy(trai
         done = json.loads(engine.store.get(f"ml-inference/outputs/{reports[0]['run_id']}/load/0.done.json"))
         [ref] = done["outcome"]["outputs"]
         assert ref["key"] == manifest["object"] and ref["sha256"] == manifest["sha256"]
+
+
+def test_a_referenced_model_replaced_after_load_is_refused_before_predict_runs(trained):
+    from mlwf.engine import runner
+    from mlwf.engine.calls import Call, Ref, RunContext
+
+    engine, _ = trained
+    manifest = json.loads(engine.store.get(f"{MODEL_PREFIX}/MODEL.json"))
+    data = engine.store.get(manifest["object"])
+    handed_on = Ref(sha256=codec.digest(data), nbytes=len(data), kind="model", key=manifest["object"],
+                    producer="load")
+    # Replaced, since load checked it, by another whole and valid model.
+    other = engine.run_training(TRAIN_PREFIX, 2, 4, config=dataclasses.replace(FAST, seed=1), model_prefix="other")
+    engine.store.put(manifest["object"], engine.store.get(f"other/versions/{other['model_digest']}.mlwf"))
+    ctx = RunContext("r", "ml-inference", engine.spec.url, "tless", "ml-inference/outputs/r")
+    call = Call("ml-inference", "predict", 0, {"model": handed_on, "assignment": {"keys": [], "labels": []}})
+    with pytest.raises(DataError, match="replaced or damaged") as info:
+        runner.execute(call, ctx)
+    assert manifest["object"] in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_resumed_inference_run_reuses_the_referenced_model(trained, monkeypatch):

@@ -18,7 +18,7 @@ from typing import Any
 from mlwf import codec
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.faults import maybe_inject
-from mlwf.errors import StageError
+from mlwf.errors import DataError, StageError
 from mlwf.storage import Store, StoreSpec, join_key
 from mlwf.workflows import stage_function
 from mlwf.workflows.base import Blob, StageOutput
@@ -101,6 +101,10 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         else:
             data = store.get(ref.key)
             edge["transfer_ms"] = (clock.add("input_get", t, len(data), "input_bytes") - t) * 1e3
+            if codec.digest(data) != ref.sha256:
+                # Also guards objects a run references rather than copies (the published model).
+                raise DataError(f"{ref.key} in bucket {ctx.bucket!r} is not the object {ref.producer} handed "
+                                f"on (SHA-256 {ref.sha256}): it was replaced or damaged since; run again")
         t = time.time()
         value = decode_ref_bytes(data, ref)
         edge["deserialize_ms"] = (clock.add("input_decode", t) - t) * 1e3
