@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mlwf.aio import BACKGROUND
 from mlwf.errors import NotFoundError, StoreError
 from mlwf.storage.base import ObjectInfo, Store, check_key, check_prefix
 
@@ -227,61 +228,13 @@ def _check_bucket(bucket: str) -> str:
     return bucket
 
 
-# -- one event loop thread per process ------------------------------------------
-class _LoopThread:
-    """A daemon thread running an asyncio loop, created on first use in each process.
-
-    Callers in any thread (or in a process with no loop) submit coroutines and
-    block for their result; nothing is created per call.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-
-    def _after_fork(self) -> None:
-        # The loop thread does not survive a fork; start afresh on next use.
-        self._lock = threading.Lock()
-        self._loop = None
-        self._thread = None
-        self._pid = 0
-
-    def _get(self) -> asyncio.AbstractEventLoop:
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and self._pid == os.getpid() and thread.is_alive():
-            return loop
-        with self._lock:
-            if self._loop is None or self._pid != os.getpid() or not self._thread or not self._thread.is_alive():
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="mlwf-s3-loop", daemon=True)
-                thread.start()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
-            return self._loop
-
-    def run(self, coro: Awaitable[T]) -> T:
-        loop = self._get()
-        if threading.current_thread() is self._thread:
-            coro.close()  # type: ignore[attr-defined]
-            raise RuntimeError("S3Store called from its own event loop thread")
-        fut = asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
-
-
-_LOOP = _LoopThread()
+_LOOP = BACKGROUND  # shared with every other async client of this process
 
 # obstore runs its requests on a tokio runtime that does not survive fork():
 # in a child forked after the parent made S3 requests every obstore call hangs
 # (https://github.com/developmentseed/obstore/pull/441, tokio-rs/tokio#4301).
 # A fresh client does not help, so such a child gets a clear error instead.
 _OBSTORE_PID = 0  # the process that started obstore's runtime (inherited by fork)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_LOOP._after_fork)
 
 
 async def _bounded(fn: Callable[[Any], Awaitable[T]], items: Sequence[Any], limit: int) -> list[T]:
