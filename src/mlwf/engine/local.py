@@ -6,6 +6,11 @@ cheap and no thread of the driver (progress bars, S3 client runtimes) is ever
 forked. The pool is reused across stages and across runs of one
 :class:`~mlwf.engine.driver.Engine`. Each worker pins its BLAS to one thread:
 the parallelism is the functions, as on a serverless platform.
+
+Workers exit as soon as the process that owns the pool is gone, even one
+killed with ``kill -9`` in the middle of a stuck call (they watch a pipe only
+the owner holds: :mod:`mlwf.engine.lifeline`); the fork server and
+multiprocessing's resource tracker then exit by themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from mlwf.engine import runner
+from mlwf.engine import lifeline, runner
 from mlwf.engine.calls import Call, Outcome, RunContext
 
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
@@ -26,9 +31,10 @@ _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS
 _FORWARDED_ENV = ("S3_", "AWS_", "MLWF_")
 
 
-def _init_worker(env: dict[str, str]) -> None:
+def _init_worker(env: dict[str, str], owner) -> None:
     from threadpoolctl import threadpool_limits
 
+    lifeline.exit_with_owner(owner)
     for name in [k for k in os.environ if k.startswith(_FORWARDED_ENV)]:
         del os.environ[name]
     os.environ.update(env)
@@ -73,7 +79,7 @@ class LocalBackend:
                         os.environ[k] = v
             env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(env,))
+                                             initargs=(env, lifeline.reader()))
         return self._pool
 
     def start(self) -> None:
