@@ -32,7 +32,7 @@ from mlwf.errors import DataError, StageError, UsageError
 from mlwf.server import REPLAY_PREFIX, ReplayLedger
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
-from tests.s3server import S3_ENV_VARS, free_port
+from tests.s3server import S3_ENV_VARS, FaultProxy, free_port
 
 SECRET = "mlwf-test-secret-5f1c0c2a9d8e4b7a"
 REPO = Path(__file__).resolve().parent.parent
@@ -240,14 +240,20 @@ def test_endpoint_settings_are_checked_in_one_line(secret, s3_data, monkeypatch,
         Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": ["http://127.0.0.1:1"]})
 
 
-def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(s3_data):
+def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(server, s3_data):
     refused = f"http://127.0.0.1:{free_port()}"
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # accepts connections (in the kernel) and never answers
     silent = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    # A service whose answers come a byte every half second: after the head, or head included.
+    # Every read gets a byte in time, so only a bound on the whole exchange stops it.
+    trickling = [FaultProxy(server.url, failures=10**6, mode=mode, interval=0.5).start()
+                 for mode in ("trickle", "trickle-head")]
     try:
-        for url, message in ((refused, "cannot reach"), (silent, "no answer from")):
+        cases = [(refused, "cannot reach"), (silent, "no answer from")]
+        cases += [(proxy.endpoint, "no answer from") for proxy in trickling]
+        for url, message in cases:
             options = {"endpoints": [url], "retries": 1, "timeout": 1.0, "backoff": 0.05}
             t = time.monotonic()
             with Engine("s3://", s3_data, backend="knative", retries=0, backend_options=options) as engine, \
@@ -255,9 +261,38 @@ def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(s3_data):
                 engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
             text = str(info.value)
             assert "partition[0]" in text and url in text and message in text and "2 attempts" in text, text
-            assert time.monotonic() - t < 10
+            assert time.monotonic() - t < 2 * (1.0 + 0.05) + 3, (url, time.monotonic() - t)
+        assert all(proxy.requests == 2 for proxy in trickling)  # both attempts reached the service
     finally:
         hole.close()
+        for proxy in trickling:
+            proxy.stop()
+
+
+def test_a_run_on_another_store_than_the_services_stops_at_once_naming_both(server, s3_data, s3_server, store_url,
+                                                                            capsys):
+    from mlwf.cli import main
+
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    s3_server.boto3_client().create_bucket(Bucket=other)
+    for store, bucket in (("s3://", other), (store_url, "tless")):
+        t = time.monotonic()
+        with Engine(store, bucket, backend="knative", backend_options={"endpoints": [server.url]}) as engine, \
+                pytest.raises(UsageError) as info:
+            engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        text = str(info.value)
+        named = store if store == "s3://" else os.path.realpath(store)
+        assert f"{server.url} serves store s3:// bucket {s3_data!r}, but this run uses {named} bucket {bucket!r}" \
+            in text and f"--store s3:// --bucket {s3_data}" in text and "\n" not in text, text
+        assert time.monotonic() - t < 10  # refused, not retried
+    # Nothing ran: the other bucket holds only the failed run's own record.
+    assert all(k.startswith("ml-training/outputs/") and k.endswith("/run.json") for k in _keys(s3_server, other))
+    # From the command line: one line on stderr, status 2.
+    code = main(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", "s3://", "--bucket", other,
+                 "--backend", "knative", "--endpoint", server.url, "--image-size", "16"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("mlwf: error: ml-training stage partition[0]: ")
+    assert captured.err.count("\n") == 1 and "serves store s3://" in captured.err
 
 
 # --------------------------------------------------------------------------- refusals
