@@ -287,7 +287,10 @@ class RayBackend:
             try:
                 connect_timeout = float(os.environ.get("MLWF_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
             except ValueError:
-                raise UsageError("MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds") from None
+                connect_timeout = float("nan")
+        if not (isinstance(connect_timeout, (int, float)) and 0 < connect_timeout <= 3600):
+            raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds between 0 and 3600, got "
+                             f"{os.environ.get('MLWF_RAY_CONNECT_TIMEOUT', connect_timeout)!r}")
         self.connect_timeout = connect_timeout
         self.resources = self._check_requests(stage_resources or {})
         self._joined = False
