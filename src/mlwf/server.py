@@ -25,14 +25,15 @@ S3 ``If-None-Match: *``, a hard link on a directory) at
 time (``mlwftime``, covered by the signature) in whole minutes. The call runs
 only if this server's write created the object; an event seen before, by this
 process (a fast in-memory check) or by any server sharing the store, also
-across restarts, is refused with 403. Records are deleted by the servers once
-no server can accept their event any more: a record of an event signed at
-``t`` lives until at least ``t + --max-age + 60`` s (the 60 s are the clock
-difference the servers already tolerate), then at most one minute more. So a
-captured event runs at most once on all the servers of one store, provided
-their clocks agree within 60 s and they share the same ``--max-age``. If the
-store cannot be written, the call is refused with a retryable 503 rather than
-run unrecorded.
+across restarts, is refused with 403. A record of an event signed at ``t``
+lives at least until ``t + --max-age + 60`` s (the 60 s are the clock
+difference the servers already tolerate): after that no server accepts the
+event anyway. Each server deletes such records from the whole store at most
+once a minute, as calls arrive (:meth:`ReplayLedger.clean`). So a captured
+event runs at most once on all the servers of one store, provided their
+clocks agree within 60 s and they share the same ``--max-age``. If the store
+cannot be written, the call is refused with a retryable 503 rather than run
+unrecorded.
 
 Connections: every request must arrive whole within ``--request-timeout``
 seconds, request heads are at most 16 KiB, and connections are limited in
