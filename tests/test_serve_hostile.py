@@ -210,8 +210,10 @@ def test_a_client_that_never_reads_its_replies_is_cut_off(local_server):
     stalled = time.monotonic()
     assert httpx.get(url + "/healthz", timeout=5).status_code == 200  # others are served meanwhile
     sock.settimeout(0.2)
+    # The server first answers what it has already read (thousands of requests, CPU-bound on a busy
+    # machine); its deadline counts from when its replies stop moving, which the client cannot see.
     while not reset:
-        assert time.monotonic() - stalled < REQUEST_TIMEOUT + 2 * SLACK, "a reader that never reads is held"
+        assert time.monotonic() - stalled < 30, "a client that never reads is held"
         try:
             sock.send(b"x")
             time.sleep(0.2)
