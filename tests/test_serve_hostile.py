@@ -322,3 +322,30 @@ def test_replay_records_are_deleted_once_no_server_can_accept_their_event(kind, 
     assert alive() == {f"{REPLAY_PREFIX}/not-a-record"}
     assert ledger.clean() == 0
     store.close()
+
+
+# --------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("flags, message", [
+    (["--request-timeout", "inf"], "--request-timeout must be a positive number of seconds"),
+    (["--request-timeout", "nan"], "--request-timeout must be a positive number of seconds"),
+    (["--request-timeout", "-1"], "--request-timeout must be a positive number of seconds"),
+    (["--max-connections", "0"], "--max-connections must be between 1 and 1000000"),
+    (["--max-client-connections", "0"], "--max-client-connections must be between 1 and --max-connections"),
+    (["--max-client-connections", "9999"], "--max-client-connections must be between 1 and --max-connections"),
+    (["--workers", "1000000"], "--workers must be 0 (threads) to 1024 processes"),
+    (["--threads", "99999"], "--threads must be at most 1024"),
+    (["--max-body", "10GB"], "--max-body '10GB' is too large"),
+    (["--max-age", "0"], "--max-age must be between 1 and 86400 seconds"),
+    (["--grace", "inf"], "--grace must be 0 or more seconds"),
+    (["--store", "ftp://x"], "unknown store scheme 'ftp'"),
+    (["--store", "s3://user:pass@host:9000"], "do not put credentials in the store URL"),
+    (["--bucket", "../x"], "refused bucket name '../x'"),
+])
+def test_bad_serve_settings_are_one_line_and_nothing_starts(flags, message, capsys, monkeypatch):
+    from mlwf.cli import main
+
+    monkeypatch.setenv("MLWF_FUNCTION_SECRET", SECRET)
+    assert main(["serve", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlwf: error: ") and message in err and err.count("\n") == 1, err
+    assert "pass@" not in err

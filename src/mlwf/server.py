@@ -92,6 +92,10 @@ log = logging.getLogger("mlwf.serve")
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+#: The largest --max-body: every body is held in memory while it is checked.
+MAX_BODY_LIMIT = 64 << 20
+#: The most --workers (each worker process holds the stage code, about 100 MB).
+MAX_WORKERS = 1024
 DEFAULT_GRACE = 300.0  # Knative's default revision timeout: a call may take that long
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_REQUEST_TIMEOUT = 10.0
@@ -160,6 +164,8 @@ def parse_size(text: str) -> int:
              "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}[unit]
     if n * scale < 1024:
         raise UsageError(f"--max-body {text!r} is too small: at least 1KiB")
+    if n * scale > MAX_BODY_LIMIT:
+        raise UsageError(f"--max-body {text!r} is too large: at most 64MiB (a call carries store keys, not data)")
     return n * scale
 
 
@@ -630,14 +636,17 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
         raise UsageError(f"--port {port} is not a port number")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 (threads) or more, got {workers}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 0 (threads) to {MAX_WORKERS} processes, got {workers}")
+    if threads is not None and threads > MAX_WORKERS:
+        raise UsageError(f"--threads must be at most {MAX_WORKERS}, got {threads}")
     if not 0 <= grace < 86_400:
         raise UsageError(f"--grace must be 0 or more seconds (under a day), got {grace}")
     if not 1 <= max_age <= 86_400:
         raise UsageError(f"--max-age must be between 1 and 86400 seconds, got {max_age}")
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
-                    max_client_connections=max_client_connections or max(1, max_connections // 2))
+                    max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
+                                            else max_client_connections))
     spec = StoreSpec.resolve(store, bucket)
     try:
         spec.open().close()  # a bad URL or bucket name fails here, not at the first call
