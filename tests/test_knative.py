@@ -269,6 +269,21 @@ def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(server, s3
             proxy.stop()
 
 
+def test_an_event_id_the_service_has_seen_is_retried_as_a_new_event_not_fatal(server, s3_data, monkeypatch):
+    """A proxy that resends an event makes the service refuse it as a replay: the driver tries again."""
+    from mlwf.engine import events as wire
+
+    ids = iter(["resent-event-id"] * 2 + [wire.uuid.uuid4().hex for _ in range(100)])
+    monkeypatch.setattr(wire, "new_event_id", lambda: next(ids))
+    options = {"endpoints": [server.url], "backoff": 0.01}
+    with Engine("s3://", s3_data, backend="knative", retries=0, backend_options=options) as engine:
+        report = engine.run_training(TRAIN_PREFIX, 2, 2, config=FAST, publish=False)
+    assert report["backend"] == "knative" and report["stages"]["pca"]["calls"] == 2
+    log = server.log()
+    assert "event=resent-event-id type=dev.mlwf.ml-training.partition status=200" in log
+    assert "event=resent-event-id type=dev.mlwf.ml-training.pca status=403" in log  # then a new id ran
+
+
 def test_a_run_on_another_store_than_the_services_stops_at_once_naming_both(server, s3_data, s3_server, store_url,
                                                                             capsys):
     from mlwf.cli import main
@@ -387,6 +402,7 @@ def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3
         ReplayLedger.key(event.get_id(), event.get_extension("mlwftime"))}
     _, replay = _send(url, good_call, good_ctx, event_id=event.get_id(), timestamp=event.get_extension("mlwftime"))
     assert replay.status_code == 403 and "already used" in replay.json()["error"]
+    assert replay.json()["retryable"] is True  # as a new event, that is (the driver sends one per attempt)
 
     # Structured in, structured out.
     event, resp = _send(url, *call(), structured=True)

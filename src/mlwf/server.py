@@ -185,7 +185,9 @@ class ReplayGuard:
                 break
             del self._seen[oldest]
         if event_id in self._seen:
-            raise Refusal(403, f"event id {event_id!r} was already used: replayed invocations are refused")
+            # retryable: the caller may send the call again as a new event (the driver always does).
+            raise Refusal(403, f"event id {event_id!r} was already used: replayed invocations are refused",
+                          retryable=True)
         if len(self._seen) >= self.max_entries:
             raise Refusal(503, "too many invocations within the signature window; retry later", retryable=True)
         self._seen[event_id] = now + self.keep_s
@@ -234,7 +236,7 @@ class ReplayLedger:
                           retryable=True) from None
         if not created:
             raise Refusal(403, f"event id {event_id!r} was already used (recorded by a server of this store): "
-                               "replayed invocations are refused")
+                               "replayed invocations are refused", retryable=True)
 
     def expired_through(self, now: float) -> int:
         """The highest slot whose every event is refused by every server now (signature too old)."""

@@ -22,7 +22,8 @@ Each call is signed with ``MLWF_FUNCTION_SECRET`` (see
 :mod:`mlwf.engine.events`), and so is each reply, which is checked. A call is
 retried, with exponential backoff and jitter and a fresh event id, when the
 service cannot be reached or does not answer within ``timeout``, answers 429,
-502, 503 or 504, or reports a stage error it marks retryable; after
+502, 503 or 504, refuses the event id as seen before (a 403 marked retryable:
+something between us resent it), or reports a stage error it marks retryable; after
 ``retries`` extra attempts it fails as :class:`StageError` naming the stage,
 the call index and the last error. A stage error marked not retryable (bad
 input) is raised at once as the same error class with the same one-line
@@ -279,7 +280,9 @@ class KnativeBackend:
                 kind = err.get("type")
                 last = err["error"] if kind in (None, "StageError") else f"{kind}: {err['error']}"
                 continue
-            if resp.status_code in RETRY_STATUS:
+            if resp.status_code in RETRY_STATUS or (resp.status_code == 403 and err.get("retryable") is True):
+                # 403 retryable: this event id was seen before (say, a proxy resent it); a new attempt is a
+                # new event, and a call run twice writes the same bytes.
                 last = f"{url} answered {resp.status_code}: {err['error']}"
                 continue
             if resp.status_code == 403 and isinstance(err.get("store"), str):
