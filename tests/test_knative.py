@@ -506,6 +506,7 @@ def test_deploy_renders_manifests_a_cluster_can_use(tmp_path, capsys):
         [container] = spec["containers"]
         assert container["image"] == "registry.example.com/mlwf:0.1.0"
         assert container["args"][-1] == str(spec["containerConcurrency"])  # --threads matches
+        assert container["args"][3:7] == ["--store", "s3://", "--bucket", "tless"]  # serves that bucket only
         env = {e["name"]: e for e in container["env"]}
         assert "PORT" not in env  # Knative reserves PORT and sets it itself
         for name, key in (("MLWF_FUNCTION_SECRET", "function-secret"), ("S3_USER", "s3-user"),
