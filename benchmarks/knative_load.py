@@ -50,14 +50,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict, log: Path, *args: str):
+    def __init__(self, env: dict, log: Path, store: str, *args: str):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1", "--port",
-                                      str(self.port), *args], env=env, stdin=subprocess.DEVNULL,
+                                      str(self.port), "--store", store, "--bucket", "tless", *args], env=env,
+                                     stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
@@ -150,7 +151,7 @@ def main() -> None:
                      "repeats": a.repeats, "logs": str(logs)}
 
     # --- 1. load: `concurrency` signed invocations at once, several rounds
-    server = Server(env, logs / "load.log")
+    server = Server(env, logs / "load.log", store_url)
     try:
         asyncio.run(load_round(server.url, store_url, secret, a.concurrency))  # warm-up
         lat, errors, walls = [], 0, []
@@ -170,9 +171,9 @@ def main() -> None:
     # --- 2. ml-training `2 8` on 2k images, warm: two loopback servers vs the local backend
     # CPU-bound stages: each server runs its calls in worker processes (one per core), as the local backend does.
     cores = str(os.cpu_count() or 1)
-    a_srv = Server(env, logs / "a.log", "--stages", "ml-training/partition,ml-training/pca,ml-training/validation",
+    a_srv = Server(env, logs / "a.log", store_url, "--stages", "ml-training/partition,ml-training/pca,ml-training/validation",
                    "--workers", cores)
-    b_srv = Server(env, logs / "b.log", "--stages", "ml-training/train", "--workers", cores)
+    b_srv = Server(env, logs / "b.log", store_url, "--stages", "ml-training/train", "--workers", cores)
     try:
         endpoints = [f"ml-training/partition={a_srv.url}", f"ml-training/pca={a_srv.url}",
                      f"ml-training/validation={a_srv.url}", f"ml-training/train={b_srv.url}"]

@@ -9,8 +9,9 @@ Fixtures (load with ``pytest_plugins = ["tests.s3server"]``):
   fresh bucket with boto3 and yields its name.
 
 Helpers: :class:`MotoServer` (``start``/``stop``/``restart``/``set_auth``),
-:class:`FaultProxy` (an HTTP proxy answering 503 or dropping the connection
-for the first requests) and :func:`free_port`.
+:class:`FaultProxy` (an HTTP proxy answering 503, dropping the connection or
+trickling its answers a byte at a time for the first requests) and
+:func:`free_port`.
 """
 
 from __future__ import annotations
@@ -186,15 +187,22 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that misbehaves first.
 
     ``mode="503"`` answers the first ``failures`` requests with 503 SlowDown;
-    ``mode="drop"`` closes the connection without answering them. Later
-    requests are forwarded. With ``pass_first=N`` the first N requests are
-    forwarded before the faults start (a server that goes down mid-run). ``requests`` counts every request seen,
-    ``max_in_flight`` the most handled at once.
+    ``mode="drop"`` closes the connection without answering them;
+    ``mode="trickle"`` forwards them but sends the upstream's answer back one
+    byte every ``interval`` seconds after its head (``"trickle-head"``: the
+    head too). Later requests are forwarded. With ``pass_first=N`` the first N
+    requests are forwarded before the faults start (a server that goes down
+    mid-run). ``requests`` counts every request seen, ``max_in_flight`` the
+    most handled at once.
     """
 
-    def __init__(self, upstream: str, *, failures: int = 3, mode: str = "503", pass_first: int = 0):
-        if mode not in ("503", "drop"):
+    MODES = ("503", "drop", "trickle", "trickle-head")
+
+    def __init__(self, upstream: str, *, failures: int = 3, mode: str = "503", pass_first: int = 0,
+                 interval: float = 1.0):
+        if mode not in self.MODES:
             raise ValueError(mode)
+        self.interval = interval
         host, port = upstream.split("://", 1)[1].rsplit(":", 1)
         self.upstream = (host, int(port))
         self.failures = failures
@@ -258,7 +266,11 @@ class FaultProxy:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                if proxy._should_fail():
+                fail = proxy._should_fail()
+                if fail and proxy.mode.startswith("trickle"):
+                    self._forward(body, trickle=True)
+                    return
+                if fail:
                     if proxy.mode == "drop":
                         self.close_connection = True
                         with contextlib.suppress(OSError):
@@ -274,23 +286,38 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                self._forward(body)
+
+            def _forward(self, body: bytes, trickle: bool = False) -> None:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
-                    self.send_response(resp.status)
-                    skip = ("connection", "keep-alive", "transfer-encoding", "content-length", "server", "date")
-                    for k, v in resp.getheaders():
-                        if k.lower() not in skip:
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(data)
                 finally:
                     conn.close()
+                skip = ("connection", "keep-alive", "transfer-encoding", "content-length", "server", "date")
+                head = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+                head += [f"{k}: {v}" for k, v in resp.getheaders() if k.lower() not in skip]
+                head += [f"Content-Length: {len(data)}", "", ""]
+                raw = "\r\n".join(head).encode("latin-1")
+                payload = data if self.command != "HEAD" else b""
+                if not trickle:
+                    self.wfile.write(raw + payload)
+                    return
+                self.close_connection = True
+                slow = raw + payload if proxy.mode == "trickle-head" else payload
+                if proxy.mode == "trickle":
+                    self.wfile.write(raw)
+                    self.wfile.flush()
+                for i in range(len(slow)):  # until the client gives up (the write then fails)
+                    time.sleep(proxy.interval)
+                    try:
+                        self.wfile.write(slow[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -28,9 +29,10 @@ from mlwf.engine import events
 from mlwf.engine.calls import Call, Ref, RunContext
 from mlwf.engine.driver import Engine
 from mlwf.errors import DataError, StageError, UsageError
+from mlwf.server import REPLAY_PREFIX, ReplayLedger
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
-from tests.s3server import S3_ENV_VARS, free_port
+from tests.s3server import S3_ENV_VARS, FaultProxy, free_port
 
 SECRET = "mlwf-test-secret-5f1c0c2a9d8e4b7a"
 REPO = Path(__file__).resolve().parent.parent
@@ -85,21 +87,45 @@ def _server_env(s3_server, **extra: str) -> dict[str, str]:
     return env
 
 
+def _point_at(monkeypatch, s3_server) -> None:
+    """``s3://`` in this process means the test S3 server."""
+    for name in S3_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture(scope="module")
-def server(s3_server, tmp_path_factory):
+def served_bucket(s3_server, digits_dir):
+    """The bucket the module's services serve, holding the digits (training set and batch)."""
+    bucket = f"knative-{uuid.uuid4().hex[:8]}"
+    s3_server.boto3_client().create_bucket(Bucket=bucket)
+    with pytest.MonkeyPatch.context() as mp:
+        _point_at(mp, s3_server)
+        store = StoreSpec("s3://", bucket).open()
+        bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX)
+        bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
+        store.close()
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def server(s3_server, served_bucket, tmp_path_factory):
     """One service for every stage."""
-    proc = ServeProcess(_server_env(s3_server), tmp_path_factory.mktemp("serve") / "all.log").wait_ready()
+    proc = ServeProcess(_server_env(s3_server), tmp_path_factory.mktemp("serve") / "all.log",
+                        "--store", "s3://", "--bucket", served_bucket).wait_ready()
     yield proc
     assert proc.stop() == 0, proc.log()
 
 
 @pytest.fixture(scope="module")
-def server_b(s3_server, tmp_path_factory):
+def server_b(s3_server, served_bucket, tmp_path_factory):
     """A second service, for training's train and validation only, running calls in 2 worker processes;
     in every run its train[1] fails once and its validation[0] twice."""
     proc = ServeProcess(_server_env(s3_server, MLWF_FAULTS="train:1:raise:1;validation:0:raise:2"),
                         tmp_path_factory.mktemp("serve") / "b.log",
-                        "--stages", "ml-training/train,ml-training/validation", "--workers", "2").wait_ready()
+                        "--stages", "ml-training/train,ml-training/validation", "--workers", "2",
+                        "--store", "s3://", "--bucket", served_bucket).wait_ready()
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -111,19 +137,18 @@ def secret(monkeypatch):
 
 
 @pytest.fixture
-def s3_data(s3_env, digits_dir, secret):
-    """A fresh bucket in the S3 server holding the digits (training set and batch)."""
-    store = StoreSpec("s3://", s3_env).open()
-    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX)
-    bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
-    store.close()
-    return s3_env
+def s3_data(served_bucket, s3_server, monkeypatch, secret):
+    """The served bucket, with ``s3://`` in this process pointing at the test S3 server."""
+    _point_at(monkeypatch, s3_server)
+    return served_bucket
 
 
-def _keys(s3_server, bucket) -> set[str]:
+def _keys(s3_server, bucket, *, records: bool = False) -> set[str]:
+    """Every key in ``bucket``: the data and run outputs, or (``records``) the servers' replay records."""
     client = s3_server.boto3_client()
-    return {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for o in page.get("Contents", [])}
+    return {k for k in keys if k.startswith(REPLAY_PREFIX + "/") == records}
 
 
 # --------------------------------------------------------------------------- whole workflows
@@ -215,14 +240,20 @@ def test_endpoint_settings_are_checked_in_one_line(secret, s3_data, monkeypatch,
         Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": ["http://127.0.0.1:1"]})
 
 
-def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(s3_data):
+def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(server, s3_data):
     refused = f"http://127.0.0.1:{free_port()}"
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # accepts connections (in the kernel) and never answers
     silent = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    # A service whose answers come a byte every half second: after the head, or head included.
+    # Every read gets a byte in time, so only a bound on the whole exchange stops it.
+    trickling = [FaultProxy(server.url, failures=10**6, mode=mode, interval=0.5).start()
+                 for mode in ("trickle", "trickle-head")]
     try:
-        for url, message in ((refused, "cannot reach"), (silent, "no answer from")):
+        cases = [(refused, "cannot reach"), (silent, "no answer from")]
+        cases += [(proxy.endpoint, "no answer from") for proxy in trickling]
+        for url, message in cases:
             options = {"endpoints": [url], "retries": 1, "timeout": 1.0, "backoff": 0.05}
             t = time.monotonic()
             with Engine("s3://", s3_data, backend="knative", retries=0, backend_options=options) as engine, \
@@ -230,9 +261,53 @@ def test_an_endpoint_that_does_not_answer_fails_clearly_within_bounds(s3_data):
                 engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
             text = str(info.value)
             assert "partition[0]" in text and url in text and message in text and "2 attempts" in text, text
-            assert time.monotonic() - t < 10
+            assert time.monotonic() - t < 2 * (1.0 + 0.05) + 3, (url, time.monotonic() - t)
+        assert all(proxy.requests == 2 for proxy in trickling)  # both attempts reached the service
     finally:
         hole.close()
+        for proxy in trickling:
+            proxy.stop()
+
+
+def test_an_event_id_the_service_has_seen_is_retried_as_a_new_event_not_fatal(server, s3_data, monkeypatch):
+    """A proxy that resends an event makes the service refuse it as a replay: the driver tries again."""
+    from mlwf.engine import events as wire
+
+    ids = iter(["resent-event-id"] * 2 + [wire.uuid.uuid4().hex for _ in range(100)])
+    monkeypatch.setattr(wire, "new_event_id", lambda: next(ids))
+    options = {"endpoints": [server.url], "backoff": 0.01}
+    with Engine("s3://", s3_data, backend="knative", retries=0, backend_options=options) as engine:
+        report = engine.run_training(TRAIN_PREFIX, 2, 2, config=FAST, publish=False)
+    assert report["backend"] == "knative" and report["stages"]["pca"]["calls"] == 2
+    log = server.log()
+    assert "event=resent-event-id type=dev.mlwf.ml-training.partition status=200" in log
+    assert "event=resent-event-id type=dev.mlwf.ml-training.pca status=403" in log  # then a new id ran
+
+
+def test_a_run_on_another_store_than_the_services_stops_at_once_naming_both(server, s3_data, s3_server, store_url,
+                                                                            capsys):
+    from mlwf.cli import main
+
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    s3_server.boto3_client().create_bucket(Bucket=other)
+    for store, bucket in (("s3://", other), (store_url, "tless")):
+        t = time.monotonic()
+        with Engine(store, bucket, backend="knative", backend_options={"endpoints": [server.url]}) as engine, \
+                pytest.raises(UsageError) as info:
+            engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        text = str(info.value)
+        named = store if store == "s3://" else os.path.realpath(store)
+        assert f"{server.url} serves store s3:// bucket {s3_data!r}, but this run uses {named} bucket {bucket!r}" \
+            in text and f"--store s3:// --bucket {s3_data}" in text and "\n" not in text, text
+        assert time.monotonic() - t < 10  # refused, not retried
+    # Nothing ran: the other bucket holds only the failed run's own record.
+    assert all(k.startswith("ml-training/outputs/") and k.endswith("/run.json") for k in _keys(s3_server, other))
+    # From the command line: one line on stderr, status 2.
+    code = main(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", "s3://", "--bucket", other,
+                 "--backend", "knative", "--endpoint", server.url, "--image-size", "16"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.startswith("mlwf: error: ml-training stage partition[0]: ")
+    assert captured.err.count("\n") == 1 and "serves store s3://" in captured.err
 
 
 # --------------------------------------------------------------------------- refusals
@@ -260,7 +335,7 @@ def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3
     def call(**kw):
         return _call(bucket=s3_data, **kw)
 
-    before = _keys(s3_server, s3_data)
+    before, records_before = _keys(s3_server, s3_data), _keys(s3_server, s3_data, records=True)
     refusals = []
     # 400: not a CloudEvent (a binary event without ce-source; structured JSON that does not parse; no call)
     good_call, good_ctx = call()
@@ -291,10 +366,28 @@ def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3
     # 403: signed too long ago, or too far in the future
     refusals.append((_send(url, *call(), timestamp=str(int(time.time()) - 1000))[1], 403))
     refusals.append((_send(url, *call(), timestamp=str(int(time.time()) + 1000))[1], 403))
+    # 403: signed, but naming a store or bucket other than the one the server serves: another bucket,
+    # another endpoint (where the server would sign requests with its credentials), a directory.
+    elsewhere = []
+    for store_url, bucket in (("s3://", "another-bucket"), ("s3://attacker.example.com:80", s3_data),
+                              ("s3://127.0.0.1:1", s3_data), ("/tmp", s3_data), ("file:///", s3_data)):
+        c, x = call()
+        elsewhere.append(_send(url, c, {**x, "store_url": store_url, "bucket": bucket})[1])
+    for resp in elsewhere:
+        assert resp.status_code == 403 and resp.json()["store"] == "s3://" and resp.json()["bucket"] == s3_data
+        assert "acts only on store s3:// bucket" in resp.json()["error"], resp.text
+    refusals += [(resp, 403) for resp in elsewhere]
+    # 400: signed, but writing outside its run's folder, or asking for inline outputs
+    for change in ({"outputs_prefix": "ml-inference/model"}, {"outputs_prefix": "ml-inference/outputs/x/../../model"},
+                   {"run_id": "../model", "outputs_prefix": "ml-inference/outputs/../model"}, {"run_id": ""},
+                   {"transfer": "direct"}):
+        c, x = call()
+        refusals.append((_send(url, c, {**x, **change})[1], 400))
     for resp, status in refusals:
         assert resp.status_code == status, (status, resp.text)
         assert isinstance(resp.json()["error"], str) and resp.json()["error"]
     assert _keys(s3_server, s3_data) == before  # nothing ran
+    assert _keys(s3_server, s3_data, records=True) == records_before  # and nothing was recorded as run
 
     # A good call runs (binary in, binary out), and its replay is refused without running again.
     event, resp = _send(url, good_call, good_ctx)
@@ -305,8 +398,11 @@ def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3
     assert len(outputs) == 2 and all(o["key"].startswith(good_ctx["outputs_prefix"]) for o in outputs)
     after_good = _keys(s3_server, s3_data)
     assert {o["key"] for o in outputs} == after_good - before
+    assert _keys(s3_server, s3_data, records=True) - records_before == {
+        ReplayLedger.key(event.get_id(), event.get_extension("mlwftime"))}
     _, replay = _send(url, good_call, good_ctx, event_id=event.get_id(), timestamp=event.get_extension("mlwftime"))
     assert replay.status_code == 403 and "already used" in replay.json()["error"]
+    assert replay.json()["retryable"] is True  # as a new event, that is (the driver sends one per attempt)
 
     # Structured in, structured out.
     event, resp = _send(url, *call(), structured=True)
@@ -331,7 +427,8 @@ def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3
 
 # --------------------------------------------------------------------------- process lifecycle
 def test_sigterm_lets_the_call_in_flight_finish_then_exits_cleanly(s3_server, s3_data, tmp_path):
-    proc = ServeProcess(_server_env(s3_server), tmp_path / "serve.log", "--threads", "2").wait_ready()
+    proc = ServeProcess(_server_env(s3_server), tmp_path / "serve.log", "--threads", "2",
+                        "--store", "s3://", "--bucket", s3_data).wait_ready()
     rng = np.random.default_rng(0)
     data = codec.encode({"features": rng.normal(size=(4000, 10)), "labels": rng.integers(0, 10, 4000).astype(np.int32)})
     ref = Ref(sha256=codec.digest(data), nbytes=len(data), data=data, producer="test")
@@ -357,7 +454,7 @@ def test_sigterm_lets_the_call_in_flight_finish_then_exits_cleanly(s3_server, s3
     assert "stopped cleanly" in log
 
 
-def test_the_server_refuses_to_start_without_a_secret_unless_told_to_be_insecure(s3_server, s3_env, tmp_path):
+def test_the_server_refuses_to_start_without_a_secret_unless_told_to_be_insecure(s3_server, s3_data, tmp_path):
     for secret, message in (("", "MLWF_FUNCTION_SECRET"), ("short", "too short"),
                             (events.PLACEHOLDER_SECRET, "placeholder")):
         env = _server_env(s3_server, MLWF_FUNCTION_SECRET=secret)
@@ -366,9 +463,10 @@ def test_the_server_refuses_to_start_without_a_secret_unless_told_to_be_insecure
         assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
     env = _server_env(s3_server)
     del env["MLWF_FUNCTION_SECRET"]
-    proc = ServeProcess(env, tmp_path / "insecure.log", "--insecure-no-auth").wait_ready()
+    proc = ServeProcess(env, tmp_path / "insecure.log", "--insecure-no-auth", "--store", "s3://",
+                        "--bucket", s3_data).wait_ready()
     try:
-        call, ctx = _call(args={"prefix": "ml-inference/nothing", "num_funcs": 1}, bucket=s3_env)
+        call, ctx = _call(args={"prefix": "ml-inference/nothing", "num_funcs": 1}, bucket=s3_data)
         _, resp = _send(proc.url, call, ctx, secret=None)
         assert resp.status_code == 500 and resp.json()["type"] == "DataError"  # ran, unsigned
     finally:
@@ -408,6 +506,7 @@ def test_deploy_renders_manifests_a_cluster_can_use(tmp_path, capsys):
         [container] = spec["containers"]
         assert container["image"] == "registry.example.com/mlwf:0.1.0"
         assert container["args"][-1] == str(spec["containerConcurrency"])  # --threads matches
+        assert container["args"][3:7] == ["--store", "s3://", "--bucket", "tless"]  # serves that bucket only
         env = {e["name"]: e for e in container["env"]}
         assert "PORT" not in env  # Knative reserves PORT and sets it itself
         for name, key in (("MLWF_FUNCTION_SECRET", "function-secret"), ("S3_USER", "s3-user"),

@@ -239,3 +239,11 @@ def test_a_local_store_is_refused_when_the_joined_cluster_has_nodes_elsewhere(st
     with pytest.raises(UsageError, match=r"nodes on other hosts \(10\.9\.8\.7\).*--shared-store"):
         backend._check_store(store_url)
     RayBackend(shared_store=True)._check_store(store_url)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "1e9", "soon"])
+def test_a_connect_timeout_that_is_not_a_sane_number_of_seconds_is_refused(monkeypatch, value):
+    monkeypatch.setenv("MLWF_RAY_CONNECT_TIMEOUT", value)
+    with pytest.raises(UsageError, match=r"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds") as info:
+        RayBackend("127.0.0.1:1")
+    assert value in str(info.value) and "\n" not in str(info.value)

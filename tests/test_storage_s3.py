@@ -84,7 +84,7 @@ def test_timeout_bounds_add_up(monkeypatch):
     assert t.retry > 5 and t.connect <= 5
     monkeypatch.setenv("MLWF_S3_TIMEOUT", "4")
     assert S3Timeouts.from_env().total == 4
-    for bad in ("abc", "0", "-1"):
+    for bad in ("abc", "0", "-1", "inf", "nan", "1e9"):
         monkeypatch.setenv("MLWF_S3_TIMEOUT", bad)
         with pytest.raises(StoreError, match="MLWF_S3_TIMEOUT"):
             S3Timeouts.from_env()
@@ -105,9 +105,67 @@ def test_silent_endpoint_fails_within_bound(s3_env, monkeypatch, silent_port):
     bound = 2.0
     monkeypatch.setenv("MLWF_S3_TIMEOUT", str(bound))
     store = open_store(f"s3://127.0.0.1:{silent_port}", "some-bucket")
-    elapsed, err = timed(lambda: store.get("k"))
-    assert elapsed < 1.5 * bound + MARGIN, elapsed
+    for call in (lambda: store.get("k"), lambda: store.put("k", b"v"), lambda: store.list(""), store.create_bucket):
+        elapsed, err = timed(call)
+        assert elapsed < bound + MARGIN, elapsed
     assert isinstance(err, StoreError) and not isinstance(err, NotFoundError)
+
+
+@pytest.mark.parametrize("mode", ["trickle", "trickle-head"])
+def test_an_endpoint_that_trickles_its_answers_fails_every_operation_within_the_bound(s3_server, s3_env, monkeypatch,
+                                                                                     mode):
+    """Headers (or not even those) and then a byte a second: each operation still ends within MLWF_S3_TIMEOUT."""
+    bound = 2.0
+    direct = open_store("s3://", s3_env)
+    direct.put_many((f"t/{i}", bytes(range(256)) * 2) for i in range(8))
+    before = {o.key: o.size for o in direct.list("")}
+    monkeypatch.setenv("MLWF_S3_TIMEOUT", str(bound))
+    with FaultProxy(s3_server.endpoint, failures=10**9, mode=mode, interval=1.0) as proxy:
+        store = open_store(f"s3://127.0.0.1:{proxy.port}", s3_env)
+        operations = {
+            "get": lambda: store.get("t/0"),
+            "get_many": lambda: store.get_many([f"t/{i}" for i in range(8)]),
+            "get_tagged": lambda: store.get_tagged("t/1"),
+            "list": lambda: store.list("t/"),
+            "put": lambda: store.put("u/0", b"new"),
+            "put_if_absent": lambda: store.put_if_absent("u/1", b"new"),
+            "put_many": lambda: store.put_many((f"u/{i}", b"new") for i in range(2, 6)),
+            "exists": lambda: store.exists("t/2"),
+            "delete_many": lambda: store.delete_many(["t/3", "t/4"]),
+            "create_bucket": store.create_bucket,
+        }
+        if mode == "trickle":  # answers without a body arrive whole: only those with one are slowed
+            operations = {k: v for k, v in operations.items() if k in ("get", "get_many", "get_tagged", "list")}
+        for name, operation in operations.items():
+            elapsed, err = timed(operation)
+            assert elapsed < bound + MARGIN, (name, elapsed)
+            text = str(err)
+            assert "\n" not in text and "MLWF_S3_TIMEOUT" in text and f"127.0.0.1:{proxy.port}" in text, (name, text)
+            assert "cannot reach (or get a complete answer from)" in text, (name, text)
+        # The abandoned requests' connections are closed, not left reading in the background.
+        deadline = time.monotonic() + 5
+        while proxy.in_flight:
+            assert time.monotonic() < deadline, f"{proxy.in_flight} requests still connected"
+            time.sleep(0.1)
+    # Nothing lost or half-written: the reads changed nothing; writes and deletes that reached the server
+    # before its answer stalled took effect whole.
+    after = {o.key: o.size for o in direct.list("")}
+    if mode == "trickle":
+        assert after == before
+    else:
+        assert set(before) - set(after) <= {"t/3", "t/4"}
+    for key, size in after.items():
+        assert key.startswith(("t/", "u/")) and size == (512 if key.startswith("t/") else 3)
+
+
+def test_large_objects_get_time_in_proportion_to_their_size(s3_env, monkeypatch):
+    """The bound is MLWF_S3_TIMEOUT plus a second per MiB: 6 MiB with a 1 s timeout goes through."""
+    monkeypatch.setenv("MLWF_S3_TIMEOUT", "1")
+    store = open_store("s3://", s3_env)
+    data = bytes(range(256)) * (6 * 4096)
+    store.put("big/object", data)
+    assert store.get("big/object") == data and store.get_many(["big/object", "big/object"]) == [data, data]
+    assert S3Timeouts.from_total(1).bound(len(data)) == 7.0
 
 
 # -- retries -------------------------------------------------------------------------

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     sv.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
     sv.add_argument("--stages", default="all", help="stages served: all (default) or WORKFLOW[/STAGE],...")
+    sv.add_argument("--store", help="the one store this server acts on: a directory, file://DIR or s3:// "
+                                    "(default: $MLWF_STORE, else ~/.local/share/mlwf/store); calls naming "
+                                    "another store are refused")
+    sv.add_argument("--bucket", help=SEED_BUCKET_HELP + "; calls naming another bucket are refused")
     sv.add_argument("--max-body", default="1MiB", help="largest request body, e.g. 1MiB (default); more: 413")
     sv.add_argument("--threads", type=int, help="calls run at once (default: cores + 4, at most 32)")
     sv.add_argument("--workers", type=int, default=0,
@@ -178,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--grace", type=float, default=300.0,
                     help="seconds calls in flight may take to finish after SIGTERM (default 300)")
     sv.add_argument("--max-age", type=int, default=300, help="seconds a signed call stays valid (default 300)")
+    sv.add_argument("--request-timeout", type=float, default=10.0,
+                    help="seconds a client has to send a whole request, head and body (default 10)")
+    sv.add_argument("--max-connections", type=int, default=512,
+                    help="open connections at most (default 512); past it the oldest idle or incomplete one "
+                         "is closed")
+    sv.add_argument("--max-client-connections", type=int,
+                    help="open connections from one address at most (default: half of --max-connections)")
     sv.add_argument("--insecure-no-auth", action="store_true",
                     help="accept unsigned calls (local experiments only: anyone who can connect runs stages)")
     sv.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -581,9 +592,11 @@ def _serve_or_deploy(args) -> int:
     if args.command == "serve":
         from mlwf import server
 
-        return server.serve(host=args.host, port=args.port, stages=args.stages,
-                            max_body=server.parse_size(args.max_body), threads=args.threads, grace=args.grace,
-                            insecure_no_auth=args.insecure_no_auth, max_age=args.max_age, workers=args.workers)
+        return server.serve(host=args.host, port=args.port, stages=args.stages, store=args.store,
+                            bucket=args.bucket, max_body=server.parse_size(args.max_body), threads=args.threads,
+                            grace=args.grace, insecure_no_auth=args.insecure_no_auth, max_age=args.max_age,
+                            request_timeout=args.request_timeout, max_connections=args.max_connections,
+                            max_client_connections=args.max_client_connections, workers=args.workers)
     from mlwf import deploy
 
     files = deploy.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,

@@ -4,7 +4,8 @@ Writes into ``OUT`` (default ``deploy/knative``):
 
 * ``00-namespace.yaml``: the Namespace;
 * ``20-services.yaml``: Knative ``serving.knative.dev/v1`` Services running
-  ``mlwf serve``: one per stage (``--per-stage``, the default; each with the
+  ``mlwf serve --store s3:// --bucket BUCKET`` (a service acts on that store
+  only, and refuses calls naming any other): one per stage (``--per-stage``, the default; each with the
   concurrency, scale bounds and resources its stage needs) or one for every
   stage (``--single``). Each reads ``MLWF_FUNCTION_SECRET`` and the S3
   credentials from the Secret ``mlwf-secrets`` (``secretKeyRef``), gets the
@@ -81,9 +82,9 @@ def _env(s3_host: str, s3_port: int, bucket: str) -> list[dict[str, Any]]:
             {"name": "S3_PORT", "value": str(s3_port)}, {"name": "MLWF_BUCKET", "value": bucket}]
 
 
-def _service(image: str, namespace: str, env: list, profile: Profile, min_scale: int,
+def _service(image: str, namespace: str, env: list, profile: Profile, min_scale: int, bucket: str,
              workflow: str | None = None, stage: str | None = None) -> dict[str, Any]:
-    args = ["serve", "--stages", f"{workflow}/{stage}" if workflow else "all",
+    args = ["serve", "--stages", f"{workflow}/{stage}" if workflow else "all", "--store", "s3://", "--bucket", bucket,
             "--workers" if profile.processes else "--threads", str(profile.concurrency)]
     labels = _labels(workflow, stage)
     return {
@@ -160,12 +161,12 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
     if per_stage:
         for workflow, stages in known_stages().items():
             for stage in stages:
-                services.append(_service(image, namespace, env, PROFILES[(workflow, stage)], min_scale,
+                services.append(_service(image, namespace, env, PROFILES[(workflow, stage)], min_scale, bucket,
                                          workflow, stage))
                 url = f"http://{service_name(workflow, stage)}.{namespace}.svc.cluster.local"
                 endpoints[workflow].append(f"{workflow}/{stage}={url}")
     else:
-        services.append(_service(image, namespace, env, SINGLE, min_scale))
+        services.append(_service(image, namespace, env, SINGLE, min_scale, bucket))
         url = f"http://{service_name()}.{namespace}.svc.cluster.local"
         endpoints = {w: [url] for w in endpoints}
     files["20-services.yaml"] = services

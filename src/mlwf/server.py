@@ -9,24 +9,57 @@ seconds) and exits with status 0.
 
 ``POST /`` takes a CloudEvent in binary or structured mode (see
 :mod:`mlwf.engine.events`), checks it, and runs the call with
-:func:`mlwf.engine.runner.execute` in a worker thread, opening the store the
-call names from *this* process's environment (credentials never travel with a
-call). The reply is a signed CloudEvent ``dev.mlwf.<workflow>.<stage>.done``
-in the request's mode, with ``Outcome.to_json()`` as its data.
+:func:`mlwf.engine.runner.execute` in a worker thread. A server acts on one
+store only, the one it was started with (``--store``/``--bucket``, else
+``MLWF_STORE``/``MLWF_BUCKET``, as every command), opened with *this*
+process's credentials (they never travel with a call): a call naming any
+other store or bucket is refused, and a call writes only under its own run's
+folder ``<workflow>/outputs/<run id>/``. The reply is a signed CloudEvent
+``dev.mlwf.<workflow>.<stage>.done`` in the request's mode, with
+``Outcome.to_json()`` as its data.
+
+Replays. Before a call runs, the server records its event id in that store
+with a create-if-absent write (:meth:`~mlwf.storage.Store.put_if_absent`:
+S3 ``If-None-Match: *``, a hard link on a directory) at
+``.mlwf/serve/seen/<slot>/<sha256 of the id>``, where ``<slot>`` is the signing
+time (``mlwftime``, covered by the signature) in whole minutes. The call runs
+only if this server's write created the object; an event seen before, by this
+process (a fast in-memory check) or by any server sharing the store, also
+across restarts, is refused with 403. A record of an event signed at ``t``
+lives at least until ``t + --max-age + 60`` s (the 60 s are the clock
+difference the servers already tolerate): after that no server accepts the
+event anyway. Each server deletes such records from the whole store at most
+once a minute, as calls arrive (:meth:`ReplayLedger.clean`). So a captured
+event runs at most once on all the servers of one store, provided their
+clocks agree within 60 s and they share the same ``--max-age``. If the store
+cannot be written, the call is refused with a retryable 503 rather than run
+unrecorded.
+
+Connections: every request must arrive whole within ``--request-timeout``
+seconds, request heads are at most 16 KiB, and connections are limited in
+number, per server and per client address, without ever locking out a health
+check (see :mod:`mlwf.httpguard`).
 
 Refusals are an HTTP status and ``{"error": "...", "retryable": bool}``; the
 server stays up and nothing runs:
 
 ====  ==========================================================
 400   not a CloudEvent, not JSON, or not ``{call, context}``
+400   also: a context that writes outside its run's folder, or a transfer
+      other than ``store``
 401   no signature, or a signature that does not match
-403   signing time too old/too far ahead, or an event id seen before
+403   signing time too old/too far ahead; an event id seen before (here or
+      by a server sharing the store); a store or bucket other than this
+      server's (the JSON then also has ``store`` and ``bucket``: this
+      server's)
 404   unknown workflow or stage, or one this server does not serve
+408   the request did not arrive whole within ``--request-timeout``
 413   body over ``--max-body`` (counted while reading)
 500   the stage raised: ``type`` names the error class; ``retryable`` is
       false for bad input (DataError, ModelError, UsageError,
       NotFoundError), true otherwise
-503   too many invocations in the replay window, or shutting down
+503   too many invocations in the replay window, the replay record could
+      not be written, too many connections, or shutting down
 ====  ==========================================================
 """
 
@@ -34,9 +67,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -48,14 +85,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlwf.engine import events
-from mlwf.errors import DataError, ModelError, NotFoundError, UsageError
+from mlwf.errors import DataError, ModelError, MlwfError, NotFoundError, UsageError
+from mlwf.storage import Store, StoreSpec, join_key
 
 log = logging.getLogger("mlwf.serve")
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+#: The largest --max-body: every body is held in memory while it is checked.
+MAX_BODY_LIMIT = 64 << 20
+#: The most --workers (each worker process holds the stage code, about 100 MB).
+MAX_WORKERS = 1024
 DEFAULT_GRACE = 300.0  # Knative's default revision timeout: a call may take that long
 DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_REQUEST_TIMEOUT = 10.0
 #: Event ids remembered at most (a full cache refuses new calls with 503 rather than forget one).
 REPLAY_CACHE_MAX = 100_000
 #: After a refusal for size, read (and discard) at most this much more so the client sees the 413.
@@ -63,18 +106,25 @@ _DRAIN_MAX = 8 << 20
 #: Bad input: retrying cannot help.
 NOT_RETRYABLE = (DataError, ModelError, UsageError, NotFoundError)
 _SAFE = re.compile(r"[^A-Za-z0-9._:/\[\]=-]")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Where servers record the event ids they ran, in the store they serve (see ReplayLedger).
+REPLAY_PREFIX = ".mlwf/serve/seen"
+#: Width of one folder of replay records, by signing time, in seconds.
+REPLAY_SLOT_S = 60
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, error: str, retryable: bool = False):
+    def __init__(self, status: int, error: str, retryable: bool = False, **extra: Any):
         super().__init__(error)
         self.status = status
         self.error = error
         self.retryable = retryable
+        self.extra = extra
 
 
 @dataclass
 class ServeConfig:
+    store: StoreSpec  # the one store this server acts on (canonical)
     stages: frozenset[tuple[str, str]] | None = None  # None: every stage
     secret: str | None = None  # None only with insecure=True
     insecure: bool = False
@@ -82,6 +132,7 @@ class ServeConfig:
     max_age: int = events.DEFAULT_MAX_AGE
     threads: int | None = None
     workers: int = 0  # > 0: run calls in that many worker processes instead of threads
+    limits: Any = None  # mlwf.httpguard.Limits (None: its defaults)
 
 
 def parse_stages(spec: str | None) -> frozenset[tuple[str, str]] | None:
@@ -113,6 +164,8 @@ def parse_size(text: str) -> int:
              "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}[unit]
     if n * scale < 1024:
         raise UsageError(f"--max-body {text!r} is too small: at least 1KiB")
+    if n * scale > MAX_BODY_LIMIT:
+        raise UsageError(f"--max-body {text!r} is too large: at most 64MiB (a call carries store keys, not data)")
     return n * scale
 
 
@@ -132,10 +185,85 @@ class ReplayGuard:
                 break
             del self._seen[oldest]
         if event_id in self._seen:
-            raise Refusal(403, f"event id {event_id!r} was already used: replayed invocations are refused")
+            # retryable: the caller may send the call again as a new event (the driver always does).
+            raise Refusal(403, f"event id {event_id!r} was already used: replayed invocations are refused",
+                          retryable=True)
         if len(self._seen) >= self.max_entries:
             raise Refusal(503, "too many invocations within the signature window; retry later", retryable=True)
         self._seen[event_id] = now + self.keep_s
+
+
+class ReplayLedger:
+    """Event ids already run, shared by every server of one store, kept only as long as they can be replayed.
+
+    One object per event id, ``REPLAY_PREFIX/<slot>/<sha256 of the id>``,
+    written with :meth:`Store.put_if_absent`; ``<slot>`` is the signing time in
+    units of ``REPLAY_SLOT_S`` (zero-padded, so folders sort by time). The
+    bytes name this server and a fresh nonce, so a write never "succeeds" by
+    finding an identical record left by someone else.
+
+    Parameters
+    ----------
+    store : the store the server serves.
+    max_age : the server's ``--max-age``: how long a signature is accepted.
+    clock : wall-clock seconds (tests may pass their own).
+    """
+
+    def __init__(self, store: Store, max_age: int, *, clock=time.time, source: str = "mlwf serve"):
+        self.store = store
+        self.max_age = max_age
+        self.clock = clock
+        self.source = source
+        self.cleaned_through: int | None = None  # highest slot known to be deleted
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(event_id: str, stamp: str) -> str:
+        slot = int(stamp) // REPLAY_SLOT_S
+        return f"{REPLAY_PREFIX}/{slot:012d}/{hashlib.sha256(event_id.encode()).hexdigest()}"
+
+    def claim(self, event_id: str, stamp: str) -> None:
+        """Record ``event_id`` (signed at ``stamp``); :class:`Refusal` 403 if any server recorded it before.
+
+        Raises :class:`Refusal` 503 (retryable) when the store cannot be written.
+        """
+        record = json.dumps({"id": event_id, "signed": int(stamp), "server": self.source,
+                             "at": round(self.clock(), 3), "nonce": secrets.token_hex(8)}).encode()
+        try:
+            created = self.store.put_if_absent(self.key(event_id, stamp), record)
+        except MlwfError as e:
+            raise Refusal(503, f"cannot record the call in the store for replay protection: {e}",
+                          retryable=True) from None
+        if not created:
+            raise Refusal(403, f"event id {event_id!r} was already used (recorded by a server of this store): "
+                               "replayed invocations are refused", retryable=True)
+
+    def expired_through(self, now: float) -> int:
+        """The highest slot whose every event is refused by every server now (signature too old)."""
+        return int((now - self.max_age - events.MAX_FUTURE_SKEW) // REPLAY_SLOT_S) - 1
+
+    def clean(self) -> int:
+        """Delete the records no server needs any more; returns how many were deleted."""
+        with self._lock:
+            horizon = self.expired_through(self.clock())
+            done = self.cleaned_through
+            if done is not None and horizon <= done:
+                return 0
+            if done is None or horizon - done > 60:
+                # First pass (or after a long pause): one listing finds every old folder.
+                old = [o.key for o in self.store.list(REPLAY_PREFIX + "/") if _slot(o.key) <= horizon]
+            else:
+                old = [o.key for slot in range(done + 1, horizon + 1)
+                       for o in self.store.list(f"{REPLAY_PREFIX}/{slot:012d}/")]
+            self.store.delete_many(old)
+            self.cleaned_through = horizon
+            return len(old)
+
+
+def _slot(key: str) -> int:
+    """The slot of a replay record's key; keys that are not records count as current (kept)."""
+    parts = key[len(REPLAY_PREFIX) + 1:].split("/")
+    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else sys.maxsize
 
 
 def _clean(value: Any, n: int = 80) -> str:
@@ -181,13 +309,22 @@ class App:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
+        from mlwf.httpguard import ConnectionGuard, Limits
+
         self.config = config
         self.ready = False
         self.draining = False
         self.in_flight = 0  # requests waiting for their call
         self.running = 0  # calls running in a thread or process (may outlive a cancelled request)
         self._lock = threading.Lock()
+        self.guard = ConnectionGuard(config.limits or Limits())
+        self.store = config.store.open()
+        self.source = f"/mlwf/serve/{socket.gethostname()}"
         self.replays = ReplayGuard(config.max_age + events.MAX_FUTURE_SKEW)
+        self.ledger = ReplayLedger(self.store, config.max_age, source=f"{self.source}:{os.getpid()}")
+        self._cleaned_at = 0.0
+        # Store bookkeeping (replay records) never waits behind long stage calls.
+        self.bookkeeping = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mlwf-ledger")
         self.threads = threads = config.threads or min(32, (os.cpu_count() or 1) + 4)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlwf-stage")
         self.processes = None
@@ -198,15 +335,17 @@ class App:
 
             self.processes = LocalBackend(config.workers, preload_sklearn=True)
             self.processes.warm_up()
-        self.source = f"/mlwf/serve/{socket.gethostname()}"
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
+            sweeper = asyncio.create_task(self.guard.run())
             self.ready = True
             try:
                 yield
             finally:
                 self.ready = False
+                sweeper.cancel()
+                self.guard.flush_log()
 
         self.asgi = Starlette(routes=[Route("/healthz", self.healthz, methods=["GET"]),
                                       Route("/readyz", self.readyz, methods=["GET"]),
@@ -228,6 +367,7 @@ class App:
 
     # ------------------------------------------------------------------ calls
     async def invoke(self, request):
+        from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, Response
 
         t0 = time.perf_counter()
@@ -244,6 +384,8 @@ class App:
             call, ctx, data = self._parse(event)
             self._authenticate(event, call, ctx, data)
             self._route(call)
+            ctx = self._check_store(ctx)
+            await self._claim(event)
             self.in_flight += 1
             try:
                 outcome = await self._run(call, ctx)
@@ -254,7 +396,11 @@ class App:
             return Response(payload, status_code=200, headers=headers)
         except Refusal as r:
             status = r.status
-            return JSONResponse({"error": r.error, "retryable": r.retryable, "id": event_id}, status_code=r.status)
+            return JSONResponse({"error": r.error, "retryable": r.retryable, "id": event_id, **r.extra},
+                                status_code=r.status)
+        except ClientDisconnect:  # gone before its request arrived whole (or closed for --request-timeout)
+            status = 499
+            return Response(status_code=400)
         except Exception as e:  # the stage (or the runner) raised: report, stay up
             status = 500
             retryable = not isinstance(e, NOT_RETRYABLE)
@@ -283,10 +429,53 @@ class App:
             self.processes.reset()
             raise RuntimeError(f"the worker process running {call.workflow} stage {call.name} died") from None
 
+    async def _claim(self, event) -> None:
+        """Refuse a replayed event: this process's memory first, then the record in the store."""
+        if self.config.insecure:
+            return
+        event_id, stamp = event.get_id(), str(event.get_extension(events.TIME_ATTR))
+        self.replays.check_and_add(event_id)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.bookkeeping, self.ledger.claim, event_id, stamp)
+        if time.monotonic() - self._cleaned_at > REPLAY_SLOT_S:
+            self._cleaned_at = time.monotonic()
+            loop.run_in_executor(self.bookkeeping, self._clean_ledger)
+
+    def _clean_ledger(self) -> None:
+        try:
+            n = self.ledger.clean()
+        except MlwfError as e:
+            log.warning("could not delete old replay records (will retry): %s", _one_line(e))
+            return
+        if n:
+            log.info("deleted %d expired replay records", n)
+
+    def _check_store(self, ctx):
+        """``ctx`` if it names this server's store and bucket and writes only under its run; else Refusal."""
+        own = self.config.store
+        if ctx.transfer != "store":
+            raise Refusal(400, f"context.transfer {_clean(ctx.transfer)!r} is not 'store': mlwf serve hands "
+                               "outputs on through its store only")
+        if not _RUN_ID.fullmatch(ctx.run_id) or ctx.outputs_prefix != join_key(ctx.workflow, "outputs", ctx.run_id):
+            raise Refusal(400, "context.run_id must be a run id (letters, digits, '.', '_', '-') and "
+                               "context.outputs_prefix exactly <workflow>/outputs/<run_id>: a call writes only "
+                               "under its own run")
+        try:
+            named = StoreSpec(ctx.store_url, ctx.bucket).canonical()
+        except (OSError, ValueError):
+            named = None
+        if named != own:
+            raise Refusal(403, f"this server acts only on store {own.url} bucket {own.bucket!r} (mlwf serve "
+                               f"--store/--bucket), not on {_clean(ctx.store_url, 200)} bucket "
+                               f"{_clean(ctx.bucket)!r}", store=own.url, bucket=own.bucket)
+        return dataclasses.replace(ctx, store_url=own.url, bucket=own.bucket)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.bookkeeping.shutdown(wait=True)
         if self.processes is not None:
             self.processes.close()
+        self.store.close()
 
     def _parse(self, event):
         from mlwf.engine.calls import Call, RunContext
@@ -335,7 +524,6 @@ class App:
                                "window (check the clocks)")
         if age < -events.MAX_FUTURE_SKEW:
             raise Refusal(403, f"invocation signed {-age:.0f} s in the future (check the clocks)")
-        self.replays.check_and_add(event.get_id())
 
     def _route(self, call) -> None:
         from mlwf.workflows import stage_function
@@ -414,10 +602,26 @@ def _setup_logging() -> None:
 
 
 def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None = None,
+          store: str | None = None, bucket: str | None = None,
           max_body: int = DEFAULT_MAX_BODY, threads: int | None = None, grace: float = DEFAULT_GRACE,
           insecure_no_auth: bool = False, max_age: int = events.DEFAULT_MAX_AGE,
-          max_connections: int = DEFAULT_MAX_CONNECTIONS, workers: int = 0) -> int:
-    """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain)."""
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, max_client_connections: int | None = None,
+          request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0) -> int:
+    """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
+
+    ``store``/``bucket`` (default ``MLWF_STORE``/``MLWF_BUCKET``, as every
+    command) name the one store the server acts on. ``request_timeout``,
+    ``max_connections`` and ``max_client_connections`` (default half of
+    ``max_connections``) bound connections as :mod:`mlwf.httpguard` describes.
+
+    Raises
+    ------
+    UsageError
+        For a bad setting (port, counts, times, stages, store URL, secret).
+    """
+    from mlwf.errors import StoreError
+    from mlwf.httpguard import Limits
+
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     try:
@@ -434,20 +638,30 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
         raise UsageError(f"--port {port} is not a port number")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 (threads) or more, got {workers}")
-    if not grace >= 0:
-        raise UsageError(f"--grace must be 0 or more seconds, got {grace}")
-    if max_age < 1:
-        raise UsageError(f"--max-age must be at least 1 second, got {max_age}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 0 (threads) to {MAX_WORKERS} processes, got {workers}")
+    if threads is not None and threads > MAX_WORKERS:
+        raise UsageError(f"--threads must be at most {MAX_WORKERS}, got {threads}")
+    if not 0 <= grace < 86_400:
+        raise UsageError(f"--grace must be 0 or more seconds (under a day), got {grace}")
+    if not 1 <= max_age <= 86_400:
+        raise UsageError(f"--max-age must be between 1 and 86400 seconds, got {max_age}")
+    limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
+                    max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
+                                            else max_client_connections))
+    spec = StoreSpec.resolve(store, bucket)
+    try:
+        spec.open().close()  # a bad URL or bucket name fails here, not at the first call
+    except StoreError as e:
+        raise UsageError(f"mlwf serve --store/--bucket: {e}") from None
     if insecure_no_auth:
         secret = os.environ.get(events.SECRET_ENV, "").strip() or None
     else:
         secret = events.read_secret(who="mlwf serve (or pass --insecure-no-auth, for local experiments only)")
     # With --insecure-no-auth, a secret that is there anyway still signs the replies.
-    config = ServeConfig(stages=parse_stages(stages), secret=secret,
+    config = ServeConfig(store=spec.canonical(), stages=parse_stages(stages), secret=secret,
                          insecure=insecure_no_auth, max_body=max_body, max_age=max_age, threads=threads,
-                         workers=workers)
+                         workers=workers, limits=limits)
     _setup_logging()
     if insecure_no_auth:
         warning = ("AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach "
@@ -458,14 +672,22 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     preload()
     app = App(config)
     served = "all stages" if config.stages is None else ", ".join(sorted(f"{w}/{s}" for w, s in config.stages))
-    log.info("mlwf serve on %s:%d: %s; max body %d bytes; %s; auth %s", host,
-             sock.getsockname()[1], served, max_body,
+    log.info("mlwf serve on %s:%d: %s; store %s bucket %s; max body %d bytes; request timeout %g s; "
+             "max connections %d (%d per client); %s; auth %s", host, sock.getsockname()[1], served,
+             config.store.url, config.store.bucket, max_body, limits.request_timeout, limits.max_connections,
+             limits.max_client_connections,
              f"{workers} worker processes" if workers else f"{app.threads} worker threads",
              "off" if insecure_no_auth else "HMAC-SHA256")
-    uconfig = uvicorn.Config(app.asgi, log_config=None, access_log=False, lifespan="on",
-                             timeout_graceful_shutdown=grace,
-                             limit_concurrency=max_connections, timeout_keep_alive=30, server_header=False,
+    # Connection limits and time bounds are the guard's (mlwf.httpguard), not uvicorn's
+    # limit_concurrency, which would answer 503 to health checks too. No WebSocket upgrades:
+    # an upgraded connection would leave the guard.
+    uconfig = uvicorn.Config(app.asgi, http=app.guard.protocol_class(), ws="none", log_config=None,
+                             access_log=False, lifespan="on", timeout_graceful_shutdown=grace,
+                             limit_concurrency=None, timeout_keep_alive=limits.keep_alive,
+                             h11_max_incomplete_event_size=limits.max_header_bytes, server_header=False,
                              proxy_headers=False)
+    # uvicorn's per-connection warnings (bad requests, upgrades) are the guard's counted log lines instead.
+    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
     server = _Server(uconfig, app)
     try:
         server.run(sockets=[sock])

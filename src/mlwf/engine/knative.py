@@ -11,42 +11,51 @@ tests and benchmarks). ``endpoints`` says where each stage runs:
 
 Intermediate state moves through the store only (``transfers = ("store",)``):
 a call carries store keys and checksums, never the bytes, and each service
-opens the store from its own environment. So the store must be one every
-service can reach: S3/MinIO, or a local directory when every endpoint is on
-this machine (127.0.0.1/localhost).
+acts on the one store it was started with (``mlwf serve --store/--bucket``),
+with its own credentials. So the run's store must be the one the services
+serve, named the same way (``s3://`` with each side's S3_HOST/S3_PORT, or
+``s3://HOST:PORT``, or the same directory when every endpoint is on this
+machine, 127.0.0.1/localhost); a service serving another store refuses the
+call, and the run stops at once with one line naming both.
 
 Each call is signed with ``MLWF_FUNCTION_SECRET`` (see
 :mod:`mlwf.engine.events`), and so is each reply, which is checked. A call is
 retried, with exponential backoff and jitter and a fresh event id, when the
 service cannot be reached or does not answer within ``timeout``, answers 429,
-502, 503 or 504, or reports a stage error it marks retryable; after
+502, 503 or 504, refuses the event id as seen before (a 403 marked retryable:
+something between us resent it), or reports a stage error it marks retryable; after
 ``retries`` extra attempts it fails as :class:`StageError` naming the stage,
 the call index and the last error. A stage error marked not retryable (bad
 input) is raised at once as the same error class with the same one-line
 message as on the local backend. At most ``concurrency`` calls are in flight
-per service, over one keep-alive ``httpx.Client`` per service.
+per service, over one keep-alive ``httpx.AsyncClient`` per service, on the
+process's background event loop (:mod:`mlwf.aio`).
 
-Worst case for a service that never answers: ``(retries + 1) × (timeout +
-max backoff)`` per call (``connect_timeout`` instead of ``timeout`` when
-nothing accepts the connection).
+``timeout`` bounds each attempt as a whole, from connecting to the last byte
+of the reply: a service that accepts and never answers, or answers a byte at
+a time, is cut off at ``timeout`` (httpx's own timeouts bound each read, not
+the exchange). Worst case for a call: ``(retries + 1) × (timeout + max
+backoff)`` (``connect_timeout`` instead of ``timeout`` when nothing accepts
+the connection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
-import os
 import random
 import threading
-import time
 import urllib.parse
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from mlwf import errors
+from mlwf.aio import BACKGROUND
 from mlwf.engine import events
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.errors import MlwfError, StageError, UsageError
+from mlwf.storage import StoreSpec
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -131,8 +140,9 @@ class KnativeBackend:
 
         self.default, self.routes = parse_endpoints(endpoints)
         for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
-            if not value > 0:
-                raise UsageError(f"knative backend: {name} must be a positive number of seconds, got {value!r}")
+            if not (isinstance(value, (int, float)) and 0 < value < 86_400):
+                raise UsageError(f"knative backend: {name} must be a positive number of seconds (under a day), "
+                                 f"got {value!r}")
         if not isinstance(retries, int) or retries < 0:
             raise UsageError(f"knative backend: retries must be 0 or more, got {retries!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
@@ -146,41 +156,43 @@ class KnativeBackend:
         self.max_backoff = max_backoff
         self.structured = structured
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._clients: dict[str, Any] = {}
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._clients: dict[str, Any] = {}  # used on the background loop only
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._in_flight: set[Future] = set()
         self._checked: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ protocol
     def start(self) -> None:
-        self._start()
-
-    def _start(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                services = len(set(self.routes.values()) | ({self.default} if self.default else set()))
-                self._pool = ThreadPoolExecutor(max_workers=min(1024, self.concurrency * max(1, services)),
-                                                thread_name_prefix="mlwf-knative")
-            return self._pool
+        BACKGROUND.loop()
 
     def submit(self, call: Call, ctx: RunContext) -> Future[Outcome]:
         self._check(ctx)
         url = self.url_for(call.workflow, call.stage)
-        return self._start().submit(self._invoke, url, call, self._wire_context(ctx))
+        future = BACKGROUND.submit(self._invoke(url, call, self._wire_context(ctx)))
+        with self._lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
 
     def reset(self) -> None:
-        """Drop every connection (aborting calls stuck on them); later calls open new ones."""
+        """Abort every call in flight and drop every connection; later calls open new ones."""
         with self._lock:
-            clients, self._clients = self._clients, {}
-        for client in clients.values():
-            client.close()
+            futures, self._in_flight = self._in_flight, set()
+        for future in futures:
+            future.cancel()
+        BACKGROUND.run(self._close_clients())
 
     def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
         self.reset()
+
+    async def _close_clients(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.aclose()
 
     # ------------------------------------------------------------------ routing
     def url_for(self, workflow: str, stage: str) -> str:
@@ -211,30 +223,26 @@ class KnativeBackend:
 
     @staticmethod
     def _wire_context(ctx: RunContext) -> RunContext:
-        """A local store as an absolute path, so a server with another working directory finds it."""
-        url = ctx.store_url
-        if url.startswith("s3://"):
-            return ctx
-        path = url[len("file://"):] if url.startswith("file://") else url
-        return dataclasses.replace(ctx, store_url=os.path.abspath(os.path.expanduser(path)))
+        """The store named as a server compares it (a directory: its absolute real path)."""
+        spec = StoreSpec(ctx.store_url, ctx.bucket).canonical()
+        return dataclasses.replace(ctx, store_url=spec.url, bucket=spec.bucket)
 
     def _client(self, url: str):
+        """The keep-alive client and the concurrency slots of one service (on the background loop)."""
         import httpx
 
-        with self._lock:
-            client = self._clients.get(url)
-            if client is None:
-                client = self._clients[url] = httpx.Client(
-                    timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
-                    limits=httpx.Limits(max_connections=self.concurrency,
-                                        max_keepalive_connections=self.concurrency))
-            slots = self._slots.get(url)
-            if slots is None:
-                slots = self._slots[url] = threading.BoundedSemaphore(self.concurrency)
-            return client, slots
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
+        slots = self._slots.get(url)
+        if slots is None:
+            slots = self._slots[url] = asyncio.Semaphore(self.concurrency)
+        return client, slots
 
     # ------------------------------------------------------------------ one call
-    def _invoke(self, url: str, call: Call, ctx: RunContext) -> Outcome:
+    async def _invoke(self, url: str, call: Call, ctx: RunContext) -> Outcome:
         import httpx
 
         call_json, ctx_json = call.to_json(), ctx.to_json()
@@ -243,14 +251,16 @@ class KnativeBackend:
         for attempt in range(self.retries + 1):
             if attempt:
                 pause = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
-                time.sleep(pause * (0.5 + random.random() / 2))
+                await asyncio.sleep(pause * (0.5 + random.random() / 2))
             event = events.call_event(call_json, ctx_json, self.secret)
             headers, body = events.to_http(event, structured=self.structured)
             client, slots = self._client(url)
             try:
-                with slots:
-                    resp = client.post(url, content=body, headers=headers)
-            except httpx.TimeoutException as e:
+                async with slots:
+                    # The whole exchange, not each read: a reply trickled a byte at a time is cut off too.
+                    async with asyncio.timeout(self.timeout):
+                        resp = await client.post(url, content=body, headers=headers)
+            except (httpx.TimeoutException, TimeoutError) as e:
                 last = f"no answer from {url} within {self._limit(e):g} s ({type(e).__name__})"
                 continue
             except (httpx.TransportError, RuntimeError) as e:  # RuntimeError: client closed by reset()
@@ -270,9 +280,17 @@ class KnativeBackend:
                 kind = err.get("type")
                 last = err["error"] if kind in (None, "StageError") else f"{kind}: {err['error']}"
                 continue
-            if resp.status_code in RETRY_STATUS:
+            if resp.status_code in RETRY_STATUS or (resp.status_code == 403 and err.get("retryable") is True):
+                # 403 retryable: this event id was seen before (say, a proxy resent it); a new attempt is a
+                # new event, and a call run twice writes the same bytes.
                 last = f"{url} answered {resp.status_code}: {err['error']}"
                 continue
+            if resp.status_code == 403 and isinstance(err.get("store"), str):
+                raise UsageError(f"{where}: {url} serves store {err['store']} bucket {err.get('bucket')!r}, but "
+                                 f"this run uses {ctx.store_url} bucket {ctx.bucket!r}: run with --store "
+                                 f"{err['store']} --bucket {err.get('bucket')} (S3: with S3_HOST/S3_PORT pointing at "
+                                 "the same service), or start the services with 'mlwf serve --store ... --bucket ...' "
+                                 "for this store")
             raise UsageError(_refusal(resp.status_code, err["error"], where, url))
         raise StageError(f"{where} failed on {url} after {self.retries + 1} attempts: {last}")
 

@@ -14,6 +14,11 @@ would start engines inside its own workers. Workers only ever run mlwf's
 stage code, so the fork server is told which main module the driver has
 (:func:`_adopt_driver_main`), and multiprocessing then sees it as already
 imported in every worker it forks.
+
+Workers exit as soon as the process that owns the pool is gone, even one
+killed with ``kill -9`` in the middle of a stuck call (they watch a pipe only
+the owner holds: :mod:`mlwf.engine.lifeline`); the fork server and
+multiprocessing's resource tracker then exit by themselves.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from mlwf.engine import runner
+from mlwf.engine import lifeline, runner
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.errors import StageError
 
@@ -73,9 +78,10 @@ def _adopt_driver_main() -> None:
 _adopt_driver_main()
 
 
-def _init_worker(env: dict[str, str]) -> None:
+def _init_worker(env: dict[str, str], owner) -> None:
     from threadpoolctl import threadpool_limits
 
+    lifeline.exit_with_owner(owner)
     for name in [k for k in os.environ if k.startswith(_FORWARDED_ENV)]:
         del os.environ[name]
     os.environ.update(env)
@@ -123,7 +129,7 @@ class LocalBackend:
                         os.environ[k] = v
             env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(env,))
+                                             initargs=(env, lifeline.reader()))
         return self._pool
 
     def start(self) -> None:

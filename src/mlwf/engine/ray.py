@@ -19,6 +19,11 @@ A worker process that dies mid-call is retried by Ray (``max_retries``); a
 stage's own error is not (the driver decides). Start-up is quiet and bounded:
 no dashboard, worker output stays in Ray's log files, and an address where no
 cluster answers fails within ``connect_timeout`` seconds with one line.
+
+A local Ray instance started here goes with the driver: at :meth:`close`, and
+also when the driver is killed (``kill -9``), a reaper process
+(:class:`mlwf.engine.lifeline.Reaper`) kills whatever Ray processes are left,
+which Ray's own agents would otherwise outlive by a minute or more.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from mlwf.engine import runner
+from mlwf.engine import lifeline, runner
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.local import _FORWARDED_ENV
 from mlwf.errors import MlwfError, StageError, UsageError
@@ -50,6 +55,7 @@ CONNECT_TIMEOUT = 15.0
 _lock = threading.Lock()
 _users = 0  # RayBackend instances between start() and close()
 _ours = False  # True when this module called ray.init (so it calls ray.shutdown)
+_reaper: lifeline.Reaper | None = None  # kills what is left of the local instance we started
 
 
 # --------------------------------------------------------------------------- the task (runs in a Ray worker)
@@ -281,7 +287,10 @@ class RayBackend:
             try:
                 connect_timeout = float(os.environ.get("MLWF_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
             except ValueError:
-                raise UsageError("MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds") from None
+                connect_timeout = float("nan")
+        if not (isinstance(connect_timeout, (int, float)) and 0 < connect_timeout <= 3600):
+            raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds between 0 and 3600, got "
+                             f"{os.environ.get('MLWF_RAY_CONNECT_TIMEOUT', connect_timeout)!r}")
         self.connect_timeout = connect_timeout
         self.resources = self._check_requests(stage_resources or {})
         self._joined = False
@@ -336,12 +345,16 @@ class RayBackend:
         self._collector = ThreadPoolExecutor(1, thread_name_prefix="mlwf-ray")
 
     def _init(self) -> None:
+        global _reaper
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if self.address is None or self.address == "local":
+            before = lifeline.children(os.getpid())
             try:
                 ray.init(address="local", **quiet)
             except Exception as e:  # noqa: BLE001 - Ray raises many kinds; say what happened in one line
                 raise UsageError(f"could not start a local Ray instance: {_first_line(e)}") from None
+            # The processes ray.init just started are the instance's (gcs_server, raylet, ...).
+            _reaper = lifeline.Reaper(lifeline.children(os.getpid()) - before)
             return
         probe(self.address, self.connect_timeout)
         try:
@@ -463,7 +476,7 @@ class RayBackend:
             self._in_flight.pop(key, None)
 
     def close(self) -> None:
-        global _users, _ours
+        global _users, _ours, _reaper
         if self._collector is not None:
             self._collector.shutdown(wait=False, cancel_futures=True)
             self._collector = None
@@ -475,6 +488,9 @@ class RayBackend:
             if _users == 0 and _ours:
                 _ours = False
                 ray.shutdown()
+                if _reaper is not None:
+                    _reaper.close()
+                    _reaper = None
 
 
 def _cancel(gen, force: bool = False) -> None:

@@ -62,6 +62,20 @@ class StoreSpec:
     def is_local(self) -> bool:
         return not self.url.startswith("s3://")
 
+    def canonical(self) -> StoreSpec:
+        """The same store named one way, so two specs can be compared as strings.
+
+        A directory becomes its absolute path with symbolic links resolved (no
+        ``file://``); ``s3://`` and ``s3://HOST:PORT`` lose any trailing slash.
+        ``s3://`` means "the endpoint in this process's environment", so two
+        processes that both say ``s3://`` name the same store only if their
+        environments point at the same S3 service.
+        """
+        if not self.is_local:
+            return StoreSpec("s3://" + self.url[len("s3://"):].rstrip("/"), self.bucket)
+        path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
+        return StoreSpec(os.path.realpath(os.path.expanduser(path)), self.bucket)
+
     def open(self) -> Store:
         from mlwf.storage.faulty import wrap_if_asked  # test-only fault injection, off by default
 

@@ -18,14 +18,27 @@ error message: every obstore failure becomes a :class:`~mlwf.errors.StoreError`
 with our own one-line message, scrubbed of the keys in case the server echoed
 them.
 
-Bounds (``MLWF_S3_TIMEOUT``, default 15 s, written *T*): a request to an
-endpoint that cannot be reached (refused, unroutable, unknown host) fails
-within *T*; throttling (503 SlowDown), other 5xx answers and dropped
-connections are retried with exponential backoff and jitter for up to
-``T - connect - max_backoff`` seconds. A server that accepts connections but
-never answers fails a read within about ``1.5 T``. Bulk operations run
-``MLWF_S3_CONCURRENCY`` (default 64) requests at once on one event loop
-thread per process.
+Bounds (``MLWF_S3_TIMEOUT``, default 15 s, written *T*; see
+:class:`S3Timeouts`). Every request mlwf makes, retries included, ends within
+*T* plus one second per MiB it moves (``T + n / MIN_TRANSFER_RATE``), however
+the server behaves: refusing, never answering, answering 503, or sending its
+headers and then one byte a second. Reads are checked as the bytes arrive (a
+read falling *T* seconds behind 1 MiB/s fails at once, whatever size the
+server declared); writes know their size up front. Per operation:
+
+* ``get``, ``get_tagged``, ``put``, ``put_if_tag`` of *n* bytes: ``T + n/MiB``;
+* ``put_if_absent``: twice that (a refused create reads the object back);
+* ``exists``, ``bucket_exists``: *T*; ``list``: *T* per page of 1,000 keys;
+  ``delete``/``delete_many``: *T* per 1,000 keys;
+* ``get_many``/``put_many``: each object as ``get``/``put``, at most
+  ``MLWF_S3_CONCURRENCY`` (default 64) at once; the first failure cancels the
+  rest, so a stalled object fails the whole call within its own bound;
+* ``create_bucket``: *T*.
+
+Within the bound, throttling (503 SlowDown), other 5xx answers and dropped
+connections are retried with exponential backoff and jitter; an endpoint that
+cannot be reached fails within *T*. Every request runs on the process's
+background event loop (:mod:`mlwf.aio`).
 """
 
 from __future__ import annotations
@@ -38,13 +51,15 @@ import http.client
 import itertools
 import os
 import re
+import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mlwf.aio import BACKGROUND
 from mlwf.errors import NotFoundError, StoreError
 from mlwf.storage.base import ObjectInfo, Store, check_key, check_prefix
 
@@ -70,13 +85,25 @@ def _endpoint_hint(source: str) -> str:
 
 
 # -- settings -----------------------------------------------------------------
+#: The slowest transfer that counts as progress: a request may take MLWF_S3_TIMEOUT plus one second per MiB.
+MIN_TRANSFER_RATE = 1 << 20  # bytes per second
+#: Reads are checked for progress each time this much has arrived (a quarter of a second at the floor rate).
+_READ_CHUNK = 256 << 10
+_MAX_TIMEOUT = 86_400.0
+
+
 @dataclass(frozen=True)
 class S3Timeouts:
     """Time bounds derived from one total ``T`` (``MLWF_S3_TIMEOUT``), in seconds.
 
-    An unreachable endpoint is retried for ``retry`` seconds; the last attempt
-    can start after a backoff of at most ``max_backoff`` and wait ``connect``
-    seconds, so the call fails within ``retry + max_backoff + connect == total``.
+    :meth:`bound` is the hard limit of one operation (see the module
+    docstring). Inside it, obstore retries failed attempts for ``retry``
+    seconds; the last attempt can start after a backoff of at most
+    ``max_backoff`` and wait ``connect`` seconds, so an unreachable endpoint
+    fails within ``retry + max_backoff + connect == total`` with obstore's own
+    error. ``read`` is the longest silence inside one response before obstore
+    retries; ``request`` caps one attempt inside obstore (a backstop, never
+    shorter than :meth:`bound` of the largest single PUT).
     """
 
     total: float
@@ -88,16 +115,15 @@ class S3Timeouts:
 
     @classmethod
     def from_total(cls, total: float) -> S3Timeouts:
-        if not total > 0:
-            raise StoreError(f"{ENV_TIMEOUT} must be a positive number of seconds, not {total!r}")
+        if not (isinstance(total, (int, float)) and 0 < total <= _MAX_TIMEOUT):
+            raise StoreError(f"{ENV_TIMEOUT} must be a positive number of seconds (at most {_MAX_TIMEOUT:g}), "
+                             f"not {total!r}")
         connect = min(max(total / 5, 0.2), 5.0)
         max_backoff = min(max(total / 5, 0.1), 5.0)
         retry = max(total - connect - max_backoff, 0.1)
-        # A healthy server never goes silent this long in the middle of a
-        # response; a stalled one fails a read within about retry + read.
+        # A healthy server never goes silent this long in the middle of a response.
         read = max(total * 2 / 3, 1.0)
-        # One attempt as a whole (large objects take a while).
-        request = max(300.0, 4 * total)
+        request = total + MAX_PUT_BYTES / MIN_TRANSFER_RATE
         return cls(total, connect, max_backoff, retry, read, request)
 
     @classmethod
@@ -110,6 +136,18 @@ class S3Timeouts:
         except ValueError:
             raise StoreError(f"{ENV_TIMEOUT}={raw!r} is not a number: give seconds, e.g. 15") from None
         return cls.from_total(total)
+
+    def bound(self, nbytes: int = 0) -> float:
+        """Seconds one request moving ``nbytes`` may take, retries included: ``total + nbytes / 1 MiB/s``."""
+        return self.total + nbytes / MIN_TRANSFER_RATE
+
+
+class _Overdue(Exception):
+    """A request that did not finish within its bound (turned into a StoreError like every failure)."""
+
+    def __init__(self, bound: float):
+        super().__init__(f"no complete answer within {bound:.3g} s")
+        self.bound = bound
 
 
 def _concurrency_from_env() -> int:
@@ -227,61 +265,13 @@ def _check_bucket(bucket: str) -> str:
     return bucket
 
 
-# -- one event loop thread per process ------------------------------------------
-class _LoopThread:
-    """A daemon thread running an asyncio loop, created on first use in each process.
-
-    Callers in any thread (or in a process with no loop) submit coroutines and
-    block for their result; nothing is created per call.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-
-    def _after_fork(self) -> None:
-        # The loop thread does not survive a fork; start afresh on next use.
-        self._lock = threading.Lock()
-        self._loop = None
-        self._thread = None
-        self._pid = 0
-
-    def _get(self) -> asyncio.AbstractEventLoop:
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and self._pid == os.getpid() and thread.is_alive():
-            return loop
-        with self._lock:
-            if self._loop is None or self._pid != os.getpid() or not self._thread or not self._thread.is_alive():
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="mlwf-s3-loop", daemon=True)
-                thread.start()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
-            return self._loop
-
-    def run(self, coro: Awaitable[T]) -> T:
-        loop = self._get()
-        if threading.current_thread() is self._thread:
-            coro.close()  # type: ignore[attr-defined]
-            raise RuntimeError("S3Store called from its own event loop thread")
-        fut = asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
-
-
-_LOOP = _LoopThread()
+_LOOP = BACKGROUND  # shared with every other async client of this process
 
 # obstore runs its requests on a tokio runtime that does not survive fork():
 # in a child forked after the parent made S3 requests every obstore call hangs
 # (https://github.com/developmentseed/obstore/pull/441, tokio-rs/tokio#4301).
 # A fresh client does not help, so such a child gets a clear error instead.
 _OBSTORE_PID = 0  # the process that started obstore's runtime (inherited by fork)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_LOOP._after_fork)
 
 
 async def _bounded(fn: Callable[[Any], Awaitable[T]], items: Sequence[Any], limit: int) -> list[T]:
@@ -510,6 +500,12 @@ class S3Store(Store):
         else:
             what = f"{op} {key!r}" if key is not None else op
         where = f"(bucket {self.bucket!r} at {self.url})"
+        if isinstance(exc, _Overdue):
+            return StoreError(
+                f"cannot reach (or get a complete answer from) the S3 endpoint {self.url} to {what}: "
+                f"{exc} ({ENV_TIMEOUT}={self.timeouts.total:g} s, plus 1 s per MiB moved): "
+                f"{_endpoint_hint(self.endpoint_source)}, or raise {ENV_TIMEOUT}"
+            )
         if "NoSuchBucket" in text:
             return self._bucket_missing()
         not_found = isinstance(exc, FileNotFoundError) or isinstance(exc, getattr(oe, "NotFoundError", ())) or (
@@ -547,15 +543,16 @@ class S3Store(Store):
             for s in ("error sending request", "connect", "dns error", "timed out", "timeout", "broken pipe")
         ):
             return StoreError(
-                f"cannot reach (or get an answer from) the S3 endpoint {self.url} to {what} "
+                f"cannot reach (or get a complete answer from) the S3 endpoint {self.url} to {what} "
                 f"(gave up after retrying for up to {self.timeouts.total:g} s, {ENV_TIMEOUT}): "
                 f"{_endpoint_hint(self.endpoint_source)}"
             )
         return StoreError(f"S3 {what} {where} failed: {self._scrub_detail(exc)}")
 
-    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
+    def _do(self, op: str, key: str | None, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one operation on the background loop; every failure becomes a one-line StoreError."""
         try:
-            return fn()
+            return _LOOP.run(coro)
         except _Failed as f:
             raise self._error(f.op, f.key, f.exc) from None
         except StoreError:
@@ -563,33 +560,90 @@ class S3Store(Store):
         except Exception as e:  # noqa: BLE001 - every obstore failure becomes ours
             raise self._error(op, key, e) from None
 
-    def _run(self, coro: Awaitable[T]) -> T:
-        return self._call("access", None, lambda: _LOOP.run(coro))
+    async def _within(self, op: str, key: str | None, request: Callable[[], Awaitable[T]], nbytes: int = 0) -> T:
+        """``await request()``, cancelled (and failed) once it takes longer than its bound."""
+        bound = self.timeouts.bound(nbytes)
+        try:
+            async with asyncio.timeout(bound) as deadline:
+                return await request()
+        except TimeoutError:
+            if deadline.expired():
+                raise _Failed(op, key, _Overdue(bound)) from None
+            raise _Failed(op, key, TimeoutError("timed out")) from None
+        except _Failed:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _Failed(op, key, e) from None
+        finally:
+            # A traceback keeps this frame: let go of the request (and the connection it holds) now.
+            request = None  # noqa: F841
 
-    # -- async single-object operations (run on the loop thread) -------------
-    async def _aget(self, key: str) -> bytes:
+    # -- async operations (run on the loop thread) ------------------------------
+    async def _aget(self, key: str, op: str = "get") -> tuple[bytes, str | None]:
+        """The object's bytes and ETag; fails once the read is ``total`` seconds behind 1 MiB/s."""
         import obstore
 
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        got, resp, stream = 0, None, None
         try:
-            resp = await obstore.get_async(self._client(), key)
-            return bytes(await resp.bytes_async())
+            async with asyncio.timeout_at(start + self.timeouts.total) as deadline:
+                resp = await obstore.get_async(self._client(), key)
+                tag = resp.meta.get("e_tag")
+                chunks = []
+                stream = resp.stream(min_chunk_size=_READ_CHUNK)
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    got += len(chunk)
+                    deadline.reschedule(start + self.timeouts.bound(got))
+        except TimeoutError:
+            if deadline.expired():
+                raise _Failed(op, key, _Overdue(loop.time() - start)) from None
+            raise _Failed(op, key, TimeoutError("timed out")) from None
         except Exception as e:  # noqa: BLE001
-            raise _Failed("get", key, e) from None
+            raise _Failed(op, key, e) from None
+        finally:
+            resp = stream = None  # close a stalled response now, not when a traceback is collected
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), tag
 
-    async def _aput(self, item: tuple[str, bytes]) -> None:
+    async def _aget_bytes(self, key: str) -> bytes:
+        return (await self._aget(key))[0]
+
+    async def _aput(self, item: tuple[str, bytes], mode: Any = None, op: str = "put") -> None:
         import obstore
 
         key, data = item
+        kwargs = {"mode": mode} if mode is not None else {}
+        await self._within(op, key, lambda: obstore.put_async(self._client(), key, data, use_multipart=False,
+                                                              **kwargs), len(data))
+
+    async def _alist(self, prefix: str, segment: str | None, offset: str | None, limit: int | None) -> list[dict]:
+        import obstore
+
+        kwargs: dict[str, Any] = {"chunk_size": limit or 1000}
+        if offset is not None:
+            kwargs["offset"] = offset
+        stream = obstore.list(self._client(), segment, **kwargs)
+        found: list[dict] = []
         try:
-            await obstore.put_async(self._client(), key, data, use_multipart=False)
-        except Exception as e:  # noqa: BLE001
-            raise _Failed("put", key, e) from None
+            while True:  # one page (one request) at a time, each within the bound
+                try:
+                    page = await self._within("list", prefix, stream.__anext__)
+                except _Failed as f:
+                    if isinstance(f.exc, StopAsyncIteration):
+                        return found
+                    raise
+                found.extend(page)
+                if limit is not None:
+                    return found
+        finally:
+            # Drop the stream now, not when a traceback that holds this frame is collected:
+            # dropping it closes a connection still waiting for a page.
+            del stream
 
     # -- Store ---------------------------------------------------------------
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         check_prefix(prefix)
-        import obstore
-
         # obstore prefixes are whole path segments ('a/b' lists 'a/b/...'), S3
         # prefixes are strings: list the deepest folder the prefix names and
         # filter. Keys starting with the prefix sort after prefix[:-1], so the
@@ -597,27 +651,14 @@ class S3Store(Store):
         head, sep, _ = prefix.rpartition("/")
         segment = head if sep else None
         offset = prefix[:-1] if len(prefix) > 1 and not prefix[:-1].endswith("/") else None
-
-        def run() -> list[ObjectInfo]:
-            kwargs: dict[str, Any] = {"chunk_size": 1000}
-            if offset is not None:
-                kwargs["offset"] = offset
-            found = [
-                ObjectInfo(meta["path"], int(meta["size"]), meta.get("e_tag"))
-                for chunk in obstore.list(self._client(), segment, **kwargs)
-                for meta in chunk
-                if meta["path"].startswith(prefix)
-            ]
-            found.sort(key=lambda o: o.key)
-            return found
-
-        return self._call("list", prefix, run)
+        metas = self._do("list", prefix, self._alist(prefix, segment, offset, None))
+        found = [ObjectInfo(m["path"], int(m["size"]), m.get("e_tag")) for m in metas if m["path"].startswith(prefix)]
+        found.sort(key=lambda o: o.key)
+        return found
 
     def get(self, key: str) -> bytes:
         self._check_object_key(key)
-        import obstore
-
-        return self._call("get", key, lambda: bytes(obstore.get(self._client(), key).bytes()))
+        return self._do("get", key, self._aget_bytes(key))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes]:
         keys = list(keys)
@@ -625,60 +666,47 @@ class S3Store(Store):
             self._check_object_key(key)
         if not keys:
             return []
-        if len(keys) == 1:
-            return [self.get(keys[0])]
-        return self._run(_bounded(self._aget, keys, self.concurrency))
+        return self._do("get", keys[0], _bounded(self._aget_bytes, keys, self.concurrency))
 
     def put(self, key: str, data: bytes) -> None:
         self._check_object_key(key)
         data = self._check_data(key, data)
-        import obstore
-
-        self._call("put", key, lambda: obstore.put(self._client(), key, data, use_multipart=False))
+        self._do("put", key, self._aput((key, data)))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         self._check_object_key(key)
         data = self._check_data(key, data)
-        import obstore
+        if self._do("create", key, self._aput_if(key, data, "create")):  # If-None-Match: *
+            return True
+        return self._holds(key, data)
+
+    async def _aput_if(self, key: str, data: bytes, mode: Any) -> bool:
+        """A conditional put: False when the condition failed (the object exists, or its ETag changed)."""
         from obstore import exceptions as oe
 
-        def run() -> bool:
-            try:
-                obstore.put(self._client(), key, data, mode="create", use_multipart=False)  # If-None-Match: *
-                return True
-            except (oe.AlreadyExistsError, oe.PreconditionError):
-                return self._holds(key, data)
-
-        return self._call("create", key, run)
+        refused: tuple[type[BaseException], ...] = (oe.AlreadyExistsError, oe.PreconditionError)
+        if mode != "create":
+            refused += (oe.NotFoundError, FileNotFoundError)
+        try:
+            await self._aput((key, data), mode=mode, op="create" if mode == "create" else "replace")
+            return True
+        except _Failed as f:
+            if isinstance(f.exc, refused):
+                return False
+            raise
 
     def get_tagged(self, key: str) -> tuple[bytes, str]:
         self._check_object_key(key)
-        import obstore
-
-        def run() -> tuple[bytes, str]:
-            resp = obstore.get(self._client(), key)
-            tag = resp.meta.get("e_tag")
-            if not tag:
-                raise StoreError(f"the S3 server at {self.url} gave no ETag for {key!r}: it cannot do "
-                                 "conditional writes, which mlwf needs to update shared objects safely")
-            return bytes(resp.bytes()), tag
-
-        return self._call("get", key, run)
+        data, tag = self._do("get", key, self._aget(key))
+        if not tag:
+            raise StoreError(f"the S3 server at {self.url} gave no ETag for {key!r}: it cannot do "
+                             "conditional writes, which mlwf needs to update shared objects safely")
+        return data, tag
 
     def put_if_tag(self, key: str, data: bytes, tag: str) -> bool:
         self._check_object_key(key)
         data = self._check_data(key, data)
-        import obstore
-        from obstore import exceptions as oe
-
-        def run() -> bool:
-            try:
-                obstore.put(self._client(), key, data, mode={"e_tag": tag}, use_multipart=False)  # If-Match
-                return True
-            except (oe.PreconditionError, oe.NotFoundError, FileNotFoundError):
-                return False
-
-        return self._call("replace", key, run)
+        return self._do("replace", key, self._aput_if(key, data, {"e_tag": tag}))  # If-Match
 
     def _holds(self, key: str, data: bytes) -> bool:
         try:
@@ -695,7 +723,7 @@ class S3Store(Store):
             chunk = [(self._check_object_key(k), self._check_data(k, d)) for k, d in itertools.islice(it, chunk_len)]
             if not chunk:
                 return
-            self._run(_bounded(self._aput, chunk, self.concurrency))
+            self._do("put", chunk[0][0], _bounded(self._aput, chunk, self.concurrency))
 
     def delete(self, key: str) -> None:
         self._check_object_key(key)
@@ -705,7 +733,7 @@ class S3Store(Store):
         it = iter(keys)
         n = 0
         while True:
-            batch = [self._check_object_key(k) for k in itertools.islice(it, _DELETE_BATCH * 8)]
+            batch = [self._check_object_key(k) for k in itertools.islice(it, _DELETE_BATCH)]
             if not batch:
                 return n
             self._delete_keys(batch)
@@ -714,42 +742,38 @@ class S3Store(Store):
     def _delete_keys(self, keys: list[str]) -> None:
         import obstore
 
+        what = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more)"
         try:
-            # Bulk DeleteObjects, 1,000 keys a request; missing keys are not errors on S3.
-            obstore.delete(self._client(), keys if len(keys) > 1 else keys[0])
-        except Exception as e:  # noqa: BLE001
-            err = self._error("delete", keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more)", e)
-            if isinstance(err, NotFoundError) and not isinstance(err, NoSuchBucketError):
-                return  # a missing key in an existing bucket: deleting it is fine
-            raise err from None
+            # One DeleteObjects request for up to 1,000 keys; missing keys are not errors on S3.
+            self._do("delete", what, self._within(
+                "delete", what, lambda: obstore.delete_async(self._client(), keys if len(keys) > 1 else keys[0])))
+        except NoSuchBucketError:
+            raise
+        except NotFoundError:
+            return  # a missing key in an existing bucket: deleting it is fine
 
     def exists(self, key: str) -> bool:
         self._check_object_key(key)
         import obstore
 
         try:
-            obstore.head(self._client(), key)
+            self._do("check for", key, self._within("check for", key, lambda: obstore.head_async(self._client(), key)))
             return True
-        except FileNotFoundError:
+        except NotFoundError:  # no such object (or no such bucket)
             return False
-        except Exception as e:  # noqa: BLE001
-            err = self._error("check for", key, e)
-            if isinstance(err, NotFoundError):
-                return False
-            raise err from None
 
     def bucket_exists(self) -> bool:
-        import obstore
-
         try:
-            stream = obstore.list(self._client(), None, chunk_size=1)
-            next(iter(stream), None)
+            self._do("check the bucket", None, self._alist_probe())
             return True
-        except Exception as e:  # noqa: BLE001
-            err = self._error("check the bucket", None, e)
-            if isinstance(err, NotFoundError):
-                return False
-            raise err from None
+        except NoSuchBucketError:
+            return False
+
+    async def _alist_probe(self) -> None:
+        try:
+            await self._alist("", None, None, 1)
+        except _Failed as f:
+            raise _Failed("check the bucket", None, f.exc) from None
 
     def require_bucket(self) -> None:
         if not self.bucket_exists():
@@ -803,35 +827,45 @@ class S3Store(Store):
         )
 
     def _signed_request(self, method: str, base: str, path: str, body: bytes) -> tuple[int, str]:
-        """One SigV4-signed request, retried like obstore's (5xx, connection errors)."""
+        """One SigV4-signed request, retried like obstore's (5xx, connection errors), all within ``total`` s.
+
+        The deadline is enforced on the socket itself (shut down when it
+        passes), so a server that answers a byte at a time cannot stretch it.
+        """
         t = self.timeouts
         parts = urllib.parse.urlsplit(base)
-        deadline = time.monotonic() + t.retry
+        deadline = time.monotonic() + t.total
         delay = 0.1
         while True:
             headers = {"content-length": str(len(body))}
             if self._credentials is not None:
                 headers.update(_sigv4_headers(method, parts.netloc, path, self.region, self._credentials, body))
             conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            conn = conn_cls(parts.hostname, parts.port, timeout=t.connect)
+            left = max(deadline - time.monotonic(), 0.01)
+            conn = conn_cls(parts.hostname, parts.port, timeout=min(t.connect, left))
+            cutoff = threading.Timer(left, _shut_down, (conn,))
+            cutoff.daemon = True
+            cutoff.start()
             try:
                 conn.connect()
                 conn.sock.settimeout(t.read)
                 conn.request(method, path, body=body, headers={"Host": parts.netloc, **headers})
                 resp = conn.getresponse()
                 status, text = resp.status, resp.read(65536).decode("utf-8", "replace")
-                if status < 500 or time.monotonic() >= deadline:
+                if status < 500 or time.monotonic() >= deadline - t.connect:
                     return status, text
-            except (OSError, http.client.HTTPException) as e:
-                if time.monotonic() >= deadline:
+            # AttributeError/ValueError: the socket was shut down (and closed) under a read.
+            except (OSError, http.client.HTTPException, AttributeError, ValueError) as e:
+                if time.monotonic() >= deadline - 0.01:
                     raise StoreError(
-                        f"cannot reach the S3 endpoint {self.url} to create bucket {self.bucket!r} "
-                        f"({type(e).__name__}; gave up after retrying for up to {t.total:g} s, {ENV_TIMEOUT}): "
+                        f"cannot reach (or get a complete answer from) the S3 endpoint {self.url} to create bucket "
+                        f"{self.bucket!r} ({type(e).__name__}; gave up after {t.total:g} s, {ENV_TIMEOUT}): "
                         f"{_endpoint_hint(self.endpoint_source)}"
                     ) from None
             finally:
+                cutoff.cancel()
                 conn.close()
-            time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            time.sleep(min(delay, max(deadline - time.monotonic() - t.connect, 0.0)))
             delay = min(delay * 2, t.max_backoff)
 
     def close(self) -> None:
@@ -852,6 +886,16 @@ class S3Store(Store):
         if len(data) > MAX_PUT_BYTES:
             raise StoreError(f"cannot put {key!r}: {len(data)} bytes is over S3's 5 GiB single-PUT limit")
         return data
+
+
+def _shut_down(conn: http.client.HTTPConnection) -> None:
+    """Make every read or write on ``conn`` fail now (its deadline passed)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _unpickle(bucket, endpoint, region, timeouts, concurrency, endpoint_source) -> S3Store:
