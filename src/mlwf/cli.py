@@ -131,14 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host-path", required=True)
     up.add_argument("--s3-path", required=True)
     up.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace objects that hold other bytes (without it, such an upload is refused)")
     _common(up)
     down = s3s.add_parser("download-dir", help="download every object under a prefix into a folder")
     down.add_argument("--s3-path", required=True)
     down.add_argument("--host-path", required=True)
+    down.add_argument("--overwrite", action="store_true",
+                      help="replace local files that hold other bytes (without it, such a download is refused)")
     _common(down)
     cb = s3s.add_parser("clear-bucket", help="delete every object in the bucket")
     _common(cb)
-    cd = s3s.add_parser("clear-dir", help="delete every object under a prefix")
+    cd = s3s.add_parser("clear-dir", help="delete every object in a folder (PREFIX/…); never the whole bucket")
     cd.add_argument("--prefix", required=True)
     _common(cd)
     ls = s3s.add_parser("ls", help="list objects")
@@ -440,19 +444,22 @@ def _s3(args) -> int:
             return 0
         with count_progress(cmd, enabled=not args.json) as progress:
             if cmd == "upload-dir":
-                result = bulk.upload_dir(store, args.host_path, args.s3_path,
-                                         create_bucket=args.create_bucket, progress=progress)
+                result = bulk.upload_dir(store, args.host_path, args.s3_path, create_bucket=args.create_bucket,
+                                         overwrite=args.overwrite, progress=progress)
                 text = (f"uploaded {result['uploaded']} of {result['files']} files to "
-                        f"{store.bucket}/{args.s3_path} ({result['skipped']} unchanged, skipped)")
+                        f"{store.bucket}/{args.s3_path} ({result['skipped']} unchanged, skipped"
+                        + (f"; {result['replaced']} replaced)" if result["replaced"] else ")"))
             elif cmd == "download-dir":
-                result = bulk.download_dir(store, args.s3_path, args.host_path, progress=progress)
-                text = f"downloaded {result['objects']} objects to {args.host_path}"
+                result = bulk.download_dir(store, args.s3_path, args.host_path, overwrite=args.overwrite,
+                                           progress=progress)
+                text = (f"downloaded {result['written']} of {result['objects']} objects to {args.host_path} "
+                        f"({result['unchanged']} already there, unchanged)")
             elif cmd == "clear-bucket":
-                result = bulk.clear(store, "", progress=progress)
+                result = bulk.clear_bucket(store, progress=progress)
                 text = f"deleted {result['deleted']} objects from bucket {store.bucket}"
             else:
-                result = bulk.clear(store, args.prefix, progress=progress)
-                text = f"deleted {result['deleted']} objects under {args.prefix}"
+                result = bulk.clear_prefix(store, args.prefix, progress=progress)
+                text = f"deleted {result['deleted']} objects under {bulk.folder_prefix(args.prefix, flag='--prefix')}"
         print(json.dumps({"bucket": store.bucket, **result}) if args.json else text)
         return 0
     finally:
