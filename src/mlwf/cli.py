@@ -161,13 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="runs kept in the store")
     rs = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
-    rls = rs.add_parser("ls", help="list runs with status and stage progress")
+    rls = rs.add_parser("ls", help="list runs with status (running, succeeded, failed, abandoned) and stage progress")
     _common(rls)
     rsh = rs.add_parser("show", help="one run: parameters, status, per-stage figures, accuracy, "
                                      "confusion matrix, where its outputs are")
     rsh.add_argument("run_id", metavar="RUN_ID")
     _common(rsh)
-    rgc = rs.add_parser("gc", help="delete intermediate outputs of old runs (never a published model)")
+    rgc = rs.add_parser("gc", help="delete intermediate outputs of old finished or abandoned runs "
+                                   "(never a run.json, results or a model)")
     rgc.add_argument("--keep", type=int, required=True, help="keep the N newest runs of each workflow")
     _common(rgc)
 
@@ -515,7 +516,9 @@ def _runs(args) -> int:
             else:
                 for r in found:
                     progress = "  ".join(f"{s} {p}" for s, p in r["progress"].items())
-                    print(f"{r['run_id']}  {r['workflow']:<12}  {r['status']:<9}  {progress}")
+                    if r["status"] == "unreadable":
+                        progress = r["error"]
+                    print(f"{r['run_id']}  {r['workflow']:<12}  {r['status']:<10}  {progress}")
             return 0
         if args.runs_command == "show":
             info = runs.show_run(store, args.run_id)
@@ -529,8 +532,16 @@ def _runs(args) -> int:
         result = runs.gc_runs(store, args.keep)
     finally:
         store.close()
-    print(json.dumps(result) if args.json else
-          f"deleted {result['deleted']} intermediate objects of {len(result['runs'])} runs")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for s in result["skipped"]:
+        if s["reason"].startswith("unreadable"):
+            print(f"mlwf: warning: left {s['workflow']}/outputs/{s['run_id']}/ alone: {s['reason']}", file=sys.stderr)
+    running = sum(s["reason"] == "running" for s in result["skipped"])
+    print(f"deleted {result['deleted']} intermediate objects of {len(result['runs'])} runs "
+          f"(kept the {len(result['kept'])} newest" + (f", {running} still running" if running else "")
+          + (f", {len(result['skipped']) - running} unreadable" if len(result["skipped"]) > running else "") + ")")
     return 0
 
 
