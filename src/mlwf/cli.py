@@ -474,15 +474,15 @@ def _model(args) -> int:
     store = _open(args)
     if args.model_command == "rollback":
         try:
-            current = mlwf_model.read_manifest(store.get, args.prefix)
             manifest = mlwf_model.rollback(store, args.prefix)
         finally:
             store.close()
+        replaced = manifest["history"][0]
         result = {"prefix": args.prefix, "sha256": manifest["sha256"], "object": manifest["object"],
-                  "run_id": manifest.get("run_id"), "replaced": current["sha256"]}
+                  "run_id": manifest.get("run_id"), "replaced": replaced["sha256"]}
         print(json.dumps(result) if args.json else
               f"{args.prefix} now holds {manifest['sha256']} (run {manifest.get('run_id')}); "
-              f"replaced {current['sha256']}")
+              f"replaced {replaced['sha256']}")
         return 0
     try:
         data, manifest = mlwf_model.read_published(store.get, args.prefix,
