@@ -48,6 +48,20 @@ MAX_MANIFEST_BYTES = 1 << 20
 _CAS_ATTEMPTS = 64
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BATCH = 4096
+#: Values (images × trees × classes) one prediction batch may hold: 16 MiB of float32.
+#: The default model (100 trees, 10 classes) still predicts 4,096 images at a time.
+_BATCH_VALUES = 1 << 22
+
+#: Bounds of a model read from anywhere (see :func:`from_bytes`); training refuses settings beyond them.
+MAX_CLASSES = 1000
+MAX_CLASS_NAME_BYTES = 255
+MAX_MEMBERS = 1024
+MAX_TREES = 100_000
+MAX_NODES_PER_MEMBER = 1 << 30
+MAX_COMPONENTS = 4096
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_DEPTH = 8
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 # --------------------------------------------------------------------------- build
@@ -151,8 +165,11 @@ class Model:
         if pixels.ndim != 2 or pixels.shape[1] != self.image_size**2:
             raise ValueError(f"expected pixels of shape (n, {self.image_size**2}), got {pixels.shape}")
         out = np.empty((len(pixels), len(self.classes)), dtype=np.float64)
-        for start in range(0, len(pixels), _BATCH):
-            out[start : start + _BATCH] = self._proba_batch(pixels[start : start + _BATCH])
+        # Fewer images per batch for a large model, so memory stays bounded whatever it holds.
+        widest = max(len(m["roots"]) for m in self.members) * len(self.classes)
+        batch = max(1, min(_BATCH, _BATCH_VALUES // widest))
+        for start in range(0, len(pixels), batch):
+            out[start : start + batch] = self._proba_batch(pixels[start : start + batch])
         return out
 
     def _proba_batch(self, pixels: np.ndarray) -> np.ndarray:
@@ -221,33 +238,52 @@ def build(classes, image_size, projections, members, config=None, metrics=None) 
 
 # --------------------------------------------------------------------------- load
 def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
-    """Parse and check model bytes.
+    """Parse and check model bytes, trusting nothing in them.
+
+    A checksum proves the bytes are whole, not that they are sane, so every
+    count and size is bounded before anything proportional to it is built:
+    by the limits below and by what the file can honestly hold (each array
+    lies in the file and is used once, see :func:`mlwf.codec.decode`).
+
+    ======================================  =========================
+    header (JSON) size, nesting depth        :data:`MAX_HEADER_BYTES`, :data:`MAX_HEADER_DEPTH`
+    classes, bytes of a class name           :data:`MAX_CLASSES`, :data:`MAX_CLASS_NAME_BYTES`
+    members (forests), projections           :data:`MAX_MEMBERS` (a projection serves at least one member)
+    trees (all members), nodes per member    :data:`MAX_TREES`, :data:`MAX_NODES_PER_MEMBER`
+    components per projection               :data:`MAX_COMPONENTS`, and no more than pixels
+    image size, tree depth                   1–1024, 0–64
+    ======================================  =========================
+
+    Every number must be finite (thresholds, projections, leaf values, and
+    the JSON metadata); class names are text without control characters.
 
     Raises
     ------
     ModelError
         If the bytes are not a model, are truncated, corrupt or tampered with,
-        or were written by an incompatible version. Nothing in them is executed.
+        break a bound, or were written by an incompatible version. Nothing in
+        them is executed.
     """
     try:
-        meta = codec.decode(data, what=source)
+        meta = codec.decode(data, what=source, max_header=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH)
     except codec.CodecError as e:
         raise ModelError(f"{e}: refusing to load it; retrain with 'mlwf run ml-training'") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelError(f"{source} is not an mlwf model")
     if meta.get("version") != FORMAT_VERSION:
+        shown = meta.get("version") if isinstance(meta.get("version"), (int, float, type(None))) else "?"
         raise ModelError(
-            f"{source} is model format version {meta.get('version')!r}, this mlwf reads version "
+            f"{source} is model format version {shown!r}, this mlwf reads version "
             f"{FORMAT_VERSION}: retrain with 'mlwf run ml-training' or use the mlwf that wrote it"
         )
     try:
         model = Model(
-            classes=[str(c) for c in meta["classes"]],
+            classes=meta["classes"],
             image_size=meta["image_size"],
             projections=meta["projections"],
             members=meta["members"],
-            config=meta.get("config") or {},
-            metrics=meta.get("metrics") or {},
+            config=meta.get("config", {}),
+            metrics=meta.get("metrics", {}),
             digest=codec.digest(data),
         )
     except (KeyError, TypeError):
@@ -256,30 +292,63 @@ def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
     return model
 
 
+def _is_int(v: Any, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
 def _check(model: Model, source: str) -> None:
-    """Refuse anything that could make prediction index out of bounds or loop."""
+    """Refuse anything that could make prediction index out of bounds, loop, or cost more than the file is worth.
+
+    Counts are checked first, then each array, so no work proportional to a
+    claim is done before the claim is known to be within bounds.
+    """
 
     def bad(why: str):
         raise ModelError(f"{source} is corrupt or was tampered with ({why}); refusing to use it")
 
-    if not isinstance(model.image_size, int) or not 1 <= model.image_size <= 1024:
+    if not isinstance(model.config, dict) or not isinstance(model.metrics, dict):
+        bad("config or metrics")
+    if not _is_int(model.image_size, 1, 1024):
         bad("image size")
-    if len(model.classes) < 2 or len(set(model.classes)) != len(model.classes):
-        bad("class list")
-    d = model.image_size**2
+    classes = model.classes
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
+        bad(f"class list: 2 to {MAX_CLASSES:,} classes")
+    for c in classes:
+        if not isinstance(c, str) or not c or len(c.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES \
+                or _CONTROL.search(c):
+            bad(f"class list: names are 1 to {MAX_CLASS_NAME_BYTES} bytes of text without control characters")
+    if len(set(classes)) != len(classes):
+        bad("class list: a name appears twice")
+    if not isinstance(model.projections, list) or not isinstance(model.members, list):
+        bad("projections or members")
     if not model.projections or not model.members:
         bad("empty ensemble")
+    if len(model.members) > MAX_MEMBERS or len(model.projections) > len(model.members):
+        bad(f"{len(model.members):,} members and {len(model.projections):,} projections: at most "
+            f"{MAX_MEMBERS:,} members, and no more projections than members")
+    n_trees = 0
+    for m in model.members:
+        roots = m.get("roots") if isinstance(m, dict) else None
+        if not isinstance(roots, np.ndarray) or roots.ndim != 1:
+            bad("member fields")
+        n_trees += len(roots)
+    if n_trees > MAX_TREES:
+        bad(f"{n_trees:,} trees, more than the {MAX_TREES:,} allowed")
+    d = model.image_size**2
     for p in model.projections:
         if not isinstance(p, dict):
             bad("projection")
         mean, comp = p.get("mean"), p.get("components")
         if not isinstance(mean, np.ndarray) or not isinstance(comp, np.ndarray):
             bad("projection arrays")
-        if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or comp.shape[0] < 1:
+        if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or not 1 <= comp.shape[0] <= min(d, MAX_COMPONENTS):
             bad("projection shape")
         if not (np.issubdtype(mean.dtype, np.floating) and np.issubdtype(comp.dtype, np.floating)):
             bad("projection dtype")
-    n_classes = len(model.classes)
+        if not (np.isfinite(mean).all() and np.isfinite(comp).all()):
+            bad("projection: a number is not finite")
+    n_classes = len(classes)
+    used = np.zeros(len(model.projections), dtype=bool)
     for m in model.members:
         try:
             pi = m["projection"]
@@ -289,21 +358,26 @@ def _check(model: Model, source: str) -> None:
             leaf_index, leaf_value = m["leaf_index"], m["leaf_value"]
         except (KeyError, TypeError):
             bad("member fields")
-        if not (isinstance(pi, int) and 0 <= pi < len(model.projections)):
+        if not _is_int(pi, 0, len(model.projections) - 1):
             bad("member projection")
+        used[pi] = True
         k = model.projections[pi]["components"].shape[0]
         arrays = (roots, left, right, feature, threshold, leaf_index, leaf_value)
         if not all(isinstance(a, np.ndarray) for a in arrays):
             bad("member arrays")
         n = len(left)
-        if not (isinstance(depth, int) and 0 <= depth <= 64) or n == 0:
+        if not _is_int(depth, 0, 64) or n == 0:
             bad("tree depth")
+        if n > MAX_NODES_PER_MEMBER:
+            bad(f"{n:,} nodes in one member, more than the {MAX_NODES_PER_MEMBER:,} allowed")
         if any(a.ndim != 1 or len(a) != n for a in (right, feature, threshold, leaf_index)) or roots.ndim != 1:
             bad("tree array lengths")
         if not all(np.issubdtype(a.dtype, np.integer) for a in (roots, left, right, feature, leaf_index)):
             bad("tree array dtypes")
         if not (np.issubdtype(threshold.dtype, np.floating) and np.issubdtype(leaf_value.dtype, np.floating)):
             bad("tree array dtypes")
+        if not np.isfinite(threshold).all():
+            bad("tree thresholds: a number is not finite")
         ids = np.arange(n)
         leaf = left == ids
         internal = ~leaf
@@ -340,6 +414,8 @@ def _check(model: Model, source: str) -> None:
             frontier = kids
         if np.any(node_depth < 0):
             bad("unreachable nodes")
+    if not used.all():
+        bad("a projection no member uses")
 
 
 # --------------------------------------------------------------------------- store
