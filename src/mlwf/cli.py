@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on labelled images under DATA_PREFIX (class folders "
                                    "DATA_PREFIX/<label>/<image>) and publish the model.")
     _training_options(tr)
+    tr.add_argument("--allow-unvalidated", action="store_true",
+                    help="publish even if validated on fewer than 2 decodable held-out images of some class "
+                         "(or none at all)")
     _engine_options(tr)
     _common(tr)
 
@@ -340,7 +343,7 @@ def _run(args) -> int:
             report = engine.run_training(args.data_prefix, args.num_pca, args.num_train,
                                          config=_training_config(args),
                                          model_prefix=args.model_prefix, publish=not args.no_publish,
-                                         resume=args.resume)
+                                         allow_unvalidated=args.allow_unvalidated, resume=args.resume)
         else:
             report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs,
                                           resume=args.resume)
@@ -358,15 +361,20 @@ def _run(args) -> int:
 
 
 def _backend_options(args) -> dict[str, Any]:
+    resources = _stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
     if args.backend == "ray":
         from mlwf.storage import StoreSpec
 
         return {"address": args.ray_address or os.environ.get("RAY_ADDRESS"), "shared_store": args.shared_store,
-                "stage_resources": _stage_resources(args),
+                "stage_resources": resources,
                 "store_url": StoreSpec.resolve(args.store, args.bucket).url}
     if args.backend == "knative":
         return {"endpoints": args.endpoint}
     return {}
+
+
+_MAX_STAGE_CPUS = 4096
+_MAX_STAGE_MB = 16 << 20  # 16 TiB
 
 
 def _stage_resources(args) -> dict[str, dict[str, Any]]:
@@ -380,9 +388,10 @@ def _stage_resources(args) -> dict[str, dict[str, Any]]:
                 number = float(value)
             except ValueError:
                 number = -1.0
-            if not sep or not stage or not number > 0:
+            high = _MAX_STAGE_CPUS if key == "num_cpus" else _MAX_STAGE_MB
+            if not sep or not stage or not 0 < number <= high:  # also refuses nan and inf
                 raise UsageError(f"{flag} {item!r}: expected STAGE={'N' if key == 'num_cpus' else 'MB'} "
-                                 "with a positive number, e.g. train=2")
+                                 f"with a positive number up to {high:,}, e.g. train=2")
             out.setdefault(stage, {})[key] = number if key == "num_cpus" else int(number * 2**20)
     return out
 

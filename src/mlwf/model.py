@@ -292,6 +292,14 @@ def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
     return model
 
 
+def class_name_problem(name: Any) -> str | None:
+    """What makes ``name`` unfit as a class name (text a terminal or CSV shows as is), or None."""
+    if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES \
+            or _CONTROL.search(name):
+        return f"1 to {MAX_CLASS_NAME_BYTES} bytes of text without control characters"
+    return None
+
+
 def _is_int(v: Any, low: int, high: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
@@ -314,9 +322,8 @@ def _check(model: Model, source: str) -> None:
     if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
         bad(f"class list: 2 to {MAX_CLASSES:,} classes")
     for c in classes:
-        if not isinstance(c, str) or not c or len(c.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES \
-                or _CONTROL.search(c):
-            bad(f"class list: names are 1 to {MAX_CLASS_NAME_BYTES} bytes of text without control characters")
+        if class_name_problem(c):
+            bad(f"class list: a name must be {class_name_problem(c)}")
     if len(set(classes)) != len(classes):
         bad("class list: a name appears twice")
     if not isinstance(model.projections, list) or not isinstance(model.members, list):
