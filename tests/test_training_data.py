@@ -192,3 +192,49 @@ def test_non_finite_negative_and_huge_numbers_are_one_error_line(trained, capsys
     assert out == "" and err.count("\n") == 1 and err.startswith("mlwf: error: ") and "internal" not in err, err
     assert re.search(match, err), err
     assert snapshot(engine.store) == before
+
+
+# --------------------------------------------------------------------------- library noise
+def test_identical_images_give_one_warning_line_and_no_library_noise(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    where = ["--store", str(tmp_path / "store")]
+    assert main(["s3", "upload-dir", "--host-path", str(tmp_path / "data"), "--s3-path", "flat",
+                 "--create-bucket", *where]) == 0
+    # A separate process: the workers' stderr is the real one, where library warnings used to land.
+    done = subprocess.run([sys.executable, "-m", "mlwf.cli", "run", "ml-training", "flat", "2", "4", *FAST_FLAGS,
+                           "--components", "2", *where], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["mlwf: warning: pca: its images are all identical, so its projection "
+                                        "carries no information; check the data (2 of 2 calls)"]
+
+
+def test_a_library_warning_inside_a_stage_becomes_a_fact_of_the_run(monkeypatch, tmp_path):
+    import warnings
+
+    from mlwf.engine import runner
+    from mlwf.engine.calls import Call, RunContext
+    from mlwf.workflows.base import StageOutput
+
+    def noisy(list_keys, *, prefix):
+        for _ in range(50):
+            warnings.warn("a library complaint", UserWarning, stacklevel=1)
+        warnings.warn("another one\nwith a second line", RuntimeWarning, stacklevel=1)
+        return StageOutput([], {"n": 1})
+
+    monkeypatch.setitem(training.STAGES, "partition", noisy)
+    ctx = RunContext("r", "ml-training", str(tmp_path / "store"), "tless", "ml-training/outputs/r", "store")
+    with warnings.catch_warnings(record=True) as printed:
+        warnings.simplefilter("always")
+        outcome = runner.execute(Call("ml-training", "partition", 0, {"prefix": "x"}), ctx)
+        warnings.warn("outside a stage call", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in printed] == ["outside a stage call"]  # shown as usual, the others collected
+    assert outcome.info == {"n": 1, "warnings": ["RuntimeWarning: another one", "UserWarning: a library complaint"]}

@@ -352,10 +352,13 @@ def _run(args) -> int:
             from mlwf.engine import trace
 
             trace_path = trace.write(trace.build(engine.last_run, report, clock), args.trace)
-    # Printed once the progress display has ended, so it stands on its own lines.
+    # Printed once the progress display has ended, so they stand on their own lines.
     if trace_path is not None and not args.json:
         print(f"trace written to {trace_path} (open it in https://ui.perfetto.dev, or: mlwf trace plot "
               f"{trace_path})", file=sys.stderr)
+    if not args.json:  # under --json they are in the report
+        for text in report.get("warnings", []):
+            print(f"mlwf: warning: {text}", file=sys.stderr)
     _emit(args, report)
     return 0
 

@@ -258,6 +258,8 @@ class Run:
         self.startup_ms: float | None = None
         self.startup_span: tuple[float, float] | None = None
         self._workers_ready = False
+        #: (stage, warning) -> how many calls raised it
+        self.warnings: dict[tuple[str, str], int] = defaultdict(int)
         self.t0 = time.perf_counter()
         engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
         self.started_at = timestamp(now_utc())
@@ -429,6 +431,8 @@ class Run:
             # clock from the worker's end to here is their transfer time.
             outcome.timings["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
         self.outcomes.append((call, outcome))
+        for text in outcome.info.get("warnings", []):
+            self.warnings[(call.stage, text)] += 1
         st = self.stats[call.stage]
         for k, v in outcome.timings.items():
             st.timings[k] += v
@@ -508,6 +512,8 @@ class Run:
                        "workers": len(workers)},
             "stages": stages,
             "edges": edges,
+            "warnings": [f"{stage}: {text} ({n} of {self.stats[stage].calls} calls)"
+                         for (stage, text), n in sorted(self.warnings.items())],
         }
         return report
 

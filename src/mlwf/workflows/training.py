@@ -195,8 +195,14 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
         raise DataError(f"PCA function {index} has {len(pixels)} decodable images of {len(keys)} "
                         f"({len(skipped)} undecodable, e.g. {skipped[:1]}): it needs at least "
                         f"{max(n_components, n_slices)}; use fewer functions or check the images")
-    fitted = PCA(n_components=n_components, svd_solver="randomized",
-                 random_state=derive_seed(seed, "pca", index)).fit(pixels)
+    facts = []
+    identical = not np.any(np.ptp(pixels, axis=0) > 0)
+    if identical:
+        facts.append("its images are all identical, so its projection carries no information; check the data")
+    # Identical images make scikit-learn divide by a zero total variance: expected, and said above.
+    with np.errstate(divide="ignore" if identical else "warn", invalid="ignore" if identical else "warn"):
+        fitted = PCA(n_components=n_components, svd_solver="randomized",
+                     random_state=derive_seed(seed, "pca", index)).fit(pixels)
     mean = fitted.mean_.astype(np.float64)
     components = fitted.components_.astype(np.float64)
     features = project(pixels, mean, components)
@@ -205,7 +211,7 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
         parts.append({"features": features[rows], "labels": labels[rows].astype(np.int32)})
     parts.append({"mean": mean, "components": components})
     info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
-            "decoded_per_class": np.bincount(labels).tolist()}
+            "decoded_per_class": np.bincount(labels).tolist(), "warnings": facts}
     return StageOutput(parts, info)
 
 
