@@ -49,6 +49,7 @@ def at(seconds_ago: float) -> str:
 ])
 def test_effective_status(record, status):
     assert effective_status(record, NOW) == status
+    assert effective_status(record, NOW.timestamp()) == status  # seconds since the epoch work too
 
 
 # --------------------------------------------------------------------------- gc

@@ -377,7 +377,7 @@ def _backend_options(args) -> dict[str, Any]:
 
 
 _MAX_STAGE_CPUS = 4096
-_MAX_STAGE_MB = 16 << 20  # 16 TiB
+_MAX_STAGE_MB = 1 << 30  # 1 PiB: a bound that keeps the number finite, not a sizing rule
 
 
 def _stage_resources(args) -> dict[str, dict[str, Any]]:

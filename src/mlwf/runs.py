@@ -68,13 +68,14 @@ def _parse_time(value: Any) -> _dt.datetime | None:
     return moment if moment.tzinfo is not None else None
 
 
-def effective_status(record: dict[str, Any], now: _dt.datetime | None = None) -> str:
+def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = None) -> str:
     """The status a run really has: what its driver wrote, unless its lease expired.
 
     Parameters
     ----------
     record : a run's ``run.json`` as a dict.
-    now : the time to judge the lease at (an aware datetime; default: now).
+    now : the time to judge the lease at: an aware datetime or seconds since
+        the epoch (default: now).
 
     Returns
     -------
@@ -97,6 +98,8 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | None = None) ->
         lease = DEFAULT_LEASE_S
     if beat is None:
         return "abandoned"
+    if isinstance(now, (int, float)) and not isinstance(now, bool):
+        now = _dt.datetime.fromtimestamp(now, _dt.UTC)
     age = ((now or now_utc()) - beat).total_seconds()
     return "running" if -lease <= age <= lease else "abandoned"
 
