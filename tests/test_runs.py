@@ -233,7 +233,7 @@ def test_a_live_run_cannot_be_resumed_but_an_abandoned_one_can(engine):
     assert json.loads(engine.store.get(key))["status"] == "succeeded"
 
 
-@pytest.mark.parametrize("content, match", [(b"{not json", "is unreadable: its run.json is not valid JSON"),
+@pytest.mark.parametrize("content, match", [(b"{not json", r"not a run record mlwf can read \(its run.json is not valid JSON\)"),
                                             (b'{"run_id": "someone-else"}', "names another run")])
 def test_resuming_a_run_whose_record_is_unreadable_is_one_line(engine, content, match):
     report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)

@@ -232,8 +232,9 @@ def find_run(store, run_id: str) -> dict[str, Any] | None:
         except StoreError:
             return None  # not a key at all (control characters, too long)
         except ValueError as e:
-            raise UsageError(f"run {run_id} is unreadable: its {e}; start a new run instead, and delete its folder "
-                             f"with 'mlwf s3 clear-dir --prefix {workflow}/outputs/{run_id}'") from None
+            raise UsageError(f"the record of run {run_id} is not a run record mlwf can read (its {e}): start a "
+                             f"new run instead, and delete its folder with 'mlwf s3 clear-dir --prefix "
+                             f"{workflow}/outputs/{run_id}'") from None
     return None
 
 
