@@ -155,6 +155,9 @@ def _forge(store, change) -> None:
     (lambda m: m["history"][0].update(object="data/0/a.png"), "history entry 1 names an object other than"),
     (lambda m: m.update(object=m["object"].replace("versions", "elsewhere")), "current model names an object"),
     (lambda m: m.update(format="other"), "not an mlwf model manifest"),
+    (lambda m: m.update(run_id="\x1b]0;terminal title\x07"), "current model has a run_id that is not plain text"),
+    (lambda m: m["history"][0].update(published_at=["2026"]), "history entry 1 has a published_at that is not"),
+    (lambda m: m.update(size="big"), "current model has a size that is not a byte count"),
 ])
 def test_a_malformed_or_forged_manifest_is_refused_in_one_line_and_changes_nothing(make_store, capsys, change,
                                                                                   match):

@@ -159,9 +159,11 @@ def test_a_non_finite_number_in_the_json_header_is_refused(literal):
 
 
 @pytest.mark.parametrize("field, value", [("image_size", True), ("image_size", 2.0), ("config", [1, 2]),
-                                          ("metrics", "good")])
+                                          ("metrics", "good"), ("metrics", {"validation_accuracy": "99 %"}),
+                                          ("metrics", {"validation_accuracy": 7}),
+                                          ("metrics", {"validation_accuracy": [1]})])
 def test_fields_of_the_wrong_kind_are_refused(field, value):
-    refused(codec.encode({**_tree_meta(), field: value}), "image size|config or metrics")
+    refused(codec.encode({**_tree_meta(), field: value}), "image size|config or metrics|validation accuracy")
 
 
 def test_bools_are_not_indices():

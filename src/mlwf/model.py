@@ -316,6 +316,10 @@ def _check(model: Model, source: str) -> None:
 
     if not isinstance(model.config, dict) or not isinstance(model.metrics, dict):
         bad("config or metrics")
+    accuracy = model.metrics.get("validation_accuracy")
+    if accuracy is not None and not (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)
+                                     and 0 <= accuracy <= 1):
+        bad("metrics: validation accuracy is not a fraction")
     if not _is_int(model.image_size, 1, 1024):
         bad("image size")
     classes = model.classes
@@ -482,6 +486,13 @@ def _parse_manifest(raw: bytes, key: str, prefix: str) -> dict[str, Any]:
             corrupt(f"{where} has no valid sha256")
         if entry.get("object") != _object_key(prefix, sha):
             corrupt(f"{where} names an object other than {_object_key(prefix, '<sha256>')!r}")
+        for name in ("run_id", "published_at", "rolled_back_at", "write_id"):
+            value = entry.get(name)
+            if value is not None and not (isinstance(value, str) and len(value) <= 256 and not _CONTROL.search(value)):
+                corrupt(f"{where} has a {name} that is not plain text")
+        size = entry.get("size")
+        if size is not None and not _is_int(size, 0, 1 << 62):
+            corrupt(f"{where} has a size that is not a byte count")
     return manifest
 
 
