@@ -68,8 +68,9 @@ def test_resume_reuses_verified_outputs_and_reruns_only_the_rest(engine, monkeyp
     assert stages["validation"]["attempts"] == 1
 
 
-def test_resume_after_the_driver_is_killed(store_url):
-    env = {**os.environ, "MLWF_FAULTS": "train:1:hang:1"}
+def test_resume_after_the_driver_is_killed(store_url, capsys):
+    # A short lease, so the killed run is seen as abandoned within seconds.
+    env = {**os.environ, "MLWF_FAULTS": "train:1:hang:1", "MLWF_HEARTBEAT_S": "0.2", "MLWF_LEASE_S": "1"}
     args = [sys.executable, "-m", "mlwf.cli", "run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url,
             "--bucket", "tless", *FAST_FLAGS, "--json"]
     driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -85,10 +86,23 @@ def test_resume_after_the_driver_is_killed(store_url):
                 break
         time.sleep(0.1)
     assert run_dir, "the driver never started"
+    first_beat = json.load(open(os.path.join(run_dir, "run.json")))["heartbeat_at"]
+    while time.monotonic() < deadline and \
+            json.load(open(os.path.join(run_dir, "run.json")))["heartbeat_at"] == first_beat:
+        time.sleep(0.05)  # the driver renews its lease while its calls run
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its workers, as when a node disappears
     driver.wait(timeout=30)
     run_id = os.path.basename(run_dir)
-    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "running"
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    assert record["status"] == "running" and record["heartbeat_at"] != first_beat and record["lease_s"] == 1
+    # Nobody renews the lease any more: the run shows as abandoned, and gc may collect it.
+    status = None
+    while time.monotonic() < deadline and status != "abandoned":
+        assert main(["runs", "ls", "--json", "--store", store_url]) == 0
+        [run] = json.loads(capsys.readouterr().out)["runs"]
+        status = run["status"]
+        time.sleep(0.1)
+    assert status == "abandoned" and run["run_id"] == run_id
 
     resumed = subprocess.run(args[:-1] + ["--resume", run_id, "--json"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr

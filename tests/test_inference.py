@@ -360,7 +360,7 @@ def _manifest_not_json(engine):
     (_truncated_published, "truncated|corrupt"),
     (_flipped_in_place, "does not match its manifest checksum"),
     (_flipped_published, "corrupt or was modified"),
-    (_manifest_sha_changed, "does not match its manifest checksum"),
+    (_manifest_sha_changed, "names an object other than"),
     (_manifest_not_json, "manifest .* is corrupt"),
 ])
 def test_untrustworthy_model_is_refused_before_predicting(trained, tamper, match):

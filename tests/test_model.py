@@ -294,7 +294,7 @@ def test_load_from_a_file_path_and_from_bytes(trained, tmp_path):
 
 # --------------------------------------------------------------------------- publish
 class _Recording:
-    """A store that records the order of its writes."""
+    """A store that records the order of the writes that changed something."""
 
     def __init__(self, store):
         self._store = store
@@ -303,6 +303,19 @@ class _Recording:
     def put(self, key, data):
         self.puts.append(key)
         self._store.put(key, data)
+
+    def put_if_absent(self, key, data):
+        existed = self._store.exists(key)
+        written = self._store.put_if_absent(key, data)
+        if written and not existed:
+            self.puts.append(key)
+        return written
+
+    def put_if_tag(self, key, data, tag):
+        written = self._store.put_if_tag(key, data, tag)
+        if written:
+            self.puts.append(key)
+        return written
 
     def __getattr__(self, name):
         return getattr(self._store, name)

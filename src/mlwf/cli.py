@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on labelled images under DATA_PREFIX (class folders "
                                    "DATA_PREFIX/<label>/<image>) and publish the model.")
     _training_options(tr)
+    tr.add_argument("--allow-unvalidated", action="store_true",
+                    help="publish even if validated on fewer than 2 decodable held-out images of some class "
+                         "(or none at all)")
     _engine_options(tr)
     _common(tr)
 
@@ -131,14 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host-path", required=True)
     up.add_argument("--s3-path", required=True)
     up.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    up.add_argument("--overwrite", action="store_true",
+                    help="replace objects that hold other bytes (without it, such an upload is refused)")
     _common(up)
     down = s3s.add_parser("download-dir", help="download every object under a prefix into a folder")
     down.add_argument("--s3-path", required=True)
     down.add_argument("--host-path", required=True)
+    down.add_argument("--overwrite", action="store_true",
+                      help="replace local files that hold other bytes (without it, such a download is refused)")
     _common(down)
     cb = s3s.add_parser("clear-bucket", help="delete every object in the bucket")
     _common(cb)
-    cd = s3s.add_parser("clear-dir", help="delete every object under a prefix")
+    cd = s3s.add_parser("clear-dir", help="delete every object in a folder (PREFIX/…); never the whole bucket")
     cd.add_argument("--prefix", required=True)
     _common(cd)
     ls = s3s.add_parser("ls", help="list objects")
@@ -157,13 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="runs kept in the store")
     rs = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
-    rls = rs.add_parser("ls", help="list runs with status and stage progress")
+    rls = rs.add_parser("ls", help="list runs with status (running, succeeded, failed, abandoned) and stage progress")
     _common(rls)
     rsh = rs.add_parser("show", help="one run: parameters, status, per-stage figures, accuracy, "
                                      "confusion matrix, where its outputs are")
     rsh.add_argument("run_id", metavar="RUN_ID")
     _common(rsh)
-    rgc = rs.add_parser("gc", help="delete intermediate outputs of old runs (never a published model)")
+    rgc = rs.add_parser("gc", help="delete intermediate outputs of old finished or abandoned runs "
+                                   "(never a run.json, results or a model)")
     rgc.add_argument("--keep", type=int, required=True, help="keep the N newest runs of each workflow")
     _common(rgc)
 
@@ -346,7 +354,7 @@ def _run(args) -> int:
             report = engine.run_training(args.data_prefix, args.num_pca, args.num_train,
                                          config=_training_config(args),
                                          model_prefix=args.model_prefix, publish=not args.no_publish,
-                                         resume=args.resume)
+                                         allow_unvalidated=args.allow_unvalidated, resume=args.resume)
         else:
             report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs,
                                           resume=args.resume)
@@ -355,24 +363,32 @@ def _run(args) -> int:
             from mlwf.engine import trace
 
             trace_path = trace.write(trace.build(engine.last_run, report, clock), args.trace)
-    # Printed once the progress display has ended, so it stands on its own lines.
+    # Printed once the progress display has ended, so they stand on their own lines.
     if trace_path is not None and not args.json:
         print(f"trace written to {trace_path} (open it in https://ui.perfetto.dev, or: mlwf trace plot "
               f"{trace_path})", file=sys.stderr)
+    if not args.json:  # under --json they are in the report
+        for text in report.get("warnings", []):
+            print(f"mlwf: warning: {text}", file=sys.stderr)
     _emit(args, report)
     return 0
 
 
 def _backend_options(args) -> dict[str, Any]:
+    resources = _stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
     if args.backend == "ray":
         from mlwf.storage import StoreSpec
 
         return {"address": args.ray_address or os.environ.get("RAY_ADDRESS"), "shared_store": args.shared_store,
-                "stage_resources": _stage_resources(args),
+                "stage_resources": resources,
                 "store_url": StoreSpec.resolve(args.store, args.bucket).url}
     if args.backend == "knative":
         return {"endpoints": args.endpoint}
     return {}
+
+
+_MAX_STAGE_CPUS = 4096
+_MAX_STAGE_MB = 1 << 30  # 1 PiB: a bound that keeps the number finite, not a sizing rule
 
 
 def _stage_resources(args) -> dict[str, dict[str, Any]]:
@@ -386,9 +402,10 @@ def _stage_resources(args) -> dict[str, dict[str, Any]]:
                 number = float(value)
             except ValueError:
                 number = -1.0
-            if not sep or not stage or not number > 0:
+            high = _MAX_STAGE_CPUS if key == "num_cpus" else _MAX_STAGE_MB
+            if not sep or not stage or not 0 < number <= high:  # also refuses nan and inf
                 raise UsageError(f"{flag} {item!r}: expected STAGE={'N' if key == 'num_cpus' else 'MB'} "
-                                 "with a positive number, e.g. train=2")
+                                 f"with a positive number up to {high:,}, e.g. train=2")
             out.setdefault(stage, {})[key] = number if key == "num_cpus" else int(number * 2**20)
     return out
 
@@ -451,19 +468,22 @@ def _s3(args) -> int:
             return 0
         with count_progress(cmd, enabled=not args.json) as progress:
             if cmd == "upload-dir":
-                result = bulk.upload_dir(store, args.host_path, args.s3_path,
-                                         create_bucket=args.create_bucket, progress=progress)
+                result = bulk.upload_dir(store, args.host_path, args.s3_path, create_bucket=args.create_bucket,
+                                         overwrite=args.overwrite, progress=progress)
                 text = (f"uploaded {result['uploaded']} of {result['files']} files to "
-                        f"{store.bucket}/{args.s3_path} ({result['skipped']} unchanged, skipped)")
+                        f"{store.bucket}/{args.s3_path} ({result['skipped']} unchanged, skipped"
+                        + (f"; {result['replaced']} replaced)" if result["replaced"] else ")"))
             elif cmd == "download-dir":
-                result = bulk.download_dir(store, args.s3_path, args.host_path, progress=progress)
-                text = f"downloaded {result['objects']} objects to {args.host_path}"
+                result = bulk.download_dir(store, args.s3_path, args.host_path, overwrite=args.overwrite,
+                                           progress=progress)
+                text = (f"downloaded {result['written']} of {result['objects']} objects to {args.host_path} "
+                        f"({result['unchanged']} already there, unchanged)")
             elif cmd == "clear-bucket":
-                result = bulk.clear(store, "", progress=progress)
+                result = bulk.clear_bucket(store, progress=progress)
                 text = f"deleted {result['deleted']} objects from bucket {store.bucket}"
             else:
-                result = bulk.clear(store, args.prefix, progress=progress)
-                text = f"deleted {result['deleted']} objects under {args.prefix}"
+                result = bulk.clear_prefix(store, args.prefix, progress=progress)
+                text = f"deleted {result['deleted']} objects under {bulk.folder_prefix(args.prefix, flag='--prefix')}"
         print(json.dumps({"bucket": store.bucket, **result}) if args.json else text)
         return 0
     finally:
@@ -477,15 +497,15 @@ def _model(args) -> int:
     store = _open(args)
     if args.model_command == "rollback":
         try:
-            current = mlwf_model.read_manifest(store.get, args.prefix)
             manifest = mlwf_model.rollback(store, args.prefix)
         finally:
             store.close()
+        replaced = manifest["history"][0]
         result = {"prefix": args.prefix, "sha256": manifest["sha256"], "object": manifest["object"],
-                  "run_id": manifest.get("run_id"), "replaced": current["sha256"]}
+                  "run_id": manifest.get("run_id"), "replaced": replaced["sha256"]}
         print(json.dumps(result) if args.json else
               f"{args.prefix} now holds {manifest['sha256']} (run {manifest.get('run_id')}); "
-              f"replaced {current['sha256']}")
+              f"replaced {replaced['sha256']}")
         return 0
     try:
         data, manifest = mlwf_model.read_published(store.get, args.prefix,
@@ -519,7 +539,9 @@ def _runs(args) -> int:
             else:
                 for r in found:
                     progress = "  ".join(f"{s} {p}" for s, p in r["progress"].items())
-                    print(f"{r['run_id']}  {r['workflow']:<12}  {r['status']:<9}  {progress}")
+                    if r["status"] == "unreadable":
+                        progress = r["error"]
+                    print(f"{r['run_id']}  {r['workflow']:<12}  {r['status']:<10}  {progress}")
             return 0
         if args.runs_command == "show":
             info = runs.show_run(store, args.run_id)
@@ -533,8 +555,16 @@ def _runs(args) -> int:
         result = runs.gc_runs(store, args.keep)
     finally:
         store.close()
-    print(json.dumps(result) if args.json else
-          f"deleted {result['deleted']} intermediate objects of {len(result['runs'])} runs")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for s in result["skipped"]:
+        if s["reason"].startswith("unreadable"):
+            print(f"mlwf: warning: left {s['workflow']}/outputs/{s['run_id']}/ alone: {s['reason']}", file=sys.stderr)
+    running = sum(s["reason"] == "running" for s in result["skipped"])
+    print(f"deleted {result['deleted']} intermediate objects of {len(result['runs'])} runs "
+          f"(kept the {len(result['kept'])} newest" + (f", {running} still running" if running else "")
+          + (f", {len(result['skipped']) - running} unreadable" if len(result["skipped"]) > running else "") + ")")
     return 0
 
 

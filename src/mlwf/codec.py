@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from typing import Any
 
@@ -27,7 +28,11 @@ MAGIC = b"MLWF"
 VERSION = 1
 _ALIGN = 64
 _PREAMBLE = struct.Struct("<4sIQ")
-_MAX_HEADER = 64 << 20
+#: Largest header :func:`decode` reads unless told otherwise; a stage's key lists make the largest.
+MAX_HEADER = 64 << 20
+#: Deepest nesting of the header's JSON :func:`decode` accepts unless told otherwise.
+MAX_DEPTH = 32
+_MAX_NDIM = 32
 _DTYPES = frozenset(
     ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
 )
@@ -104,16 +109,34 @@ def encode(value: Any) -> bytes:
     return b"".join([_PREAMBLE.pack(MAGIC, VERSION, len(hjson)), hjson, pad, body])
 
 
-def decode(data: bytes | bytearray | memoryview, *, what: str = "payload") -> Any:
-    """Parse a payload made by :func:`encode`.
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
 
-    Arrays come back as read-only views of ``data`` (no copy).
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # '1e999' parses as inf
+        raise ValueError(f"non-finite number {text}")
+    return value
+
+
+def decode(data: bytes | bytearray | memoryview, *, what: str = "payload", max_header: int = MAX_HEADER,
+           max_depth: int = MAX_DEPTH) -> Any:
+    """Parse a payload made by :func:`encode`, trusting nothing in it.
+
+    Arrays come back as read-only views of ``data`` (no copy). Every claim in
+    the header is checked against what the bytes can honestly hold before
+    anything is built from it: the header is at most ``max_header`` bytes and
+    nested at most ``max_depth`` deep, its numbers are finite, each array lies
+    inside the body, arrays do not overlap, and each is referenced at most
+    once, so the arrays a payload yields never add up to more than its size.
 
     Raises
     ------
     CodecError
-        If the bytes are truncated, corrupt, tampered with or of another format
-        version; ``what`` names the object in the message.
+        If the bytes are truncated, corrupt, tampered with, of another format
+        version, or break one of the bounds above; ``what`` names the object
+        in the message.
     """
     buf = memoryview(data).cast("B")
     if len(buf) < _PREAMBLE.size:
@@ -123,13 +146,20 @@ def decode(data: bytes | bytearray | memoryview, *, what: str = "payload") -> An
         raise CodecError(f"{what} is not an mlwf payload (bad magic bytes)")
     if version != VERSION:
         raise CodecError(f"{what} has payload format version {version}; this mlwf reads version {VERSION}")
-    if hlen > _MAX_HEADER or _PREAMBLE.size + hlen > len(buf):
+    if hlen > max_header:
+        raise CodecError(f"{what} is corrupt (its header claims {hlen:,} bytes, more than the {max_header:,} allowed)")
+    if _PREAMBLE.size + hlen > len(buf):
         raise CodecError(f"{what} is truncated (header runs past the end)")
     try:
-        header = json.loads(bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen]))
+        header = json.loads(bytes(buf[_PREAMBLE.size : _PREAMBLE.size + hlen]),
+                            parse_constant=_refuse_constant, parse_float=_finite_float)
         descs = header["arrays"]
         digest = header["sha256"]
         meta = header["meta"]
+        if not isinstance(descs, list) or not isinstance(digest, str):
+            raise TypeError
+    except RecursionError:
+        raise CodecError(f"{what} is corrupt (header nested too deeply)") from None
     except (ValueError, KeyError, TypeError):
         raise CodecError(f"{what} is corrupt (unreadable header)") from None
     start = _PREAMBLE.size + hlen
@@ -138,33 +168,48 @@ def decode(data: bytes | bytearray | memoryview, *, what: str = "payload") -> An
     if hashlib.sha256(body).hexdigest() != digest:
         raise CodecError(f"{what} is corrupt or was modified (checksum mismatch)")
     arrays = []
+    spans = []
     try:
         for d in descs:
             dtype, shape, off, nbytes = d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"]
-            if dtype not in _DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
+            if dtype not in _DTYPES or len(shape) > _MAX_NDIM or not all(_is_count(s) for s in shape):
                 raise ValueError
             dt = np.dtype(dtype)
-            if not (isinstance(off, int) and isinstance(nbytes, int)) or off < 0 or off + nbytes > len(body):
+            if not (_is_count(off) and _is_count(nbytes)) or off + nbytes > len(body):
                 raise ValueError
-            if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
+            if math.prod(shape) * dt.itemsize != nbytes:
                 raise ValueError
+            spans.append((off, nbytes))
             arrays.append(np.frombuffer(body[off : off + nbytes], dtype=dt).reshape(shape))
     except (ValueError, KeyError, TypeError):
         raise CodecError(f"{what} is corrupt (bad array table)") from None
+    spans.sort()
+    if any(a_off + a_len > b_off for (a_off, a_len), (b_off, _) in zip(spans, spans[1:]) if a_len):
+        raise CodecError(f"{what} is corrupt (arrays overlap)")
+    used = set()
 
-    def lower(v: Any) -> Any:
+    def lower(v: Any, depth: int) -> Any:
+        if depth > max_depth:
+            raise CodecError(f"{what} is corrupt (header nested more than {max_depth} deep)")
         if isinstance(v, dict):
             if set(v) == {"__array__"}:
                 i = v["__array__"]
-                if not isinstance(i, int) or not 0 <= i < len(arrays):
+                if not _is_count(i) or not i < len(arrays):
                     raise CodecError(f"{what} is corrupt (bad array reference)")
+                if i in used:
+                    raise CodecError(f"{what} is corrupt (array {i} is referenced more than once)")
+                used.add(i)
                 return arrays[i]
-            return {k: lower(x) for k, x in v.items()}
+            return {k: lower(x, depth + 1) for k, x in v.items()}
         if isinstance(v, list):
-            return [lower(x) for x in v]
+            return [lower(x, depth + 1) for x in v]
         return v
 
-    return lower(meta)
+    return lower(meta, 1)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def digest(data: bytes | memoryview) -> str:

@@ -62,8 +62,9 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
                 Engine(store, bucket, workers=workers, progress=progress) as engine:
             say(f"[bold]mlwf demo[/bold]: store {escape(engine.spec.url)}, bucket {escape(engine.spec.bucket)}, "
                 f"everything under {DEMO_PREFIX}/")
-            up1 = bulk.upload_dir(engine.store, train_dir, TRAIN_PREFIX, create_bucket=True)
-            up2 = bulk.upload_dir(engine.store, batch_dir, BATCH_PREFIX, create_bucket=True)
+            # The demo owns its two folders: refresh them even if another version wrote other bytes.
+            up1 = bulk.upload_dir(engine.store, train_dir, TRAIN_PREFIX, create_bucket=True, overwrite=True)
+            up2 = bulk.upload_dir(engine.store, batch_dir, BATCH_PREFIX, create_bucket=True, overwrite=True)
             say(f"uploaded {up1['files']} training images to {TRAIN_PREFIX}/ and "
                 f"{up2['files']} unseen images to {BATCH_PREFIX}/")
             say(f"\n[bold]1. mlwf run ml-training {TRAIN_PREFIX} 2 8 --model-prefix {MODEL_PREFIX}[/bold]",

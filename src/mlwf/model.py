@@ -23,6 +23,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import random
+import re
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from mlwf import codec
-from mlwf.errors import ModelError, NotFoundError
+from mlwf.errors import ModelError, NotFoundError, UsageError
 
 FORMAT = "mlwf-model"
 #: Bump when the model layout changes; :func:`from_bytes` refuses other versions.
@@ -38,7 +42,26 @@ FORMAT_VERSION = 1
 MANIFEST = "MODEL.json"
 MANIFEST_FORMAT = "mlwf-model-manifest"
 HISTORY_LENGTH = 10
+#: Largest manifest read; one with a full history is about 3 KB.
+MAX_MANIFEST_BYTES = 1 << 20
+#: Attempts of a compare-and-swap of the manifest before giving up (each after a short random pause).
+_CAS_ATTEMPTS = 64
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _BATCH = 4096
+#: Values (images × trees × classes) one prediction batch may hold: 16 MiB of float32.
+#: The default model (100 trees, 10 classes) still predicts 4,096 images at a time.
+_BATCH_VALUES = 1 << 22
+
+#: Bounds of a model read from anywhere (see :func:`from_bytes`); training refuses settings beyond them.
+MAX_CLASSES = 1000
+MAX_CLASS_NAME_BYTES = 255
+MAX_MEMBERS = 1024
+MAX_TREES = 100_000
+MAX_NODES_PER_MEMBER = 1 << 30
+MAX_COMPONENTS = 4096
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_DEPTH = 8
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 # --------------------------------------------------------------------------- build
@@ -142,8 +165,11 @@ class Model:
         if pixels.ndim != 2 or pixels.shape[1] != self.image_size**2:
             raise ValueError(f"expected pixels of shape (n, {self.image_size**2}), got {pixels.shape}")
         out = np.empty((len(pixels), len(self.classes)), dtype=np.float64)
-        for start in range(0, len(pixels), _BATCH):
-            out[start : start + _BATCH] = self._proba_batch(pixels[start : start + _BATCH])
+        # Fewer images per batch for a large model, so memory stays bounded whatever it holds.
+        widest = max(len(m["roots"]) for m in self.members) * len(self.classes)
+        batch = max(1, min(_BATCH, _BATCH_VALUES // widest))
+        for start in range(0, len(pixels), batch):
+            out[start : start + batch] = self._proba_batch(pixels[start : start + batch])
         return out
 
     def _proba_batch(self, pixels: np.ndarray) -> np.ndarray:
@@ -212,33 +238,52 @@ def build(classes, image_size, projections, members, config=None, metrics=None) 
 
 # --------------------------------------------------------------------------- load
 def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
-    """Parse and check model bytes.
+    """Parse and check model bytes, trusting nothing in them.
+
+    A checksum proves the bytes are whole, not that they are sane, so every
+    count and size is bounded before anything proportional to it is built:
+    by the limits below and by what the file can honestly hold (each array
+    lies in the file and is used once, see :func:`mlwf.codec.decode`).
+
+    ======================================  =========================
+    header (JSON) size, nesting depth        :data:`MAX_HEADER_BYTES`, :data:`MAX_HEADER_DEPTH`
+    classes, bytes of a class name           :data:`MAX_CLASSES`, :data:`MAX_CLASS_NAME_BYTES`
+    members (forests), projections           :data:`MAX_MEMBERS` (a projection serves at least one member)
+    trees (all members), nodes per member    :data:`MAX_TREES`, :data:`MAX_NODES_PER_MEMBER`
+    components per projection               :data:`MAX_COMPONENTS`, and no more than pixels
+    image size, tree depth                   1–1024, 0–64
+    ======================================  =========================
+
+    Every number must be finite (thresholds, projections, leaf values, and
+    the JSON metadata); class names are text without control characters.
 
     Raises
     ------
     ModelError
         If the bytes are not a model, are truncated, corrupt or tampered with,
-        or were written by an incompatible version. Nothing in them is executed.
+        break a bound, or were written by an incompatible version. Nothing in
+        them is executed.
     """
     try:
-        meta = codec.decode(data, what=source)
+        meta = codec.decode(data, what=source, max_header=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH)
     except codec.CodecError as e:
         raise ModelError(f"{e}: refusing to load it; retrain with 'mlwf run ml-training'") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelError(f"{source} is not an mlwf model")
     if meta.get("version") != FORMAT_VERSION:
+        shown = meta.get("version") if isinstance(meta.get("version"), (int, float, type(None))) else "?"
         raise ModelError(
-            f"{source} is model format version {meta.get('version')!r}, this mlwf reads version "
+            f"{source} is model format version {shown!r}, this mlwf reads version "
             f"{FORMAT_VERSION}: retrain with 'mlwf run ml-training' or use the mlwf that wrote it"
         )
     try:
         model = Model(
-            classes=[str(c) for c in meta["classes"]],
+            classes=meta["classes"],
             image_size=meta["image_size"],
             projections=meta["projections"],
             members=meta["members"],
-            config=meta.get("config") or {},
-            metrics=meta.get("metrics") or {},
+            config=meta.get("config", {}),
+            metrics=meta.get("metrics", {}),
             digest=codec.digest(data),
         )
     except (KeyError, TypeError):
@@ -247,30 +292,74 @@ def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
     return model
 
 
+def class_name_problem(name: Any) -> str | None:
+    """What makes ``name`` unfit as a class name (text a terminal or CSV shows as is), or None."""
+    if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES \
+            or _CONTROL.search(name):
+        return f"1 to {MAX_CLASS_NAME_BYTES} bytes of text without control characters"
+    return None
+
+
+def _is_int(v: Any, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
 def _check(model: Model, source: str) -> None:
-    """Refuse anything that could make prediction index out of bounds or loop."""
+    """Refuse anything that could make prediction index out of bounds, loop, or cost more than the file is worth.
+
+    Counts are checked first, then each array, so no work proportional to a
+    claim is done before the claim is known to be within bounds.
+    """
 
     def bad(why: str):
         raise ModelError(f"{source} is corrupt or was tampered with ({why}); refusing to use it")
 
-    if not isinstance(model.image_size, int) or not 1 <= model.image_size <= 1024:
+    if not isinstance(model.config, dict) or not isinstance(model.metrics, dict):
+        bad("config or metrics")
+    accuracy = model.metrics.get("validation_accuracy")
+    if accuracy is not None and not (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)
+                                     and 0 <= accuracy <= 1):
+        bad("metrics: validation accuracy is not a fraction")
+    if not _is_int(model.image_size, 1, 1024):
         bad("image size")
-    if len(model.classes) < 2 or len(set(model.classes)) != len(model.classes):
-        bad("class list")
-    d = model.image_size**2
+    classes = model.classes
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
+        bad(f"class list: 2 to {MAX_CLASSES:,} classes")
+    for c in classes:
+        if class_name_problem(c):
+            bad(f"class list: a name must be {class_name_problem(c)}")
+    if len(set(classes)) != len(classes):
+        bad("class list: a name appears twice")
+    if not isinstance(model.projections, list) or not isinstance(model.members, list):
+        bad("projections or members")
     if not model.projections or not model.members:
         bad("empty ensemble")
+    if len(model.members) > MAX_MEMBERS or len(model.projections) > len(model.members):
+        bad(f"{len(model.members):,} members and {len(model.projections):,} projections: at most "
+            f"{MAX_MEMBERS:,} members, and no more projections than members")
+    n_trees = 0
+    for m in model.members:
+        roots = m.get("roots") if isinstance(m, dict) else None
+        if not isinstance(roots, np.ndarray) or roots.ndim != 1:
+            bad("member fields")
+        n_trees += len(roots)
+    if n_trees > MAX_TREES:
+        bad(f"{n_trees:,} trees, more than the {MAX_TREES:,} allowed")
+    d = model.image_size**2
     for p in model.projections:
         if not isinstance(p, dict):
             bad("projection")
         mean, comp = p.get("mean"), p.get("components")
         if not isinstance(mean, np.ndarray) or not isinstance(comp, np.ndarray):
             bad("projection arrays")
-        if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or comp.shape[0] < 1:
+        if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or not 1 <= comp.shape[0] <= min(d, MAX_COMPONENTS):
             bad("projection shape")
         if not (np.issubdtype(mean.dtype, np.floating) and np.issubdtype(comp.dtype, np.floating)):
             bad("projection dtype")
-    n_classes = len(model.classes)
+        if not (np.isfinite(mean).all() and np.isfinite(comp).all()):
+            bad("projection: a number is not finite")
+    n_classes = len(classes)
+    used = np.zeros(len(model.projections), dtype=bool)
     for m in model.members:
         try:
             pi = m["projection"]
@@ -280,21 +369,26 @@ def _check(model: Model, source: str) -> None:
             leaf_index, leaf_value = m["leaf_index"], m["leaf_value"]
         except (KeyError, TypeError):
             bad("member fields")
-        if not (isinstance(pi, int) and 0 <= pi < len(model.projections)):
+        if not _is_int(pi, 0, len(model.projections) - 1):
             bad("member projection")
+        used[pi] = True
         k = model.projections[pi]["components"].shape[0]
         arrays = (roots, left, right, feature, threshold, leaf_index, leaf_value)
         if not all(isinstance(a, np.ndarray) for a in arrays):
             bad("member arrays")
         n = len(left)
-        if not (isinstance(depth, int) and 0 <= depth <= 64) or n == 0:
+        if not _is_int(depth, 0, 64) or n == 0:
             bad("tree depth")
+        if n > MAX_NODES_PER_MEMBER:
+            bad(f"{n:,} nodes in one member, more than the {MAX_NODES_PER_MEMBER:,} allowed")
         if any(a.ndim != 1 or len(a) != n for a in (right, feature, threshold, leaf_index)) or roots.ndim != 1:
             bad("tree array lengths")
         if not all(np.issubdtype(a.dtype, np.integer) for a in (roots, left, right, feature, leaf_index)):
             bad("tree array dtypes")
         if not (np.issubdtype(threshold.dtype, np.floating) and np.issubdtype(leaf_value.dtype, np.floating)):
             bad("tree array dtypes")
+        if not np.isfinite(threshold).all():
+            bad("tree thresholds: a number is not finite")
         ids = np.arange(n)
         leaf = left == ids
         internal = ~leaf
@@ -331,18 +425,85 @@ def _check(model: Model, source: str) -> None:
             frontier = kids
         if np.any(node_depth < 0):
             bad("unreachable nodes")
+    if not used.all():
+        bad("a projection no member uses")
 
 
 # --------------------------------------------------------------------------- store
+def manifest_key(prefix: str) -> str:
+    """The key of the manifest of the model at ``prefix``; refuses a blank prefix.
+
+    Raises
+    ------
+    UsageError
+        If ``prefix`` is empty or blank: a model lives in a folder of its own,
+        never at the top of a bucket.
+    StoreError
+        If it is not a valid key prefix.
+    """
+    from mlwf.storage import check_prefix, join_key
+
+    if not isinstance(prefix, str) or not prefix.strip().strip("/").strip():
+        raise UsageError(f"model prefix {prefix!r} names no folder: give one such as 'ml-inference/model'")
+    check_prefix(prefix)
+    return join_key(prefix, MANIFEST)
+
+
+def _object_key(prefix: str, sha: str) -> str:
+    from mlwf.storage import join_key
+
+    return join_key(prefix, "versions", f"{sha}.mlwf")
+
+
+def _parse_manifest(raw: bytes, key: str, prefix: str) -> dict[str, Any]:
+    """A manifest's bytes as a dict, every entry checked; :class:`ModelError` if corrupt.
+
+    The current model and every history entry must name the object
+    ``<prefix>/versions/<sha256>.mlwf`` of their own checksum, so a manifest
+    can never point a reader outside its model's folder.
+    """
+    def corrupt(why: str):
+        raise ModelError(f"model manifest {key!r} is corrupt ({why}): publish a model again with "
+                         "'mlwf run ml-training'")
+
+    if len(raw) > MAX_MANIFEST_BYTES:
+        corrupt(f"larger than {MAX_MANIFEST_BYTES >> 10} KiB")
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError):
+        corrupt("not JSON")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        corrupt("not an mlwf model manifest")
+    history = manifest.setdefault("history", [])
+    if not isinstance(history, list):
+        corrupt("its history is not a list")
+    for i, entry in enumerate([manifest, *history]):
+        where = "current model" if i == 0 else f"history entry {i}"
+        if not isinstance(entry, dict):
+            corrupt(f"{where} is not an object")
+        sha = entry.get("sha256")
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+            corrupt(f"{where} has no valid sha256")
+        if entry.get("object") != _object_key(prefix, sha):
+            corrupt(f"{where} names an object other than {_object_key(prefix, '<sha256>')!r}")
+        for name in ("run_id", "published_at", "rolled_back_at", "write_id"):
+            value = entry.get(name)
+            if value is not None and not (isinstance(value, str) and len(value) <= 256 and not _CONTROL.search(value)):
+                corrupt(f"{where} has a {name} that is not plain text")
+        size = entry.get("size")
+        if size is not None and not _is_int(size, 0, 1 << 62):
+            corrupt(f"{where} has a size that is not a byte count")
+    return manifest
+
+
 def read_manifest(get, prefix: str, *, where: str = "the store") -> dict[str, Any]:
     """The manifest of the model published at ``prefix``.
 
     ``get(key) -> bytes`` reads one object (e.g. ``store.get``). Raises
-    :class:`~mlwf.errors.ModelError` if there is no model there.
+    :class:`~mlwf.errors.ModelError` if there is no model there or its
+    manifest is corrupt, :class:`~mlwf.errors.UsageError` for a blank prefix.
     """
-    from mlwf.storage import join_key
-
-    key = join_key(prefix, MANIFEST)
+    key = manifest_key(prefix)
     try:
         raw = get(key)
     except NotFoundError:
@@ -350,13 +511,7 @@ def read_manifest(get, prefix: str, *, where: str = "the store") -> dict[str, An
             f"no model at {prefix!r} in {where}: run ml-training first, e.g. "
             f"'mlwf run ml-training ml-training/mnist-images-2k 2 8 --model-prefix {prefix}'"
         ) from None
-    try:
-        manifest = json.loads(raw)
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("object"), str):
-            raise ValueError
-    except (ValueError, AttributeError):
-        raise ModelError(f"model manifest {key!r} is corrupt: retrain with 'mlwf run ml-training'") from None
-    return manifest
+    return _parse_manifest(raw, key, prefix)
 
 
 def read_published(get, prefix: str, *, where: str = "the store") -> tuple[bytes, dict[str, Any]]:
@@ -377,75 +532,136 @@ def publish(store, prefix: str, data: bytes, *, run_id: str, summary: dict[str, 
     """Publish validated model bytes at ``prefix``; return the new manifest.
 
     The model object is written first under a content-addressed key
-    (``versions/<sha256>.mlwf``), then the manifest that names it, in one
-    atomic put. A reader therefore sees the old model or the new one, never a
-    mix; concurrent publishers leave one whole model (the last manifest
-    written). Earlier versions stay, listed in the manifest's ``history``.
-    """
-    from mlwf.storage import join_key
+    (``versions/<sha256>.mlwf``), then the manifest that names it. The
+    manifest is replaced by compare-and-swap (:meth:`~mlwf.storage.Store.put_if_tag`):
+    a publisher that finds the manifest changed since it read it reads it
+    again and retries, so concurrent publishers each land in turn, the last
+    one current and every other in ``history``, and a reader sees one whole
+    model or the other, never a mix. Earlier versions stay, listed in the
+    manifest's ``history`` (the newest :data:`HISTORY_LENGTH`).
 
+    A manifest that is corrupt is replaced, its history with it.
+
+    Raises
+    ------
+    UsageError
+        If ``prefix`` is blank.
+    StoreError
+        If the store fails, or the manifest kept changing for
+        :data:`_CAS_ATTEMPTS` attempts.
+    """
+    manifest_key(prefix)
     sha = codec.digest(data)
-    obj = join_key(prefix, "versions", f"{sha}.mlwf")
-    if not store.exists(obj):
-        store.put(obj, data)
-    history: list[dict] = []
-    try:
-        old = read_manifest(store.get, prefix)
-        history = [_entry(old)] + list(old.get("history", []))
-    except ModelError:
-        pass
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "object": obj,
-        "sha256": sha,
-        "size": len(data),
-        "run_id": run_id,
-        "published_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "summary": summary or {},
-        "history": [h for h in history if h.get("sha256") != sha][:HISTORY_LENGTH],
-    }
-    store.put(join_key(prefix, MANIFEST), json.dumps(manifest, indent=2).encode())
-    return manifest
+    obj = _object_key(prefix, sha)
+    if not store.put_if_absent(obj, data):
+        store.put(obj, data)  # other bytes at a content-addressed key are damage: its name says what belongs there
+
+    def change(current: dict | None, write_id: str) -> dict:
+        history = [] if current is None else [_entry(current), *current["history"]]
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": 1,
+            "object": obj,
+            "sha256": sha,
+            "size": len(data),
+            "run_id": run_id,
+            "published_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "write_id": write_id,
+            "summary": summary or {},
+            "history": [h for h in history if h.get("sha256") != sha][:HISTORY_LENGTH],
+        }
+
+    return _update_manifest(store, prefix, change, replace_corrupt=True)
 
 
 def rollback(store, prefix: str) -> dict:
     """Make the previous published version current again; return the new manifest.
 
-    The model it replaces becomes the newest entry of ``history``, so a second
-    rollback undoes the first.
+    The model it replaces becomes the newest entry of ``history`` (so a
+    second rollback undoes the first, and ``history[0]`` of the result names
+    what was replaced). The manifest is replaced by compare-and-swap, as in
+    :func:`publish`.
 
     Raises
     ------
     ModelError
-        If there is no model, no earlier version, or the earlier object is
-        missing or does not match its checksum.
+        If there is no model, no earlier version, the manifest is corrupt, or
+        the earlier object is missing, does not match its checksum or is not
+        a valid model.
     """
-    from mlwf.storage import join_key
+    where = f"bucket {store.bucket!r} of {store.url}"
+    checked: set[str] = set()
 
-    current = read_manifest(store.get, prefix, where=f"bucket {store.bucket!r} of {store.url}")
-    history = list(current.get("history", []))
-    if not history:
-        raise ModelError(f"no earlier version of the model at {prefix!r} to roll back to")
-    previous = history[0]
-    try:
-        data = store.get(previous["object"])
-    except NotFoundError:
-        raise ModelError(f"the earlier model object {previous['object']!r} is gone: cannot roll back") from None
-    if codec.digest(data) != previous.get("sha256"):
-        raise ModelError(f"the earlier model object {previous['object']!r} does not match its checksum: "
-                         "cannot roll back to it")
-    from_bytes(data, source=previous["object"])
-    manifest = {**current, **previous,
-                "rolled_back_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "history": [_entry(current)] + history[1:]}
-    manifest.pop("summary", None)
-    store.put(join_key(prefix, MANIFEST), json.dumps(manifest, indent=2).encode())
-    return manifest
+    def change(current: dict | None, write_id: str) -> dict:
+        if current is None:
+            read_manifest(store.get, prefix, where=where)  # raises the "no model" error
+        history = current["history"]
+        if not history:
+            raise ModelError(f"no earlier version of the model at {prefix!r} to roll back to")
+        previous = history[0]
+        if previous["sha256"] not in checked:
+            try:
+                data = store.get(previous["object"])
+            except NotFoundError:
+                raise ModelError(f"the earlier model object {previous['object']!r} is gone: cannot roll back") from None
+            if codec.digest(data) != previous["sha256"]:
+                raise ModelError(f"the earlier model object {previous['object']!r} does not match its checksum: "
+                                 "cannot roll back to it")
+            from_bytes(data, source=previous["object"])
+            checked.add(previous["sha256"])
+        manifest = {**current, **{k: previous.get(k) for k in _ENTRY_FIELDS},
+                    "rolled_back_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                    "write_id": write_id, "history": [_entry(current)] + history[1:]}
+        manifest.pop("summary", None)
+        return manifest
+
+    return _update_manifest(store, prefix, change, replace_corrupt=False)
+
+
+def _update_manifest(store, prefix: str, change, *, replace_corrupt: bool) -> dict:
+    """Read, change and compare-and-swap the manifest at ``prefix`` until it lands.
+
+    ``change(current_or_None, write_id)`` returns the new manifest. Each
+    attempt carries a fresh ``write_id``; finding one of ours in the manifest
+    read back means that attempt landed although the store reported it had
+    not (an S3 request retried after a lost answer sees its own write).
+    """
+    from mlwf.errors import StoreError
+
+    key = manifest_key(prefix)
+    ours: dict[str, dict] = {}  # write_id -> the manifest that attempt wrote
+    for attempt in range(_CAS_ATTEMPTS):
+        try:
+            raw, tag = store.get_tagged(key)
+        except NotFoundError:
+            raw, tag = None, None
+        current = None
+        if raw is not None:
+            try:
+                current = _parse_manifest(raw, key, prefix)
+            except ModelError:
+                if not replace_corrupt:
+                    raise
+            if current is not None and ours:
+                # A landed attempt is current, or already in the history of a writer who came after.
+                for entry in [current, *current["history"]]:
+                    if entry.get("write_id") in ours:
+                        return ours[entry["write_id"]]
+        write_id = secrets.token_hex(8)
+        manifest = ours[write_id] = change(current, write_id)
+        body = json.dumps(manifest, indent=2).encode()
+        if store.put_if_absent(key, body) if tag is None else store.put_if_tag(key, body, tag):
+            return manifest
+        time.sleep(random.uniform(0, min(1.0, 0.005 * 2**attempt)))  # let the winner's write settle
+    raise StoreError(f"the model manifest {key!r} in {store.url} kept changing during {_CAS_ATTEMPTS} attempts "
+                     "to update it (other publishers at the same prefix): try again")
+
+
+_ENTRY_FIELDS = ("object", "sha256", "size", "run_id", "published_at", "write_id")
 
 
 def _entry(manifest: dict) -> dict:
-    return {k: manifest.get(k) for k in ("object", "sha256", "size", "run_id", "published_at")}
+    return {k: manifest.get(k) for k in _ENTRY_FIELDS}
 
 
 def load(source: str | os.PathLike | bytes, *, store=None, bucket: str | None = None) -> Model:

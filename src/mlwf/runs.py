@@ -1,102 +1,259 @@
-"""Runs kept in the store: list them with their progress, show one, collect old intermediates.
+"""Runs kept in the store: their status, listing them, showing one, collecting old intermediates.
 
 Every run writes ``<workflow>/outputs/<run-id>/run.json`` (parameters, status,
 report) and one ``<stage>/<index>.done.json`` per finished call; that is all
-``mlwf runs ls`` and ``mlwf runs show`` read. ``mlwf runs gc`` deletes the stage outputs of old runs
-(the folders below the run) and keeps their ``run.json`` and results, and
-never touches a model prefix.
+``mlwf runs ls`` and ``mlwf runs show`` read. A run is identified by the folder
+it lives in, never by what its ``run.json`` says, and only a folder named like
+a run id mlwf makes is a run.
+
+While a run is going, its driver renews a lease: it rewrites ``run.json``
+with a fresh ``heartbeat_at`` every ``heartbeat_s`` seconds (default 15) from
+a background thread, and the record says how long the lease lasts
+(``lease_s``, default 120). A run still marked ``running`` whose lease has
+expired was killed or lost its driver: :func:`effective_status` calls it
+``abandoned``, ``mlwf runs gc`` may collect it and ``--resume`` may finish it.
+The lease is eight heartbeats long so that a heartbeat delayed by a slow
+store (one S3 operation with its retries is bounded by about three times
+``MLWF_S3_TIMEOUT``, 45 s by default) never makes a live run look abandoned.
+
+``mlwf runs gc`` deletes only the intermediate objects of a run (the
+``<stage>/<index>-<part>.bin`` and ``<stage>/<index>.done.json`` files of the
+workflow's stages); it never touches a run's ``run.json`` or results, nor
+anything else below or beside it, such as a model.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import math
+import re
 from collections import defaultdict
 from typing import Any
 
 from mlwf.errors import MlwfError, UsageError
 from mlwf.storage import Store, join_key
-from mlwf.workflows import WORKFLOWS
+from mlwf.workflows import WORKFLOWS, stage_names
+
+#: Seconds between two renewals of a running run's lease.
+DEFAULT_HEARTBEAT_S = 15.0
+#: Seconds a lease lasts without renewal before the run counts as abandoned.
+DEFAULT_LEASE_S = 120.0
+RECORD = "run.json"
+#: The statuses a driver writes; :func:`effective_status` adds ``abandoned`` and ``unknown``.
+WRITTEN_STATUSES = ("running", "succeeded", "failed")
+#: Largest run.json read; a driver writes a few kilobytes.
+_MAX_RECORD_BYTES = 4 << 20
+#: The shape of every run id the driver makes (:func:`mlwf.engine.driver.new_run_id`).
+RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
+_INTERMEDIATE = re.compile(r"(?P<stage>[a-z]+)/\d+(?:-\d+\.bin|\.done\.json)")
 
 
-def _expected_calls(record: dict[str, Any]) -> dict[str, int]:
-    report = record.get("report") or {}
-    if report.get("stages"):
-        return {s: v["calls"] for s, v in report["stages"].items()}
-    p = record.get("params", {})
-    if record.get("workflow") == "ml-training":
-        return {"partition": 1, "pca": p.get("num_pca", 0), "train": p.get("num_train", 0), "validation": 1}
-    return {"partition": 1, "load": 1, "predict": p.get("num_funcs", 0)}
+def now_utc() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
 
 
-def list_runs(store: Store) -> list[dict[str, Any]]:
-    """Every run in the store, newest first, with status and per-stage progress."""
-    runs = []
-    for workflow in WORKFLOWS:
-        root = join_key(workflow, "outputs") + "/"
-        done: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        records = []
-        for obj in store.list(root):
-            rest = obj.key[len(root):].split("/")
-            if len(rest) == 2 and rest[1] == "run.json":
-                records.append(obj.key)
-            elif len(rest) == 3 and rest[2].endswith(".done.json"):
-                done[rest[0]][rest[1]] += 1
-        for key in records:
-            try:
-                record = json.loads(store.get(key))
-            except (MlwfError, ValueError):
-                continue
-            expected = _expected_calls(record)
-            runs.append({
-                "run_id": record.get("run_id"),
-                "workflow": workflow,
-                "status": record.get("status"),
-                "updated_at": record.get("updated_at"),
-                "progress": {s: f"{done[record.get('run_id')].get(s, 0)}/{n}" for s, n in expected.items()},
-                "e2e_ms": (record.get("report") or {}).get("e2e_ms"),
-                "error": record.get("error"),
-            })
-    runs.sort(key=lambda r: r["run_id"] or "", reverse=True)
-    return runs
+def timestamp(moment: _dt.datetime) -> str:
+    """How run records write a time (UTC, milliseconds)."""
+    return moment.isoformat(timespec="milliseconds")
 
 
-def gc_runs(store: Store, keep: int) -> dict[str, Any]:
-    """Delete the intermediate outputs of all but the ``keep`` newest runs of each workflow.
-
-    Runs still marked running are left alone. Returns the collected run ids
-    and how many objects were deleted.
-    """
-    if not isinstance(keep, int) or keep < 0:
-        raise UsageError(f"--keep must be 0 or more, got {keep!r}")
-    collected, deleted = [], 0
-    by_workflow: dict[str, list[dict]] = defaultdict(list)
-    for run in list_runs(store):
-        by_workflow[run["workflow"]].append(run)
-    for workflow, runs in by_workflow.items():
-        for run in runs[keep:]:
-            if run["status"] == "running":
-                continue
-            prefix = join_key(workflow, "outputs", run["run_id"]) + "/"
-            keys = [o.key for o in store.list(prefix) if "/" in o.key[len(prefix):]]
-            if keys:
-                deleted += store.delete_many(keys)
-                collected.append(run["run_id"])
-    return {"runs": sorted(collected), "deleted": deleted}
+def _parse_time(value: Any) -> _dt.datetime | None:
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
 
 
-def effective_status(record: dict[str, Any], now: float | None = None) -> str:
-    """The status of a run as a reader should take it: the one its record states.
+def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = None) -> str:
+    """The status a run really has: what its driver wrote, unless its lease expired.
 
     Parameters
     ----------
-    record : the run's ``run.json`` document.
-    now : the time to judge it at (seconds since the epoch; default: now).
+    record : a run's ``run.json`` as a dict.
+    now : the time to judge the lease at: an aware datetime or seconds since
+        the epoch (default: now).
 
     Returns
     -------
-    str : ``"running"``, ``"succeeded"`` or ``"failed"``.
+    str
+        ``succeeded`` or ``failed`` as written; ``running`` while the lease
+        (``heartbeat_at``, else ``updated_at``, plus ``lease_s``, default
+        :data:`DEFAULT_LEASE_S`) holds; ``abandoned`` once it has expired, or
+        for a running record that names no valid time or one further in the
+        future than a lease (no driver is renewing it); ``unknown`` for any
+        other record.
     """
-    return record.get("status")
+    status = record.get("status") if isinstance(record, dict) else None
+    if status not in WRITTEN_STATUSES:
+        return "unknown"
+    if status != "running":
+        return status
+    beat = _parse_time(record.get("heartbeat_at")) or _parse_time(record.get("updated_at"))
+    lease = record.get("lease_s")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not math.isfinite(lease) or lease <= 0:
+        lease = DEFAULT_LEASE_S
+    if beat is None:
+        return "abandoned"
+    if isinstance(now, (int, float)) and not isinstance(now, bool):
+        now = _dt.datetime.fromtimestamp(now, _dt.UTC)
+    age = ((now or now_utc()) - beat).total_seconds()
+    return "running" if -lease <= age <= lease else "abandoned"
+
+
+def read_record(store: Store, workflow: str, run_id: str) -> dict[str, Any]:
+    """The ``run.json`` of the run living in ``<workflow>/outputs/<run_id>/``, checked.
+
+    Raises
+    ------
+    NotFoundError
+        If there is no ``run.json`` there.
+    ValueError
+        If the folder is not named like a run id, or the record is
+        unreadable: too large, not JSON, not an object, or naming another run
+        id or workflow than where it lives.
+    """
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ValueError("folder is not named like a run id mlwf makes")
+    raw = store.get(join_key(workflow, "outputs", run_id, RECORD))
+    if len(raw) > _MAX_RECORD_BYTES:
+        raise ValueError(f"{RECORD} is larger than {_MAX_RECORD_BYTES >> 20} MiB")
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{RECORD} is not valid JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{RECORD} is not a JSON object")
+    if record.get("run_id") != run_id:
+        raise ValueError(f"{RECORD} names another run ({str(record.get('run_id'))[:80]!r})")
+    if record.get("workflow") != workflow:
+        raise ValueError(f"{RECORD} names another workflow ({str(record.get('workflow'))[:80]!r})")
+    if not isinstance(record.get("params"), dict):
+        raise ValueError(f"{RECORD} has no parameters")
+    return record
+
+
+def _expected_calls(record: dict[str, Any]) -> dict[str, int]:
+    try:
+        report = record.get("report") or {}
+        if report.get("stages"):
+            return {str(s): int(v["calls"]) for s, v in report["stages"].items()}
+        p = record["params"]
+        if record["workflow"] == "ml-training":
+            return {"partition": 1, "pca": int(p.get("num_pca", 0)), "train": int(p.get("num_train", 0)),
+                    "validation": 1}
+        return {"partition": 1, "load": 1, "predict": int(p.get("num_funcs", 0))}
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        return {}
+
+
+def _folders(store: Store, workflow: str) -> dict[str, list[str]]:
+    """Every run folder of ``workflow`` and the keys below it (relative to the folder)."""
+    root = join_key(workflow, "outputs") + "/"
+    found: dict[str, list[str]] = defaultdict(list)
+    for obj in store.list(root):
+        folder, sep, rest = obj.key[len(root):].partition("/")
+        if sep:
+            found[folder].append(rest)
+    return found
+
+
+def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Every run in the store, newest first, with its effective status and per-stage progress.
+
+    A run folder whose ``run.json`` is missing or unreadable is listed with
+    status ``unreadable`` and the reason in ``error``.
+    """
+    now = now or now_utc()
+    runs = []
+    for workflow in WORKFLOWS:
+        for run_id, keys in _folders(store, workflow).items():
+            done: dict[str, int] = defaultdict(int)
+            for rest in keys:
+                match = _INTERMEDIATE.fullmatch(rest)
+                if match and rest.endswith(".done.json"):
+                    done[match["stage"]] += 1
+            entry: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
+            try:
+                record = read_record(store, workflow, run_id)
+            except (MlwfError, ValueError) as e:
+                why = f"no {RECORD}" if RECORD not in keys else str(e)
+                runs.append({**entry, "status": "unreadable", "updated_at": None, "heartbeat_at": None,
+                             "progress": {}, "e2e_ms": None, "error": why})
+                continue
+            report = record.get("report") if isinstance(record.get("report"), dict) else {}
+            runs.append({
+                **entry,
+                "status": effective_status(record, now),
+                "updated_at": record.get("updated_at"),
+                "heartbeat_at": record.get("heartbeat_at"),
+                "progress": {s: f"{done.get(s, 0)}/{n}" for s, n in _expected_calls(record).items()},
+                "e2e_ms": report.get("e2e_ms"),
+                "error": record.get("error"),
+            })
+    runs.sort(key=lambda r: r["run_id"], reverse=True)
+    return runs
+
+
+def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[str, Any]:
+    """Delete the intermediate outputs of all but the ``keep`` newest runs of each workflow.
+
+    The newest runs are the readable ones with the greatest run ids (run ids
+    sort by start time). Of the others, runs that succeeded, failed or were
+    abandoned are collected; a run still running is left alone, and so is a
+    folder whose ``run.json`` is missing or unreadable. Only intermediates
+    are deleted (see the module's description).
+
+    Returns
+    -------
+    dict
+        ``runs``: the collected run ids; ``deleted``: how many objects;
+        ``kept``: the run ids kept as the newest; ``skipped``: ``{"run_id",
+        "workflow", "reason"}`` for every run left alone for another reason.
+
+    Raises
+    ------
+    UsageError
+        If ``keep`` is not an integer of 0 or more.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise UsageError(f"--keep must be 0 or more, got {keep!r}")
+    now = now or now_utc()
+    collected, kept, skipped, deleted = [], [], [], 0
+    by_workflow: dict[str, list[dict]] = defaultdict(list)
+    for run in list_runs(store, now):
+        if run["status"] == "unreadable":
+            skipped.append({"run_id": run["run_id"], "workflow": run["workflow"],
+                            "reason": f"unreadable: {run['error']}"})
+        else:
+            by_workflow[run["workflow"]].append(run)
+    for workflow, runs in by_workflow.items():
+        kept += [r["run_id"] for r in runs[:keep]]
+        for run in runs[keep:]:
+            run_id = run["run_id"]
+            try:
+                # Judge again just before deleting: the run may have been resumed meanwhile.
+                status = effective_status(read_record(store, workflow, run_id), now_utc())
+            except (MlwfError, ValueError) as e:
+                skipped.append({"run_id": run_id, "workflow": workflow, "reason": f"unreadable: {e}"})
+                continue
+            if status not in ("succeeded", "failed", "abandoned"):
+                skipped.append({"run_id": run_id, "workflow": workflow, "reason": status})
+                continue
+            prefix = join_key(workflow, "outputs", run_id) + "/"
+            keys = [o.key for o in store.list(prefix) if _is_intermediate(workflow, o.key[len(prefix):])]
+            if keys:
+                deleted += store.delete_many(keys)
+                collected.append(run_id)
+    return {"runs": sorted(collected), "deleted": deleted, "kept": sorted(kept), "skipped": skipped}
+
+
+def _is_intermediate(workflow: str, rest: str) -> bool:
+    match = _INTERMEDIATE.fullmatch(rest)
+    return bool(match) and match["stage"] in stage_names(workflow)
 
 
 def show_run(store: Store, run_id: str) -> dict[str, Any]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
+import math
+import os
 import resource
 import secrets
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -24,10 +26,45 @@ from typing import Any, Protocol
 from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.runner import decode_ref_bytes
-from mlwf.errors import MlwfError, StageError, TransientStoreError, UsageError
+from mlwf.errors import MlwfError, NotFoundError, StageError, StoreError, TransientStoreError, UsageError
+from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RECORD, RUN_ID, effective_status, now_utc,
+                       timestamp)
 from mlwf.storage import StoreSpec, join_key
 
 from mlwf.engine import BACKENDS, TRANSFERS, make_backend
+
+
+#: Upper bounds of the engine's settings: beyond them a value is a typo, not a plan.
+MAX_WORKERS = 1024
+MAX_RETRIES = 100
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+
+
+def check_count(name: str, value: Any, low: int, high: int) -> int:
+    """Return ``value`` if it is an integer in ``[low, high]``, else raise :class:`UsageError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"{name} must be an integer from {low} to {high:,}, got {value!r}")
+    return value
+
+
+def check_seconds(name: str, value: Any, high: float) -> float:
+    """Return ``value`` if it is a finite number of seconds in ``(0, high]``, else raise :class:`UsageError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= high:
+        raise UsageError(f"{name} must be a positive, finite number of seconds up to {high:,.0f}, got {value!r}")
+    return float(value)
+
+
+def _from_env(value: float | None, variable: str, default: float) -> Any:
+    if value is not None:
+        return value
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        return text  # refused with the variable's name by check_seconds
 
 
 class Progress(Protocol):
@@ -47,10 +84,6 @@ class _NoProgress:
 def _call_digest(call: Call) -> str:
     """What identifies a call's work: its stage, index and arguments (with input checksums)."""
     return digest(json.dumps(call.to_json(), sort_keys=True).encode())
-
-
-#: The shape of every run id :func:`new_run_id` makes.
-_RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 
 
 def new_run_id() -> str:
@@ -81,9 +114,13 @@ class Engine:
         intermediate is an object in the store, as in the seed) or ``"direct"``
         (handed from call to call by the backend).
     backend_options : backend-specific settings (e.g. ``address`` for Ray, ``endpoints``).
-    timeout : seconds a call may run before it counts as failed (default 600).
+    timeout : seconds a call may run before it counts as failed (default 600, at most
+        :data:`MAX_TIMEOUT_S`).
     stage_timeouts : per-stage overrides of ``timeout``, e.g. ``{"train": 120}``.
-    retries : extra attempts for a failed call (not for bad input).
+    retries : extra attempts for a failed call (not for bad input; at most :data:`MAX_RETRIES`).
+    heartbeat_s, lease_s : how often a running run renews its lease in ``run.json``, and
+        how long the lease lasts (default ``MLWF_HEARTBEAT_S`` and ``MLWF_LEASE_S``, else
+        15 and 120 s; see :mod:`mlwf.runs`).
     progress : an object with ``stage_started``, ``call_done``, ``stage_done``.
     preload_sklearn : import scikit-learn once in the local fork server (worth it
         for training; a process that only runs inference starts faster without).
@@ -92,26 +129,32 @@ class Engine:
     def __init__(self, store: str | None = None, bucket: str | None = None, *, backend: str = "local",
                  workers: int | None = None, transfer: str = "store", retries: int = 2, progress=None,
                  preload_sklearn: bool = True, backend_options: dict[str, Any] | None = None,
-                 timeout: float = 600.0, stage_timeouts: dict[str, float] | None = None):
+                 timeout: float = 600.0, stage_timeouts: dict[str, float] | None = None,
+                 heartbeat_s: float | None = None, lease_s: float | None = None):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if transfer not in TRANSFERS:
             raise UsageError(f"unknown transfer {transfer!r}: choose one of {', '.join(TRANSFERS)}")
-        if workers is not None and workers < 1:
-            raise UsageError(f"--workers must be at least 1, got {workers}")
+        if workers is not None:
+            check_count("--workers", workers, 1, MAX_WORKERS)
+        check_count("--retries", retries, 0, MAX_RETRIES)
+        self.timeout = check_seconds("--timeout", timeout, MAX_TIMEOUT_S)
+        self.stage_timeouts = {stage: check_seconds(f"the timeout of stage {stage}", t, MAX_TIMEOUT_S)
+                               for stage, t in (stage_timeouts or {}).items()}
+        self.heartbeat_s = check_seconds("the heartbeat interval (MLWF_HEARTBEAT_S)",
+                                         _from_env(heartbeat_s, "MLWF_HEARTBEAT_S", DEFAULT_HEARTBEAT_S),
+                                         MAX_TIMEOUT_S)
+        self.lease_s = check_seconds("the run lease (MLWF_LEASE_S)",
+                                     _from_env(lease_s, "MLWF_LEASE_S", DEFAULT_LEASE_S), MAX_TIMEOUT_S)
+        if self.lease_s < 2 * self.heartbeat_s:
+            raise UsageError(f"the run lease ({self.lease_s:g} s) must last at least two heartbeats "
+                             f"({self.heartbeat_s:g} s each): raise MLWF_LEASE_S or lower MLWF_HEARTBEAT_S")
         self.spec = StoreSpec.resolve(store, bucket)
         self.store = self.spec.open()
         self.transfer = transfer
-        if retries < 0:
-            raise UsageError(f"--retries must be 0 or more, got {retries}")
         self.retries = retries
         #: Record each finished call for --resume (switch off only to measure what it costs).
         self.checkpoints = True
-        self.timeout = timeout
-        self.stage_timeouts = dict(stage_timeouts or {})
-        for name, t in [("timeout", timeout), *self.stage_timeouts.items()]:
-            if not t > 0:
-                raise UsageError(f"timeout for {name} must be a positive number of seconds, got {t!r}")
         self.progress = progress or _NoProgress()
         self.backend = make_backend(backend, workers=workers, preload_sklearn=preload_sklearn,
                                     options=backend_options)
@@ -133,6 +176,10 @@ class Engine:
         if record is None:
             raise UsageError(f"unknown run id {resume!r} in bucket {self.spec.bucket!r} of {self.spec.url}: "
                              "see 'mlwf runs ls'")
+        if effective_status(record) == "running":
+            raise UsageError(f"run {resume} is still running (its driver renewed its lease at "
+                             f"{record.get('heartbeat_at') or record.get('updated_at')}): resume it once it has "
+                             f"finished or failed, or once it shows as abandoned in 'mlwf runs ls'")
         if record["workflow"] != workflow:
             raise UsageError(f"run {resume} is a {record['workflow']} run, not {workflow}: resume it with "
                              f"'mlwf run {record['workflow']} … --resume {resume}'")
@@ -168,16 +215,26 @@ class Engine:
 
 
 def find_run(store, run_id: str) -> dict[str, Any] | None:
-    """The ``run.json`` record of ``run_id`` in any workflow, or None."""
+    """The ``run.json`` record of the run living in ``<workflow>/outputs/<run_id>/``, or None.
+
+    Raises :class:`UsageError` if that record is unreadable (see :func:`mlwf.runs.read_record`).
+    """
+    from mlwf.runs import read_record
     from mlwf.workflows import WORKFLOWS
 
-    if not _RUN_ID.fullmatch(run_id):
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         return None  # not an id mlwf makes (and never a path to follow)
     for workflow in WORKFLOWS:
         try:
-            return json.loads(store.get(join_key(workflow, "outputs", run_id, "run.json")))
-        except (MlwfError, ValueError):
+            return read_record(store, workflow, run_id)
+        except NotFoundError:
             continue
+        except StoreError:
+            return None  # not a key at all (control characters, too long)
+        except ValueError as e:
+            raise UsageError(f"the record of run {run_id} is not a run record mlwf can read (its {e}): start a "
+                             f"new run instead, and delete its folder with 'mlwf s3 clear-dir --prefix "
+                             f"{workflow}/outputs/{run_id}'") from None
     return None
 
 
@@ -202,9 +259,17 @@ class Run:
         self.startup_ms: float | None = None
         self.startup_span: tuple[float, float] | None = None
         self._workers_ready = False
+        #: (stage, warning) -> how many calls raised it
+        self.warnings: dict[tuple[str, str], int] = defaultdict(int)
         self.t0 = time.perf_counter()
         engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
+        self.started_at = timestamp(now_utc())
+        self._record_lock = threading.Lock()
+        self._final = False
         self._record("running")
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew_lease, name=f"mlwf-lease-{self.run_id}", daemon=True)
+        self._heartbeat.start()
 
     @property
     def store(self):
@@ -367,6 +432,8 @@ class Run:
             # clock from the worker's end to here is their transfer time.
             outcome.timings["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
         self.outcomes.append((call, outcome))
+        for text in outcome.info.get("warnings", []):
+            self.warnings[(call.stage, text)] += 1
         st = self.stats[call.stage]
         for k, v in outcome.timings.items():
             st.timings[k] += v
@@ -446,20 +513,38 @@ class Run:
                        "workers": len(workers)},
             "stages": stages,
             "edges": edges,
+            "warnings": [f"{stage}: {text} ({n} of {self.stats[stage].calls} calls)"
+                         for (stage, text), n in sorted(self.warnings.items())],
         }
         return report
 
     def finish(self, report: dict[str, Any]) -> None:
+        self._stop_heartbeat.set()
         self._record("succeeded", report=report)
 
     def fail(self, error: BaseException) -> None:
+        self._stop_heartbeat.set()
         try:
             self._record("failed", error=str(error))
         except MlwfError:
             pass  # the store itself may be what failed; the original error matters more
 
+    def _renew_lease(self) -> None:
+        """Rewrite ``run.json`` every heartbeat while the run is going (a background thread)."""
+        while not self._stop_heartbeat.wait(self.engine.heartbeat_s):
+            try:
+                self._record("running")
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one; the lease allows for it
+                pass
+
     def _record(self, status: str, **extra: Any) -> None:
-        doc = {"run_id": self.run_id, "workflow": self.workflow, "status": status,
-               "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
-               "updated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **extra}
-        self.store.put(join_key(self.outputs_prefix, "run.json"), json.dumps(doc, indent=2).encode())
+        with self._record_lock:
+            if self._final:
+                return  # a late heartbeat never overwrites how the run ended
+            self._final = status != "running"
+            now = timestamp(now_utc())
+            doc = {"run_id": self.run_id, "workflow": self.workflow, "status": status,
+                   "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
+                   "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
+                   "lease_s": self.engine.lease_s, **extra}
+            self.store.put(join_key(self.outputs_prefix, RECORD), json.dumps(doc, indent=2).encode())

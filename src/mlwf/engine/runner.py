@@ -7,11 +7,14 @@ backend moves state the same way and records the same timings.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import resource
 import socket
+import threading
 import time
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -27,6 +30,36 @@ _stores: dict[tuple[str, str, int], Store] = {}
 _decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _DECODED_MAX = 8
 _signatures: dict[Any, frozenset[str]] = {}
+
+
+_warning_sink = threading.local()
+_MAX_WARNINGS = 5
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` while a stage runs: into the running call's list, else printed as usual."""
+    sink = getattr(_warning_sink, "caught", None)
+    if sink is None:
+        return _route_warning.previous(message, category, filename, lineno, file, line)
+    text = f"{category.__name__}: {str(message).splitlines()[0] if str(message) else ''}"[:300]
+    if text not in sink and len(sink) < _MAX_WARNINGS:
+        sink.append(text)
+
+
+_route_warning.previous = warnings.showwarning
+
+
+@contextlib.contextmanager
+def _collected_warnings():
+    """Collect the warnings the current thread raises (calls run in threads in the HTTP server)."""
+    if warnings.showwarning is not _route_warning:
+        _route_warning.previous = warnings.showwarning
+        warnings.showwarning = _route_warning
+    _warning_sink.caught = caught = []
+    try:
+        yield caught
+    finally:
+        _warning_sink.caught = None
 
 
 def store_for(url: str, bucket: str) -> Store:
@@ -148,7 +181,8 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
     maybe_inject(call.stage, call.index, ctx.run_id)
     t = time.time()
     try:
-        result = fn(**kwargs)
+        with _collected_warnings() as caught:
+            result = fn(**kwargs)
     except Exception as e:
         from mlwf.errors import MlwfError
 
@@ -161,6 +195,9 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
     clock.t["compute_ms"] = run_ms - io_inside
     if not isinstance(result, StageOutput):
         raise StageError(f"{call.workflow} stage {call.name} returned {type(result).__name__}, not StageOutput")
+    if caught:
+        # The libraries' warnings become facts of the call, reported once per run, never noise on stderr.
+        result.info = {**result.info, "warnings": sorted(set(result.info.get("warnings", [])) | set(caught))}
 
     outputs = []
     for j, part in enumerate(result.parts):

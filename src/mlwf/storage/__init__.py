@@ -50,7 +50,16 @@ class StoreSpec:
 
     @classmethod
     def resolve(cls, url: str | None = None, bucket: str | None = None) -> StoreSpec:
-        """Fill in defaults from ``MLWF_STORE``/``MLWF_BUCKET`` (and ``S3_BUCKET`` for S3)."""
+        """Fill in defaults from ``MLWF_STORE``/``MLWF_BUCKET`` (and ``S3_BUCKET`` for S3).
+
+        ``None`` means "not given"; an empty or blank value given explicitly is
+        refused rather than read as the default, so ``--bucket ""`` can never
+        make a command act on the default bucket.
+        """
+        for flag, value in (("--store", url), ("--bucket", bucket)):
+            if value is not None and not value.strip():
+                raise StoreError(f"{flag} {value!r} is empty: name the {flag[2:]} or leave the option out "
+                                 "for the default")
         url = url or os.environ.get("MLWF_STORE") or default_store_url()
         if bucket is None:
             bucket = os.environ.get("MLWF_BUCKET")

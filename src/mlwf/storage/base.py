@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import abc
 import posixpath
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mlwf.errors import StoreError
 
 MAX_KEY_BYTES = 1024  # S3's limit, enforced everywhere so local runs behave like S3
+#: A file name's limit on common file systems, enforced on every store so a key
+#: that works on S3 works in a local store too (and fails at once, not on retry).
+MAX_SEGMENT_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -28,24 +32,30 @@ class ObjectInfo:
     etag: str | None = field(default=None, compare=False)
 
 
+#: Backslashes, control characters and lone surrogates (text that is not UTF-8).
+_BAD_CHARACTER = re.compile("[\\x00-\\x1f\\x7f\\\\\\ud800-\\udfff]")
+
+
 def check_key(key: str, *, what: str = "key") -> str:
     """Return ``key`` if it is a safe object key, else raise :class:`StoreError`.
 
     Refused: empty keys, absolute paths, ``.`` or ``..`` segments, empty
-    segments, backslashes and control characters, and keys over 1,024 bytes.
+    segments, backslashes and control characters, keys over 1,024 bytes and
+    segments (between slashes) over 255 bytes, and text that is not valid UTF-8.
     Such keys could escape a local store's root or mean different objects on
     different stores.
     """
     if not isinstance(key, str) or not key:
         raise StoreError(f"empty {what}: give a non-empty object key")
     problem = None
+    bad = _BAD_CHARACTER.search(key)
     if key.startswith("/"):
         problem = "is absolute"
-    elif "\\" in key:
-        problem = "contains a backslash"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in key):
-        problem = "contains a control character"
-    elif len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+    elif bad:
+        c = bad.group()
+        problem = ("contains a backslash" if c == "\\" else
+                   "is not valid UTF-8 text" if c >= "\ud800" else "contains a control character")
+    elif len(key.encode("utf-8")) > MAX_KEY_BYTES:
         problem = f"is longer than {MAX_KEY_BYTES} bytes"
     else:
         parts = key.split("/")
@@ -54,8 +64,12 @@ def check_key(key: str, *, what: str = "key") -> str:
             problem = "has a '.' or '..' segment that would escape the store root"
         elif any(p == "" for p in body):
             problem = "has an empty path segment ('//')"
+        elif len(key) > MAX_SEGMENT_BYTES // 4 and \
+                any(len(p.encode("utf-8")) > MAX_SEGMENT_BYTES for p in parts):
+            problem = f"has a segment (between slashes) longer than {MAX_SEGMENT_BYTES} bytes"
     if problem:
-        raise StoreError(f"refused {what} {key!r}: it {problem}; use a relative key like 'dir/name'")
+        shown = repr(key) if len(key) <= 100 else f"{key[:60]!r}…({len(key)} characters)"
+        raise StoreError(f"refused {what} {shown}: it {problem}; use a relative key like 'dir/name'")
     return key
 
 

@@ -75,7 +75,11 @@ _DELETE_BATCH = 1000  # DeleteObjects takes at most 1,000 keys
 _CREDENTIAL_HINT = "check S3_USER/S3_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
 _ENDPOINT_HINT = "check S3_HOST/S3_PORT, AWS_ENDPOINT_URL or the s3://HOST:PORT store URL, and that the server is up"
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+# AWS's rules for general purpose buckets (Bucket naming rules, Amazon S3 User Guide); MinIO follows them.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+_IP_LIKE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 
 T = TypeVar("T")
 
@@ -258,10 +262,23 @@ def _env_endpoint() -> tuple[str | None, str]:
 
 
 def _check_bucket(bucket: str) -> str:
-    if not isinstance(bucket, str) or not _BUCKET_RE.match(bucket) or ".." in bucket:
-        raise StoreError(
-            f"refused bucket name {bucket!r}: S3 bucket names are 3-63 lowercase letters, digits, '.' and '-'"
-        )
+    """Refuse a name S3 would refuse (AWS's general purpose bucket naming rules), before any request."""
+    problem = None
+    if not isinstance(bucket, str) or not 3 <= len(bucket) <= 63:
+        problem = "it must be 3 to 63 characters long"
+    elif not _BUCKET_RE.match(bucket):
+        problem = ("it may hold only lowercase letters, digits, '.' and '-', and must begin and end with a "
+                   "letter or digit")
+    elif ".." in bucket:
+        problem = "it has two adjacent periods"
+    elif _IP_LIKE.match(bucket):
+        problem = "it is formatted as an IP address"
+    elif bucket.startswith(_RESERVED_BUCKET_PREFIXES):
+        problem = f"names starting with {', '.join(_RESERVED_BUCKET_PREFIXES)} are reserved"
+    elif bucket.endswith(_RESERVED_BUCKET_SUFFIXES):
+        problem = f"names ending with {', '.join(_RESERVED_BUCKET_SUFFIXES)} are reserved"
+    if problem:
+        raise StoreError(f"refused S3 bucket name {bucket!r}: {problem}; choose another --bucket, e.g. 'tless'")
     return bucket
 
 

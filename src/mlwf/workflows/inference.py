@@ -19,6 +19,8 @@ from mlwf.workflows.training import label_of
 
 WORKFLOW = "ml-inference"
 _EXAMPLES = 5
+#: Most predict functions a run may ask for (fewer run when there are fewer images).
+MAX_FUNCS = 100_000
 
 
 # --------------------------------------------------------------------------- stages
@@ -100,9 +102,12 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
 
     if not isinstance(num_funcs, int) or isinstance(num_funcs, bool) or num_funcs < 1:
         raise UsageError(f"NUM_FUNCS must be a positive integer, got {num_funcs!r}")
+    if num_funcs > MAX_FUNCS:
+        raise UsageError(f"NUM_FUNCS must be at most {MAX_FUNCS:,} (one function per image is the most that "
+                         f"helps), got {num_funcs:,}")
     check_prefix(model_prefix)
     check_prefix(data_prefix)
-    if not data_prefix.strip("/"):
+    if not data_prefix.strip().strip("/").strip():
         raise UsageError("DATA_PREFIX is empty: give the prefix of the images, e.g. ml-inference/images-inference-1k")
     engine.store.require_bucket()
     from mlwf.model import read_manifest

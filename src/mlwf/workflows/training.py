@@ -14,11 +14,17 @@ from typing import Any
 import numpy as np
 
 from mlwf.errors import DataError, UsageError
+from mlwf.model import MAX_CLASSES, MAX_COMPONENTS, class_name_problem
 from mlwf.workflows.base import Blob, StageOutput, derive_seed
 
 WORKFLOW = "ml-training"
 DEFAULT_MODEL_PREFIX = "ml-inference/model"
 _EXAMPLES = 5
+#: Fewest decodable held-out images of each class a model must be validated on to be
+#: published (unless allow_unvalidated): with one, a class's accuracy rests on a single image.
+MIN_VALIDATION_PER_CLASS = 2
+#: Largest decoded pixel array one PCA function may be dealt (float32), checked before any work.
+MAX_PIXEL_BYTES_PER_PCA = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class TrainingConfig:
 
     def check(self) -> TrainingConfig:
         """Raise :class:`UsageError` for values no run could use."""
-        for name, low, high in (("image_size", 4, 1024), ("n_components", 1, 4096), ("n_trees", 1, 10_000),
+        for name, low, high in (("image_size", 4, 1024), ("n_components", 1, MAX_COMPONENTS), ("n_trees", 1, 10_000),
                                 ("max_depth", 1, 64), ("min_samples_split", 2, 1_000_000)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
@@ -59,7 +65,8 @@ def label_of(key: str, prefix: str) -> str | None:
 def sort_classes(names) -> list[str]:
     """Class names in a stable order: numerically if all are integers, else by text."""
     names = set(names)
-    if all(n.lstrip("-").isdigit() for n in names):
+    # isdecimal, not isdigit: int() refuses digits such as '²', and '--5' is no integer.
+    if all(n.removeprefix("-").isdecimal() for n in names):
         return sorted(names, key=int)
     return sorted(names)
 
@@ -77,7 +84,7 @@ def train_split(num_pca: int, num_train: int) -> list[int]:
 
 # --------------------------------------------------------------------------- stages
 def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: float, seed: int,
-              n_components: int) -> StageOutput:
+              n_components: int, image_size: int = 64) -> StageOutput:
     """List the images, label them from their class folders, hold out a validation
     set and deal the rest to the PCA functions.
 
@@ -105,6 +112,13 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
     if len(classes) < 2:
         raise DataError(f"only one class ({classes[0]!r}) under {folder!r}: training needs at least two "
                         "class folders")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{len(classes):,} class folders under {folder!r}: a model holds at most "
+                        f"{MAX_CLASSES:,} classes; train on fewer classes")
+    for c in classes:
+        if class_name_problem(c):
+            raise DataError(f"class folder {folder}{c!r}: a class name must be {class_name_problem(c)}; "
+                            "rename the folder")
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[n] for n in names], dtype=np.int32)
 
@@ -119,15 +133,21 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
     train_idx = np.flatnonzero(~held)
     train_idx = train_idx[rng.permutation(len(train_idx))]  # mix classes across slices
 
-    split = train_split(num_pca, num_train)
+    # Checked before anything sized by the function counts is built.
     n_train = len(train_idx)
-    per_pca = [len(train_idx[i::num_pca]) for i in range(num_pca)]
-    if n_train < num_train or min(per_pca) < max(n_components, 1):
+    if n_train < num_train or n_train // num_pca < max(n_components, 1):
         need = max(num_train, num_pca * n_components)
         raise DataError(
             f"{n_train} training images under {folder!r} (after holding out {int(held.sum())}) are too few "
             f"for {num_pca} PCA functions of {n_components} components and {num_train} training functions: "
             f"need at least {need}; use fewer functions or more images")
+    pixel_bytes = -(-n_train // num_pca) * image_size**2 * 4
+    if pixel_bytes > MAX_PIXEL_BYTES_PER_PCA:
+        raise DataError(
+            f"each PCA function would hold {-(-n_train // num_pca):,} images of {image_size}×{image_size} "
+            f"pixels ({pixel_bytes / 2**30:.1f} GiB, more than the {MAX_PIXEL_BYTES_PER_PCA >> 30} GiB allowed): "
+            "use more PCA functions or a smaller --image-size")
+    split = train_split(num_pca, num_train)
 
     parts: list[Any] = []
     first = 0
@@ -145,6 +165,7 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
         "num_train_images": n_train,
         "num_holdout": int(held.sum()),
         "class_counts": {c: int(n) for c, n in zip(classes, np.bincount(labels, minlength=len(classes)))},
+        "holdout_per_class": np.bincount(labels[held], minlength=len(classes)).tolist(),
         "unlabelled": len(unlabelled),
         "unlabelled_examples": unlabelled[:_EXAMPLES],
         "train_per_pca": split,
@@ -174,8 +195,14 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
         raise DataError(f"PCA function {index} has {len(pixels)} decodable images of {len(keys)} "
                         f"({len(skipped)} undecodable, e.g. {skipped[:1]}): it needs at least "
                         f"{max(n_components, n_slices)}; use fewer functions or check the images")
-    fitted = PCA(n_components=n_components, svd_solver="randomized",
-                 random_state=derive_seed(seed, "pca", index)).fit(pixels)
+    facts = []
+    identical = not np.any(np.ptp(pixels, axis=0) > 0)
+    if identical:
+        facts.append("its images are all identical, so its projection carries no information; check the data")
+    # Identical images make scikit-learn divide by a zero total variance: expected, and said above.
+    with np.errstate(divide="ignore" if identical else "warn", invalid="ignore" if identical else "warn"):
+        fitted = PCA(n_components=n_components, svd_solver="randomized",
+                     random_state=derive_seed(seed, "pca", index)).fit(pixels)
     mean = fitted.mean_.astype(np.float64)
     components = fitted.components_.astype(np.float64)
     features = project(pixels, mean, components)
@@ -183,7 +210,8 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     for rows in np.array_split(np.arange(len(features)), n_slices):
         parts.append({"features": features[rows], "labels": labels[rows].astype(np.int32)})
     parts.append({"mean": mean, "components": components})
-    info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES]}
+    info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
+            "decoded_per_class": np.bincount(labels).tolist(), "warnings": facts}
     return StageOutput(parts, info)
 
 
@@ -226,11 +254,13 @@ def validation(members: list, projections: list, holdout: dict, fetch, *, classe
             accuracy = float(np.mean(pred == truth))
             confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
             np.add.at(confusion, (truth, pred), 1)
+    per_class = np.bincount(truth, minlength=len(classes)).tolist() if keys else [0] * len(classes)
     model.metrics = {"validation_accuracy": accuracy, "num_validation": len(keys) - len(skipped),
-                     "validation_skipped": len(skipped)}
+                     "validation_skipped": len(skipped), "validation_per_class": per_class}
     data = model.to_bytes()
     checked = from_bytes(data, source="new model")
     info = {"accuracy": accuracy, "num_validation": len(keys) - len(skipped), "skipped": len(skipped),
+            "per_class": per_class,
             "skipped_examples": skipped[:_EXAMPLES], "digest": checked.digest,
             "confusion": confusion.tolist() if confusion is not None else None}
     return StageOutput([Blob(data, kind="model")], info)
@@ -241,9 +271,17 @@ STAGES = {"partition": partition, "pca": pca, "train": train, "validation": vali
 
 # --------------------------------------------------------------------------- driver
 def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: TrainingConfig | None = None,
-          model_prefix: str = DEFAULT_MODEL_PREFIX, publish: bool = True,
+          model_prefix: str = DEFAULT_MODEL_PREFIX, publish: bool = True, allow_unvalidated: bool = False,
           resume: str | None = None) -> dict[str, Any]:
     """Run the training workflow on ``engine`` and publish the model.
+
+    Classes are counted after decoding: a class folder without one decodable
+    training image is refused, whatever the folder holds. A model is
+    published only if it was validated on at least
+    :data:`MIN_VALIDATION_PER_CLASS` decodable held-out images of every class
+    (checked on the folder counts before any work, and again after decoding),
+    unless ``allow_unvalidated`` is set; the report's ``validated`` says
+    whether the rule was met.
 
     Returns the run's report (see :meth:`mlwf.engine.driver.Run.report`) with
     ``validation_accuracy``, ``model_prefix`` and ``model_digest``. With
@@ -254,6 +292,7 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     UsageError, DataError, StoreError, StageError
         With one line saying what to fix; nothing is published then.
     """
+    from mlwf.model import MAX_MEMBERS, MAX_TREES, manifest_key
     from mlwf.model import publish as publish_model
     from mlwf.storage import check_prefix
 
@@ -261,12 +300,19 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     for name, v in (("NUM_PCA", num_pca), ("NUM_TRAIN", num_train)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UsageError(f"{name} must be a positive integer, got {v!r}")
+        if v > MAX_MEMBERS:
+            raise UsageError(f"{name} must be at most {MAX_MEMBERS:,} (a model holds at most {MAX_MEMBERS:,} "
+                             f"members), got {v:,}")
     if num_train < num_pca:
         raise UsageError(f"NUM_TRAIN ({num_train}) must be at least NUM_PCA ({num_pca}): "
                          "each PCA function feeds at least one training function")
+    if num_train * config.n_trees > MAX_TREES:
+        raise UsageError(f"{num_train} training functions of {config.n_trees} trees make "
+                         f"{num_train * config.n_trees:,} trees, more than the {MAX_TREES:,} a model may hold: "
+                         "use fewer training functions or --trees")
     check_prefix(data_prefix)
-    check_prefix(model_prefix)
-    if not data_prefix.strip("/"):
+    manifest_key(model_prefix)
+    if not data_prefix.strip().strip("/").strip():
         raise UsageError("DATA_PREFIX is empty: give the prefix of the images, e.g. ml-training/mnist-images-2k")
     engine.store.require_bucket()
 
@@ -274,14 +320,19 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     params = {"data_prefix": data_prefix, "num_pca": num_pca, "num_train": num_train,
               "model_prefix": model_prefix, **cfg}
     run = engine.start_run(WORKFLOW, params, resume=resume)
+    enforce = publish and not allow_unvalidated
     try:
         [part] = run.stages(partition=[dict(prefix=data_prefix, num_pca=num_pca, num_train=num_train,
                                             holdout=config.holdout, seed=config.seed,
-                                            n_components=config.n_components)])["partition"]
+                                            n_components=config.n_components,
+                                            image_size=config.image_size)])["partition"]
         classes = part.info["classes"]
+        if enforce:
+            _require_validation(classes, part.info["holdout_per_class"], data_prefix, decoded=False)
         pcas = run.stages(pca=[dict(assignment=part.outputs[i], image_size=config.image_size,
                                     n_components=config.n_components, seed=config.seed, index=i)
                                for i in range(num_pca)])["pca"]
+        _require_decoded_classes(classes, pcas, data_prefix)
         train_calls = []
         for i, out in enumerate(pcas):
             for ref in out.outputs[:-1]:
@@ -296,6 +347,9 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
                                             holdout=part.outputs[num_pca], classes=classes,
                                             image_size=config.image_size, config=model_config)])["validation"]
         model_ref = val.outputs[0]
+        validated = _validation_problem(classes, val.info["per_class"]) is None
+        if enforce:
+            _require_validation(classes, val.info["per_class"], data_prefix, decoded=True)
         skipped = sum(p.info["skipped"] for p in pcas) + val.info["skipped"]
         examples = [k for p in pcas for k in p.info["skipped_examples"]] + val.info["skipped_examples"]
         summary = {
@@ -304,6 +358,8 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
             "num_validation": val.info["num_validation"],
             "classes": classes,
             "validation_accuracy": val.info["accuracy"],
+            "validation_per_class": val.info["per_class"],
+            "validated": validated,
             "confusion": val.info["confusion"],
             "skipped": skipped,
             "skipped_examples": examples[:_EXAMPLES],
@@ -317,8 +373,8 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
         if publish:
             t = time.perf_counter()
             publish_model(engine.store, model_prefix, run.read_bytes(model_ref), run_id=run.run_id,
-                          summary={"validation_accuracy": val.info["accuracy"], "classes": classes,
-                                   "num_train_images": summary["num_train_images"]})
+                          summary={"validation_accuracy": val.info["accuracy"], "validated": validated,
+                                   "classes": classes, "num_train_images": summary["num_train_images"]})
             summary["publish_ms"] = round((time.perf_counter() - t) * 1e3, 3)
         report = run.report(**summary)
     except BaseException as e:
@@ -326,6 +382,38 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
         raise
     run.finish(report)
     return report
+
+
+def _validation_problem(classes: list[str], per_class: list[int], what: str = "held-out images") -> str | None:
+    """What keeps held-out counts ``per_class`` from meeting the validation rule, or None."""
+    short = [(c, n) for c, n in zip(classes, per_class) if n < MIN_VALIDATION_PER_CLASS]
+    if not short:
+        return None
+    counts = ", ".join(f"{c!r}: {n}" for c, n in short[:3]) + (", …" if len(short) > 3 else "")
+    return f"{len(short)} of {len(classes)} classes have fewer than {MIN_VALIDATION_PER_CLASS} {what} ({counts})"
+
+
+def _require_validation(classes: list[str], per_class: list[int], data_prefix: str, *, decoded: bool) -> None:
+    problem = _validation_problem(classes, per_class, "decodable held-out images" if decoded else "held-out images")
+    if problem:
+        raise DataError(f"refusing to publish a model validated on too few images under {data_prefix!r}: "
+                        f"{problem}; add images, raise --holdout, or pass --allow-unvalidated to publish it anyway")
+
+
+def _require_decoded_classes(classes: list[str], pcas: list, data_prefix: str) -> None:
+    """Count classes by the images that decoded, not by the folders: refuse a class with none."""
+    decoded = np.zeros(len(classes), dtype=np.int64)
+    for p in pcas:
+        counts = p.info["decoded_per_class"]
+        decoded[: len(counts)] += counts
+    empty = [classes[i] for i in np.flatnonzero(decoded == 0)]
+    if empty:
+        examples = [k for p in pcas for k in p.info["skipped_examples"]][:2]
+        raise DataError(f"class {'folders' if len(empty) > 1 else 'folder'} "
+                        f"{', '.join(repr(c) for c in empty[:3])}{', …' if len(empty) > 3 else ''} under "
+                        f"{data_prefix!r} hold no decodable training image "
+                        f"({sum(p.info['skipped'] for p in pcas)} objects skipped, e.g. {', '.join(examples)}): "
+                        "fix or remove them; a classifier needs images of every class")
 
 
 def _versions() -> dict[str, str]:
