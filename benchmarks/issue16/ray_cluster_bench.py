@@ -1,0 +1,123 @@
+"""Issue 16 (d): a fresh driver against an already-running two-node Ray cluster vs the local cold run.
+
+Usage (from the repository root, after ``python benchmarks/run.py`` has prepared
+benchmarks/data/store)::
+
+    python benchmarks/issue16/ray_cluster_bench.py [--repeats 5] [--variants tasks,preload,actors]
+
+For each variant a fresh two-node cluster (tests/raycluster.py: two raylets on
+this host, 1 CPU each, token authentication) is started, one untimed run warms
+it (its first job), and then each repeat times, alternately, a cold local run
+(``mlwf run ml-training ml-training/fashion-2k 2 8``, a new process, process
+start to exit) and a run from a new driver process against the cluster
+(``--backend ray --ray-address …``, also process start to exit). Also timed: a
+new process that only joins the cluster (``ray.init(address=…)``) and exits,
+the floor of any fresh driver.
+
+Variants:
+
+* ``tasks``: mlwf as it is (each call a Ray task; each job starts its own workers).
+* ``preload``: the same, with the nodes started with
+  ``RAY_preload_python_modules`` (scikit-learn and the stage code imported by
+  every worker Ray starts, before it takes work).
+* ``actors``: the calls go to detached actors that outlive each job
+  (benchmarks/issue16/actor_pool.py), made by the warm-up run.
+
+Writes benchmarks/results/issue16/ray_cluster.json and prints medians (min–max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.raycluster import RayCluster  # noqa: E402
+
+STORE = str(ROOT / "benchmarks/data/store")
+RUN = ["run", "ml-training", "ml-training/fashion-2k", "2", "8", "--store", STORE, "--json"]
+PRELOAD = "sklearn.decomposition,sklearn.ensemble,mlwf.engine.runner,mlwf.workflows.training,mlwf.workflows.inference"
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, dict | None]:
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    wall = (time.perf_counter() - t) * 1e3
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    try:
+        return wall, json.loads(done.stdout)
+    except ValueError:
+        return wall, None
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values)), "min": round(min(values)), "max": round(max(values)),
+            "runs": [round(v) for v in values]}
+
+
+def measure(variant: str, repeats: int) -> dict:
+    node_env = {"RAY_preload_python_modules": PRELOAD} if variant == "preload" else {}
+    with tempfile.TemporaryDirectory(prefix="mlwf-bench-ray-") as tmp, \
+            RayCluster(Path(tmp), nodes=2, cpus=1, node_env=node_env) as cluster:
+        env = cluster.driver_env()
+        mlwf = [sys.executable, "-m", "mlwf.cli"]
+        remote = ([sys.executable, str(ROOT / "benchmarks/issue16/actor_pool.py")] if variant == "actors" else mlwf)
+        remote_args = [*RUN, "--backend", "ray", "--ray-address", cluster.address,
+                       "--model-prefix", f"ml-inference/model-ray-{variant}"]
+        join = [sys.executable, "-c", f"import ray, logging; ray.init(address={cluster.address!r}, "
+                                      "log_to_driver=False, logging_level=logging.ERROR)"]
+        timed([*remote, *remote_args], env)  # the cluster's first job (and the pool's creation): not counted
+        local, fresh, joins, digests = [], [], [], set()
+        for _ in range(repeats):
+            wall, report = timed([*mlwf, *RUN, "--model-prefix", "ml-inference/model-local-cold"], env)
+            local.append(wall)
+            digests.add(report["model_digest"])
+            wall, report = timed([*remote, *remote_args], env)
+            fresh.append({"wall_ms": wall, "e2e_ms": report["e2e_ms"], "stage_ms": report["stage_ms"]})
+            digests.add(report["model_digest"])
+            joins.append(timed(join, env)[0])
+        if variant == "actors":
+            subprocess.run([sys.executable, str(ROOT / "benchmarks/issue16/actor_pool.py"), "--kill-pool",
+                            cluster.address], env=env, capture_output=True, cwd=ROOT)
+    fresh_wall = [r["wall_ms"] for r in fresh]
+    return {"variant": variant, "local_cold_ms": stats(local), "fresh_driver_ms": stats(fresh_wall),
+            "fresh_driver_e2e_ms": stats([r["e2e_ms"] for r in fresh]),
+            "ratio_fresh_over_local": round(statistics.median(fresh_wall) / statistics.median(local), 2),
+            "join_only_ms": stats(joins), "same_model_bytes": len(digests) == 1,
+            "stages_last_run": fresh[-1]["stage_ms"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default="tasks,preload,actors")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/ray_cluster.json"))
+    a = p.parse_args()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": a.repeats,
+               "command": "mlwf " + " ".join(RUN), "cluster": "2 raylets on this host, 1 CPU each, token auth",
+               "variants": []}
+    for variant in a.variants.split(","):
+        r = measure(variant, a.repeats)
+        r["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        results["variants"].append(r)
+        print(f"{variant:8} local cold {r['local_cold_ms']['median']} ms ({r['local_cold_ms']['min']}–"
+              f"{r['local_cold_ms']['max']}), fresh driver on the cluster {r['fresh_driver_ms']['median']} ms "
+              f"({r['fresh_driver_ms']['min']}–{r['fresh_driver_ms']['max']}), ratio "
+              f"{r['ratio_fresh_over_local']}; join only {r['join_only_ms']['median']} ms; same bytes "
+              f"{r['same_model_bytes']}", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
