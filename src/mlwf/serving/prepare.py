@@ -8,18 +8,8 @@ resized to ``image_size × image_size`` with ``Image.Resampling.BILINEAR`` if
 it is not that size already, divided by 255 as float32, and flattened row by
 row. ``image_size`` is in the ONNX metadata (``image_size``).
 
-Without mlwf installed, these eight lines of NumPy and Pillow do the same (the
-README shows them, and the tests check them against this module)::
-
-    def prepare(path, size):
-        im = Image.open(path)
-        if im.mode != "L":
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
-            im = im.convert("L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.float32).reshape(-1) / np.float32(255)
+Without mlwf installed, the README's section on ONNX shows the same steps in
+plain NumPy and Pillow (and the tests check them against this module).
 """
 
 from __future__ import annotations
