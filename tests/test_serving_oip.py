@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -36,7 +37,7 @@ from tests.s3server import free_port
 
 PREFIX = "ml-inference/model"
 #: Limits small enough to reach in a test.
-LIMITS = {"max_batch": 80, "max_body": 512 << 10, "max_pixels": 1 << 20, "read_timeout": 1.0}
+LIMITS = {"max_batch": 80, "max_body": 512 << 10, "max_pixels": 1 << 20, "read_timeout": 1.0, "max_in_flight": 4}
 
 
 class ModelServer:
@@ -224,6 +225,15 @@ def _png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims to be width × height pixels and holds none: costs nothing to send."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def _binary(header: dict, *sections: bytes) -> tuple[bytes, dict]:
     text = json.dumps(header).encode()
     return text + b"".join(sections), {"Inference-Header-Content-Length": str(len(text))}
@@ -274,6 +284,10 @@ def _bad_requests(png: bytes):
         "empty element": (json.dumps(_image_input(data=[""])).encode(), {}, 400, "image 0 is empty"),
         "too many pixels": (json.dumps(_image_input(data=[base64.b64encode(big).decode()])).encode(), {}, 413,
                             "--max-pixels"),
+        "a claimed 25 Mpx": (json.dumps(_image_input(data=[base64.b64encode(_png_header(5000, 5000)).decode()])
+                                        ).encode(), {}, 413, "--max-pixels"),
+        "a claimed 900 Mpx": (json.dumps(_image_input(data=[base64.b64encode(_png_header(30000, 30000)).decode()])
+                                         ).encode(), {}, 413, "more pixels than any image"),
         "UINT8 over 255": (json.dumps(_image_input("UINT8", (1, 2, 2), data=[0, 1, 2, 300])).encode(), {}, 400,
                            "0..255"),
         "UINT8 floats": (json.dumps(_image_input("UINT8", (1, 2, 2), data=[0, 1, 2, 0.5])).encode(), {}, 400,
@@ -340,30 +354,50 @@ def test_refusals_outside_inference_use_the_error_object_too(server, images):
         assert http.post("/v2/models/mlwf/infer", json=_json_request(images["blobs"][:1])).status_code == 200
 
 
+def _slow_request(port: int) -> socket.socket:
+    """A client that sends its headers and the start of its body, then nothing."""
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(b"POST /v2/models/mlwf/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"inputs\"")
+    return slow
+
+
+def _answer(sock: socket.socket) -> tuple[bytes, dict]:
+    sock.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
 def test_slow_and_idle_clients_do_not_hold_up_the_others(server, images):
     idle = socket.create_connection(("127.0.0.1", server.port))
-    slow = socket.create_connection(("127.0.0.1", server.port))
+    slow = [_slow_request(server.port)]
     try:
-        slow.sendall(b"POST /v2/models/mlwf/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"inputs\"")
+        time.sleep(0.1)
         started = time.monotonic()
         result = server.client().infer("mlwf", [_bytes_input(images["blobs"][:8])])
         assert len(result.as_numpy("label")) == 8
         assert time.monotonic() - started < 1.0  # answered while both connections hang
-        slow.settimeout(10)
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = slow.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 408"), answer
-        assert "--read-timeout" in json.loads(body)["error"]
+        # As many slow requests as --max-in-flight: the next request is told to come back, not queued.
+        slow += [_slow_request(server.port) for _ in range(LIMITS["max_in_flight"] - 1)]
+        time.sleep(0.2)
+        with pytest.raises(InferenceServerException, match="busy") as busy:
+            server.client().infer("mlwf", [_bytes_input(images["blobs"][:1])])
+        assert busy.value.status() == "503"
+        for sock in slow:
+            head, error = _answer(sock)
+            assert head.startswith(b"HTTP/1.1 408") and "--read-timeout" in error["error"], head
     finally:
         idle.close()
-        slow.close()
-    assert server.client().is_server_ready()
+        for sock in slow:
+            sock.close()
+    result = server.client().infer("mlwf", [_bytes_input(images["blobs"][:1])])
+    assert len(result.as_numpy("label")) == 1
 
 
 # --------------------------------------------------------------------------- reloading

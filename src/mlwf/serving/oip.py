@@ -33,7 +33,8 @@ datatype, shape or data, an empty batch or an undecodable image; 404 for an
 unknown model, version or path; 408 for a body not received within
 ``--read-timeout``; 413 for a body over ``--max-body``, a batch over
 ``--max-batch`` or more decoded pixels than ``--max-pixels``; 415 for an
-unsupported ``Content-Encoding``.
+unsupported ``Content-Encoding``; 503 when ``--max-in-flight`` requests are
+already being received or computed, or while shutting down.
 
 The model is loaded and checked once at start (:func:`mlwf.model.load` checks
 the format, checksum and every tree, then one prediction is run), and again
@@ -92,6 +93,8 @@ DEFAULT_MAX_BODY = 16 << 20  # 16 MiB
 #: Decoded pixels per request (sum over its images): bounds the CPU one request can take.
 DEFAULT_MAX_PIXELS = 1 << 26
 DEFAULT_READ_TIMEOUT = 30.0
+#: Requests being received or computed at once; more are refused with 503 (bounds memory: this × --max-body).
+DEFAULT_MAX_IN_FLIGHT = 64
 INPUT = "image"
 LABEL = "label"
 PROBABILITIES = "probabilities"
@@ -118,6 +121,7 @@ class Limits:
     max_body: int = DEFAULT_MAX_BODY
     max_pixels: int = DEFAULT_MAX_PIXELS
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
     def check(self) -> Limits:
         if not 1 <= self.max_batch <= 1_000_000:
@@ -128,6 +132,8 @@ class Limits:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if not (math.isfinite(self.read_timeout) and self.read_timeout > 0):
             raise UsageError(f"--read-timeout must be a positive number of seconds, got {self.read_timeout}")
+        if not 1 <= self.max_in_flight <= 100_000:
+            raise UsageError(f"--max-in-flight must be between 1 and 100000, got {self.max_in_flight}")
         return self
 
 
@@ -399,6 +405,8 @@ def _decode(blobs: list[bytes], image_size: int, limits: Limits) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 with Image.open(io.BytesIO(blob)) as header:
                     width, height = header.size
+        except Image.DecompressionBombError:
+            raise ProtocolError(413, f"image {i} has more pixels than any image this server decodes") from None
         except Exception:  # Pillow raises many kinds (and names its buffer) for a file that is not an image
             raise ProtocolError(400, f"image {i} is not an image file (PNG, JPEG, ...) that Pillow can read") \
                 from None
@@ -613,6 +621,9 @@ class App:
 
         t0 = time.perf_counter()
         status, n, version = 500, 0, "-"
+        if self.in_flight >= self.limits.max_in_flight:
+            log.info("infer status=503 busy in_flight=%d", self.in_flight)
+            return _error(503, f"busy: {self.in_flight} requests in progress (--max-in-flight); retry shortly")
         self.in_flight += 1
         try:
             if self.draining:
