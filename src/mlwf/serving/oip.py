@@ -77,7 +77,7 @@ import uuid
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,7 +114,6 @@ class Served:
     version: str
     classes: tuple[str, ...]
     image_size: int
-    loaded_at: float = field(default_factory=time.time)
 
 
 class ModelSlot:
@@ -129,11 +128,13 @@ class ModelSlot:
         self._store_arg = store
         self._bucket = bucket
         self._store = None
+        # Decided once, as mlwf.model.load decides: a file that disappears later is a failed reload, not a prefix.
+        self._file = store is None and os.path.isfile(source)
         self._lock = threading.Lock()  # one reload at a time
         self.current: Served | None = None
 
     def _is_file(self) -> bool:
-        return self._store_arg is None and os.path.isfile(self.source)
+        return self._file
 
     def describe(self) -> str:
         if self._is_file():
