@@ -10,6 +10,8 @@ compare in float64 as mlwf does.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +133,12 @@ def test_thresholds_compare_in_float64_as_mlwf_does(tmp_path):
 def test_export_refuses_bad_targets_and_writes_nothing_when_the_check_fails(trained, tmp_path, monkeypatch):
     engine, _ = trained
     model = mlwf.model.load("ml-inference/model", store=engine.store)
-    for bad in (tmp_path, tmp_path / "missing" / "m.onnx", ""):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in (tmp_path, tmp_path / "missing" / "m.onnx", "", fifo):
         with pytest.raises(UsageError):
             onnx_export.export(model, bad)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # never replaced by a regular file (think -o /dev/null)
     out = tmp_path / "out"
     out.mkdir()
     path = out / "model.onnx"

@@ -248,6 +248,9 @@ def export(model, path: str | os.PathLike, *, verify: bool = True) -> dict[str, 
     target = Path(path)
     if str(path).strip() == "" or target.is_dir():
         raise UsageError(f"-o {str(path)!r} is a directory or empty: give a file name, e.g. model.onnx")
+    if os.path.exists(target) and not target.is_file():
+        # The file is replaced by a rename: that would put a regular file in place of /dev/null or a FIFO.
+        raise UsageError(f"-o {target} exists and is not a regular file: give a file name, e.g. model.onnx")
     if not target.parent.is_dir():
         raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
     proto = to_onnx(model)
