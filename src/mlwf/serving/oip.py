@@ -9,6 +9,7 @@ Endpoints (``NAME`` is ``--name``, default ``mlwf``)::
     GET  /v2/models/NAME[/versions/V]/ready
     POST /v2/models/NAME[/versions/V]/infer    inference
     POST /v2/repository/models/NAME/load       reload MODEL_PREFIX if a new model was published
+    POST /v2/repository/models/NAME/unload     400: the one model is never unloaded
     POST /v2/repository/index                  the one model and its state
 
 Inference takes one input named ``image``:
