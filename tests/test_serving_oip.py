@@ -37,7 +37,8 @@ from tests.s3server import free_port
 
 PREFIX = "ml-inference/model"
 #: Limits small enough to reach in a test.
-LIMITS = {"max_batch": 80, "max_body": 512 << 10, "max_pixels": 1 << 20, "read_timeout": 3.0, "max_in_flight": 4}
+LIMITS = {"max_batch": 80, "max_body": 512 << 10, "max_pixels": 1 << 20, "request_timeout": 3.0,
+          "max_in_flight": 4}
 
 
 class ModelServer:
@@ -376,6 +377,8 @@ def _answer(sock: socket.socket) -> tuple[bytes, dict]:
 
 def test_slow_and_idle_clients_do_not_hold_up_the_others(server, images):
     idle = socket.create_connection(("127.0.0.1", server.port))
+    half_head = socket.create_connection(("127.0.0.1", server.port))
+    half_head.sendall(b"POST /v2/models/mlwf/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
     slow = [_slow_request(server.port)]
     try:
         time.sleep(0.1)
@@ -392,11 +395,12 @@ def test_slow_and_idle_clients_do_not_hold_up_the_others(server, images):
         with pytest.raises(InferenceServerException, match="busy") as busy:
             server.client().infer("mlwf", [_bytes_input(images["blobs"][:1])])
         assert busy.value.status() == "503"
-        for sock in slow:
+        for sock in [*slow, half_head]:  # a request whose head never ends is closed too (mlwf.httpguard)
             head, error = _answer(sock)
-            assert head.startswith(b"HTTP/1.1 408") and "--read-timeout" in error["error"], head
+            assert head.startswith(b"HTTP/1.1 408") and "--request-timeout" in error["error"], head
     finally:
         idle.close()
+        half_head.close()
         for sock in slow:
             sock.close()
     result = server.client().infer("mlwf", [_bytes_input(images["blobs"][:1])])

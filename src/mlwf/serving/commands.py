@@ -39,9 +39,14 @@ def add_model_commands(models, common: Callable[..., None]) -> None:
                        help=f"largest request body (default {settings.DEFAULT_MAX_BODY >> 20}MiB); more: 413")
     serve.add_argument("--max-pixels", type=int, default=settings.DEFAULT_MAX_PIXELS,
                        help=f"most decoded pixels in one request (default {settings.DEFAULT_MAX_PIXELS}); more: 413")
-    serve.add_argument("--read-timeout", type=float, default=settings.DEFAULT_READ_TIMEOUT,
-                       help=f"seconds a request body may take to arrive (default {settings.DEFAULT_READ_TIMEOUT:g}); "
-                            "then 408")
+    serve.add_argument("--request-timeout", type=float, default=settings.DEFAULT_REQUEST_TIMEOUT,
+                       help="seconds a client has to send a whole request, head and body "
+                            f"(default {settings.DEFAULT_REQUEST_TIMEOUT:g}); then 408")
+    serve.add_argument("--max-connections", type=int, default=settings.DEFAULT_MAX_CONNECTIONS,
+                       help=f"open connections at most (default {settings.DEFAULT_MAX_CONNECTIONS}); past it the "
+                            "oldest idle or incomplete one is closed")
+    serve.add_argument("--max-client-connections", type=int,
+                       help="open connections from one address at most (default: half of --max-connections)")
     serve.add_argument("--max-in-flight", type=int, default=settings.DEFAULT_MAX_IN_FLIGHT,
                        help=f"requests received or computed at once (default {settings.DEFAULT_MAX_IN_FLIGHT}); "
                             "more: 503")
@@ -98,8 +103,9 @@ def model_serve(args: argparse.Namespace) -> int:
     from mlwf.serving import oip
 
     limits = settings.Limits(max_batch=args.max_batch, max_body=parse_size(args.max_body),
-                             max_pixels=args.max_pixels, read_timeout=args.read_timeout,
-                             max_in_flight=args.max_in_flight)
+                             max_pixels=args.max_pixels, max_in_flight=args.max_in_flight,
+                             request_timeout=args.request_timeout, max_connections=args.max_connections,
+                             max_client_connections=args.max_client_connections)
     return oip.serve(args.source, store=args.store, bucket=args.bucket, host=args.host, port=args.port,
                      name=args.name, limits=limits, threads=args.threads, watch=args.watch, grace=args.grace)
 

@@ -31,11 +31,14 @@ answer is the SHA-256 of the model that computed it.
 Bad input is a 4xx with the protocol's error object ``{"error": "..."}``, and
 the server keeps serving: 400 for malformed JSON, a wrong input name,
 datatype, shape or data, an empty batch or an undecodable image; 404 for an
-unknown model, version or path; 408 for a body not received within
-``--read-timeout``; 413 for a body over ``--max-body``, a batch over
+unknown model, version or path; 408 for a request (head and body) not
+received within ``--request-timeout``; 413 for a body over ``--max-body``, a batch over
 ``--max-batch`` or more decoded pixels than ``--max-pixels``; 415 for an
 unsupported ``Content-Encoding``; 503 when ``--max-in-flight`` requests are
-already being received or computed, or while shutting down.
+already being received or computed, or while shutting down. Connections are
+bounded as for ``mlwf serve``, by :mod:`mlwf.httpguard` (request heads of at
+most 16 KiB, ``--max-connections`` and ``--max-client-connections``, idle and
+half-sent connections closed first).
 
 The model is loaded and checked once at start (:func:`mlwf.model.load` checks
 the format, checksum and every tree, then one prediction is run), and again
@@ -84,6 +87,7 @@ from typing import Any
 import numpy as np
 
 from mlwf.errors import MlwfError, UsageError
+from mlwf.httpguard import ConnectionGuard
 from mlwf.serving.settings import DEFAULT_NAME, DEFAULT_PORT, Limits
 
 log = logging.getLogger("mlwf.model.serve")
@@ -494,6 +498,7 @@ class App:
         self.version = mlwf.__version__
         self.threads = threads or (os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mlwf-infer")
+        self.guard = ConnectionGuard(limits.connection_limits())
         self.ready = False
         self.draining = False
         self.in_flight = 0
@@ -501,6 +506,7 @@ class App:
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
+            sweeper = asyncio.create_task(self.guard.run())
             self.ready = True
             if self.watch:
                 self._watcher = asyncio.create_task(self._watch_loop())
@@ -508,6 +514,8 @@ class App:
                 yield
             finally:
                 self.ready = False
+                sweeper.cancel()
+                self.guard.flush_log()
                 if self._watcher is not None:
                     self._watcher.cancel()
 
@@ -585,6 +593,7 @@ class App:
 
     # ------------------------------------------------------------------ inference
     async def infer(self, request):
+        from starlette.requests import ClientDisconnect
         from starlette.responses import Response
 
         from mlwf.server import Refusal, _read_body
@@ -605,12 +614,12 @@ class App:
                 raise ProtocolError(415, f"Content-Encoding {_short(encoding, 40)!r} is not supported: send "
                                          "identity, gzip or deflate")
             try:
-                body = await asyncio.wait_for(_read_body(request, self.limits.max_body), self.limits.read_timeout)
+                body = await _read_body(request, self.limits.max_body)
             except Refusal as r:
                 raise ProtocolError(r.status, f"{r.error}: split the batch or raise --max-body") from None
-            except asyncio.TimeoutError:
-                raise ProtocolError(408, f"the request body did not arrive within {self.limits.read_timeout:g} s "
-                                         "(--read-timeout)") from None
+            except ClientDisconnect:
+                # Gone, or closed by the guard (408 past --request-timeout): nobody to answer.
+                raise ProtocolError(408, "the client went away before sending its whole request") from None
             header_length = request.headers.get(HEADER_LENGTH)
             loop = asyncio.get_running_loop()
             payload, headers, n = await loop.run_in_executor(
@@ -641,14 +650,16 @@ class App:
                        "state": "READY" if self.ready and not self.draining else "UNAVAILABLE", "reason": ""}])
 
     async def load(self, request):
+        from starlette.requests import ClientDisconnect
+
         from mlwf.server import Refusal, _read_body
 
         if request.path_params["name"] != self.name:
             return _error(404, f"unknown model {_short(request.path_params['name'], 80)!r}: this server serves "
                                f"{self.name!r}")
         try:
-            body = await asyncio.wait_for(_read_body(request, 64 << 10), self.limits.read_timeout)
-        except (Refusal, asyncio.TimeoutError):
+            body = await _read_body(request, 64 << 10)
+        except (Refusal, ClientDisconnect):
             return _error(400, "a load request carries at most an empty JSON object")
         if body.strip():
             try:
@@ -720,8 +731,7 @@ def _error(status: int, message: str):
 # --------------------------------------------------------------------------- running it
 def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.0.0.0",
           port: int | None = None, name: str = DEFAULT_NAME, limits: Limits = Limits(),
-          threads: int | None = None, watch: float | None = None, grace: float = 30.0,
-          max_connections: int | None = None) -> int:
+          threads: int | None = None, watch: float | None = None, grace: float = 30.0) -> int:
     """Serve the model at ``source`` until SIGTERM/SIGINT; returns the exit status.
 
     Parameters
@@ -730,7 +740,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     store, bucket : the store (URL or directory) and bucket; default ``MLWF_STORE``/``MLWF_BUCKET``.
     host, port : where to listen; ``port`` defaults to ``$PORT``, else 8080.
     name : the model's name in the URLs.
-    limits : request limits (:class:`Limits`).
+    limits : request and connection limits (:class:`Limits`).
     threads : inference threads (default: one per core).
     watch : check the published manifest every this many seconds and reload on a change.
     grace : seconds requests in flight get to finish after SIGTERM.
@@ -744,7 +754,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     """
     import re
 
-    from mlwf.server import DEFAULT_MAX_CONNECTIONS, _bind, _Server, _setup_logging
+    from mlwf.server import _bind, _Server, _setup_logging
 
     try:
         import uvicorn
@@ -778,14 +788,20 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     sock = _bind(host, port)
     _setup_logging()
     app = App(slot, name=name, limits=limits, threads=threads, watch=watch)
+    connections = app.guard.limits
     log.info("mlwf model serve on %s:%d: model %r = %s (%d classes, %dx%d images) from %s; max batch %d, "
-             "max body %d bytes; %d inference threads%s", host, sock.getsockname()[1], name, served.version,
-             len(served.classes), served.image_size, served.image_size, slot.describe(), limits.max_batch,
-             limits.max_body, app.threads, f"; watching every {watch:g} s" if watch else "")
-    uconfig = uvicorn.Config(app.asgi, log_config=None, access_log=False, lifespan="on",
-                             timeout_graceful_shutdown=grace,
-                             limit_concurrency=max_connections or DEFAULT_MAX_CONNECTIONS,
-                             timeout_keep_alive=30, server_header=False, proxy_headers=False)
+             "max body %d bytes; request timeout %g s; max connections %d (%d per client); %d inference "
+             "threads%s", host, sock.getsockname()[1], name, served.version, len(served.classes),
+             served.image_size, served.image_size, slot.describe(), limits.max_batch, limits.max_body,
+             connections.request_timeout, connections.max_connections, connections.max_client_connections,
+             app.threads, f"; watching every {watch:g} s" if watch else "")
+    # Connections and time bounds are mlwf.httpguard's, as for mlwf serve (see its docstring for why).
+    uconfig = uvicorn.Config(app.asgi, http=app.guard.protocol_class(), ws="none", log_config=None,
+                             access_log=False, lifespan="on", timeout_graceful_shutdown=grace,
+                             limit_concurrency=None, timeout_keep_alive=connections.keep_alive,
+                             h11_max_incomplete_event_size=connections.max_header_bytes, server_header=False,
+                             proxy_headers=False)
+    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
     server = _Server(uconfig, app)
     try:
         server.run(sockets=[sock])
