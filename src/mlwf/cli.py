@@ -484,7 +484,9 @@ def _s3(args) -> int:
                                          overwrite=args.overwrite, progress=progress)
                 text = (f"uploaded {result['uploaded']} of {result['files']} files to "
                         f"{store.bucket}/{args.s3_path} ({result['skipped']} unchanged, skipped"
-                        + (f"; {result['replaced']} replaced)" if result["replaced"] else ")"))
+                        + (f"; {result['replaced']} replaced" if result["replaced"] else "")
+                        + (f"; {result['ignored']} links or special files ignored, e.g. "
+                           f"{result['ignored_examples'][0]}" if result["ignored"] else "") + ")")
             elif cmd == "download-dir":
                 result = bulk.download_dir(store, args.s3_path, args.host_path, overwrite=args.overwrite,
                                            progress=progress)
