@@ -377,3 +377,58 @@ def test_read_published_refuses_an_object_changed_after_publishing(tmp_path):
         mlwf.model.load("m", store=store)
     with pytest.raises(ModelError, match="run ml-training first"):
         mlwf.model.load("elsewhere", store=store)
+
+
+# --------------------------------------------------------------------------- the two tree walks
+def _walk(model, pixels, compiled, monkeypatch):
+    """Probabilities from a fresh copy of ``model``, with scikit-learn's compiled walk or the NumPy walk."""
+    from mlwf import forest_walk
+
+    monkeypatch.setattr(forest_walk, "usable", lambda members, n_classes: compiled)
+    fresh = mlwf.model.from_bytes(model.to_bytes())
+    with np.errstate(invalid="ignore"):  # infinite pixels project to NaN features
+        proba = fresh.proba_from_pixels(pixels)
+    assert bool(fresh._compiled) == (compiled and len(pixels) > 0)
+    return proba
+
+
+def test_the_compiled_walk_gives_the_numpy_walks_probabilities_bit_for_bit(trained, digits_dir, monkeypatch):
+    engine, _ = trained
+    model = mlwf.model.load("ml-inference/model", store=engine.store)
+    from mlwf.images import decode_many
+
+    pixels, _ = decode_many([p.read_bytes() for p in sorted((digits_dir / "batch").rglob("*.png"))],
+                            model.image_size)
+    # Rows that land exactly on thresholds, beyond every threshold, and NaN (which goes left in both).
+    odd = np.tile(pixels[:1], (4, 1))
+    odd[1] = np.inf
+    odd[2] = -np.inf
+    odd[3, ::7] = np.nan
+    pixels = np.concatenate([pixels, odd])
+    numpy_walk = _walk(model, pixels, False, monkeypatch)
+    compiled = _walk(model, pixels, True, monkeypatch)
+    assert numpy_walk.shape == (len(pixels), 10)
+    assert np.array_equal(numpy_walk, compiled, equal_nan=True)
+    assert np.array_equal(model.proba_from_pixels(pixels[:5]), numpy_walk[:5])  # as the process walks by default
+
+
+def test_the_compiled_walk_agrees_on_the_hand_built_tree_and_on_no_rows(monkeypatch):
+    model = mlwf.model.from_bytes(codec.encode(_tree_meta()))
+    # Features exactly at the 0.5 thresholds go left (x > threshold is false), just above go right.
+    pixels = np.array([[0.5, 0.5, 0, 0], [np.nextafter(np.float32(0.5), np.float32(1)), 0, 0, 0],
+                       [0, 0.75, 0, 0], [0, 0, 0, 0]], np.float32)
+    for compiled in (False, True):
+        proba = _walk(model, pixels, compiled, monkeypatch)
+        assert proba.tolist() == [[1, 0], [0, 1], [0.5, 0.5], [1, 0]]
+        assert _walk(model, pixels[:0], compiled, monkeypatch).shape == (0, 2)
+
+
+def test_projection_does_not_depend_on_the_rows_beside_it():
+    rng = np.random.default_rng(3)
+    pixels = rng.random((700, 64), dtype=np.float32)
+    mean, components = rng.random(64), rng.standard_normal((5, 64))
+    whole = mlwf.model.project(pixels, mean, components)
+    assert whole.dtype == np.float32 and whole.shape == (700, 5)
+    assert np.array_equal(whole, ((pixels.astype(np.float64) - mean) @ components.T).astype(np.float32))
+    for rows in (slice(0, 1), slice(255, 258), slice(300, 700)):
+        assert np.array_equal(mlwf.model.project(pixels[rows], mean, components), whole[rows])

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mlwf import codec
+from mlwf import codec, forest_walk
 from mlwf.errors import ModelError, NotFoundError, UsageError
 
 FORMAT = "mlwf-model"
@@ -51,6 +51,8 @@ _BATCH = 4096
 #: Values (images × trees × classes) one prediction batch may hold: 16 MiB of float32.
 #: The default model (100 trees, 10 classes) still predicts 4,096 images at a time.
 _BATCH_VALUES = 1 << 22
+#: Rows projected at a time (see :func:`project`).
+_PROJECT_ROWS = 256
 
 #: Bounds of a model read from anywhere (see :func:`from_bytes`); training refuses settings beyond them.
 MAX_CLASSES = 1000
@@ -71,8 +73,15 @@ def project(pixels: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.
     Computed in float64 and rounded to float32, the precision the forests
     compare in, so a row's features do not depend on the batch it came in.
     """
-    centred = np.asarray(pixels, dtype=np.float64) - mean
-    return (centred @ components.T).astype(np.float32)
+    pixels = np.asarray(pixels)
+    out = np.empty((len(pixels), len(components)), dtype=np.float32)
+    basis = components.T
+    # A few hundred rows at a time: the float64 copy stays in cache instead of
+    # costing a page fault per 4 KiB of a fresh array (10k images: 0.9 s → 0.1 s).
+    for start in range(0, len(pixels), _PROJECT_ROWS):
+        centred = np.subtract(pixels[start : start + _PROJECT_ROWS], mean, dtype=np.float64)
+        out[start : start + _PROJECT_ROWS] = centred @ basis
+    return out
 
 
 def export_forest(forest, class_index: Sequence[int], n_classes: int) -> dict[str, Any]:
@@ -142,6 +151,7 @@ class Model:
     #: SHA-256 of the bytes this model was loaded from or serialized to.
     digest: str | None = None
     _children: list = field(default_factory=list, repr=False, compare=False)
+    _compiled: list = field(default_factory=list, repr=False, compare=False)
 
     # ---------------------------------------------------------------- predict
     def predict_proba(self, images) -> np.ndarray:
@@ -177,6 +187,14 @@ class Model:
         n = len(pixels)
         acc = np.zeros((n, len(self.classes)), dtype=np.float64)
         n_trees = 0
+        if self._compiled or forest_walk.usable(self.members, len(self.classes)):
+            if len(self._compiled) != len(self.members):
+                self._compiled = [forest_walk.build_trees(m, self.projections[m["projection"]]["components"].shape[0],
+                                                          len(self.classes)) for m in self.members]
+            for m, trees in zip(self.members, self._compiled):
+                forest_walk.add_proba(trees, projected[m["projection"]], acc)
+                n_trees += len(trees)
+            return acc / max(n_trees, 1)
         if len(self._children) != len(self.members):
             # Left and right child side by side: one gather per level picks the branch.
             self._children = [np.stack([m["left"], m["right"]], axis=1).ravel() for m in self.members]
