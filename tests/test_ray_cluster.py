@@ -71,16 +71,11 @@ def test_both_workflows_on_the_cluster_use_both_nodes_and_match_the_local_backen
     assert store.get(on_cluster["results_key"]) == store.get(here["results_key"])
 
 
-#: RAY_AUTH_MODE=token with no token anywhere makes Ray's own client abort (a failed check in
-#: C++, no exception), which mlwf's probe reports as "no Ray cluster answers"; it should say
-#: which variable to set, as it does when the mode is unset.
-_ABORTS = pytest.mark.xfail(strict=True, reason="mlwf's probe misreads Ray's abort as 'no Ray cluster answers'")
-
-
-@pytest.mark.parametrize("mode", ["unset", pytest.param("token", marks=_ABORTS)])
+@pytest.mark.parametrize("mode", ["unset", "token"])
 def test_a_driver_without_the_token_is_refused_in_one_line_naming_the_variables(ray_cluster, store_url,
                                                                                  tmp_path, mode):
     # No token anywhere: not in the environment, not at ~/.ray/auth_token of this HOME.
+    # With RAY_AUTH_MODE=token Ray's own client would abort the process (a failed check in C++).
     env = ray_cluster.driver_env(HOME=str(tmp_path))
     del env["RAY_AUTH_TOKEN_PATH"]
     if mode == "unset":
@@ -90,9 +85,22 @@ def test_a_driver_without_the_token_is_refused_in_one_line_naming_the_variables(
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0].startswith(f"mlwf: error: the Ray cluster at {ray_cluster.address} requires an "
-                               "authentication token")
-    assert "RAY_AUTH_MODE=token" in lines[0] and "RAY_AUTH_TOKEN_PATH" in lines[0]
+    if mode == "unset":
+        assert lines[0].startswith(f"mlwf: error: the Ray cluster at {ray_cluster.address} requires an "
+                                   "authentication token: set RAY_AUTH_MODE=token")
+    else:
+        assert lines[0].startswith("mlwf: error: RAY_AUTH_MODE=token but no authentication token for the Ray "
+                                   f"cluster at {ray_cluster.address}")
+    assert "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH" in lines[0]
+
+
+def test_an_empty_token_file_is_no_token(ray_cluster, store_url, tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    env = ray_cluster.driver_env(RAY_AUTH_TOKEN_PATH=str(tmp_path / "empty"))
+    done = _mlwf(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS,
+                  "--backend", "ray", "--ray-address", ray_cluster.address], env, timeout=90)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "no authentication token" in done.stderr and "RAY_AUTH_TOKEN_PATH" in done.stderr
 
 
 def test_the_token_file_alone_is_not_enough_the_driver_needs_the_mode_too(ray_cluster, store_url):

@@ -204,6 +204,23 @@ def _is_local_address(address: str | None) -> bool:
     return host.startswith("127.") or host in _local_ips()
 
 
+_TOKEN_HINT = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, the path of a file holding it) to the cluster's "
+               "token; see https://docs.ray.io/en/latest/ray-security/token-auth.html")
+
+
+def _auth_token_found() -> bool:
+    """Whether Ray's client will find a token: $RAY_AUTH_TOKEN, else the file at
+    $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (the order Ray reads them in)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(4096).strip())
+    except OSError:
+        return False
+
+
 def probe(address: str, timeout: float) -> None:
     """Make sure a Ray cluster answers at ``address`` within ``timeout`` seconds.
 
@@ -212,6 +229,11 @@ def probe(address: str, timeout: float) -> None:
     then Ray's GCS client in a child process that is killed at the deadline.
     """
     deadline = time.monotonic() + timeout
+    # Ray's client aborts the process (a failed check in C++, after its connect timeouts) when
+    # token authentication is on and it finds no token: say so first, and which variables to set.
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" and not _auth_token_found():
+        raise UsageError(f"RAY_AUTH_MODE=token but no authentication token for the Ray cluster at {address}: "
+                         f"{_TOKEN_HINT}")
     where = f"no Ray cluster answers at {address}"
     hint = ("check --ray-address / RAY_ADDRESS (the head node's GCS address, HOST:6379), "
             "or leave it unset to start a local Ray instance")
@@ -237,8 +259,9 @@ def probe(address: str, timeout: float) -> None:
     detail = result.removeprefix("error ").strip()
     if detail.startswith("AuthenticationError"):
         raise UsageError(f"the Ray cluster at {address} requires an authentication token: set "
-                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as for the cluster; see "
-                         "https://docs.ray.io/en/latest/ray-security/token-auth.html")
+                         f"RAY_AUTH_MODE=token, and {_TOKEN_HINT}")
+    if "authentication token" in out.stderr:  # Ray aborted on a token it could not read
+        raise UsageError(f"Ray found no usable authentication token for the cluster at {address}: {_TOKEN_HINT}")
     raise UsageError(f"{where} ({detail[:200]}): {hint}")
 
 
