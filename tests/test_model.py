@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -384,7 +385,7 @@ def _walk(model, pixels, compiled, monkeypatch):
     """Probabilities from a fresh copy of ``model``, with scikit-learn's compiled walk or the NumPy walk."""
     from mlwf import forest_walk
 
-    monkeypatch.setattr(forest_walk, "usable", lambda members, n_classes: compiled)
+    monkeypatch.setattr(forest_walk, "usable", lambda members, n_classes, n_rows: compiled)
     fresh = mlwf.model.from_bytes(model.to_bytes())
     with np.errstate(invalid="ignore"):  # infinite pixels project to NaN features
         proba = fresh.proba_from_pixels(pixels)
@@ -410,6 +411,21 @@ def test_the_compiled_walk_gives_the_numpy_walks_probabilities_bit_for_bit(train
     assert numpy_walk.shape == (len(pixels), 10)
     assert np.array_equal(numpy_walk, compiled, equal_nan=True)
     assert np.array_equal(model.proba_from_pixels(pixels[:5]), numpy_walk[:5])  # as the process walks by default
+
+
+def test_the_compiled_walk_is_taken_only_for_batches_it_is_faster_on(trained, monkeypatch):
+    from mlwf import forest_walk
+
+    engine, _ = trained
+    model = mlwf.model.load("ml-inference/model", store=engine.store)
+    pixels = np.random.default_rng(0).random((forest_walk.MIN_ROWS, model.image_size**2), dtype=np.float32)
+    import sklearn.tree  # noqa: F401  (loaded, as in a training worker)
+    model.proba_from_pixels(pixels[:-1])
+    assert not model._compiled
+    model.proba_from_pixels(pixels)
+    assert len(model._compiled) == len(model.members)
+    monkeypatch.delitem(sys.modules, "sklearn.tree._tree")
+    assert not forest_walk.usable(model.members, len(model.classes), 10_000)
 
 
 def test_the_compiled_walk_agrees_on_the_hand_built_tree_and_on_no_rows(monkeypatch):

@@ -25,12 +25,16 @@ import numpy as np
 #: Largest model (nodes × classes) walked in compiled code: each node holds its
 #: values as float64 there (1 GiB at this bound); a larger one takes the NumPy walk.
 MAX_VALUES = 1 << 27
+#: Fewest images a batch needs for the compiled walk: it calls each tree once per batch
+#: (about 3 µs a tree), so for a few images the NumPy walk, a few steps per member, is faster.
+MIN_ROWS = 32
 
 
-def usable(members: list[dict[str, Any]], n_classes: int) -> bool:
-    """Whether to walk these members in compiled code: scikit-learn's tree module is
-    already imported in this process and the model is within :data:`MAX_VALUES`."""
-    return "sklearn.tree._tree" in sys.modules and \
+def usable(members: list[dict[str, Any]], n_classes: int, n_rows: int) -> bool:
+    """Whether to walk these members in compiled code for a batch of ``n_rows`` images:
+    scikit-learn's tree module is already imported in this process, the batch has at
+    least :data:`MIN_ROWS` images and the model is within :data:`MAX_VALUES`."""
+    return n_rows >= MIN_ROWS and "sklearn.tree._tree" in sys.modules and \
         sum(len(m["left"]) for m in members) * n_classes <= MAX_VALUES
 
 

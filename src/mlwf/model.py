@@ -187,7 +187,7 @@ class Model:
         n = len(pixels)
         acc = np.zeros((n, len(self.classes)), dtype=np.float64)
         n_trees = 0
-        if self._compiled or forest_walk.usable(self.members, len(self.classes)):
+        if forest_walk.usable(self.members, len(self.classes), n):
             if len(self._compiled) != len(self.members):
                 self._compiled = [forest_walk.build_trees(m, self.projections[m["projection"]]["components"].shape[0],
                                                           len(self.classes)) for m in self.members]
