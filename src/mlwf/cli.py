@@ -350,6 +350,11 @@ def _dispatch(args) -> int:
 
 # --------------------------------------------------------------------------- run
 def _run(args) -> int:
+    if args.backend == "local":
+        from mlwf.engine import forkserver
+
+        # First, so the fork server's imports run beside the driver's own, on another core.
+        forkserver.start(forkserver.preload(sklearn=args.workflow == "ml-training"))
     from mlwf.engine.driver import Engine
     from mlwf.engine.trace import StageClock
     from mlwf.ui import StageProgress

@@ -30,29 +30,14 @@ import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from mlwf.engine import lifeline, runner
+from mlwf.engine import forkserver, lifeline, runner
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.errors import StageError
-
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
 
 #: Environment a worker needs from the driver *now*, not from when the fork
 #: server started: store endpoints, credentials and limits.
 _FORWARDED_ENV = ("S3_", "AWS_", "MLWF_")
-
-
-#: Set only while the fork server starts: the driver's main module, as
-#: multiprocessing would describe it to a new worker.
-_DRIVER_MAIN_ENV = "MLWF_DRIVER_MAIN"
-
-
-def _driver_main() -> str:
-    """The driver's main module as multiprocessing tells each new worker to import it (JSON)."""
-    from multiprocessing import spawn
-
-    data = spawn.get_preparation_data("mlwf-worker")
-    return json.dumps({"path": data.get("init_main_from_path"), "name": data.get("init_main_from_name")})
 
 
 def _adopt_driver_main() -> None:
@@ -62,7 +47,7 @@ def _adopt_driver_main() -> None:
     process it was forked from already has a ``__main__`` of that path (or
     module name); workers forked from here therefore never run it.
     """
-    described = os.environ.pop(_DRIVER_MAIN_ENV, None)
+    described = os.environ.pop(forkserver.DRIVER_MAIN_ENV, None)
     if not described:
         return
     from importlib.machinery import ModuleSpec
@@ -96,37 +81,16 @@ class LocalBackend:
     #: driver and on to the next call; ``store`` puts them in the object store.
     transfers = ("store", "direct")
 
-    #: Imported once in the fork server, so no worker pays for them (this
-    #: module first: it adopts the driver's main module, see above).
-    LIGHT = ["mlwf.engine.local", "mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference",
-             "mlwf.model", "mlwf.images"]
-    #: scikit-learn takes 0.6 s to import here; only training stages need it.
-    HEAVY = ["sklearn.decomposition", "sklearn.ensemble"]
-
     def __init__(self, workers: int | None = None, preload_sklearn: bool = True):
         self.workers = workers or os.cpu_count() or 1
-        self.preload = self.LIGHT + (self.HEAVY if preload_sklearn else [])
+        self.preload = forkserver.preload(preload_sklearn)
         self._pool: ProcessPoolExecutor | None = None
         self._workers_started = False
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            forkserver.start(self.preload)
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(self.preload)
-            saved = {k: os.environ.get(k) for k in (*_BLAS_ENV, _DRIVER_MAIN_ENV)}
-            try:
-                for k in _BLAS_ENV:
-                    os.environ[k] = "1"
-                os.environ[_DRIVER_MAIN_ENV] = _driver_main()
-                from multiprocessing import forkserver
-
-                forkserver.ensure_running()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
                                              initargs=(env, lifeline.reader()))
