@@ -345,3 +345,51 @@ def test_console_script_json_run_is_machine_readable(tmp_path, digits_dir):
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert TRAINING_KEYS <= set(report) and report["num_images"] == 600
+
+
+# --------------------------------------------------------------------------- presets and forest settings
+def test_the_default_settings_are_recorded_as_before_the_new_fields():
+    from mlwf.workflows.training import TrainingConfig
+
+    # A default model's config (and so its bytes) holds exactly the settings it held before
+    # --forest and --train-rows existed; they are recorded once they differ from their default.
+    assert set(TrainingConfig().recorded()) == {"image_size", "n_components", "n_trees", "max_depth",
+                                                "min_samples_split", "holdout", "seed"}
+    assert TrainingConfig(forest="extra").recorded()["forest"] == "extra"
+    assert "train_rows" not in TrainingConfig(forest="extra").recorded()
+    assert TrainingConfig(train_rows="partition").recorded()["train_rows"] == "partition"
+
+
+def test_preset_accurate_is_its_flags_and_a_flag_given_with_it_wins(capsys, store_url):
+    import mlwf.model
+    from mlwf.presets import PRESETS
+    from mlwf.storage import StoreSpec
+
+    # The preset on digits, with the image size, components and trees made small so the run is quick.
+    report = _json_out(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--json", *_where(store_url),
+                                "--preset", "accurate", "--image-size", "16", "--components", "6", "--trees", "8",
+                                "--model-prefix", "ml-inference/accurate"])
+    store = StoreSpec.resolve(store_url, "tless").open()
+    model = mlwf.model.load("ml-inference/accurate", store=store)
+    config = model.config
+    assert (config["image_size"], config["n_components"], config["n_trees"]) == (16, 6, 8)  # the flags
+    for field in ("max_depth", "holdout", "forest", "train_rows"):  # the preset
+        assert config[field] == PRESETS["accurate"][field], field
+    assert report["validation_accuracy"] > 0.8 and 50 <= report["num_validation"] <= 60  # 10 % held out, not 20
+    assert len(model.members) == 4 and model.summary()["num_trees"] == 4 * 8
+    # Each PCA function handed on one part of all its rows (and its projection), not a slice per forest.
+    parts = sorted(o.key.rsplit("/", 1)[1] for o in store.list(f"ml-training/outputs/{report['run_id']}/pca/")
+                   if o.key.endswith(".bin"))
+    assert parts == ["0-0.bin", "0-1.bin", "1-0.bin", "1-1.bin"]
+
+
+def test_training_settings_out_of_their_choices_are_refused_in_one_line(capsys, store_url):
+    from mlwf.errors import UsageError
+    from mlwf.workflows.training import TrainingConfig
+
+    for argv in (["--forest", "boosted"], ["--train-rows", "all"], ["--preset", "fast"]):
+        code = main(["run", "ml-training", TRAIN_PREFIX, "2", "4", *_where(store_url), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and argv[1] in err, err
+    with pytest.raises(UsageError, match="forest must be one of random, extra"):
+        TrainingConfig(forest="boosted").check()

@@ -282,7 +282,8 @@ def command_line(spec: BenchSpec) -> str:
         default = TrainingConfig()
         for flag, name in (("--seed", "seed"), ("--image-size", "image_size"), ("--components", "n_components"),
                            ("--trees", "n_trees"), ("--max-depth", "max_depth"),
-                           ("--min-samples-split", "min_samples_split"), ("--holdout", "holdout")):
+                           ("--min-samples-split", "min_samples_split"), ("--holdout", "holdout"),
+                           ("--forest", "forest"), ("--train-rows", "train_rows")):
             value = getattr(spec.config or default, name)
             if value != getattr(default, name):
                 argv += [flag, str(value)]

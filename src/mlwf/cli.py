@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from mlwf.errors import MlwfError, UsageError
+from mlwf.presets import PRESETS
 
 SEED_BUCKET_HELP = "bucket (default: $MLWF_BUCKET, else 'tless')"
 
@@ -55,19 +56,35 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    help="write the run as a Chrome/Perfetto trace (JSON) to FILE; draw it with 'mlwf trace plot'")
 
 
+#: TrainingConfig field of each training flag (the argparse destination).
+_TRAINING_FIELDS = {"seed": "seed", "image_size": "image_size", "components": "n_components",
+                    "trees": "n_trees", "max_depth": "max_depth", "min_samples_split": "min_samples_split",
+                    "holdout": "holdout", "forest": "forest", "train_rows": "train_rows"}
+
+
 def _training_options(p: argparse.ArgumentParser) -> None:
     """ml-training's arguments and settings (mlwf run and mlwf bench)."""
     p.add_argument("data_prefix", metavar="DATA_PREFIX")
     p.add_argument("num_pca", metavar="NUM_PCA", type=int)
     p.add_argument("num_train", metavar="NUM_TRAIN", type=int)
-    p.add_argument("--seed", type=int, default=0, help="run seed (default 0): same seed and data, same model bytes")
-    p.add_argument("--image-size", type=int, default=64, help="images are resized to N×N (default 64)")
-    p.add_argument("--components", type=int, default=10, help="PCA components (default 10)")
-    p.add_argument("--trees", type=int, default=100, help="trees per forest (default 100)")
-    p.add_argument("--max-depth", type=int, default=10, help="tree depth (default 10)")
-    p.add_argument("--min-samples-split", type=int, default=5,
-                   help="fewest samples a node needs to be split (default 5)")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction held out for validation (default 0.2)")
+    # Defaults are None here: a flag given on the command line overrides the --preset's value.
+    flags = {field: "--" + dest.replace("_", "-") for dest, field in _TRAINING_FIELDS.items()}
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a set of the settings below (flags given as well override it): "
+                        + "; ".join(f"{name} = " + " ".join(f"{flags[k]} {v}" for k, v in values.items())
+                                    for name, values in PRESETS.items()))
+    p.add_argument("--seed", type=int, help="run seed (default 0): same seed and data, same model bytes")
+    p.add_argument("--image-size", type=int, help="images are resized to N×N (default 64)")
+    p.add_argument("--components", type=int, help="PCA components (default 10)")
+    p.add_argument("--trees", type=int, help="trees per forest (default 100)")
+    p.add_argument("--max-depth", type=int, help="tree depth (default 10)")
+    p.add_argument("--min-samples-split", type=int, help="fewest samples a node needs to be split (default 5)")
+    p.add_argument("--holdout", type=float, help="fraction held out for validation (default 0.2)")
+    p.add_argument("--forest", choices=["random", "extra"],
+                   help="random forests (default, as the reference) or extra trees (faster to fit)")
+    p.add_argument("--train-rows", choices=["slice", "partition"],
+                   help="each training function learns from its own slice of its PCA function's images "
+                        "(default, as the reference) or from all of them")
     p.add_argument("--model-prefix", default="ml-inference/model",
                    help="where the model is published (default ml-inference/model)")
     p.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
@@ -76,9 +93,10 @@ def _training_options(p: argparse.ArgumentParser) -> None:
 def _training_config(args):
     from mlwf.workflows.training import TrainingConfig
 
-    return TrainingConfig(image_size=args.image_size, n_components=args.components, n_trees=args.trees,
-                          max_depth=args.max_depth, min_samples_split=args.min_samples_split,
-                          holdout=args.holdout, seed=args.seed)
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values.update({field: getattr(args, dest) for dest, field in _TRAINING_FIELDS.items()
+                   if getattr(args, dest) is not None})
+    return TrainingConfig(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:

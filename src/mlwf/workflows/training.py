@@ -38,6 +38,12 @@ class TrainingConfig:
     min_samples_split: int = 5
     holdout: float = 0.2
     seed: int = 0
+    #: ``random``: scikit-learn's RandomForestClassifier (the reference's); ``extra``: its
+    #: ExtraTreesClassifier (random thresholds: several times faster to fit).
+    forest: str = "random"
+    #: ``slice``: each training function learns from its own slice of its PCA function's
+    #: images (the reference's shape); ``partition``: from all of them (forests differ by seed).
+    train_rows: str = "slice"
 
     def check(self) -> TrainingConfig:
         """Raise :class:`UsageError` for values no run could use."""
@@ -52,7 +58,26 @@ class TrainingConfig:
             raise UsageError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name, choices in (("forest", FORESTS), ("train_rows", TRAIN_ROWS)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, name)!r}")
         return self
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings as recorded in the run and the model: the fields added after the first
+        model format only when they differ from their default, so a default model's bytes stay
+        what they were."""
+        out = asdict(self)
+        for name in _LATER_FIELDS:
+            if out[name] == getattr(TrainingConfig, name):
+                del out[name]
+        return out
+
+
+FORESTS = ("random", "extra")
+TRAIN_ROWS = ("slice", "partition")
+_LATER_FIELDS = ("forest", "train_rows")
 
 
 def label_of(key: str, prefix: str) -> str | None:
@@ -173,13 +198,14 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
     return StageOutput(parts, info)
 
 
-def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: int, index: int) -> StageOutput:
+def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: int, index: int,
+        whole: bool = False) -> StageOutput:
     """Decode this function's images, fit PCA on them, project, and slice the rows
     for its training functions.
 
     Undecodable objects are skipped and named in the info. Returns one slice per
-    training function (``features``, ``labels``) followed by the projection
-    (``mean``, ``components``).
+    training function (``features``, ``labels``), or with ``whole`` one part of
+    all rows for all of them, followed by the projection (``mean``, ``components``).
     """
     from sklearn.decomposition import PCA  # fitted in float32: 8x faster here than float64
 
@@ -207,7 +233,7 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     components = fitted.components_.astype(np.float64)
     features = project(pixels, mean, components)
     parts: list[Any] = []
-    for rows in np.array_split(np.arange(len(features)), n_slices):
+    for rows in np.array_split(np.arange(len(features)), 1 if whole else n_slices):
         parts.append({"features": features[rows], "labels": labels[rows].astype(np.int32)})
     parts.append({"mean": mean, "components": components})
     info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
@@ -216,17 +242,18 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
 
 
 def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_samples_split: int,
-          seed: int, index: int, projection: int) -> StageOutput:
-    """Train one random forest on a slice and export it as a model member."""
-    from sklearn.ensemble import RandomForestClassifier
+          seed: int, index: int, projection: int, forest: str = "random") -> StageOutput:
+    """Train one forest (random forest, or extra trees with ``forest="extra"``) on a slice
+    and export it as a model member."""
+    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
     from mlwf.model import export_forest
 
-    forest = RandomForestClassifier(n_estimators=n_trees, max_depth=max_depth,
-                                    min_samples_split=min_samples_split,
-                                    random_state=derive_seed(seed, "train", index), n_jobs=1)
-    forest.fit(data["features"], data["labels"])
-    member = export_forest(forest, forest.classes_.tolist(), num_classes)
+    kind = ExtraTreesClassifier if forest == "extra" else RandomForestClassifier
+    fitted = kind(n_estimators=n_trees, max_depth=max_depth, min_samples_split=min_samples_split,
+                  random_state=derive_seed(seed, "train", index), n_jobs=1)
+    fitted.fit(data["features"], data["labels"])
+    member = export_forest(fitted, fitted.classes_.tolist(), num_classes)
     member["projection"] = projection
     return StageOutput([member], {"num_samples": len(data["labels"]),
                                   "num_nodes": int(len(member["left"]))})
@@ -316,7 +343,7 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
         raise UsageError("DATA_PREFIX is empty: give the prefix of the images, e.g. ml-training/mnist-images-2k")
     engine.store.require_bucket()
 
-    cfg = asdict(config)
+    cfg = config.recorded()
     params = {"data_prefix": data_prefix, "num_pca": num_pca, "num_train": num_train,
               "model_prefix": model_prefix, **cfg}
     run = engine.start_run(WORKFLOW, params, resume=resume)
@@ -329,16 +356,21 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
         classes = part.info["classes"]
         if enforce:
             _require_validation(classes, part.info["holdout_per_class"], data_prefix, decoded=False)
+        whole = config.train_rows == "partition"
         pcas = run.stages(pca=[dict(assignment=part.outputs[i], image_size=config.image_size,
-                                    n_components=config.n_components, seed=config.seed, index=i)
+                                    n_components=config.n_components, seed=config.seed, index=i,
+                                    **({"whole": True} if whole else {}))
                                for i in range(num_pca)])["pca"]
         _require_decoded_classes(classes, pcas, data_prefix)
         train_calls = []
         for i, out in enumerate(pcas):
-            for ref in out.outputs[:-1]:
+            # With whole partitions, a PCA function's training functions all read its one part.
+            refs = out.outputs[:-1] * (part.info["train_per_pca"][i] if whole else 1)
+            for ref in refs:
                 train_calls.append(dict(data=ref, num_classes=len(classes), n_trees=config.n_trees,
                                         max_depth=config.max_depth, min_samples_split=config.min_samples_split,
-                                        seed=config.seed, index=len(train_calls), projection=i))
+                                        seed=config.seed, index=len(train_calls), projection=i,
+                                        **({"forest": config.forest} if config.forest != "random" else {})))
         trains = run.stages(train=train_calls)["train"]
         model_config = {**cfg, "num_pca": num_pca, "num_train": num_train,
                         "data_prefix": data_prefix, "trained_with": _versions()}
