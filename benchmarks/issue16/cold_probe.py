@@ -11,12 +11,11 @@ engine closed), the fork server (its preload began, the stage code and
 scikit-learn imported) and each worker (its initializer began and ended).
 ``cold_start_anatomy.py`` runs this and adds up the timeline.
 
-Variants (prototypes of further changes; the first one tried, starting the
-fork server before the driver's own imports, is now what ``mlwf run`` does):
+Variants (prototypes of further changes; the first two tried are now what
+``mlwf run`` does: the fork server started before the driver's own imports,
+and paying the first-call costs of Pillow and scikit-learn in the fork server,
+mlwf.workflows.warmup):
 
-``warm``       the fork server also pays the first-call costs a worker pays
-               otherwise (Pillow's format plugins, scikit-learn's first PCA
-               and forest fits on a few rows), so no worker repeats them.
 ``lean``       the worker initializer skips ``threadpool_limits(1)``: the
                BLAS variables the fork server starts with already pin it.
 ``nowait``     closing the engine does not wait for the workers to exit
@@ -45,12 +44,11 @@ def mark(event: str, **extra) -> None:
 
 
 def _preload(variants: set[str]) -> tuple[list[str], list[str]]:
-    """The fork server's preload lists (light, heavy): mlwf's own, with our marks (and warm-up) around them."""
+    """The fork server's preload lists (light, heavy): mlwf's own, with our marks around them."""
     from mlwf.engine import forkserver
 
     light = ["probe_fs_begin", *forkserver.LIGHT, "probe_fs_light"]
-    heavy = [*forkserver.HEAVY, "probe_fs_heavy", *(["probe_fs_warm"] if "warm" in variants else []),
-             *(["probe_fs_lean"] if "lean" in variants else []), "probe_fs_end"]
+    heavy = [*forkserver.HEAVY, "probe_fs_heavy", *(["probe_fs_lean"] if "lean" in variants else []), "probe_fs_end"]
     return light, heavy
 
 
@@ -115,7 +113,7 @@ def main() -> int:
         argv = argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    unknown = variants - {"warm", "lean", "nowait", "fastexit"}
+    unknown = variants - {"lean", "nowait", "fastexit"}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}")
     # The fork server and the workers find our mark modules here.

@@ -24,8 +24,9 @@ DRIVER_MAIN_ENV = "MLWF_DRIVER_MAIN"
 #: first: it adopts the driver's main module).
 LIGHT = ["mlwf.engine.local", "mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference",
          "mlwf.model", "mlwf.images"]
-#: scikit-learn takes 0.6–0.9 s to import here; only training stages need it.
-HEAVY = ["sklearn.decomposition", "sklearn.ensemble"]
+#: scikit-learn takes 0.6–0.9 s to import here; only training stages need it. The last
+#: module pays the first-call costs of the training stages' libraries once, for every worker.
+HEAVY = ["sklearn.decomposition", "sklearn.ensemble", "mlwf.workflows.warmup"]
 
 
 def preload(sklearn: bool) -> list[str]:
