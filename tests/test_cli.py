@@ -393,3 +393,9 @@ def test_training_settings_out_of_their_choices_are_refused_in_one_line(capsys, 
         assert code == 2 and err.count("\n") == 1 and argv[1] in err, err
     with pytest.raises(UsageError, match="forest must be one of random, extra"):
         TrainingConfig(forest="boosted").check()
+
+
+def test_bench_baseline_refuses_settings_it_cannot_follow(capsys, store_url, tmp_path):
+    line = _one_error_line(capsys, ["bench", "ml-training", TRAIN_PREFIX, "2", "4", *_where(store_url),
+                                    "--preset", "accurate", "--baseline", "--repeats", "1", "--out", str(tmp_path)])
+    assert "--baseline trains random forests on slices" in line

@@ -155,6 +155,8 @@ def _check_spec(spec: BenchSpec) -> None:
     spec.transfers = split_list(spec.transfers, "transfer", TRANSFERS)
     if spec.workers is not None and spec.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {spec.workers}")
+    if spec.baseline and spec.workflow == "ml-training" and spec.config is not None:
+        _baseline_can_train(asdict(spec.config))
 
 
 # --------------------------------------------------------------------------- the same-run baseline
@@ -200,6 +202,13 @@ def _trained_on(store, model_prefix: str) -> tuple[dict[str, Any], str]:
     return cfg, _bucket_folder(store, cfg["data_prefix"])
 
 
+def _baseline_can_train(config: dict[str, Any]) -> None:
+    """The baseline trains the reference's forests on slices: refuse settings it cannot follow."""
+    if config.get("forest", "random") != "random" or config.get("train_rows", "slice") != "slice":
+        raise UsageError("--baseline trains random forests on slices, as the reference does: it cannot follow "
+                         "--forest extra or --train-rows partition (or --preset accurate); leave --baseline out")
+
+
 def baseline_runs(spec: BenchSpec, store, tick: Callable[[str], None]) -> tuple[list[float], float]:
     """Times (ms) of ``repeats`` baseline runs after a warm-up, and the baseline's accuracy."""
     baseline = load_baseline()
@@ -208,6 +217,7 @@ def baseline_runs(spec: BenchSpec, store, tick: Callable[[str], None]) -> tuple[
 
         data_prefix, num_pca, num_train = spec.args
         folder = _bucket_folder(store, data_prefix)
+        _baseline_can_train(asdict(spec.config or TrainingConfig()))
         settings = _settings(baseline, spec.config or TrainingConfig())
 
         def once():
@@ -219,6 +229,7 @@ def baseline_runs(spec: BenchSpec, store, tick: Callable[[str], None]) -> tuple[
 
         model_prefix, data_prefix, _ = spec.args
         cfg, train_folder = _trained_on(store, model_prefix)
+        _baseline_can_train(cfg)
         fields = {k: cfg[k] for k in ("image_size", "n_components", "n_trees", "max_depth", "min_samples_split",
                                       "holdout", "seed") if k in cfg}
         settings = _settings(baseline, TrainingConfig(**fields))
