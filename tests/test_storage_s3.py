@@ -19,6 +19,7 @@ import pytest
 
 from mlwf.errors import NotFoundError, StoreError
 from mlwf.storage import open_store
+from mlwf.settings import Settings
 from mlwf.storage.s3 import S3Store, S3Timeouts
 from tests.s3server import FaultProxy, free_port
 
@@ -83,11 +84,11 @@ def test_timeout_bounds_add_up(monkeypatch):
     assert t.connect + t.max_backoff + t.retry == pytest.approx(15)
     assert t.retry > 5 and t.connect <= 5
     monkeypatch.setenv("MLWF_S3_TIMEOUT", "4")
-    assert S3Timeouts.from_env().total == 4
+    assert S3Timeouts.from_settings(Settings.resolve()).total == 4
     for bad in ("abc", "0", "-1", "inf", "nan", "1e9"):
         monkeypatch.setenv("MLWF_S3_TIMEOUT", bad)
         with pytest.raises(StoreError, match="MLWF_S3_TIMEOUT"):
-            S3Timeouts.from_env()
+            S3Timeouts.from_settings(Settings.resolve())
 
 
 def test_unreachable_endpoint_fails_within_bound(s3_env, monkeypatch, closed_port):

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlwf.errors import StageError, UsageError
+from mlwf.settings import Settings
 
 WORKFLOWS = ("ml-training", "ml-inference")
 MODES = ("warm", "cold")
@@ -314,10 +315,9 @@ def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
     """Wall times (ms) and reports of ``repeats`` warm runs, and the trace of the last one."""
     from mlwf.engine import trace
     from mlwf.engine.driver import Engine
-    from mlwf.storage import StoreSpec
 
     clock = trace.StageClock()
-    url = StoreSpec.resolve(spec.store, spec.bucket).url
+    url = Settings.resolve(store=spec.store, bucket=spec.bucket).store.url
     with Engine(spec.store, spec.bucket, backend=backend, transfer=transfer, workers=spec.workers, progress=clock,
                 preload_sklearn=spec.workflow == "ml-training",
                 backend_options=_backend_options(spec, backend, url)) as engine:
@@ -481,7 +481,6 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     MlwfError
         Whatever a run raised (bad input, a failed stage).
     """
-    from mlwf.storage import StoreSpec
 
     _check_spec(spec)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -490,7 +489,8 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     pairs = combinations(spec, notes.append)
     if "knative" in {b for b, _ in pairs}:
         check_endpoints(spec.endpoints)
-    store = StoreSpec.resolve(spec.store, spec.bucket).open()
+    settings = Settings.resolve(store=spec.store, bucket=spec.bucket)
+    store = settings.store.open(settings)
     if spec.baseline:
         load_baseline()
         _bucket_folder(store, spec.args[0] if spec.workflow == "ml-training" else spec.args[1])

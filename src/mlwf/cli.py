@@ -377,11 +377,11 @@ def _run(args) -> int:
 def _backend_options(args) -> dict[str, Any]:
     resources = _stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
     if args.backend == "ray":
-        from mlwf.storage import StoreSpec
+        from mlwf.settings import Settings
 
-        return {"address": args.ray_address or os.environ.get("RAY_ADDRESS"), "shared_store": args.shared_store,
-                "stage_resources": resources,
-                "store_url": StoreSpec.resolve(args.store, args.bucket).url}
+        settings = Settings.resolve(store=args.store, bucket=args.bucket, ray_address=args.ray_address)
+        return {"address": settings.ray_address, "shared_store": args.shared_store,
+                "stage_resources": resources, "store_url": settings.store.url}
     if args.backend == "knative":
         return {"endpoints": args.endpoint}
     return {}
@@ -443,9 +443,10 @@ def _dataset(args) -> int:
 
 # --------------------------------------------------------------------------- s3
 def _open(args):
-    from mlwf.storage import StoreSpec
+    from mlwf.settings import Settings
 
-    return StoreSpec.resolve(args.store, args.bucket).open()
+    settings = Settings.resolve(store=args.store, bucket=args.bucket)
+    return settings.store.open(settings)
 
 
 def _s3(args) -> int:

@@ -686,9 +686,11 @@ def load(source: str | os.PathLike | bytes, *, store=None, bucket: str | None = 
     if store is None and os.path.isfile(path):
         with open(path, "rb") as f:
             return from_bytes(f.read(), source=path)
-    from mlwf.storage import Store, StoreSpec
+    from mlwf.settings import Settings
+    from mlwf.storage import Store
 
     if not isinstance(store, Store):
-        store = StoreSpec.resolve(store, bucket).open()
+        settings = Settings.resolve(store=store, bucket=bucket)
+        store = settings.store.open(settings)
     data, manifest = read_published(store.get, path, where=f"bucket {store.bucket!r} of {store.url}")
     return from_bytes(data, source=manifest["object"])

@@ -86,6 +86,7 @@ from typing import Any
 
 from mlwf.engine import events
 from mlwf.errors import DataError, ModelError, MlwfError, NotFoundError, UsageError
+from mlwf.settings import Settings
 from mlwf.storage import Store, StoreSpec, join_key
 
 log = logging.getLogger("mlwf.serve")
@@ -649,9 +650,10 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
                                             else max_client_connections))
-    spec = StoreSpec.resolve(store, bucket)
+    settings = Settings.resolve(store=store, bucket=bucket)
+    spec = settings.store
     try:
-        spec.open().close()  # a bad URL or bucket name fails here, not at the first call
+        spec.open(settings).close()  # a bad URL or bucket name fails here, not at the first call
     except StoreError as e:
         raise UsageError(f"mlwf serve --store/--bucket: {e}") from None
     if insecure_no_auth:

@@ -29,7 +29,8 @@ from mlwf.engine.runner import decode_ref_bytes
 from mlwf.errors import MlwfError, NotFoundError, StageError, StoreError, TransientStoreError, UsageError
 from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RECORD, RUN_ID, effective_status, now_utc,
                        timestamp)
-from mlwf.storage import StoreSpec, join_key
+from mlwf.settings import Settings
+from mlwf.storage import join_key
 
 from mlwf.engine import BACKENDS, TRANSFERS, make_backend
 
@@ -149,8 +150,9 @@ class Engine:
         if self.lease_s < 2 * self.heartbeat_s:
             raise UsageError(f"the run lease ({self.lease_s:g} s) must last at least two heartbeats "
                              f"({self.heartbeat_s:g} s each): raise MLWF_LEASE_S or lower MLWF_HEARTBEAT_S")
-        self.spec = StoreSpec.resolve(store, bucket)
-        self.store = self.spec.open()
+        self.settings = Settings.resolve(store=store, bucket=bucket)
+        self.spec = self.settings.store
+        self.store = self.spec.open(self.settings)
         self.transfer = transfer
         self.retries = retries
         #: Record each finished call for --resume (switch off only to measure what it costs).
