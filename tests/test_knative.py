@@ -394,7 +394,7 @@ def test_every_refusal_runs_nothing_and_the_server_stays_up(server, server_b, s3
     assert resp.status_code == 200, resp.text
     reply = events.from_http(resp.headers, resp.content)
     assert reply.get_type() == "dev.mlwf.ml-inference.partition.done" and reply.get_id() == event.get_id() + ".done"
-    outputs = reply.get_data()["outputs"]
+    outputs = reply.get_data()["outputs"]["assignments"]
     assert len(outputs) == 2 and all(o["key"].startswith(good_ctx["outputs_prefix"]) for o in outputs)
     after_good = _keys(s3_server, s3_data)
     assert {o["key"] for o in outputs} == after_good - before

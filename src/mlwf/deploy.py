@@ -21,11 +21,12 @@ Writes into ``OUT`` (default ``deploy/knative``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlwf.engine.events import PLACEHOLDER_SECRET, known_stages
+from mlwf import workflows
+from mlwf.engine.events import PLACEHOLDER_SECRET
+from mlwf.workflows.definition import Profile
 from mlwf.errors import UsageError
 
 SECRET_NAME = "mlwf-secrets"
@@ -33,37 +34,14 @@ CONTAINER_PORT = 8080
 REQUEST_TIMEOUT_S = 300
 
 
-@dataclass(frozen=True)
-class Profile:
-    """How a stage's Service scales: calls per pod, pod bounds, and what one pod gets."""
-
-    concurrency: int
-    max_scale: int
-    cpu: str
-    memory: str
-    processes: bool = False  # run the pod's concurrent calls in worker processes (CPU-bound, > 1 per pod)
-
-
-#: CPU-bound stages get one call per pod (the serverless function model);
-#: listing and model loading are I/O and can share a pod.
-PROFILES: dict[tuple[str, str], Profile] = {
-    ("ml-training", "partition"): Profile(4, 2, "500m", "512Mi"),
-    ("ml-training", "pca"): Profile(1, 16, "1", "1Gi"),
-    ("ml-training", "train"): Profile(1, 32, "1", "1Gi"),
-    ("ml-training", "validation"): Profile(1, 4, "1", "1Gi"),
-    ("ml-inference", "partition"): Profile(4, 2, "500m", "512Mi"),
-    ("ml-inference", "load"): Profile(4, 2, "500m", "1Gi"),
-    ("ml-inference", "predict"): Profile(1, 32, "1", "1Gi"),
-}
+#: The one Service of ``--single``: every stage, calls in worker processes. A stage's own Service
+#: scales by the profile its workflow's definition gives it (:class:`~mlwf.workflows.definition.Profile`).
 SINGLE = Profile(2, 32, "2", "2Gi", processes=True)
-_SHORT = {"ml-training": "training", "ml-inference": "inference"}
-#: What the in-cluster driver Jobs run (the seed's datasets; edit to taste).
-RUN_ARGS = {"ml-training": ["ml-training/mnist-images-2k", "2", "8"],
-            "ml-inference": ["ml-inference/model", "ml-inference/images-inference-1k", "16"]}
 
 
 def service_name(workflow: str | None = None, stage: str | None = None) -> str:
-    return "mlwf" if workflow is None else f"mlwf-{_SHORT[workflow]}-{stage}"
+    """``mlwf`` (every stage) or ``mlwf-<workflow without "ml-">-<stage>``, e.g. ``mlwf-training-pca``."""
+    return "mlwf" if workflow is None else f"mlwf-{workflow.removeprefix('ml-')}-{stage}"
 
 
 def _labels(workflow: str | None, stage: str | None) -> dict[str, str]:
@@ -119,7 +97,9 @@ def _service(image: str, namespace: str, env: list, profile: Profile, min_scale:
 
 
 def _job(image: str, namespace: str, env: list, workflow: str, bucket: str, endpoints: list[str]) -> dict:
-    args = ["run", workflow, *RUN_ARGS[workflow], "--backend", "knative", "--store", "s3://", "--bucket", bucket]
+    # The reference's datasets, from the workflow's definition; edit to taste.
+    args = ["run", workflow, *workflows.get(workflow).example, "--backend", "knative", "--store", "s3://",
+            "--bucket", bucket]
     for e in endpoints:
         args += ["--endpoint", e]
     return {
@@ -137,8 +117,10 @@ def _job(image: str, namespace: str, env: list, workflow: str, bucket: str, endp
 
 
 def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str = "tless",
-           per_stage: bool = True, min_scale: int = 0) -> dict[str, list[dict[str, Any]] | str]:
-    """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text)."""
+           per_stage: bool = True, min_scale: int = 0,
+           workflow_modules: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]] | str]:
+    """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text), for the
+    built-in workflows and those ``workflow_modules`` define."""
     import re
 
     if not image or any(c.isspace() for c in image):
@@ -157,14 +139,15 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
     env = _env(s3_host, s3_port, bucket)
     files: dict[str, Any] = {"00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace",
                                                     "metadata": {"name": namespace}}]}
-    services, endpoints = [], {w: [] for w in known_stages()}
+    deployed = [workflows.get(name) for name in workflows.names(workflow_modules)]
+    services, endpoints = [], {w.name: [] for w in deployed}
     if per_stage:
-        for workflow, stages in known_stages().items():
-            for stage in stages:
-                services.append(_service(image, namespace, env, PROFILES[(workflow, stage)], min_scale, bucket,
-                                         workflow, stage))
-                url = f"http://{service_name(workflow, stage)}.{namespace}.svc.cluster.local"
-                endpoints[workflow].append(f"{workflow}/{stage}={url}")
+        for workflow in deployed:
+            for stage in workflow.stages:
+                services.append(_service(image, namespace, env, stage.profile, min_scale, bucket,
+                                         workflow.name, stage.name))
+                url = f"http://{service_name(workflow.name, stage.name)}.{namespace}.svc.cluster.local"
+                endpoints[workflow.name].append(f"{workflow.name}/{stage.name}={url}")
     else:
         services.append(_service(image, namespace, env, SINGLE, min_scale, bucket))
         url = f"http://{service_name()}.{namespace}.svc.cluster.local"
@@ -175,7 +158,7 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
         "metadata": {"name": SECRET_NAME, "namespace": namespace, "labels": {"app.kubernetes.io/name": "mlwf"}},
         "stringData": {"function-secret": PLACEHOLDER_SECRET, "s3-user": "CHANGE-ME",
                        "s3-password": "CHANGE-ME"}}]
-    for workflow in known_stages():
+    for workflow in endpoints:
         files[f"run/{workflow}.yaml"] = [_job(image, namespace, env, workflow, bucket, endpoints[workflow])]
     lines = ["# --endpoint flags for 'mlwf run WORKFLOW ... --backend knative' inside the cluster",
              "# (from outside, use the URLs 'kubectl -n NS get ksvc' prints instead)"]

@@ -84,10 +84,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from mlwf import workflows
 from mlwf.engine import events
 from mlwf.errors import DataError, ModelError, MlwfError, NotFoundError, UsageError
 from mlwf.settings import Settings
-from mlwf.storage import Store, StoreSpec, join_key
+from mlwf.engine.layout import RunLayout
+from mlwf.storage import Store, StoreSpec
 
 log = logging.getLogger("mlwf.serve")
 
@@ -140,7 +142,7 @@ def parse_stages(spec: str | None) -> frozenset[tuple[str, str]] | None:
     """``all`` (or empty) → None; else ``WORKFLOW/STAGE`` or ``WORKFLOW`` entries, comma-separated."""
     if not spec or spec.strip() == "all":
         return None
-    known = events.known_stages()
+    known = workflows.known_stages()
     chosen: set[tuple[str, str]] = set()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         workflow, _, stage = item.partition("/")
@@ -457,7 +459,7 @@ class App:
         if ctx.transfer != "store":
             raise Refusal(400, f"context.transfer {_clean(ctx.transfer)!r} is not 'store': mlwf serve hands "
                                "outputs on through its store only")
-        if not _RUN_ID.fullmatch(ctx.run_id) or ctx.outputs_prefix != join_key(ctx.workflow, "outputs", ctx.run_id):
+        if not _RUN_ID.fullmatch(ctx.run_id) or ctx.outputs_prefix != RunLayout(ctx.workflow, ctx.run_id).folder:
             raise Refusal(400, "context.run_id must be a run id (letters, digits, '.', '_', '-') and "
                                "context.outputs_prefix exactly <workflow>/outputs/<run_id>: a call writes only "
                                "under its own run")

@@ -23,14 +23,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mlwf import workflows
 from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
-from mlwf.engine.runner import decode_ref_bytes
+from mlwf.engine.layout import RunLayout, new_run_id
+from mlwf.engine.runner import decode
 from mlwf.errors import MlwfError, NotFoundError, StageError, StoreError, TransientStoreError, UsageError
-from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RECORD, RUN_ID, effective_status, now_utc,
-                       timestamp)
+from mlwf.runs import DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, effective_status, find_run, now_utc, timestamp
 from mlwf.settings import Settings
-from mlwf.storage import join_key
 
 from mlwf.engine import BACKENDS, TRANSFERS, make_backend
 
@@ -87,17 +87,11 @@ def _call_digest(call: Call) -> str:
     return digest(json.dumps(call.to_json(), sort_keys=True).encode())
 
 
-def new_run_id() -> str:
-    """A unique run id that sorts by start time, such as ``20261126T121500.123456Z-3f9a1c``."""
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{now}-{secrets.token_hex(3)}"
-
-
 @dataclass
 class StageStats:
     calls: int = 0
     wall_ms: float = 0.0
-    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    figures: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     attempts: int = 0
     reused: int = 0
 
@@ -193,17 +187,17 @@ class Engine:
                              "resume it with the same command line")
         return Run(self, workflow, params, run_id=resume)
 
+    def run(self, workflow: str, *args, **options) -> dict[str, Any]:
+        """Run the workflow called ``workflow`` with its positional arguments; returns its report."""
+        return workflows.get(workflow).run(self, *args, **options)
+
     def run_training(self, data_prefix: str, num_pca: int, num_train: int, **options) -> dict[str, Any]:
         """Run ml-training; see :func:`mlwf.workflows.training.drive` for the options."""
-        from mlwf.workflows import training
-
-        return training.drive(self, data_prefix, num_pca, num_train, **options)
+        return self.run("ml-training", data_prefix, num_pca, num_train, **options)
 
     def run_inference(self, model_prefix: str, data_prefix: str, num_funcs: int, **options) -> dict[str, Any]:
         """Run ml-inference; see :func:`mlwf.workflows.inference.drive`."""
-        from mlwf.workflows import inference
-
-        return inference.drive(self, model_prefix, data_prefix, num_funcs, **options)
+        return self.run("ml-inference", model_prefix, data_prefix, num_funcs, **options)
 
     def close(self) -> None:
         self.backend.close()
@@ -216,30 +210,6 @@ class Engine:
         self.close()
 
 
-def find_run(store, run_id: str) -> dict[str, Any] | None:
-    """The ``run.json`` record of the run living in ``<workflow>/outputs/<run_id>/``, or None.
-
-    Raises :class:`UsageError` if that record is unreadable (see :func:`mlwf.runs.read_record`).
-    """
-    from mlwf.runs import read_record
-    from mlwf.workflows import WORKFLOWS
-
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
-        return None  # not an id mlwf makes (and never a path to follow)
-    for workflow in WORKFLOWS:
-        try:
-            return read_record(store, workflow, run_id)
-        except NotFoundError:
-            continue
-        except StoreError:
-            return None  # not a key at all (control characters, too long)
-        except ValueError as e:
-            raise UsageError(f"the record of run {run_id} is not a run record mlwf can read (its {e}): start a "
-                             f"new run instead, and delete its folder with 'mlwf s3 clear-dir --prefix "
-                             f"{workflow}/outputs/{run_id}'") from None
-    return None
-
-
 class Run:
     """One run of a workflow: its id, output prefix, stage calls and accounting."""
 
@@ -249,9 +219,9 @@ class Run:
         self.params = params
         self.resumed = run_id is not None
         self.run_id = run_id or new_run_id()
-        self.outputs_prefix = join_key(workflow, "outputs", self.run_id)
+        self.layout = RunLayout(workflow, self.run_id)
         self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket,
-                              self.outputs_prefix, engine.transfer)
+                              self.layout.folder, engine.transfer)
         self.stats: dict[str, StageStats] = {}
         self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.outcomes: list[tuple[Call, Outcome]] = []
@@ -278,7 +248,7 @@ class Run:
         return self.engine.store
 
     # ------------------------------------------------------------------ calls
-    def stages(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
+    def run_calls(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
         """Run every call of the given stages concurrently; return outcomes in call order.
 
         ``calls`` maps a stage name to the argument dicts of its calls. A call
@@ -401,7 +371,7 @@ class Run:
 
     # ------------------------------------------------------------------ resume
     def _done_key(self, call: Call) -> str:
-        return join_key(self.outputs_prefix, call.stage, f"{call.index}.done.json")
+        return self.layout.done(call.stage, call.index)
 
     def _mark_done(self, call: Call, outcome: Outcome) -> None:
         """Record a finished call so a resumed run can reuse it (store transfer only)."""
@@ -419,42 +389,42 @@ class Run:
             if doc["call"] != _call_digest(call):
                 return None
             outcome = Outcome.from_json(doc["outcome"])
-            for ref in outcome.outputs:
+            for ref in outcome.refs():
                 if ref.key is None or digest(self.store.get(ref.key)) != ref.sha256:
                     return None
         except (MlwfError, ValueError, KeyError, TypeError):
             return None
-        outcome.timings = {}
+        outcome.durations_ms, outcome.bytes = {}, {}
         outcome.input_edges = []
         return outcome
 
     def _account(self, call: Call, outcome: Outcome) -> None:
-        if any(ref.data is not None for ref in outcome.outputs):
+        if any(ref.data is not None for ref in outcome.refs()):
             # Direct transfer: the outputs rode back with the outcome; the wall
             # clock from the worker's end to here is their transfer time.
-            outcome.timings["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
+            outcome.durations_ms["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
         self.outcomes.append((call, outcome))
         for text in outcome.info.get("warnings", []):
             self.warnings[(call.stage, text)] += 1
         st = self.stats[call.stage]
-        for k, v in outcome.timings.items():
-            st.timings[k] += v
+        for k, v in outcome.figures().items():
+            st.figures[k] += v
         for e in outcome.input_edges:
             edge = self.edges[(e["from"], e["to"])]
             edge["bytes"] += e["bytes"]
             edge["transfer_ms"] += e["transfer_ms"]
             edge["deserialize_ms"] += e["deserialize_ms"]
-        if "fetch_bytes" in outcome.timings:
+        if "fetch_bytes" in outcome.bytes:
             edge = self.edges[("store", call.stage)]
-            edge["bytes"] += outcome.timings["fetch_bytes"]
-            edge["transfer_ms"] += outcome.timings.get("fetch_ms", 0.0)
+            edge["bytes"] += outcome.bytes["fetch_bytes"]
+            edge["transfer_ms"] += outcome.durations_ms.get("fetch_ms", 0.0)
 
-    def read(self, ref: Ref) -> Any:
-        """Read an output in the driver (e.g. to merge results), with accounting."""
+    def read(self, ref: Ref, decoder: str = "codec") -> Any:
+        """Read an output in the driver (e.g. to merge results), decoded as ``decoder`` says, with accounting."""
         t = time.perf_counter()
         data = self.read_bytes(ref)
         t1 = time.perf_counter()
-        value = decode_ref_bytes(data, ref)
+        value = decode(data, decoder, ref.key or f"output of {ref.producer}")
         edge = self.edges[(ref.producer, "driver")]
         edge["bytes"] += ref.nbytes
         edge["transfer_ms"] += (t1 - t) * 1e3
@@ -462,8 +432,9 @@ class Run:
         return value
 
     def read_bytes(self, ref: Ref) -> bytes:
-        if ref.data is None and ref.handle is not None:  # held by the backend (Ray's object store)
-            return self.engine.backend.fetch(ref)
+        """The bytes of an output: inline, from the store, or from the backend that holds them."""
+        if ref.held_by_backend:
+            return self.engine.backend.read(ref)
         return ref.data if ref.data is not None else self.store.get(ref.key)
 
     # ------------------------------------------------------------------ report
@@ -474,7 +445,7 @@ class Run:
         for name, st in self.stats.items():
             stages[name] = {"calls": st.calls, "attempts": st.attempts, "reused": st.reused,
                             "wall_ms": round(st.wall_ms, 3),
-                            **{k: round(v, 3) for k, v in sorted(st.timings.items())}}
+                            **{k: round(v, 3) for k, v in sorted(st.figures.items())}}
         edges = []
         for (src, dst), e in sorted(self.edges.items()):
             edges.append({"from": src, "to": dst, "bytes": int(e["bytes"]),
@@ -483,8 +454,9 @@ class Run:
         by_producer = defaultdict(float)
         put_by_producer = defaultdict(float)
         for call, outcome in self.outcomes:
-            by_producer[call.stage] += outcome.timings.get("encode_ms", 0.0)
-            put_by_producer[call.stage] += outcome.timings.get("put_ms", 0.0) + outcome.timings.get("return_ms", 0.0)
+            by_producer[call.stage] += outcome.durations_ms.get("encode_ms", 0.0)
+            put_by_producer[call.stage] += (outcome.durations_ms.get("put_ms", 0.0)
+                                            + outcome.durations_ms.get("return_ms", 0.0))
         # A producer's serialization and puts are shared among its outgoing edges by bytes.
         out_bytes = defaultdict(int)
         for e in edges:
@@ -522,10 +494,12 @@ class Run:
 
     def finish(self, report: dict[str, Any]) -> None:
         self._stop_heartbeat.set()
+        self.engine.backend.end_run(self.run_id)
         self._record("succeeded", report=report)
 
     def fail(self, error: BaseException) -> None:
         self._stop_heartbeat.set()
+        self.engine.backend.end_run(self.run_id)
         try:
             self._record("failed", error=str(error))
         except MlwfError:
@@ -549,4 +523,4 @@ class Run:
                    "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
                    "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
                    "lease_s": self.engine.lease_s, **extra}
-            self.store.put(join_key(self.outputs_prefix, RECORD), json.dumps(doc, indent=2).encode())
+            self.store.put(self.layout.record, json.dumps(doc, indent=2).encode())

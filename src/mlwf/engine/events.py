@@ -63,13 +63,6 @@ def read_secret(value: str | None = None, *, who: str) -> str:
     return secret
 
 
-def known_stages() -> dict[str, list[str]]:
-    """Every workflow's stage names, in pipeline order."""
-    from mlwf.workflows import inference, training
-
-    return {"ml-training": list(training.STAGES), "ml-inference": list(inference.STAGES)}
-
-
 def event_type(workflow: str, stage: str, *, done: bool = False) -> str:
     return f"{TYPE_PREFIX}{workflow}.{stage}{DONE_SUFFIX if done else ''}"
 

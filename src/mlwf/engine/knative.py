@@ -50,7 +50,7 @@ import urllib.parse
 from concurrent.futures import Future
 from typing import Any
 
-from mlwf import errors
+from mlwf import errors, workflows
 from mlwf.aio import BACKGROUND
 from mlwf.engine import events
 from mlwf.engine.calls import Call, Outcome, RunContext
@@ -83,7 +83,7 @@ def parse_endpoints(entries) -> tuple[str | None, dict[tuple[str, str], str]]:
     if not entries:
         raise UsageError("the knative backend needs --endpoint URL (one service for every stage) or "
                          "--endpoint STAGE=URL for each stage")
-    known = events.known_stages()
+    known = workflows.known_stages()
     names = ", ".join(f"{w}/{s}" for w, ss in known.items() for s in ss)
     default: str | None = None
     levels: list[dict[tuple[str, str], str]] = [{}, {}]  # 0: bare stage or workflow names, 1: qualified
@@ -186,6 +186,13 @@ class KnativeBackend:
             future.cancel()
         BACKGROUND.run(self._close_clients())
 
+    def read(self, ref):
+        """Never needed: this backend hands every output on inline or through the store."""
+        raise NotImplementedError(f"the {self.name} backend holds no outputs")
+
+    def end_run(self, run_id: str) -> None:
+        """Nothing to let go of: this backend holds no outputs between calls."""
+
     def close(self) -> None:
         self.reset()
 
@@ -207,7 +214,7 @@ class KnativeBackend:
         key = (ctx.workflow, ctx.store_url)
         if key in self._checked:
             return
-        stages = events.known_stages().get(ctx.workflow, [])
+        stages = workflows.known_stages().get(ctx.workflow, [])
         missing = [s for s in stages if (ctx.workflow, s) not in self.routes and self.default is None]
         if missing:
             raise UsageError(f"no --endpoint for {ctx.workflow} stage(s) {', '.join(missing)}: give URL for one "

@@ -178,6 +178,13 @@ class LocalBackend:
             self._pool = None
             self._workers_started = False
 
+    def read(self, ref):
+        """Never needed: this backend hands every output on inline or through the store."""
+        raise NotImplementedError(f"the {self.name} backend holds no outputs")
+
+    def end_run(self, run_id: str) -> None:
+        """Nothing to let go of: this backend holds no outputs between calls."""
+
     def close(self) -> None:
         """Stop the workers; one still busy (a run that failed around it) is killed."""
         if self._pool is not None:

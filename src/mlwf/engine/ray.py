@@ -43,12 +43,11 @@ import numpy as np
 import ray
 
 from mlwf.engine import lifeline, runner
-from mlwf.engine.calls import Call, Outcome, Ref, RunContext
+from mlwf import workflows
+from mlwf.engine.calls import Call, Outcome, Ref, RunContext, is_refs, refs_in
 from mlwf.engine.local import _FORWARDED_ENV
 from mlwf.errors import MlwfError, StageError, UsageError
 
-#: Stages a resource request may name (both workflows).
-STAGES = ("partition", "pca", "train", "validation", "load", "predict")
 #: Seconds to wait for a cluster at ``address`` before giving up (env: MLWF_RAY_CONNECT_TIMEOUT).
 CONNECT_TIMEOUT = 15.0
 
@@ -76,75 +75,68 @@ def _prepare_worker(env_names: list[str], cpus: float) -> None:
         _thread_limit = limit
 
 
-def _is_refs(v: Any) -> bool:
-    # The same test runner.execute applies to an argument.
-    return isinstance(v, list) and bool(v) and all(isinstance(x, Ref) for x in v)
+def _fetch_inputs(call: Call, held: dict[str, Any]) -> tuple[Call, list[float], tuple[float, float, int] | None]:
+    """Give every input the backend holds its bytes, from Ray's object store (zero-copy where Ray can).
 
-
-def _fetch_inputs(call: Call) -> tuple[Call, list[float], tuple[float, float, int] | None]:
-    """Replace every Ray handle among the call's inputs by its bytes (zero-copy where Ray can).
-
-    Returns the call, the get time (ms) of each input reference in the order
+    ``held`` maps the checksum of each such input to its ObjectRef. Returns the
+    call, the get time (ms) of each input reference in the order
     :func:`runner.execute` resolves them, and the span of the gets.
     """
-    order: list[Ref] = []
-    for v in call.args.values():
-        if isinstance(v, Ref):
-            order.append(v)
-        elif _is_refs(v):
-            order.extend(v)
-    wanted = [r for r in order if r.handle is not None]
+    order = list(refs_in(call.args.values()))
+    wanted = [r for r in order if r.held_by_backend]
     if not wanted:
         return call, [0.0] * len(order), None
     t = time.time()
-    values = ray.get([r.handle for r in wanted])
+    values = ray.get([held[r.sha256] for r in wanted])
     t1 = time.time()
     total = sum(r.nbytes for r in wanted) or 1
     got = {id(r): v for r, v in zip(wanted, values)}
     ms = [((t1 - t) * 1e3 * r.nbytes / total) if id(r) in got else 0.0 for r in order]
 
     def swap(r: Ref) -> Ref:
-        return replace(r, data=got[id(r)], handle=None) if id(r) in got else r
+        return replace(r, data=got[id(r)]) if id(r) in got else r
 
     args = {}
     for name, v in call.args.items():
         if isinstance(v, Ref):
             args[name] = swap(v)
-        elif _is_refs(v):
+        elif is_refs(v):
             args[name] = [swap(x) for x in v]
         else:
             args[name] = v
     return replace(call, args=args), ms, (t, t1, sum(r.nbytes for r in wanted))
 
 
-def _run_call(call: Call, ctx: RunContext, env_names: list[str], cpus: float):
-    """The Ray task: run one call; yield each inline output, then the Outcome."""
+def _run_call(call: Call, ctx: RunContext, env_names: list[str], cpus: float, held: dict[str, Any]):
+    """The Ray task: run one call; yield each inline output (in :meth:`Outcome.refs` order), then the Outcome."""
     _prepare_worker(env_names, cpus)
-    call, get_ms, span = _fetch_inputs(call)
+    call, get_ms, span = _fetch_inputs(call, held)
     outcome = runner.execute(call, ctx)
     if span is not None:
         t, t1, nbytes = span
-        outcome.timings["input_get_ms"] = outcome.timings.get("input_get_ms", 0.0) + (t1 - t) * 1e3
-        outcome.timings["input_bytes"] = outcome.timings.get("input_bytes", 0) + nbytes
+        outcome.durations_ms["input_get_ms"] = outcome.durations_ms.get("input_get_ms", 0.0) + (t1 - t) * 1e3
+        outcome.bytes["input_bytes"] = outcome.bytes.get("input_bytes", 0) + nbytes
         outcome.spans.insert(0, ("input_get", t, t1))
         if len(get_ms) == len(outcome.input_edges):
             for edge, ms in zip(outcome.input_edges, get_ms):
                 edge["transfer_ms"] += ms
-    parts, outputs = [], []
-    for ref in outcome.outputs:
+    parts = []
+
+    def keep(ref: Ref) -> Ref:
         if ref.data is None:
-            outputs.append(ref)
-        else:
-            outputs.append(replace(ref, data=None, handle=len(parts)))
-            parts.append(np.frombuffer(ref.data, dtype=np.uint8))
-    outcome.outputs = outputs
+            return ref
+        parts.append(np.frombuffer(ref.data, dtype=np.uint8))
+        return replace(ref, data=None)  # held by the backend from now on
+
+    outcome.outputs = {name: [keep(r) for r in v] if isinstance(v, list) else keep(v)
+                       for name, v in outcome.outputs.items()}
     if parts:
         # Ray serializes and stores each yielded part before it resumes us.
         t = time.time()
         for part in parts:
             yield part
         t1 = time.time()
-        outcome.timings["put_ms"] = outcome.timings.get("put_ms", 0.0) + (t1 - t) * 1e3
+        outcome.durations_ms["put_ms"] = outcome.durations_ms.get("put_ms", 0.0) + (t1 - t) * 1e3
         outcome.spans.append(("put", t, t1))
     yield outcome
 
@@ -298,15 +290,18 @@ class RayBackend:
         self._checked_stores: set[str] = set()
         self._options: dict[tuple, Any] = {}
         self._in_flight: dict[int, Any] = {}  # id(future) -> the task's ObjectRefGenerator
+        #: Outputs held in Ray's object store (direct transfer): run id -> checksum -> ObjectRef.
+        self._held: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _check_requests(requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out = {}
         for stage, req in requests.items():
-            if stage not in STAGES:
+            stages = workflows.stage_order()
+            if stage not in stages:
                 raise UsageError(f"unknown stage {stage!r} in the per-stage resources: stages are "
-                                 f"{', '.join(STAGES)}")
+                                 f"{', '.join(stages)}")
             unknown = set(req) - {"num_cpus", "memory"}
             if unknown:
                 raise UsageError(f"stage {stage}: unknown resource {sorted(unknown)[0]!r}: use num_cpus or memory")
@@ -421,14 +416,16 @@ class RayBackend:
             if len(self._options) > 64:
                 self._options.clear()
             task = self._options[key] = _remote.options(**options)
-        gen = task.remote(call, ctx, sorted(env), req["num_cpus"])
+        held = self._held.get(ctx.run_id, {})
+        inputs = {r.sha256: held[r.sha256] for r in refs_in(call.args.values()) if r.held_by_backend}
+        gen = task.remote(call, ctx, sorted(env), req["num_cpus"], inputs)
         out: Future[Outcome] = Future()
         self._in_flight[id(out)] = gen
         collector = self._collector
 
         def finished(done: Future) -> None:
             try:
-                collector.submit(self._collect, done, gen, call, out)
+                collector.submit(self._collect, done, gen, call, out, self._held.setdefault(ctx.run_id, {}))
             except RuntimeError:  # closed meanwhile
                 out.cancel()
 
@@ -437,8 +434,8 @@ class RayBackend:
         return out
 
     @staticmethod
-    def _collect(done: Future, gen, call: Call, out: Future) -> None:
-        """Turn a finished task into its Outcome, output parts as handles (runs off Ray's callback thread)."""
+    def _collect(done: Future, gen, call: Call, out: Future, held: dict[str, Any]) -> None:
+        """Turn a finished task into its Outcome, keeping its output parts in ``held`` (off Ray's callback thread)."""
         if out.cancelled():
             return
         try:
@@ -448,8 +445,8 @@ class RayBackend:
             refs = list(gen)
             outcome: Outcome = ray.get(refs[-1])
             parts = refs[:-1]
-            outcome.outputs = [replace(r, handle=parts[r.handle]) if isinstance(r.handle, int) else r
-                               for r in outcome.outputs]
+            for ref, part in zip([r for r in outcome.refs() if r.held_by_backend], parts):
+                held[ref.sha256] = part
             result, error = outcome, None
         except BaseException as e:  # noqa: BLE001 - becomes the Future's exception
             result, error = None, _error(e, call)
@@ -461,9 +458,16 @@ class RayBackend:
         except InvalidStateError:
             pass  # cancelled meanwhile
 
-    def fetch(self, ref: Ref) -> bytes:
+    def read(self, ref: Ref) -> bytes:
         """The bytes of an output held in Ray's object store (the driver reading a final result)."""
-        return bytes(ray.get(ref.handle))
+        for held in self._held.values():
+            if ref.sha256 in held:
+                return bytes(ray.get(held[ref.sha256]))
+        raise StageError(f"the output of {ref.producer} (SHA-256 {ref.sha256}) is no longer in Ray's object store")
+
+    def end_run(self, run_id: str) -> None:
+        """Let Ray free what the run's calls handed on (direct transfer)."""
+        self._held.pop(run_id, None)
 
     def reset(self) -> None:
         """Stop every call still running (the driver gave up on them: stuck or timed out).

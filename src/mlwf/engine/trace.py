@@ -115,7 +115,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
     def us(t: float) -> float:
         return round((t - t0) * 1e6, 3)
 
-    ran = [(c, o) for c, o in run.outcomes if "compute_ms" in o.timings]
+    ran = [(c, o) for c, o in run.outcomes if "compute_ms" in o.durations_ms]
     reused = len(run.outcomes) - len(ran)
     workers: list[str] = []
     for _, o in sorted(ran, key=lambda co: co[1].start):
@@ -141,7 +141,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
             meta(pid, lane + 1, "thread_name", f"calls (lane {lane + 1})" if max(lanes) else "calls")
         for (call, o), lane in zip(mine, lanes):
             start, stop = us(o.start), us(o.end)
-            timings = {k: round(v, 3) for k, v in sorted(o.timings.items())}
+            timings = {k: round(v, 3) for k, v in sorted(o.figures().items())}
             events.append({"ph": "X", "cat": "call", "name": call.name, "pid": pid, "tid": lane + 1,
                            "ts": start, "dur": round(stop - start, 3),
                            "args": {"stage": call.stage, "index": call.index, "worker": o.worker,
@@ -185,14 +185,14 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
                        "ts": us(a), "dur": round(us(b) - us(a), 3),
                        "args": {"stage": stage, "calls": st.calls if st else None,
                                 "source": "driver" if stage_clock is not None else "calls"}})
-    returns = [(c, o) for c, o in ran if "return_ms" in o.timings]
-    lanes = _lanes([(o.end, o.end + o.timings["return_ms"] / 1e3) for _, o in returns])
+    returns = [(c, o) for c, o in ran if "return_ms" in o.durations_ms]
+    lanes = _lanes([(o.end, o.end + o.durations_ms["return_ms"] / 1e3) for _, o in returns])
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 100 + lane, "thread_name", "outputs returning" + (f" ({lane + 1})" if lane else ""))
     for (call, o), lane in zip(returns, lanes):
         events.append({"ph": "X", "cat": "io", "name": f"{call.name} outputs → driver", "pid": DRIVER_PID,
-                       "tid": 100 + lane, "ts": us(o.end), "dur": round(o.timings["return_ms"] * 1e3, 3),
-                       "args": {"of_call": call.name, "bytes": int(o.timings.get("output_bytes", 0))}})
+                       "tid": 100 + lane, "ts": us(o.end), "dur": round(o.durations_ms["return_ms"] * 1e3, 3),
+                       "args": {"of_call": call.name, "bytes": int(o.bytes.get("output_bytes", 0))}})
 
     events.sort(key=lambda ev: (ev["ph"] != "M", ev.get("ts", 0.0), -ev.get("dur", 0.0)))
     return {"traceEvents": events, "displayTimeUnit": "ms",
