@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-BEFORE = "472df8f"  # the commit the checks were added on
+BEFORE = "7ab0517"  # the commit the checks were added on (main after the merge of issue-11b)
 TRAIN = "ml-training/fashion-2k"
 TRAIN60K = "ml-training/fashion-60k"
 TEST1K = "ml-inference/images-inference-1k"

@@ -6,6 +6,7 @@ byte-for-byte what it was before.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,33 @@ def test_download_dir_skips_folder_markers_and_refuses_a_name_used_as_file_and_f
     err = one_error_line(capsys, ["s3", "download-dir", "--s3-path", "d", "--host-path", str(tmp_path / "two"),
                                   *where])
     assert "both a file and a folder" in err and not (tmp_path / "two").exists()
+
+
+def test_upload_dir_ignores_links_and_special_files_inside_the_folder(where, capsys, host, tmp_path):
+    import os
+
+    store, argv = where
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"never uploaded")
+    os.symlink(secret, host / "link.png")
+    os.symlink(tmp_path, host / "linked-folder")
+    os.mkfifo(host / "pipe.png")  # reading it would block forever
+    assert main(["s3", "upload-dir", "--host-path", str(host), "--s3-path", "up", "--json", *argv]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["uploaded"] == 3 and result["ignored"] == 3
+    assert snapshot(store) == {**CONTENT, "up/a.png": b"a", "up/sub/b.png": b"b", "up/new.png": b"new"}
+
+
+def test_download_dir_refuses_a_target_folder_holding_a_linked_folder(where, capsys, tmp_path):
+    import os
+
+    store, argv = where
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    down = tmp_path / "down"
+    down.mkdir()
+    os.symlink(outside, down / "sub")  # data/set/sub/b.png would land in outside/
+    err = one_error_line(capsys, ["s3", "download-dir", "--s3-path", "data/set", "--host-path", str(down),
+                                  "--overwrite", *argv])
+    assert "symbolic links" in err and "nothing downloaded" in err
+    assert list(outside.iterdir()) == [] and sorted(p.name for p in down.iterdir()) == ["sub"]

@@ -15,6 +15,7 @@ and an upload never writes into the folder of a published model (only
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,21 +47,32 @@ def folder_prefix(prefix: str, *, flag: str) -> str:
     return join_key(prefix) + "/"
 
 
-def _files_under(host_path: str | os.PathLike) -> list[tuple[Path, str]]:
+def _files_under(host_path: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str]]:
+    """The regular files under ``host_path`` (relative paths in key form), and what was ignored.
+
+    Hidden files and folders are left out. Symbolic links and special files
+    (FIFOs, devices, sockets) inside the folder are ignored and returned, so
+    an upload never reads outside the folder nor blocks on a pipe; the folder
+    itself may be a link.
+    """
     root = Path(host_path).expanduser()
     if not root.exists():
         raise DataError(f"no such directory {str(root)!r}: give --host-path an existing folder")
     if not root.is_dir():
         raise DataError(f"{str(root)!r} is a file, not a directory: give --host-path a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    found, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # never descends into linked folders
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        ignored += [str(Path(dirpath) / d) for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                ignored.append(str(path))
+                continue
             found.append((path, path.relative_to(root).as_posix()))
-    return found
+    return found, ignored
 
 
 def _examples(items: list[str]) -> str:
@@ -72,7 +84,9 @@ def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = F
     """Upload every file under ``host_path`` to ``s3_path/<relative path>``.
 
     Idempotent: an object that already holds the same bytes is skipped (on S3
-    compared by size and ETag, locally by content). Hidden files are ignored.
+    compared by size and ETag, locally by content). Hidden files are left out;
+    symbolic links and special files inside the folder are ignored and
+    counted (``ignored``), never followed or read.
 
     Parameters
     ----------
@@ -80,7 +94,7 @@ def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = F
         upload is refused before anything is written.
 
     Returns counts: ``files``, ``uploaded``, ``replaced`` (of the uploaded),
-    ``skipped``, ``bytes``.
+    ``skipped``, ``bytes``, ``ignored`` (with ``ignored_examples``).
 
     Raises
     ------
@@ -93,7 +107,7 @@ def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = F
         If the bucket does not exist and ``create_bucket`` is false.
     """
     folder = folder_prefix(s3_path, flag="--s3-path")
-    files = _files_under(host_path)
+    files, ignored = _files_under(host_path)
     if not files:
         raise DataError(f"no files under {str(host_path)!r}: nothing to upload")
     keys = [join_key(folder, rel) for _, rel in files]
@@ -139,7 +153,8 @@ def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = F
         uploaded += len(batch)
         if progress:
             progress(min(start + _BATCH, total), total)
-    return {"files": total, "uploaded": uploaded, "replaced": len(changed), "skipped": skipped, "bytes": nbytes}
+    return {"files": total, "uploaded": uploaded, "replaced": len(changed), "skipped": skipped, "bytes": nbytes,
+            "ignored": len(ignored), "ignored_examples": ignored[:_EXAMPLES]}
 
 
 def _enclosing_folders(folder: str) -> list[str]:
@@ -201,6 +216,10 @@ def download_dir(store: Store, s3_path: str, host_path, *, overwrite: bool = Fal
     if clash:
         raise DataError(f"objects under {folder!r} use one name as both a file and a folder (e.g. "
                         f"{_examples(clash)}): nothing downloaded; they cannot be saved as files")
+    linked = sorted({str(p) for rel in relative for p in _folders_below(root, rel) if p.is_symlink()})
+    if linked:
+        raise DataError(f"{str(root)!r} holds folders that are symbolic links ({_examples(linked)}): nothing "
+                        "downloaded, as writing through them would leave the folder; choose an empty folder")
     changed, unchanged = [], set()
     for o, rel in zip(objects, relative):
         target = root / rel
@@ -228,6 +247,12 @@ def download_dir(store: Store, s3_path: str, host_path, *, overwrite: bool = Fal
         if progress:
             progress(min(start + _BATCH, len(todo)), len(todo))
     return {"objects": len(objects), "written": len(todo), "unchanged": len(unchanged), "bytes": nbytes}
+
+
+def _folders_below(root: Path, rel: str) -> list[Path]:
+    """The folders between ``root`` and the file ``rel``: ``'a/b/c'`` → ``root/a``, ``root/a/b``."""
+    parts = rel.split("/")
+    return [root.joinpath(*parts[:i]) for i in range(1, len(parts))]
 
 
 def clear_prefix(store: Store, prefix: str, *, progress: Progress | None = None) -> dict[str, int]:

@@ -154,8 +154,13 @@ def publish(store, prefix: str, data: bytes, *, run_id: str, summary: dict[str, 
     manifest_key(prefix)
     sha = codec.digest(data)
     obj = _object_key(prefix, sha)
-    if not store.put_if_absent(obj, data):
-        store.put(obj, data)  # other bytes at a content-addressed key are damage: its name says what belongs there
+    try:
+        intact = codec.digest(store.get(obj)) == sha  # republishing a version: one read, no write
+    except NotFoundError:
+        intact = False
+    if not intact:
+        # Absent, or other bytes at a content address (damage: its name says what belongs there).
+        store.put(obj, data)
 
     def change(current: dict | None, write_id: str) -> dict:
         history = [] if current is None else [_entry(current), *current["history"]]
