@@ -116,7 +116,7 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
     """Refuse, in one line, an ``--endpoint`` whose service does not answer HTTP (``GET /healthz``)."""
     import httpx
 
-    from mlwf.engine.knative import parse_endpoints
+    from mlwf.backends.knative import parse_endpoints
 
     default, routes = parse_endpoints(entries)
     for url in sorted({u for u in [default, *routes.values()] if u}):
@@ -130,7 +130,7 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
 
 def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str, str]]:
     """The (backend, transfer) pairs to measure; pairs a backend cannot do are skipped with a note."""
-    from mlwf.engine import backend_class
+    from mlwf.backends import backend_class
 
     pairs = []
     for backend in spec.backends:
@@ -150,7 +150,7 @@ def _check_spec(spec: BenchSpec) -> None:
         raise UsageError(f"unknown workflow {spec.workflow!r}: choose ml-training or ml-inference")
     if not isinstance(spec.repeats, int) or spec.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {spec.repeats!r}")
-    from mlwf.engine import BACKENDS, TRANSFERS
+    from mlwf.backends import NAMES as BACKENDS, TRANSFERS
 
     spec.backends = split_list(spec.backends, "backend", BACKENDS)
     spec.transfers = split_list(spec.transfers, "transfer", TRANSFERS)
@@ -294,14 +294,6 @@ def command_line(spec: BenchSpec) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _backend_options(spec: BenchSpec, backend: str, store_url: str) -> dict[str, Any]:
-    if backend == "ray":
-        return {"address": spec.ray_address or os.environ.get("RAY_ADDRESS"), "store_url": store_url}
-    if backend == "knative":
-        return {"endpoints": spec.endpoints}
-    return {}
-
-
 def _run_once(spec: BenchSpec, engine) -> dict[str, Any]:
     if spec.workflow == "ml-training":
         data_prefix, num_pca, num_train = spec.args
@@ -313,14 +305,14 @@ def _run_once(spec: BenchSpec, engine) -> dict[str, Any]:
 
 def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[float], list[dict], dict]:
     """Wall times (ms) and reports of ``repeats`` warm runs, and the trace of the last one."""
+    from mlwf.backends import config_from_flags
     from mlwf.engine import trace
     from mlwf.engine.driver import Engine
 
     clock = trace.StageClock()
-    url = Settings.resolve(store=spec.store, bucket=spec.bucket).store.url
-    with Engine(spec.store, spec.bucket, backend=backend, transfer=transfer, workers=spec.workers, progress=clock,
-                preload_sklearn=spec.workflow == "ml-training",
-                backend_options=_backend_options(spec, backend, url)) as engine:
+    config = config_from_flags(backend, workflow=spec.workflow, workers=spec.workers,
+                               ray_address=spec.ray_address, endpoints=spec.endpoints)
+    with Engine(spec.store, spec.bucket, backend=config, transfer=transfer, progress=clock) as engine:
         _run_once(spec, engine)
         tick(f"{backend} · {transfer} · warm-up")
         times, reports = [], []

@@ -357,11 +357,9 @@ def _run(args) -> int:
     # Under --json only the report goes to stdout (Ray prints worker-death notices there).
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet, StageProgress(enabled=not args.json) as progress, \
-            Engine(args.store, args.bucket, backend=args.backend, workers=args.workers,
+            Engine(args.store, args.bucket, backend=_backend_config(args),
                    transfer=args.transfer, retries=args.retries, timeout=args.timeout,
-                   progress=(clock := StageClock(progress)),
-                   preload_sklearn=args.workflow == "ml-training",
-                   backend_options=_backend_options(args)) as engine:
+                   progress=(clock := StageClock(progress))) as engine:
         if args.workflow == "ml-training":
             report = engine.run_training(args.data_prefix, args.num_pca, args.num_train,
                                          config=_training_config(args),
@@ -386,17 +384,13 @@ def _run(args) -> int:
     return 0
 
 
-def _backend_options(args) -> dict[str, Any]:
-    resources = _stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
-    if args.backend == "ray":
-        from mlwf.settings import Settings
+def _backend_config(args):
+    from mlwf.backends import config_from_flags
 
-        settings = Settings.resolve(store=args.store, bucket=args.bucket, ray_address=args.ray_address)
-        return {"address": settings.ray_address, "shared_store": args.shared_store,
-                "stage_resources": resources, "store_url": settings.store.url}
-    if args.backend == "knative":
-        return {"endpoints": args.endpoint}
-    return {}
+    resources = _stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
+    return config_from_flags(args.backend, workflow=args.workflow, workers=args.workers,
+                             ray_address=args.ray_address, shared_store=args.shared_store,
+                             stage_resources=resources, endpoints=args.endpoint)
 
 
 _MAX_STAGE_CPUS = 4096
@@ -635,7 +629,7 @@ def _demo(args) -> int:
 # --------------------------------------------------------------------------- serve, deploy
 def _serve_or_deploy(args) -> int:
     if args.command == "serve":
-        from mlwf import server
+        from mlwf.backends.knative import server
 
         return server.serve(host=args.host, port=args.port, stages=args.stages, store=args.store,
                             bucket=args.bucket, max_body=server.parse_size(args.max_body), threads=args.threads,
@@ -643,8 +637,9 @@ def _serve_or_deploy(args) -> int:
                             request_timeout=args.request_timeout, max_connections=args.max_connections,
                             max_client_connections=args.max_client_connections, workers=args.workers)
     from mlwf import deploy
+    from mlwf.backends.knative.deploy import render
 
-    files = deploy.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,
+    files = render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,
                           s3_port=args.s3_port, bucket=args.bucket, per_stage=args.per_stage,
                           min_scale=args.min_scale)
     written = deploy.write(files, args.out)

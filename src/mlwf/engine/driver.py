@@ -9,17 +9,13 @@ done (the barrier the reference's driver has between stages).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
-import os
 import resource
-import secrets
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,11 +24,13 @@ from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.layout import RunLayout, new_run_id
 from mlwf.engine.runner import decode
-from mlwf.errors import MlwfError, NotFoundError, StageError, StoreError, TransientStoreError, UsageError
+from mlwf.engine.retry import RetryPolicy
+from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
 from mlwf.runs import DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, effective_status, find_run, now_utc, timestamp
 from mlwf.settings import Settings
 
-from mlwf.engine import BACKENDS, TRANSFERS, make_backend
+from mlwf.backends import NAMES, TRANSFERS, make_backend
+from mlwf.backends.base import BackendConfig
 
 
 #: Upper bounds of the engine's settings: beyond them a value is a typo, not a plan.
@@ -54,18 +52,6 @@ def check_seconds(name: str, value: Any, high: float) -> float:
             or not 0 < value <= high:
         raise UsageError(f"{name} must be a positive, finite number of seconds up to {high:,.0f}, got {value!r}")
     return float(value)
-
-
-def _from_env(value: float | None, variable: str, default: float) -> Any:
-    if value is not None:
-        return value
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        return text  # refused with the variable's name by check_seconds
 
 
 class Progress(Protocol):
@@ -103,59 +89,67 @@ class Engine:
     ----------
     store : store URL or directory (default ``MLWF_STORE`` or the default local store).
     bucket : bucket name (default ``MLWF_BUCKET`` or ``tless``).
-    backend : ``"local"`` (default), ``"ray"`` or ``"knative"``.
-    workers : worker processes for the local backend (default: one per core).
+    backend : ``"local"`` (default), ``"ray"`` or ``"knative"``, or a backend's config
+        (:class:`~mlwf.backends.local.LocalConfig`, :class:`~mlwf.backends.ray.RayConfig`,
+        :class:`~mlwf.backends.knative.KnativeConfig`).
+    workers : worker processes for the local backend (default: one per core); the same as
+        ``backend=LocalConfig(workers=...)``.
     transfer : how intermediate state moves between stages: ``"store"`` (every
         intermediate is an object in the store, as in the seed) or ``"direct"``
         (handed from call to call by the backend).
-    backend_options : backend-specific settings (e.g. ``address`` for Ray, ``endpoints``).
+    backend_options : the fields of the named backend's config (e.g. ``address`` for Ray,
+        ``endpoints`` for Knative).
     timeout : seconds a call may run before it counts as failed (default 600, at most
         :data:`MAX_TIMEOUT_S`).
     stage_timeouts : per-stage overrides of ``timeout``, e.g. ``{"train": 120}``.
-    retries : extra attempts for a failed call (not for bad input; at most :data:`MAX_RETRIES`).
+    retries : extra attempts for a failed call (not for bad input; at most :data:`MAX_RETRIES`):
+        a call is attempted at most ``1 + retries`` times in all, on every backend
+        (:mod:`mlwf.engine.retry`).
     heartbeat_s, lease_s : how often a running run renews its lease in ``run.json``, and
         how long the lease lasts (default ``MLWF_HEARTBEAT_S`` and ``MLWF_LEASE_S``, else
         15 and 120 s; see :mod:`mlwf.runs`).
     progress : an object with ``stage_started``, ``call_done``, ``stage_done``.
-    preload_sklearn : import scikit-learn once in the local fork server (worth it
-        for training; a process that only runs inference starts faster without).
     """
 
-    def __init__(self, store: str | None = None, bucket: str | None = None, *, backend: str = "local",
-                 workers: int | None = None, transfer: str = "store", retries: int = 2, progress=None,
-                 preload_sklearn: bool = True, backend_options: dict[str, Any] | None = None,
+    def __init__(self, store: str | None = None, bucket: str | None = None, *,
+                 backend: str | BackendConfig = "local", workers: int | None = None, transfer: str = "store",
+                 retries: int = 2, progress=None, backend_options: dict[str, Any] | None = None,
                  timeout: float = 600.0, stage_timeouts: dict[str, float] | None = None,
                  heartbeat_s: float | None = None, lease_s: float | None = None):
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if not isinstance(backend, BackendConfig) and backend not in NAMES:
+            raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(NAMES)}")
         if transfer not in TRANSFERS:
             raise UsageError(f"unknown transfer {transfer!r}: choose one of {', '.join(TRANSFERS)}")
         if workers is not None:
-            check_count("--workers", workers, 1, MAX_WORKERS)
+            if backend != "local":
+                raise UsageError("workers= is the local backend's: give other backends their config")
+            backend_options = {**(backend_options or {}), "workers": workers}
         check_count("--retries", retries, 0, MAX_RETRIES)
+        self.settings = Settings.resolve(store=store, bucket=bucket)
         self.timeout = check_seconds("--timeout", timeout, MAX_TIMEOUT_S)
         self.stage_timeouts = {stage: check_seconds(f"the timeout of stage {stage}", t, MAX_TIMEOUT_S)
                                for stage, t in (stage_timeouts or {}).items()}
-        self.heartbeat_s = check_seconds("the heartbeat interval (MLWF_HEARTBEAT_S)",
-                                         _from_env(heartbeat_s, "MLWF_HEARTBEAT_S", DEFAULT_HEARTBEAT_S),
-                                         MAX_TIMEOUT_S)
-        self.lease_s = check_seconds("the run lease (MLWF_LEASE_S)",
-                                     _from_env(lease_s, "MLWF_LEASE_S", DEFAULT_LEASE_S), MAX_TIMEOUT_S)
+        if heartbeat_s is None:
+            heartbeat_s = self.settings.seconds("MLWF_HEARTBEAT_S", DEFAULT_HEARTBEAT_S)
+        if lease_s is None:
+            lease_s = self.settings.seconds("MLWF_LEASE_S", DEFAULT_LEASE_S)
+        self.heartbeat_s = check_seconds("the heartbeat interval (MLWF_HEARTBEAT_S)", heartbeat_s, MAX_TIMEOUT_S)
+        self.lease_s = check_seconds("the run lease (MLWF_LEASE_S)", lease_s, MAX_TIMEOUT_S)
         if self.lease_s < 2 * self.heartbeat_s:
             raise UsageError(f"the run lease ({self.lease_s:g} s) must last at least two heartbeats "
                              f"({self.heartbeat_s:g} s each): raise MLWF_LEASE_S or lower MLWF_HEARTBEAT_S")
-        self.settings = Settings.resolve(store=store, bucket=bucket)
+        workflows.use(self.settings.workflow_modules)
         self.spec = self.settings.store
         self.store = self.spec.open(self.settings)
         self.transfer = transfer
         self.retries = retries
+        self.retry_policy = RetryPolicy(retries)
         #: Record each finished call for --resume (switch off only to measure what it costs).
         self.checkpoints = True
         self.progress = progress or _NoProgress()
-        self.backend = make_backend(backend, workers=workers, preload_sklearn=preload_sklearn,
-                                    options=backend_options)
+        self.backend = make_backend(backend, self.settings, backend_options)
         if transfer not in self.backend.transfers:
-            raise UsageError(f"the {backend} backend cannot do --transfer {transfer}: use "
+            raise UsageError(f"the {self.backend.name} backend cannot do --transfer {transfer}: use "
                              f"{' or '.join(self.backend.transfers)}")
         self.backend.start()
 
@@ -252,15 +246,17 @@ class Run:
         """Run every call of the given stages concurrently; return outcomes in call order.
 
         ``calls`` maps a stage name to the argument dicts of its calls. A call
-        that fails (its stage raised something other than bad-input errors,
-        its worker died, or it ran past its stage's timeout) is retried up to
-        the engine's ``retries`` with exponential backoff; its outputs have
-        fixed keys and bytes, so a retry writes exactly what the first attempt
-        would have. On a resumed run, a call whose recorded outputs still
+        that fails retryably (its stage raised something other than bad-input
+        errors, its worker died, or it ran past its stage's timeout) is
+        attempted again, at most ``1 + retries`` times in all, as the engine's
+        :class:`~mlwf.engine.retry.RetryPolicy` says; its outputs have fixed
+        keys and bytes, so a retry writes exactly what the first attempt would
+        have. On a resumed run, a call whose recorded outputs still
         match their checksums is not run again.
         """
         backend = self.engine.backend
         progress = self.engine.progress
+        policy = self.engine.retry_policy
         if not self._workers_ready:
             self._start_workers()
         pending: dict[Any, tuple[Call, int, float]] = {}
@@ -278,20 +274,20 @@ class Run:
 
         def submit(call: Call, attempt: int, pause: bool = False) -> None:
             if pause:
-                time.sleep(min(0.05 * 2**attempt, 2.0))
+                time.sleep(policy.pause(attempt))
             deadline = time.monotonic() + self.engine.timeout_for(call.stage)
             pending[backend.submit(call, self.ctx)] = (call, attempt, deadline)
 
         def give_up_or_restart(call: Call, attempt: int, why: str) -> None:
             """The backend lost or stuck a worker: restart it and resubmit everything in flight."""
-            if attempt >= self.engine.retries:
+            if attempt + 1 >= policy.attempts:
                 raise StageError(f"{self.workflow} stage {call.name} failed: {why} "
                                  f"({attempt + 1} attempts)")
             in_flight = [(c, a) for c, a, _ in pending.values()] + [(call, attempt)]
             for fut in pending:
                 fut.cancel()
             pending.clear()
-            backend.reset()
+            backend.cancel_all()
             for c, a in in_flight:
                 submit(c, a + 1)
 
@@ -329,16 +325,20 @@ class Run:
                     self.stats[call.stage].attempts += 1
                     try:
                         outcome = fut.result()
-                    except MlwfError as e:
-                        if not isinstance(e, (StageError, TransientStoreError)) or attempt >= self.engine.retries:
-                            raise
-                        submit(call, attempt + 1, pause=True)
-                        continue
-                    except BrokenProcessPool:
+                    except WorkerLost as e:
+                        if not e.restart:
+                            if not policy.should_retry(e, attempt):
+                                raise
+                            submit(call, attempt + 1, pause=True)
+                            continue
+                        # The backend lost its workers with this call: every call in flight goes again.
                         give_up_or_restart(call, attempt, "its worker process died")
                         break
-                    except Exception as e:  # an engine failure, not the stage's own error
-                        if attempt >= self.engine.retries:
+                    except Exception as e:  # noqa: BLE001 - the policy decides from the error
+                        if not policy.should_retry(e, attempt):
+                            if isinstance(e, MlwfError):
+                                raise
+                            # An engine failure, not the stage's own error.
                             raise StageError(f"{self.workflow} stage {call.name} failed: "
                                              f"{type(e).__name__}: {e}") from e
                         submit(call, attempt + 1, pause=True)

@@ -99,7 +99,7 @@ def model_export(args: argparse.Namespace) -> int:
 
 
 def model_serve(args: argparse.Namespace) -> int:
-    from mlwf.server import parse_size
+    from mlwf.httpserver import parse_size
     from mlwf.serving import oip
 
     limits = settings.Limits(max_batch=args.max_batch, max_body=parse_size(args.max_body),

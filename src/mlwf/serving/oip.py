@@ -600,7 +600,7 @@ class App:
         from starlette.requests import ClientDisconnect
         from starlette.responses import Response
 
-        from mlwf.server import Refusal, _read_body
+        from mlwf.httpserver import Refusal, read_body
 
         t0 = time.perf_counter()
         status, n, version = 500, 0, "-"
@@ -618,7 +618,7 @@ class App:
                 raise ProtocolError(415, f"Content-Encoding {_short(encoding, 40)!r} is not supported: send "
                                          "identity, gzip or deflate")
             try:
-                body = await _read_body(request, self.limits.max_body)
+                body = await read_body(request, self.limits.max_body)
             except Refusal as r:
                 raise ProtocolError(r.status, f"{r.error}: split the batch or raise --max-body") from None
             except ClientDisconnect:
@@ -656,13 +656,13 @@ class App:
     async def load(self, request):
         from starlette.requests import ClientDisconnect
 
-        from mlwf.server import Refusal, _read_body
+        from mlwf.httpserver import Refusal, read_body
 
         if request.path_params["name"] != self.name:
             return _error(404, f"unknown model {_short(request.path_params['name'], 80)!r}: this server serves "
                                f"{self.name!r}")
         try:
-            body = await _read_body(request, 64 << 10)
+            body = await read_body(request, 64 << 10)
         except (Refusal, ClientDisconnect):
             return _error(400, "a load request carries at most an empty JSON object")
         if body.strip():
@@ -758,7 +758,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     """
     import re
 
-    from mlwf.server import _bind, _Server, _setup_logging
+    from mlwf.httpserver import bind, make_server, setup_logging
 
     try:
         import uvicorn
@@ -789,8 +789,8 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     threadpool_limits(1)
     slot = ModelSlot(source, store=store, bucket=bucket)
     served, _ = slot.reload()
-    sock = _bind(host, port)
-    _setup_logging()
+    sock = bind(host, port)
+    setup_logging()
     app = App(slot, name=name, limits=limits, threads=threads, watch=watch)
     connections = app.guard.limits
     log.info("mlwf model serve on %s:%d: model %r = %s (%d classes, %dx%d images) from %s; max batch %d, "
@@ -806,7 +806,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
                              h11_max_incomplete_event_size=connections.max_header_bytes, server_header=False,
                              proxy_headers=False)
     logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
-    server = _Server(uconfig, app)
+    server = make_server(uconfig, app)
     try:
         server.run(sockets=[sock])
     finally:

@@ -90,3 +90,13 @@ def stage_function(workflow: str, stage: str) -> Callable:
 def stage_order() -> list[str]:
     """Every stage name once, in the order the workflows list them (figures colour stages by it)."""
     return list(dict.fromkeys(s for w in all_workflows() for s in w.stage_names))
+
+
+def modules_to_preload() -> list[str]:
+    """The modules every known workflow's stages need (their own and their :attr:`Workflow.imports`), once."""
+    found: dict[str, None] = {}
+    for w in all_workflows():
+        for stage in w.stages:
+            found[stage.function.partition(":")[0]] = None
+        found.update(dict.fromkeys(w.imports))
+    return list(found)

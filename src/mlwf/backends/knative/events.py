@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import time
 import uuid
 from typing import Any
@@ -48,9 +47,10 @@ JSON_TYPE = "application/json"
 STRUCTURED_TYPE = "application/cloudevents+json"
 
 
-def read_secret(value: str | None = None, *, who: str) -> str:
-    """The shared secret (``value`` or ``$MLWF_FUNCTION_SECRET``); :class:`UsageError` if unusable."""
-    secret = (value if value is not None else os.environ.get(SECRET_ENV, "")).strip()
+def read_secret(value: str | None, *, who: str) -> str:
+    """The shared secret ``value`` (the settings' ``MLWF_FUNCTION_SECRET``), checked; :class:`UsageError`
+    if it is missing or unusable."""
+    secret = (value or "").strip()
     if not secret:
         raise UsageError(f"{who} needs the shared secret in {SECRET_ENV} (the same value as the cluster's "
                          "Secret, e.g. from 'openssl rand -hex 32')")
