@@ -153,3 +153,16 @@ def parse_size(text: str) -> int:
     if n * scale > MAX_BODY_LIMIT:
         raise UsageError(f"--max-body {text!r} is too large: at most 64MiB (a call carries store keys, not data)")
     return n * scale
+
+
+def resolve_port(port: int | None, settings, default: int) -> int:
+    """``--port``, else ``PORT`` (Knative sets it), else ``default``; :class:`UsageError` if not a port."""
+    if port is None:
+        raw = settings.port or str(default)
+        try:
+            port = int(raw)
+        except ValueError:
+            raise UsageError(f"PORT={raw!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a port number")
+    return port

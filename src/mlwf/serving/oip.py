@@ -758,7 +758,10 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     """
     import re
 
-    from mlwf.httpserver import bind, make_server, setup_logging
+    from mlwf.httpserver import bind, make_server, resolve_port, setup_logging
+    from mlwf.settings import Settings, single_threaded_blas
+
+    settings = Settings.resolve()
 
     try:
         import uvicorn
@@ -766,14 +769,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
         raise UsageError("mlwf model serve needs its server libraries: pip install 'mlwf[serve]'") from None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name or ""):
         raise UsageError(f"--name {name!r}: use letters, digits, '_', '.' and '-' (it goes in the URL)")
-    if port is None:
-        raw = os.environ.get("PORT", str(DEFAULT_PORT))
-        try:
-            port = int(raw)
-        except ValueError:
-            raise UsageError(f"PORT={raw!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--port {port} is not a port number")
+    port = resolve_port(port, settings, DEFAULT_PORT)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if watch is not None and not (math.isfinite(watch) and watch >= 0.1):
@@ -781,8 +777,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     if not (math.isfinite(grace) and grace >= 0):
         raise UsageError(f"--grace must be 0 or more seconds, got {grace}")
     limits.check()
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
+    single_threaded_blas()
     from threadpoolctl import threadpool_limits
 
     # Parallelism is the concurrent requests, one BLAS thread each (as in mlwf serve).

@@ -12,7 +12,7 @@ from mlwf.backends.knative.server.app import (DEFAULT_GRACE, DEFAULT_MAX_BODY, D
                                               DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, MAX_WORKERS,
                                               App, ServeConfig)
 from mlwf.errors import UsageError
-from mlwf.httpserver import bind, make_server, setup_logging
+from mlwf.httpserver import bind, make_server, resolve_port, setup_logging
 from mlwf.settings import Settings, single_threaded_blas
 
 log = logging.getLogger("mlwf.serve")
@@ -79,14 +79,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
         import uvicorn
     except ModuleNotFoundError:
         raise UsageError("mlwf serve needs its server libraries: pip install 'mlwf[knative]'") from None
-    if port is None:
-        raw = settings.port or str(DEFAULT_PORT)
-        try:
-            port = int(raw)
-        except ValueError:
-            raise UsageError(f"PORT={raw!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--port {port} is not a port number")
+    port = resolve_port(port, settings, DEFAULT_PORT)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if not 0 <= workers <= MAX_WORKERS:
