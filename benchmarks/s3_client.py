@@ -401,7 +401,7 @@ def main() -> int:
         store.put_many(zip(keys, images))
         client = boto3_client(endpoint, region, user, password, 64)
         pool = ThreadPoolExecutor(args.threads)
-        results["endpoint"] = store.url
+        results["endpoint"] = store.location
         results["server"] = "moto server started here, one process" if server else "endpoint from the environment"
         results["concurrency_ours"] = store.concurrency
         prefix = TRAIN + "/"

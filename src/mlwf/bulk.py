@@ -1,6 +1,6 @@
 """Moving folders in and out of a store: the ``mlwf s3`` commands.
 
-They mirror the seed's ``s3 upload-dir`` / ``clear-bucket`` / ``clear-dir``
+They mirror the reference's ``s3 upload-dir`` / ``clear-bucket`` / ``clear-dir``
 and work on whichever store is configured (a local directory or S3).
 
 None of them acts on an empty or ambiguous target, and none replaces data
@@ -116,7 +116,7 @@ def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = F
     if create_bucket:
         store.create_bucket()
     elif not store.bucket_exists():
-        if store.url.startswith("file://"):
+        if store.is_local:
             store.create_bucket()  # a local bucket is just a folder
         else:
             store.require_bucket()

@@ -286,7 +286,7 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
     """
     record = find_run(store, run_id)
     if record is None:
-        raise UsageError(f"unknown run id {run_id!r} in bucket {store.bucket!r} of {store.url}: "
+        raise UsageError(f"unknown run id {run_id!r} in bucket {store.bucket!r} of {store.location}: "
                          "see 'mlwf runs ls' for the runs kept there")
     if not isinstance(record, dict) or record.get("workflow") not in workflows.names():
         raise UsageError(f"the record of run {run_id!r} in bucket {store.bucket!r} is not a run record: "

@@ -10,7 +10,7 @@ run … --json`` processes, timed from process start to exit. With
 Files written into the output folder:
 
 * ``<backend>-<transfer>-<workflow>-<warm|cold>.csv`` and
-  ``baseline-<workflow>.csv``: ``Run,TimeMs``, one row per run (the seed's
+  ``baseline-<workflow>.csv``: ``Run,TimeMs``, one row per run (the reference's
   format);
 * ``breakdown.csv``: per run, one row per stage (``calls``, ``wall_ms``,
   ``compute_ms``, ``fetch_ms``, ``list_ms``, ``encode_ms``, ``put_ms``,

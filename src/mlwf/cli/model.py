@@ -87,7 +87,7 @@ def show_or_rollback(args) -> int:
         return 0
     try:
         data, manifest = mlwf_model.read_published(store.get, args.prefix,
-                                                   where=f"bucket {store.bucket!r} of {store.url}")
+                                                   where=f"bucket {store.bucket!r} of {store.location}")
         m = mlwf_model.from_bytes(data, source=manifest["object"])
     finally:
         store.close()

@@ -95,7 +95,7 @@ class Engine:
     workers : worker processes for the local backend (default: one per core); the same as
         ``backend=LocalConfig(workers=...)``.
     transfer : how intermediate state moves between stages: ``"store"`` (every
-        intermediate is an object in the store, as in the seed) or ``"direct"``
+        intermediate is an object in the store, as in the reference) or ``"direct"``
         (handed from call to call by the backend).
     backend_options : the fields of the named backend's config (e.g. ``address`` for Ray,
         ``endpoints`` for Knative).

@@ -70,5 +70,5 @@ def load(source: str | os.PathLike | bytes, *, store=None, bucket: str | None = 
     if not isinstance(store, Store):
         settings = Settings.resolve(store=store, bucket=bucket)
         store = settings.store.open(settings)
-    data, manifest = read_published(store.get, path, where=f"bucket {store.bucket!r} of {store.url}")
+    data, manifest = read_published(store.get, path, where=f"bucket {store.bucket!r} of {store.location}")
     return from_bytes(data, source=manifest["object"])

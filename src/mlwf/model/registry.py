@@ -195,7 +195,7 @@ def rollback(store, prefix: str) -> dict:
         the earlier object is missing, does not match its checksum or is not
         a valid model.
     """
-    where = f"bucket {store.bucket!r} of {store.url}"
+    where = f"bucket {store.bucket!r} of {store.location}"
     checked: set[str] = set()
 
     def change(current: dict | None, write_id: str) -> dict:
@@ -259,7 +259,7 @@ def _update_manifest(store, prefix: str, change, *, replace_corrupt: bool) -> di
         if store.put_if_absent(key, body) if tag is None else store.put_if_tag(key, body, tag):
             return manifest
         time.sleep(random.uniform(0, min(1.0, 0.005 * 2**attempt)))  # let the winner's write settle
-    raise StoreError(f"the model manifest {key!r} in {store.url} kept changing during {_CAS_ATTEMPTS} attempts "
+    raise StoreError(f"the model manifest {key!r} in {store.location} kept changing during {_CAS_ATTEMPTS} attempts "
                      "to update it (other publishers at the same prefix): try again")
 
 

@@ -49,7 +49,7 @@ class ModelSlot:
         if self._is_file():
             return f"file {self.source}"
         store = self._open_store()
-        return f"{self.source!r} in bucket {store.bucket!r} of {store.url}"
+        return f"{self.source!r} in bucket {store.bucket!r} of {store.location}"
 
     def _open_store(self):
         if self._store is None:
@@ -70,7 +70,7 @@ class ModelSlot:
         import mlwf.model
 
         store = self._open_store()
-        return mlwf.model.read_manifest(store.get, self.source, where=f"bucket {store.bucket!r} of {store.url}"
+        return mlwf.model.read_manifest(store.get, self.source, where=f"bucket {store.bucket!r} of {store.location}"
                                         ).get("sha256")
 
     def reload(self) -> tuple[Served, bool]:

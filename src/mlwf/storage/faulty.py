@@ -43,7 +43,8 @@ class FaultyStore(Store):
 
     def __init__(self, inner: Store, failures: dict[str, int], latency_s: float = 0.0):
         self.inner = inner
-        self.url = inner.url
+        self.location = inner.location
+        self.is_local = inner.is_local
         self.bucket = inner.bucket
         self.remaining = dict(failures)
         self.latency_s = latency_s

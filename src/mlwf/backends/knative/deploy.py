@@ -15,7 +15,7 @@ Writes into ``OUT`` (default ``deploy/knative``):
   so ``kubectl apply -f OUT`` never overwrites a real secret with placeholders);
 * ``run/ml-training.yaml``, ``run/ml-inference.yaml``: Jobs that run a
   workflow's driver inside the cluster against those Services (``kubectl
-  create -f``), the counterpart of the seed's ``curl_cmd.sh``;
+  create -f``), the counterpart of the reference's ``curl_cmd.sh``;
 * ``endpoints.txt``: the ``--endpoint`` flags for ``mlwf run --backend knative``.
 """
 

@@ -10,7 +10,7 @@
 
 With no credentials at all, a custom endpoint is used anonymously and AWS
 falls back to obstore's own chain (web identity, container and instance
-credentials). Credentials never appear in :attr:`S3Store.url`, a ``repr``, a
+credentials). Credentials never appear in :attr:`S3Store.location`, a ``repr``, a
 pickle or an error message.
 
 Bounds (``MLWF_S3_TIMEOUT``, default 15 s, written *T*; see

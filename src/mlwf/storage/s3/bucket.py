@@ -57,7 +57,7 @@ def create_bucket(store: S3Store) -> None:
         return
     code = re.search(r"<Code>([^<]{1,64})</Code>", text)
     code_s = code.group(1) if code else f"HTTP {status}"
-    what = f"create bucket {store.bucket!r} at {store.url}"
+    what = f"create bucket {store.bucket!r} at {store.location}"
     if code_s == "BucketAlreadyExists":
         raise StoreError(f"cannot {what}: the name is taken by another account; choose another --bucket")
     if status in (401, 403) or code_s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -65,7 +65,7 @@ def create_bucket(store: S3Store) -> None:
                          "user may create buckets")
     if status >= 500:
         raise StoreError(
-            f"cannot create bucket {store.bucket!r}: S3 server at {store.url} kept answering HTTP {status} "
+            f"cannot create bucket {store.bucket!r}: S3 server at {store.location} kept answering HTTP {status} "
             f"({scrub(code_s, store.credentials)}) after retrying for {store.timeouts.retry:.1f} s: it is overloaded "
             f"or failing; try again later or raise {ENV_TIMEOUT}")
     raise StoreError(f"cannot {what}: the server answered HTTP {status} ({scrub(code_s, store.credentials)})")
@@ -109,7 +109,7 @@ def _send(store: S3Store, method: str, body: bytes) -> tuple[int, str]:
         except (OSError, http.client.HTTPException, AttributeError, ValueError) as e:
             if time.monotonic() >= deadline - 0.01:
                 raise StoreError(
-                    f"cannot reach (or get a complete answer from) the S3 endpoint {store.url} to create bucket "
+                    f"cannot reach (or get a complete answer from) the S3 endpoint {store.location} to create bucket "
                     f"{store.bucket!r} ({type(e).__name__}; gave up after {t.total:g} s, {ENV_TIMEOUT}): "
                     f"{endpoint_hint(store.endpoint_source)}") from None
         finally:

@@ -70,7 +70,7 @@ def scrub_detail(exc: BaseException, credentials: Credentials | None) -> str:
 
 def bucket_missing(store: S3Store) -> NoSuchBucketError:
     return NoSuchBucketError(
-        f"bucket {store.bucket!r} does not exist at {store.url}: create it with --create-bucket, "
+        f"bucket {store.bucket!r} does not exist at {store.location}: create it with --create-bucket, "
         "or check --bucket (and the endpoint)"
     )
 
@@ -91,11 +91,11 @@ def store_error(store: S3Store, op: str, key: str | None, exc: BaseException) ->
         what = f"list prefix {key!r}" if key else "list objects"
     else:
         what = f"{op} {key!r}" if key is not None else op
-    where = f"(bucket {store.bucket!r} at {store.url})"
+    where = f"(bucket {store.bucket!r} at {store.location})"
     total = store.timeouts.total
     if isinstance(exc, Overdue):
         return StoreError(
-            f"cannot reach (or get a complete answer from) the S3 endpoint {store.url} to {what}: "
+            f"cannot reach (or get a complete answer from) the S3 endpoint {store.location} to {what}: "
             f"{exc} ({ENV_TIMEOUT}={total:g} s, plus 1 s per MiB moved): "
             f"{endpoint_hint(store.endpoint_source)}, or raise {ENV_TIMEOUT}"
         )
@@ -107,7 +107,7 @@ def store_error(store: S3Store, op: str, key: str | None, exc: BaseException) ->
     if not_found:
         if op in ("list", "check the bucket") or "NoSuchKey" not in text and not store.bucket_exists():
             return bucket_missing(store)
-        return NotFoundError(f"no object {key!r} in bucket {store.bucket!r} at {store.url}")
+        return NotFoundError(f"no object {key!r} in bucket {store.bucket!r} at {store.location}")
     if (
         isinstance(exc, (oe.PermissionDeniedError, oe.UnauthenticatedError))
         or re.search(r"\b40[13] (Forbidden|Unauthorized)", text)
@@ -123,14 +123,14 @@ def store_error(store: S3Store, op: str, key: str | None, exc: BaseException) ->
     status = re.search(r"non-2xx status code: (5\d\d)", text)
     if status:
         return StoreError(
-            f"S3 server at {store.url} kept answering HTTP {status.group(1)} to {what} after retrying for "
+            f"S3 server at {store.location} kept answering HTTP {status.group(1)} to {what} after retrying for "
             f"{store.timeouts.retry:.1f} s: it is overloaded or failing; try again later or raise {ENV_TIMEOUT}"
         )
     lowered = text.lower()
     if any(s in lowered for s in ("error sending request", "connect", "dns error", "timed out", "timeout",
                                   "broken pipe")):
         return StoreError(
-            f"cannot reach (or get a complete answer from) the S3 endpoint {store.url} to {what} "
+            f"cannot reach (or get a complete answer from) the S3 endpoint {store.location} to {what} "
             f"(gave up after retrying for up to {total:g} s, {ENV_TIMEOUT}): {endpoint_hint(store.endpoint_source)}"
         )
     return StoreError(f"S3 {what} {where} failed: {scrub_detail(exc, store.credentials)}")

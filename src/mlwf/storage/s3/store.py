@@ -107,9 +107,9 @@ class S3Store(Store):
         self.endpoint_source = endpoint_source
         if self.endpoint:
             scheme, _, hostport = self.endpoint.partition("://")
-            self.url = f"s3://{hostport}" if scheme == "http" else f"s3+https://{hostport}"
+            self.location = f"s3://{hostport}" if scheme == "http" else f"s3+https://{hostport}"
         else:
-            self.url = "s3://aws"
+            self.location = "s3://aws"
         self._client_lock = threading.Lock()
         self._obs: Any = None
         self._pid = 0
@@ -144,7 +144,7 @@ class S3Store(Store):
             return obs
         if _OBSTORE_PID and _OBSTORE_PID != pid:
             raise StoreError(
-                f"cannot use S3 store {self.url} in a process forked from one that already used S3 "
+                f"cannot use S3 store {self.location} in a process forked from one that already used S3 "
                 "(obstore's runtime does not survive fork): start workers with the 'forkserver' or "
                 "'spawn' multiprocessing method, or fork before the first S3 request"
             )
@@ -197,7 +197,7 @@ class S3Store(Store):
                 self.bucket, config=config, client_options=client_options, retry_config=retry_config, **kwargs
             )
         except Exception as e:  # noqa: BLE001 - configuration errors
-            raise StoreError(f"cannot configure S3 store {self.url}: {scrub_detail(e, self.credentials)}") from None
+            raise StoreError(f"cannot configure S3 store {self.location}: {scrub_detail(e, self.credentials)}") from None
 
     def _do(self, op: str, key: str | None, coro: Coroutine[Any, Any, T]) -> T:
         """Run one operation on the background loop; every failure becomes a one-line StoreError."""
@@ -349,7 +349,7 @@ class S3Store(Store):
         self._check_object_key(key)
         data, tag = self._do("get", key, self._aget(key))
         if not tag:
-            raise StoreError(f"the S3 server at {self.url} gave no ETag for {key!r}: it cannot do "
+            raise StoreError(f"the S3 server at {self.location} gave no ETag for {key!r}: it cannot do "
                              "conditional writes, which mlwf needs to update shared objects safely")
         return data, tag
 
