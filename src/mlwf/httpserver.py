@@ -7,6 +7,7 @@ run behind are :mod:`mlwf.httpguard`'s.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -166,3 +167,47 @@ def resolve_port(port: int | None, settings, default: int) -> int:
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port} is not a port number")
     return port
+
+
+def guarded_lifespan(app, background=None):
+    """The ASGI lifespan of ``app`` (an object with ``guard`` and ``ready``): while it serves, the guard
+    sweeps and ``app.ready`` is true; ``background()``, if given, is a coroutine run alongside."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        tasks = [asyncio.create_task(app.guard.run())]
+        if background is not None:
+            tasks.append(asyncio.create_task(background()))
+        app.ready = True
+        try:
+            yield
+        finally:
+            app.ready = False
+            for task in tasks:
+                task.cancel()
+            app.guard.flush_log()
+
+    return lifespan
+
+
+def run_guarded(app, sock, grace: float) -> None:
+    """Serve ``app.asgi`` on ``sock`` behind ``app.guard`` until SIGTERM or SIGINT and the drain (at most
+    ``grace`` seconds); closes ``sock``."""
+    import uvicorn
+
+    limits = app.guard.limits
+    # Connection limits and time bounds are the guard's (mlwf.httpguard), not uvicorn's
+    # limit_concurrency, which would answer 503 to health checks too. No WebSocket upgrades:
+    # an upgraded connection would leave the guard.
+    config = uvicorn.Config(app.asgi, http=app.guard.protocol_class(), ws="none", log_config=None,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=grace,
+                            limit_concurrency=None, timeout_keep_alive=limits.keep_alive,
+                            h11_max_incomplete_event_size=limits.max_header_bytes, server_header=False,
+                            proxy_headers=False)
+    # uvicorn's per-connection warnings (bad requests, upgrades) are the guard's counted log lines instead.
+    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
+    server = make_server(config, app)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -279,7 +279,7 @@ def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
 
 
 # --------------------------------------------------------------------------- progress
-class _Progress:
+class _BenchBar:
     """One bar over every run of the benchmark, on stderr when it is a terminal."""
 
     def __init__(self, total: int, enabled: bool):
@@ -349,7 +349,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
         (spec.repeats + 1 if spec.baseline else 0)
     results: list[dict[str, Any]] = []  # one per configuration: key, times, reports
     written: list[Path] = []
-    with _Progress(total, progress) as bar:
+    with _BenchBar(total, progress) as bar:
         for text in notes:
             bar.note(text)
         for backend, transfer in pairs:

@@ -61,9 +61,9 @@ def add_parsers(sub) -> None:
 
 def dataset(args) -> int:
     from mlwf import datasets
-    from mlwf.ui import count_progress
+    from mlwf.ui import count_bar
 
-    with count_progress("writing images", enabled=not args.json) as progress:
+    with count_bar("writing images", enabled=not args.json) as progress:
         if args.dataset == "digits":
             n = datasets.write_digits(args.out, n=args.n, progress=progress)
         else:
@@ -82,7 +82,7 @@ def dataset(args) -> int:
 
 def s3(args) -> int:
     from mlwf import bulk
-    from mlwf.ui import count_progress
+    from mlwf.ui import count_bar
 
     store = open_store(args)
     try:
@@ -98,7 +98,7 @@ def s3(args) -> int:
                     print(f"{o.size:>10}  {o.key}")
                 print(f"{len(objects)} objects, {sum(o.size for o in objects)} bytes", file=sys.stderr)
             return 0
-        with count_progress(cmd, enabled=not args.json) as progress:
+        with count_bar(cmd, enabled=not args.json) as progress:
             if cmd == "upload-dir":
                 result = bulk.upload_dir(store, args.host_path, args.s3_path, create_bucket=args.create_bucket,
                                          overwrite=args.overwrite, progress=progress)

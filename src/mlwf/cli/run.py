@@ -35,11 +35,11 @@ def add_parsers(sub) -> None:
 def handle(args) -> int:
     from mlwf.engine.driver import Engine
     from mlwf.engine.trace import StageClock
-    from mlwf.ui import StageProgress
+    from mlwf.ui import StageBars
 
     # Under --json only the report goes to stdout (Ray prints worker-death notices there).
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    with quiet, StageProgress(enabled=not args.json) as progress, \
+    with quiet, StageBars(enabled=not args.json) as progress, \
             Engine(args.store, args.bucket, backend=backend_config(args),
                    transfer=args.transfer, retries=args.retries, timeout=args.timeout,
                    progress=(clock := StageClock(progress))) as engine:

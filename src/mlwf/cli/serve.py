@@ -43,11 +43,7 @@ def add_parsers(sub) -> None:
     dp = sub.add_parser("deploy", help="render deployment manifests")
     dps = dp.add_subparsers(dest="deploy_target", required=True, parser_class=Parser)
     kn = dps.add_parser("knative", help="Knative Services running 'mlwf serve', their Secret and driver Jobs")
-    kn.add_argument("--image", required=True, help="the image built from the Dockerfile, e.g. ghcr.io/you/mlwf:0.1.0")
-    kn.add_argument("--namespace", required=True)
-    kn.add_argument("--s3-host", required=True, help="S3/MinIO host as seen from the cluster")
-    kn.add_argument("--s3-port", type=int, required=True)
-    kn.add_argument("--bucket", default="tless", help="bucket (default tless)")
+    _cluster_target(kn)
     mode = kn.add_mutually_exclusive_group()
     mode.add_argument("--per-stage", dest="per_stage", action="store_true", default=True,
                       help="one Service per stage (default)")
@@ -57,11 +53,7 @@ def add_parsers(sub) -> None:
     kn.add_argument("--json", action="store_true")
     kn.add_argument("--debug", action="store_true")
     ks = dps.add_parser("kserve", help="a KServe InferenceService running 'mlwf model serve', and its Secret")
-    ks.add_argument("--image", required=True, help="the image built from the Dockerfile, e.g. ghcr.io/you/mlwf:0.1.0")
-    ks.add_argument("--namespace", required=True)
-    ks.add_argument("--s3-host", required=True, help="S3/MinIO host as seen from the cluster")
-    ks.add_argument("--s3-port", type=int, required=True)
-    ks.add_argument("--bucket", default="tless", help="bucket (default tless)")
+    _cluster_target(ks)
     ks.add_argument("--model-prefix", default=DEFAULT_PREFIX, help="the published model (default ml-inference/model)")
     ks.add_argument("--name", default=kserve.DEFAULT_NAME,
                     help="InferenceService name, also the model's name in /v2/models/NAME (default mlwf)")
@@ -74,6 +66,13 @@ def add_parsers(sub) -> None:
     ks.add_argument("--json", action="store_true")
     ks.add_argument("--debug", action="store_true")
 
+def _cluster_target(p) -> None:
+    """The flags every manifest renderer takes: the image, the namespace, the S3 endpoint and bucket."""
+    p.add_argument("--image", required=True, help="the image built from the Dockerfile, e.g. ghcr.io/you/mlwf:0.1.0")
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--s3-host", required=True, help="S3/MinIO host as seen from the cluster")
+    p.add_argument("--s3-port", type=int, required=True)
+    p.add_argument("--bucket", default="tless", help="bucket (default tless)")
 
 
 def handle(args) -> int:

@@ -17,12 +17,13 @@ import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from mlwf import workflows
 from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.layout import RunLayout, new_run_id
+from mlwf.engine.progress import SILENT
 from mlwf.engine.runner import decode
 from mlwf.engine.retry import RetryPolicy
 from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
@@ -52,20 +53,6 @@ def check_seconds(name: str, value: Any, high: float) -> float:
             or not 0 < value <= high:
         raise UsageError(f"{name} must be a positive, finite number of seconds up to {high:,.0f}, got {value!r}")
     return float(value)
-
-
-class Progress(Protocol):
-    """What the driver tells a progress display."""
-
-    def stage_started(self, stage: str, total: int) -> None: ...
-    def call_done(self, stage: str) -> None: ...
-    def stage_done(self, stage: str) -> None: ...
-
-
-class _NoProgress:
-    def stage_started(self, stage, total): pass
-    def call_done(self, stage): pass
-    def stage_done(self, stage): pass
 
 
 def _call_digest(call: Call) -> str:
@@ -108,7 +95,7 @@ class Engine:
     heartbeat_s, lease_s : how often a running run renews its lease in ``run.json``, and
         how long the lease lasts (default ``MLWF_HEARTBEAT_S`` and ``MLWF_LEASE_S``, else
         15 and 120 s; see :mod:`mlwf.runs`).
-    progress : an object with ``stage_started``, ``call_done``, ``stage_done``.
+    progress : a :class:`~mlwf.engine.progress.RunProgress` (``stage_started``, ``call_done``, ``stage_done``).
     """
 
     def __init__(self, store: str | None = None, bucket: str | None = None, *,
@@ -146,7 +133,7 @@ class Engine:
         self.retry_policy = RetryPolicy(retries)
         #: Record each finished call for --resume (switch off only to measure what it costs).
         self.checkpoints = True
-        self.progress = progress or _NoProgress()
+        self.progress = progress or SILENT
         self.backend = make_backend(backend, self.settings, backend_options)
         if transfer not in self.backend.transfers:
             raise UsageError(f"the {self.backend.name} backend cannot do --transfer {transfer}: use "

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlwf.engine.progress import StageClock
+
 #: Span names recorded by :mod:`mlwf.engine.runner` → (name in the trace, category).
 SPANS = {
     "list": ("store list", "io"),
@@ -46,35 +48,6 @@ SPANS = {
     "put": ("store write", "io"),
 }
 DRIVER_PID = 1
-
-
-class StageClock:
-    """A progress display that also notes when the driver starts and finishes each stage.
-
-    Pass it as an engine's ``progress`` (wrapping the display you would have
-    used, if any); :func:`build` then draws the driver's view of every stage.
-    """
-
-    def __init__(self, inner=None):
-        self.inner = inner
-        self.spans: list[tuple[str, float, float]] = []  # (stage, start_s, end_s) on time.time()
-        self._open: dict[str, float] = {}
-
-    def stage_started(self, stage: str, total: int) -> None:
-        self._open[stage] = time.time()
-        if self.inner is not None:
-            self.inner.stage_started(stage, total)
-
-    def call_done(self, stage: str) -> None:
-        if self.inner is not None:
-            self.inner.call_done(stage)
-
-    def stage_done(self, stage: str) -> None:
-        start = self._open.pop(stage, None)
-        if start is not None:
-            self.spans.append((stage, start, time.time()))
-        if self.inner is not None:
-            self.inner.stage_done(stage)
 
 
 def _lanes(intervals: list[tuple[float, float]]) -> list[int]:

@@ -66,7 +66,6 @@ protocol's clients is tested with NVIDIA's ``tritonclient[http]``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -78,6 +77,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mlwf.errors import MlwfError, UsageError
 from mlwf.httpguard import ConnectionGuard
+from mlwf.httpserver import guarded_lifespan
 from mlwf.serving.protocol import (HEADER_LENGTH, INPUT, LABEL, MAX_ERROR, PROBABILITIES, ProtocolError,
                                    encode_response, parse_request, short)
 from mlwf.serving.settings import DEFAULT_NAME, DEFAULT_PORT, Limits
@@ -111,22 +111,8 @@ class App:
         self.ready = False
         self.draining = False
         self.in_flight = 0
-        self._watcher: asyncio.Task | None = None
 
-        @contextlib.asynccontextmanager
-        async def lifespan(app):
-            sweeper = asyncio.create_task(self.guard.run())
-            self.ready = True
-            if self.watch:
-                self._watcher = asyncio.create_task(self._watch_loop())
-            try:
-                yield
-            finally:
-                self.ready = False
-                sweeper.cancel()
-                self.guard.flush_log()
-                if self._watcher is not None:
-                    self._watcher.cancel()
+        lifespan = guarded_lifespan(self, self._watch_loop if self.watch else None)
 
         model = "/v2/models/{name}"
         version = "/v2/models/{name}/versions/{version}"
@@ -363,13 +349,13 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     """
     import re
 
-    from mlwf.httpserver import bind, make_server, resolve_port, setup_logging
+    from mlwf.httpserver import bind, resolve_port, run_guarded, setup_logging
     from mlwf.settings import Settings, single_threaded_blas
 
     settings = Settings.resolve()
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - here for the install hint; run_guarded uses it
     except ModuleNotFoundError:
         raise UsageError("mlwf model serve needs its server libraries: pip install 'mlwf[serve]'") from None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name or ""):
@@ -399,18 +385,9 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
              served.image_size, served.image_size, slot.describe(), limits.max_batch, limits.max_body,
              connections.request_timeout, connections.max_connections, connections.max_client_connections,
              app.threads, f"; watching every {watch:g} s" if watch else "")
-    # Connections and time bounds are mlwf.httpguard's, as for mlwf serve (see its docstring for why).
-    uconfig = uvicorn.Config(app.asgi, http=app.guard.protocol_class(), ws="none", log_config=None,
-                             access_log=False, lifespan="on", timeout_graceful_shutdown=grace,
-                             limit_concurrency=None, timeout_keep_alive=connections.keep_alive,
-                             h11_max_incomplete_event_size=connections.max_header_bytes, server_header=False,
-                             proxy_headers=False)
-    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
-    server = make_server(uconfig, app)
     try:
-        server.run(sockets=[sock])
+        run_guarded(app, sock, grace)
     finally:
-        sock.close()
         app.close()
     log.info("mlwf model serve stopped")
     return 0

@@ -6,7 +6,6 @@ The rules it applies (and the refusals) are described in :mod:`mlwf.backends.kna
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +21,7 @@ from mlwf.backends.knative import events
 from mlwf.backends.knative.server.auth import REPLAY_SLOT_S, ReplayGuard, ReplayLedger, check_signature
 from mlwf.engine.layout import RunLayout
 from mlwf.errors import MlwfError, UsageError, WorkerLost, retryable
-from mlwf.httpserver import Refusal, read_body
+from mlwf.httpserver import Refusal, guarded_lifespan, read_body
 from mlwf.settings import Settings
 from mlwf.storage import StoreSpec
 
@@ -92,16 +91,7 @@ class App:
             self.processes = LocalBackend(LocalConfig(config.workers, preload_sklearn=True), self.settings)
             self.processes.warm_up()
 
-        @contextlib.asynccontextmanager
-        async def lifespan(app):
-            sweeper = asyncio.create_task(self.guard.run())
-            self.ready = True
-            try:
-                yield
-            finally:
-                self.ready = False
-                sweeper.cancel()
-                self.guard.flush_log()
+        lifespan = guarded_lifespan(self)
 
         self.asgi = Starlette(routes=[Route("/healthz", self.healthz, methods=["GET"]),
                                       Route("/readyz", self.readyz, methods=["GET"]),

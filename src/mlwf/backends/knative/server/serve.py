@@ -12,7 +12,7 @@ from mlwf.backends.knative.server.app import (DEFAULT_GRACE, DEFAULT_MAX_BODY, D
                                               DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT, MAX_WORKERS,
                                               App, ServeConfig)
 from mlwf.errors import UsageError
-from mlwf.httpserver import bind, make_server, resolve_port, setup_logging
+from mlwf.httpserver import bind, resolve_port, run_guarded, setup_logging
 from mlwf.settings import Settings, single_threaded_blas
 
 log = logging.getLogger("mlwf.serve")
@@ -76,7 +76,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     settings = Settings.resolve(store=store, bucket=bucket)
     workflows.use(settings.workflow_modules)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - here for the install hint; run_guarded uses it
     except ModuleNotFoundError:
         raise UsageError("mlwf serve needs its server libraries: pip install 'mlwf[knative]'") from None
     port = resolve_port(port, settings, DEFAULT_PORT)
@@ -123,21 +123,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
              limits.max_client_connections,
              f"{workers} worker processes" if workers else f"{app.threads} worker threads",
              "off" if insecure_no_auth else "HMAC-SHA256")
-    # Connection limits and time bounds are the guard's (mlwf.httpguard), not uvicorn's
-    # limit_concurrency, which would answer 503 to health checks too. No WebSocket upgrades:
-    # an upgraded connection would leave the guard.
-    uconfig = uvicorn.Config(app.asgi, http=app.guard.protocol_class(), ws="none", log_config=None,
-                             access_log=False, lifespan="on", timeout_graceful_shutdown=grace,
-                             limit_concurrency=None, timeout_keep_alive=limits.keep_alive,
-                             h11_max_incomplete_event_size=limits.max_header_bytes, server_header=False,
-                             proxy_headers=False)
-    # uvicorn's per-connection warnings (bad requests, upgrades) are the guard's counted log lines instead.
-    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
-    server = make_server(uconfig, app)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    run_guarded(app, sock, grace)
     if app.running:
         log.error("exiting with %d calls still running after the %s s grace period", app.running, grace)
         app.pool.shutdown(wait=False, cancel_futures=True)
