@@ -2,9 +2,12 @@
 
 An :class:`Engine` owns a backend (its worker pool) and a store; it is reused
 across runs, so a second run in one process is warm. Each run gets a
-:class:`Run`: a run id, its own output prefix, and :meth:`Run.stages`, which
-runs the calls of one or more stages concurrently and returns when all are
-done (the barrier the reference's driver has between stages).
+:class:`Run`: a run id, its own folder (:mod:`~mlwf.engine.layout`), and
+:meth:`Run.run_calls`, which runs the calls of one or more stages
+concurrently, retrying as :mod:`~mlwf.engine.retry` says, and returns when
+all are done (the barrier the reference's driver has between stages). What
+the calls cost is counted by :mod:`~mlwf.engine.accounting`; finished calls
+are kept on record for ``--resume`` by :mod:`~mlwf.engine.checkpoints`.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import math
 import resource
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 from mlwf import workflows
-from mlwf.codec import digest
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
+from mlwf.engine.accounting import Accounts, StageStats
+from mlwf.engine.checkpoints import Checkpoints
 from mlwf.engine.layout import RunLayout, new_run_id
 from mlwf.engine.progress import SILENT
 from mlwf.engine.runner import decode
@@ -53,20 +55,6 @@ def check_seconds(name: str, value: Any, high: float) -> float:
             or not 0 < value <= high:
         raise UsageError(f"{name} must be a positive, finite number of seconds up to {high:,.0f}, got {value!r}")
     return float(value)
-
-
-def _call_digest(call: Call) -> str:
-    """What identifies a call's work: its stage, index and arguments (with input checksums)."""
-    return digest(json.dumps(call.to_json(), sort_keys=True).encode())
-
-
-@dataclass
-class StageStats:
-    calls: int = 0
-    wall_ms: float = 0.0
-    figures: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    attempts: int = 0
-    reused: int = 0
 
 
 class Engine:
@@ -203,17 +191,15 @@ class Run:
         self.layout = RunLayout(workflow, self.run_id)
         self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket,
                               self.layout.folder, engine.transfer)
-        self.stats: dict[str, StageStats] = {}
-        self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.outcomes: list[tuple[Call, Outcome]] = []
+        self.accounts = Accounts()
+        self.checkpoints = Checkpoints(engine.store, self.layout, enabled=engine.transfer == "store"
+                                       and engine.checkpoints, resumed=self.resumed)
         #: Worker start-up this run waited for before its first stage: ms (0 when the
         #: workers were already running; None for a backend that starts them elsewhere)
         #: and its span on the wall clock.
         self.startup_ms: float | None = None
         self.startup_span: tuple[float, float] | None = None
         self._workers_ready = False
-        #: (stage, warning) -> how many calls raised it
-        self.warnings: dict[tuple[str, str], int] = defaultdict(int)
         self.t0 = time.perf_counter()
         engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
         self.started_at = timestamp(now_utc())
@@ -256,7 +242,7 @@ class Run:
             progress.call_done(call.stage)
             remaining[call.stage] -= 1
             if remaining[call.stage] == 0:
-                self.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
+                self.accounts.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
                 progress.stage_done(call.stage)
 
         def submit(call: Call, attempt: int, pause: bool = False) -> None:
@@ -279,16 +265,16 @@ class Run:
                 submit(c, a + 1)
 
         for stage, arg_list in calls.items():
-            self.stats[stage] = StageStats(calls=len(arg_list))
+            self.accounts.stats[stage] = StageStats(calls=len(arg_list))
             progress.stage_started(stage, len(arg_list))
             started[stage] = time.perf_counter()
         for stage, arg_list in calls.items():
             for i, args in enumerate(arg_list):
                 call = Call(self.workflow, stage, i, args)
-                reused = self._reuse(call)
+                reused = self.checkpoints.reuse(call)
                 if reused is not None:
-                    self.stats[stage].reused += 1
-                    self._account(call, reused)
+                    self.accounts.stats[stage].reused += 1
+                    self.accounts.add(call, reused)
                     finished(call, reused)
                 else:
                     submit(call, 0)
@@ -301,7 +287,7 @@ class Run:
                 done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
                 if not done:
                     fut, (call, attempt, _) = min(pending.items(), key=lambda kv: kv[1][2])
-                    self.stats[call.stage].attempts += 1
+                    self.accounts.stats[call.stage].attempts += 1
                     del pending[fut]
                     give_up_or_restart(call, attempt, f"timed out after {self.engine.timeout_for(call.stage):g} s")
                     continue
@@ -309,7 +295,7 @@ class Run:
                     if fut not in pending:
                         continue  # cancelled by a restart in this same batch
                     call, attempt, _ = pending.pop(fut)
-                    self.stats[call.stage].attempts += 1
+                    self.accounts.stats[call.stage].attempts += 1
                     try:
                         outcome = fut.result()
                     except WorkerLost as e:
@@ -330,8 +316,8 @@ class Run:
                                              f"{type(e).__name__}: {e}") from e
                         submit(call, attempt + 1, pause=True)
                         continue
-                    self._account(call, outcome)
-                    self._mark_done(call, outcome)
+                    self.accounts.add(call, outcome)
+                    self.checkpoints.mark_done(call, outcome)
                     finished(call, outcome)
         except BaseException:
             for fut in pending:
@@ -356,66 +342,13 @@ class Run:
         if started:
             self.startup_span = (start, end)
 
-    # ------------------------------------------------------------------ resume
-    def _done_key(self, call: Call) -> str:
-        return self.layout.done(call.stage, call.index)
-
-    def _mark_done(self, call: Call, outcome: Outcome) -> None:
-        """Record a finished call so a resumed run can reuse it (store transfer only)."""
-        if self.engine.transfer != "store" or not self.engine.checkpoints:
-            return
-        doc = {"call": _call_digest(call), "outcome": outcome.to_json()}
-        self.store.put(self._done_key(call), json.dumps(doc).encode())
-
-    def _reuse(self, call: Call) -> Outcome | None:
-        """On a resumed run, the recorded outcome of ``call`` if its outputs verify."""
-        if not self.resumed:
-            return None
-        try:
-            doc = json.loads(self.store.get(self._done_key(call)))
-            if doc["call"] != _call_digest(call):
-                return None
-            outcome = Outcome.from_json(doc["outcome"])
-            for ref in outcome.refs():
-                if ref.key is None or digest(self.store.get(ref.key)) != ref.sha256:
-                    return None
-        except (MlwfError, ValueError, KeyError, TypeError):
-            return None
-        outcome.durations_ms, outcome.bytes = {}, {}
-        outcome.input_edges = []
-        return outcome
-
-    def _account(self, call: Call, outcome: Outcome) -> None:
-        if any(ref.data is not None for ref in outcome.refs()):
-            # Direct transfer: the outputs rode back with the outcome; the wall
-            # clock from the worker's end to here is their transfer time.
-            outcome.durations_ms["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
-        self.outcomes.append((call, outcome))
-        for text in outcome.info.get("warnings", []):
-            self.warnings[(call.stage, text)] += 1
-        st = self.stats[call.stage]
-        for k, v in outcome.figures().items():
-            st.figures[k] += v
-        for e in outcome.input_edges:
-            edge = self.edges[(e["from"], e["to"])]
-            edge["bytes"] += e["bytes"]
-            edge["transfer_ms"] += e["transfer_ms"]
-            edge["deserialize_ms"] += e["deserialize_ms"]
-        if "fetch_bytes" in outcome.bytes:
-            edge = self.edges[("store", call.stage)]
-            edge["bytes"] += outcome.bytes["fetch_bytes"]
-            edge["transfer_ms"] += outcome.durations_ms.get("fetch_ms", 0.0)
-
     def read(self, ref: Ref, decoder: str = "codec") -> Any:
         """Read an output in the driver (e.g. to merge results), decoded as ``decoder`` says, with accounting."""
         t = time.perf_counter()
         data = self.read_bytes(ref)
         t1 = time.perf_counter()
         value = decode(data, decoder, ref.key or f"output of {ref.producer}")
-        edge = self.edges[(ref.producer, "driver")]
-        edge["bytes"] += ref.nbytes
-        edge["transfer_ms"] += (t1 - t) * 1e3
-        edge["deserialize_ms"] += (time.perf_counter() - t1) * 1e3
+        self.accounts.add_read(ref, (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3)
         return value
 
     def read_bytes(self, ref: Ref) -> bytes:
@@ -428,35 +361,7 @@ class Run:
     def report(self, **extra: Any) -> dict[str, Any]:
         """The run's summary: end-to-end time, per-stage and per-edge figures."""
         e2e = (time.perf_counter() - self.t0) * 1e3
-        stages = {}
-        for name, st in self.stats.items():
-            stages[name] = {"calls": st.calls, "attempts": st.attempts, "reused": st.reused,
-                            "wall_ms": round(st.wall_ms, 3),
-                            **{k: round(v, 3) for k, v in sorted(st.figures.items())}}
-        edges = []
-        for (src, dst), e in sorted(self.edges.items()):
-            edges.append({"from": src, "to": dst, "bytes": int(e["bytes"]),
-                          "serialize_ms": 0.0, "transfer_ms": round(e["transfer_ms"], 3),
-                          "deserialize_ms": round(e["deserialize_ms"], 3)})
-        by_producer = defaultdict(float)
-        put_by_producer = defaultdict(float)
-        for call, outcome in self.outcomes:
-            by_producer[call.stage] += outcome.durations_ms.get("encode_ms", 0.0)
-            put_by_producer[call.stage] += (outcome.durations_ms.get("put_ms", 0.0)
-                                            + outcome.durations_ms.get("return_ms", 0.0))
-        # A producer's serialization and puts are shared among its outgoing edges by bytes.
-        out_bytes = defaultdict(int)
-        for e in edges:
-            out_bytes[e["from"]] += e["bytes"]
-        for e in edges:
-            share = e["bytes"] / (out_bytes[e["from"]] or 1)
-            e["serialize_ms"] = round(by_producer.get(e["from"], 0.0) * share, 3)
-            e["transfer_ms"] = round(e["transfer_ms"] + put_by_producer.get(e["from"], 0.0) * share, 3)
-        transfer_ms = sum(e["serialize_ms"] + e["transfer_ms"] + e["deserialize_ms"]
-                          for e in edges if e["from"] != "store")
-        workers = {}
-        for _, outcome in self.outcomes:
-            workers[outcome.worker] = max(workers.get(outcome.worker, 0), outcome.rss_kb)
+        stages, edges, transfer_ms, workers = self.accounts.figures()
         report = {
             "workflow": self.workflow,
             "run_id": self.run_id,
@@ -474,8 +379,7 @@ class Run:
                        "workers": len(workers)},
             "stages": stages,
             "edges": edges,
-            "warnings": [f"{stage}: {text} ({n} of {self.stats[stage].calls} calls)"
-                         for (stage, text), n in sorted(self.warnings.items())],
+            "warnings": self.accounts.warning_lines(),
         }
         return report
 

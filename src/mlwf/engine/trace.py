@@ -88,8 +88,8 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
     def us(t: float) -> float:
         return round((t - t0) * 1e6, 3)
 
-    ran = [(c, o) for c, o in run.outcomes if "compute_ms" in o.durations_ms]
-    reused = len(run.outcomes) - len(ran)
+    ran = [(c, o) for c, o in run.accounts.outcomes if "compute_ms" in o.durations_ms]
+    reused = len(run.accounts.outcomes) - len(ran)
     workers: list[str] = []
     for _, o in sorted(ran, key=lambda co: co[1].start):
         if o.worker not in workers:
@@ -153,7 +153,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 10 + lane, "thread_name", "stages" if not lane else f"stages ({lane + 1})")
     for (stage, a, b), lane in zip(stage_spans, lanes):
-        st = run.stats.get(stage)
+        st = run.accounts.stats.get(stage)
         events.append({"ph": "X", "cat": "stage", "name": stage, "pid": DRIVER_PID, "tid": 10 + lane,
                        "ts": us(a), "dur": round(us(b) - us(a), 3),
                        "args": {"stage": stage, "calls": st.calls if st else None,
