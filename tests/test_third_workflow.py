@@ -89,3 +89,28 @@ def test_a_workflow_module_that_cannot_be_imported_is_one_clear_line(monkeypatch
     assert "\n" not in str(info.value)
     assert "tiny-squares" in workflows.names([MODULE])  # a module defining one is registered once
     assert sys.modules[MODULE].WORKFLOW is workflows.get("tiny-squares")
+
+
+def test_mlwf_deploy_knative_renders_a_service_per_stage_of_the_tiny_workflow_and_runs_lists_it(tiny, tmp_path,
+                                                                                              capsys):
+    from mlwf.cli import main
+
+    with Engine(tiny, "tless") as engine:
+        report = engine.run("tiny-squares", NUMBERS, 4)
+    out = tmp_path / "knative"
+    assert main(["deploy", "knative", "--image", "example.org/mlwf:1", "--namespace", "ml", "--s3-host", "minio",
+                 "--s3-port", "9000", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    import yaml
+
+    services = {d["metadata"]["name"]: d for d in yaml.safe_load_all((out / "20-services.yaml").read_text())}
+    square = services["mlwf-tiny-squares-square"]["spec"]["template"]
+    assert square["spec"]["containerConcurrency"] == 1  # its definition's profile
+    assert "mlwf-training-pca" in services and "mlwf-tiny-squares-total" in services
+    endpoints = (out / "endpoints.txt").read_text()
+    assert "tiny-squares/square=http://mlwf-tiny-squares-square.ml.svc.cluster.local" in endpoints
+    assert not (out / "run" / "tiny-squares.yaml").exists()  # no reference arguments to run it with
+    assert main(["runs", "ls", "--store", tiny, "--bucket", "tless", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["progress"] for r in listed if r["run_id"] == report["run_id"]] == [
+        {"split": "1/1", "square": "4/4", "total": "1/1"}]

@@ -145,10 +145,13 @@ def emit(args, report: dict[str, Any]) -> None:
 
 
 def open_store(args):
-    """The store ``--store``/``--bucket`` (and the environment) name, opened."""
+    """The store ``--store``/``--bucket`` (and the environment) name, opened; the workflows
+    ``MLWF_WORKFLOW_MODULES`` names are known from here on (``mlwf runs`` lists their runs too)."""
+    from mlwf import workflows
     from mlwf.settings import Settings
 
     settings = Settings.resolve(store=args.store, bucket=args.bucket)
+    workflows.use(settings.workflow_modules)
     return settings.store.open(settings)
 
 

@@ -89,9 +89,11 @@ def handle(args) -> int:
     from mlwf import deploy
     from mlwf.backends.knative.deploy import render
 
-    files = render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,
-                          s3_port=args.s3_port, bucket=args.bucket, per_stage=args.per_stage,
-                          min_scale=args.min_scale)
+    from mlwf.settings import Settings
+
+    files = render(image=args.image, namespace=args.namespace, s3_host=args.s3_host, s3_port=args.s3_port,
+                   bucket=args.bucket, per_stage=args.per_stage, min_scale=args.min_scale,
+                   workflow_modules=Settings.resolve().workflow_modules)
     written = deploy.write(files, args.out)
     if args.json:
         print(json.dumps({"out": os.path.abspath(args.out), "files": [str(p) for p in written]}))

@@ -142,8 +142,10 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
         "metadata": {"name": SECRET_NAME, "namespace": namespace, "labels": {"app.kubernetes.io/name": "mlwf"}},
         "stringData": {"function-secret": PLACEHOLDER_SECRET, "s3-user": "CHANGE-ME",
                        "s3-password": "CHANGE-ME"}}]
-    for workflow in endpoints:
-        files[f"run/{workflow}.yaml"] = [_job(image, namespace, env, workflow, bucket, endpoints[workflow])]
+    for workflow in deployed:
+        if workflow.example:  # a driver Job for each workflow with the reference's arguments to run
+            files[f"run/{workflow.name}.yaml"] = [_job(image, namespace, env, workflow.name, bucket,
+                                                       endpoints[workflow.name])]
     lines = ["# --endpoint flags for 'mlwf run WORKFLOW ... --backend knative' inside the cluster",
              "# (from outside, use the URLs 'kubectl -n NS get ksvc' prints instead)"]
     for workflow, eps in endpoints.items():
