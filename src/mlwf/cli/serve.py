@@ -86,33 +86,32 @@ def handle(args) -> int:
                             max_client_connections=args.max_client_connections, workers=args.workers)
     if args.deploy_target == "kserve":
         return deploy_kserve(args)
-    from mlwf import deploy
     from mlwf.backends.knative.deploy import render
-
     from mlwf.settings import Settings
 
     files = render(image=args.image, namespace=args.namespace, s3_host=args.s3_host, s3_port=args.s3_port,
                    bucket=args.bucket, per_stage=args.per_stage, min_scale=args.min_scale,
                    workflow_modules=Settings.resolve().workflow_modules)
-    written = deploy.write(files, args.out)
-    if args.json:
-        print(json.dumps({"out": os.path.abspath(args.out), "files": [str(p) for p in written]}))
-    else:
-        print(f"wrote {len(written)} files to {args.out}/: kubectl apply -f {args.out}/ (after creating the "
-              f"Secret, see {args.out}/templates/secret.yaml); flags for mlwf run in {args.out}/endpoints.txt")
-    return 0
+    return _write(args, files, "mlwf deploy knative",
+                  f"kubectl apply -f {args.out}/ (after creating the Secret, see {args.out}/templates/secret.yaml); "
+                  f"flags for mlwf run in {args.out}/endpoints.txt")
 
 
 def deploy_kserve(args: argparse.Namespace) -> int:
-    from mlwf import deploy
-
     files = kserve.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host, s3_port=args.s3_port,
                           bucket=args.bucket, model_prefix=args.model_prefix, name=args.name,
                           min_scale=args.min_scale, max_scale=args.max_scale, watch=args.watch)
-    written = deploy.write(files, args.out, command="mlwf deploy kserve")
+    return _write(args, files, "mlwf deploy kserve",
+                  f"create the Secret (see {args.out}/templates/secret.yaml), then kubectl apply -f {args.out}/")
+
+
+def _write(args, files, command: str, next_step: str) -> int:
+    """Write rendered manifests into ``--out``; say where (JSON with ``--json``) and what to do next."""
+    from mlwf import deploy
+
+    written = deploy.write(files, args.out, command=command)
     if args.json:
         print(json.dumps({"out": os.path.abspath(args.out), "files": [str(p) for p in written]}))
     else:
-        print(f"wrote {len(written)} files to {args.out}/: create the Secret (see {args.out}/templates/secret.yaml), "
-              f"then kubectl apply -f {args.out}/")
+        print(f"wrote {len(written)} files to {args.out}/: {next_step}")
     return 0
