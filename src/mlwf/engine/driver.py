@@ -17,7 +17,6 @@ import math
 import resource
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 from mlwf import workflows
@@ -28,7 +27,8 @@ from mlwf.engine.layout import RunLayout, new_run_id
 from mlwf.engine.progress import SILENT
 from mlwf.engine.runner import decode
 from mlwf.engine.retry import RetryPolicy
-from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
+from mlwf.engine.scheduling import run_concurrently
+from mlwf.errors import MlwfError, UsageError
 from mlwf.runs import DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, effective_status, find_run, now_utc, timestamp
 from mlwf.settings import Settings
 
@@ -227,12 +227,9 @@ class Run:
         have. On a resumed run, a call whose recorded outputs still
         match their checksums is not run again.
         """
-        backend = self.engine.backend
         progress = self.engine.progress
-        policy = self.engine.retry_policy
         if not self._workers_ready:
             self._start_workers()
-        pending: dict[Any, tuple[Call, int, float]] = {}
         results: dict[str, list[Outcome | None]] = {s: [None] * len(c) for s, c in calls.items()}
         started: dict[str, float] = {}
         remaining = {s: len(c) for s, c in calls.items()}
@@ -245,29 +242,19 @@ class Run:
                 self.accounts.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
                 progress.stage_done(call.stage)
 
-        def submit(call: Call, attempt: int, pause: bool = False) -> None:
-            if pause:
-                time.sleep(policy.pause(attempt))
-            deadline = time.monotonic() + self.engine.timeout_for(call.stage)
-            pending[backend.submit(call, self.ctx)] = (call, attempt, deadline)
+        def attempted(call: Call) -> None:
+            self.accounts.stats[call.stage].attempts += 1
 
-        def give_up_or_restart(call: Call, attempt: int, why: str) -> None:
-            """The backend lost or stuck a worker: restart it and resubmit everything in flight."""
-            if attempt + 1 >= policy.attempts:
-                raise StageError(f"{self.workflow} stage {call.name} failed: {why} "
-                                 f"({attempt + 1} attempts)")
-            in_flight = [(c, a) for c, a, _ in pending.values()] + [(call, attempt)]
-            for fut in pending:
-                fut.cancel()
-            pending.clear()
-            backend.cancel_all()
-            for c, a in in_flight:
-                submit(c, a + 1)
+        def done(call: Call, outcome: Outcome) -> None:
+            self.accounts.add(call, outcome)
+            self.checkpoints.mark_done(call, outcome)
+            finished(call, outcome)
 
         for stage, arg_list in calls.items():
             self.accounts.stats[stage] = StageStats(calls=len(arg_list))
             progress.stage_started(stage, len(arg_list))
             started[stage] = time.perf_counter()
+        to_run = []
         for stage, arg_list in calls.items():
             for i, args in enumerate(arg_list):
                 call = Call(self.workflow, stage, i, args)
@@ -277,52 +264,12 @@ class Run:
                     self.accounts.add(call, reused)
                     finished(call, reused)
                 else:
-                    submit(call, 0)
+                    to_run.append(call)
         for s, arg_list in calls.items():
             if not arg_list:
                 progress.stage_done(s)
-        try:
-            while pending:
-                timeout = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
-                done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
-                if not done:
-                    fut, (call, attempt, _) = min(pending.items(), key=lambda kv: kv[1][2])
-                    self.accounts.stats[call.stage].attempts += 1
-                    del pending[fut]
-                    give_up_or_restart(call, attempt, f"timed out after {self.engine.timeout_for(call.stage):g} s")
-                    continue
-                for fut in done:
-                    if fut not in pending:
-                        continue  # cancelled by a restart in this same batch
-                    call, attempt, _ = pending.pop(fut)
-                    self.accounts.stats[call.stage].attempts += 1
-                    try:
-                        outcome = fut.result()
-                    except WorkerLost as e:
-                        if not e.restart:
-                            if not policy.should_retry(e, attempt):
-                                raise
-                            submit(call, attempt + 1, pause=True)
-                            continue
-                        # The backend lost its workers with this call: every call in flight goes again.
-                        give_up_or_restart(call, attempt, "its worker process died")
-                        break
-                    except Exception as e:  # noqa: BLE001 - the policy decides from the error
-                        if not policy.should_retry(e, attempt):
-                            if isinstance(e, MlwfError):
-                                raise
-                            # An engine failure, not the stage's own error.
-                            raise StageError(f"{self.workflow} stage {call.name} failed: "
-                                             f"{type(e).__name__}: {e}") from e
-                        submit(call, attempt + 1, pause=True)
-                        continue
-                    self.accounts.add(call, outcome)
-                    self.checkpoints.mark_done(call, outcome)
-                    finished(call, outcome)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        run_concurrently(to_run, backend=self.engine.backend, ctx=self.ctx, policy=self.engine.retry_policy,
+                         timeout_for=self.engine.timeout_for, on_attempt=attempted, on_done=done)
         return {s: list(r) for s, r in results.items()}  # type: ignore[arg-type]
 
     def _start_workers(self) -> None:
