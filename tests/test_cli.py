@@ -363,13 +363,13 @@ def test_the_default_settings_are_recorded_as_before_the_new_fields():
 def test_preset_accurate_is_its_flags_and_a_flag_given_with_it_wins(capsys, store_url):
     import mlwf.model
     from mlwf.presets import PRESETS
-    from mlwf.storage import StoreSpec
+    from mlwf.storage import open_store
 
     # The preset on digits, with the image size, components and trees made small so the run is quick.
     report = _json_out(capsys, ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--json", *_where(store_url),
                                 "--preset", "accurate", "--image-size", "16", "--components", "6", "--trees", "8",
                                 "--model-prefix", "ml-inference/accurate"])
-    store = StoreSpec.resolve(store_url, "tless").open()
+    store = open_store(store_url, "tless")
     model = mlwf.model.load("ml-inference/accurate", store=store)
     config = model.config
     assert (config["image_size"], config["n_components"], config["n_trees"]) == (16, 6, 8)  # the flags

@@ -383,7 +383,7 @@ def test_read_published_refuses_an_object_changed_after_publishing(tmp_path):
 # --------------------------------------------------------------------------- the two tree walks
 def _walk(model, pixels, compiled, monkeypatch):
     """Probabilities from a fresh copy of ``model``, with scikit-learn's compiled walk or the NumPy walk."""
-    from mlwf import forest_walk
+    from mlwf.model import walk as forest_walk
 
     monkeypatch.setattr(forest_walk, "usable", lambda members, n_classes, n_rows: compiled)
     fresh = mlwf.model.from_bytes(model.to_bytes())
@@ -414,7 +414,7 @@ def test_the_compiled_walk_gives_the_numpy_walks_probabilities_bit_for_bit(train
 
 
 def test_the_compiled_walk_is_taken_only_for_batches_it_is_faster_on(trained, monkeypatch):
-    from mlwf import forest_walk
+    from mlwf.model import walk as forest_walk
 
     engine, _ = trained
     model = mlwf.model.load("ml-inference/model", store=engine.store)

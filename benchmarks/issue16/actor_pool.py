@@ -17,9 +17,11 @@ store, ``--transfer store``) is mlwf's own. Only ``--transfer store`` is
 supported here. ``python benchmarks/issue16/actor_pool.py --kill-pool ADDRESS``
 removes the actors.
 
-This is a measurement prototype, not the design: see
-benchmarks/ISSUE16-FINDINGS.md for what an implementation needs (resource
-accounting, versioning of the pool against the driver's mlwf, credentials).
+This is a measurement prototype, not the design (benchmarks/README.md says
+what an implementation needs: versioning of the pool against the driver's
+mlwf, resource accounting, credentials). It patches the Ray backend as it
+was before the reorganisation of issue 13 and runs against that code
+(``git worktree add … 9976f35``), where it was measured.
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ Variants (prototypes of further changes; the first two tried are now what
 and paying the first-call costs of Pillow and scikit-learn in the fork server,
 mlwf.workflows.warmup):
 
-``lean``       the worker initializer skips ``threadpool_limits(1)``: the
-               BLAS variables the fork server starts with already pin it.
 ``nowait``     closing the engine does not wait for the workers to exit
                (they exit with the driver: mlwf.engine.lifeline).
 ``fastexit``   the process ends with ``os._exit`` once its output is
@@ -45,16 +43,17 @@ def mark(event: str, **extra) -> None:
 
 def _preload(variants: set[str]) -> tuple[list[str], list[str]]:
     """The fork server's preload lists (light, heavy): mlwf's own, with our marks around them."""
-    from mlwf.engine import forkserver
+    from mlwf.backends import forkserver
 
     light = ["probe_fs_begin", *forkserver.LIGHT, "probe_fs_light"]
-    heavy = [*forkserver.HEAVY, "probe_fs_heavy", *(["probe_fs_lean"] if "lean" in variants else []), "probe_fs_end"]
+    heavy = [*forkserver.HEAVY, "probe_fs_heavy", "probe_fs_end"]
     return light, heavy
 
 
 def _patch_driver(variants: set[str]) -> None:
     """Marks around the engine's steps (imported here, where `mlwf run` imports them)."""
-    from mlwf.engine import driver, local
+    from mlwf.backends import local
+    from mlwf.engine import driver
 
     import mlwf.ui  # noqa: F401
 
@@ -113,14 +112,14 @@ def main() -> int:
         argv = argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    unknown = variants - {"lean", "nowait", "fastexit"}
+    unknown = variants - {"nowait", "fastexit"}
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}")
     # The fork server and the workers find our mark modules here.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
     sys.path.insert(0, HERE)
     mark("probe started", variants=sorted(variants), since_process_start=_since_process_start())
-    from mlwf.engine import forkserver
+    from mlwf.backends import forkserver
 
     forkserver.LIGHT, forkserver.HEAVY = _preload(variants)
     original_start = forkserver.start

@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``python benchmarks/run.py`` prepared benchmarks/data/store)::
 
     python benchmarks/issue16/cold_start_anatomy.py [--repeats 9] [--before main] \
-        [--variants today,lean,nowait+fastexit]
+        [--variants today,nowait+fastexit]
 
 Each round runs, in a shuffled order, one fresh process of each of:
 
@@ -137,7 +137,7 @@ def summary(rows: list[dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--variants", default="today,lean,nowait+fastexit")
+    p.add_argument("--variants", default="today,nowait+fastexit")
     p.add_argument("--before", default="main", help="the commit to compare with (default: main)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/cold_start_anatomy.json"))
     p.add_argument("--seed", type=int, default=16)

@@ -1,16 +1,16 @@
 """cold_probe.py: marks the end of the fork server's preload, and each worker's initializer."""
 
-from mlwf.engine import local
+from mlwf.backends.local import worker
 from probe_marks import mark
 
-_init = local._init_worker
+_init = worker.init_worker
 
 
-def _init_worker(env, owner):
+def init_worker(forwarded, owner):
     mark("worker", "initializer began")
-    _init(env, owner)
+    _init(forwarded, owner)
     mark("worker", "initializer ended")
 
 
-local._init_worker = _init_worker
+worker.init_worker = init_worker
 mark("fork server", "preload end")

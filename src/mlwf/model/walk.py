@@ -39,7 +39,7 @@ def usable(members: list[dict[str, Any]], n_classes: int, n_rows: int) -> bool:
 
 
 def build_trees(member: dict[str, Any], n_features: int, n_classes: int) -> list:
-    """scikit-learn ``Tree`` objects for one member (a model already checked by :func:`mlwf.model._check`).
+    """scikit-learn ``Tree`` objects for one member (of a model checked as :func:`mlwf.model.from_bytes` does).
 
     Parameters
     ----------

@@ -1,0 +1,78 @@
+"""Every key a run writes, in one place.
+
+A run lives in ``<workflow>/outputs/<run-id>/``::
+
+    run.json                      the record: parameters, status, lease, report
+    <stage>/<index>-<part>.bin    an output of call <index> of <stage> (store transfer); parts are
+                                  numbered in the order the stage's outputs are defined, every part
+                                  of a ``many`` output counted
+    <stage>/<index>.done.json     a finished call: its outputs and their SHA-256 (for --resume)
+    predictions.csv, ...          results a workflow's driver writes
+
+A run id (``20261126T121500.123456Z-3f9a1c``) sorts by start time and is
+unique, so concurrent runs never touch each other's state. ``mlwf runs``
+reads runs back through :func:`parse_intermediate` and :data:`RUN_ID`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import secrets
+from dataclasses import dataclass
+
+from mlwf.storage import join_key
+
+RECORD = "run.json"
+#: The shape of every run id :func:`new_run_id` makes.
+RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
+_INTERMEDIATE = re.compile(r"(?P<stage>[a-z][a-z0-9_]*)/(?P<index>\d+)(?:-(?P<part>\d+)\.bin|\.done\.json)")
+
+
+def new_run_id() -> str:
+    """A unique run id that sorts by start time, such as ``20261126T121500.123456Z-3f9a1c``."""
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{now}-{secrets.token_hex(3)}"
+
+
+def runs_folder(workflow: str) -> str:
+    """``<workflow>/outputs/``: where the runs of ``workflow`` live."""
+    return join_key(workflow, "outputs") + "/"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The keys of one run."""
+
+    workflow: str
+    run_id: str
+
+    @property
+    def folder(self) -> str:
+        """``<workflow>/outputs/<run-id>`` (no trailing slash)."""
+        return join_key(self.workflow, "outputs", self.run_id)
+
+    @property
+    def record(self) -> str:
+        return join_key(self.folder, RECORD)
+
+    def output(self, stage: str, index: int, part: int) -> str:
+        """Where part ``part`` of call ``index`` of ``stage`` is stored."""
+        return join_key(self.folder, stage, f"{index}-{part}.bin")
+
+    def done(self, stage: str, index: int) -> str:
+        """The record of a finished call of ``stage``."""
+        return join_key(self.folder, stage, f"{index}.done.json")
+
+    def result(self, name: str) -> str:
+        """A result the driver writes, such as ``predictions.csv``."""
+        return join_key(self.folder, name)
+
+
+def parse_intermediate(rest: str) -> tuple[str, bool] | None:
+    """``(stage, finished)`` for a key below a run's folder that is an intermediate (``finished``: a
+    ``.done.json`` record, else an output part), or None for anything else (the record, results)."""
+    match = _INTERMEDIATE.fullmatch(rest)
+    if match is None:
+        return None
+    return match["stage"], match["part"] is None
