@@ -1,9 +1,10 @@
 """Issue 16: Model.proba_from_pixels before and after, on the 10k test images, one thread, same session.
 
-    python benchmarks/issue16/predict_engines.py [--model ml-inference/model-i16-60k-after] [--repeats 5]
+    python benchmarks/issue16/predict_engines.py [--model ml-inference/model-i16-60k-after] [--repeats 5] [--before 24b140c]
 
 Decodes the 10,000 Fashion-MNIST test images once, then times, alternating:
-``before`` (mlwf.model of ``--before``, extracted with ``git archive`` and
+``before`` (the single-file mlwf/model.py of ``--before``, default main before issue 16 and the
+reorganisation, extracted with ``git archive`` and
 imported under another name), ``numpy`` (this tree, the NumPy walk: what a
 process without scikit-learn loaded does) and ``compiled`` (this tree,
 scikit-learn's tree walker), on the same pixels. All three must give the same
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ml-inference/model-i16-60k-after")
-    p.add_argument("--before", default="main")
+    p.add_argument("--before", default="24b140c")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/predict_engines.json"))
     a = p.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     import sklearn.tree  # noqa: F401  (loaded, as in a training worker or a warm engine's worker)
 
     import mlwf.model
-    from mlwf import forest_walk
+    from mlwf.model import walk as forest_walk
     from mlwf.images import decode_many
     from mlwf.storage import open_store
 
