@@ -448,3 +448,16 @@ def test_projection_does_not_depend_on_the_rows_beside_it():
     assert np.array_equal(whole, ((pixels.astype(np.float64) - mean) @ components.T).astype(np.float32))
     for rows in (slice(0, 1), slice(255, 258), slice(300, 700)):
         assert np.array_equal(mlwf.model.project(pixels[rows], mean, components), whole[rows])
+
+
+def test_a_model_too_large_for_the_compiled_walk_takes_the_numpy_walk(trained, monkeypatch):
+    from mlwf.model import walk
+
+    import sklearn.tree  # noqa: F401
+
+    engine, _ = trained
+    model = mlwf.model.load("ml-inference/model", store=engine.store)
+    nodes = sum(len(m["left"]) for m in model.members)
+    assert walk.usable(model.members, len(model.classes), 1000)
+    monkeypatch.setattr(walk, "MAX_VALUES", nodes * len(model.classes) - 1)
+    assert not walk.usable(model.members, len(model.classes), 1000)

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-#: Largest model (nodes × classes) walked in compiled code: each node holds its
-#: values as float64 there (1 GiB at this bound); a larger one takes the NumPy walk.
-MAX_VALUES = 1 << 27
+#: Largest model (nodes × classes) walked in compiled code, where each node holds 64 bytes and
+#: its class values as float64 (at this bound with 10 classes: 6.7 M nodes, about 0.9 GB, 5× the
+#: model's bytes); a larger one takes the NumPy walk, whose memory is bounded per batch.
+MAX_VALUES = 1 << 26
 #: Fewest images a batch needs for the compiled walk: it calls each tree once per batch
 #: (about 3 µs a tree), so for a few images the NumPy walk, a few steps per member, is faster.
 MIN_ROWS = 32
