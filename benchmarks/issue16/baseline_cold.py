@@ -2,7 +2,7 @@
 
     python benchmarks/issue16/baseline_cold.py FOLDER NUM_PCA NUM_TRAIN
 
-Imports benchmarks/baseline.py (NumPy, Pillow, scikit-learn) and trains the
+Imports src/mlwf/bench/baseline.py (NumPy, Pillow, scikit-learn) and trains the
 same ensemble on the PNG class folders in FOLDER in this one process; prints
 one JSON line with the time its imports took and the training took.
 """
@@ -15,9 +15,14 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import importlib.util  # noqa: E402
 
-import baseline  # noqa: E402
+# mlwf's baseline module alone (NumPy, Pillow, scikit-learn), not the mlwf package around it.
+_spec = importlib.util.spec_from_file_location(
+    "baseline", os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../src/mlwf/bench/baseline.py"))
+baseline = importlib.util.module_from_spec(_spec)
+sys.modules["baseline"] = baseline
+_spec.loader.exec_module(baseline)
 
 T_IMPORTED = time.time()
 result = baseline.train(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
