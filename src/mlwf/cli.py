@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(inf)
     _common(inf)
 
+    _invoke_parser(sub)
+
     ds = sub.add_parser("dataset", help="write a dataset as PNG class folders OUT/<label>/<index>.png")
     dss = ds.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
     dg = dss.add_parser("digits", help="scikit-learn's bundled digits (1,797 8×8 images)")
@@ -197,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "is closed")
     sv.add_argument("--max-client-connections", type=int,
                     help="open connections from one address at most (default: half of --max-connections)")
+    sv.add_argument("--sink", action="append", default=None, metavar="URL|STAGE=URL",
+                    help="choreography: send the events that start each next stage to URL (a Broker, Channel or "
+                         "the next service), or STAGE=URL per stage (repeatable; default: $K_SINK)")
+    sv.add_argument("--dead-letter", metavar="URL", help="choreography: where events go that could not be delivered")
+    sv.add_argument("--delivery-retries", type=int, help="choreography: redeliveries of an event (default 10)")
+    sv.add_argument("--claim-lease", type=float,
+                    help="choreography: seconds a server's claim on a call lasts unless renewed (default 30)")
+    sv.add_argument("--retries", type=int,
+                    help="choreography: extra attempts of a failed call here before its delivery is retried (default 2)")
     sv.add_argument("--insecure-no-auth", action="store_true",
                     help="accept unsigned calls (local experiments only: anyone who can connect runs stages)")
     sv.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -331,6 +342,8 @@ def _dispatch(args) -> int:
         return _trace(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "invoke":
+        return _invoke(args)
     if args.command in ("serve", "deploy"):
         return _serve_or_deploy(args)
     raise UsageError(f"unknown command {args.command!r}")
@@ -417,6 +430,62 @@ def _emit(args, report: dict[str, Any]) -> None:
     from mlwf.ui import print_report
 
     print_report(report)
+
+
+# --------------------------------------------------------------------------- invoke
+def _invoke_parser(sub) -> None:
+    inv = sub.add_parser("invoke", help="start a choreographed run on Knative with one event (no driver)")
+    wf = inv.add_subparsers(dest="workflow", required=True, parser_class=_Parser)
+    tr = wf.add_parser("ml-training", help="start ml-training DATA_PREFIX NUM_PCA NUM_TRAIN")
+    _training_options(tr)
+    tr.add_argument("--allow-unvalidated", action="store_true",
+                    help="publish even if validated on fewer than 2 decodable held-out images of some class")
+    inf = wf.add_parser("ml-inference", help="start ml-inference MODEL_PREFIX DATA_PREFIX NUM_FUNCS")
+    inf.add_argument("model_prefix", metavar="MODEL_PREFIX")
+    inf.add_argument("data_prefix", metavar="DATA_PREFIX")
+    inf.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    for p in (tr, inf):
+        p.add_argument("--endpoint", metavar="URL",
+                       help="the service (mlwf serve --sink ...) or Broker that takes the start event")
+        p.add_argument("--wait", action="store_true",
+                       help="follow the run through the store until it ends; print its report as 'mlwf run' does")
+        p.add_argument("--timeout", type=float, default=3600.0,
+                       help="with --wait: seconds to wait for the run to end (default 3600)")
+        _common(p)
+
+
+def _invocation(args) -> dict[str, Any]:
+    """The driver's arguments and settings as a start event carries them (the same as 'mlwf run')."""
+    from dataclasses import asdict
+
+    if args.workflow == "ml-training":
+        return {"args": [args.data_prefix, args.num_pca, args.num_train],
+                "options": {"config": asdict(_training_config(args)), "model_prefix": args.model_prefix,
+                            "publish": not args.no_publish, "allow_unvalidated": args.allow_unvalidated}}
+    return {"args": [args.model_prefix, args.data_prefix, args.num_funcs], "options": {}}
+
+
+def _invoke(args) -> int:
+    from mlwf.choreography import invoke
+    from mlwf.engine.driver import MAX_TIMEOUT_S, check_seconds
+    from mlwf.storage import StoreSpec
+
+    if args.wait:
+        check_seconds("--timeout", args.timeout, MAX_TIMEOUT_S)
+    spec = StoreSpec.resolve(args.store, args.bucket)
+    run_id = invoke.invoke(args.workflow, _invocation(args), args.endpoint, spec)
+    if not args.wait:
+        print(json.dumps({"run_id": run_id, "workflow": args.workflow, "status": "started"}) if args.json else run_id)
+        return 0
+    if not args.json:
+        print(f"started {args.workflow} run {run_id}; waiting for it to end", file=sys.stderr)
+    store = spec.open()
+    try:
+        report = invoke.wait(store, args.workflow, run_id, timeout=args.timeout)
+    finally:
+        store.close()
+    _emit(args, report)
+    return 0
 
 
 # --------------------------------------------------------------------------- dataset
@@ -628,7 +697,9 @@ def _serve_or_deploy(args) -> int:
                             bucket=args.bucket, max_body=server.parse_size(args.max_body), threads=args.threads,
                             grace=args.grace, insecure_no_auth=args.insecure_no_auth, max_age=args.max_age,
                             request_timeout=args.request_timeout, max_connections=args.max_connections,
-                            max_client_connections=args.max_client_connections, workers=args.workers)
+                            max_client_connections=args.max_client_connections, workers=args.workers,
+                            sinks=args.sink, dead_letter=args.dead_letter, delivery_retries=args.delivery_retries,
+                            claim_lease=args.claim_lease, retries=args.retries)
     from mlwf import deploy
 
     files = deploy.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,

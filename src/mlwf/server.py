@@ -133,6 +133,7 @@ class ServeConfig:
     threads: int | None = None
     workers: int = 0  # > 0: run calls in that many worker processes instead of threads
     limits: Any = None  # mlwf.httpguard.Limits (None: its defaults)
+    choreography: Any = None  # mlwf.choreography.service.ChoreographyConfig: emit successors' events (--sink)
 
 
 def parse_stages(spec: str | None) -> frozenset[tuple[str, str]] | None:
@@ -335,10 +336,17 @@ class App:
 
             self.processes = LocalBackend(config.workers, preload_sklearn=True)
             self.processes.warm_up()
+        self.choreography = None
+        if config.choreography is not None:
+            from mlwf.choreography.service import ChoreographyService
+
+            self.choreography = ChoreographyService(self, config.choreography)
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
             sweeper = asyncio.create_task(self.guard.run())
+            if self.choreography is not None:
+                self.choreography.start()
             self.ready = True
             try:
                 yield
@@ -349,7 +357,8 @@ class App:
 
         self.asgi = Starlette(routes=[Route("/healthz", self.healthz, methods=["GET"]),
                                       Route("/readyz", self.readyz, methods=["GET"]),
-                                      Route("/", self.invoke, methods=["POST"])],
+                                      Route("/", self.invoke, methods=["POST"]),
+                                      Route("/dead-letter", self.invoke, methods=["POST"])],
                               lifespan=lifespan)
 
     # ------------------------------------------------------------------ probes
@@ -381,8 +390,20 @@ class App:
             except Exception as e:  # the SDK raises several kinds for malformed input
                 raise Refusal(400, f"not a CloudEvents 1.0 request: {_one_line(e)}") from None
             event_id, etype = event.get_id(), event.get_type()
+            kind = event.get_extension(events.KIND_ATTR)
+            if kind is not None or request.url.path == "/dead-letter":
+                # Choreographed: a start or stage event whose server emits what comes next.
+                if self.choreography is None:
+                    raise Refusal(404, "this server takes no choreographed events: start it with --sink URL "
+                                       "(or K_SINK)")
+                if request.url.path == "/dead-letter":
+                    response = await self.choreography.dead_letter(event)
+                else:
+                    response = await self.choreography.handle(event, str(kind))
+                status = response.status_code
+                return response
             call, ctx, data = self._parse(event)
-            self._authenticate(event, call, ctx, data)
+            self._authenticate(event, "call", call.workflow, call.stage, ctx.run_id, data)
             self._route(call)
             ctx = self._check_store(ctx)
             await self._claim(event)
@@ -471,6 +492,8 @@ class App:
         return dataclasses.replace(ctx, store_url=own.url, bucket=own.bucket)
 
     def close(self) -> None:
+        if self.choreography is not None:
+            self.choreography.close()
         self.pool.shutdown(wait=True)
         self.bookkeeping.shutdown(wait=True)
         if self.processes is not None:
@@ -505,7 +528,9 @@ class App:
                                f"{_clean(call.workflow)}/{_clean(call.stage)} of a {_clean(ctx.workflow)} run")
         return call, ctx, data
 
-    def _authenticate(self, event, call, ctx, data) -> None:
+    def _authenticate(self, event, kind: str, workflow: str, stage: str, run_id: str, data,
+                      max_age: int | None = None) -> None:
+        """Check the signature of a ``kind`` request (``call``, ``event``, ``start``) and its age; else Refusal."""
         if self.config.insecure:
             return
         signature = event.get_extension(events.SIGNATURE_ATTR)
@@ -515,12 +540,13 @@ class App:
         stamp = str(stamp)
         if not stamp.isdigit() or len(stamp) > 12:
             raise Refusal(401, f"{events.TIME_ATTR} must be whole Unix seconds")
-        if not events.verify(self.config.secret, str(signature), "call", call.workflow, call.stage, ctx.run_id,
+        if not events.verify(self.config.secret, str(signature), kind, workflow, stage, run_id,
                              data, event.get_id(), stamp):
             raise Refusal(401, "bad signature: the caller's MLWF_FUNCTION_SECRET differs, or the event was altered")
+        limit = self.config.max_age if max_age is None else max_age
         age = time.time() - int(stamp)
-        if age > self.config.max_age:
-            raise Refusal(403, f"expired invocation: signed {age:.0f} s ago, over the {self.config.max_age} s "
+        if age > limit:
+            raise Refusal(403, f"expired invocation: signed {age:.0f} s ago, over the {limit} s "
                                "window (check the clocks)")
         if age < -events.MAX_FUTURE_SKEW:
             raise Refusal(403, f"invocation signed {-age:.0f} s in the future (check the clocks)")
@@ -599,6 +625,7 @@ def _setup_logging() -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per delivered event is the server's own log
 
 
 def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None = None,
@@ -606,13 +633,18 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
           max_body: int = DEFAULT_MAX_BODY, threads: int | None = None, grace: float = DEFAULT_GRACE,
           insecure_no_auth: bool = False, max_age: int = events.DEFAULT_MAX_AGE,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, max_client_connections: int | None = None,
-          request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0) -> int:
+          request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0, sinks: list[str] | None = None,
+          dead_letter: str | None = None, delivery_retries: int | None = None, claim_lease: float | None = None,
+          retries: int | None = None) -> int:
     """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
 
     ``store``/``bucket`` (default ``MLWF_STORE``/``MLWF_BUCKET``, as every
     command) name the one store the server acts on. ``request_timeout``,
     ``max_connections`` and ``max_client_connections`` (default half of
     ``max_connections``) bound connections as :mod:`mlwf.httpguard` describes.
+    ``sinks`` (``URL`` or ``STAGE=URL`` entries, default ``$K_SINK``) turn on
+    choreography (:mod:`mlwf.choreography`), with ``dead_letter``,
+    ``delivery_retries``, ``claim_lease`` and the stage's own ``retries``.
 
     Raises
     ------
@@ -649,6 +681,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
                                             else max_client_connections))
+    choreography = _choreography_config(sinks, dead_letter, delivery_retries, claim_lease, retries)
     spec = StoreSpec.resolve(store, bucket)
     try:
         spec.open().close()  # a bad URL or bucket name fails here, not at the first call
@@ -661,7 +694,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     # With --insecure-no-auth, a secret that is there anyway still signs the replies.
     config = ServeConfig(store=spec.canonical(), stages=parse_stages(stages), secret=secret,
                          insecure=insecure_no_auth, max_body=max_body, max_age=max_age, threads=threads,
-                         workers=workers, limits=limits)
+                         workers=workers, limits=limits, choreography=choreography)
     _setup_logging()
     if insecure_no_auth:
         warning = ("AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach "
@@ -678,6 +711,11 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
              limits.max_client_connections,
              f"{workers} worker processes" if workers else f"{app.threads} worker threads",
              "off" if insecure_no_auth else "HMAC-SHA256")
+    if choreography is not None:
+        sink = choreography.sinks
+        log.info("choreography: events to %s%s; dead letters to %s; %d delivery retries; claims last %g s",
+                 sink.default or "per-stage sinks", "".join(f", {w}/{st}={u}" for (w, st), u in sorted(sink.routes.items())),
+                 sink.dead_letter or "nowhere", choreography.delivery_retries, choreography.lease_s)
     # Connection limits and time bounds are the guard's (mlwf.httpguard), not uvicorn's
     # limit_concurrency, which would answer 503 to health checks too. No WebSocket upgrades:
     # an upgraded connection would leave the guard.
@@ -703,6 +741,23 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     app.close()
     log.info("mlwf serve stopped cleanly")
     return 0
+
+
+def _choreography_config(sinks, dead_letter, delivery_retries, claim_lease, retries):
+    """The choreography settings of ``mlwf serve`` (None: no sink, a driver's function server only)."""
+    from mlwf.choreography.service import ChoreographyConfig
+    from mlwf.choreography.sinks import parse_sinks
+
+    parsed = parse_sinks(sinks, k_sink=os.environ.get("K_SINK"), dead_letter=dead_letter)
+    if parsed is None:
+        for flag, value in (("--delivery-retries", delivery_retries), ("--claim-lease", claim_lease),
+                            ("--retries", retries)):
+            if value is not None:
+                raise UsageError(f"{flag} is for choreography: give --sink URL (or set K_SINK) too")
+        return None
+    given = {k: v for k, v in (("delivery_retries", delivery_retries), ("lease_s", claim_lease),
+                               ("stage_retries", retries)) if v is not None}
+    return ChoreographyConfig(sinks=parsed, **given).check()
 
 
 def _server_class():

@@ -81,9 +81,19 @@ class _NoProgress:
     def stage_done(self, stage): pass
 
 
-def _call_digest(call: Call) -> str:
+def call_digest(call: Call) -> str:
     """What identifies a call's work: its stage, index and arguments (with input checksums)."""
     return digest(json.dumps(call.to_json(), sort_keys=True).encode())
+
+
+def done_key(outputs_prefix: str, call: Call) -> str:
+    """Where a finished call's record lives: ``<run folder>/<stage>/<index>.done.json``."""
+    return join_key(outputs_prefix, call.stage, f"{call.index}.done.json")
+
+
+def done_record(call: Call, outcome: Outcome) -> bytes:
+    """The bytes of a finished call's record: what it was (digest) and what it made (outcome)."""
+    return json.dumps({"call": call_digest(call), "outcome": outcome.to_json()}).encode()
 
 
 def new_run_id() -> str:
@@ -250,17 +260,8 @@ class Run:
         self.outputs_prefix = join_key(workflow, "outputs", self.run_id)
         self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket,
                               self.outputs_prefix, engine.transfer)
-        self.stats: dict[str, StageStats] = {}
-        self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.outcomes: list[tuple[Call, Outcome]] = []
-        #: Worker start-up this run waited for before its first stage: ms (0 when the
-        #: workers were already running; None for a backend that starts them elsewhere)
-        #: and its span on the wall clock.
-        self.startup_ms: float | None = None
-        self.startup_span: tuple[float, float] | None = None
+        self._init_accounting()
         self._workers_ready = False
-        #: (stage, warning) -> how many calls raised it
-        self.warnings: dict[tuple[str, str], int] = defaultdict(int)
         self.t0 = time.perf_counter()
         engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
         self.started_at = timestamp(now_utc())
@@ -270,6 +271,23 @@ class Run:
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(target=self._renew_lease, name=f"mlwf-lease-{self.run_id}", daemon=True)
         self._heartbeat.start()
+
+    def _init_accounting(self) -> None:
+        """What :meth:`_account` adds up and :meth:`report` reports (also used by choreographed runs)."""
+        self.stats: dict[str, StageStats] = {}
+        self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.outcomes: list[tuple[Call, Outcome]] = []
+        #: Worker start-up this run waited for before its first stage: ms (0 when the
+        #: workers were already running; None for a backend that starts them elsewhere)
+        #: and its span on the wall clock.
+        self.startup_ms: float | None = None
+        self.startup_span: tuple[float, float] | None = None
+        #: (stage, warning) -> how many calls raised it
+        self.warnings: dict[tuple[str, str], int] = defaultdict(int)
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the run started (its ``e2e_ms``)."""
+        return (time.perf_counter() - self.t0) * 1e3
 
     @property
     def store(self):
@@ -399,14 +417,13 @@ class Run:
 
     # ------------------------------------------------------------------ resume
     def _done_key(self, call: Call) -> str:
-        return join_key(self.outputs_prefix, call.stage, f"{call.index}.done.json")
+        return done_key(self.outputs_prefix, call)
 
     def _mark_done(self, call: Call, outcome: Outcome) -> None:
         """Record a finished call so a resumed run can reuse it (store transfer only)."""
         if self.engine.transfer != "store" or not self.engine.checkpoints:
             return
-        doc = {"call": _call_digest(call), "outcome": outcome.to_json()}
-        self.store.put(self._done_key(call), json.dumps(doc).encode())
+        self.store.put(self._done_key(call), done_record(call, outcome))
 
     def _reuse(self, call: Call) -> Outcome | None:
         """On a resumed run, the recorded outcome of ``call`` if its outputs verify."""
@@ -414,7 +431,7 @@ class Run:
             return None
         try:
             doc = json.loads(self.store.get(self._done_key(call)))
-            if doc["call"] != _call_digest(call):
+            if doc["call"] != call_digest(call):
                 return None
             outcome = Outcome.from_json(doc["outcome"])
             for ref in outcome.outputs:
@@ -467,7 +484,7 @@ class Run:
     # ------------------------------------------------------------------ report
     def report(self, **extra: Any) -> dict[str, Any]:
         """The run's summary: end-to-end time, per-stage and per-edge figures."""
-        e2e = (time.perf_counter() - self.t0) * 1e3
+        e2e = self.elapsed_ms()
         stages = {}
         for name, st in self.stats.items():
             stages[name] = {"calls": st.calls, "attempts": st.attempts, "reused": st.reused,

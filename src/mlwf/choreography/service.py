@@ -1,0 +1,244 @@
+"""``mlwf serve`` with sinks: choreographed events in, successors' events out.
+
+A request whose CloudEvent carries ``mlwfkind`` is choreographed (see
+:mod:`mlwf.engine.events`): ``start`` starts a run, ``event`` runs one stage
+call of it. Both are checked as a driver's calls are (HMAC signature over the
+kind, workflow, stage, run id, data, event id and time; ``--max-age``; the
+server's own store and the run's folder only), and answered once the work is
+done and what comes next has been handed to the dispatcher:
+
+* ``202 {"run_id", "status": "started"}`` for a start;
+* ``200 {"status": "done" | "skipped" | "failed", "detail"}`` for a stage
+  event: a call run here, or skipped (its run has ended, it is recorded as
+  done, or another server is running it), or one that failed on bad input
+  (the run is then ``failed``: redelivering cannot help, so it is
+  acknowledged);
+* ``400`` for a start whose parameters the driver refuses (nothing written),
+  and the refusals of :mod:`mlwf.server` for anything malformed or forged;
+* ``500`` (retryable) when the call failed after the server's own
+  ``--retries``: the delivery retries it, and when the deliveries are
+  exhausted the run ends ``failed`` with the last error.
+
+Choreographed events skip the per-event-id replay ledger that driver calls
+use: a redelivery of the same event after a crash must run, and running an
+event twice cannot do anything twice, since a call recorded as done or
+claimed by a live server is skipped (:mod:`mlwf.choreography.records`).
+
+``POST /dead-letter`` takes the events a Knative delivery gave up on (its
+``deadLetterSink``): the run of each ends ``failed`` with Knative's error
+code and data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from mlwf.choreography.sinks import DEFAULT_DELIVERY_RETRIES, Dispatcher, Sinks
+from mlwf.choreography.steps import Choreographer
+from mlwf.engine import events
+from mlwf.engine.calls import RunContext
+from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
+
+log = logging.getLogger("mlwf.choreography")
+
+DEFAULT_LEASE_S = 30.0
+DEFAULT_STAGE_RETRIES = 2
+#: Dead-lettered events may have waited through a whole delivery schedule: accepted this old.
+DEAD_LETTER_MAX_AGE = 86_400
+_NOT_RETRYABLE = (DataError, ModelError, UsageError, NotFoundError)
+
+
+@dataclass(frozen=True)
+class ChoreographyConfig:
+    """A server's choreography settings (``mlwf serve --sink ...``)."""
+
+    sinks: Sinks
+    delivery_retries: int = DEFAULT_DELIVERY_RETRIES
+    lease_s: float = DEFAULT_LEASE_S
+    stage_retries: int = DEFAULT_STAGE_RETRIES
+
+    def check(self) -> ChoreographyConfig:
+        if isinstance(self.delivery_retries, bool) or not isinstance(self.delivery_retries, int) \
+                or not 0 <= self.delivery_retries <= 100:
+            raise UsageError(f"--delivery-retries must be 0 to 100, got {self.delivery_retries!r}")
+        if isinstance(self.stage_retries, bool) or not isinstance(self.stage_retries, int) \
+                or not 0 <= self.stage_retries <= 100:
+            raise UsageError(f"--retries must be 0 to 100, got {self.stage_retries!r}")
+        if not isinstance(self.lease_s, (int, float)) or not 1 <= self.lease_s <= 86_400:
+            raise UsageError(f"--claim-lease must be 1 to 86400 seconds, got {self.lease_s!r}")
+        return self
+
+
+class ChoreographyService:
+    """The choreography side of one ``mlwf serve`` app (``app``: :class:`mlwf.server.App`)."""
+
+    def __init__(self, app, config: ChoreographyConfig):
+        self.app = app
+        self.config = config
+        owner = f"{app.source}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.dispatcher = Dispatcher(config.sinks, app.config.secret, app.source, self._undeliverable,
+                                     retries=config.delivery_retries)
+        self.steps = Choreographer(app.store, app.config.store, owner, self.dispatcher.send, lease_s=config.lease_s)
+        # Store bookkeeping and replays, off the event loop and never behind long stage calls.
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mlwf-choreo")
+        self._stop = threading.Event()
+        self._resumer: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Resume the store's running runs now, and the runs seen here every lease, in the background."""
+        self._resumer = threading.Thread(target=self._resume_loop, name="mlwf-resume", daemon=True)
+        self._resumer.start()
+
+    def _resume_loop(self) -> None:
+        everything = True
+        while True:
+            try:
+                n = self.steps.resume(everything=everything)
+                if everything and n:
+                    log.info("resumed %d running choreographed runs", n)
+            except MlwfError as e:
+                log.warning("could not look for runs to resume: %s", _one_line(e))
+            except Exception:  # noqa: BLE001 - keep resuming; say what went wrong
+                log.exception("resuming runs failed")
+            everything = False
+            if self._stop.wait(self.config.lease_s):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.steps.close()
+        self.pool.shutdown(wait=True)
+        self.dispatcher.close()
+
+    # ---------------------------------------------------------------- requests
+    async def handle(self, event, kind: str):
+        """Answer one choreographed event (``kind`` ``start`` or ``event``)."""
+        from mlwf.server import Refusal
+
+        if kind == "start":
+            return await self._start(event)
+        if kind == "event":
+            return await self._event(event)
+        raise Refusal(400, f"unknown {events.KIND_ATTR} {str(kind)[:40]!r}: expected 'start' or 'event'")
+
+    async def _blocking(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    async def _start(self, event):
+        from starlette.responses import JSONResponse
+
+        from mlwf.server import Refusal
+
+        parsed = events.parse_type(event.get_type())
+        data = event.get_data()
+        if parsed is None or parsed[1] != "start":
+            raise Refusal(400, "a start event's type must be dev.mlwf.<workflow>.start")
+        workflow = parsed[0]
+        if not isinstance(data, dict) or not isinstance(data.get("context"), dict) \
+                or not isinstance(data.get("run_id"), str) or not isinstance(data.get("invocation"), dict):
+            raise Refusal(400, "a start event's data must be {\"run_id\", \"invocation\", \"context\", \"started_at\"}")
+        run_id = data["run_id"]
+        self.app._authenticate(event, "start", workflow, "start", run_id, data)
+        try:
+            ctx = RunContext(**data["context"])
+        except TypeError as e:
+            raise Refusal(400, f"malformed context: {_one_line(e)}") from None
+        if ctx.workflow != workflow or ctx.run_id != run_id:
+            raise Refusal(400, "the start event's context names another run or workflow")
+        served = self.app.config.stages
+        if served is not None and not any(w == workflow for w, _ in served):
+            raise Refusal(404, f"this server serves no stage of {workflow} (--stages)")
+        self.app._check_store(ctx)
+        started_at = data.get("started_at") if isinstance(data.get("started_at"), str) else None
+        try:
+            await self._blocking(self.steps.start, workflow, run_id, data["invocation"], started_at or _now())
+        except _NOT_RETRYABLE as e:
+            raise Refusal(400, _one_line(e), type=type(e).__name__) from None
+        return JSONResponse({"run_id": run_id, "workflow": workflow, "status": "started"}, status_code=202)
+
+    async def _event(self, event):
+        from starlette.responses import JSONResponse
+
+        call, ctx, data = self.app._parse(event)
+        self.app._authenticate(event, "event", call.workflow, call.stage, ctx.run_id, data)
+        self.app._route(call)
+        ctx = self.app._check_store(ctx)
+        verdict = await self._blocking(self.steps.before_call, call, ctx)
+        if verdict.action != "run":
+            return JSONResponse({"status": "skipped", "detail": verdict.detail})
+        self.app.in_flight += 1
+        try:
+            attempt = 0
+            while True:
+                try:
+                    outcome = await self.app._run(call, ctx)
+                    break
+                except Exception as e:  # the stage (or its worker) failed
+                    retryable = not isinstance(e, _NOT_RETRYABLE)
+                    if retryable and attempt < self.config.stage_retries:
+                        attempt += 1
+                        await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
+                        continue
+                    await self._blocking(self.steps.failed, call, ctx, verdict.claim, e, retryable=retryable)
+                    if retryable:
+                        raise  # 500, retryable: the delivery tries again
+                    return JSONResponse({"status": "failed", "detail": _one_line(e)})
+            try:
+                await self._blocking(self.steps.after_call, call, ctx, outcome, verdict.claim)
+            except BaseException:
+                self.steps.claims.release(verdict.claim)
+                raise
+        finally:
+            self.app.in_flight -= 1
+        return JSONResponse({"status": "done", "detail": call.name})
+
+    async def dead_letter(self, event):
+        """An event a Knative delivery gave up on: its run ends ``failed``."""
+        from starlette.responses import JSONResponse
+
+        from mlwf.server import Refusal
+
+        if event.get_extension(events.KIND_ATTR) != "event":
+            raise Refusal(400, "only choreographed stage events are taken as dead letters")
+        call, ctx, data = self.app._parse(event)
+        self.app._authenticate(event, "event", call.workflow, call.stage, ctx.run_id, data,
+                                 max_age=DEAD_LETTER_MAX_AGE)
+        ctx = self.app._check_store(ctx)
+        code = event.get_extension("knativeerrorcode")
+        detail = event.get_extension("knativeerrordata")
+        try:
+            detail = base64.b64decode(str(detail), validate=True).decode("utf-8", "replace") if detail else ""
+        except ValueError:
+            detail = str(detail)
+        where = event.get_extension("knativeerrordest") or "its sink"
+        reason = (f"{call.workflow} stage {call.name}: not delivered to {str(where)[:200]}"
+                  + (f" (last answer {str(code)[:10]})" if code else "") + (f": {_one_line_text(detail)}" if detail else ""))
+        await self._blocking(self.steps.fail_run, ctx.workflow, ctx.run_id, call.name, reason)
+        return JSONResponse({"status": "failed", "run_id": ctx.run_id, "detail": reason})
+
+    def _undeliverable(self, call, ctx, reason: str) -> None:
+        self.steps.fail_run(ctx.workflow, ctx.run_id, call.name, f"{call.workflow} stage {call.name} {reason}")
+
+
+def _now() -> str:
+    from mlwf.runs import now_utc, timestamp
+
+    return timestamp(now_utc())
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:2000] or type(e).__name__
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())[:1000]

@@ -1,0 +1,286 @@
+"""What a server does for a choreographed run: start it, run a call of it, decide what comes next.
+
+Every decision goes through the store (:mod:`mlwf.choreography.records`), so
+it holds whichever replica makes it:
+
+* :meth:`Choreographer.start` (a start event): checks the parameters exactly
+  as the driver does, creates the run record (create-if-absent: a start event
+  delivered twice starts one run) and emits the first stage batch.
+* :meth:`Choreographer.before_call` (a stage event): the call is skipped when
+  its run has ended or it is recorded as done (a duplicate), or when another
+  server holds its claim (it is running there); else this server claims it.
+* :meth:`Choreographer.after_call`: records the call as done (the same
+  ``<stage>/<index>.done.json`` the driver writes), then :meth:`advance`.
+* :meth:`Choreographer.advance`: replays the driver (:mod:`~mlwf.choreography.replay`).
+  If the next batch has calls not done, the server whose create-if-absent
+  write makes the batch's marker emits them (the join: after the last of T
+  train calls, exactly one server sends the validation event, whichever
+  replica each train call ran on and in whatever order they finished). If
+  every stage is done, the server that claims the finish publishes and writes
+  the report, once.
+* :meth:`Choreographer.failed`: a call that fails with bad input (not worth
+  retrying) ends the run ``failed`` naming the call and the reason; any other
+  failure hands the claim back so a redelivery runs the call again.
+* :meth:`Choreographer.resume`: the events of running runs that no live
+  server is working on (a server died between recording a call and
+  delivering what came next, or while running it): emitted again. A server
+  does this when it starts, and every lease for the runs it has seen.
+
+Delivery is at least once, and everything here is idempotent: outputs have
+fixed keys and deterministic bytes, a call recorded as done is never run
+again, and a second emitted event for a call is skipped by its claim or its
+done record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlwf.choreography import records
+from mlwf.choreography.records import Claim, Claims
+from mlwf.choreography.replay import Complete, Pending, replay
+from mlwf.engine.calls import Call, Outcome, RunContext
+from mlwf.engine.driver import call_digest, done_key, done_record
+from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
+from mlwf.runs import RUN_ID, effective_status
+from mlwf.storage import Store, StoreSpec, join_key
+
+log = logging.getLogger("mlwf.choreography")
+
+#: What the driver raises for input it refuses: the run fails (anything else from the store is retried).
+REFUSALS = (DataError, ModelError, UsageError, NotFoundError)
+#: What :meth:`Choreographer.before_call` may answer besides a claim.
+ENDED, DONE, BUSY = "ended", "done", "busy"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether to run a call: ``action`` is ``run`` (``claim`` held), or ended, done or busy (skip it)."""
+
+    action: str
+    claim: Claim | None = None
+    detail: str = ""
+
+
+class Choreographer:
+    """A server's side of choreographed runs (see the module).
+
+    Parameters
+    ----------
+    store, spec : the one store the server acts on, and how it is named.
+    owner : this server process, as written into claims and markers.
+    emit : ``emit(call, ctx)`` sends one stage event (the server's sinks).
+    lease_s : how long a claim lasts without renewal.
+    """
+
+    def __init__(self, store: Store, spec: StoreSpec, owner: str, emit: Callable[[Call, RunContext], None], *,
+                 lease_s: float):
+        self.store = store
+        self.spec = spec
+        self.owner = owner
+        self.emit = emit
+        self.lease_s = lease_s
+        self.claims = Claims(store, owner, lease_s)
+        self._seen: set[tuple[str, str]] = set()  # runs this server took part in: resumed every lease
+        self._lock = threading.Lock()
+
+    def context(self, workflow: str, run_id: str) -> RunContext:
+        return RunContext(run_id, workflow, self.spec.url, self.spec.bucket,
+                          join_key(workflow, "outputs", run_id), "store")
+
+    # ---------------------------------------------------------------- start
+    def start(self, workflow: str, run_id: str, invocation: Any, started_at: str) -> None:
+        """Start run ``run_id`` of ``workflow`` (idempotent: a second start of the same run emits nothing).
+
+        Raises
+        ------
+        UsageError, DataError, NotFoundError, ModelError
+            For parameters or data the driver refuses, before anything is written.
+        """
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            from mlwf.errors import UsageError
+
+            raise UsageError(f"run id {str(run_id)[:80]!r} is not one mlwf makes (e.g. 20261126T121500.123456Z-3f9a1c)")
+        self._note(workflow, run_id)
+        try:
+            replay(self.store, self.spec, workflow, run_id, invocation,
+                   start={"invocation": invocation, "started_at": started_at})
+        except Pending as p:
+            self._emit_batch(workflow, run_id, p)
+
+    # ---------------------------------------------------------------- one call
+    def before_call(self, call: Call, ctx: RunContext) -> Verdict:
+        """Decide whether this server runs ``call`` now (see :class:`Verdict`)."""
+        self._note(ctx.workflow, ctx.run_id)
+        found = records.read_json(self.store, records.record_key(ctx.workflow, ctx.run_id))
+        if found is None:
+            return Verdict(ENDED, detail="the run has no record (never started, or its folder was deleted)")
+        if found[0].get("status") != "running":
+            return Verdict(ENDED, detail=f"the run has {found[0].get('status')}")
+        if self._is_done(call, ctx):
+            return Verdict(DONE, detail="already done")
+        claim = self.claims.acquire(Claims.key(ctx.outputs_prefix, f"{call.stage}-{call.index}"))
+        if claim is None:
+            return Verdict(BUSY, detail="running on another server")
+        if self._is_done(call, ctx):  # finished by the claim's previous holder just before it expired
+            self.claims.done(claim)
+            return Verdict(DONE, detail="already done")
+        return Verdict("run", claim)
+
+    def after_call(self, call: Call, ctx: RunContext, outcome: Outcome, claim: Claim) -> None:
+        """Record ``call`` as done, then take the run's next step."""
+        self.store.put(done_key(ctx.outputs_prefix, call), done_record(call, outcome))
+        self.claims.done(claim)
+        try:
+            records.touch(self.store, ctx.workflow, ctx.run_id)
+        except MlwfError as e:  # the lease is long; the next call renews it
+            log.warning("could not renew the lease of run %s: %s", ctx.run_id, e)
+        self.advance(ctx.workflow, ctx.run_id, after=call.name)
+
+    def failed(self, call: Call, ctx: RunContext, claim: Claim, error: BaseException, *, retryable: bool) -> None:
+        """``call`` failed here: end the run (bad input), or hand the claim back (worth another delivery)."""
+        if retryable:
+            self.claims.release(claim)
+            return
+        self.claims.done(claim)
+        self.fail_run(ctx.workflow, ctx.run_id, call.name, _one_line(error))
+
+    def fail_run(self, workflow: str, run_id: str, stage: str | None, error: str) -> None:
+        """End the run ``failed`` (once; a run that has ended stays as it ended)."""
+        try:
+            if records.mark_failed(self.store, workflow, run_id, error, stage):
+                log.info("run %s failed at %s: %s", run_id, stage, error)
+        except MlwfError as e:
+            log.error("could not mark run %s failed (%s): %s", run_id, error, e)
+
+    # ---------------------------------------------------------------- what comes next
+    def advance(self, workflow: str, run_id: str, *, after: str | None = None, resend: bool = False) -> None:
+        """Emit the run's next batch if this server completes the previous one, or finish the run.
+
+        With ``resend``, emit every call of the pending batch that no live
+        server is running (recovery), whoever made the batch's marker.
+        """
+        found = records.read_json(self.store, records.record_key(workflow, run_id))
+        if found is None or found[0].get("status") != "running" or found[0].get("mode") != "choreography":
+            return
+        record = found[0]
+        try:
+            replay(self.store, self.spec, workflow, run_id, record.get("invocation"))
+        except Pending as p:
+            if resend:
+                self._resend(workflow, run_id, p)
+            else:
+                self._emit_batch(workflow, run_id, p)
+        except Complete:
+            self._finish(workflow, run_id, record)
+        except REFUSALS as e:  # the driver's own checks between stages: the run cannot go on
+            self.fail_run(workflow, run_id, after, _one_line(e))
+        except MlwfError:
+            raise  # the store failing: the delivery of this event is retried
+        except Exception as e:  # noqa: BLE001 - a bug: end the run with it rather than stall
+            log.exception("run %s: replaying its driver failed", run_id)
+            self.fail_run(workflow, run_id, after, f"internal error: {type(e).__name__}: {_one_line(e)}")
+
+    def _emit_batch(self, workflow: str, run_id: str, pending: Pending) -> None:
+        ctx = self.context(workflow, run_id)
+        if records.mark_batch(self.store, ctx.outputs_prefix, pending.batch, self.owner):
+            for call in pending.missing:
+                self.emit(call, ctx)
+
+    def _resend(self, workflow: str, run_id: str, pending: Pending) -> None:
+        ctx = self.context(workflow, run_id)
+        for call in pending.missing:
+            key = Claims.key(ctx.outputs_prefix, f"{call.stage}-{call.index}")
+            found = records.read_json(self.store, key)
+            live = found is not None and found[0].get("state") == "held" \
+                and float(found[0].get("expires") or 0) > self.claims.clock()
+            if not live:
+                self.emit(call, ctx)
+
+    def _finish(self, workflow: str, run_id: str, record: dict[str, Any]) -> None:
+        ctx = self.context(workflow, run_id)
+        claim = self.claims.acquire(Claims.key(ctx.outputs_prefix, "finish"))
+        if claim is None:
+            return  # another server is finishing the run
+        try:
+            report = replay(self.store, self.spec, workflow, run_id, record.get("invocation"), finishing=True)
+            if records.mark_succeeded(self.store, workflow, run_id, report):
+                log.info("run %s succeeded", run_id)
+        except (Pending, Complete):
+            self.claims.release(claim)  # cannot happen once every stage is done; leave it to a later step
+            return
+        except REFUSALS as e:
+            self.fail_run(workflow, run_id, "finish", _one_line(e))
+        except BaseException:
+            self.claims.release(claim)  # the store failing: a later step finishes
+            raise
+        self.claims.done(claim)
+
+    # ---------------------------------------------------------------- recovery
+    def resume(self, *, everything: bool = False) -> int:
+        """Emit again what running runs wait for and no live server runs; returns how many runs were looked at.
+
+        ``everything``: every running choreographed run in the store (at
+        start-up), else the runs this server has taken part in.
+        """
+        if everything:
+            runs = self._running_runs()
+        else:
+            with self._lock:
+                runs = sorted(self._seen)
+        for workflow, run_id in runs:
+            try:
+                self.advance(workflow, run_id, resend=True)
+            except MlwfError as e:
+                log.warning("could not resume run %s: %s", run_id, _one_line(e))
+            found = records.read_json(self.store, records.record_key(workflow, run_id))
+            if found is None or found[0].get("status") != "running":
+                with self._lock:
+                    self._seen.discard((workflow, run_id))
+        return len(runs)
+
+    def _running_runs(self) -> list[tuple[str, str]]:
+        from mlwf.runs import RECORD
+        from mlwf.workflows import WORKFLOWS
+
+        found = []
+        for workflow in WORKFLOWS:
+            root = join_key(workflow, "outputs") + "/"
+            for obj in self.store.list(root):
+                run_id, _, rest = obj.key[len(root):].partition("/")
+                if rest != RECORD or not RUN_ID.fullmatch(run_id):
+                    continue
+                try:
+                    record = json.loads(self.store.get(obj.key))
+                except (MlwfError, ValueError):
+                    continue
+                if isinstance(record, dict) and record.get("mode") == "choreography" \
+                        and effective_status(record) == "running":
+                    found.append((workflow, run_id))
+                    self._note(workflow, run_id)
+        return found
+
+    def _note(self, workflow: str, run_id: str) -> None:
+        with self._lock:
+            self._seen.add((workflow, run_id))
+
+    def _is_done(self, call: Call, ctx: RunContext) -> bool:
+        try:
+            doc = json.loads(self.store.get(done_key(ctx.outputs_prefix, call)))
+        except NotFoundError:
+            return False
+        except (MlwfError, ValueError):
+            return False
+        return isinstance(doc, dict) and doc.get("call") == call_digest(call)
+
+    def close(self) -> None:
+        self.claims.close()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:2000] or type(e).__name__
