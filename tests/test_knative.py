@@ -41,11 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 class ServeProcess:
     """``mlwf serve`` on a free 127.0.0.1 port, in its own process, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str):
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log: Path, *args: str, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        self._log = open(log, "wb")
+        self._log = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port), *args],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -147,8 +147,10 @@ class Claims:
     clock : wall-clock seconds (tests may pass their own).
     """
 
-    def __init__(self, store: Store, owner: str, lease_s: float, *, clock=time.time):
+    def __init__(self, store: Store, owner: str, lease_s: float, *, clock=time.time,
+                 renewed: Callable[[list[str]], None] | None = None):
         self.store = store
+        self.renewed = renewed  # told the keys of the claims renewed, after each round
         self.owner = owner
         self.lease_s = lease_s
         self.clock = clock
@@ -223,6 +225,11 @@ class Claims:
                             claim.doc, claim.tag = doc, found[1]
                 except MlwfError:
                     pass  # renewed at the next turn; the lease allows for it
+            if held and self.renewed is not None:
+                try:
+                    self.renewed([c.key for c in held])
+                except Exception:  # noqa: BLE001 - a hook must not stop the renewals
+                    pass
 
     def close(self) -> None:
         self._stop.set()

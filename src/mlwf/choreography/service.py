@@ -175,6 +175,7 @@ class ChoreographyService:
         ctx = self.app._check_store(ctx)
         verdict = await self._blocking(self.steps.before_call, call, ctx)
         if verdict.action != "run":
+            log.info("run=%s call=%s/%s skipped: %s", ctx.run_id, call.workflow, call.name, verdict.detail)
             return JSONResponse({"status": "skipped", "detail": verdict.detail})
         self.app.in_flight += 1
         try:
@@ -190,6 +191,7 @@ class ChoreographyService:
                         await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
                         continue
                     await self._blocking(self.steps.failed, call, ctx, verdict.claim, e, retryable=retryable)
+                    log.info("run=%s call=%s/%s failed: %s", ctx.run_id, call.workflow, call.name, _one_line(e))
                     if retryable:
                         raise  # 500, retryable: the delivery tries again
                     return JSONResponse({"status": "failed", "detail": _one_line(e)})
@@ -200,6 +202,7 @@ class ChoreographyService:
                 raise
         finally:
             self.app.in_flight -= 1
+        log.info("run=%s call=%s/%s ran", ctx.run_id, call.workflow, call.name)
         return JSONResponse({"status": "done", "detail": call.name})
 
     async def dead_letter(self, event):

@@ -160,7 +160,7 @@ class Dispatcher:
             last = f"{url} answered {resp.status_code}: {_error_text(resp)}"
             if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
                 break
-        reason = f"not delivered after {attempts} attempt{'s' if attempts > 1 else ''}: {last}"
+        reason = f"failed: gave up after {attempts} deliver{'ies' if attempts > 1 else 'y'}: {last}"
         log.error("%s/%s of run %s %s", call.workflow, call.name, ctx.run_id, reason)
         if self.sinks.dead_letter:
             await self._dead_letter(call_json, ctx_json, event_id, url, code, last)
@@ -197,7 +197,9 @@ def _error_text(resp) -> str:
     try:
         body = resp.json()
         if isinstance(body, dict) and isinstance(body.get("error"), str):
-            return " ".join(body["error"].split())[:1000]
+            kind = body.get("type")
+            text = " ".join(body["error"].split())[:1000]
+            return text if kind in (None, "StageError") else f"{str(kind)[:40]}: {text}"
     except ValueError:
         pass
     return " ".join(resp.text.split())[:300] or resp.reason_phrase

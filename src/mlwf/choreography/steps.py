@@ -85,7 +85,7 @@ class Choreographer:
         self.owner = owner
         self.emit = emit
         self.lease_s = lease_s
-        self.claims = Claims(store, owner, lease_s)
+        self.claims = Claims(store, owner, lease_s, renewed=self._alive)
         self._seen: set[tuple[str, str]] = set()  # runs this server took part in: resumed every lease
         self._lock = threading.Lock()
 
@@ -112,6 +112,8 @@ class Choreographer:
                    start={"invocation": invocation, "started_at": started_at})
         except Pending as p:
             self._emit_batch(workflow, run_id, p)
+        except Complete:
+            pass  # a start delivered again after the run did all its work: its finish is under way
 
     # ---------------------------------------------------------------- one call
     def before_call(self, call: Call, ctx: RunContext) -> Verdict:
@@ -264,6 +266,18 @@ class Choreographer:
                     found.append((workflow, run_id))
                     self._note(workflow, run_id)
         return found
+
+    def _alive(self, claim_keys: list[str]) -> None:
+        """Calls of these runs are running here: renew the runs' leases (no driver does)."""
+        runs = set()
+        for key in claim_keys:
+            workflow, _, rest = key.partition("/outputs/")
+            runs.add((workflow, rest.split("/", 1)[0]))
+        for workflow, run_id in sorted(runs):
+            try:
+                records.touch(self.store, workflow, run_id)
+            except MlwfError as e:
+                log.warning("could not renew the lease of run %s: %s", run_id, _one_line(e))
 
     def _note(self, workflow: str, run_id: str) -> None:
         with self._lock:
