@@ -386,3 +386,67 @@ def test_a_start_signed_with_another_secret_is_refused(pair, s3_env, capsys, mon
     code, out, err = _train(capsys, pair.a.url, s3_env)
     assert code == 2 and out == "" and "refused the start of ml-training (401: bad signature" in err, err
     assert "share the same MLWF_FUNCTION_SECRET" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- deployment
+def test_deploy_choreography_renders_eventing_a_cluster_can_use(tmp_path, capsys):
+    import yaml
+
+    from tests.test_knative import REPO
+
+    base = ["deploy", "knative", "--image", "registry.example.com/mlwf:0.1.0", "--namespace", "mlwf",
+            "--s3-host", "minio.tless.svc.cluster.local", "--s3-port", "9000", "--bucket", "tless", "--choreography"]
+    assert main([*base, "--out", str(tmp_path / "c"), "--json"]) == 0
+    assert main([*base, "--single", "--out", str(tmp_path / "single"), "--json"]) == 0
+    capsys.readouterr()
+    folder = tmp_path / "c"
+
+    def load(name, root=folder):
+        return list(yaml.safe_load_all((root / name).read_text()))
+
+    services = {d["metadata"]["name"]: d for d in load("20-services.yaml")}
+    assert all(d["kind"] == "Service" and d["apiVersion"] == "serving.knative.dev/v1" for d in services.values())
+    assert len(services) == 8 and "mlwf-dead-letter" in services
+    docs = load("30-eventing.yaml")
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("Broker") == 1 and kinds.count("SinkBinding") == 1 and kinds.count("Trigger") == 9
+    [broker] = [d for d in docs if d["kind"] == "Broker"]
+    [binding] = [d for d in docs if d["kind"] == "SinkBinding"]
+    # K_SINK: the Broker, in every function Service (the SinkBinding selects them by label; none sets it itself).
+    assert binding["spec"]["sink"]["ref"] == {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker",
+                                              "name": broker["metadata"]["name"]}
+    selector = binding["spec"]["subject"]["selector"]["matchLabels"]
+    for svc in services.values():
+        labels = svc["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selector.items()), svc["metadata"]["name"]
+        env = {e["name"] for e in svc["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "K_SINK" not in env and "PORT" not in env and "MLWF_FUNCTION_SECRET" in env
+    # A Trigger per stage and per start event, filtered on the event type, to the Service running that stage.
+    triggers = {d["spec"]["filter"]["attributes"]["type"]: d for d in docs if d["kind"] == "Trigger"}
+    expected = {f"dev.mlwf.{w}.{s}" for w, ss in events.known_stages().items() for s in [*ss, "start"]}
+    assert set(triggers) == expected
+    for event_type, trigger in triggers.items():
+        assert trigger["spec"]["broker"] == broker["metadata"]["name"] and trigger["metadata"]["namespace"] == "mlwf"
+        target = services[trigger["spec"]["subscriber"]["ref"]["name"]]
+        workflow, stage = events.parse_type(event_type)
+        served = target["spec"]["template"]["spec"]["containers"][0]["args"][2]
+        assert served == f"{workflow}/{stage if stage != 'start' else 'partition'}", (event_type, served)
+        delivery = trigger["spec"]["delivery"]
+        assert delivery["retry"] == 10 and delivery["backoffPolicy"] == "exponential"
+        assert delivery["deadLetterSink"]["ref"]["name"] == "mlwf-dead-letter"
+        assert delivery["deadLetterSink"]["uri"] == "/dead-letter"
+    # The start Jobs POST one event to the Broker's ingress and follow the run.
+    [job] = load("run/ml-training.yaml")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert job["kind"] == "Job" and args[:5] == ["invoke", "ml-training", "ml-training/mnist-images-2k", "2", "8"]
+    assert args[args.index("--endpoint") + 1] == \
+        "http://broker-ingress.knative-eventing.svc.cluster.local/mlwf/mlwf" and "--wait" in args
+    assert not (folder / "endpoints.txt").exists()
+    # --single: every Trigger goes to the one Service.
+    single = load("30-eventing.yaml", tmp_path / "single")
+    assert {d["spec"]["subscriber"]["ref"]["name"] for d in single if d["kind"] == "Trigger"} == {"mlwf"}
+    # The committed manifests are exactly what the command renders.
+    committed = REPO / "deploy" / "knative-choreography"
+    for name in ("00-namespace.yaml", "20-services.yaml", "30-eventing.yaml", "templates/secret.yaml",
+                 "run/ml-training.yaml", "run/ml-inference.yaml"):
+        assert (committed / name).read_text() == (folder / name).read_text(), name

@@ -225,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one Service per stage (default)")
     mode.add_argument("--single", dest="per_stage", action="store_false", help="one Service for every stage")
     kn.add_argument("--min-scale", type=int, default=0, help="pods kept warm per Service (default 0)")
-    kn.add_argument("--out", default="deploy/knative", help="output folder (default deploy/knative)")
+    kn.add_argument("--choreography", action="store_true",
+                    help="no driver: a Broker and a Trigger per stage, services emitting their successors' events "
+                         "(K_SINK), and Jobs that start runs with one event")
+    kn.add_argument("--out", help="output folder (default deploy/knative, or deploy/knative-choreography)")
     kn.add_argument("--json", action="store_true")
     kn.add_argument("--debug", action="store_true")
 
@@ -704,13 +707,17 @@ def _serve_or_deploy(args) -> int:
 
     files = deploy.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host,
                           s3_port=args.s3_port, bucket=args.bucket, per_stage=args.per_stage,
-                          min_scale=args.min_scale)
-    written = deploy.write(files, args.out)
+                          min_scale=args.min_scale, choreography=args.choreography)
+    out = args.out or ("deploy/knative-choreography" if args.choreography else "deploy/knative")
+    written = deploy.write(files, out)
     if args.json:
-        print(json.dumps({"out": os.path.abspath(args.out), "files": [str(p) for p in written]}))
+        print(json.dumps({"out": os.path.abspath(out), "files": [str(p) for p in written]}))
+    elif args.choreography:
+        print(f"wrote {len(written)} files to {out}/: kubectl apply -f {out}/ (after creating the Secret, see "
+              f"{out}/templates/secret.yaml); start a run with kubectl create -f {out}/run/ml-training.yaml")
     else:
-        print(f"wrote {len(written)} files to {args.out}/: kubectl apply -f {args.out}/ (after creating the "
-              f"Secret, see {args.out}/templates/secret.yaml); flags for mlwf run in {args.out}/endpoints.txt")
+        print(f"wrote {len(written)} files to {out}/: kubectl apply -f {out}/ (after creating the "
+              f"Secret, see {out}/templates/secret.yaml); flags for mlwf run in {out}/endpoints.txt")
     return 0
 
 

@@ -17,6 +17,14 @@ Writes into ``OUT`` (default ``deploy/knative``):
   workflow's driver inside the cluster against those Services (``kubectl
   create -f``), the counterpart of the seed's ``curl_cmd.sh``;
 * ``endpoints.txt``: the ``--endpoint`` flags for ``mlwf run --backend knative``.
+
+With ``choreography=True`` (``--choreography``, default folder
+``deploy/knative-choreography``) the workflow runs with no driver: the same
+Services plus ``mlwf-dead-letter``, ``30-eventing.yaml`` (a Broker, a
+SinkBinding that gives every Service ``K_SINK``, a Trigger per stage and per
+start event, with delivery retries and the dead-letter sink; see
+:mod:`mlwf.choreography.manifests`), and ``run/<workflow>.yaml`` Jobs that
+start a run with one event (``mlwf invoke ... --wait``) instead of driving it.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ PROFILES: dict[tuple[str, str], Profile] = {
     ("ml-inference", "predict"): Profile(1, 32, "1", "1Gi"),
 }
 SINGLE = Profile(2, 32, "2", "2Gi", processes=True)
+#: The dead-letter sink of the choreographed mode: it only marks runs failed.
+DEAD_LETTER = Profile(4, 2, "250m", "512Mi")
 _SHORT = {"ml-training": "training", "ml-inference": "inference"}
 #: What the in-cluster driver Jobs run (the seed's datasets; edit to taste).
 RUN_ARGS = {"ml-training": ["ml-training/mnist-images-2k", "2", "8"],
@@ -83,14 +93,14 @@ def _env(s3_host: str, s3_port: int, bucket: str) -> list[dict[str, Any]]:
 
 
 def _service(image: str, namespace: str, env: list, profile: Profile, min_scale: int, bucket: str,
-             workflow: str | None = None, stage: str | None = None) -> dict[str, Any]:
+             workflow: str | None = None, stage: str | None = None, name: str | None = None) -> dict[str, Any]:
     args = ["serve", "--stages", f"{workflow}/{stage}" if workflow else "all", "--store", "s3://", "--bucket", bucket,
             "--workers" if profile.processes else "--threads", str(profile.concurrency)]
     labels = _labels(workflow, stage)
     return {
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
-        "metadata": {"name": service_name(workflow, stage), "namespace": namespace, "labels": labels},
+        "metadata": {"name": name or service_name(workflow, stage), "namespace": namespace, "labels": labels},
         "spec": {"template": {
             "metadata": {"labels": labels, "annotations": {
                 "autoscaling.knative.dev/min-scale": str(min_scale),
@@ -137,8 +147,12 @@ def _job(image: str, namespace: str, env: list, workflow: str, bucket: str, endp
 
 
 def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str = "tless",
-           per_stage: bool = True, min_scale: int = 0) -> dict[str, list[dict[str, Any]] | str]:
-    """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text)."""
+           per_stage: bool = True, min_scale: int = 0,
+           choreography: bool = False) -> dict[str, list[dict[str, Any]] | str]:
+    """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text).
+
+    ``choreography``: the driverless mode (Broker, Triggers, SinkBinding, start Jobs; see the module).
+    """
     import re
 
     if not image or any(c.isspace() for c in image):
@@ -175,6 +189,18 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
         "metadata": {"name": SECRET_NAME, "namespace": namespace, "labels": {"app.kubernetes.io/name": "mlwf"}},
         "stringData": {"function-secret": PLACEHOLDER_SECRET, "s3-user": "CHANGE-ME",
                        "s3-password": "CHANGE-ME"}}]
+    if choreography:
+        from mlwf.choreography import manifests
+
+        services.append(_service(image, namespace, env, DEAD_LETTER, min_scale, bucket,
+                                 name=manifests.DEAD_LETTER_SERVICE))
+        files["30-eventing.yaml"] = manifests.eventing(
+            namespace, known_stages(), (lambda w, s: service_name(w, s)) if per_stage else (lambda w, s: service_name()),
+            _SHORT)
+        for workflow in known_stages():
+            files[f"run/{workflow}.yaml"] = [manifests.invoke_job(image, namespace, env, workflow, bucket,
+                                                                  RUN_ARGS[workflow])]
+        return files
     for workflow in known_stages():
         files[f"run/{workflow}.yaml"] = [_job(image, namespace, env, workflow, bucket, endpoints[workflow])]
     lines = ["# --endpoint flags for 'mlwf run WORKFLOW ... --backend knative' inside the cluster",
