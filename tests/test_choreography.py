@@ -224,7 +224,7 @@ def test_both_workflows_run_by_their_events_alone_and_match_the_local_backend(pa
     # The stages ran where they were sent, each once; A never ran a train call, B never a pca call.
     a_log, b_log = pair.a.log(), pair.b.log()
     run = trained["run_id"]
-    assert a_log.count(f"run={run} call=ml-training/pca[") == 2 and f"call=ml-training/train" not in a_log
+    assert a_log.count(f"run={run} call=ml-training/pca[") == 2 and "call=ml-training/train" not in a_log
     assert b_log.count(f"run={run} call=ml-training/train[") == 4 and "call=ml-training/pca" not in b_log
     assert b_log.count(f"run={run} call=ml-training/validation[0] ran") == 1
     assert SECRET not in a_log + b_log

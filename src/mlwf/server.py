@@ -424,6 +424,7 @@ class App:
             return Response(status_code=400)
         except Exception as e:  # the stage (or the runner) raised: report, stay up
             status = 500
+            log.warning("event=%s failed: %s: %s", _clean(event_id), type(e).__name__, _one_line(e)[:500])
             retryable = not isinstance(e, NOT_RETRYABLE)
             return JSONResponse({"error": _one_line(e), "type": type(e).__name__, "retryable": retryable,
                                  "id": event_id}, status_code=500)

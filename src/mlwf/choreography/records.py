@@ -131,7 +131,8 @@ def mark_batch(store: Store, outputs_prefix: str, batch: str, owner: str) -> boo
 class Claim:
     key: str
     doc: dict[str, Any]
-    tag: str
+    tag: str | None
+    taken_over: bool = False
 
 
 class Claims:
@@ -168,12 +169,16 @@ class Claims:
                 "nonce": secrets.token_hex(8)}
 
     def acquire(self, key: str) -> Claim | None:
-        """Take the claim at ``key``; None while another holder's claim is live."""
+        """Take the claim at ``key``; None while another holder's claim is live.
+
+        A claim taken over from an expired holder has ``taken_over`` set: its
+        call may have finished just before (check the done record again).
+        """
         for _ in range(3):
             doc = self._doc()
             data = json.dumps(doc).encode()
             if self.store.put_if_absent(key, data):
-                return self._hold(key, doc)
+                return self._hold(Claim(key, doc, None))  # our nonce: ours (its tag is read when needed)
             found = read_json(self.store, key)
             if found is None:
                 continue  # deleted meanwhile: try to create it again
@@ -183,16 +188,24 @@ class Claims:
             if live:
                 return None
             if self.store.put_if_tag(key, data, tag):
-                return self._hold(key, doc)
+                found = read_json(self.store, key)
+                if found is None or found[0].get("nonce") != doc["nonce"]:
+                    return None  # taken over again between our write and this read: not ours
+                return self._hold(Claim(key, doc, found[1], taken_over=True))
         return None
 
-    def _hold(self, key: str, doc: dict[str, Any]) -> Claim | None:
-        found = read_json(self.store, key)
-        if found is None or found[0].get("nonce") != doc["nonce"]:
-            return None  # taken over between our write and this read: not ours
-        claim = Claim(key, doc, found[1])
+    def _tag(self, claim: Claim) -> str | None:
+        """The tag of our claim as stored now, or None if it is no longer ours."""
+        if claim.tag is None:
+            found = read_json(self.store, claim.key)
+            if found is None or found[0].get("nonce") != claim.doc["nonce"]:
+                return None
+            claim.tag = found[1]
+        return claim.tag
+
+    def _hold(self, claim: Claim) -> Claim:
         with self._lock:
-            self._held[key] = claim
+            self._held[claim.key] = claim
             if self._renewer is None:
                 self._renewer = threading.Thread(target=self._renew_all, name="mlwf-claims", daemon=True)
                 self._renewer.start()
@@ -203,7 +216,9 @@ class Claims:
         with self._lock:
             self._held.pop(claim.key, None)
         try:
-            self.store.put_if_tag(claim.key, json.dumps(self._doc("released")).encode(), claim.tag)
+            tag = self._tag(claim)
+            if tag is not None:
+                self.store.put_if_tag(claim.key, json.dumps(self._doc("released")).encode(), tag)
         except MlwfError:
             pass  # it expires by itself
 
@@ -219,7 +234,8 @@ class Claims:
             for claim in held:
                 doc = {**claim.doc, "expires": round(self.clock() + self.lease_s, 3)}
                 try:
-                    if self.store.put_if_tag(claim.key, json.dumps(doc).encode(), claim.tag):
+                    tag = self._tag(claim)
+                    if tag is not None and self.store.put_if_tag(claim.key, json.dumps(doc).encode(), tag):
                         found = read_json(self.store, claim.key)
                         if found is not None and found[0].get("nonce") == doc["nonce"]:
                             claim.doc, claim.tag = doc, found[1]

@@ -146,6 +146,10 @@ class _GatedStore:
             raise Complete()
         return getattr(self._store, name)
 
+    def require_bucket(self) -> None:
+        if self._engine.start is not None:  # checked when the run starts; a run's bucket is not checked again
+            self._store.require_bucket()
+
 
 class ReplayEngine:
     """What a driver function needs of an engine, answering from the store (see the module)."""

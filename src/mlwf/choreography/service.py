@@ -37,7 +37,6 @@ import logging
 import os
 import secrets
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -196,7 +195,7 @@ class ChoreographyService:
                         raise  # 500, retryable: the delivery tries again
                     return JSONResponse({"status": "failed", "detail": _one_line(e)})
             try:
-                await self._blocking(self.steps.after_call, call, ctx, outcome, verdict.claim)
+                await self._blocking(self.steps.after_call, call, ctx, outcome, verdict)
             except BaseException:
                 self.steps.claims.release(verdict.claim)
                 raise

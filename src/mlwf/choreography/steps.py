@@ -65,6 +65,7 @@ class Verdict:
     action: str
     claim: Claim | None = None
     detail: str = ""
+    record: dict[str, Any] | None = None  # the run's record as read before the call
 
 
 class Choreographer:
@@ -122,6 +123,8 @@ class Choreographer:
         found = records.read_json(self.store, records.record_key(ctx.workflow, ctx.run_id))
         if found is None:
             return Verdict(ENDED, detail="the run has no record (never started, or its folder was deleted)")
+        if found[0].get("mode") != "choreography":
+            return Verdict(ENDED, detail="the run is driven by a driver, not choreographed")
         if found[0].get("status") != "running":
             return Verdict(ENDED, detail=f"the run has {found[0].get('status')}")
         if self._is_done(call, ctx):
@@ -129,20 +132,20 @@ class Choreographer:
         claim = self.claims.acquire(Claims.key(ctx.outputs_prefix, f"{call.stage}-{call.index}"))
         if claim is None:
             return Verdict(BUSY, detail="running on another server")
-        if self._is_done(call, ctx):  # finished by the claim's previous holder just before it expired
+        if claim.taken_over and self._is_done(call, ctx):  # finished by its last holder just before expiring
             self.claims.done(claim)
             return Verdict(DONE, detail="already done")
-        return Verdict("run", claim)
+        return Verdict("run", claim, record=found[0])
 
-    def after_call(self, call: Call, ctx: RunContext, outcome: Outcome, claim: Claim) -> None:
-        """Record ``call`` as done, then take the run's next step."""
+    def after_call(self, call: Call, ctx: RunContext, outcome: Outcome, verdict: Verdict) -> None:
+        """Record ``call`` as done, then take the run's next step.
+
+        (The run's lease is renewed while its calls hold claims, not here: one
+        write less on the way to the next stage.)
+        """
         self.store.put(done_key(ctx.outputs_prefix, call), done_record(call, outcome))
-        self.claims.done(claim)
-        try:
-            records.touch(self.store, ctx.workflow, ctx.run_id)
-        except MlwfError as e:  # the lease is long; the next call renews it
-            log.warning("could not renew the lease of run %s: %s", ctx.run_id, e)
-        self.advance(ctx.workflow, ctx.run_id, after=call.name)
+        self.claims.done(verdict.claim)
+        self.advance(ctx.workflow, ctx.run_id, after=call.name, record=verdict.record)
 
     def failed(self, call: Call, ctx: RunContext, claim: Claim, error: BaseException, *, retryable: bool) -> None:
         """``call`` failed here: end the run (bad input), or hand the claim back (worth another delivery)."""
@@ -161,16 +164,19 @@ class Choreographer:
             log.error("could not mark run %s failed (%s): %s", run_id, error, e)
 
     # ---------------------------------------------------------------- what comes next
-    def advance(self, workflow: str, run_id: str, *, after: str | None = None, resend: bool = False) -> None:
+    def advance(self, workflow: str, run_id: str, *, after: str | None = None, resend: bool = False,
+                record: dict[str, Any] | None = None) -> None:
         """Emit the run's next batch if this server completes the previous one, or finish the run.
 
         With ``resend``, emit every call of the pending batch that no live
         server is running (recovery), whoever made the batch's marker.
+        ``record``: the run's record if just read (its invocation never changes).
         """
-        found = records.read_json(self.store, records.record_key(workflow, run_id))
-        if found is None or found[0].get("status") != "running" or found[0].get("mode") != "choreography":
+        if record is None:
+            found = records.read_json(self.store, records.record_key(workflow, run_id))
+            record = None if found is None else found[0]
+        if record is None or record.get("status") != "running" or record.get("mode") != "choreography":
             return
-        record = found[0]
         try:
             replay(self.store, self.spec, workflow, run_id, record.get("invocation"))
         except Pending as p:
