@@ -17,8 +17,9 @@ each once warm-up, then ``--repeats`` times per mode, the modes alternating
 (driver, choreography, driver, ...) so both see the same machine. The driver
 mode is ``Engine(backend="knative")`` with per-stage endpoints (one POST per
 call and its reply, the driver deciding every next stage); the choreographed
-mode is one start event (``mlwf.choreography.invoke``) and following the run's
-record in the store every 5 ms until it has succeeded. Both times are wall
+mode is one start event (``mlwf.choreography.invoke``, over one keep-alive
+client, as the driver keeps its own) and following the run's record in the
+store every 5 ms until it has succeeded. Both times are wall
 clock in this process, from the first request to holding the report.
 
 Writes ``--out/choreography.json`` and prints a markdown table.
@@ -80,6 +81,9 @@ def main() -> None:
     inference = {"args": ["ml-inference/model", bench.TEST1K, 16], "options": {}}
     results: dict = {"machine": bench.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "repeats": a.repeats, "logs": str(logs)}
+    import httpx
+
+    client = httpx.Client()  # one keep-alive client for the start events, as the driver keeps its own
     try:
         with Engine(store_url, "tless", backend="knative", backend_options={"endpoints": endpoints}) as engine:
             engine.run_training(bench.TRAIN, 2, 8)  # publishes the model inference uses; warms both servers
@@ -90,7 +94,8 @@ def main() -> None:
                 return engine.run_inference("ml-inference/model", bench.TEST1K, 16)
 
             def choreographed(workflow: str) -> dict:
-                run_id = invoke(workflow, training if workflow == "ml-training" else inference, url_a, spec)
+                run_id = invoke(workflow, training if workflow == "ml-training" else inference, url_a, spec,
+                                client=client)
                 return wait(store, workflow, run_id, timeout=600, poll=0.005)
 
             for workflow in ("ml-training", "ml-inference"):
@@ -114,6 +119,7 @@ def main() -> None:
     finally:
         results["server_exits"] = [s.stop() for s in servers]
         store.close()
+        client.close()
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "choreography.json").write_text(json.dumps(results, indent=2))
     print(table(results))

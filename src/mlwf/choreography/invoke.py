@@ -47,8 +47,10 @@ def start_event(workflow: str, run_id: str, invocation: dict[str, Any], spec: St
 
 
 def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: StoreSpec, *,
-           timeout: float = 60.0) -> str:
+           timeout: float = 60.0, client=None) -> str:
     """Start a run of ``workflow`` at ``endpoint``; return its run id.
+
+    ``client``: an ``httpx.Client`` to send it with (reused across starts), else a new one.
 
     Raises
     ------
@@ -71,7 +73,10 @@ def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: Store
     run_id = new_run_id()
     headers, body = events.to_http(start_event(workflow, run_id, invocation, spec, secret))
     try:
-        resp = httpx.post(endpoint, content=body, headers=headers, timeout=timeout)
+        if client is None:
+            resp = httpx.post(endpoint, content=body, headers=headers, timeout=timeout)
+        else:
+            resp = client.post(endpoint, content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
         raise StageError(f"cannot start {workflow} at {endpoint}: {type(e).__name__}: "
                          f"{' '.join(str(e).split()) or 'no answer'}") from None

@@ -127,11 +127,11 @@ class Choreographer:
             return Verdict(ENDED, detail="the run is driven by a driver, not choreographed")
         if found[0].get("status") != "running":
             return Verdict(ENDED, detail=f"the run has {found[0].get('status')}")
-        if self._is_done(call, ctx):
-            return Verdict(DONE, detail="already done")
+        # A call's claim is written before it runs and never deleted: a claim this server creates is
+        # the call's first, so only a claim taken over may belong to a call that finished meanwhile.
         claim = self.claims.acquire(Claims.key(ctx.outputs_prefix, f"{call.stage}-{call.index}"))
         if claim is None:
-            return Verdict(BUSY, detail="running on another server")
+            return Verdict(BUSY, detail="running or run on another server")
         if claim.taken_over and self._is_done(call, ctx):  # finished by its last holder just before expiring
             self.claims.done(claim)
             return Verdict(DONE, detail="already done")
@@ -182,8 +182,9 @@ class Choreographer:
         except Pending as p:
             if resend:
                 self._resend(workflow, run_id, p)
-            else:
+            elif after is None or all(c.name != after for c in p.calls):
                 self._emit_batch(workflow, run_id, p)
+            # else: the batch of the call just done is still running; whoever emitted it marked it
         except Complete:
             self._finish(workflow, run_id, record)
         except REFUSALS as e:  # the driver's own checks between stages: the run cannot go on
