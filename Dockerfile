@@ -1,11 +1,13 @@
 # The image every Knative Service runs: `mlwf serve`, one HTTP CloudEvents
-# function for any stage of both workflows (see deploy/knative/).
+# function for any stage of both workflows (see deploy/knative/); and the
+# image KServe's InferenceService runs as `mlwf model serve` (deploy/kserve/).
 #
 #   docker build -t REGISTRY/mlwf:0.1.0 . && docker push REGISTRY/mlwf:0.1.0
 #
-# Only what `serve` needs is installed: the package and its `knative` extra
-# (no test dependencies). It runs as an unprivileged user and listens on $PORT,
-# which Knative sets (8080 unless the Service says otherwise).
+# Only what the two servers need is installed: the package and its `knative`
+# and `serve` extras (no ONNX, no test dependencies). It runs as an
+# unprivileged user and listens on $PORT, which Knative sets (8080 unless the
+# Service says otherwise).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[knative]" \
+RUN pip install ".[knative,serve]" \
     && rm -rf /build \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mlwf
 

@@ -13,6 +13,7 @@ and the later steps use the environment it made, as the user would.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
@@ -186,3 +187,75 @@ def test_measuring_example_runs_with_what_it_installs(user, own_data):
     assert len(summary) == 1 + 5  # local store/direct, warm/cold, and the baseline
     assert (user.checkout / "run.png").stat().st_size > 5000
     assert json.loads((user.checkout / "run.json").read_text())["traceEvents"]
+
+
+# --------------------------------------------------------------------------- serving
+@pytest.fixture(scope="session")
+def serving(user, own_data) -> subprocess.CompletedProcess:
+    """The serving section's first block: install the extras, export the model to ONNX."""
+    install = code_blocks(section("Serving a trained model"), "bash")[0]
+    assert "pip install '.[onnx,serve]'" in install and "mlwf model export" in install
+    return user.bash(install, timeout=900)
+
+
+def _served_model(user):
+    import mlwf.model
+
+    return mlwf.model.load("ml-inference/model", store=str(user.store.parent), bucket="tless")
+
+
+def _with_port(block: str, port: int) -> str:
+    """The README uses port 8000; another process on this machine may hold it, so the test picks a free one."""
+    assert "8000" in block
+    return block.replace("8000", str(port))
+
+
+def test_onnx_example_runs_with_onnxruntime_numpy_and_pillow_only(user, serving):
+    assert (user.checkout / "model.onnx").stat().st_size > 10_000
+    example = code_blocks(section("Serving a trained model"), "python")[0]
+    (user.checkout / "onnx_example.py").write_text(example)
+    # mlwf stays installed in this environment, so make it impossible to import for the example.
+    proc = user.bash("python -c \"import runpy, sys; sys.modules['mlwf'] = None; "
+                     "runpy.run_path('onnx_example.py', run_name='__main__'); "
+                     "assert not [m for m in sys.modules if m.startswith('mlwf.')]\"")
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert len(lines) == 5, proc.stdout
+    model = _served_model(user)
+    files = [str(user.checkout / f) for f, _, _ in lines]
+    proba = model.predict_proba(files)
+    for (_, name, p), row in zip(lines, proba):
+        assert name == model.classes[int(np.argmax(row))]
+        assert abs(float(p) - row.max()) <= 0.0005 + 1e-5  # printed to 3 decimals
+
+
+def test_serve_example_answers_curl_and_the_python_client(user, serving):
+    from tests.s3server import free_port
+
+    serve_block = code_blocks(section("Serving a trained model"), "bash")[1]
+    proc = user.bash(_with_port(serve_block, free_port()), timeout=120)
+    ready, metadata, answer = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert ready == {"ready": True}
+    model = _served_model(user)
+    assert metadata["parameters"]["classes"] == model.classes
+    first = user.checkout / user.bash("IMAGES=(data/test/*/*.png); echo ${IMAGES[0]}").stdout.strip()
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["label"]["data"] == model.predict([first]).tolist()
+    assert answer["model_version"] == model.digest
+    # The Python client, against the same command started by the test.
+    port = free_port()
+    user.bash("pip install --quiet 'tritonclient[http]'", timeout=600)
+    server = subprocess.Popen(["bash", "-c", f". .venv/bin/activate && exec mlwf model serve ml-inference/model "
+                                             f"--host 127.0.0.1 --port {port}"],
+                              cwd=user.checkout, env=user.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        user.bash(f"curl -sf --retry 30 --retry-connrefused --retry-delay 1 localhost:{port}/v2/health/ready",
+                  timeout=60)
+        client_block = code_blocks(section("Serving a trained model"), "python")[1]
+        (user.checkout / "client_example.py").write_text(_with_port(client_block, port))
+        out = user.bash("python client_example.py").stdout
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0, server.stderr.read()
+    files = [user.checkout / f for f in sorted(glob.glob("data/test/*/*.png", root_dir=user.checkout))[:64]]
+    expected = model.predict(files)[:8].tolist()
+    assert all(f"b'{name}'" in out for name in expected) and "(64, 10)" in out, out

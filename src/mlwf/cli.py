@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--prefix", default="")
     _common(ls)
 
-    model = sub.add_parser("model", help="inspect a published model")
+    model = sub.add_parser("model", help="inspect, export or serve a published model")
     ms = model.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
     show = ms.add_parser("show", help="describe the model published at a prefix")
     show.add_argument("prefix", nargs="?", default="ml-inference/model", metavar="MODEL_PREFIX")
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     rb = ms.add_parser("rollback", help="make the previous published model current again")
     rb.add_argument("prefix", nargs="?", default="ml-inference/model", metavar="MODEL_PREFIX")
     _common(rb)
+    from mlwf.serving import commands as serving
+
+    serving.add_model_commands(ms, _common)
 
     runs = sub.add_parser("runs", help="runs kept in the store")
     rs = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
@@ -231,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     kn.add_argument("--out", help="output folder (default deploy/knative, or deploy/knative-choreography)")
     kn.add_argument("--json", action="store_true")
     kn.add_argument("--debug", action="store_true")
+    serving.add_deploy_command(dps)
 
     bench = sub.add_parser("bench", help="end-to-end latency per backend and transfer, with breakdown and plots")
     bs = bench.add_subparsers(dest="bench_workflow", required=True, parser_class=_Parser)
@@ -335,6 +339,14 @@ def _dispatch(args) -> int:
         return _dataset(args)
     if args.command == "s3":
         return _s3(args)
+    if args.command == "model" and args.model_command in ("export", "serve"):
+        from mlwf.serving import commands as serving
+
+        return serving.model_export(args) if args.model_command == "export" else serving.model_serve(args)
+    if args.command == "deploy" and args.deploy_target == "kserve":
+        from mlwf.serving import commands as serving
+
+        return serving.deploy_kserve(args)
     if args.command == "model":
         return _model(args)
     if args.command == "runs":

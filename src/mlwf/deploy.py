@@ -146,12 +146,13 @@ def _job(image: str, namespace: str, env: list, workflow: str, bucket: str, endp
     }
 
 
-def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str = "tless",
-           per_stage: bool = True, min_scale: int = 0,
-           choreography: bool = False) -> dict[str, list[dict[str, Any]] | str]:
-    """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text).
+def check_target(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str, min_scale: int) -> None:
+    """Refuse an image, namespace, S3 endpoint, bucket or scale a cluster would not accept.
 
-    ``choreography``: the driverless mode (Broker, Triggers, SinkBinding, start Jobs; see the module).
+    Raises
+    ------
+    UsageError
+        Naming the flag and what it should look like.
     """
     import re
 
@@ -168,9 +169,23 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
         raise UsageError(f"--bucket {bucket!r} is not an S3 bucket name")
     if min_scale < 0:
         raise UsageError(f"--min-scale must be 0 or more, got {min_scale}")
+
+
+def namespace_document(namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+
+
+def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str = "tless",
+           per_stage: bool = True, min_scale: int = 0,
+           choreography: bool = False) -> dict[str, list[dict[str, Any]] | str]:
+    """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text).
+
+    ``choreography``: the driverless mode (Broker, Triggers, SinkBinding, start Jobs; see the module).
+    """
+    check_target(image=image, namespace=namespace, s3_host=s3_host, s3_port=s3_port, bucket=bucket,
+                 min_scale=min_scale)
     env = _env(s3_host, s3_port, bucket)
-    files: dict[str, Any] = {"00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace",
-                                                    "metadata": {"name": namespace}}]}
+    files: dict[str, Any] = {"00-namespace.yaml": [namespace_document(namespace)]}
     services, endpoints = [], {w: [] for w in known_stages()}
     if per_stage:
         for workflow, stages in known_stages().items():
@@ -211,8 +226,11 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
     return files
 
 
-def write(files: dict[str, Any], out: str | Path) -> list[Path]:
-    """Write what :func:`render` returned under ``out``; returns the paths written."""
+def write(files: dict[str, Any], out: str | Path, *, command: str = "mlwf deploy knative") -> list[Path]:
+    """Write what :func:`render` returned under ``out``; returns the paths written.
+
+    ``command`` is named in each YAML file's header as the way to regenerate it.
+    """
     try:
         import yaml
     except ModuleNotFoundError:
@@ -221,7 +239,7 @@ def write(files: dict[str, Any], out: str | Path) -> list[Path]:
         def ignore_aliases(self, data):  # plain YAML: no &anchors / *aliases for shared values
             return True
 
-    header = "# Rendered by 'mlwf deploy knative'; re-run it rather than editing by hand.\n"
+    header = f"# Rendered by '{command}'; re-run it rather than editing by hand.\n"
     written = []
     for name, content in files.items():
         path = Path(out) / name
