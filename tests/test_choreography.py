@@ -450,3 +450,37 @@ def test_deploy_choreography_renders_eventing_a_cluster_can_use(tmp_path, capsys
     for name in ("00-namespace.yaml", "20-services.yaml", "30-eventing.yaml", "templates/secret.yaml",
                  "run/ml-training.yaml", "run/ml-inference.yaml"):
         assert (committed / name).read_text() == (folder / name).read_text(), name
+
+
+def test_the_readme_commands_of_the_choreographed_mode_parse():
+    """Every mlwf command of the README's choreography example is accepted by mlwf's own parser."""
+    import re
+    import shlex
+
+    from mlwf.choreography.sinks import parse_sinks
+    from mlwf.cli import build_parser
+    from mlwf.server import parse_stages
+    from tests.test_knative import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Without a driver"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    values: dict[str, str] = {}
+    commands = 0
+    for line in block.splitlines():
+        line = line.strip().rstrip("&").strip()
+        for name, value in re.findall(r"\b([A-Z]+)=(\"[^\"]*\"|\S+)", line if not line.startswith(("mlwf", "export"))
+                                      else ""):
+            values[name] = value.strip('"')
+        if not line.startswith("mlwf "):
+            continue
+        expanded = re.sub(r"\$([A-Z]+)", lambda m: values[m.group(1)], line)
+        expanded = re.sub(r"\$([A-Z]+)", lambda m: values[m.group(1)], expanded)
+        args = build_parser().parse_args(shlex.split(expanded)[1:])
+        commands += 1
+        if args.command == "serve":
+            parse_stages(args.stages)
+            assert parse_sinks(args.sink) is not None
+        else:
+            assert args.command == "invoke" and args.endpoint and args.wait
+    assert commands == 4

@@ -28,7 +28,7 @@ BROKER = "mlwf"
 DEAD_LETTER_SERVICE = "mlwf-dead-letter"
 #: Redeliveries of an event by the Broker (the reference: retry 10 on pca-to-rf).
 DELIVERY_RETRY = 10
-DELIVERY_BACKOFF = "PT0.5S"
+DELIVERY_BACKOFF = "PT0.2S"
 
 
 def broker_url(namespace: str) -> str:

@@ -95,7 +95,15 @@ def invocation_arguments(workflow: str, invocation: Any) -> tuple[list[Any], dic
     if unknown:
         raise UsageError(f"unknown {workflow} option(s) {', '.join(map(repr, unknown))}: known are "
                          f"{', '.join(sorted(allowed))}")
+    for name, value in options.items():
+        default = params[name].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UsageError(f"option {name!r} must be true or false, got {str(value)[:40]!r}")
+        if isinstance(default, str) and not isinstance(value, str):
+            raise UsageError(f"option {name!r} must be text, got {str(value)[:40]!r}")
     if "config" in options:
+        if not isinstance(options["config"], dict):
+            raise UsageError("option 'config' must be an object of training settings")
         from mlwf.workflows.training import TrainingConfig
 
         try:

@@ -37,6 +37,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ log = logging.getLogger("mlwf.choreography")
 
 DEFAULT_LEASE_S = 30.0
 DEFAULT_STAGE_RETRIES = 2
+#: On SIGTERM, how long events still being delivered may take before the server exits.
+DRAIN_DELIVERIES_S = 10.0
 #: Dead-lettered events may have waited through a whole delivery schedule: accepted this old.
 DEAD_LETTER_MAX_AGE = 86_400
 _NOT_RETRYABLE = (DataError, ModelError, UsageError, NotFoundError)
@@ -112,10 +115,17 @@ class ChoreographyService:
             if self._stop.wait(self.config.lease_s):
                 return
 
-    def close(self) -> None:
+    def close(self, wait_s: float = DRAIN_DELIVERIES_S) -> None:
+        """Stop; events still being delivered get ``wait_s`` seconds (a restarted server resumes the rest)."""
         self._stop.set()
-        self.steps.close()
         self.pool.shutdown(wait=True)
+        deadline = time.monotonic() + wait_s
+        while self.dispatcher.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.dispatcher.in_flight():
+            log.warning("exiting with %d events not yet delivered: the runs' next start-up of a server resumes them",
+                        self.dispatcher.in_flight())
+        self.steps.close()
         self.dispatcher.close()
 
     # ---------------------------------------------------------------- requests
@@ -158,9 +168,9 @@ class ChoreographyService:
         if served is not None and not any(w == workflow for w, _ in served):
             raise Refusal(404, f"this server serves no stage of {workflow} (--stages)")
         self.app._check_store(ctx)
-        started_at = data.get("started_at") if isinstance(data.get("started_at"), str) else None
         try:
-            await self._blocking(self.steps.start, workflow, run_id, data["invocation"], started_at or _now())
+            await self._blocking(self.steps.start, workflow, run_id, data["invocation"],
+                                 _start_time(data.get("started_at"), self.app.config.max_age))
         except _NOT_RETRYABLE as e:
             raise Refusal(400, _one_line(e), type=type(e).__name__) from None
         return JSONResponse({"run_id": run_id, "workflow": workflow, "status": "started"}, status_code=202)
@@ -232,10 +242,20 @@ class ChoreographyService:
         self.steps.fail_run(ctx.workflow, ctx.run_id, call.name, f"{call.workflow} stage {call.name} {reason}")
 
 
-def _now() -> str:
+def _start_time(value, max_age: int) -> str:
+    """When the run started: the start event's ``started_at`` if it is a time within ``max_age`` of now."""
+    import datetime as _dt
+
     from mlwf.runs import now_utc, timestamp
 
-    return timestamp(now_utc())
+    now = now_utc()
+    try:
+        given = _dt.datetime.fromisoformat(value) if isinstance(value, str) and len(value) < 64 else None
+    except ValueError:
+        given = None
+    if given is None or given.tzinfo is None or abs((now - given).total_seconds()) > max_age:
+        return timestamp(now)
+    return timestamp(given)
 
 
 def _one_line(e: BaseException) -> str:

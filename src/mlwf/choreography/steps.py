@@ -260,16 +260,16 @@ class Choreographer:
         found = []
         for workflow in WORKFLOWS:
             root = join_key(workflow, "outputs") + "/"
-            for obj in self.store.list(root):
-                run_id, _, rest = obj.key[len(root):].partition("/")
-                if rest != RECORD or not RUN_ID.fullmatch(run_id):
-                    continue
+            keys = [o.key for o in self.store.list(root)
+                    if o.key.endswith("/" + RECORD) and RUN_ID.fullmatch(o.key[len(root):-len(RECORD) - 1])]
+            for key in keys:
                 try:
-                    record = json.loads(self.store.get(obj.key))
+                    record = json.loads(self.store.get(key))
                 except (MlwfError, ValueError):
                     continue
                 if isinstance(record, dict) and record.get("mode") == "choreography" \
                         and effective_status(record) == "running":
+                    run_id = key[len(root):-len(RECORD) - 1]
                     found.append((workflow, run_id))
                     self._note(workflow, run_id)
         return found
