@@ -245,6 +245,15 @@ def test_both_workflows_run_by_their_events_alone_and_match_the_local_backend(pa
 
     report = wait(store, "ml-inference", started["run_id"], timeout=60)
     assert report["num_funcs"] == 3 and report["accuracy"] == local_inferred["accuracy"]
+
+    # mlwf runs gc takes a finished choreographed run's claims and batch markers with its intermediates.
+    folder = f"ml-training/outputs/{run}/"
+    assert {f"{folder}choreography/claims/train-3.json", f"{folder}choreography/claims/finish.json",
+            f"{folder}choreography/batches/validation.json"} <= {o.key for o in store.list(folder)}
+    from mlwf.runs import gc_runs
+
+    assert run in gc_runs(store, keep=0)["runs"]
+    assert [o.key for o in store.list(folder)] == [folder + "run.json"]
     store.close()
 
 
@@ -442,6 +451,8 @@ def test_deploy_choreography_renders_eventing_a_cluster_can_use(tmp_path, capsys
     assert args[args.index("--endpoint") + 1] == \
         "http://broker-ingress.knative-eventing.svc.cluster.local/mlwf/mlwf" and "--wait" in args
     assert not (folder / "endpoints.txt").exists()
+    [namespace] = load("00-namespace.yaml")
+    assert namespace["metadata"]["labels"]["bindings.knative.dev/include"] == "true"  # the SinkBinding acts there
     # --single: every Trigger goes to the one Service.
     single = load("30-eventing.yaml", tmp_path / "single")
     assert {d["spec"]["subscriber"]["ref"]["name"] for d in single if d["kind"] == "Trigger"} == {"mlwf"}

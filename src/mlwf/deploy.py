@@ -207,6 +207,9 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
     if choreography:
         from mlwf.choreography import manifests
 
+        # A SinkBinding acts in namespaces that opt in (Knative's inclusion mode) or do not opt out.
+        files["00-namespace.yaml"][0]["metadata"]["labels"] = {"bindings.knative.dev/include": "true"}
+
         services.append(_service(image, namespace, env, DEAD_LETTER, min_scale, bucket,
                                  name=manifests.DEAD_LETTER_SERVICE))
         files["30-eventing.yaml"] = manifests.eventing(

@@ -18,7 +18,8 @@ store (one S3 operation with its retries is bounded by about three times
 
 ``mlwf runs gc`` deletes only the intermediate objects of a run (the
 ``<stage>/<index>-<part>.bin`` and ``<stage>/<index>.done.json`` files of the
-workflow's stages); it never touches a run's ``run.json`` or results, nor
+workflow's stages, and a choreographed run's claims and batch markers under
+``choreography/``); it never touches a run's ``run.json`` or results, nor
 anything else below or beside it, such as a model.
 """
 
@@ -47,6 +48,8 @@ _MAX_RECORD_BYTES = 4 << 20
 #: The shape of every run id the driver makes (:func:`mlwf.engine.driver.new_run_id`).
 RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 _INTERMEDIATE = re.compile(r"(?P<stage>[a-z]+)/\d+(?:-\d+\.bin|\.done\.json)")
+#: A choreographed run's bookkeeping (mlwf.choreography.records): claims and batch markers.
+_CHOREOGRAPHY = re.compile(r"choreography/(?:claims/(?:[a-z]+-\d+|finish)|batches/[a-z]+(?:\+[a-z]+)*)\.json")
 
 
 def now_utc() -> _dt.datetime:
@@ -253,7 +256,7 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
 
 def _is_intermediate(workflow: str, rest: str) -> bool:
     match = _INTERMEDIATE.fullmatch(rest)
-    return bool(match) and match["stage"] in stage_names(workflow)
+    return (bool(match) and match["stage"] in stage_names(workflow)) or bool(_CHOREOGRAPHY.fullmatch(rest))
 
 
 def show_run(store: Store, run_id: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from mlwf.choreography.replay import Complete, Pending, replay
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.engine.driver import call_digest, done_key, done_record
 from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
-from mlwf.runs import RUN_ID, effective_status
+from mlwf.runs import RUN_ID
 from mlwf.storage import Store, StoreSpec, join_key
 
 log = logging.getLogger("mlwf.choreography")
@@ -267,8 +267,9 @@ class Choreographer:
                     record = json.loads(self.store.get(key))
                 except (MlwfError, ValueError):
                     continue
+                # Also runs whose lease ran out while no server was up: a half-finished run goes on.
                 if isinstance(record, dict) and record.get("mode") == "choreography" \
-                        and effective_status(record) == "running":
+                        and record.get("status") == "running":
                     run_id = key[len(root):-len(RECORD) - 1]
                     found.append((workflow, run_id))
                     self._note(workflow, run_id)
