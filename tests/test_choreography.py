@@ -324,6 +324,41 @@ def test_a_server_killed_mid_run_and_restarted_lets_the_run_finish(s3_server, s3
         a.stop(), b.stop()
 
 
+def test_events_lost_with_a_killed_server_are_sent_again_when_it_starts(s3_server, s3_env, reference, capsys,
+                                                                        tmp_path):
+    """The train events wait in A's memory (their sink does not answer) when A is killed: A's next start sends them."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    common = ["--store", "s3://", "--bucket", s3_env, "--stages", "ml-training"]
+    first = ServeProcess(_server_env(s3_server), tmp_path / "a.log", *common, "--sink", url, "--sink", f"train={nowhere}",
+                         "--delivery-retries", "100", port=port).wait_ready()
+    try:
+        code, out, err = _train(capsys, url, s3_env, "--no-publish", wait=False)
+        assert code == 0, err
+        run = json.loads(out)["run_id"]
+        store = StoreSpec("s3://", s3_env).open()
+        marker = f"ml-training/outputs/{run}/choreography/batches/train.json"
+        deadline = time.monotonic() + 60
+        while not store.exists(marker):
+            assert time.monotonic() < deadline, first.log()
+            time.sleep(0.05)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        first.stop()
+    second = ServeProcess(_server_env(s3_server), tmp_path / "a.log", *common, "--sink", url, port=port).wait_ready()
+    try:
+        from mlwf.choreography.invoke import wait
+
+        report = wait(store, "ml-training", run, timeout=120)
+        store.close()
+        assert report["model_digest"] == reference[0]["model_digest"]
+        assert "resumed 1 running choreographed runs" in second.log()
+    finally:
+        second.stop()
+
+
 def test_a_stage_that_always_fails_ends_the_run_failed_with_its_reason(s3_server, s3_env, capsys, tmp_path):
     recorder = Recorder()
     port = free_port()
