@@ -24,7 +24,7 @@ from mlwf import bulk
 from mlwf.cli import main
 from mlwf.engine import events
 from mlwf.engine.driver import Engine
-from mlwf.errors import DataError
+from mlwf.errors import DataError, StageError
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 from tests.s3server import free_port
@@ -387,6 +387,27 @@ def test_a_stage_that_always_fails_ends_the_run_failed_with_its_reason(s3_server
         # The dead-letter endpoint ends the run of an event Knative gave up on.
         resp = httpx.post(url + "/dead-letter", content=events.to_http(dead)[1], headers=events.to_http(dead)[0])
         assert resp.status_code == 200 and resp.json()["status"] == "failed"
+        # A start the Broker could not deliver (the service refused its parameters, 400): behind a Broker
+        # mlwf invoke saw a 202, so the run is recorded failed and --wait says why.
+        import base64
+
+        from mlwf.choreography.invoke import start_event, wait
+        from mlwf.engine.driver import new_run_id
+
+        run = new_run_id()
+        start = start_event("ml-training", run, {"args": [TRAIN_PREFIX, 4, 2], "options": {}},
+                            StoreSpec("s3://", s3_env), SECRET)
+        answer = json.dumps({"error": "NUM_TRAIN (2) must be at least NUM_PCA (4)", "retryable": False})
+        attrs = {**start.get_attributes(), "knativeerrorcode": "400", "knativeerrordest": "http://partition",
+                 "knativeerrordata": base64.b64encode(answer.encode()).decode()}
+        headers, body = events.to_http(events.make_event(attrs, start.get_data()))
+        assert httpx.post(url + "/dead-letter", content=body, headers=headers).status_code == 200
+        store = StoreSpec("s3://", s3_env).open()
+        with pytest.raises(StageError) as info:
+            wait(store, "ml-training", run, timeout=10)
+        store.close()
+        assert str(info.value) == f"run {run} failed at start: ml-training start: not delivered to http://partition " \
+                                  "(last answer 400): NUM_TRAIN (2) must be at least NUM_PCA (4)"
     finally:
         server.stop()
         recorder.stop()

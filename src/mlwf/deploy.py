@@ -213,8 +213,7 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
         services.append(_service(image, namespace, env, DEAD_LETTER, min_scale, bucket,
                                  name=manifests.DEAD_LETTER_SERVICE))
         files["30-eventing.yaml"] = manifests.eventing(
-            namespace, known_stages(), (lambda w, s: service_name(w, s)) if per_stage else (lambda w, s: service_name()),
-            _SHORT)
+            namespace, known_stages(), (lambda w, s: service_name(w, s)) if per_stage else (lambda w, s: service_name()))
         for workflow in known_stages():
             files[f"run/{workflow}.yaml"] = [manifests.invoke_job(image, namespace, env, workflow, bucket,
                                                                   RUN_ARGS[workflow])]

@@ -51,11 +51,11 @@ def _trigger(namespace: str, name: str, event_type: str, service: str) -> dict[s
                      "delivery": _delivery()}}
 
 
-def eventing(namespace: str, stages: dict[str, list[str]], service_for, short: dict[str, str]) -> list[dict[str, Any]]:
+def eventing(namespace: str, stages: dict[str, list[str]], service_for) -> list[dict[str, Any]]:
     """The Broker, the SinkBinding and the Triggers.
 
     ``stages``: each workflow's stages in order; ``service_for(workflow,
-    stage)``: the Service that runs it; ``short``: the workflows' short names.
+    stage)``: the Service that runs it.
     """
     from mlwf.engine.events import event_type
 
@@ -71,10 +71,11 @@ def eventing(namespace: str, stages: dict[str, list[str]], service_for, short: d
                   "sink": {"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": BROKER}}}},
     ]
     for workflow, names in stages.items():
-        docs.append(_trigger(namespace, f"mlwf-{short[workflow]}-start", event_type(workflow, "start"),
+        short = workflow.removeprefix("ml-")
+        docs.append(_trigger(namespace, f"mlwf-{short}-start", event_type(workflow, "start"),
                              service_for(workflow, names[0])))
         for stage in names:
-            docs.append(_trigger(namespace, f"mlwf-{short[workflow]}-{stage}", event_type(workflow, stage),
+            docs.append(_trigger(namespace, f"mlwf-{short}-{stage}", event_type(workflow, stage),
                                  service_for(workflow, stage)))
     return docs
 

@@ -143,9 +143,8 @@ class ChoreographyService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
 
-    async def _start(self, event):
-        from starlette.responses import JSONResponse
-
+    def _parse_start(self, event, max_age: int | None = None) -> tuple[str, str, dict, RunContext]:
+        """``(workflow, run id, data, context)`` of a signed start event; else Refusal."""
         from mlwf.server import Refusal
 
         parsed = events.parse_type(event.get_type())
@@ -157,17 +156,24 @@ class ChoreographyService:
                 or not isinstance(data.get("run_id"), str) or not isinstance(data.get("invocation"), dict):
             raise Refusal(400, "a start event's data must be {\"run_id\", \"invocation\", \"context\", \"started_at\"}")
         run_id = data["run_id"]
-        self.app._authenticate(event, "start", workflow, "start", run_id, data)
+        self.app._authenticate(event, "start", workflow, "start", run_id, data, max_age=max_age)
         try:
             ctx = RunContext(**data["context"])
         except TypeError as e:
             raise Refusal(400, f"malformed context: {_one_line(e)}") from None
         if ctx.workflow != workflow or ctx.run_id != run_id:
             raise Refusal(400, "the start event's context names another run or workflow")
+        return workflow, run_id, data, self.app._check_store(ctx)
+
+    async def _start(self, event):
+        from starlette.responses import JSONResponse
+
+        from mlwf.server import Refusal
+
+        workflow, run_id, data, ctx = self._parse_start(event)
         served = self.app.config.stages
         if served is not None and not any(w == workflow for w, _ in served):
             raise Refusal(404, f"this server serves no stage of {workflow} (--stages)")
-        self.app._check_store(ctx)
         try:
             await self._blocking(self.steps.start, workflow, run_id, data["invocation"],
                                  _start_time(data.get("started_at"), self.app.config.max_age))
@@ -215,26 +221,25 @@ class ChoreographyService:
         return JSONResponse({"status": "done", "detail": call.name})
 
     async def dead_letter(self, event):
-        """An event a Knative delivery gave up on: its run ends ``failed``."""
+        """An event a Knative delivery gave up on: its run ends ``failed`` (a start that never
+        started: its run is recorded ``failed``, so ``mlwf invoke --wait`` says why)."""
         from starlette.responses import JSONResponse
 
         from mlwf.server import Refusal
 
-        if event.get_extension(events.KIND_ATTR) != "event":
-            raise Refusal(400, "only choreographed stage events are taken as dead letters")
+        kind = event.get_extension(events.KIND_ATTR)
+        if kind == "start":
+            workflow, run_id, _, ctx = self._parse_start(event, max_age=DEAD_LETTER_MAX_AGE)
+            reason = f"{workflow} start: {_knative_error(event)}"
+            await self._blocking(self.steps.fail_start, workflow, run_id, reason)
+            return JSONResponse({"status": "failed", "run_id": run_id, "detail": reason})
+        if kind != "event":
+            raise Refusal(400, "only choreographed start and stage events are taken as dead letters")
         call, ctx, data = self.app._parse(event)
         self.app._authenticate(event, "event", call.workflow, call.stage, ctx.run_id, data,
-                                 max_age=DEAD_LETTER_MAX_AGE)
+                               max_age=DEAD_LETTER_MAX_AGE)
         ctx = self.app._check_store(ctx)
-        code = event.get_extension("knativeerrorcode")
-        detail = event.get_extension("knativeerrordata")
-        try:
-            detail = base64.b64decode(str(detail), validate=True).decode("utf-8", "replace") if detail else ""
-        except ValueError:
-            detail = str(detail)
-        where = event.get_extension("knativeerrordest") or "its sink"
-        reason = (f"{call.workflow} stage {call.name}: not delivered to {str(where)[:200]}"
-                  + (f" (last answer {str(code)[:10]})" if code else "") + (f": {_one_line_text(detail)}" if detail else ""))
+        reason = f"{call.workflow} stage {call.name}: {_knative_error(event)}"
         await self._blocking(self.steps.fail_run, ctx.workflow, ctx.run_id, call.name, reason)
         return JSONResponse({"status": "failed", "run_id": ctx.run_id, "detail": reason})
 
@@ -256,6 +261,27 @@ def _start_time(value, max_age: int) -> str:
     if given is None or given.tzinfo is None or abs((now - given).total_seconds()) > max_age:
         return timestamp(now)
     return timestamp(given)
+
+
+def _knative_error(event) -> str:
+    """What Knative's dead-letter attributes say: where it gave up, the last status, the answer's error."""
+    import json
+
+    code = event.get_extension("knativeerrorcode")
+    data = event.get_extension("knativeerrordata")
+    try:
+        detail = base64.b64decode(str(data), validate=True).decode("utf-8", "replace") if data else ""
+    except ValueError:
+        detail = str(data)
+    try:  # an mlwf server's answer: {"error": ..., "type": ...}
+        body = json.loads(detail)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            detail = body["error"]
+    except ValueError:
+        pass
+    where = str(event.get_extension("knativeerrordest") or "its sink")[:200]
+    return (f"not delivered to {where}" + (f" (last answer {str(code)[:10]})" if code else "")
+            + (f": {_one_line_text(detail)}" if detail else ""))
 
 
 def _one_line(e: BaseException) -> str:

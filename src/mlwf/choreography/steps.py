@@ -163,6 +163,21 @@ class Choreographer:
         except MlwfError as e:
             log.error("could not mark run %s failed (%s): %s", run_id, error, e)
 
+    def fail_start(self, workflow: str, run_id: str, error: str) -> None:
+        """A start event that could not start its run: record the run ``failed`` with ``error``."""
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            return
+        from mlwf.runs import now_utc, timestamp
+
+        now = timestamp(now_utc())
+        record = {"run_id": run_id, "workflow": workflow, "status": "failed", "params": {}, "transfer": "store",
+                  "resumed": False, "started_at": now, "updated_at": now, "heartbeat_at": now,
+                  "mode": "choreography", "error": error, "failed_stage": "start"}
+        if records.create_record(self.store, record):
+            log.info("run %s failed at start: %s", run_id, error)
+        else:
+            self.fail_run(workflow, run_id, "start", error)
+
     # ---------------------------------------------------------------- what comes next
     def advance(self, workflow: str, run_id: str, *, after: str | None = None, resend: bool = False,
                 record: dict[str, Any] | None = None) -> None:
