@@ -40,3 +40,12 @@ class ModelError(MlwfError):
 
 class StageError(MlwfError):
     """A stage call failed after its retries."""
+
+
+def one_line(value: BaseException | str, limit: int = 2000) -> str:
+    """An error's message (or a text) on one line of at most ``limit`` characters; an empty
+    message gives the error's class name."""
+    text = " ".join(str(value).split())[:limit]
+    if not text and isinstance(value, BaseException):
+        return type(value).__name__
+    return text

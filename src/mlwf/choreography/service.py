@@ -45,7 +45,7 @@ from mlwf.choreography.sinks import DEFAULT_DELIVERY_RETRIES, Dispatcher, Sinks
 from mlwf.choreography.steps import Choreographer
 from mlwf.engine import events
 from mlwf.engine.calls import RunContext
-from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
+from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError, one_line
 
 log = logging.getLogger("mlwf.choreography")
 
@@ -108,7 +108,7 @@ class ChoreographyService:
                 if everything and n:
                     log.info("resumed %d running choreographed runs", n)
             except MlwfError as e:
-                log.warning("could not look for runs to resume: %s", _one_line(e))
+                log.warning("could not look for runs to resume: %s", one_line(e))
             except Exception:  # noqa: BLE001 - keep resuming; say what went wrong
                 log.exception("resuming runs failed")
             everything = False
@@ -160,7 +160,7 @@ class ChoreographyService:
         try:
             ctx = RunContext(**data["context"])
         except TypeError as e:
-            raise Refusal(400, f"malformed context: {_one_line(e)}") from None
+            raise Refusal(400, f"malformed context: {one_line(e)}") from None
         if ctx.workflow != workflow or ctx.run_id != run_id:
             raise Refusal(400, "the start event's context names another run or workflow")
         return workflow, run_id, data, self.app._check_store(ctx)
@@ -178,7 +178,7 @@ class ChoreographyService:
             await self._blocking(self.steps.start, workflow, run_id, data["invocation"],
                                  _start_time(data.get("started_at"), self.app.config.max_age))
         except _NOT_RETRYABLE as e:
-            raise Refusal(400, _one_line(e), type=type(e).__name__) from None
+            raise Refusal(400, one_line(e), type=type(e).__name__) from None
         return JSONResponse({"run_id": run_id, "workflow": workflow, "status": "started"}, status_code=202)
 
     async def _event(self, event):
@@ -206,10 +206,10 @@ class ChoreographyService:
                         await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
                         continue
                     await self._blocking(self.steps.failed, call, ctx, verdict.claim, e, retryable=retryable)
-                    log.info("run=%s call=%s/%s failed: %s", ctx.run_id, call.workflow, call.name, _one_line(e))
+                    log.info("run=%s call=%s/%s failed: %s", ctx.run_id, call.workflow, call.name, one_line(e))
                     if retryable:
                         raise  # 500, retryable: the delivery tries again
-                    return JSONResponse({"status": "failed", "detail": _one_line(e)})
+                    return JSONResponse({"status": "failed", "detail": one_line(e)})
             try:
                 await self._blocking(self.steps.after_call, call, ctx, outcome, verdict)
             except BaseException:
@@ -281,12 +281,6 @@ def _knative_error(event) -> str:
         pass
     where = str(event.get_extension("knativeerrordest") or "its sink")[:200]
     return (f"not delivered to {where}" + (f" (last answer {str(code)[:10]})" if code else "")
-            + (f": {_one_line_text(detail)}" if detail else ""))
+            + (f": {one_line(detail)}" if detail else ""))
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:2000] or type(e).__name__
-
-
-def _one_line_text(text: str) -> str:
-    return " ".join(text.split())[:1000]

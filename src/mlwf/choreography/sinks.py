@@ -32,7 +32,7 @@ from mlwf.aio import BACKGROUND
 from mlwf.engine import events
 from mlwf.engine.calls import Call, RunContext
 from mlwf.engine.knative import check_url, parse_endpoints
-from mlwf.errors import UsageError
+from mlwf.errors import UsageError, one_line
 
 log = logging.getLogger("mlwf.choreography")
 
@@ -152,7 +152,7 @@ class Dispatcher:
                 last, code = f"no answer from {url} within {self.timeout:g} s ({type(e).__name__})", None
                 continue
             except (httpx.TransportError, RuntimeError) as e:
-                last, code = f"cannot reach {url} ({type(e).__name__}: {_one_line(e)})", None
+                last, code = f"cannot reach {url} ({type(e).__name__}: {one_line(e)})", None
                 continue
             if 200 <= resp.status_code < 300:
                 return
@@ -179,7 +179,7 @@ class Dispatcher:
             if not 200 <= resp.status_code < 300:
                 log.error("the dead-letter sink %s answered %d", self.sinks.dead_letter, resp.status_code)
         except Exception as e:  # noqa: BLE001 - the run is marked failed anyway
-            log.error("could not reach the dead-letter sink %s: %s", self.sinks.dead_letter, _one_line(e))
+            log.error("could not reach the dead-letter sink %s: %s", self.sinks.dead_letter, one_line(e))
 
     def close(self) -> None:
         async def close():
@@ -198,12 +198,9 @@ def _error_text(resp) -> str:
         body = resp.json()
         if isinstance(body, dict) and isinstance(body.get("error"), str):
             kind = body.get("type")
-            text = " ".join(body["error"].split())[:1000]
+            text = one_line(body["error"], 1000)
             return text if kind in (None, "StageError") else f"{str(kind)[:40]}: {text}"
     except ValueError:
         pass
-    return " ".join(resp.text.split())[:300] or resp.reason_phrase
+    return one_line(resp.text, 300) or resp.reason_phrase
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500] or type(e).__name__

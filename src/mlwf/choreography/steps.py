@@ -46,7 +46,7 @@ from mlwf.choreography.records import Claim, Claims
 from mlwf.choreography.replay import Complete, Pending, replay
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.engine.driver import call_digest, done_key, done_record
-from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
+from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError, one_line
 from mlwf.runs import RUN_ID
 from mlwf.storage import Store, StoreSpec, join_key
 
@@ -153,7 +153,7 @@ class Choreographer:
             self.claims.release(claim)
             return
         self.claims.done(claim)
-        self.fail_run(ctx.workflow, ctx.run_id, call.name, _one_line(error))
+        self.fail_run(ctx.workflow, ctx.run_id, call.name, one_line(error))
 
     def fail_run(self, workflow: str, run_id: str, stage: str | None, error: str) -> None:
         """End the run ``failed`` (once; a run that has ended stays as it ended)."""
@@ -203,12 +203,12 @@ class Choreographer:
         except Complete:
             self._finish(workflow, run_id, record)
         except REFUSALS as e:  # the driver's own checks between stages: the run cannot go on
-            self.fail_run(workflow, run_id, after, _one_line(e))
+            self.fail_run(workflow, run_id, after, one_line(e))
         except MlwfError:
             raise  # the store failing: the delivery of this event is retried
         except Exception as e:  # noqa: BLE001 - a bug: end the run with it rather than stall
             log.exception("run %s: replaying its driver failed", run_id)
-            self.fail_run(workflow, run_id, after, f"internal error: {type(e).__name__}: {_one_line(e)}")
+            self.fail_run(workflow, run_id, after, f"internal error: {type(e).__name__}: {one_line(e)}")
 
     def _emit_batch(self, workflow: str, run_id: str, pending: Pending) -> None:
         ctx = self.context(workflow, run_id)
@@ -239,7 +239,7 @@ class Choreographer:
             self.claims.release(claim)  # cannot happen once every stage is done; leave it to a later step
             return
         except REFUSALS as e:
-            self.fail_run(workflow, run_id, "finish", _one_line(e))
+            self.fail_run(workflow, run_id, "finish", one_line(e))
         except BaseException:
             self.claims.release(claim)  # the store failing: a later step finishes
             raise
@@ -261,7 +261,7 @@ class Choreographer:
             try:
                 self.advance(workflow, run_id, resend=True)
             except MlwfError as e:
-                log.warning("could not resume run %s: %s", run_id, _one_line(e))
+                log.warning("could not resume run %s: %s", run_id, one_line(e))
             found = records.read_json(self.store, records.record_key(workflow, run_id))
             if found is None or found[0].get("status") != "running":
                 with self._lock:
@@ -300,7 +300,7 @@ class Choreographer:
             try:
                 records.touch(self.store, workflow, run_id)
             except MlwfError as e:
-                log.warning("could not renew the lease of run %s: %s", run_id, _one_line(e))
+                log.warning("could not renew the lease of run %s: %s", run_id, one_line(e))
 
     def _note(self, workflow: str, run_id: str) -> None:
         with self._lock:
@@ -318,6 +318,3 @@ class Choreographer:
     def close(self) -> None:
         self.claims.close()
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:2000] or type(e).__name__
