@@ -426,7 +426,7 @@ def test_bad_settings_and_bad_input_end_in_one_line(pair, s3_env, capsys, store_
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", " "], "needs --endpoint URL"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", "http://[::1"], "is not an http(s):// URL"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", f"http://127.0.0.1:{free_port()}"],
-         "cannot start ml-training at"),
+         "cannot start ml-training at http://127.0.0.1:"),
         (["runs", "show", "20261128T000000.000000Z-000000", "--store", "s3://", "--bucket", s3_env],
          "unknown run id"),
     ]

@@ -21,10 +21,12 @@ from typing import Any
 
 from mlwf.engine import events
 from mlwf.engine.knative import check_url
-from mlwf.errors import MlwfError, NotFoundError, StageError, UsageError
+from mlwf.errors import MlwfError, NotFoundError, StageError, UsageError, one_line
 from mlwf.storage import StoreSpec, join_key
 
 DEFAULT_WAIT_S = 3600.0
+#: Times a start is sent at most (the same run id each time).
+START_ATTEMPTS = 3
 _POLL_S = 0.2
 _ERROR_CLASSES = {"UsageError": UsageError, "NotFoundError": NotFoundError}
 
@@ -47,10 +49,14 @@ def start_event(workflow: str, run_id: str, invocation: dict[str, Any], spec: St
 
 
 def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: StoreSpec, *,
-           timeout: float = 60.0, client=None) -> str:
+           timeout: float = 60.0, attempts: int = START_ATTEMPTS, client=None) -> str:
     """Start a run of ``workflow`` at ``endpoint``; return its run id.
 
-    ``client``: an ``httpx.Client`` to send it with (reused across starts), else a new one.
+    A start that gets no answer, or a 429/502/503/504, is sent again (up to
+    ``attempts`` times in all, with backoff) under the same run id: a service
+    that started the run already finds its record with the same invocation and
+    starts nothing twice. ``client``: an ``httpx.Client`` to send with
+    (reused across starts), else a new one.
 
     Raises
     ------
@@ -58,9 +64,7 @@ def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: Store
         For a bad endpoint, or arguments the service refused (the service's
         line), or a service that refuses the event (its status and reason).
     StageError
-        If the service cannot be reached or fails (after one attempt: a
-        start is sent once, and a run id that did not start can be started
-        again under a new one).
+        If the service cannot be reached or keeps failing.
     """
     import httpx
 
@@ -71,30 +75,36 @@ def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: Store
     endpoint = check_url(endpoint.strip(), endpoint)
     secret = events.read_secret(who="mlwf invoke")
     run_id = new_run_id()
-    headers, body = events.to_http(start_event(workflow, run_id, invocation, spec, secret))
-    try:
-        if client is None:
-            resp = httpx.post(endpoint, content=body, headers=headers, timeout=timeout)
-        else:
-            resp = client.post(endpoint, content=body, headers=headers, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise StageError(f"cannot start {workflow} at {endpoint}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split()) or 'no answer'}") from None
-    if 200 <= resp.status_code < 300:
-        return run_id
-    try:
-        err = resp.json()
-    except ValueError:
-        err = {}
-    text = err.get("error") if isinstance(err, dict) and isinstance(err.get("error"), str) else \
-        (" ".join(resp.text.split())[:300] or resp.reason_phrase)
-    if resp.status_code == 400 and isinstance(err, dict) and err.get("type"):
-        raise _ERROR_CLASSES.get(str(err["type"]), MlwfError)(text)
-    if resp.status_code >= 500:
-        raise StageError(f"{endpoint} could not start the run ({resp.status_code}): {text}")
-    hint = {401: "; the service and this machine must share the same MLWF_FUNCTION_SECRET",
-            404: "; is --endpoint a service started with --sink, serving this workflow?"}.get(resp.status_code, "")
-    raise UsageError(f"{endpoint} refused the start of {workflow} ({resp.status_code}: {text}){hint}")
+    last = "no attempt"
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+        headers, body = events.to_http(start_event(workflow, run_id, invocation, spec, secret))
+        try:
+            post = httpx.post if client is None else client.post
+            resp = post(endpoint, content=body, headers=headers, timeout=timeout)
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {one_line(e, 300) or 'no answer'}"
+            continue
+        if 200 <= resp.status_code < 300:
+            return run_id
+        try:
+            err = resp.json()
+        except ValueError:
+            err = {}
+        text = err["error"] if isinstance(err, dict) and isinstance(err.get("error"), str) else \
+            (one_line(resp.text, 300) or resp.reason_phrase)
+        if resp.status_code in (429, 502, 503, 504):
+            last = f"{resp.status_code}: {text}"
+            continue
+        if resp.status_code == 400 and isinstance(err, dict) and err.get("type"):
+            raise _ERROR_CLASSES.get(str(err["type"]), MlwfError)(text)
+        if resp.status_code >= 500:
+            raise StageError(f"{endpoint} could not start the run ({resp.status_code}): {text}")
+        hint = {401: "; the service and this machine must share the same MLWF_FUNCTION_SECRET",
+                404: "; is --endpoint a service started with --sink, serving this workflow?"}.get(resp.status_code, "")
+        raise UsageError(f"{endpoint} refused the start of {workflow} ({resp.status_code}: {text}){hint}")
+    raise StageError(f"cannot start {workflow} at {endpoint} after {attempts} attempts: {last}")
 
 
 def wait(store, workflow: str, run_id: str, *, timeout: float = DEFAULT_WAIT_S, poll: float = _POLL_S) -> dict[str, Any]:
