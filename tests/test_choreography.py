@@ -551,3 +551,25 @@ def test_the_readme_commands_of_the_choreographed_mode_parse():
         else:
             assert args.command == "invoke" and args.endpoint and args.wait
     assert commands == 4
+
+
+def test_a_start_events_invocation_is_checked_before_anything_runs():
+    from mlwf.choreography.replay import invocation_arguments
+    from mlwf.errors import UsageError
+    from mlwf.workflows.training import TrainingConfig
+
+    args, options = invocation_arguments("ml-training", {"args": ["d", 2, 4], "options": {"config": {"seed": 3},
+                                                                                      "publish": False}})
+    assert args == ["d", 2, 4] and options == {"config": TrainingConfig(seed=3), "publish": False}
+    for invocation, message in (
+            ("x", "must hold"), ({"args": [["d"], 2, 4]}, "DATA_PREFIX must be text"),
+            ({"args": ["d", True, 4]}, "NUM_PCA must be text or a whole number"),
+            ({"args": ["d", 2]}, "takes 3 arguments"),
+            ({"args": ["d", 2, 4], "options": {"publish": "no"}}, "'publish' must be true or false"),
+            ({"args": ["d", 2, 4], "options": {"config": {"trees": 1}}}, "bad training settings"),
+            ({"args": ["d", 2, 4], "options": {"resume": "20261128T000000.000000Z-000000"}}, "unknown ml-training"),
+            ({"args": ["d", 2, 4], "options": {"config": []}}, "'config' must be an object")):
+        with pytest.raises(UsageError, match=message):
+            invocation_arguments("ml-training", invocation)
+    with pytest.raises(UsageError, match="unknown workflow"):
+        invocation_arguments("ml-nothing", {"args": []})
