@@ -89,7 +89,7 @@ def pct(values: list[float], q: float) -> float:
 async def load_round(url: str, store: str, secret: str, n: int) -> tuple[list[float], int, float]:
     import httpx
 
-    from mlwf.engine import events
+    from mlwf.backends.knative import events
     from mlwf.engine.calls import Call, RunContext
 
     run_id = f"bench-{time.time_ns()}"

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import baseline  # noqa: E402
+from mlwf.bench import baseline  # noqa: E402
 
 TRAIN = "ml-training/fashion-2k"
 TEST1K = "ml-inference/images-inference-1k"

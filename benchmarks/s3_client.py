@@ -387,10 +387,12 @@ def main() -> int:
                      "objects": len(images), "avg_object_bytes": round(avg)}
     try:
         from mlwf import bulk
-        from mlwf.storage.s3 import S3Store, _env_credentials, _env_endpoint
+        from mlwf.settings import Settings
+        from mlwf.storage.s3 import S3Store
+        from mlwf.storage.s3.config import credentials_from, endpoint_from
 
-        endpoint, _ = _env_endpoint()
-        creds = _env_credentials()
+        endpoint, _ = endpoint_from(Settings.resolve())
+        creds = credentials_from(Settings.resolve())
         region = os.environ.get("AWS_REGION") or "us-east-1"
         user, password = (creds.access_key, creds.secret_key) if creds else (None, None)
         bucket = BUCKET if server else (os.environ.get("S3_BENCH_BUCKET") or f"bench-{uuid.uuid4().hex[:8]}")
@@ -399,7 +401,7 @@ def main() -> int:
         store.put_many(zip(keys, images))
         client = boto3_client(endpoint, region, user, password, 64)
         pool = ThreadPoolExecutor(args.threads)
-        results["endpoint"] = store.url
+        results["endpoint"] = store.location
         results["server"] = "moto server started here, one process" if server else "endpoint from the environment"
         results["concurrency_ours"] = store.concurrency
         prefix = TRAIN + "/"

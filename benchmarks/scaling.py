@@ -46,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import baseline  # noqa: E402
+from mlwf.bench import baseline  # noqa: E402
 import run as bench  # noqa: E402  (benchmarks/run.py: prepare(), machine())
 
 TEST10K = bench.TEST10K

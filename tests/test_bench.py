@@ -71,7 +71,7 @@ def test_run_trace_has_one_event_per_call_with_spans_inside(store_url, tmp_path,
 def test_trace_of_a_direct_inference_run_from_the_engine(trained, store_url):
     _, _ = trained
     clock = trace.StageClock()
-    with Engine(store_url, "tless", transfer="direct", progress=clock, preload_sklearn=False) as engine:
+    with Engine(store_url, "tless", transfer="direct", progress=clock) as engine:
         report = engine.run_inference("ml-inference/model", BATCH_PREFIX, 3)
         doc = trace.build(engine.last_run, report, clock)
     calls, spans = _calls_and_spans(doc)

@@ -22,7 +22,8 @@ import pytest
 
 from mlwf import bulk
 from mlwf.cli import main
-from mlwf.engine import events
+from mlwf import workflows
+from mlwf.backends.knative import events
 from mlwf.engine.driver import Engine
 from mlwf.errors import DataError, StageError
 from mlwf.storage import StoreSpec
@@ -392,7 +393,7 @@ def test_a_stage_that_always_fails_ends_the_run_failed_with_its_reason(s3_server
         import base64
 
         from mlwf.choreography.invoke import start_event, wait
-        from mlwf.engine.driver import new_run_id
+        from mlwf.engine.layout import new_run_id
 
         run = new_run_id()
         start = start_event("ml-training", run, {"args": [TRAIN_PREFIX, 4, 2], "options": {}},
@@ -488,7 +489,7 @@ def test_deploy_choreography_renders_eventing_a_cluster_can_use(tmp_path, capsys
         assert "K_SINK" not in env and "PORT" not in env and "MLWF_FUNCTION_SECRET" in env
     # A Trigger per stage and per start event, filtered on the event type, to the Service running that stage.
     triggers = {d["spec"]["filter"]["attributes"]["type"]: d for d in docs if d["kind"] == "Trigger"}
-    expected = {f"dev.mlwf.{w}.{s}" for w, ss in events.known_stages().items() for s in [*ss, "start"]}
+    expected = {f"dev.mlwf.{w}.{s}" for w, ss in workflows.known_stages().items() for s in [*ss, "start"]}
     assert set(triggers) == expected
     for event_type, trigger in triggers.items():
         assert trigger["spec"]["broker"] == broker["metadata"]["name"] and trigger["metadata"]["namespace"] == "mlwf"
@@ -526,7 +527,7 @@ def test_the_readme_commands_of_the_choreographed_mode_parse():
 
     from mlwf.choreography.sinks import parse_sinks
     from mlwf.cli import build_parser
-    from mlwf.server import parse_stages
+    from mlwf.backends.knative.server.serve import parse_stages
     from tests.test_knative import REPO
 
     text = (REPO / "README.md").read_text()
@@ -566,7 +567,7 @@ def test_a_start_events_invocation_is_checked_before_anything_runs():
             ({"args": ["d", True, 4]}, "NUM_PCA must be text or a whole number"),
             ({"args": ["d", 2]}, "takes 3 arguments"),
             ({"args": ["d", 2, 4], "options": {"publish": "no"}}, "'publish' must be true or false"),
-            ({"args": ["d", 2, 4], "options": {"config": {"trees": 1}}}, "bad training settings"),
+            ({"args": ["d", 2, 4], "options": {"config": {"trees": 1}}}, "bad settings in option 'config'"),
             ({"args": ["d", 2, 4], "options": {"resume": "20261128T000000.000000Z-000000"}}, "unknown ml-training"),
             ({"args": ["d", 2, 4], "options": {"config": []}}, "'config' must be an object")):
         with pytest.raises(UsageError, match=message):

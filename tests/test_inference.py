@@ -17,6 +17,7 @@ from mlwf import codec, runs
 from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError
 from mlwf.workflows import inference
 from mlwf.workflows.base import Blob
+from mlwf.workflows.inference import INFERENCE
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 
 MODEL_PREFIX = "ml-inference/model"
@@ -87,9 +88,9 @@ def _batch_keys(engine, prefix=BATCH_PREFIX) -> list[str]:
 def test_partition_deals_keys_round_robin_in_key_order():
     keys = [f"data/{c}/{i:03d}.png" for c in ("a", "b") for i in range(5)]
     out = inference.partition(_listing(keys), prefix="data", num_funcs=3)
-    assert [p["keys"] for p in out.parts] == [sorted(keys)[i::3] for i in range(3)]
-    assert [len(p["keys"]) for p in out.parts] == [4, 3, 3]
-    for p in out.parts:
+    assert [p["keys"] for p in out.parts["assignments"]] == [sorted(keys)[i::3] for i in range(3)]
+    assert [len(p["keys"]) for p in out.parts["assignments"]] == [4, 3, 3]
+    for p in out.parts["assignments"]:
         assert p["labels"] == [k.split("/")[1] for k in p["keys"]]
     assert out.info == {"num_images": 10, "num_funcs": 3, "labelled": 10}
     again = inference.partition(_listing(keys), prefix="data/", num_funcs=3)
@@ -99,9 +100,9 @@ def test_partition_deals_keys_round_robin_in_key_order():
 def test_partition_labels_flat_keys_none_and_clamps_functions_to_images():
     keys = ["imgs/x.png", "imgs/y.png", "imgs/3/z.png"]
     out = inference.partition(_listing(keys + ["other/w.png"]), prefix="imgs", num_funcs=8)
-    assert out.info["num_funcs"] == 3 and len(out.parts) == 3
+    assert out.info["num_funcs"] == 3 and len(out.parts["assignments"]) == 3
     assert out.info["num_images"] == 3 and out.info["labelled"] == 1
-    by_key = {k: lab for p in out.parts for k, lab in zip(p["keys"], p["labels"])}
+    by_key = {k: lab for p in out.parts["assignments"] for k, lab in zip(p["keys"], p["labels"])}
     assert by_key == {"imgs/3/z.png": "3", "imgs/x.png": None, "imgs/y.png": None}
 
 
@@ -114,8 +115,9 @@ def test_partition_without_images_says_to_upload():
 def test_load_hands_on_the_checked_model_bytes():
     data = _threshold_model().to_bytes()
     out = inference.load(_fetch_from(_manifest_for("m", data)), model_prefix="m")
-    [blob] = out.parts
-    assert isinstance(blob, Blob) and blob.kind == "model" and blob.data == data
+    blob = out.parts["model"]
+    assert isinstance(blob, Blob) and blob.data == data
+    assert INFERENCE.stage("predict").input("model").decode == "mlwf.model:from_bytes"  # read as a model
     # Handed on as the published version object itself, not as a copy to store.
     assert blob.stored_at == f"m/versions/{codec.digest(data)}.mlwf"
     assert out.info["model_digest"] == codec.digest(data)
@@ -146,7 +148,7 @@ def test_predict_classifies_skips_undecodable_and_keeps_labels_aligned():
              "d/x.png": _png([[0, 0], [0, 0]], mode="RGB")}
     assignment = {"keys": list(blobs), "labels": ["a", "b", "a", None]}
     out = inference.predict(assignment, model, _fetch_from(blobs))
-    [part] = out.parts
+    part = out.parts["predictions"]
     assert part["keys"] == ["d/a/0.png", "d/b/1.png", "d/x.png"]
     assert part["labels"] == ["a", "b", None]
     assert [model.classes[i] for i in part["pred"]] == ["dark", "bright", "dark"]
@@ -177,7 +179,7 @@ def test_an_inference_run_references_the_published_model_and_stores_no_copy(trai
         assert not [o.key for o in engine.store.list(run_folder) if o.size >= model_bytes]
     if transfer == "store":
         done = json.loads(engine.store.get(f"ml-inference/outputs/{reports[0]['run_id']}/load/0.done.json"))
-        [ref] = done["outcome"]["outputs"]
+        ref = done["outcome"]["outputs"]["model"]
         assert ref["key"] == manifest["object"] and ref["sha256"] == manifest["sha256"]
 
 
@@ -188,8 +190,7 @@ def test_a_referenced_model_replaced_after_load_is_refused_before_predict_runs(t
     engine, _ = trained
     manifest = json.loads(engine.store.get(f"{MODEL_PREFIX}/MODEL.json"))
     data = engine.store.get(manifest["object"])
-    handed_on = Ref(sha256=codec.digest(data), nbytes=len(data), kind="model", key=manifest["object"],
-                    producer="load")
+    handed_on = Ref(sha256=codec.digest(data), nbytes=len(data), key=manifest["object"], producer="load")
     # Replaced, since load checked it, by another whole and valid model.
     other = engine.run_training(TRAIN_PREFIX, 2, 4, config=dataclasses.replace(FAST, seed=1), model_prefix="other")
     engine.store.put(manifest["object"], engine.store.get(f"other/versions/{other['model_digest']}.mlwf"))

@@ -15,7 +15,7 @@ import pytest
 
 from mlwf.engine import trace
 from mlwf.engine.driver import Engine
-from mlwf.engine.local import LocalBackend
+from mlwf.backends.local import LocalBackend, LocalConfig
 from mlwf.errors import StageError
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 
@@ -116,7 +116,7 @@ class _DyingBackend(LocalBackend):
 
 
 def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():
-    backend = _DyingBackend(workers=1)
+    backend = _DyingBackend(LocalConfig(workers=1))
     try:
         with pytest.raises(StageError) as info:
             backend.warm_up()

@@ -57,7 +57,7 @@ def _reapers() -> set[int]:
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if b"mlwf.engine.lifeline" in f.read():
+                    if b"mlwf.backends.lifeline" in f.read():
                         found.add(int(name))
             except OSError:
                 pass
@@ -105,7 +105,7 @@ def test_killing_a_local_run_leaves_no_worker_fork_server_or_tracker(store_url, 
 
 
 def test_killing_mlwf_serve_leaves_no_worker(store_url, tmp_path):
-    from mlwf.engine import events
+    from mlwf.backends.knative import events
     from mlwf.engine.calls import Call, RunContext
 
     marker = f"partition:0:hang:{uuid.uuid4().int % 90 + 10}"

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,8 @@ ray = pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 
 from mlwf import bulk  # noqa: E402
 from mlwf.cli import main  # noqa: E402
 from mlwf.engine.driver import Engine  # noqa: E402
-from mlwf.engine.ray import RayBackend  # noqa: E402
-from mlwf.errors import DataError, UsageError  # noqa: E402
+from mlwf.backends.ray import RayBackend, RayConfig  # noqa: E402
+from mlwf.errors import DataError, StageError, UsageError  # noqa: E402
 from mlwf.storage import StoreSpec  # noqa: E402
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX  # noqa: E402
 from tests.s3server import free_port  # noqa: E402
@@ -102,16 +103,20 @@ def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
         assert any("/train/" in k for k in written)
 
 
-def test_a_worker_killed_mid_call_is_rerun_by_ray_with_the_same_model(store_url, monkeypatch):
+def test_a_worker_killed_mid_call_is_rerun_by_the_driver_with_the_same_model(store_url, monkeypatch):
     with Engine(store_url, "tless") as local:
         clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     monkeypatch.setenv("MLWF_FAULTS", "train:1:exit:1")  # reaches the workers through runtime_env
-    with Engine(store_url, "tless", backend="ray", transfer="direct", retries=0) as engine:
+    with Engine(store_url, "tless", backend="ray", transfer="direct", retries=1) as engine:
         report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     assert report["model_digest"] == clean["model_digest"]
-    # The worker did die (the fault was claimed) and Ray, not the driver, ran the call again.
+    # The worker did die (the fault was claimed) and the driver, not Ray, ran the call again: one budget.
     assert (Path(tempfile.gettempdir()) / "mlwf-faults" / report["run_id"] / "train-1-exit-1-0").exists()
-    assert report["stages"]["train"]["attempts"] == 4
+    assert report["stages"]["train"]["attempts"] == 5
+    monkeypatch.setenv("MLWF_FAULTS", "train:1:exit:1")
+    with Engine(store_url, "tless", backend="ray", transfer="direct", retries=0) as engine, \
+            pytest.raises(StageError, match=r"train\[1\] failed: its Ray worker died"):
+        engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
 
 
 def test_a_hung_call_is_timed_out_its_worker_killed_and_the_call_rerun(store_url, monkeypatch):
@@ -228,22 +233,24 @@ def test_a_local_store_with_a_remote_cluster_needs_shared_store(capsys, store_ur
     assert f"the store {store_url} is a directory on this machine" in line
     assert "10.1.2.3:6379" in line and "--shared-store" in line and "s3://" in line
     # Stated as shared, or on S3, the same cluster is accepted (checked before connecting).
-    RayBackend("10.1.2.3:6379", store_url=store_url, shared_store=True)._check_store_before_connecting(store_url)
-    RayBackend("10.1.2.3:6379")._check_store_before_connecting("s3://")
+    cluster = RayConfig(address="10.1.2.3:6379")
+    RayBackend(replace(cluster, shared_store=True))._check_store_before_connecting(StoreSpec(store_url, "tless"))
+    RayBackend(cluster)._check_store_before_connecting(StoreSpec("s3://", "tless"))
 
 
 def test_a_local_store_is_refused_when_the_joined_cluster_has_nodes_elsewhere(store_url, monkeypatch):
     backend = RayBackend()
+    spec = StoreSpec(store_url, "tless")
     nodes = [{"Alive": True, "NodeManagerAddress": "10.9.8.7", "Resources": {"CPU": 4.0}}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     with pytest.raises(UsageError, match=r"nodes on other hosts \(10\.9\.8\.7\).*--shared-store"):
-        backend._check_store(store_url)
-    RayBackend(shared_store=True)._check_store(store_url)
+        backend._check_store(spec)
+    RayBackend(RayConfig(shared_store=True))._check_store(spec)
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "1e9", "soon"])
 def test_a_connect_timeout_that_is_not_a_sane_number_of_seconds_is_refused(monkeypatch, value):
     monkeypatch.setenv("MLWF_RAY_CONNECT_TIMEOUT", value)
     with pytest.raises(UsageError, match=r"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds") as info:
-        RayBackend("127.0.0.1:1")
+        RayBackend(RayConfig(address="127.0.0.1:1"))
     assert value in str(info.value) and "\n" not in str(info.value)

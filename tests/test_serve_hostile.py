@@ -18,9 +18,9 @@ import time
 import httpx
 import pytest
 
-from mlwf.engine import events
+from mlwf.backends.knative import events
 from mlwf.engine.calls import Call, RunContext
-from mlwf.server import REPLAY_PREFIX, REPLAY_SLOT_S, ReplayLedger
+from mlwf.backends.knative.server import REPLAY_PREFIX, REPLAY_SLOT_S, ReplayLedger
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX
 from tests.s3server import FaultProxy

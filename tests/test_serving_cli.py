@@ -28,7 +28,7 @@ def _env() -> dict[str, str]:
 
 def test_export_writes_a_checked_onnx_file_from_a_prefix_or_a_model_file(trained, digits_dir, tmp_path, capsys):
     engine, report = trained
-    store = engine.store.url.removeprefix("file://")
+    store = engine.spec.url
     out = tmp_path / "model.onnx"
     assert main(["model", "export", "--format", "onnx", "-o", str(out), "--store", store, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -58,7 +58,7 @@ def test_export_refusals_are_one_line(trained, tmp_path, capsys, args, message):
     engine, _ = trained
     out = tmp_path / "m.onnx"
     argv = ["model", "export", *(a.format(out=out, tmp=tmp_path) for a in args),
-            "--store", engine.store.url.removeprefix("file://")]
+            "--store", engine.spec.url]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("mlwf: error: ") and message in err and err.count("\n") == 1, err
@@ -67,7 +67,7 @@ def test_export_refusals_are_one_line(trained, tmp_path, capsys, args, message):
 
 def test_serve_starts_answers_and_stops_cleanly_and_a_bad_start_is_one_line(trained, tmp_path):
     engine, report = trained
-    store = engine.store.url.removeprefix("file://")
+    store = engine.spec.url
     port = free_port()
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "model", "serve", "--host", "127.0.0.1",

@@ -213,7 +213,7 @@ def test_create_bucket(backend):
 
 def test_repr_and_url(store):
     assert store.bucket in repr(store)
-    assert store.url in repr(store)
+    assert store.location in repr(store)
 
 
 def test_objects_put_by_boto3_are_readable(s3_server, s3_env):

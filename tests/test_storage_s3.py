@@ -19,6 +19,7 @@ import pytest
 
 from mlwf.errors import NotFoundError, StoreError
 from mlwf.storage import open_store
+from mlwf.settings import Settings
 from mlwf.storage.s3 import S3Store, S3Timeouts
 from tests.s3server import FaultProxy, free_port
 
@@ -83,11 +84,11 @@ def test_timeout_bounds_add_up(monkeypatch):
     assert t.connect + t.max_backoff + t.retry == pytest.approx(15)
     assert t.retry > 5 and t.connect <= 5
     monkeypatch.setenv("MLWF_S3_TIMEOUT", "4")
-    assert S3Timeouts.from_env().total == 4
+    assert S3Timeouts.from_settings(Settings.resolve()).total == 4
     for bad in ("abc", "0", "-1", "inf", "nan", "1e9"):
         monkeypatch.setenv("MLWF_S3_TIMEOUT", bad)
         with pytest.raises(StoreError, match="MLWF_S3_TIMEOUT"):
-            S3Timeouts.from_env()
+            S3Timeouts.from_settings(Settings.resolve())
 
 
 def test_unreachable_endpoint_fails_within_bound(s3_env, monkeypatch, closed_port):
@@ -270,7 +271,7 @@ def test_credentials_never_printed(s3_server, s3_env, monkeypatch, fake_credenti
             raise AssertionError("expected a StoreError")
 
     store = open_store("s3://", s3_env)
-    assert_no_secrets(repr(store) + store.url + repr(vars(store)) + str(vars(store)))
+    assert_no_secrets(repr(store) + store.location + repr(vars(store)) + str(vars(store)))
     assert_no_secrets(pickle.dumps(store).decode("latin-1"))
     store.list()  # the obstore client exists now; its visible config holds no keys either
     assert_no_secrets(repr(store._client()) + repr(store._client().config))
@@ -291,7 +292,7 @@ def test_credentials_never_printed(s3_server, s3_env, monkeypatch, fake_credenti
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{SECRET_USER}:{SECRET_PASSWORD}@127.0.0.1:{closed_port}")
     monkeypatch.delenv("S3_HOST")
     leaky = open_store("s3://", s3_env)
-    assert_no_secrets(repr(leaky) + leaky.url)
+    assert_no_secrets(repr(leaky) + leaky.location)
     provoke(lambda: leaky.get("k"))
     assert len(errors) == 10
     for err in errors:
@@ -304,15 +305,15 @@ def test_from_url_and_environment(monkeypatch):
                  "AWS_DEFAULT_REGION", "S3_USER", "S3_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
     aws = S3Store.from_url("s3://", "tless")
-    assert aws.url == "s3://aws" and aws.endpoint is None and aws.region == "us-east-1"
-    assert S3Store.from_url("s3://minio.local:9000", "tless").url == "s3://minio.local:9000"
+    assert aws.location == "s3://aws" and aws.endpoint is None and aws.region == "us-east-1"
+    assert S3Store.from_url("s3://minio.local:9000", "tless").location == "s3://minio.local:9000"
     monkeypatch.setenv("S3_HOST", "10.0.0.5")
     monkeypatch.setenv("S3_PORT", "9100")
     assert S3Store.from_url("s3://", "tless").endpoint == "http://10.0.0.5:9100"
     assert S3Store.from_url("s3://127.0.0.1:9", "tless").endpoint == "http://127.0.0.1:9"  # URL wins
     monkeypatch.setenv("S3_HOST", "https://minio.example.org")
     https = S3Store.from_url("s3://", "tless")
-    assert https.endpoint == "https://minio.example.org" and https.url == "s3+https://minio.example.org"
+    assert https.endpoint == "https://minio.example.org" and https.location == "s3+https://minio.example.org"
     monkeypatch.delenv("S3_HOST")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://ceph:7480/")
     monkeypatch.setenv("AWS_REGION", "eu-west-3")

@@ -26,13 +26,13 @@ def test_partition_labels_from_class_folders_and_holds_out_each_class():
     out = training.partition(_listing({"cat": 20, "dog": 30, "eel": 10}), prefix="data", num_pca=2,
                              num_train=4, holdout=0.2, seed=1, n_components=3)
     assert out.info["classes"] == ["cat", "dog", "eel"]
-    held = out.parts[-1]
+    held = out.parts["holdout"]
     names = [k.split("/")[1] for k in held["keys"]]
     assert sorted(names).count("cat") == 4 and names.count("dog") == 6 and names.count("eel") == 2
     assert [out.info["classes"][i] for i in held["labels"]] == names
-    train_keys = [k for p in out.parts[:-1] for k in p["keys"]]
+    train_keys = [k for p in out.parts["assignments"] for k in p["keys"]]
     assert len(train_keys) == 48 and not set(train_keys) & set(held["keys"])
-    for p in out.parts[:-1]:
+    for p in out.parts["assignments"]:
         assert [out.info["classes"][i] for i in p["labels"]] == [k.split("/")[1] for k in p["keys"]]
 
 
@@ -41,9 +41,9 @@ def test_partition_is_deterministic_and_depends_on_seed():
     a = training.partition(_listing({"a": 10, "b": 10}), seed=3, **args)
     b = training.partition(_listing({"a": 10, "b": 10}), seed=3, **args)
     c = training.partition(_listing({"a": 10, "b": 10}), seed=4, **args)
-    assert a.parts[-1]["keys"] == b.parts[-1]["keys"]
-    assert a.parts[0]["keys"] == b.parts[0]["keys"]
-    assert a.parts[0]["keys"] != c.parts[0]["keys"]
+    assert a.parts["holdout"]["keys"] == b.parts["holdout"]["keys"]
+    assert a.parts["assignments"][0]["keys"] == b.parts["assignments"][0]["keys"]
+    assert a.parts["assignments"][0]["keys"] != c.parts["assignments"][0]["keys"]
 
 
 def test_partition_sorts_numeric_class_names_numerically():
@@ -57,8 +57,8 @@ def test_partition_deals_uneven_training_functions_and_says_so():
     assert train_split(3, 8) == [3, 3, 2]
     out = training.partition(_listing({"a": 20, "b": 20}), prefix="data", num_pca=2, num_train=5,
                              holdout=0.0, seed=0, n_components=2)
-    assert [p["num_train"] for p in out.parts[:-1]] == [3, 2]
-    assert [p["first_train"] for p in out.parts[:-1]] == [0, 3]
+    assert [p["num_train"] for p in out.parts["assignments"]] == [3, 2]
+    assert [p["first_train"] for p in out.parts["assignments"]] == [0, 3]
     assert out.info["train_per_pca"] == [3, 2]
 
 
@@ -96,7 +96,7 @@ def test_pca_projects_slices_and_skips_undecodable_objects():
     assignment = {"keys": list(blobs), "labels": np.arange(20, dtype=np.int32) % 2, "num_train": 3}
     out = training.pca(assignment, lambda keys: [blobs[k] for k in keys], image_size=8, n_components=4,
                        seed=0, index=0)
-    slices, projection = out.parts[:-1], out.parts[-1]
+    slices, projection = out.parts["slices"], out.parts["projection"]
     assert len(slices) == 3
     assert sum(len(s["labels"]) for s in slices) == 19
     assert all(s["features"].shape[1] == 4 and s["features"].dtype == np.float32 for s in slices)
@@ -120,7 +120,7 @@ def test_train_exports_a_forest_that_predicts_like_scikit_learn():
     y = (x[:, 0] > 0).astype(np.int32) * 2  # classes 0 and 2 of 3: class 1 never seen
     out = training.train({"features": x, "labels": y}, num_classes=3, n_trees=7, max_depth=6,
                          min_samples_split=5, seed=5, index=1, projection=0)
-    member = out.parts[0]
+    member = out.parts["member"]
     forest = RandomForestClassifier(n_estimators=7, max_depth=6, min_samples_split=5,
                                     random_state=training.derive_seed(5, "train", 1)).fit(x, y)
     model = mlwf.model.build(["a", "b", "c"], 3, [{"mean": np.zeros(9), "components": np.eye(5, 9)}], [member])

@@ -222,15 +222,17 @@ def test_a_library_warning_inside_a_stage_becomes_a_fact_of_the_run(monkeypatch,
 
     from mlwf.engine import runner
     from mlwf.engine.calls import Call, RunContext
+    from mlwf.storage import StoreSpec
     from mlwf.workflows.base import StageOutput
 
     def noisy(list_keys, *, prefix):
         for _ in range(50):
             warnings.warn("a library complaint", UserWarning, stacklevel=1)
         warnings.warn("another one\nwith a second line", RuntimeWarning, stacklevel=1)
-        return StageOutput([], {"n": 1})
+        return StageOutput({"assignments": [], "holdout": {}}, {"n": 1})
 
-    monkeypatch.setitem(training.STAGES, "partition", noisy)
+    monkeypatch.setattr(training, "partition", noisy)
+    StoreSpec(str(tmp_path / "store"), "tless").open().create_bucket()  # its outputs are put there
     ctx = RunContext("r", "ml-training", str(tmp_path / "store"), "tless", "ml-training/outputs/r", "store")
     with warnings.catch_warnings(record=True) as printed:
         warnings.simplefilter("always")

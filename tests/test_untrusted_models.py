@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import mlwf.model
+import mlwf.model.format
 from mlwf import codec
 from mlwf.cli import main
 from mlwf.errors import ModelError
@@ -92,14 +93,14 @@ def single_leaf_forest(n_trees: int, n_classes: int = 2) -> dict:
 
 
 def test_more_trees_than_allowed_are_refused_before_their_arrays_are_checked(monkeypatch):
-    monkeypatch.setattr(mlwf.model, "MAX_TREES", 10)
+    monkeypatch.setattr(mlwf.model.format, "MAX_TREES", 10)
     meta = {**_tree_meta(), "members": [single_leaf_forest(6), single_leaf_forest(5)]}
     refused(codec.encode(meta), "11 trees, more than the 10 allowed")
     mlwf.model.from_bytes(codec.encode({**meta, "members": [single_leaf_forest(10)]}))
 
 
 def test_more_members_or_projections_than_allowed_are_refused(monkeypatch):
-    monkeypatch.setattr(mlwf.model, "MAX_MEMBERS", 2)
+    monkeypatch.setattr(mlwf.model.format, "MAX_MEMBERS", 2)
     refused(codec.encode({**_tree_meta(), "members": [single_leaf_forest(1) for _ in range(3)]}),
             "at most 2 members")
     two = [_tree_meta()["projections"][0], _tree_meta()["projections"][0]]

@@ -3,6 +3,18 @@
 One daemon thread per process runs one asyncio loop, created on first use (and
 again in a child after ``fork``, which does not copy threads). Callers in any
 other thread submit coroutines and wait for them; nothing is created per call.
+The S3 store (:mod:`mlwf.storage.s3`) and the Knative backend's HTTP client
+share it.
+
+Why not anyio's blocking portal: ``anyio.from_thread.start_blocking_portal``
+is a context manager whose loop lives as long as the ``with`` block, and
+``BlockingPortalProvider`` stops its loop when its last user leaves, so
+either would start a loop thread per operation or need an owner that keeps
+one open for the life of the process. What is needed here is exactly that
+process-lifetime loop, started lazily, never holding up interpreter exit,
+and started afresh in a child after ``fork`` (local workers, ``mlwf serve
+--workers``): the 40 lines below. anyio would also become a dependency of
+every install (today only the Knative extra brings it, through httpx).
 """
 
 from __future__ import annotations

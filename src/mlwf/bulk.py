@@ -1,6 +1,6 @@
 """Moving folders in and out of a store: the ``mlwf s3`` commands.
 
-They mirror the seed's ``s3 upload-dir`` / ``clear-bucket`` / ``clear-dir``
+They mirror the reference's ``s3 upload-dir`` / ``clear-bucket`` / ``clear-dir``
 and work on whichever store is configured (a local directory or S3).
 
 None of them acts on an empty or ambiguous target, and none replaces data
@@ -24,7 +24,8 @@ from mlwf.storage import Store, check_key, check_prefix, join_key
 
 _BATCH = 256
 _EXAMPLES = 3
-Progress = Callable[[int, int], None]
+#: Called as work is done: ``(done, total)``.
+DoneOfTotal = Callable[[int, int], None]
 #: The manifest that marks a folder as a published model (see :mod:`mlwf.model`).
 _MODEL_MANIFEST = "MODEL.json"
 
@@ -80,7 +81,7 @@ def _examples(items: list[str]) -> str:
 
 
 def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = False, overwrite: bool = False,
-               progress: Progress | None = None) -> dict[str, int]:
+               progress: DoneOfTotal | None = None) -> dict[str, int]:
     """Upload every file under ``host_path`` to ``s3_path/<relative path>``.
 
     Idempotent: an object that already holds the same bytes is skipped (on S3
@@ -116,7 +117,7 @@ def upload_dir(store: Store, host_path, s3_path: str, *, create_bucket: bool = F
     if create_bucket:
         store.create_bucket()
     elif not store.bucket_exists():
-        if store.url.startswith("file://"):
+        if store.is_local:
             store.create_bucket()  # a local bucket is just a folder
         else:
             store.require_bucket()
@@ -164,7 +165,7 @@ def _enclosing_folders(folder: str) -> list[str]:
 
 
 def download_dir(store: Store, s3_path: str, host_path, *, overwrite: bool = False,
-                 progress: Progress | None = None) -> dict[str, int]:
+                 progress: DoneOfTotal | None = None) -> dict[str, int]:
     """Download every object under ``s3_path/`` into ``host_path`` (same relative layout).
 
     Every target is checked before anything is written: a key that would land
@@ -255,7 +256,7 @@ def _folders_below(root: Path, rel: str) -> list[Path]:
     return [root.joinpath(*parts[:i]) for i in range(1, len(parts))]
 
 
-def clear_prefix(store: Store, prefix: str, *, progress: Progress | None = None) -> dict[str, int]:
+def clear_prefix(store: Store, prefix: str, *, progress: DoneOfTotal | None = None) -> dict[str, int]:
     """Delete every object in the folder ``prefix/`` (``'a/b'`` never touches ``'a/bc'``).
 
     Raises
@@ -267,12 +268,12 @@ def clear_prefix(store: Store, prefix: str, *, progress: Progress | None = None)
     return _delete_all(store, folder_prefix(prefix, flag="--prefix"), progress)
 
 
-def clear_bucket(store: Store, *, progress: Progress | None = None) -> dict[str, int]:
+def clear_bucket(store: Store, *, progress: DoneOfTotal | None = None) -> dict[str, int]:
     """Delete every object in the bucket."""
     return _delete_all(store, "", progress)
 
 
-def _delete_all(store: Store, prefix: str, progress: Progress | None) -> dict[str, int]:
+def _delete_all(store: Store, prefix: str, progress: DoneOfTotal | None) -> dict[str, int]:
     keys = [o.key for o in store.list(prefix)]
     for start in range(0, len(keys), _BATCH):
         store.delete_many(keys[start : start + _BATCH])

@@ -42,7 +42,7 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
 
     from mlwf import bulk, datasets
     from mlwf.engine.driver import Engine
-    from mlwf.ui import StageProgress, print_report, stdout_console
+    from mlwf.ui import StageBars, print_report, stdout_console
 
     def say(text: str, whole: bool = False) -> None:
         # ``whole``: a command or key to copy, one logical line that a narrow terminal wraps softly.
@@ -58,7 +58,7 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
             target = (batch_dir if int(png.stem) >= NUM_DIGITS - BATCH else train_dir) / png.parent.name
             target.mkdir(parents=True, exist_ok=True)
             png.rename(target / png.name)
-        with StageProgress(enabled=not quiet) as progress, \
+        with StageBars(enabled=not quiet) as progress, \
                 Engine(store, bucket, workers=workers, progress=progress) as engine:
             say(f"[bold]mlwf demo[/bold]: store {escape(engine.spec.url)}, bucket {escape(engine.spec.bucket)}, "
                 f"everything under {DEMO_PREFIX}/")

@@ -3,15 +3,27 @@
 Every failure that reaches the command line is an :class:`MlwfError` whose
 message is one line: what went wrong, where, and what to do about it. The CLI
 prints that line and exits non-zero; only ``--debug`` shows a traceback.
+
+Each error says whether trying the same call again may succeed
+(:attr:`MlwfError.retryable`): the driver's one retry policy
+(:mod:`mlwf.engine.retry`) and the function server's replies (their
+``retryable`` field) both read it, so they never disagree. Bad input, a bad
+model, a wrong command line and a missing object are not retryable; a store
+that failed transiently, a failed stage call and a lost worker are.
 """
 
 from __future__ import annotations
 
 
 class MlwfError(Exception):
-    """A failure with a one-line message meant for the user."""
+    """A failure with a one-line message meant for the user.
+
+    ``retryable`` (a class default an instance may override) says whether the
+    same call, tried again, may succeed.
+    """
 
     exit_code = 2
+    retryable = False
 
 
 class UsageError(MlwfError):
@@ -24,6 +36,8 @@ class StoreError(MlwfError):
 
 class TransientStoreError(StoreError):
     """The store failed in a way worth retrying (the engine retries the call)."""
+
+    retryable = True
 
 
 class NotFoundError(StoreError):
@@ -39,7 +53,28 @@ class ModelError(MlwfError):
 
 
 class StageError(MlwfError):
-    """A stage call failed after its retries."""
+    """A stage call failed (its function raised, its worker or service failed, or it ran out of time)."""
+
+    retryable = True
+
+
+class WorkerLost(StageError):
+    """The worker running a call died; a backend raises it for every call that worker took with it.
+
+    ``restart``: the backend must be reset (:meth:`~mlwf.backends.base.Backend.cancel_all`)
+    before calls can run again, as when a local process pool breaks; the driver
+    then resubmits every call in flight.
+    """
+
+    def __init__(self, message: str, *, restart: bool = True):
+        super().__init__(message)
+        self.restart = restart
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether a failed call may succeed if tried again: an mlwf error says so itself; any other
+    exception is a failure of the machinery around the stage, worth another attempt."""
+    return error.retryable if isinstance(error, MlwfError) else True
 
 
 def one_line(value: BaseException | str, limit: int = 2000) -> str:

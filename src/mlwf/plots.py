@@ -17,11 +17,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mlwf import workflows
 from mlwf.errors import UsageError
 
-#: Stage colours, fixed so a stage looks the same in every figure.
-STAGE_ORDER = ["partition", "pca", "train", "validation", "load", "predict"]
-_STAGE_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948"]
+#: Stage colours, in the order the workflows list their stages (:func:`mlwf.workflows.stage_order`),
+#: so a stage looks the same in every figure.
+_STAGE_COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
 STARTUP_COLOUR = "#bab0ac"  # worker start-up, drawn on the driver's row
 
 #: The reference's published end-to-end latencies, seconds, on its own servers (REFERENCE.md).
@@ -56,8 +57,9 @@ def pyplot():
 
 
 def stage_colour(stage: str) -> str:
-    if stage in STAGE_ORDER:
-        return _STAGE_COLOURS[STAGE_ORDER.index(stage)]
+    order = workflows.stage_order()
+    if stage in order and order.index(stage) < len(_STAGE_COLOURS):
+        return _STAGE_COLOURS[order.index(stage)]
     return "#9c9c9c"
 
 
@@ -271,7 +273,8 @@ def breakdown(stage_rows: list[dict[str, Any]], out_base: str | Path) -> list[Pa
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys):
-        stages = sorted(panels[key], key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99)
+        order = workflows.stage_order()
+        stages = sorted(panels[key], key=lambda s: order.index(s) if s in order else len(order))
         bottom = [0.0] * len(stages)
         for comp in COMPONENTS:
             vals = [statistics.median(panels[key][s][comp]) for s in stages]

@@ -28,28 +28,23 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import re
 from collections import defaultdict
 from typing import Any
 
-from mlwf.errors import MlwfError, UsageError
-from mlwf.storage import Store, join_key
-from mlwf.workflows import WORKFLOWS, stage_names
+from mlwf import workflows
+from mlwf.engine.layout import (RECORD, RUN_ID, RunLayout, is_choreography_bookkeeping, parse_intermediate,
+                                runs_folder)
+from mlwf.errors import MlwfError, NotFoundError, StoreError, UsageError
+from mlwf.storage import Store
 
 #: Seconds between two renewals of a running run's lease.
 DEFAULT_HEARTBEAT_S = 15.0
 #: Seconds a lease lasts without renewal before the run counts as abandoned.
 DEFAULT_LEASE_S = 120.0
-RECORD = "run.json"
 #: The statuses a driver writes; :func:`effective_status` adds ``abandoned`` and ``unknown``.
 WRITTEN_STATUSES = ("running", "succeeded", "failed")
 #: Largest run.json read; a driver writes a few kilobytes.
 _MAX_RECORD_BYTES = 4 << 20
-#: The shape of every run id the driver makes (:func:`mlwf.engine.driver.new_run_id`).
-RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
-_INTERMEDIATE = re.compile(r"(?P<stage>[a-z]+)/\d+(?:-\d+\.bin|\.done\.json)")
-#: A choreographed run's bookkeeping (mlwf.choreography.records): claims and batch markers.
-_CHOREOGRAPHY = re.compile(r"choreography/(?:claims/(?:[a-z]+-\d+|finish)|batches/[a-z]+(?:\+[a-z]+)*)\.json")
 
 
 def now_utc() -> _dt.datetime:
@@ -121,7 +116,7 @@ def read_record(store: Store, workflow: str, run_id: str) -> dict[str, Any]:
     """
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise ValueError("folder is not named like a run id mlwf makes")
-    raw = store.get(join_key(workflow, "outputs", run_id, RECORD))
+    raw = store.get(RunLayout(workflow, run_id).record)
     if len(raw) > _MAX_RECORD_BYTES:
         raise ValueError(f"{RECORD} is larger than {_MAX_RECORD_BYTES >> 20} MiB")
     try:
@@ -139,23 +134,40 @@ def read_record(store: Store, workflow: str, run_id: str) -> dict[str, Any]:
     return record
 
 
+def find_run(store, run_id: str) -> dict[str, Any] | None:
+    """The ``run.json`` record of the run living in ``<workflow>/outputs/<run_id>/``, or None.
+
+    Raises :class:`UsageError` if that record is unreadable (see :func:`read_record`).
+    """
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        return None  # not an id mlwf makes (and never a path to follow)
+    for workflow in workflows.names():
+        try:
+            return read_record(store, workflow, run_id)
+        except NotFoundError:
+            continue
+        except StoreError:
+            return None  # not a key at all (control characters, too long)
+        except ValueError as e:
+            raise UsageError(f"the record of run {run_id} is not a run record mlwf can read (its {e}): start a "
+                             f"new run instead, and delete its folder with 'mlwf s3 clear-dir --prefix "
+                             f"{workflow}/outputs/{run_id}'") from None
+    return None
+
+
 def _expected_calls(record: dict[str, Any]) -> dict[str, int]:
     try:
         report = record.get("report") or {}
         if report.get("stages"):
             return {str(s): int(v["calls"]) for s, v in report["stages"].items()}
-        p = record["params"]
-        if record["workflow"] == "ml-training":
-            return {"partition": 1, "pca": int(p.get("num_pca", 0)), "train": int(p.get("num_train", 0)),
-                    "validation": 1}
-        return {"partition": 1, "load": 1, "predict": int(p.get("num_funcs", 0))}
-    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        return workflows.get(record["workflow"]).expected_calls(record["params"])
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError, UsageError):
         return {}
 
 
 def _folders(store: Store, workflow: str) -> dict[str, list[str]]:
     """Every run folder of ``workflow`` and the keys below it (relative to the folder)."""
-    root = join_key(workflow, "outputs") + "/"
+    root = runs_folder(workflow)
     found: dict[str, list[str]] = defaultdict(list)
     for obj in store.list(root):
         folder, sep, rest = obj.key[len(root):].partition("/")
@@ -172,13 +184,13 @@ def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, A
     """
     now = now or now_utc()
     runs = []
-    for workflow in WORKFLOWS:
+    for workflow in workflows.names():
         for run_id, keys in _folders(store, workflow).items():
             done: dict[str, int] = defaultdict(int)
             for rest in keys:
-                match = _INTERMEDIATE.fullmatch(rest)
-                if match and rest.endswith(".done.json"):
-                    done[match["stage"]] += 1
+                intermediate = parse_intermediate(rest)
+                if intermediate is not None and intermediate[1]:
+                    done[intermediate[0]] += 1
             entry: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
             try:
                 record = read_record(store, workflow, run_id)
@@ -246,7 +258,7 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
             if status not in ("succeeded", "failed", "abandoned"):
                 skipped.append({"run_id": run_id, "workflow": workflow, "reason": status})
                 continue
-            prefix = join_key(workflow, "outputs", run_id) + "/"
+            prefix = RunLayout(workflow, run_id).folder + "/"
             keys = [o.key for o in store.list(prefix) if _is_intermediate(workflow, o.key[len(prefix):])]
             if keys:
                 deleted += store.delete_many(keys)
@@ -255,8 +267,9 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
 
 
 def _is_intermediate(workflow: str, rest: str) -> bool:
-    match = _INTERMEDIATE.fullmatch(rest)
-    return (bool(match) and match["stage"] in stage_names(workflow)) or bool(_CHOREOGRAPHY.fullmatch(rest))
+    intermediate = parse_intermediate(rest)
+    return (intermediate is not None and intermediate[0] in workflows.get(workflow).stage_names) \
+        or is_choreography_bookkeeping(rest)
 
 
 def show_run(store: Store, run_id: str) -> dict[str, Any]:
@@ -274,24 +287,22 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
     UsageError
         If no run of that id is in the store.
     """
-    from mlwf.engine.driver import find_run
-
     record = find_run(store, run_id)
     if record is None:
-        raise UsageError(f"unknown run id {run_id!r} in bucket {store.bucket!r} of {store.url}: "
+        raise UsageError(f"unknown run id {run_id!r} in bucket {store.bucket!r} of {store.location}: "
                          "see 'mlwf runs ls' for the runs kept there")
-    if not isinstance(record, dict) or record.get("workflow") not in WORKFLOWS:
+    if not isinstance(record, dict) or record.get("workflow") not in workflows.names():
         raise UsageError(f"the record of run {run_id!r} in bucket {store.bucket!r} is not a run record: "
                          "it was not written by mlwf; delete its folder with 'mlwf s3 clear-dir'")
     workflow = record["workflow"]
-    folder = join_key(workflow, "outputs", run_id) + "/"
+    folder = RunLayout(workflow, run_id).folder + "/"
     done: dict[str, int] = defaultdict(int)
     for obj in store.list(folder):
         rest = obj.key[len(folder):].split("/")
         if len(rest) == 2 and rest[1].endswith(".done.json"):
             done[rest[0]] += 1
     report = record.get("report") if record.get("status") == "succeeded" else None
-    outputs = {"run folder": folder, "run record": folder + "run.json"}
+    outputs = {"run folder": folder, "run record": folder + RECORD}
     if report and workflow == "ml-inference":
         outputs["predictions"] = report.get("results_key")
         outputs["summary"] = report.get("summary_key")

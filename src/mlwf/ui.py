@@ -54,8 +54,9 @@ def end_progress() -> None:
         hide_progress(_live[-1])
 
 
-class StageProgress:
-    """A progress bar per stage, shown only on a terminal; silent otherwise.
+class StageBars:
+    """A progress bar per stage (a :class:`~mlwf.engine.progress.RunProgress`), shown only on a terminal;
+    silent otherwise.
 
     The display starts at a run's first stage and lasts until :meth:`end` (or
     until something is printed through this module), so one object can watch
@@ -67,7 +68,7 @@ class StageProgress:
         self._progress: Progress | None = None
         self._tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> StageProgress:
+    def __enter__(self) -> StageBars:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -98,7 +99,7 @@ class StageProgress:
 
 
 @contextmanager
-def count_progress(description: str, enabled: bool = True):
+def count_bar(description: str, enabled: bool = True):
     """Yield a ``progress(done, total)`` callback drawing one bar on a terminal."""
     if not (enabled and sys.stderr.isatty()):
         yield None

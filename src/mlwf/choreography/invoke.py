@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mlwf.engine import events
-from mlwf.engine.knative import check_url
+from mlwf.backends.knative import events
+from mlwf.backends.knative.backend import check_url
 from mlwf.errors import MlwfError, NotFoundError, StageError, UsageError, one_line
 from mlwf.storage import StoreSpec, join_key
 
@@ -35,7 +35,7 @@ def start_event(workflow: str, run_id: str, invocation: dict[str, Any], spec: St
     """The signed start event of run ``run_id`` on the store ``spec``."""
     from mlwf.runs import now_utc, timestamp
 
-    canonical = spec.canonical()
+    canonical = spec.canonical()  # named as a server compares it
     context = {"run_id": run_id, "workflow": workflow, "store_url": canonical.url, "bucket": canonical.bucket,
                "outputs_prefix": join_key(workflow, "outputs", run_id), "transfer": "store"}
     data = {"run_id": run_id, "started_at": timestamp(now_utc()), "invocation": invocation, "context": context}
@@ -49,14 +49,15 @@ def start_event(workflow: str, run_id: str, invocation: dict[str, Any], spec: St
 
 
 def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: StoreSpec, *,
-           timeout: float = 60.0, attempts: int = START_ATTEMPTS, client=None) -> str:
+           secret: str | None = None, timeout: float = 60.0, attempts: int = START_ATTEMPTS, client=None) -> str:
     """Start a run of ``workflow`` at ``endpoint``; return its run id.
 
     A start that gets no answer, or a 429/502/503/504, is sent again (up to
     ``attempts`` times in all, with backoff) under the same run id: a service
     that started the run already finds its record with the same invocation and
-    starts nothing twice. ``client``: an ``httpx.Client`` to send with
-    (reused across starts), else a new one.
+    starts nothing twice. ``secret``: the shared secret (default
+    ``MLWF_FUNCTION_SECRET`` from this process's settings). ``client``: an
+    ``httpx.Client`` to send with (reused across starts), else a new one.
 
     Raises
     ------
@@ -68,12 +69,16 @@ def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: Store
     """
     import httpx
 
-    from mlwf.engine.driver import new_run_id
+    from mlwf.engine.layout import new_run_id
 
     if not isinstance(endpoint, str) or not endpoint.strip():
         raise UsageError("mlwf invoke needs --endpoint URL: the service (or Broker) that takes start events")
     endpoint = check_url(endpoint.strip(), endpoint)
-    secret = events.read_secret(who="mlwf invoke")
+    if secret is None:
+        from mlwf.settings import Settings
+
+        secret = Settings.resolve().function_secret
+    secret = events.read_secret(secret, who="mlwf invoke")
     run_id = new_run_id()
     last = "no attempt"
     for attempt in range(attempts):

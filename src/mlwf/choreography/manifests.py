@@ -57,7 +57,7 @@ def eventing(namespace: str, stages: dict[str, list[str]], service_for) -> list[
     ``stages``: each workflow's stages in order; ``service_for(workflow,
     stage)``: the Service that runs it.
     """
-    from mlwf.engine.events import event_type
+    from mlwf.backends.knative.events import event_type
 
     docs: list[dict[str, Any]] = [
         {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker",

@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlwf.errors import MlwfError, NotFoundError, StoreError
-from mlwf.runs import RECORD, now_utc, timestamp
-from mlwf.storage import Store, join_key
+from mlwf.engine.layout import RunLayout
+from mlwf.runs import now_utc, timestamp
+from mlwf.storage import Store
 
 #: Compare-and-swap attempts on a run record before giving up (others keep changing it).
 _CAS_ATTEMPTS = 20
-FOLDER = "choreography"
 
 
 def record_key(workflow: str, run_id: str) -> str:
-    return join_key(workflow, "outputs", run_id, RECORD)
+    return RunLayout(workflow, run_id).record
 
 
 def read_json(store: Store, key: str) -> tuple[dict[str, Any], str] | None:
@@ -121,10 +121,10 @@ def mark_succeeded(store: Store, workflow: str, run_id: str, report: dict[str, A
                          _while_running(lambda r: {"status": "succeeded", "report": report})) is not None
 
 
-def mark_batch(store: Store, outputs_prefix: str, batch: str, owner: str) -> bool:
+def mark_batch(store: Store, layout: RunLayout, batch: str, owner: str) -> bool:
     """Write the marker of stage batch ``batch``; True if this write created it (emit the batch)."""
     doc = {"batch": batch, "by": owner, "at": timestamp(now_utc()), "nonce": secrets.token_hex(8)}
-    return store.put_if_absent(join_key(outputs_prefix, FOLDER, "batches", f"{batch}.json"), json.dumps(doc).encode())
+    return store.put_if_absent(layout.batch_marker(batch), json.dumps(doc).encode())
 
 
 @dataclass
@@ -159,10 +159,6 @@ class Claims:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
-
-    @staticmethod
-    def key(outputs_prefix: str, name: str) -> str:
-        return join_key(outputs_prefix, FOLDER, "claims", f"{name}.json")
 
     def _doc(self, state: str = "held") -> dict[str, Any]:
         return {"owner": self.owner, "state": state, "expires": round(self.clock() + self.lease_s, 3),

@@ -5,7 +5,7 @@ The drivers (:func:`mlwf.workflows.training.drive`,
 shape: which stages run together, with which arguments, what is checked
 between them, and what happens at the end. Choreography reuses them as they
 are (in the manner of durable-execution engines): :func:`replay` runs the
-driver against a :class:`ReplayEngine` whose ``run.stages(...)`` answers from
+driver against a :class:`ReplayEngine` whose ``run.run_calls(...)`` answers from
 the calls recorded as done in the store (``<stage>/<index>.done.json``, the
 same records the driver writes for ``--resume``) instead of running anything.
 
@@ -28,16 +28,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import inspect
-import json
 import time
 from types import SimpleNamespace
 from typing import Any
 
+from mlwf import workflows
+from mlwf.engine.accounting import Accounts, StageStats
 from mlwf.engine.calls import Call, Outcome, RunContext
-from mlwf.engine.driver import Run, StageStats, call_digest, done_key
-from mlwf.errors import MlwfError, NotFoundError, UsageError
+from mlwf.engine.checkpoints import Checkpoints
+from mlwf.engine.driver import Run
+from mlwf.engine.layout import RunLayout
+from mlwf.errors import NotFoundError, UsageError
 from mlwf.runs import DEFAULT_LEASE_S, now_utc, timestamp
-from mlwf.storage import Store, StoreSpec, join_key
+from mlwf.storage import Store, StoreSpec
+from mlwf.workflows.definition import load_function
 
 
 class Pending(Exception):
@@ -58,14 +62,13 @@ class Complete(Exception):
     """Every stage is done: the driver went on to its final steps (a planning replay stops here)."""
 
 
-def drive_function(workflow: str):
-    """The driver function of ``workflow``; :class:`UsageError` if unknown."""
-    from mlwf.workflows import WORKFLOWS, inference, training
+#: Options given as JSON objects, and the class each is rebuilt as.
+OPTION_TYPES = {"config": "mlwf.workflows.training:TrainingConfig"}
 
-    drivers = {"ml-training": training.drive, "ml-inference": inference.drive}
-    if workflow not in drivers:
-        raise UsageError(f"unknown workflow {workflow!r}: known workflows are {', '.join(WORKFLOWS)}")
-    return drivers[workflow]
+
+def drive_function(workflow: str):
+    """The driver function of ``workflow`` (its definition's ``drive``); :class:`UsageError` if unknown."""
+    return load_function(workflows.get(workflow).drive)
 
 
 def invocation_arguments(workflow: str, invocation: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -104,15 +107,14 @@ def invocation_arguments(workflow: str, invocation: Any) -> tuple[list[Any], dic
             raise UsageError(f"option {name!r} must be true or false, got {str(value)[:40]!r}")
         if isinstance(default, str) and not isinstance(value, str):
             raise UsageError(f"option {name!r} must be text, got {str(value)[:40]!r}")
-    if "config" in options:
-        if not isinstance(options["config"], dict):
-            raise UsageError("option 'config' must be an object of training settings")
-        from mlwf.workflows.training import TrainingConfig
-
-        try:
-            options["config"] = TrainingConfig(**options["config"])
-        except TypeError as e:
-            raise UsageError(f"bad training settings in the start event: {e}") from None
+    for name, kind in OPTION_TYPES.items():
+        if name in options:
+            if not isinstance(options[name], dict):
+                raise UsageError(f"option {name!r} must be an object of settings")
+            try:
+                options[name] = load_function(kind)(**options[name])
+            except TypeError as e:
+                raise UsageError(f"bad settings in option {name!r} of the start event: {e}") from None
     return args, options
 
 
@@ -201,7 +203,7 @@ class ReplayEngine:
 
 
 class ReplayRun(Run):
-    """A :class:`~mlwf.engine.driver.Run` whose stages are answered by the store's done records."""
+    """A :class:`~mlwf.engine.driver.Run` whose calls are answered by the store's done records."""
 
     def __init__(self, engine: ReplayEngine, workflow: str, params: dict[str, Any], record: dict[str, Any]):
         self.engine = engine
@@ -209,47 +211,37 @@ class ReplayRun(Run):
         self.params = params
         self.resumed = False
         self.run_id = engine.run_id
-        self.outputs_prefix = join_key(workflow, "outputs", self.run_id)
-        self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket, self.outputs_prefix, "store")
-        self._init_accounting()
+        self.layout = RunLayout(workflow, self.run_id)
+        self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket, self.layout.folder, "store")
+        self.accounts = Accounts()
+        self.checkpoints = Checkpoints(engine.real_store, self.layout, enabled=False, resumed=False)
+        self.startup_ms: float | None = None
+        self.startup_span: tuple[float, float] | None = None
         self.started_at = record.get("started_at")
         self.report_doc: dict[str, Any] | None = None
-        folder = self.outputs_prefix + "/"
-        self._listed = {o.key for o in engine.real_store.list(folder)}
+        self._listed = {o.key for o in engine.real_store.list(self.layout.folder + "/")}
 
-    def stages(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
+    def run_calls(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
         batch = "+".join(calls)
         all_calls = [Call(self.workflow, stage, i, args) for stage, arg_list in calls.items()
                      for i, args in enumerate(arg_list)]
-        missing = [c for c in all_calls if done_key(self.outputs_prefix, c) not in self._listed]
+        missing = [c for c in all_calls if self.layout.done(c.stage, c.index) not in self._listed]
         if missing:
             raise Pending(batch, all_calls, missing)
-        outcomes = [self._recorded(c) for c in all_calls]
+        outcomes = [self.checkpoints.recorded(c) for c in all_calls]
         missing = [c for c, o in zip(all_calls, outcomes) if o is None]
         if missing:
             raise Pending(batch, all_calls, missing)
         results: dict[str, list[Outcome]] = {stage: [] for stage in calls}
         for stage in calls:
             mine = [(c, o) for c, o in zip(all_calls, outcomes) if c.stage == stage]
-            stats = self.stats[stage] = StageStats(calls=len(mine), attempts=len(mine))
+            stats = self.accounts.stats[stage] = StageStats(calls=len(mine), attempts=len(mine))
             if mine:
                 stats.wall_ms = (max(o.end for _, o in mine) - min(o.start for _, o in mine)) * 1e3
             for call, outcome in mine:
-                self._account(call, outcome)
+                self.accounts.add(call, outcome)
                 results[stage].append(outcome)
         return results
-
-    def _recorded(self, call: Call) -> Outcome | None:
-        """The outcome recorded for ``call``, or None if the record is for another call (or unreadable)."""
-        try:
-            doc = json.loads(self.engine.real_store.get(done_key(self.outputs_prefix, call)))
-            if doc["call"] != call_digest(call):
-                return None
-            return Outcome.from_json(doc["outcome"])
-        except NotFoundError:
-            return None
-        except (MlwfError, ValueError, KeyError, TypeError):
-            return None
 
     # ---------------------------------------------------------------- the driver's final steps
     def read_bytes(self, ref) -> bytes:

@@ -1,7 +1,7 @@
 """``mlwf serve`` with sinks: choreographed events in, successors' events out.
 
 A request whose CloudEvent carries ``mlwfkind`` is choreographed (see
-:mod:`mlwf.engine.events`): ``start`` starts a run, ``event`` runs one stage
+:mod:`mlwf.backends.knative.events`): ``start`` starts a run, ``event`` runs one stage
 call of it. Both are checked as a driver's calls are (HMAC signature over the
 kind, workflow, stage, run id, data, event id and time; ``--max-age``; the
 server's own store and the run's folder only), and answered once the work is
@@ -14,7 +14,7 @@ done and what comes next has been handed to the dispatcher:
   (the run is then ``failed``: redelivering cannot help, so it is
   acknowledged);
 * ``400`` for a start whose parameters the driver refuses (nothing written),
-  and the refusals of :mod:`mlwf.server` for anything malformed or forged;
+  and the refusals of :mod:`mlwf.backends.knative.server` for anything malformed or forged;
 * ``500`` (retryable) when the call failed after the server's own
   ``--retries``: the delivery retries it, and when the deliveries are
   exhausted the run ends ``failed`` with the last error.
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 from mlwf.choreography.sinks import DEFAULT_DELIVERY_RETRIES, Dispatcher, Sinks
 from mlwf.choreography.steps import Choreographer
-from mlwf.engine import events
+from mlwf.backends.knative import events
 from mlwf.engine.calls import RunContext
-from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError, one_line
+from mlwf.errors import MlwfError, UsageError, one_line, retryable
 
 log = logging.getLogger("mlwf.choreography")
 
@@ -55,7 +55,6 @@ DEFAULT_STAGE_RETRIES = 2
 DRAIN_DELIVERIES_S = 10.0
 #: Dead-lettered events may have waited through a whole delivery schedule: accepted this old.
 DEAD_LETTER_MAX_AGE = 86_400
-_NOT_RETRYABLE = (DataError, ModelError, UsageError, NotFoundError)
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class ChoreographyConfig:
 
 
 class ChoreographyService:
-    """The choreography side of one ``mlwf serve`` app (``app``: :class:`mlwf.server.App`)."""
+    """The choreography side of one ``mlwf serve`` app (``app``: :class:`mlwf.backends.knative.server.app.App`)."""
 
     def __init__(self, app, config: ChoreographyConfig):
         self.app = app
@@ -131,7 +130,7 @@ class ChoreographyService:
     # ---------------------------------------------------------------- requests
     async def handle(self, event, kind: str):
         """Answer one choreographed event (``kind`` ``start`` or ``event``)."""
-        from mlwf.server import Refusal
+        from mlwf.httpserver import Refusal
 
         if kind == "start":
             return await self._start(event)
@@ -145,7 +144,7 @@ class ChoreographyService:
 
     def _parse_start(self, event, max_age: int | None = None) -> tuple[str, str, dict, RunContext]:
         """``(workflow, run id, data, context)`` of a signed start event; else Refusal."""
-        from mlwf.server import Refusal
+        from mlwf.httpserver import Refusal
 
         parsed = events.parse_type(event.get_type())
         data = event.get_data()
@@ -168,7 +167,7 @@ class ChoreographyService:
     async def _start(self, event):
         from starlette.responses import JSONResponse
 
-        from mlwf.server import Refusal
+        from mlwf.httpserver import Refusal
 
         workflow, run_id, data, ctx = self._parse_start(event)
         served = self.app.config.stages
@@ -177,7 +176,9 @@ class ChoreographyService:
         try:
             await self._blocking(self.steps.start, workflow, run_id, data["invocation"],
                                  _start_time(data.get("started_at"), self.app.config.max_age))
-        except _NOT_RETRYABLE as e:
+        except MlwfError as e:
+            if retryable(e):
+                raise  # the store failing: 500, retryable
             raise Refusal(400, one_line(e), type=type(e).__name__) from None
         return JSONResponse({"run_id": run_id, "workflow": workflow, "status": "started"}, status_code=202)
 
@@ -200,14 +201,14 @@ class ChoreographyService:
                     outcome = await self.app._run(call, ctx)
                     break
                 except Exception as e:  # the stage (or its worker) failed
-                    retryable = not isinstance(e, _NOT_RETRYABLE)
-                    if retryable and attempt < self.config.stage_retries:
+                    again = retryable(e)
+                    if again and attempt < self.config.stage_retries:
                         attempt += 1
                         await asyncio.sleep(min(0.05 * 2 ** attempt, 2.0))
                         continue
-                    await self._blocking(self.steps.failed, call, ctx, verdict.claim, e, retryable=retryable)
+                    await self._blocking(self.steps.failed, call, ctx, verdict.claim, e, retryable=again)
                     log.info("run=%s call=%s/%s failed: %s", ctx.run_id, call.workflow, call.name, one_line(e))
-                    if retryable:
+                    if again:
                         raise  # 500, retryable: the delivery tries again
                     return JSONResponse({"status": "failed", "detail": one_line(e)})
             try:
@@ -225,7 +226,7 @@ class ChoreographyService:
         started: its run is recorded ``failed``, so ``mlwf invoke --wait`` says why)."""
         from starlette.responses import JSONResponse
 
-        from mlwf.server import Refusal
+        from mlwf.httpserver import Refusal
 
         kind = event.get_extension(events.KIND_ATTR)
         if kind == "start":

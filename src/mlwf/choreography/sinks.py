@@ -29,9 +29,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from mlwf.aio import BACKGROUND
-from mlwf.engine import events
+from mlwf.backends.knative import events
 from mlwf.engine.calls import Call, RunContext
-from mlwf.engine.knative import check_url, parse_endpoints
+from mlwf.backends.knative.backend import check_url, parse_endpoints
 from mlwf.errors import UsageError, one_line
 
 log = logging.getLogger("mlwf.choreography")

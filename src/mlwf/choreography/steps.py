@@ -45,15 +45,13 @@ from mlwf.choreography import records
 from mlwf.choreography.records import Claim, Claims
 from mlwf.choreography.replay import Complete, Pending, replay
 from mlwf.engine.calls import Call, Outcome, RunContext
-from mlwf.engine.driver import call_digest, done_key, done_record
-from mlwf.errors import DataError, MlwfError, ModelError, NotFoundError, UsageError, one_line
-from mlwf.runs import RUN_ID
-from mlwf.storage import Store, StoreSpec, join_key
+from mlwf.engine.checkpoints import Checkpoints
+from mlwf.engine.layout import RECORD, RUN_ID, RunLayout, runs_folder
+from mlwf.errors import MlwfError, one_line, retryable
+from mlwf.storage import Store, StoreSpec
 
 log = logging.getLogger("mlwf.choreography")
 
-#: What the driver raises for input it refuses: the run fails (anything else from the store is retried).
-REFUSALS = (DataError, ModelError, UsageError, NotFoundError)
 #: What :meth:`Choreographer.before_call` may answer besides a claim.
 ENDED, DONE, BUSY = "ended", "done", "busy"
 
@@ -92,7 +90,7 @@ class Choreographer:
 
     def context(self, workflow: str, run_id: str) -> RunContext:
         return RunContext(run_id, workflow, self.spec.url, self.spec.bucket,
-                          join_key(workflow, "outputs", run_id), "store")
+                          RunLayout(workflow, run_id).folder, "store")
 
     # ---------------------------------------------------------------- start
     def start(self, workflow: str, run_id: str, invocation: Any, started_at: str) -> None:
@@ -129,7 +127,7 @@ class Choreographer:
             return Verdict(ENDED, detail=f"the run has {found[0].get('status')}")
         # A call's claim is written before it runs and never deleted: a claim this server creates is
         # the call's first, so only a claim taken over may belong to a call that finished meanwhile.
-        claim = self.claims.acquire(Claims.key(ctx.outputs_prefix, f"{call.stage}-{call.index}"))
+        claim = self.claims.acquire(RunLayout(ctx.workflow, ctx.run_id).claim(f"{call.stage}-{call.index}"))
         if claim is None:
             return Verdict(BUSY, detail="running or run on another server")
         if claim.taken_over and self._is_done(call, ctx):  # finished by its last holder just before expiring
@@ -143,7 +141,7 @@ class Choreographer:
         (The run's lease is renewed while its calls hold claims, not here: one
         write less on the way to the next stage.)
         """
-        self.store.put(done_key(ctx.outputs_prefix, call), done_record(call, outcome))
+        self._checkpoints(ctx).mark_done(call, outcome)
         self.claims.done(verdict.claim)
         self.advance(ctx.workflow, ctx.run_id, after=call.name, record=verdict.record)
 
@@ -202,24 +200,24 @@ class Choreographer:
             # else: the batch of the call just done is still running; whoever emitted it marked it
         except Complete:
             self._finish(workflow, run_id, record)
-        except REFUSALS as e:  # the driver's own checks between stages: the run cannot go on
-            self.fail_run(workflow, run_id, after, one_line(e))
-        except MlwfError:
-            raise  # the store failing: the delivery of this event is retried
+        except MlwfError as e:
+            if retryable(e):
+                raise  # the store failing: the delivery of this event is retried
+            self.fail_run(workflow, run_id, after, one_line(e))  # the driver's own checks: the run cannot go on
         except Exception as e:  # noqa: BLE001 - a bug: end the run with it rather than stall
             log.exception("run %s: replaying its driver failed", run_id)
             self.fail_run(workflow, run_id, after, f"internal error: {type(e).__name__}: {one_line(e)}")
 
     def _emit_batch(self, workflow: str, run_id: str, pending: Pending) -> None:
         ctx = self.context(workflow, run_id)
-        if records.mark_batch(self.store, ctx.outputs_prefix, pending.batch, self.owner):
+        if records.mark_batch(self.store, RunLayout(workflow, run_id), pending.batch, self.owner):
             for call in pending.missing:
                 self.emit(call, ctx)
 
     def _resend(self, workflow: str, run_id: str, pending: Pending) -> None:
         ctx = self.context(workflow, run_id)
         for call in pending.missing:
-            key = Claims.key(ctx.outputs_prefix, f"{call.stage}-{call.index}")
+            key = RunLayout(workflow, run_id).claim(f"{call.stage}-{call.index}")
             found = records.read_json(self.store, key)
             live = found is not None and found[0].get("state") == "held" \
                 and float(found[0].get("expires") or 0) > self.claims.clock()
@@ -228,7 +226,7 @@ class Choreographer:
 
     def _finish(self, workflow: str, run_id: str, record: dict[str, Any]) -> None:
         ctx = self.context(workflow, run_id)
-        claim = self.claims.acquire(Claims.key(ctx.outputs_prefix, "finish"))
+        claim = self.claims.acquire(RunLayout(workflow, run_id).claim("finish"))
         if claim is None:
             return  # another server is finishing the run
         try:
@@ -238,7 +236,10 @@ class Choreographer:
         except (Pending, Complete):
             self.claims.release(claim)  # cannot happen once every stage is done; leave it to a later step
             return
-        except REFUSALS as e:
+        except MlwfError as e:
+            if retryable(e):
+                self.claims.release(claim)  # the store failing: a later step finishes
+                raise
             self.fail_run(workflow, run_id, "finish", one_line(e))
         except BaseException:
             self.claims.release(claim)  # the store failing: a later step finishes
@@ -269,12 +270,11 @@ class Choreographer:
         return len(runs)
 
     def _running_runs(self) -> list[tuple[str, str]]:
-        from mlwf.runs import RECORD
-        from mlwf.workflows import WORKFLOWS
+        from mlwf import workflows
 
         found = []
-        for workflow in WORKFLOWS:
-            root = join_key(workflow, "outputs") + "/"
+        for workflow in workflows.names():
+            root = runs_folder(workflow)
             keys = [o.key for o in self.store.list(root)
                     if o.key.endswith("/" + RECORD) and RUN_ID.fullmatch(o.key[len(root):-len(RECORD) - 1])]
             for key in keys:
@@ -306,14 +306,11 @@ class Choreographer:
         with self._lock:
             self._seen.add((workflow, run_id))
 
+    def _checkpoints(self, ctx: RunContext) -> Checkpoints:
+        return Checkpoints(self.store, RunLayout(ctx.workflow, ctx.run_id), enabled=True, resumed=False)
+
     def _is_done(self, call: Call, ctx: RunContext) -> bool:
-        try:
-            doc = json.loads(self.store.get(done_key(ctx.outputs_prefix, call)))
-        except NotFoundError:
-            return False
-        except (MlwfError, ValueError):
-            return False
-        return isinstance(doc, dict) and doc.get("call") == call_digest(call)
+        return self._checkpoints(ctx).recorded(call) is not None
 
     def close(self) -> None:
         self.claims.close()

@@ -1,19 +1,19 @@
 """What crosses between the driver and a worker: calls, references and outcomes.
 
-All three are plain data that survive JSON (for the Knative backend) as well as
-pickling between local processes. A :class:`Ref` names one output of a finished
-call; it carries the output's bytes inline or the store key where they were
-put, and always their SHA-256, so a consumer can verify and cache them.
+All of it is plain data that survives JSON (for the Knative backend) as well
+as pickling between processes; none of it holds a backend's own object. A
+:class:`Ref` names one output of a finished call: the store key where it was
+put, or its bytes inline, or neither (a backend holds it, e.g. in Ray's object
+store, and finds it by its checksum); always its SHA-256, so a consumer can
+verify and cache it.
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
-
-#: How a consumer turns a reference's bytes back into a value.
-KINDS = ("codec", "raw", "model")
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,17 @@ class Ref:
 
     sha256: str
     nbytes: int
-    kind: str = "codec"
     key: str | None = None  # where it is in the object store
     data: bytes | None = None  # or the bytes themselves
     producer: str = ""  # stage that made it, for per-edge accounting
-    #: Or a backend's own handle on it (a Ray ObjectRef): opaque, never in JSON.
-    handle: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def held_by_backend(self) -> bool:
+        """Neither in the store nor inline: the backend that ran the call holds it (``direct`` transfer)."""
+        return self.key is None and self.data is None
 
     def to_json(self) -> dict:
-        d = asdict(replace(self, handle=None))
-        del d["handle"]
+        d = asdict(self)
         if self.data is not None:
             d["data"] = base64.b64encode(self.data).decode()
         return d
@@ -44,16 +45,37 @@ class Ref:
         return cls(**d)
 
 
+def is_refs(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list of :class:`Ref` (a gathered input, a ``many`` output)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(x, Ref) for x in value)
+
+
+def refs_in(values) -> Iterator[Ref]:
+    """Every :class:`Ref` among ``values`` (each a Ref, a list of them, or anything else), in order."""
+    for v in values:
+        if isinstance(v, Ref):
+            yield v
+        elif is_refs(v):
+            yield from v
+
+
 @dataclass(frozen=True)
 class RunContext:
-    """What every call of one run shares."""
+    """What every call of one run shares: the run, its store (the canonical name) and the transfer."""
 
     run_id: str
     workflow: str
     store_url: str
     bucket: str
-    outputs_prefix: str  # e.g. ml-training/outputs/<run-id>
+    outputs_prefix: str  # <workflow>/outputs/<run-id> (mlwf.engine.layout)
     transfer: str = "store"
+
+    @property
+    def store(self):
+        """The run's store as a :class:`~mlwf.storage.StoreSpec`."""
+        from mlwf.storage import StoreSpec
+
+        return StoreSpec(self.store_url, self.bucket)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -89,7 +111,7 @@ class Call:
 def _arg_to_json(v):
     if isinstance(v, Ref):
         return {"__ref__": v.to_json()}
-    if isinstance(v, list) and v and all(isinstance(x, Ref) for x in v):
+    if is_refs(v):
         return {"__refs__": [x.to_json() for x in v]}
     return v
 
@@ -106,17 +128,21 @@ def _arg_from_json(v):
 class Outcome:
     """What a finished call reports back.
 
-    ``timings`` holds milliseconds and byte counts: ``fetch_ms``/``fetch_bytes``
-    (store reads the stage asked for), ``input_get_ms``/``input_bytes`` and
-    ``input_decode_ms`` (its inputs arriving), ``compute_ms``, ``encode_ms``,
-    ``put_ms``/``output_bytes`` (its outputs leaving). ``spans`` are
-    ``(name, start_s, end_s)`` on the worker's wall clock (``time.time()``), as
-    are ``start`` and ``end``.
+    ``outputs`` maps each output of the stage, by name, to its :class:`Ref`
+    (a list of them for a ``many`` output). ``durations_ms`` holds
+    milliseconds: ``fetch_ms`` (store reads the stage asked for),
+    ``input_get_ms`` and ``input_decode_ms`` (its inputs arriving),
+    ``compute_ms``, ``encode_ms``, ``put_ms`` (its outputs leaving);
+    ``bytes`` the byte counts that go with them: ``fetch_bytes``,
+    ``input_bytes``, ``output_bytes``. ``spans`` are ``(name, start_s,
+    end_s)`` on the worker's wall clock (``time.time()``), as are ``start``
+    and ``end``.
     """
 
-    outputs: list[Ref]
+    outputs: dict[str, Ref | list[Ref]]
     info: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    durations_ms: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
     input_edges: list[dict] = field(default_factory=list)
     spans: list[tuple[str, float, float]] = field(default_factory=list)
     worker: str = ""
@@ -124,14 +150,24 @@ class Outcome:
     end: float = 0.0
     rss_kb: int = 0  # the worker process's peak resident memory so far
 
+    def refs(self) -> Iterator[Ref]:
+        """Every output reference, in the order the stage's outputs are defined."""
+        return refs_in(self.outputs.values())
+
+    def figures(self) -> dict[str, float]:
+        """Durations and byte counts together, as a run report shows them per stage."""
+        return {**self.durations_ms, **self.bytes}
+
     def to_json(self) -> dict:
         d = asdict(self)
-        d["outputs"] = [r.to_json() for r in self.outputs]
+        d["outputs"] = {name: [r.to_json() for r in v] if isinstance(v, list) else v.to_json()
+                        for name, v in self.outputs.items()}
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> Outcome:
         d = dict(d)
-        d["outputs"] = [Ref.from_json(r) for r in d["outputs"]]
+        d["outputs"] = {name: [Ref.from_json(r) for r in v] if isinstance(v, list) else Ref.from_json(v)
+                        for name, v in d["outputs"].items()}
         d["spans"] = [tuple(s) for s in d.get("spans", [])]
         return cls(**d)

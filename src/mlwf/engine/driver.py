@@ -2,36 +2,38 @@
 
 An :class:`Engine` owns a backend (its worker pool) and a store; it is reused
 across runs, so a second run in one process is warm. Each run gets a
-:class:`Run`: a run id, its own output prefix, and :meth:`Run.stages`, which
-runs the calls of one or more stages concurrently and returns when all are
-done (the barrier the reference's driver has between stages).
+:class:`Run`: a run id, its own folder (:mod:`~mlwf.engine.layout`), and
+:meth:`Run.run_calls`, which runs the calls of one or more stages
+concurrently, retrying as :mod:`~mlwf.engine.retry` says, and returns when
+all are done (the barrier the reference's driver has between stages). What
+the calls cost is counted by :mod:`~mlwf.engine.accounting`; finished calls
+are kept on record for ``--resume`` by :mod:`~mlwf.engine.checkpoints`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
-import os
 import resource
-import secrets
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import FIRST_COMPLETED, wait
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from mlwf.codec import digest
+from mlwf import workflows
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
-from mlwf.engine.runner import decode_ref_bytes
-from mlwf.errors import MlwfError, NotFoundError, StageError, StoreError, TransientStoreError, UsageError
-from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RECORD, RUN_ID, effective_status, now_utc,
-                       timestamp)
-from mlwf.storage import StoreSpec, join_key
+from mlwf.engine.accounting import Accounts, StageStats
+from mlwf.engine.checkpoints import Checkpoints
+from mlwf.engine.layout import RunLayout, new_run_id
+from mlwf.engine.progress import SILENT
+from mlwf.engine.runner import decode
+from mlwf.engine.retry import RetryPolicy
+from mlwf.engine.scheduling import run_concurrently
+from mlwf.errors import MlwfError, UsageError
+from mlwf.runs import DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, effective_status, find_run, now_utc, timestamp
+from mlwf.settings import Settings
 
-from mlwf.engine import BACKENDS, TRANSFERS, make_backend
+from mlwf.backends import NAMES, TRANSFERS, make_backend
+from mlwf.backends.base import BackendConfig
 
 
 #: Upper bounds of the engine's settings: beyond them a value is a typo, not a plan.
@@ -55,62 +57,6 @@ def check_seconds(name: str, value: Any, high: float) -> float:
     return float(value)
 
 
-def _from_env(value: float | None, variable: str, default: float) -> Any:
-    if value is not None:
-        return value
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        return text  # refused with the variable's name by check_seconds
-
-
-class Progress(Protocol):
-    """What the driver tells a progress display."""
-
-    def stage_started(self, stage: str, total: int) -> None: ...
-    def call_done(self, stage: str) -> None: ...
-    def stage_done(self, stage: str) -> None: ...
-
-
-class _NoProgress:
-    def stage_started(self, stage, total): pass
-    def call_done(self, stage): pass
-    def stage_done(self, stage): pass
-
-
-def call_digest(call: Call) -> str:
-    """What identifies a call's work: its stage, index and arguments (with input checksums)."""
-    return digest(json.dumps(call.to_json(), sort_keys=True).encode())
-
-
-def done_key(outputs_prefix: str, call: Call) -> str:
-    """Where a finished call's record lives: ``<run folder>/<stage>/<index>.done.json``."""
-    return join_key(outputs_prefix, call.stage, f"{call.index}.done.json")
-
-
-def done_record(call: Call, outcome: Outcome) -> bytes:
-    """The bytes of a finished call's record: what it was (digest) and what it made (outcome)."""
-    return json.dumps({"call": call_digest(call), "outcome": outcome.to_json()}).encode()
-
-
-def new_run_id() -> str:
-    """A unique run id that sorts by start time, such as ``20261126T121500.123456Z-3f9a1c``."""
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{now}-{secrets.token_hex(3)}"
-
-
-@dataclass
-class StageStats:
-    calls: int = 0
-    wall_ms: float = 0.0
-    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    attempts: int = 0
-    reused: int = 0
-
-
 class Engine:
     """Runs workflows; reuse one engine for warm runs.
 
@@ -118,58 +64,67 @@ class Engine:
     ----------
     store : store URL or directory (default ``MLWF_STORE`` or the default local store).
     bucket : bucket name (default ``MLWF_BUCKET`` or ``tless``).
-    backend : ``"local"`` (default), ``"ray"`` or ``"knative"``.
-    workers : worker processes for the local backend (default: one per core).
+    backend : ``"local"`` (default), ``"ray"`` or ``"knative"``, or a backend's config
+        (:class:`~mlwf.backends.local.LocalConfig`, :class:`~mlwf.backends.ray.RayConfig`,
+        :class:`~mlwf.backends.knative.KnativeConfig`).
+    workers : worker processes for the local backend (default: one per core); the same as
+        ``backend=LocalConfig(workers=...)``.
     transfer : how intermediate state moves between stages: ``"store"`` (every
-        intermediate is an object in the store, as in the seed) or ``"direct"``
+        intermediate is an object in the store, as in the reference) or ``"direct"``
         (handed from call to call by the backend).
-    backend_options : backend-specific settings (e.g. ``address`` for Ray, ``endpoints``).
+    backend_options : the fields of the named backend's config (e.g. ``address`` for Ray,
+        ``endpoints`` for Knative).
     timeout : seconds a call may run before it counts as failed (default 600, at most
         :data:`MAX_TIMEOUT_S`).
     stage_timeouts : per-stage overrides of ``timeout``, e.g. ``{"train": 120}``.
-    retries : extra attempts for a failed call (not for bad input; at most :data:`MAX_RETRIES`).
+    retries : extra attempts for a failed call (not for bad input; at most :data:`MAX_RETRIES`):
+        a call is attempted at most ``1 + retries`` times in all, on every backend
+        (:mod:`mlwf.engine.retry`).
     heartbeat_s, lease_s : how often a running run renews its lease in ``run.json``, and
         how long the lease lasts (default ``MLWF_HEARTBEAT_S`` and ``MLWF_LEASE_S``, else
         15 and 120 s; see :mod:`mlwf.runs`).
-    progress : an object with ``stage_started``, ``call_done``, ``stage_done``.
-    preload_sklearn : import scikit-learn once in the local fork server (worth it
-        for training; a process that only runs inference starts faster without).
+    progress : a :class:`~mlwf.engine.progress.RunProgress` (``stage_started``, ``call_done``, ``stage_done``).
     """
 
-    def __init__(self, store: str | None = None, bucket: str | None = None, *, backend: str = "local",
-                 workers: int | None = None, transfer: str = "store", retries: int = 2, progress=None,
-                 preload_sklearn: bool = True, backend_options: dict[str, Any] | None = None,
+    def __init__(self, store: str | None = None, bucket: str | None = None, *,
+                 backend: str | BackendConfig = "local", workers: int | None = None, transfer: str = "store",
+                 retries: int = 2, progress=None, backend_options: dict[str, Any] | None = None,
                  timeout: float = 600.0, stage_timeouts: dict[str, float] | None = None,
                  heartbeat_s: float | None = None, lease_s: float | None = None):
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if not isinstance(backend, BackendConfig) and backend not in NAMES:
+            raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(NAMES)}")
         if transfer not in TRANSFERS:
             raise UsageError(f"unknown transfer {transfer!r}: choose one of {', '.join(TRANSFERS)}")
         if workers is not None:
-            check_count("--workers", workers, 1, MAX_WORKERS)
+            if backend != "local":
+                raise UsageError("workers= is the local backend's: give other backends their config")
+            backend_options = {**(backend_options or {}), "workers": workers}
         check_count("--retries", retries, 0, MAX_RETRIES)
+        self.settings = Settings.resolve(store=store, bucket=bucket)
         self.timeout = check_seconds("--timeout", timeout, MAX_TIMEOUT_S)
         self.stage_timeouts = {stage: check_seconds(f"the timeout of stage {stage}", t, MAX_TIMEOUT_S)
                                for stage, t in (stage_timeouts or {}).items()}
-        self.heartbeat_s = check_seconds("the heartbeat interval (MLWF_HEARTBEAT_S)",
-                                         _from_env(heartbeat_s, "MLWF_HEARTBEAT_S", DEFAULT_HEARTBEAT_S),
-                                         MAX_TIMEOUT_S)
-        self.lease_s = check_seconds("the run lease (MLWF_LEASE_S)",
-                                     _from_env(lease_s, "MLWF_LEASE_S", DEFAULT_LEASE_S), MAX_TIMEOUT_S)
+        if heartbeat_s is None:
+            heartbeat_s = self.settings.seconds("MLWF_HEARTBEAT_S", DEFAULT_HEARTBEAT_S)
+        if lease_s is None:
+            lease_s = self.settings.seconds("MLWF_LEASE_S", DEFAULT_LEASE_S)
+        self.heartbeat_s = check_seconds("the heartbeat interval (MLWF_HEARTBEAT_S)", heartbeat_s, MAX_TIMEOUT_S)
+        self.lease_s = check_seconds("the run lease (MLWF_LEASE_S)", lease_s, MAX_TIMEOUT_S)
         if self.lease_s < 2 * self.heartbeat_s:
             raise UsageError(f"the run lease ({self.lease_s:g} s) must last at least two heartbeats "
                              f"({self.heartbeat_s:g} s each): raise MLWF_LEASE_S or lower MLWF_HEARTBEAT_S")
-        self.spec = StoreSpec.resolve(store, bucket)
-        self.store = self.spec.open()
+        workflows.use(self.settings.workflow_modules)
+        self.spec = self.settings.store
+        self.store = self.spec.open(self.settings)
         self.transfer = transfer
         self.retries = retries
+        self.retry_policy = RetryPolicy(retries)
         #: Record each finished call for --resume (switch off only to measure what it costs).
         self.checkpoints = True
-        self.progress = progress or _NoProgress()
-        self.backend = make_backend(backend, workers=workers, preload_sklearn=preload_sklearn,
-                                    options=backend_options)
+        self.progress = progress or SILENT
+        self.backend = make_backend(backend, self.settings, backend_options)
         if transfer not in self.backend.transfers:
-            raise UsageError(f"the {backend} backend cannot do --transfer {transfer}: use "
+            raise UsageError(f"the {self.backend.name} backend cannot do --transfer {transfer}: use "
                              f"{' or '.join(self.backend.transfers)}")
         self.backend.start()
 
@@ -201,17 +156,17 @@ class Engine:
                              "resume it with the same command line")
         return Run(self, workflow, params, run_id=resume)
 
+    def run(self, workflow: str, *args, **options) -> dict[str, Any]:
+        """Run the workflow called ``workflow`` with its positional arguments; returns its report."""
+        return workflows.get(workflow).run(self, *args, **options)
+
     def run_training(self, data_prefix: str, num_pca: int, num_train: int, **options) -> dict[str, Any]:
         """Run ml-training; see :func:`mlwf.workflows.training.drive` for the options."""
-        from mlwf.workflows import training
-
-        return training.drive(self, data_prefix, num_pca, num_train, **options)
+        return self.run("ml-training", data_prefix, num_pca, num_train, **options)
 
     def run_inference(self, model_prefix: str, data_prefix: str, num_funcs: int, **options) -> dict[str, Any]:
         """Run ml-inference; see :func:`mlwf.workflows.inference.drive`."""
-        from mlwf.workflows import inference
-
-        return inference.drive(self, model_prefix, data_prefix, num_funcs, **options)
+        return self.run("ml-inference", model_prefix, data_prefix, num_funcs, **options)
 
     def close(self) -> None:
         self.backend.close()
@@ -224,30 +179,6 @@ class Engine:
         self.close()
 
 
-def find_run(store, run_id: str) -> dict[str, Any] | None:
-    """The ``run.json`` record of the run living in ``<workflow>/outputs/<run_id>/``, or None.
-
-    Raises :class:`UsageError` if that record is unreadable (see :func:`mlwf.runs.read_record`).
-    """
-    from mlwf.runs import read_record
-    from mlwf.workflows import WORKFLOWS
-
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
-        return None  # not an id mlwf makes (and never a path to follow)
-    for workflow in WORKFLOWS:
-        try:
-            return read_record(store, workflow, run_id)
-        except NotFoundError:
-            continue
-        except StoreError:
-            return None  # not a key at all (control characters, too long)
-        except ValueError as e:
-            raise UsageError(f"the record of run {run_id} is not a run record mlwf can read (its {e}): start a "
-                             f"new run instead, and delete its folder with 'mlwf s3 clear-dir --prefix "
-                             f"{workflow}/outputs/{run_id}'") from None
-    return None
-
-
 class Run:
     """One run of a workflow: its id, output prefix, stage calls and accounting."""
 
@@ -257,10 +188,17 @@ class Run:
         self.params = params
         self.resumed = run_id is not None
         self.run_id = run_id or new_run_id()
-        self.outputs_prefix = join_key(workflow, "outputs", self.run_id)
+        self.layout = RunLayout(workflow, self.run_id)
         self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket,
-                              self.outputs_prefix, engine.transfer)
-        self._init_accounting()
+                              self.layout.folder, engine.transfer)
+        self.accounts = Accounts()
+        self.checkpoints = Checkpoints(engine.store, self.layout, enabled=engine.transfer == "store"
+                                       and engine.checkpoints, resumed=self.resumed)
+        #: Worker start-up this run waited for before its first stage: ms (0 when the
+        #: workers were already running; None for a backend that starts them elsewhere)
+        #: and its span on the wall clock.
+        self.startup_ms: float | None = None
+        self.startup_span: tuple[float, float] | None = None
         self._workers_ready = False
         self.t0 = time.perf_counter()
         engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
@@ -272,44 +210,30 @@ class Run:
         self._heartbeat = threading.Thread(target=self._renew_lease, name=f"mlwf-lease-{self.run_id}", daemon=True)
         self._heartbeat.start()
 
-    def _init_accounting(self) -> None:
-        """What :meth:`_account` adds up and :meth:`report` reports (also used by choreographed runs)."""
-        self.stats: dict[str, StageStats] = {}
-        self.edges: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.outcomes: list[tuple[Call, Outcome]] = []
-        #: Worker start-up this run waited for before its first stage: ms (0 when the
-        #: workers were already running; None for a backend that starts them elsewhere)
-        #: and its span on the wall clock.
-        self.startup_ms: float | None = None
-        self.startup_span: tuple[float, float] | None = None
-        #: (stage, warning) -> how many calls raised it
-        self.warnings: dict[tuple[str, str], int] = defaultdict(int)
+    @property
+    def store(self):
+        return self.engine.store
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the run started (its ``e2e_ms``)."""
         return (time.perf_counter() - self.t0) * 1e3
 
-    @property
-    def store(self):
-        return self.engine.store
-
     # ------------------------------------------------------------------ calls
-    def stages(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
+    def run_calls(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
         """Run every call of the given stages concurrently; return outcomes in call order.
 
         ``calls`` maps a stage name to the argument dicts of its calls. A call
-        that fails (its stage raised something other than bad-input errors,
-        its worker died, or it ran past its stage's timeout) is retried up to
-        the engine's ``retries`` with exponential backoff; its outputs have
-        fixed keys and bytes, so a retry writes exactly what the first attempt
-        would have. On a resumed run, a call whose recorded outputs still
+        that fails retryably (its stage raised something other than bad-input
+        errors, its worker died, or it ran past its stage's timeout) is
+        attempted again, at most ``1 + retries`` times in all, as the engine's
+        :class:`~mlwf.engine.retry.RetryPolicy` says; its outputs have fixed
+        keys and bytes, so a retry writes exactly what the first attempt would
+        have. On a resumed run, a call whose recorded outputs still
         match their checksums is not run again.
         """
-        backend = self.engine.backend
         progress = self.engine.progress
         if not self._workers_ready:
             self._start_workers()
-        pending: dict[Any, tuple[Call, int, float]] = {}
         results: dict[str, list[Outcome | None]] = {s: [None] * len(c) for s, c in calls.items()}
         started: dict[str, float] = {}
         remaining = {s: len(c) for s, c in calls.items()}
@@ -319,83 +243,37 @@ class Run:
             progress.call_done(call.stage)
             remaining[call.stage] -= 1
             if remaining[call.stage] == 0:
-                self.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
+                self.accounts.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
                 progress.stage_done(call.stage)
 
-        def submit(call: Call, attempt: int, pause: bool = False) -> None:
-            if pause:
-                time.sleep(min(0.05 * 2**attempt, 2.0))
-            deadline = time.monotonic() + self.engine.timeout_for(call.stage)
-            pending[backend.submit(call, self.ctx)] = (call, attempt, deadline)
+        def attempted(call: Call) -> None:
+            self.accounts.stats[call.stage].attempts += 1
 
-        def give_up_or_restart(call: Call, attempt: int, why: str) -> None:
-            """The backend lost or stuck a worker: restart it and resubmit everything in flight."""
-            if attempt >= self.engine.retries:
-                raise StageError(f"{self.workflow} stage {call.name} failed: {why} "
-                                 f"({attempt + 1} attempts)")
-            in_flight = [(c, a) for c, a, _ in pending.values()] + [(call, attempt)]
-            for fut in pending:
-                fut.cancel()
-            pending.clear()
-            backend.reset()
-            for c, a in in_flight:
-                submit(c, a + 1)
+        def done(call: Call, outcome: Outcome) -> None:
+            self.accounts.add(call, outcome)
+            self.checkpoints.mark_done(call, outcome)
+            finished(call, outcome)
 
         for stage, arg_list in calls.items():
-            self.stats[stage] = StageStats(calls=len(arg_list))
+            self.accounts.stats[stage] = StageStats(calls=len(arg_list))
             progress.stage_started(stage, len(arg_list))
             started[stage] = time.perf_counter()
+        to_run = []
         for stage, arg_list in calls.items():
             for i, args in enumerate(arg_list):
                 call = Call(self.workflow, stage, i, args)
-                reused = self._reuse(call)
+                reused = self.checkpoints.reuse(call)
                 if reused is not None:
-                    self.stats[stage].reused += 1
-                    self._account(call, reused)
+                    self.accounts.stats[stage].reused += 1
+                    self.accounts.add(call, reused)
                     finished(call, reused)
                 else:
-                    submit(call, 0)
+                    to_run.append(call)
         for s, arg_list in calls.items():
             if not arg_list:
                 progress.stage_done(s)
-        try:
-            while pending:
-                timeout = max(0.0, min(d for _, _, d in pending.values()) - time.monotonic())
-                done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
-                if not done:
-                    fut, (call, attempt, _) = min(pending.items(), key=lambda kv: kv[1][2])
-                    self.stats[call.stage].attempts += 1
-                    del pending[fut]
-                    give_up_or_restart(call, attempt, f"timed out after {self.engine.timeout_for(call.stage):g} s")
-                    continue
-                for fut in done:
-                    if fut not in pending:
-                        continue  # cancelled by a restart in this same batch
-                    call, attempt, _ = pending.pop(fut)
-                    self.stats[call.stage].attempts += 1
-                    try:
-                        outcome = fut.result()
-                    except MlwfError as e:
-                        if not isinstance(e, (StageError, TransientStoreError)) or attempt >= self.engine.retries:
-                            raise
-                        submit(call, attempt + 1, pause=True)
-                        continue
-                    except BrokenProcessPool:
-                        give_up_or_restart(call, attempt, "its worker process died")
-                        break
-                    except Exception as e:  # an engine failure, not the stage's own error
-                        if attempt >= self.engine.retries:
-                            raise StageError(f"{self.workflow} stage {call.name} failed: "
-                                             f"{type(e).__name__}: {e}") from e
-                        submit(call, attempt + 1, pause=True)
-                        continue
-                    self._account(call, outcome)
-                    self._mark_done(call, outcome)
-                    finished(call, outcome)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        run_concurrently(to_run, backend=self.engine.backend, ctx=self.ctx, policy=self.engine.retry_policy,
+                         timeout_for=self.engine.timeout_for, on_attempt=attempted, on_done=done)
         return {s: list(r) for s, r in results.items()}  # type: ignore[arg-type]
 
     def _start_workers(self) -> None:
@@ -415,104 +293,26 @@ class Run:
         if started:
             self.startup_span = (start, end)
 
-    # ------------------------------------------------------------------ resume
-    def _done_key(self, call: Call) -> str:
-        return done_key(self.outputs_prefix, call)
-
-    def _mark_done(self, call: Call, outcome: Outcome) -> None:
-        """Record a finished call so a resumed run can reuse it (store transfer only)."""
-        if self.engine.transfer != "store" or not self.engine.checkpoints:
-            return
-        self.store.put(self._done_key(call), done_record(call, outcome))
-
-    def _reuse(self, call: Call) -> Outcome | None:
-        """On a resumed run, the recorded outcome of ``call`` if its outputs verify."""
-        if not self.resumed:
-            return None
-        try:
-            doc = json.loads(self.store.get(self._done_key(call)))
-            if doc["call"] != call_digest(call):
-                return None
-            outcome = Outcome.from_json(doc["outcome"])
-            for ref in outcome.outputs:
-                if ref.key is None or digest(self.store.get(ref.key)) != ref.sha256:
-                    return None
-        except (MlwfError, ValueError, KeyError, TypeError):
-            return None
-        outcome.timings = {}
-        outcome.input_edges = []
-        return outcome
-
-    def _account(self, call: Call, outcome: Outcome) -> None:
-        if any(ref.data is not None for ref in outcome.outputs):
-            # Direct transfer: the outputs rode back with the outcome; the wall
-            # clock from the worker's end to here is their transfer time.
-            outcome.timings["return_ms"] = max(0.0, (time.time() - outcome.end) * 1e3)
-        self.outcomes.append((call, outcome))
-        for text in outcome.info.get("warnings", []):
-            self.warnings[(call.stage, text)] += 1
-        st = self.stats[call.stage]
-        for k, v in outcome.timings.items():
-            st.timings[k] += v
-        for e in outcome.input_edges:
-            edge = self.edges[(e["from"], e["to"])]
-            edge["bytes"] += e["bytes"]
-            edge["transfer_ms"] += e["transfer_ms"]
-            edge["deserialize_ms"] += e["deserialize_ms"]
-        if "fetch_bytes" in outcome.timings:
-            edge = self.edges[("store", call.stage)]
-            edge["bytes"] += outcome.timings["fetch_bytes"]
-            edge["transfer_ms"] += outcome.timings.get("fetch_ms", 0.0)
-
-    def read(self, ref: Ref) -> Any:
-        """Read an output in the driver (e.g. to merge results), with accounting."""
+    def read(self, ref: Ref, decoder: str = "codec") -> Any:
+        """Read an output in the driver (e.g. to merge results), decoded as ``decoder`` says, with accounting."""
         t = time.perf_counter()
         data = self.read_bytes(ref)
         t1 = time.perf_counter()
-        value = decode_ref_bytes(data, ref)
-        edge = self.edges[(ref.producer, "driver")]
-        edge["bytes"] += ref.nbytes
-        edge["transfer_ms"] += (t1 - t) * 1e3
-        edge["deserialize_ms"] += (time.perf_counter() - t1) * 1e3
+        value = decode(data, decoder, ref.key or f"output of {ref.producer}")
+        self.accounts.add_read(ref, (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3)
         return value
 
     def read_bytes(self, ref: Ref) -> bytes:
-        if ref.data is None and ref.handle is not None:  # held by the backend (Ray's object store)
-            return self.engine.backend.fetch(ref)
+        """The bytes of an output: inline, from the store, or from the backend that holds them."""
+        if ref.held_by_backend:
+            return self.engine.backend.read(ref)
         return ref.data if ref.data is not None else self.store.get(ref.key)
 
     # ------------------------------------------------------------------ report
     def report(self, **extra: Any) -> dict[str, Any]:
         """The run's summary: end-to-end time, per-stage and per-edge figures."""
         e2e = self.elapsed_ms()
-        stages = {}
-        for name, st in self.stats.items():
-            stages[name] = {"calls": st.calls, "attempts": st.attempts, "reused": st.reused,
-                            "wall_ms": round(st.wall_ms, 3),
-                            **{k: round(v, 3) for k, v in sorted(st.timings.items())}}
-        edges = []
-        for (src, dst), e in sorted(self.edges.items()):
-            edges.append({"from": src, "to": dst, "bytes": int(e["bytes"]),
-                          "serialize_ms": 0.0, "transfer_ms": round(e["transfer_ms"], 3),
-                          "deserialize_ms": round(e["deserialize_ms"], 3)})
-        by_producer = defaultdict(float)
-        put_by_producer = defaultdict(float)
-        for call, outcome in self.outcomes:
-            by_producer[call.stage] += outcome.timings.get("encode_ms", 0.0)
-            put_by_producer[call.stage] += outcome.timings.get("put_ms", 0.0) + outcome.timings.get("return_ms", 0.0)
-        # A producer's serialization and puts are shared among its outgoing edges by bytes.
-        out_bytes = defaultdict(int)
-        for e in edges:
-            out_bytes[e["from"]] += e["bytes"]
-        for e in edges:
-            share = e["bytes"] / (out_bytes[e["from"]] or 1)
-            e["serialize_ms"] = round(by_producer.get(e["from"], 0.0) * share, 3)
-            e["transfer_ms"] = round(e["transfer_ms"] + put_by_producer.get(e["from"], 0.0) * share, 3)
-        transfer_ms = sum(e["serialize_ms"] + e["transfer_ms"] + e["deserialize_ms"]
-                          for e in edges if e["from"] != "store")
-        workers = {}
-        for _, outcome in self.outcomes:
-            workers[outcome.worker] = max(workers.get(outcome.worker, 0), outcome.rss_kb)
+        stages, edges, transfer_ms, workers = self.accounts.figures()
         report = {
             "workflow": self.workflow,
             "run_id": self.run_id,
@@ -530,17 +330,18 @@ class Run:
                        "workers": len(workers)},
             "stages": stages,
             "edges": edges,
-            "warnings": [f"{stage}: {text} ({n} of {self.stats[stage].calls} calls)"
-                         for (stage, text), n in sorted(self.warnings.items())],
+            "warnings": self.accounts.warning_lines(),
         }
         return report
 
     def finish(self, report: dict[str, Any]) -> None:
         self._stop_heartbeat.set()
+        self.engine.backend.end_run(self.run_id)
         self._record("succeeded", report=report)
 
     def fail(self, error: BaseException) -> None:
         self._stop_heartbeat.set()
+        self.engine.backend.end_run(self.run_id)
         try:
             self._record("failed", error=str(error))
         except MlwfError:
@@ -564,4 +365,4 @@ class Run:
                    "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
                    "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
                    "lease_s": self.engine.lease_s, **extra}
-            self.store.put(join_key(self.outputs_prefix, RECORD), json.dumps(doc, indent=2).encode())
+            self.store.put(self.layout.record, json.dumps(doc, indent=2).encode())

@@ -24,9 +24,8 @@ class InjectedFault(RuntimeError):
     """The exception an injected ``raise`` fault throws."""
 
 
-def maybe_inject(stage: str, index: int, run_id: str) -> None:
-    """Act out the fault planned for this call, if any is left."""
-    spec = os.environ.get(ENV)
+def maybe_inject(spec: str | None, stage: str, index: int, run_id: str) -> None:
+    """Act out the fault ``spec`` (the settings' ``MLWF_FAULTS``) plans for this call, if any is left."""
     if not spec:
         return
     for item in filter(None, (s.strip() for s in spec.split(";"))):

@@ -2,7 +2,10 @@
 
 This is the only place where stage functions meet a store. It is the same code
 in a local worker process, a Ray task and the HTTP function server, so every
-backend moves state the same way and records the same timings.
+backend moves state the same way and records the same timings. It knows no
+workflow: the stage's definition (:mod:`mlwf.workflows.definition`) says
+which function runs, how each input is decoded and cached, and how the
+outputs are named; :mod:`mlwf.engine.layout` says where they are stored.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-from mlwf import codec
-from mlwf.engine.calls import Call, Outcome, Ref, RunContext
+from mlwf import codec, workflows
+from mlwf.engine.calls import Call, Outcome, Ref, RunContext, is_refs
 from mlwf.engine.faults import maybe_inject
-from mlwf.errors import DataError, StageError
-from mlwf.storage import Store, StoreSpec, join_key
-from mlwf.workflows import stage_function
+from mlwf.engine.layout import RunLayout
+from mlwf.errors import DataError, MlwfError, StageError
+from mlwf.settings import Settings
+from mlwf.storage import Store, StoreSpec
 from mlwf.workflows.base import Blob, StageOutput
+from mlwf.workflows.definition import Input, Stage, load_function
 
-_stores: dict[tuple[str, str, int], Store] = {}
+_stores: dict[tuple, Store] = {}
+_process_settings: tuple[int, Settings] | None = None
 _decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _DECODED_MAX = 8
 _signatures: dict[Any, frozenset[str]] = {}
@@ -62,45 +68,55 @@ def _collected_warnings():
         _warning_sink.caught = None
 
 
-def store_for(url: str, bucket: str) -> Store:
-    """The process's store for ``url``/``bucket``, opened once and reused."""
-    key = (url, bucket, os.getpid())
+def store_for(spec: StoreSpec, settings: Settings) -> Store:
+    """The process's store for ``spec``, opened once (with these settings) and reused."""
+    key = (spec, settings.s3, settings.store_faults, os.getpid())
     store = _stores.get(key)
     if store is None:
-        store = _stores[key] = StoreSpec(url, bucket).open()
+        store = _stores[key] = spec.open(settings)
     return store
 
 
-def decode_ref_bytes(data, ref: Ref) -> Any:
-    """Turn a reference's bytes into the value a stage receives."""
-    if ref.kind == "raw":
+def decode(data, decoder: str, what: str) -> Any:
+    """Turn bytes into the value a stage receives, as its input's ``decode`` says."""
+    if decoder == "raw":
         return bytes(data)
-    if ref.kind == "model":
-        from mlwf.model import from_bytes
-
-        return from_bytes(data, source=ref.key or f"model {ref.sha256[:12]}")
-    return codec.decode(data, what=ref.key or f"output of {ref.producer}")
+    if decoder == "codec":
+        return codec.decode(data, what=what)
+    return load_function(decoder)(data, source=what)
 
 
 class _Clock:
-    """Durations in ms and spans on the wall clock (comparable across processes and hosts)."""
+    """Durations in ms, byte counts, and spans on the wall clock (comparable across processes and hosts)."""
 
     def __init__(self):
-        self.t: dict[str, float] = {}
+        self.ms: dict[str, float] = {}
+        self.bytes: dict[str, int] = {}
         self.spans: list[tuple[str, float, float]] = []
 
     def add(self, name: str, start: float, nbytes: int | None = None, bytes_name: str | None = None):
         end = time.time()
-        self.t[name + "_ms"] = self.t.get(name + "_ms", 0.0) + (end - start) * 1e3
+        self.ms[name + "_ms"] = self.ms.get(name + "_ms", 0.0) + (end - start) * 1e3
         if nbytes is not None:
             k = bytes_name or name + "_bytes"
-            self.t[k] = self.t.get(k, 0) + nbytes
+            self.bytes[k] = self.bytes.get(k, 0) + nbytes
         self.spans.append((name, start, end))
         return end
 
 
-def execute(call: Call, ctx: RunContext) -> Outcome:
+def _settings() -> Settings:
+    global _process_settings
+    if _process_settings is None or _process_settings[0] != os.getpid():
+        _process_settings = (os.getpid(), Settings.resolve())
+    return _process_settings[1]
+
+
+def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Outcome:
     """Run ``call`` of the run described by ``ctx`` and return its :class:`Outcome`.
+
+    ``settings`` are the worker process's (by default resolved once per
+    process from its environment): its store credentials, the workflow
+    modules it knows, test-only faults.
 
     Raises
     ------
@@ -110,20 +126,24 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         For any other failure, with the call's name and the error in one line.
     """
     start = time.time()
+    settings = settings or _settings()
+    workflows.use(settings.workflow_modules)
     clock = _Clock()
-    store = store_for(ctx.store_url, ctx.bucket)
-    fn = stage_function(call.workflow, call.stage)
+    store = store_for(ctx.store, settings)
+    stage = workflows.get(call.workflow).stage(call.stage)
+    fn = stage.load()
     edges: list[dict] = []
 
-    def resolve(ref: Ref):
-        cached = _decoded.get((ref.sha256, ref.kind))
+    def resolve(ref: Ref, inp: Input):
+        cache_key = (ref.sha256, inp.decode)
+        cached = _decoded.get(cache_key)
         # A cached object read from the store moved no bytes; inline bytes always rode along.
         moved = ref.nbytes if cached is None or ref.data is not None else 0
         edge = {"from": ref.producer, "to": call.stage, "bytes": moved,
                 "transfer_ms": 0.0, "deserialize_ms": 0.0, "cached": cached is not None}
         if cached is not None:
             try:
-                _decoded.move_to_end((ref.sha256, ref.kind))
+                _decoded.move_to_end(cache_key)
             except KeyError:  # evicted meanwhile by another thread (the HTTP server runs calls in threads)
                 pass
             edges.append(edge)
@@ -131,19 +151,22 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
         t = time.time()
         if ref.data is not None:
             data = ref.data
-        else:
+        elif ref.key is not None:
             data = store.get(ref.key)
             edge["transfer_ms"] = (clock.add("input_get", t, len(data), "input_bytes") - t) * 1e3
             if codec.digest(data) != ref.sha256:
                 # Also guards objects a run references rather than copies (the published model).
                 raise DataError(f"{ref.key} in bucket {ctx.bucket!r} is not the object {ref.producer} handed "
                                 f"on (SHA-256 {ref.sha256}): it was replaced or damaged since; run again")
+        else:
+            raise StageError(f"{call.workflow} stage {call.name}: input {inp.name} from {ref.producer} is held by "
+                             "the backend that made it, which did not hand it over")
         t = time.time()
-        value = decode_ref_bytes(data, ref)
+        value = decode(data, inp.decode, ref.key or f"output of {ref.producer}")
         edge["deserialize_ms"] = (clock.add("input_decode", t) - t) * 1e3
         edges.append(edge)
-        if ref.kind == "model" or ref.nbytes > (1 << 20):
-            _decoded[(ref.sha256, ref.kind)] = value
+        if inp.cache or ref.nbytes > (1 << 20):
+            _decoded[cache_key] = value
             while len(_decoded) > _DECODED_MAX:
                 try:
                     _decoded.popitem(last=False)
@@ -153,10 +176,12 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
 
     kwargs = {}
     for name, v in call.args.items():
-        if isinstance(v, Ref):
-            kwargs[name] = resolve(v)
-        elif isinstance(v, list) and v and all(isinstance(x, Ref) for x in v):
-            kwargs[name] = [resolve(x) for x in v]
+        if isinstance(v, Ref) or is_refs(v):
+            inp = stage.input(name)
+            if inp is None:
+                raise StageError(f"{call.workflow} stage {call.name}: argument {name} is a reference, but the "
+                                 "stage defines no such input")
+            kwargs[name] = resolve(v, inp) if isinstance(v, Ref) else [resolve(x, inp) for x in v]
         else:
             kwargs[name] = v
 
@@ -178,51 +203,70 @@ def execute(call: Call, ctx: RunContext) -> Outcome:
             return found
         kwargs["list_keys"] = list_keys
 
-    maybe_inject(call.stage, call.index, ctx.run_id)
+    maybe_inject(settings.call_faults, call.stage, call.index, ctx.run_id)
     t = time.time()
     try:
         with _collected_warnings() as caught:
             result = fn(**kwargs)
     except Exception as e:
-        from mlwf.errors import MlwfError
-
         if isinstance(e, MlwfError):
             raise
         raise StageError(f"{call.workflow} stage {call.name} failed: {type(e).__name__}: {e}") from e
     run_ms = (time.time() - t) * 1e3
     clock.spans.append(("compute", t, time.time()))
-    io_inside = clock.t.get("fetch_ms", 0.0) + clock.t.get("list_ms", 0.0)
-    clock.t["compute_ms"] = run_ms - io_inside
+    io_inside = clock.ms.get("fetch_ms", 0.0) + clock.ms.get("list_ms", 0.0)
+    clock.ms["compute_ms"] = run_ms - io_inside
     if not isinstance(result, StageOutput):
         raise StageError(f"{call.workflow} stage {call.name} returned {type(result).__name__}, not StageOutput")
     if caught:
         # The libraries' warnings become facts of the call, reported once per run, never noise on stderr.
         result.info = {**result.info, "warnings": sorted(set(result.info.get("warnings", [])) | set(caught))}
+    outputs = _hand_on(call, ctx, stage, result, store, clock)
+    end = time.time()
+    return Outcome(outputs=outputs, info=result.info, durations_ms=clock.ms, bytes=clock.bytes, input_edges=edges,
+                   spans=clock.spans, worker=f"{socket.gethostname()}:{os.getpid()}", start=start, end=end,
+                   rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
-    outputs = []
-    for j, part in enumerate(result.parts):
+
+def _hand_on(call: Call, ctx: RunContext, stage: Stage, result: StageOutput, store: Store,
+             clock: _Clock) -> dict[str, Ref | list[Ref]]:
+    """Encode each output and put it in the store or inline (as the transfer says); its references by name."""
+    named = result.parts if isinstance(result.parts, dict) else {}
+    defined = [o.name for o in stage.outputs]
+    if sorted(named) != sorted(defined):
+        raise StageError(f"{call.workflow} stage {call.name} returned outputs {sorted(named)}, not the "
+                         f"{sorted(defined)} its definition names")
+    layout = RunLayout(ctx.workflow, ctx.run_id)
+    number = 0  # parts are numbered in definition order, every part of a many output counted
+
+    def hand_on(part) -> Ref:
+        nonlocal number
+        j, number = number, number + 1
         t = time.time()
         stored_at = None
         if isinstance(part, Blob):
-            data, kind, stored_at = part.data, part.kind, part.stored_at
+            data, stored_at = part.data, part.stored_at
         else:
-            data, kind = codec.encode(part), "codec"
+            data = codec.encode(part)
         sha = codec.digest(data)
         clock.add("encode", t, len(data), "output_bytes")
-        ref = Ref(sha256=sha, nbytes=len(data), kind=kind, producer=call.stage)
-        if ctx.transfer == "store" and stored_at is not None:
-            # Already an object in this store (the stage read these bytes from it): no copy.
-            ref = Ref(sha256=sha, nbytes=len(data), kind=kind, key=stored_at, producer=call.stage)
-        elif ctx.transfer == "store":
-            key = join_key(ctx.outputs_prefix, call.stage, f"{call.index}-{j}.bin")
+        if ctx.transfer != "store":
+            return Ref(sha256=sha, nbytes=len(data), data=data, producer=call.stage)
+        if stored_at is None:
+            # Already an object in this store otherwise (the stage read these bytes from it): no copy.
+            stored_at = layout.output(call.stage, call.index, j)
             t = time.time()
-            store.put(key, data)
+            store.put(stored_at, data)
             clock.add("put", t)
-            ref = Ref(sha256=sha, nbytes=len(data), kind=kind, key=key, producer=call.stage)
+        return Ref(sha256=sha, nbytes=len(data), key=stored_at, producer=call.stage)
+
+    outputs: dict[str, Ref | list[Ref]] = {}
+    for output in stage.outputs:
+        value = named[output.name]
+        if output.many:
+            if not isinstance(value, list):
+                raise StageError(f"{call.workflow} stage {call.name}: output {output.name} must be a list")
+            outputs[output.name] = [hand_on(part) for part in value]
         else:
-            ref = Ref(sha256=sha, nbytes=len(data), kind=kind, data=data, producer=call.stage)
-        outputs.append(ref)
-    end = time.time()
-    return Outcome(outputs=outputs, info=result.info, timings=clock.t, input_edges=edges,
-                   spans=clock.spans, worker=f"{socket.gethostname()}:{os.getpid()}", start=start, end=end,
-                   rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            outputs[output.name] = hand_on(value)
+    return outputs

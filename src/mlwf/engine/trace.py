@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlwf.engine.progress import StageClock
+
 #: Span names recorded by :mod:`mlwf.engine.runner` → (name in the trace, category).
 SPANS = {
     "list": ("store list", "io"),
@@ -46,35 +48,6 @@ SPANS = {
     "put": ("store write", "io"),
 }
 DRIVER_PID = 1
-
-
-class StageClock:
-    """A progress display that also notes when the driver starts and finishes each stage.
-
-    Pass it as an engine's ``progress`` (wrapping the display you would have
-    used, if any); :func:`build` then draws the driver's view of every stage.
-    """
-
-    def __init__(self, inner=None):
-        self.inner = inner
-        self.spans: list[tuple[str, float, float]] = []  # (stage, start_s, end_s) on time.time()
-        self._open: dict[str, float] = {}
-
-    def stage_started(self, stage: str, total: int) -> None:
-        self._open[stage] = time.time()
-        if self.inner is not None:
-            self.inner.stage_started(stage, total)
-
-    def call_done(self, stage: str) -> None:
-        if self.inner is not None:
-            self.inner.call_done(stage)
-
-    def stage_done(self, stage: str) -> None:
-        start = self._open.pop(stage, None)
-        if start is not None:
-            self.spans.append((stage, start, time.time()))
-        if self.inner is not None:
-            self.inner.stage_done(stage)
 
 
 def _lanes(intervals: list[tuple[float, float]]) -> list[int]:
@@ -115,8 +88,8 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
     def us(t: float) -> float:
         return round((t - t0) * 1e6, 3)
 
-    ran = [(c, o) for c, o in run.outcomes if "compute_ms" in o.timings]
-    reused = len(run.outcomes) - len(ran)
+    ran = [(c, o) for c, o in run.accounts.outcomes if "compute_ms" in o.durations_ms]
+    reused = len(run.accounts.outcomes) - len(ran)
     workers: list[str] = []
     for _, o in sorted(ran, key=lambda co: co[1].start):
         if o.worker not in workers:
@@ -141,7 +114,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
             meta(pid, lane + 1, "thread_name", f"calls (lane {lane + 1})" if max(lanes) else "calls")
         for (call, o), lane in zip(mine, lanes):
             start, stop = us(o.start), us(o.end)
-            timings = {k: round(v, 3) for k, v in sorted(o.timings.items())}
+            timings = {k: round(v, 3) for k, v in sorted(o.figures().items())}
             events.append({"ph": "X", "cat": "call", "name": call.name, "pid": pid, "tid": lane + 1,
                            "ts": start, "dur": round(stop - start, 3),
                            "args": {"stage": call.stage, "index": call.index, "worker": o.worker,
@@ -180,19 +153,19 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 10 + lane, "thread_name", "stages" if not lane else f"stages ({lane + 1})")
     for (stage, a, b), lane in zip(stage_spans, lanes):
-        st = run.stats.get(stage)
+        st = run.accounts.stats.get(stage)
         events.append({"ph": "X", "cat": "stage", "name": stage, "pid": DRIVER_PID, "tid": 10 + lane,
                        "ts": us(a), "dur": round(us(b) - us(a), 3),
                        "args": {"stage": stage, "calls": st.calls if st else None,
                                 "source": "driver" if stage_clock is not None else "calls"}})
-    returns = [(c, o) for c, o in ran if "return_ms" in o.timings]
-    lanes = _lanes([(o.end, o.end + o.timings["return_ms"] / 1e3) for _, o in returns])
+    returns = [(c, o) for c, o in ran if "return_ms" in o.durations_ms]
+    lanes = _lanes([(o.end, o.end + o.durations_ms["return_ms"] / 1e3) for _, o in returns])
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 100 + lane, "thread_name", "outputs returning" + (f" ({lane + 1})" if lane else ""))
     for (call, o), lane in zip(returns, lanes):
         events.append({"ph": "X", "cat": "io", "name": f"{call.name} outputs → driver", "pid": DRIVER_PID,
-                       "tid": 100 + lane, "ts": us(o.end), "dur": round(o.timings["return_ms"] * 1e3, 3),
-                       "args": {"of_call": call.name, "bytes": int(o.timings.get("output_bytes", 0))}})
+                       "tid": 100 + lane, "ts": us(o.end), "dur": round(o.durations_ms["return_ms"] * 1e3, 3),
+                       "args": {"of_call": call.name, "bytes": int(o.bytes.get("output_bytes", 0))}})
 
     events.sort(key=lambda ev: (ev["ph"] != "M", ev.get("ts", 0.0), -ev.get("dur", 0.0)))
     return {"traceEvents": events, "displayTimeUnit": "ms",

@@ -4,7 +4,7 @@
 
 * a directory path or ``file://`` URL: :class:`~mlwf.storage.local.LocalStore`;
 * ``s3://`` (optionally ``s3://host:port``): :class:`~mlwf.storage.s3.S3Store`,
-  endpoint and credentials from the environment.
+  endpoint and credentials from the settings (:mod:`mlwf.settings`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlwf.errors import StoreError
+from mlwf.settings import DEFAULT_BUCKET, Settings
 from mlwf.storage.base import ObjectInfo, Store, check_key, check_prefix, join_key
 
 __all__ = [
@@ -23,53 +24,32 @@ __all__ = [
     "StoreSpec",
     "check_key",
     "check_prefix",
-    "default_store_url",
     "join_key",
     "open_store",
 ]
-
-DEFAULT_BUCKET = "tless"
-
-
-def default_store_url() -> str:
-    """The store used when neither ``--store`` nor ``MLWF_STORE`` is given."""
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return str(Path(data_home) / "mlwf" / "store")
 
 
 @dataclass(frozen=True)
 class StoreSpec:
     """Where a store is: enough to open it again in another process.
 
-    It holds no credentials: S3 credentials are read from the environment of
-    the process that opens the store, so they never travel with a task.
+    It holds no credentials: S3 credentials are read from the settings of
+    the process that opens the store, so they never travel with a task. The
+    settings resolve a spec from ``--store``/``--bucket`` and the environment
+    (:attr:`mlwf.settings.Settings.store`).
     """
 
     url: str
     bucket: str
 
-    @classmethod
-    def resolve(cls, url: str | None = None, bucket: str | None = None) -> StoreSpec:
-        """Fill in defaults from ``MLWF_STORE``/``MLWF_BUCKET`` (and ``S3_BUCKET`` for S3).
-
-        ``None`` means "not given"; an empty or blank value given explicitly is
-        refused rather than read as the default, so ``--bucket ""`` can never
-        make a command act on the default bucket.
-        """
-        for flag, value in (("--store", url), ("--bucket", bucket)):
-            if value is not None and not value.strip():
-                raise StoreError(f"{flag} {value!r} is empty: name the {flag[2:]} or leave the option out "
-                                 "for the default")
-        url = url or os.environ.get("MLWF_STORE") or default_store_url()
-        if bucket is None:
-            bucket = os.environ.get("MLWF_BUCKET")
-            if bucket is None and url.startswith("s3://"):
-                bucket = os.environ.get("S3_BUCKET")
-        return cls(url=url, bucket=bucket or DEFAULT_BUCKET)
-
     @property
     def is_local(self) -> bool:
-        return not self.url.startswith("s3://")
+        """A directory on this machine (or a file system mounted at the same path elsewhere)."""
+        return not self.is_s3
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
 
     def canonical(self) -> StoreSpec:
         """The same store named one way, so two specs can be compared as strings.
@@ -85,14 +65,17 @@ class StoreSpec:
         path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
         return StoreSpec(os.path.realpath(os.path.expanduser(path)), self.bucket)
 
-    def open(self) -> Store:
-        from mlwf.storage.faulty import wrap_if_asked  # test-only fault injection, off by default
+    def open(self, settings: Settings | None = None) -> Store:
+        """Open the store, with the S3 endpoint, credentials and limits ``settings`` name (by default
+        this process's); wrapped to inject faults when the settings ask (tests only)."""
+        from mlwf.storage.faulty import wrap_if_asked
 
-        return wrap_if_asked(open_store(self.url, self.bucket))
+        settings = settings or Settings.resolve()
+        return wrap_if_asked(open_store(self.url, self.bucket, settings), settings)
 
 
-def open_store(url: str, bucket: str) -> Store:
-    """Open the store at ``url`` bound to ``bucket``.
+def open_store(url: str, bucket: str, settings: Settings | None = None) -> Store:
+    """Open the store at ``url`` bound to ``bucket`` (S3: as ``settings`` say, by default this process's).
 
     Raises :class:`~mlwf.errors.StoreError` for an unknown scheme or a local
     store root that does not exist or is not a folder.
@@ -100,7 +83,7 @@ def open_store(url: str, bucket: str) -> Store:
     if url.startswith("s3://"):
         from mlwf.storage.s3 import S3Store
 
-        return S3Store.from_url(url, bucket)
+        return S3Store.from_url(url, bucket, settings)
     if "://" in url and not url.startswith("file://"):
         scheme = url.split("://", 1)[0]
         raise StoreError(f"unknown store scheme {scheme!r} in {url!r}: use a directory, file://DIR or s3://")

@@ -92,9 +92,12 @@ class Store(abc.ABC):
     :class:`mlwf.storage.s3.S3Store` (any S3-compatible service).
     """
 
-    #: Where the store is, fit to print: never carries credentials.
-    url: str
+    #: Where the store is, for messages only (never carries credentials; never parsed: a
+    #: :class:`~mlwf.storage.StoreSpec` names a store).
+    location: str
     bucket: str
+    #: A directory on this machine (where a bucket is just a folder).
+    is_local: bool = False
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[ObjectInfo]:
@@ -179,7 +182,7 @@ class Store(abc.ABC):
 
         if not self.bucket_exists():
             raise NotFoundError(
-                f"bucket {self.bucket!r} does not exist in store {self.url}: "
+                f"bucket {self.bucket!r} does not exist in store {self.location}: "
                 "check --bucket/--store, or upload data with 'mlwf s3 upload-dir'"
             )
 
@@ -203,4 +206,4 @@ class Store(abc.ABC):
         """Release connections; the store must not be used afterwards."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r}, bucket={self.bucket!r})"
+        return f"{type(self).__name__}({self.location!r}, bucket={self.bucket!r})"

@@ -13,6 +13,7 @@ import os
 import time
 
 from mlwf.errors import TransientStoreError
+from mlwf.settings import Settings
 from mlwf.storage.base import Store
 
 ENV = "MLWF_STORE_FAULTS"
@@ -42,7 +43,8 @@ class FaultyStore(Store):
 
     def __init__(self, inner: Store, failures: dict[str, int], latency_s: float = 0.0):
         self.inner = inner
-        self.url = inner.url
+        self.location = inner.location
+        self.is_local = inner.is_local
         self.bucket = inner.bucket
         self.remaining = dict(failures)
         self.latency_s = latency_s
@@ -98,8 +100,9 @@ class FaultyStore(Store):
         self.inner.close()
 
 
-def wrap_if_asked(store: Store) -> Store:
-    spec = os.environ.get(ENV)
+def wrap_if_asked(store: Store, settings: Settings) -> Store:
+    """``store`` wrapped in a :class:`FaultyStore` when ``MLWF_STORE_FAULTS`` asks for faults, else itself."""
+    spec = settings.store_faults
     if not spec:
         return store
     failures, latency = parse(spec)

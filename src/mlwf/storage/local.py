@@ -53,10 +53,12 @@ class _Link(Exception):
 class LocalStore(Store):
     """A bucket kept as the folder ``root/bucket``."""
 
+    is_local = True
+
     def __init__(self, root: str | os.PathLike, bucket: str):
         self.root = Path(root).expanduser().absolute()
         self.bucket = check_bucket_name(bucket)
-        self.url = f"file://{self.root}"
+        self.location = f"file://{self.root}"
         self._dir = self.root / self.bucket
 
     # -- paths ---------------------------------------------------------------
@@ -85,7 +87,7 @@ class LocalStore(Store):
                 os.close(fd)
 
     def _link_refused(self, key: str) -> StoreError:
-        return StoreError(f"refused {key!r} in {self.url}: it or one of its folders is a symbolic link, and the "
+        return StoreError(f"refused {key!r} in {self.location}: it or one of its folders is a symbolic link, and the "
                           "local store follows no links; keep objects as plain files inside the bucket folder")
 
     # -- Store ---------------------------------------------------------------
@@ -161,11 +163,11 @@ class LocalStore(Store):
             raise self._link_refused(key) from None
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             self.require_bucket()
-            raise NotFoundError(f"no object {key!r} in bucket {self.bucket!r} of {self.url}") from None
+            raise NotFoundError(f"no object {key!r} in bucket {self.bucket!r} of {self.location}") from None
         except PermissionError as e:
-            raise StoreError(f"cannot read {key!r} in {self.url}: permission denied") from e
+            raise StoreError(f"cannot read {key!r} in {self.location}: permission denied") from e
         except OSError as e:
-            raise StoreError(f"cannot read {key!r} in {self.url}: {e.strerror}") from e
+            raise StoreError(f"cannot read {key!r} in {self.location}: {e.strerror}") from e
 
     def _read_in(self, key: str, folder_fd: int, name: str) -> bytes:
         try:
@@ -179,7 +181,7 @@ class LocalStore(Store):
             if stat.S_ISDIR(mode):
                 raise IsADirectoryError
             if not stat.S_ISREG(mode):
-                raise StoreError(f"refused {key!r} in {self.url}: it is not a regular file (a FIFO, socket or "
+                raise StoreError(f"refused {key!r} in {self.location}: it is not a regular file (a FIFO, socket or "
                                  "device); the local store keeps objects as plain files")
             return f.read()
 
@@ -259,12 +261,12 @@ class LocalStore(Store):
         except _Link:
             raise self._link_refused(key) from None
         except (NotADirectoryError, FileExistsError, IsADirectoryError) as e:
-            raise StoreError(f"cannot write {key!r} in {self.url}: a path segment is an object, not a folder") from e
+            raise StoreError(f"cannot write {key!r} in {self.location}: a path segment is an object, not a folder") from e
         except FileNotFoundError as e:
             self.require_bucket()
-            raise StoreError(f"cannot write {key!r} in {self.url}: {e.strerror}") from e
+            raise StoreError(f"cannot write {key!r} in {self.location}: {e.strerror}") from e
         except OSError as e:
-            raise StoreError(f"cannot write {key!r} in {self.url}: {e.strerror}") from e
+            raise StoreError(f"cannot write {key!r} in {self.location}: {e.strerror}") from e
 
     @contextlib.contextmanager
     def _bucket_lock(self):
@@ -278,7 +280,7 @@ class LocalStore(Store):
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(folder / f"{self.bucket}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _CLOEXEC, 0o666)
         except OSError as e:
-            raise StoreError(f"cannot lock bucket {self.bucket!r} in {self.url}: {e.strerror}") from e
+            raise StoreError(f"cannot lock bucket {self.bucket!r} in {self.location}: {e.strerror}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -305,7 +307,7 @@ class LocalStore(Store):
         except _Link:
             raise self._link_refused(key) from None
         except OSError as e:
-            raise StoreError(f"cannot delete {key!r} in {self.url}: {e.strerror}") from e
+            raise StoreError(f"cannot delete {key!r} in {self.location}: {e.strerror}") from e
 
     def exists(self, key: str) -> bool:
         folders, name = self._split(key)

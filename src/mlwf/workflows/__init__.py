@@ -1,35 +1,102 @@
-"""The workflows: their stage functions and the drivers that chain them.
+"""The workflows, found by name: the built-in two and any named in ``MLWF_WORKFLOW_MODULES``.
 
-``STAGES`` maps ``(workflow, stage)`` to the stage function, so every backend
-(local processes, Ray, the HTTP function server) finds a stage by name.
+Each workflow is a :class:`~mlwf.workflows.definition.Workflow` (its stages,
+their named inputs and outputs, fan-out and fan-in, resources) that every
+part of mlwf reads. A module named in ``MLWF_WORKFLOW_MODULES``
+(comma-separated, importable where the stages run: the driver, local
+workers, Ray workers and ``mlwf serve`` all read the same setting) defines
+one more as ``WORKFLOW``; :func:`use` registers them, which every entry
+point does with its settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterable
 
 from mlwf.errors import UsageError
+from mlwf.workflows.definition import Workflow
 
-WORKFLOWS = ("ml-training", "ml-inference")
-
-
-def _table() -> dict[str, dict[str, Callable]]:
-    from mlwf.workflows import inference, training
-
-    return {"ml-training": training.STAGES, "ml-inference": inference.STAGES}
+#: The built-in workflows, in the order they are listed.
+BUILTIN = {"ml-training": "mlwf.workflows.training:TRAINING", "ml-inference": "mlwf.workflows.inference:INFERENCE"}
+_registered: dict[str, Workflow] = {}
+_modules: dict[str, str] = {}  # module -> the name of the workflow it defines
 
 
-def stage_names(workflow: str) -> tuple[str, ...]:
-    """The stages of ``workflow`` in the order they run; :class:`UsageError` if unknown."""
+def use(modules: Iterable[str]) -> None:
+    """Register the ``WORKFLOW`` of each module in ``modules`` (once each).
+
+    Raises :class:`UsageError` for a module that cannot be imported or defines
+    no workflow, or a workflow whose name is already taken.
+    """
+    for module in modules:
+        if module in _modules:
+            continue
+        try:
+            workflow = importlib.import_module(module).WORKFLOW
+        except ModuleNotFoundError as e:
+            raise UsageError(f"MLWF_WORKFLOW_MODULES names {module!r}, which cannot be imported here ({e}): "
+                             "install it, or fix the variable") from None
+        except AttributeError:
+            raise UsageError(f"MLWF_WORKFLOW_MODULES names {module!r}, which defines no WORKFLOW") from None
+        register(workflow)
+        _modules[module] = workflow.name
+
+
+def register(workflow: Workflow) -> None:
+    """Make ``workflow`` known by its name in this process."""
+    if not isinstance(workflow, Workflow):
+        raise UsageError(f"{workflow!r} is not a Workflow")
+    if workflow.name in BUILTIN or _registered.get(workflow.name, workflow) is not workflow:
+        raise UsageError(f"a workflow named {workflow.name!r} exists already")
+    _registered[workflow.name] = workflow
+
+
+def names(modules: Iterable[str] | None = None) -> tuple[str, ...]:
+    """Every known workflow's name, the built-in ones first; with ``modules``, only the built-in ones
+    and those the modules define (registered now if need be)."""
+    if modules is None:
+        return (*BUILTIN, *_registered)
+    modules = tuple(modules)
+    use(modules)
+    return (*BUILTIN, *dict.fromkeys(_modules[m] for m in modules))
+
+
+def get(name: str) -> Workflow:
+    """The workflow called ``name``; :class:`UsageError` if unknown."""
+    if name in BUILTIN:
+        module, _, attribute = BUILTIN[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
     try:
-        return tuple(_table()[workflow])
-    except KeyError:
-        raise UsageError(f"unknown workflow {workflow!r}: known workflows are {', '.join(WORKFLOWS)}") from None
+        return _registered[name]
+    except (KeyError, TypeError):
+        raise UsageError(f"unknown workflow {name!r}: known workflows are {', '.join(names())}") from None
+
+
+def all_workflows() -> tuple[Workflow, ...]:
+    return tuple(get(name) for name in names())
+
+
+def known_stages() -> dict[str, list[str]]:
+    """Every workflow's stage names, in pipeline order."""
+    return {w.name: list(w.stage_names) for w in all_workflows()}
 
 
 def stage_function(workflow: str, stage: str) -> Callable:
-    """The function for ``stage`` of ``workflow``; :class:`UsageError` if unknown."""
-    try:
-        return _table()[workflow][stage]
-    except KeyError:
-        raise UsageError(f"unknown stage {workflow}/{stage}: known workflows are {', '.join(WORKFLOWS)}") from None
+    """The function of ``stage`` of ``workflow``; :class:`UsageError` if unknown."""
+    return get(workflow).stage(stage).load()
+
+
+def stage_order() -> list[str]:
+    """Every stage name once, in the order the workflows list them (figures colour stages by it)."""
+    return list(dict.fromkeys(s for w in all_workflows() for s in w.stage_names))
+
+
+def modules_to_preload() -> list[str]:
+    """The modules every known workflow's stages need (their own and their :attr:`Workflow.imports`), once."""
+    found: dict[str, None] = {}
+    for w in all_workflows():
+        for stage in w.stages:
+            found[stage.function.partition(":")[0]] = None
+        found.update(dict.fromkeys(w.imports))
+    return list(found)

@@ -4,7 +4,9 @@ A stage is a plain function. Its parameters are its inputs; a parameter named
 ``fetch`` receives a function ``fetch(keys) -> list[bytes]`` and one named
 ``list_keys`` a function ``list_keys(prefix) -> list[(key, size)]``, supplied
 by whichever engine runs the stage. It returns a :class:`StageOutput`: the
-parts it hands to later stages, and small facts for the driver.
+parts it hands to later stages, by the names its definition gives its
+outputs (:class:`~mlwf.workflows.definition.Output`), and small facts for the
+driver.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 @dataclass
 class Blob:
-    """A part that is already bytes; ``kind`` says how a consumer reads it.
+    """A part that is already bytes, handed on as they are (its consumer's input says how to read them).
 
     ``stored_at`` names the object these exact bytes were read from, when the
     stage hands on an object that is already in the store (the published
@@ -26,7 +28,6 @@ class Blob:
     """
 
     data: bytes
-    kind: str = "raw"
     stored_at: str | None = None
 
 
@@ -34,12 +35,13 @@ class Blob:
 class StageOutput:
     """What a stage returns.
 
-    ``parts`` are handed on to later stages (each a JSON-like value with NumPy
-    arrays, or a :class:`Blob`); ``info`` is a small JSON-able dict for the
-    driver's summary.
+    ``parts`` maps each of the stage's outputs, by name, to what it hands on:
+    a JSON-like value with NumPy arrays, or a :class:`Blob`; for an output
+    defined with ``many``, a list of them. ``info`` is a small JSON-able dict
+    for the driver's summary.
     """
 
-    parts: list[Any] = field(default_factory=list)
+    parts: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
 

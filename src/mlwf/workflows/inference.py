@@ -15,6 +15,7 @@ import numpy as np
 
 from mlwf.errors import DataError, UsageError
 from mlwf.workflows.base import Blob, StageOutput
+from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
 from mlwf.workflows.training import label_of
 
 WORKFLOW = "ml-inference"
@@ -28,8 +29,8 @@ def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
     """List the images under ``prefix`` in key order and deal them round-robin to
     at most ``num_funcs`` predict functions (never more functions than images).
 
-    Each assignment holds ``keys`` and ``labels`` (the class folder of each key,
-    or ``None`` for keys directly under the prefix).
+    Returns ``assignments``, each with ``keys`` and ``labels`` (the class
+    folder of each key, or ``None`` for keys directly under the prefix).
     """
     folder = prefix.rstrip("/") + "/"
     keys = [k for k, _ in list_keys(folder)]
@@ -37,21 +38,21 @@ def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
         raise DataError(f"no images under prefix {folder!r}: upload them first "
                         f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")
     used = min(num_funcs, len(keys))
-    parts = []
+    assignments = []
     for i in range(used):
         mine = keys[i::used]
-        parts.append({"keys": mine, "labels": [label_of(k, folder) for k in mine]})
+        assignments.append({"keys": mine, "labels": [label_of(k, folder) for k in mine]})
     info = {"num_images": len(keys), "num_funcs": used,
             "labelled": sum(label_of(k, folder) is not None for k in keys)}
-    return StageOutput(parts, info)
+    return StageOutput({"assignments": assignments}, info)
 
 
 def load(fetch, *, model_prefix: str) -> StageOutput:
     """Read the published model once, check it (format version, checksum, structure)
     and hand it on to the predict functions.
 
-    The part is the published version object itself (``stored_at`` its key):
-    a run references the model, it does not store a copy of it.
+    Its ``model`` is the published version object itself (``stored_at`` its
+    key): a run references the model, it does not store a copy of it.
     """
     from mlwf.model import from_bytes, read_published
 
@@ -61,13 +62,13 @@ def load(fetch, *, model_prefix: str) -> StageOutput:
     info = {"model_digest": model.digest, "classes": model.classes, "image_size": model.image_size,
             "model_run_id": manifest.get("run_id"), "model_object": manifest["object"],
             "validation_accuracy": model.metrics.get("validation_accuracy")}
-    return StageOutput([Blob(data, kind="model", stored_at=manifest["object"])], info)
+    return StageOutput({"model": Blob(data, stored_at=manifest["object"])}, info)
 
 
 def predict(assignment: dict, model, fetch) -> StageOutput:
     """Decode this function's images exactly as training did and classify them.
 
-    Returns one part with ``keys``, ``labels``, predicted class numbers
+    Returns ``predictions``: ``keys``, ``labels``, predicted class numbers
     ``pred`` and their probabilities ``prob``; undecodable objects are skipped
     and named in the info.
     """
@@ -82,10 +83,28 @@ def predict(assignment: dict, model, fetch) -> StageOutput:
     part = {"keys": [keys[i] for i in ok], "labels": [assignment["labels"][i] for i in ok],
             "pred": pred, "prob": proba[np.arange(len(pred)), pred].astype(np.float64)}
     skipped = [keys[i] for i in bad]
-    return StageOutput([part], {"num_images": len(ok), "skipped": len(skipped), "skipped_keys": skipped})
+    return StageOutput({"predictions": part}, {"num_images": len(ok), "skipped": len(skipped),
+                                               "skipped_keys": skipped})
 
 
-STAGES = {"partition": partition, "load": load, "predict": predict}
+_HERE = "mlwf.workflows.inference"
+#: The definition every part of mlwf reads (see :mod:`mlwf.workflows.definition`).
+INFERENCE = Workflow(
+    name="ml-inference",
+    params=("model_prefix", "data_prefix", "num_funcs"),
+    drive=f"{_HERE}:drive",
+    imports=("mlwf.model", "mlwf.images"),
+    example=("ml-inference/model", "ml-inference/images-inference-1k", "16"),
+    stages=(
+        Stage("partition", f"{_HERE}:partition", outputs=(Output("assignments", many=True),),
+              profile=Profile(4, 2, "500m", "512Mi")),
+        Stage("load", f"{_HERE}:load", outputs=(Output("model"),), profile=Profile(4, 2, "500m", "1Gi")),
+        Stage("predict", f"{_HERE}:predict", calls="num_funcs",
+              inputs=(Input("assignment", "partition.assignments", each=True),
+                      Input("model", "load.model", decode="mlwf.model:from_bytes", cache=True)),
+              outputs=(Output("predictions"),), profile=Profile(1, 32, "1", "1Gi")),
+    ),
+)
 
 
 # --------------------------------------------------------------------------- driver
@@ -98,7 +117,7 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
     ``summary.json``; returns the report with ``accuracy`` (None when no image
     is labelled), ``results_key`` and ``model_digest``.
     """
-    from mlwf.storage import check_prefix, join_key
+    from mlwf.storage import check_prefix
 
     if not isinstance(num_funcs, int) or isinstance(num_funcs, bool) or num_funcs < 1:
         raise UsageError(f"NUM_FUNCS must be a positive integer, got {num_funcs!r}")
@@ -117,15 +136,16 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
     run = engine.start_run(WORKFLOW, {"model_prefix": model_prefix, "data_prefix": data_prefix,
                                       "num_funcs": num_funcs}, resume=resume)
     try:
-        first = run.stages(partition=[dict(prefix=data_prefix, num_funcs=num_funcs)],
-                           load=[dict(model_prefix=model_prefix)])
+        first = run.run_calls(partition=[dict(prefix=data_prefix, num_funcs=num_funcs)],
+                              load=[dict(model_prefix=model_prefix)])
         [part], [loaded] = first["partition"], first["load"]
-        model_ref = loaded.outputs[0]
-        preds = run.stages(predict=[dict(assignment=ref, model=model_ref) for ref in part.outputs])["predict"]
+        model_ref = loaded.outputs["model"]
+        preds = run.run_calls(predict=[dict(assignment=ref, model=model_ref)
+                                       for ref in part.outputs["assignments"]])["predict"]
         classes = loaded.info["classes"]
         rows = []
         for out in preds:
-            p = run.read(out.outputs[0])
+            p = run.read(out.outputs["predictions"])
             for key, label, c, prob in zip(p["keys"], p["labels"], p["pred"].tolist(), p["prob"].tolist()):
                 rows.append((key, classes[c], prob, label))
         rows.sort(key=lambda r: r[0])
@@ -151,7 +171,7 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
                 if t in index:
                     matrix[index[t], index[p]] += 1
             confusion = {"labels": classes, "matrix": matrix.tolist()}
-        results_key = join_key(run.outputs_prefix, "predictions.csv")
+        results_key = run.layout.result("predictions.csv")
         summary = {
             "model_prefix": model_prefix,
             "data_prefix": data_prefix,
@@ -167,7 +187,7 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
             "skipped": len(skipped),
             "skipped_examples": skipped[:_EXAMPLES],
             "results_key": results_key,
-            "summary_key": join_key(run.outputs_prefix, "summary.json"),
+            "summary_key": run.layout.result("summary.json"),
         }
         engine.store.put(results_key, buf.getvalue().encode())
         report = run.report(**summary)

@@ -16,6 +16,7 @@ import numpy as np
 from mlwf.errors import DataError, UsageError
 from mlwf.model import MAX_CLASSES, MAX_COMPONENTS, class_name_problem
 from mlwf.workflows.base import Blob, StageOutput, derive_seed
+from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
 
 WORKFLOW = "ml-training"
 DEFAULT_MODEL_PREFIX = "ml-inference/model"
@@ -88,9 +89,9 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
     """List the images, label them from their class folders, hold out a validation
     set and deal the rest to the PCA functions.
 
-    Returns ``num_pca`` assignments (``keys``, ``labels``, ``num_train``,
-    ``first_train``) followed by the held-out set (``keys``, ``labels``); its
-    info holds the class names and counts.
+    Returns ``assignments``, one per PCA function (``keys``, ``labels``,
+    ``num_train``, ``first_train``), and the ``holdout`` set (``keys``,
+    ``labels``); its info holds the class names and counts.
     """
     folder = prefix.rstrip("/") + "/"
     objects = list_keys(folder)
@@ -149,15 +150,15 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
             "use more PCA functions or a smaller --image-size")
     split = train_split(num_pca, num_train)
 
-    parts: list[Any] = []
+    assignments: list[Any] = []
     first = 0
     for i in range(num_pca):
         mine = train_idx[i::num_pca]
-        parts.append({"keys": [keys[j] for j in mine], "labels": labels[mine],
-                      "num_train": split[i], "first_train": first})
+        assignments.append({"keys": [keys[j] for j in mine], "labels": labels[mine],
+                            "num_train": split[i], "first_train": first})
         first += split[i]
     hold_idx = np.flatnonzero(held)
-    parts.append({"keys": [keys[j] for j in hold_idx], "labels": labels[hold_idx]})
+    holdout = {"keys": [keys[j] for j in hold_idx], "labels": labels[hold_idx]}
     info = {
         "classes": classes,
         "num_objects": len(objects),
@@ -170,16 +171,16 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
         "unlabelled_examples": unlabelled[:_EXAMPLES],
         "train_per_pca": split,
     }
-    return StageOutput(parts, info)
+    return StageOutput({"assignments": assignments, "holdout": holdout}, info)
 
 
 def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: int, index: int) -> StageOutput:
     """Decode this function's images, fit PCA on them, project, and slice the rows
     for its training functions.
 
-    Undecodable objects are skipped and named in the info. Returns one slice per
-    training function (``features``, ``labels``) followed by the projection
-    (``mean``, ``components``).
+    Undecodable objects are skipped and named in the info. Returns ``slices``,
+    one per training function (``features``, ``labels``), and the
+    ``projection`` (``mean``, ``components``).
     """
     from sklearn.decomposition import PCA  # fitted in float32: 8x faster here than float64
 
@@ -206,13 +207,11 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     mean = fitted.mean_.astype(np.float64)
     components = fitted.components_.astype(np.float64)
     features = project(pixels, mean, components)
-    parts: list[Any] = []
-    for rows in np.array_split(np.arange(len(features)), n_slices):
-        parts.append({"features": features[rows], "labels": labels[rows].astype(np.int32)})
-    parts.append({"mean": mean, "components": components})
+    slices = [{"features": features[rows], "labels": labels[rows].astype(np.int32)}
+              for rows in np.array_split(np.arange(len(features)), n_slices)]
     info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
             "decoded_per_class": np.bincount(labels).tolist(), "warnings": facts}
-    return StageOutput(parts, info)
+    return StageOutput({"slices": slices, "projection": {"mean": mean, "components": components}}, info)
 
 
 def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_samples_split: int,
@@ -228,8 +227,8 @@ def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_sam
     forest.fit(data["features"], data["labels"])
     member = export_forest(forest, forest.classes_.tolist(), num_classes)
     member["projection"] = projection
-    return StageOutput([member], {"num_samples": len(data["labels"]),
-                                  "num_nodes": int(len(member["left"]))})
+    return StageOutput({"member": member}, {"num_samples": len(data["labels"]),
+                                            "num_nodes": int(len(member["left"]))})
 
 
 def validation(members: list, projections: list, holdout: dict, fetch, *, classes: list[str],
@@ -263,10 +262,33 @@ def validation(members: list, projections: list, holdout: dict, fetch, *, classe
             "per_class": per_class,
             "skipped_examples": skipped[:_EXAMPLES], "digest": checked.digest,
             "confusion": confusion.tolist() if confusion is not None else None}
-    return StageOutput([Blob(data, kind="model")], info)
+    return StageOutput({"model": Blob(data)}, info)
 
 
-STAGES = {"partition": partition, "pca": pca, "train": train, "validation": validation}
+_HERE = "mlwf.workflows.training"
+#: The definition every part of mlwf reads (see :mod:`mlwf.workflows.definition`). CPU-bound stages
+#: get one call per pod (the serverless function model); listing can share a pod.
+TRAINING = Workflow(
+    name="ml-training",
+    params=("data_prefix", "num_pca", "num_train"),
+    drive=f"{_HERE}:drive",
+    imports=("mlwf.model", "mlwf.images", "sklearn.decomposition", "sklearn.ensemble"),
+    example=("ml-training/mnist-images-2k", "2", "8"),
+    stages=(
+        Stage("partition", f"{_HERE}:partition", outputs=(Output("assignments", many=True), Output("holdout")),
+              profile=Profile(4, 2, "500m", "512Mi")),
+        Stage("pca", f"{_HERE}:pca", calls="num_pca",
+              inputs=(Input("assignment", "partition.assignments", each=True),),
+              outputs=(Output("slices", many=True), Output("projection")), profile=Profile(1, 16, "1", "1Gi")),
+        Stage("train", f"{_HERE}:train", calls="num_train", inputs=(Input("data", "pca.slices", each=True),),
+              outputs=(Output("member"),), profile=Profile(1, 32, "1", "1Gi")),
+        Stage("validation", f"{_HERE}:validation",
+              inputs=(Input("members", "train.member", gather=True),
+                      Input("projections", "pca.projection", gather=True),
+                      Input("holdout", "partition.holdout")),
+              outputs=(Output("model"),), profile=Profile(1, 4, "1", "1Gi")),
+    ),
+)
 
 
 # --------------------------------------------------------------------------- driver
@@ -322,31 +344,31 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     run = engine.start_run(WORKFLOW, params, resume=resume)
     enforce = publish and not allow_unvalidated
     try:
-        [part] = run.stages(partition=[dict(prefix=data_prefix, num_pca=num_pca, num_train=num_train,
-                                            holdout=config.holdout, seed=config.seed,
-                                            n_components=config.n_components,
-                                            image_size=config.image_size)])["partition"]
+        [part] = run.run_calls(partition=[dict(prefix=data_prefix, num_pca=num_pca, num_train=num_train,
+                                               holdout=config.holdout, seed=config.seed,
+                                               n_components=config.n_components,
+                                               image_size=config.image_size)])["partition"]
         classes = part.info["classes"]
         if enforce:
             _require_validation(classes, part.info["holdout_per_class"], data_prefix, decoded=False)
-        pcas = run.stages(pca=[dict(assignment=part.outputs[i], image_size=config.image_size,
-                                    n_components=config.n_components, seed=config.seed, index=i)
-                               for i in range(num_pca)])["pca"]
+        pcas = run.run_calls(pca=[dict(assignment=assignment, image_size=config.image_size,
+                                       n_components=config.n_components, seed=config.seed, index=i)
+                                  for i, assignment in enumerate(part.outputs["assignments"])])["pca"]
         _require_decoded_classes(classes, pcas, data_prefix)
         train_calls = []
         for i, out in enumerate(pcas):
-            for ref in out.outputs[:-1]:
+            for ref in out.outputs["slices"]:
                 train_calls.append(dict(data=ref, num_classes=len(classes), n_trees=config.n_trees,
                                         max_depth=config.max_depth, min_samples_split=config.min_samples_split,
                                         seed=config.seed, index=len(train_calls), projection=i))
-        trains = run.stages(train=train_calls)["train"]
+        trains = run.run_calls(train=train_calls)["train"]
         model_config = {**cfg, "num_pca": num_pca, "num_train": num_train,
                         "data_prefix": data_prefix, "trained_with": _versions()}
-        [val] = run.stages(validation=[dict(members=[t.outputs[0] for t in trains],
-                                            projections=[p.outputs[-1] for p in pcas],
-                                            holdout=part.outputs[num_pca], classes=classes,
-                                            image_size=config.image_size, config=model_config)])["validation"]
-        model_ref = val.outputs[0]
+        [val] = run.run_calls(validation=[dict(members=[t.outputs["member"] for t in trains],
+                                               projections=[p.outputs["projection"] for p in pcas],
+                                               holdout=part.outputs["holdout"], classes=classes,
+                                               image_size=config.image_size, config=model_config)])["validation"]
+        model_ref = val.outputs["model"]
         validated = _validation_problem(classes, val.info["per_class"]) is None
         if enforce:
             _require_validation(classes, val.info["per_class"], data_prefix, decoded=True)

@@ -12,124 +12,91 @@ spawn start methods normally re-import ``__main__`` in every new worker, so a
 script that creates an engine without an ``if __name__ == "__main__":`` guard
 would start engines inside its own workers. Workers only ever run mlwf's
 stage code, so the fork server is told which main module the driver has
-(:func:`_adopt_driver_main`), and multiprocessing then sees it as already
+(:mod:`mlwf.backends.local.worker`), and multiprocessing then sees it as already
 imported in every worker it forks.
 
 Workers exit as soon as the process that owns the pool is gone, even one
 killed with ``kill -9`` in the middle of a stuck call (they watch a pipe only
-the owner holds: :mod:`mlwf.engine.lifeline`); the fork server and
+the owner holds: :mod:`mlwf.backends.lifeline`); the fork server and
 multiprocessing's resource tracker then exit by themselves.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import ClassVar
 
-from mlwf.engine import lifeline, runner
+from mlwf.backends import lifeline
+from mlwf.backends.base import BackendConfig, HoldsNoOutputs
+from mlwf.engine import runner
 from mlwf.engine.calls import Call, Outcome, RunContext
-from mlwf.errors import StageError
+from mlwf.errors import StageError, UsageError, WorkerLost
+from mlwf.settings import Settings, fork_server_environment
 
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
-
-
-#: Environment a worker needs from the driver *now*, not from when the fork
-#: server started: store endpoints, credentials and limits.
-_FORWARDED_ENV = ("S3_", "AWS_", "MLWF_")
+#: The most worker processes (each holds the stage code, about 100 MB).
+MAX_WORKERS = 1024
 
 
-#: Set only while the fork server starts: the driver's main module, as
-#: multiprocessing would describe it to a new worker.
-_DRIVER_MAIN_ENV = "MLWF_DRIVER_MAIN"
+@dataclass(frozen=True)
+class LocalConfig(BackendConfig):
+    """``workers``: processes (default: one per core); ``preload_sklearn``: import scikit-learn once in
+    the fork server (worth it for training; a process that only runs inference starts faster without)."""
+
+    backend: ClassVar[str] = "local"
+    workers: int | None = None
+    preload_sklearn: bool = True
+
+    def __post_init__(self):
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WORKERS):
+            raise UsageError(f"--workers must be an integer from 1 to {MAX_WORKERS:,}, got {w!r}")
 
 
-def _driver_main() -> str:
-    """The driver's main module as multiprocessing tells each new worker to import it (JSON)."""
-    from multiprocessing import spawn
-
-    data = spawn.get_preparation_data("mlwf-worker")
-    return json.dumps({"path": data.get("init_main_from_path"), "name": data.get("init_main_from_name")})
+def _run(call: Call, ctx: RunContext) -> Outcome:
+    """A call in a worker process, as it arrives through the pool."""
+    return runner.execute(call, ctx)
 
 
-def _adopt_driver_main() -> None:
-    """In the fork server: take on the driver's main module's name and path, not its code.
-
-    Multiprocessing skips re-running the main script in a new worker when the
-    process it was forked from already has a ``__main__`` of that path (or
-    module name); workers forked from here therefore never run it.
-    """
-    described = os.environ.pop(_DRIVER_MAIN_ENV, None)
-    if not described:
-        return
-    from importlib.machinery import ModuleSpec
-
-    driver_main = json.loads(described)
-    main = sys.modules["__main__"]
-    if driver_main.get("path"):
-        main.__file__ = driver_main["path"]
-    if driver_main.get("name"):
-        main.__spec__ = ModuleSpec(driver_main["name"], None)
-
-
-_adopt_driver_main()
-
-
-def _init_worker(env: dict[str, str], owner) -> None:
-    from threadpoolctl import threadpool_limits
-
-    lifeline.exit_with_owner(owner)
-    for name in [k for k in os.environ if k.startswith(_FORWARDED_ENV)]:
-        del os.environ[name]
-    os.environ.update(env)
-    threadpool_limits(1)
-
-
-class LocalBackend:
-    """Runs calls in ``workers`` processes (default: one per core)."""
+class LocalBackend(HoldsNoOutputs):
+    """Runs calls in ``config.workers`` processes (default: one per core)."""
 
     name = "local"
     #: ``direct`` hands each output's bytes back through the pool's pipe to the
     #: driver and on to the next call; ``store`` puts them in the object store.
     transfers = ("store", "direct")
+    Config = LocalConfig
 
-    #: Imported once in the fork server, so no worker pays for them (this
-    #: module first: it adopts the driver's main module, see above).
-    LIGHT = ["mlwf.engine.local", "mlwf.engine.runner", "mlwf.workflows.training", "mlwf.workflows.inference",
-             "mlwf.model", "mlwf.images"]
+    #: Imported once in the fork server, so no worker pays for them (the worker module first: it
+    #: adopts the driver's main module).
+    LIGHT = ["mlwf.backends.local.worker", "mlwf.engine.runner", "mlwf.workflows.training",
+             "mlwf.workflows.inference", "mlwf.model", "mlwf.images"]
     #: scikit-learn takes 0.6 s to import here; only training stages need it.
     HEAVY = ["sklearn.decomposition", "sklearn.ensemble"]
 
-    def __init__(self, workers: int | None = None, preload_sklearn: bool = True):
-        self.workers = workers or os.cpu_count() or 1
-        self.preload = self.LIGHT + (self.HEAVY if preload_sklearn else [])
+    def __init__(self, config: LocalConfig | None = None, settings: Settings | None = None):
+        config = config or LocalConfig()
+        self.settings = settings or Settings.resolve()
+        self.workers = config.workers or os.cpu_count() or 1
+        self.preload = self.LIGHT + (self.HEAVY if config.preload_sklearn else [])
         self._pool: ProcessPoolExecutor | None = None
         self._workers_started = False
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            from mlwf.backends.local.worker import driver_main, init_worker
+
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(self.preload)
-            saved = {k: os.environ.get(k) for k in (*_BLAS_ENV, _DRIVER_MAIN_ENV)}
-            try:
-                for k in _BLAS_ENV:
-                    os.environ[k] = "1"
-                os.environ[_DRIVER_MAIN_ENV] = _driver_main()
+            with fork_server_environment(driver_main()):
                 from multiprocessing import forkserver
 
                 forkserver.ensure_running()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-            env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(env, lifeline.reader()))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
+                                             initargs=(self.settings.forwarded(), lifeline.reader()))
         return self._pool
 
     def start(self) -> None:
@@ -151,20 +118,41 @@ class LocalBackend:
             for f in [pool.submit(os.getpid) for _ in range(min(self.workers, os.cpu_count() or 1))]:
                 f.result()
         except BrokenProcessPool:
-            self.reset()
+            self.cancel_all()
             raise StageError("the local backend's worker processes died as they started (their errors are "
                              "above); in a script, create the engine under 'if __name__ == \"__main__\":'") from None
         self._workers_started = True
         return True
 
     def submit(self, call: Call, ctx: RunContext) -> Future[Outcome]:
+        """Run ``call`` in a worker; a worker that dies fails every call of the pool with
+        :class:`WorkerLost` (the pool is broken: :meth:`cancel_all` before submitting again)."""
         try:
-            return self._start().submit(runner.execute, call, ctx)
+            pooled = self._start().submit(_run, call, ctx)
         except BrokenProcessPool:
-            self.reset()
-            return self._start().submit(runner.execute, call, ctx)
+            self.cancel_all()
+            pooled = self._start().submit(_run, call, ctx)
+        out: Future[Outcome] = Future()
 
-    def reset(self) -> None:
+        def finished(done: Future) -> None:
+            if done.cancelled():
+                out.cancel()
+                return
+            error = done.exception()
+            if isinstance(error, BrokenProcessPool):
+                error = WorkerLost(f"{call.workflow} stage {call.name} failed: its worker process died")
+            if not out.set_running_or_notify_cancel():
+                return
+            if error is None:
+                out.set_result(done.result())
+            else:
+                out.set_exception(error)
+
+        pooled.add_done_callback(finished)
+        out.add_done_callback(lambda f: pooled.cancel() if f.cancelled() else None)  # the driver dropped it
+        return out
+
+    def cancel_all(self) -> None:
         """Kill the workers (a dead, stuck or broken pool); the next call starts new ones."""
         if self._pool is not None:
             # The executor has no public way to stop a stuck worker.
@@ -190,3 +178,6 @@ class LocalBackend:
                     proc.join(timeout=5)
             self._pool = None
             self._workers_started = False
+
+
+BACKEND = LocalBackend

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import time
 import uuid
 from typing import Any
@@ -51,9 +50,10 @@ JSON_TYPE = "application/json"
 STRUCTURED_TYPE = "application/cloudevents+json"
 
 
-def read_secret(value: str | None = None, *, who: str) -> str:
-    """The shared secret (``value`` or ``$MLWF_FUNCTION_SECRET``); :class:`UsageError` if unusable."""
-    secret = (value if value is not None else os.environ.get(SECRET_ENV, "")).strip()
+def read_secret(value: str | None, *, who: str) -> str:
+    """The shared secret ``value`` (the settings' ``MLWF_FUNCTION_SECRET``), checked; :class:`UsageError`
+    if it is missing or unusable."""
+    secret = (value or "").strip()
     if not secret:
         raise UsageError(f"{who} needs the shared secret in {SECRET_ENV} (the same value as the cluster's "
                          "Secret, e.g. from 'openssl rand -hex 32')")
@@ -64,13 +64,6 @@ def read_secret(value: str | None = None, *, who: str) -> str:
         raise UsageError(f"{SECRET_ENV} is too short ({len(secret)} characters): use at least "
                          f"{MIN_SECRET_CHARS}, e.g. 'openssl rand -hex 32'")
     return secret
-
-
-def known_stages() -> dict[str, list[str]]:
-    """Every workflow's stage names, in pipeline order."""
-    from mlwf.workflows import inference, training
-
-    return {"ml-training": list(training.STAGES), "ml-inference": list(inference.STAGES)}
 
 
 def event_type(workflow: str, stage: str, *, done: bool = False) -> str:

@@ -19,24 +19,28 @@ machine, 127.0.0.1/localhost); a service serving another store refuses the
 call, and the run stops at once with one line naming both.
 
 Each call is signed with ``MLWF_FUNCTION_SECRET`` (see
-:mod:`mlwf.engine.events`), and so is each reply, which is checked. A call is
-retried, with exponential backoff and jitter and a fresh event id, when the
-service cannot be reached or does not answer within ``timeout``, answers 429,
-502, 503 or 504, refuses the event id as seen before (a 403 marked retryable:
-something between us resent it), or reports a stage error it marks retryable; after
-``retries`` extra attempts it fails as :class:`StageError` naming the stage,
-the call index and the last error. A stage error marked not retryable (bad
-input) is raised at once as the same error class with the same one-line
-message as on the local backend. At most ``concurrency`` calls are in flight
-per service, over one keep-alive ``httpx.AsyncClient`` per service, on the
-process's background event loop (:mod:`mlwf.aio`).
+:mod:`mlwf.backends.knative.events`), and so is each reply, which is checked.
+One attempt is exactly one POST (with a fresh event id); this backend never
+retries by itself. It says whether a failed attempt is worth another, and the
+driver decides (:mod:`mlwf.engine.retry`, at most ``1 + --retries`` attempts
+in all): a service that cannot be reached or does not answer within
+``timeout``, answers 429, 502, 503 or 504, refuses the event id as seen
+before (a 403 marked retryable: something between us resent it), or sends a
+reply that does not check out fails the attempt with a retryable
+:class:`StageError` naming the stage, the call index and the service. A
+stage error comes back as the same error class with the same one-line message
+as on the local backend, retryable as the service's reply says (from the
+error's own :attr:`~mlwf.errors.MlwfError.retryable`). At most
+``concurrency`` calls are in flight per service, over one keep-alive
+``httpx.AsyncClient`` per service, on the process's background event loop
+(:mod:`mlwf.aio`).
 
 ``timeout`` bounds each attempt as a whole, from connecting to the last byte
 of the reply: a service that accepts and never answers, or answers a byte at
 a time, is cut off at ``timeout`` (httpx's own timeouts bound each read, not
-the exchange). Worst case for a call: ``(retries + 1) × (timeout + max
-backoff)`` (``connect_timeout`` instead of ``timeout`` when nothing accepts
-the connection).
+the exchange). Worst case for a call: ``(retries + 1) × timeout`` plus the
+driver's pauses between attempts (``connect_timeout`` instead of ``timeout``
+when nothing accepts the connection).
 """
 
 from __future__ import annotations
@@ -44,28 +48,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-import random
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from mlwf import errors
+from mlwf import errors, workflows
 from mlwf.aio import BACKGROUND
-from mlwf.engine import events
+from mlwf.backends.base import BackendConfig, HoldsNoOutputs
+from mlwf.backends.knative import events
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.errors import MlwfError, StageError, UsageError
-from mlwf.storage import StoreSpec
+from mlwf.settings import Settings
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_RETRIES = 2
 DEFAULT_CONCURRENCY = 16
 RETRY_STATUS = (429, 502, 503, 504)
 _LOCAL_HOSTS = ("localhost", "localhost.localdomain")
 #: Errors a service may report that keep their class here (anything else becomes MlwfError).
 _ERROR_CLASSES = {cls.__name__: cls for cls in (errors.DataError, errors.ModelError, errors.UsageError,
-                                                errors.NotFoundError, errors.StoreError, errors.StageError)}
+                                                errors.NotFoundError, errors.StoreError,
+                                                errors.TransientStoreError, errors.StageError)}
 
 
 def check_url(url: str, entry: str, flag: str = "--endpoint") -> str:
@@ -95,7 +101,7 @@ def parse_endpoints(entries, flag: str = "--endpoint") -> tuple[str | None, dict
     if not entries:
         raise UsageError(f"the knative backend needs {flag} URL (one service for every stage) or "
                          f"{flag} STAGE=URL for each stage")
-    known = events.known_stages()
+    known = workflows.known_stages()
     names = ", ".join(f"{w}/{s}" for w, ss in known.items() for s in ss)
     default: str | None = None
     levels: list[dict[tuple[str, str], str]] = [{}, {}]  # 0: bare stage or workflow names, 1: qualified
@@ -138,35 +144,55 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-class KnativeBackend:
+@dataclass(frozen=True)
+class KnativeConfig(BackendConfig):
+    """The Knative backend's settings.
+
+    Parameters
+    ----------
+    endpoints : ``URL`` or ``STAGE=URL`` entries (see the module docstring).
+    timeout : seconds one attempt may take, from connecting to the reply's last byte.
+    connect_timeout : seconds to wait for a connection (at most ``timeout``).
+    concurrency : calls in flight per service.
+    structured : send CloudEvents in structured mode (binary otherwise).
+    secret : the shared secret (default ``MLWF_FUNCTION_SECRET``).
+    """
+
+    backend: ClassVar[str] = "knative"
+    endpoints: Sequence[str] | str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    concurrency: int = DEFAULT_CONCURRENCY
+    structured: bool = False
+    secret: str | None = None
+
+
+class KnativeBackend(HoldsNoOutputs):
     """Runs each call by POSTing a signed CloudEvent to the service for its stage."""
 
     name = "knative"
     transfers = ("store",)
+    Config = KnativeConfig
 
-    def __init__(self, endpoints=None, *, timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
-                 concurrency: int = DEFAULT_CONCURRENCY, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 backoff: float = 0.25, max_backoff: float = 8.0, secret: str | None = None,
-                 structured: bool = False):
+    def __init__(self, config: KnativeConfig | None = None, settings: Settings | None = None):
         import httpx  # noqa: F401  (fail here, with the install hint, if the extra is missing)
 
-        self.default, self.routes = parse_endpoints(endpoints)
-        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
-            if not (isinstance(value, (int, float)) and 0 < value < 86_400):
+        config = config or KnativeConfig()
+        settings = settings or Settings.resolve()
+        self.default, self.routes = parse_endpoints(config.endpoints)
+        for name, value in (("timeout", config.timeout), ("connect_timeout", config.connect_timeout)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < 86_400):
                 raise UsageError(f"knative backend: {name} must be a positive number of seconds (under a day), "
                                  f"got {value!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise UsageError(f"knative backend: retries must be 0 or more, got {retries!r}")
-        if not isinstance(concurrency, int) or concurrency < 1:
+        concurrency = config.concurrency
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise UsageError(f"knative backend: concurrency must be at least 1, got {concurrency!r}")
-        self.secret = events.read_secret(secret, who="the knative backend")
-        self.timeout = float(timeout)
-        self.connect_timeout = min(float(connect_timeout), self.timeout)
-        self.retries = retries
+        self.secret = events.read_secret(config.secret if config.secret is not None else settings.function_secret,
+                                         who="the knative backend")
+        self.timeout = float(config.timeout)
+        self.connect_timeout = min(float(config.connect_timeout), self.timeout)
         self.concurrency = concurrency
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.structured = structured
+        self.structured = config.structured
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}  # used on the background loop only
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -190,7 +216,7 @@ class KnativeBackend:
         with self._lock:
             self._in_flight.discard(future)
 
-    def reset(self) -> None:
+    def cancel_all(self) -> None:
         """Abort every call in flight and drop every connection; later calls open new ones."""
         with self._lock:
             futures, self._in_flight = self._in_flight, set()
@@ -199,7 +225,7 @@ class KnativeBackend:
         BACKGROUND.run(self._close_clients())
 
     def close(self) -> None:
-        self.reset()
+        self.cancel_all()
 
     async def _close_clients(self) -> None:
         clients, self._clients = self._clients, {}
@@ -219,12 +245,12 @@ class KnativeBackend:
         key = (ctx.workflow, ctx.store_url)
         if key in self._checked:
             return
-        stages = events.known_stages().get(ctx.workflow, [])
+        stages = workflows.known_stages().get(ctx.workflow, [])
         missing = [s for s in stages if (ctx.workflow, s) not in self.routes and self.default is None]
         if missing:
             raise UsageError(f"no --endpoint for {ctx.workflow} stage(s) {', '.join(missing)}: give URL for one "
                              "service serving every stage, or STAGE=URL for each")
-        if not ctx.store_url.startswith("s3://"):
+        if ctx.store.is_local:
             remote = sorted({self.url_for(ctx.workflow, s) for s in stages if not _is_loopback(self.url_for(
                 ctx.workflow, s))})
             if remote:
@@ -236,7 +262,7 @@ class KnativeBackend:
     @staticmethod
     def _wire_context(ctx: RunContext) -> RunContext:
         """The store named as a server compares it (a directory: its absolute real path)."""
-        spec = StoreSpec(ctx.store_url, ctx.bucket).canonical()
+        spec = ctx.store.canonical()
         return dataclasses.replace(ctx, store_url=spec.url, bucket=spec.bucket)
 
     def _client(self, url: str):
@@ -255,56 +281,48 @@ class KnativeBackend:
 
     # ------------------------------------------------------------------ one call
     async def _invoke(self, url: str, call: Call, ctx: RunContext) -> Outcome:
+        """One attempt: one POST. Its failure says whether another may succeed (the driver decides)."""
         import httpx
 
-        call_json, ctx_json = call.to_json(), ctx.to_json()
         where = f"{call.workflow} stage {call.name}"
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                pause = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
-                await asyncio.sleep(pause * (0.5 + random.random() / 2))
-            event = events.call_event(call_json, ctx_json, self.secret)
-            headers, body = events.to_http(event, structured=self.structured)
-            client, slots = self._client(url)
+        event = events.call_event(call.to_json(), ctx.to_json(), self.secret)
+        headers, body = events.to_http(event, structured=self.structured)
+        client, slots = self._client(url)
+        try:
+            async with slots:
+                # The whole exchange, not each read: a reply trickled a byte at a time is cut off too.
+                async with asyncio.timeout(self.timeout):
+                    resp = await client.post(url, content=body, headers=headers)
+        except (httpx.TimeoutException, TimeoutError) as e:
+            raise StageError(f"{where} failed: no answer from {url} within {self._limit(e):g} s "
+                             f"({type(e).__name__})") from None
+        except (httpx.TransportError, RuntimeError) as e:  # RuntimeError: client closed by cancel_all()
+            raise StageError(f"{where} failed: cannot reach {url} ({type(e).__name__}: {_one_line(e)})") from None
+        if resp.status_code == 200:
             try:
-                async with slots:
-                    # The whole exchange, not each read: a reply trickled a byte at a time is cut off too.
-                    async with asyncio.timeout(self.timeout):
-                        resp = await client.post(url, content=body, headers=headers)
-            except (httpx.TimeoutException, TimeoutError) as e:
-                last = f"no answer from {url} within {self._limit(e):g} s ({type(e).__name__})"
-                continue
-            except (httpx.TransportError, RuntimeError) as e:  # RuntimeError: client closed by reset()
-                last = f"cannot reach {url} ({type(e).__name__}: {_one_line(e)})"
-                continue
-            if resp.status_code == 200:
-                try:
-                    return self._outcome(resp, event, call, ctx)
-                except ValueError as e:
-                    last = f"bad reply from {url}: {_one_line(e)}"
-                    continue
-            err = _error_body(resp)
-            if resp.status_code == 500:
-                if err.get("retryable") is False:
-                    cls = _ERROR_CLASSES.get(str(err.get("type")), MlwfError)
-                    raise cls(err["error"])
-                kind = err.get("type")
-                last = err["error"] if kind in (None, "StageError") else f"{kind}: {err['error']}"
-                continue
-            if resp.status_code in RETRY_STATUS or (resp.status_code == 403 and err.get("retryable") is True):
-                # 403 retryable: this event id was seen before (say, a proxy resent it); a new attempt is a
-                # new event, and a call run twice writes the same bytes.
-                last = f"{url} answered {resp.status_code}: {err['error']}"
-                continue
-            if resp.status_code == 403 and isinstance(err.get("store"), str):
-                raise UsageError(f"{where}: {url} serves store {err['store']} bucket {err.get('bucket')!r}, but "
-                                 f"this run uses {ctx.store_url} bucket {ctx.bucket!r}: run with --store "
-                                 f"{err['store']} --bucket {err.get('bucket')} (S3: with S3_HOST/S3_PORT pointing at "
-                                 "the same service), or start the services with 'mlwf serve --store ... --bucket ...' "
-                                 "for this store")
-            raise UsageError(_refusal(resp.status_code, err["error"], where, url))
-        raise StageError(f"{where} failed on {url} after {self.retries + 1} attempts: {last}")
+                return self._outcome(resp, event, call, ctx)
+            except ValueError as e:
+                raise StageError(f"{where} failed on {url}: bad reply: {_one_line(e)}") from None
+        err = _error_body(resp)
+        if resp.status_code == 500:
+            kind, retryable = err.get("type"), err.get("retryable") is not False
+            cls = _ERROR_CLASSES.get(str(kind), StageError if retryable else MlwfError)
+            message = err["error"] if str(kind) in _ERROR_CLASSES or kind is None else f"{kind}: {err['error']}"
+            # Bad input reads as it does on every backend; a failure worth retrying names the service.
+            error = cls(f"{where} failed on {url}: {message}" if retryable else message)
+            error.retryable = retryable  # as the service's error said of itself
+            raise error
+        if resp.status_code in RETRY_STATUS or (resp.status_code == 403 and err.get("retryable") is True):
+            # 403 retryable: this event id was seen before (say, a proxy resent it); a new attempt is a
+            # new event, and a call run twice writes the same bytes.
+            raise StageError(f"{where} failed on {url}: it answered {resp.status_code}: {err['error']}")
+        if resp.status_code == 403 and isinstance(err.get("store"), str):
+            raise UsageError(f"{where}: {url} serves store {err['store']} bucket {err.get('bucket')!r}, but "
+                             f"this run uses {ctx.store_url} bucket {ctx.bucket!r}: run with --store "
+                             f"{err['store']} --bucket {err.get('bucket')} (S3: with S3_HOST/S3_PORT pointing at "
+                             "the same service), or start the services with 'mlwf serve --store ... --bucket ...' "
+                             "for this store")
+        raise UsageError(_refusal(resp.status_code, err["error"], where, url))
 
     def _limit(self, e) -> float:
         import httpx
@@ -355,3 +373,6 @@ def _refusal(status: int, error: str, where: str, url: str) -> str:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:500] or type(e).__name__
+
+
+BACKEND = KnativeBackend

@@ -1,44 +1,9 @@
-"""``mlwf bench``: end-to-end latency of a workflow per backend and transfer, with its breakdown.
-
-For each backend × transfer, a workflow runs ``repeats`` times *warm* (one
-:class:`~mlwf.engine.driver.Engine`, after one warm-up run that is not
-counted) and, with ``cold``, ``repeats`` times as fresh ``python -m mlwf.cli
-run … --json`` processes, timed from process start to exit. With
-``baseline``, the same work runs in this process as plain scikit-learn
-(``benchmarks/baseline.py``), after one warm-up run.
-
-Files written into the output folder:
-
-* ``<backend>-<transfer>-<workflow>-<warm|cold>.csv`` and
-  ``baseline-<workflow>.csv``: ``Run,TimeMs``, one row per run (the seed's
-  format);
-* ``breakdown.csv``: per run, one row per stage (``calls``, ``wall_ms``,
-  ``compute_ms``, ``fetch_ms``, ``list_ms``, ``encode_ms``, ``put_ms``,
-  ``get_ms``, ``decode_ms``, ``return_ms``, ``bytes`` = bytes the stage
-  wrote, ``fetch_bytes``, ``input_bytes``) and one per edge of the graph
-  (``from``, ``to``, ``bytes``, ``serialize_ms``, ``transfer_ms``,
-  ``deserialize_ms``);
-* ``summary.csv``: per configuration, median, min and max of the runs, the
-  median end-to-end time the engine reported, accuracy, peak memory and the
-  ratio to the same-run baseline;
-* ``bench.json``: the command, the machine, the input;
-* ``traces/<backend>-<transfer>-<workflow>-warm.trace.json`` and ``.png``:
-  the last warm run as a Perfetto trace and a Gantt chart;
-* ``latency.png/.svg`` and ``breakdown.png/.svg`` (:mod:`mlwf.plots`).
-
-Running another workflow (or configuration) into the same folder replaces
-only its own rows, so one folder can hold both workflows. ``mlwf bench plot
-DIR`` redraws every figure from the files.
-"""
+"""Running a benchmark: its checks, the warm and cold runs, the same-run baseline, the progress line."""
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -48,26 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, machine,
+                              merge_csv, stats, write_latency_csv)
+from mlwf.bench.plots import plot_dir
 from mlwf.errors import StageError, UsageError
+from mlwf.cli.options import training_flags
+from mlwf.settings import Settings
 
 WORKFLOWS = ("ml-training", "ml-inference")
 MODES = ("warm", "cold")
-LATENCY_CSV = re.compile(r"^(?P<backend>[a-z0-9_]+)-(?P<transfer>[a-z0-9_]+)-(?P<workflow>ml-training|ml-inference)"
-                         r"-(?P<mode>warm|cold)\.csv$")
-BASELINE_CSV = re.compile(r"^baseline-(?P<workflow>ml-training|ml-inference)\.csv$")
-BASELINE_LABEL = "baseline · scikit-learn · 1 process"
-
-STAGE_FIELDS = ["calls", "wall_ms", "compute_ms", "fetch_ms", "encode_ms", "put_ms", "get_ms", "decode_ms", "bytes",
-                "list_ms", "return_ms", "fetch_bytes", "input_bytes"]
-EDGE_FIELDS = ["from", "to", "bytes", "serialize_ms", "transfer_ms", "deserialize_ms"]
-BREAKDOWN_COLUMNS = ["backend", "transfer", "workflow", "mode", "run", "e2e_ms", "kind", "stage", *STAGE_FIELDS,
-                     *[f for f in EDGE_FIELDS if f != "bytes"]]
-SUMMARY_COLUMNS = ["backend", "transfer", "workflow", "mode", "runs", "median_ms", "min_ms", "max_ms",
-                   "median_e2e_ms", "median_state_transfer_ms", "accuracy", "driver_peak_mb", "worker_peak_mb",
-                   "ratio_to_baseline"]
-#: Report fields (per stage) behind each breakdown column that is not named the same.
-_STAGE_SOURCE = {"get_ms": "input_get_ms", "decode_ms": "input_decode_ms", "bytes": "output_bytes",
-                 "fetch_bytes": "fetch_bytes", "input_bytes": "input_bytes"}
 
 
 @dataclass
@@ -115,7 +69,7 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
     """Refuse, in one line, an ``--endpoint`` whose service does not answer HTTP (``GET /healthz``)."""
     import httpx
 
-    from mlwf.engine.knative import parse_endpoints
+    from mlwf.backends.knative import parse_endpoints
 
     default, routes = parse_endpoints(entries)
     for url in sorted({u for u in [default, *routes.values()] if u}):
@@ -129,7 +83,7 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
 
 def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str, str]]:
     """The (backend, transfer) pairs to measure; pairs a backend cannot do are skipped with a note."""
-    from mlwf.engine import backend_class
+    from mlwf.backends import backend_class
 
     pairs = []
     for backend in spec.backends:
@@ -149,7 +103,7 @@ def _check_spec(spec: BenchSpec) -> None:
         raise UsageError(f"unknown workflow {spec.workflow!r}: choose ml-training or ml-inference")
     if not isinstance(spec.repeats, int) or spec.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {spec.repeats!r}")
-    from mlwf.engine import BACKENDS, TRANSFERS
+    from mlwf.backends import NAMES as BACKENDS, TRANSFERS
 
     spec.backends = split_list(spec.backends, "backend", BACKENDS)
     spec.transfers = split_list(spec.transfers, "transfer", TRANSFERS)
@@ -159,18 +113,10 @@ def _check_spec(spec: BenchSpec) -> None:
 
 # --------------------------------------------------------------------------- the same-run baseline
 def load_baseline():
-    """``benchmarks/baseline.py`` of the mlwf repository (``$MLWF_BASELINE``, this folder, or the checkout)."""
-    candidates = [os.environ.get("MLWF_BASELINE"), Path.cwd() / "benchmarks" / "baseline.py",
-                  Path(__file__).resolve().parents[2] / "benchmarks" / "baseline.py"]
-    for path in candidates:
-        if path and Path(path).is_file():
-            module_spec = importlib.util.spec_from_file_location("mlwf_bench_baseline", path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module  # its dataclasses look themselves up there
-            module_spec.loader.exec_module(module)
-            return module
-    raise UsageError("--baseline needs benchmarks/baseline.py of the mlwf repository: run from the repository "
-                     "root or set MLWF_BASELINE to its path")
+    """:mod:`mlwf.bench.baseline` (imported now: it imports scikit-learn)."""
+    from mlwf.bench import baseline
+
+    return baseline
 
 
 def _bucket_folder(store, prefix: str) -> str:
@@ -254,11 +200,8 @@ def _cli_args(spec: BenchSpec, backend: str, transfer: str) -> list[str]:
     if spec.ray_address:
         argv += ["--ray-address", spec.ray_address]
     if spec.workflow == "ml-training":
-        c = spec.config
-        if c is not None:
-            argv += ["--seed", str(c.seed), "--image-size", str(c.image_size), "--components", str(c.n_components),
-                     "--trees", str(c.n_trees), "--max-depth", str(c.max_depth),
-                     "--min-samples-split", str(c.min_samples_split), "--holdout", str(c.holdout)]
+        if spec.config is not None:
+            argv += training_flags(spec.config)
         argv += ["--model-prefix", spec.model_prefix] + ([] if spec.publish else ["--no-publish"])
     return argv
 
@@ -279,26 +222,12 @@ def command_line(spec: BenchSpec) -> str:
     if spec.workflow == "ml-training":
         from mlwf.workflows.training import TrainingConfig
 
-        default = TrainingConfig()
-        for flag, name in (("--seed", "seed"), ("--image-size", "image_size"), ("--components", "n_components"),
-                           ("--trees", "n_trees"), ("--max-depth", "max_depth"),
-                           ("--min-samples-split", "min_samples_split"), ("--holdout", "holdout")):
-            value = getattr(spec.config or default, name)
-            if value != getattr(default, name):
-                argv += [flag, str(value)]
+        argv += training_flags(spec.config or TrainingConfig(), changed_only=True)
         if spec.model_prefix != "ml-inference/model":
             argv += ["--model-prefix", spec.model_prefix]
         if not spec.publish:
             argv.append("--no-publish")
     return " ".join(shlex.quote(a) for a in argv)
-
-
-def _backend_options(spec: BenchSpec, backend: str, store_url: str) -> dict[str, Any]:
-    if backend == "ray":
-        return {"address": spec.ray_address or os.environ.get("RAY_ADDRESS"), "store_url": store_url}
-    if backend == "knative":
-        return {"endpoints": spec.endpoints}
-    return {}
 
 
 def _run_once(spec: BenchSpec, engine) -> dict[str, Any]:
@@ -312,15 +241,14 @@ def _run_once(spec: BenchSpec, engine) -> dict[str, Any]:
 
 def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[float], list[dict], dict]:
     """Wall times (ms) and reports of ``repeats`` warm runs, and the trace of the last one."""
+    from mlwf.backends import config_from_flags
     from mlwf.engine import trace
     from mlwf.engine.driver import Engine
-    from mlwf.storage import StoreSpec
 
     clock = trace.StageClock()
-    url = StoreSpec.resolve(spec.store, spec.bucket).url
-    with Engine(spec.store, spec.bucket, backend=backend, transfer=transfer, workers=spec.workers, progress=clock,
-                preload_sklearn=spec.workflow == "ml-training",
-                backend_options=_backend_options(spec, backend, url)) as engine:
+    config = config_from_flags(backend, workflow=spec.workflow, workers=spec.workers,
+                               ray_address=spec.ray_address, endpoints=spec.endpoints)
+    with Engine(spec.store, spec.bucket, backend=config, transfer=transfer, progress=clock) as engine:
         _run_once(spec, engine)
         tick(f"{backend} · {transfer} · warm-up")
         times, reports = [], []
@@ -350,90 +278,8 @@ def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
     return times, reports
 
 
-# --------------------------------------------------------------------------- files
-def write_latency_csv(path: Path, times: list[float]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Run", "TimeMs"])
-        for i, t in enumerate(times):
-            w.writerow([i, f"{t:.1f}"])
-
-
-def read_latency_csv(path: Path) -> list[float]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    try:
-        return [float(r["TimeMs"]) for r in rows]
-    except (KeyError, TypeError, ValueError):
-        raise UsageError(f"{path} is not a Run,TimeMs file") from None
-
-
-def breakdown_rows(key: dict[str, str], run: int, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The breakdown CSV rows of one run report (``key``: backend, transfer, workflow, mode)."""
-    rows = []
-    base = {**key, "run": run, "e2e_ms": report.get("e2e_ms")}
-    for stage, st in report.get("stages", {}).items():
-        row = {**base, "kind": "stage", "stage": stage}
-        for f in STAGE_FIELDS:
-            v = st.get(_STAGE_SOURCE.get(f, f))
-            row[f] = (int(v) if f.endswith("bytes") or f == "calls" else round(v, 3)) if v is not None else 0
-        rows.append(row)
-    for e in report.get("edges", []):
-        rows.append({**base, "kind": "edge", **{f: e.get(f) for f in EDGE_FIELDS}})
-    return rows
-
-
-def _merge_csv(path: Path, columns: list[str], rows: list[dict], replaced: set[tuple]) -> None:
-    """Write ``rows`` into ``path``, keeping the rows of other configurations already there."""
-    kept = []
-    if path.exists():
-        with open(path, newline="") as f:
-            kept = [r for r in csv.DictReader(f)
-                    if (r.get("backend"), r.get("transfer"), r.get("workflow"), r.get("mode")) not in replaced]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in kept + rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def machine() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    import numpy
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "numpy": numpy.__version__, "scikit-learn": version("scikit-learn"),
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
-
-
-def describe_input(workflow: str, args: list[Any], num_images: int | None) -> str:
-    n = f"{num_images:,} images" if num_images else "images"
-    if workflow == "ml-training":
-        return f"{args[0]}: {n}, {args[1]} PCA, {args[2]} RF"
-    return f"{args[1]}: {n}, {args[2]} functions"
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 # --------------------------------------------------------------------------- progress
-class _Progress:
+class _BenchBar:
     """One bar over every run of the benchmark, on stderr when it is a terminal."""
 
     def __init__(self, total: int, enabled: bool):
@@ -481,7 +327,6 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     MlwfError
         Whatever a run raised (bad input, a failed stage).
     """
-    from mlwf.storage import StoreSpec
 
     _check_spec(spec)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -490,7 +335,8 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     pairs = combinations(spec, notes.append)
     if "knative" in {b for b, _ in pairs}:
         check_endpoints(spec.endpoints)
-    store = StoreSpec.resolve(spec.store, spec.bucket).open()
+    settings = Settings.resolve(store=spec.store, bucket=spec.bucket)
+    store = settings.store.open(settings)
     if spec.baseline:
         load_baseline()
         _bucket_folder(store, spec.args[0] if spec.workflow == "ml-training" else spec.args[1])
@@ -503,7 +349,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
         (spec.repeats + 1 if spec.baseline else 0)
     results: list[dict[str, Any]] = []  # one per configuration: key, times, reports
     written: list[Path] = []
-    with _Progress(total, progress) as bar:
+    with _BenchBar(total, progress) as bar:
         for text in notes:
             bar.note(text)
         for backend, transfer in pairs:
@@ -545,7 +391,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
         for i, rep in enumerate(r["reports"]):
             breakdown += breakdown_rows(names, i, rep)
         last = r["reports"][-1]
-        s = _stats(r["times"])
+        s = stats(r["times"])
         accuracy = last.get("validation_accuracy") if workflow == "ml-training" else last.get("accuracy")
         summary_rows.append({
             **names, "runs": len(r["times"]), "median_ms": round(s["median"], 1), "min_ms": round(s["min"], 1),
@@ -564,13 +410,13 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
         written.append(path)
         key = ("baseline", "", spec.workflow, "warm")
         replaced.add(key)
-        s = _stats(base["times"])
+        s = stats(base["times"])
         summary_rows.append({"backend": "baseline", "transfer": "", "workflow": spec.workflow, "mode": "warm",
                              "runs": len(base["times"]), "median_ms": round(s["median"], 1),
                              "min_ms": round(s["min"], 1), "max_ms": round(s["max"], 1),
                              "accuracy": round(base["accuracy"], 4), "ratio_to_baseline": 1.0})
-    _merge_csv(out / "breakdown.csv", BREAKDOWN_COLUMNS, breakdown, replaced)
-    _merge_csv(out / "summary.csv", SUMMARY_COLUMNS, summary_rows, replaced)
+    merge_csv(out / "breakdown.csv", BREAKDOWN_COLUMNS, breakdown, replaced)
+    merge_csv(out / "summary.csv", SUMMARY_COLUMNS, summary_rows, replaced)
     written += [out / "breakdown.csv", out / "summary.csv"]
 
     num_images = results[0]["reports"][-1].get("num_images")
@@ -595,50 +441,3 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     return {"out": str(out), "summary": summary_rows, "files": [str(p) for p in written], "notes": notes}
 
 
-# --------------------------------------------------------------------------- plots from the files
-def plot_dir(out: str | Path, *, traces: bool = True) -> list[Path]:
-    """Redraw every figure of a benchmark folder from its files; return the paths written.
-
-    Raises :class:`UsageError` when the folder holds no benchmark CSV.
-    """
-    from mlwf import plots
-
-    out = Path(out)
-    if not out.is_dir():
-        raise UsageError(f"no benchmark folder {str(out)!r}: run 'mlwf bench … --out {out}' first")
-    series: dict[str, dict[str, list[float]]] = {}
-    found = sorted(p for p in out.iterdir() if LATENCY_CSV.match(p.name) or BASELINE_CSV.match(p.name))
-    if not found:
-        raise UsageError(f"no benchmark CSVs (BACKEND-TRANSFER-WORKFLOW-MODE.csv) in {out}: run "
-                         f"'mlwf bench … --out {out}' first")
-    def order(p: Path) -> tuple:
-        m = LATENCY_CSV.match(p.name)
-        return (1,) if m is None else (0, plots.config_order(m["backend"], m["transfer"], m["mode"]))
-
-    for p in sorted(found, key=order):  # measured configurations in a fixed order, the baseline last
-        if m := LATENCY_CSV.match(p.name):
-            label = f"{m['backend']} · {m['transfer']} · {m['mode']}"
-            wf = m["workflow"]
-        else:
-            m = BASELINE_CSV.match(p.name)
-            label, wf = BASELINE_LABEL, m["workflow"]
-        times = read_latency_csv(p)
-        if times:
-            series.setdefault(wf, {})[label] = times
-    if not series:
-        raise UsageError(f"the benchmark CSVs in {out} hold no runs")
-    try:
-        meta = json.loads((out / "bench.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    inputs = {wf: m.get("input") for wf, m in meta.items() if isinstance(m, dict)}
-    written = plots.latency(series, out / "latency", inputs)
-    stage_rows = [r for r in _read_csv(out / "breakdown.csv") if r.get("kind") == "stage"]
-    if stage_rows:
-        written += plots.breakdown(stage_rows, out / "breakdown")
-    if traces and (out / "traces").is_dir():
-        from mlwf.engine import trace
-
-        for p in sorted((out / "traces").glob("*.trace.json")):
-            written.append(plots.gantt(trace.load(p), p.with_name(p.name[:-len(".trace.json")] + ".png")))
-    return written

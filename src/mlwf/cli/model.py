@@ -1,26 +1,29 @@
-"""The command-line side of serving: ``mlwf model export``, ``mlwf model serve``, ``mlwf deploy kserve``.
-
-:mod:`mlwf.cli` adds these parsers to its ``model`` and ``deploy`` groups and
-hands the parsed arguments here; each function parses nothing itself, calls
-:mod:`mlwf.serving` and prints.
-"""
+"""``mlwf model show|rollback|export|serve``: the published model, and the model outside mlwf."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-from collections.abc import Callable
 
-from mlwf.serving import kserve, settings
+from mlwf.cli.options import Parser, common, open_store
+from mlwf.serving import settings
 
 DEFAULT_PREFIX = "ml-inference/model"
 _SOURCE_HELP = "published model prefix (default ml-inference/model), or a .mlwf file"
 
 
-def add_model_commands(models, common: Callable[..., None]) -> None:
-    """``export`` and ``serve`` under ``mlwf model``; ``common`` adds --store/--bucket/--json/--debug."""
-    export = models.add_parser("export", help="write the model as one ONNX graph (run it with onnxruntime)")
+def add_parsers(sub) -> None:
+    """``mlwf model show|rollback|export|serve``."""
+    model = sub.add_parser("model", help="inspect, export or serve a published model")
+    ms = model.add_subparsers(dest="model_command", required=True, parser_class=Parser)
+    show = ms.add_parser("show", help="describe the model published at a prefix")
+    show.add_argument("prefix", nargs="?", default=DEFAULT_PREFIX, metavar="MODEL_PREFIX")
+    common(show)
+
+    rb = ms.add_parser("rollback", help="make the previous published model current again")
+    rb.add_argument("prefix", nargs="?", default=DEFAULT_PREFIX, metavar="MODEL_PREFIX")
+    common(rb)
+    export = ms.add_parser("export", help="write the model as one ONNX graph (run it with onnxruntime)")
     export.add_argument("source", nargs="?", default=DEFAULT_PREFIX, metavar="MODEL_PREFIX", help=_SOURCE_HELP)
     export.add_argument("--format", required=True, choices=("onnx",), help="onnx (the only format)")
     export.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
@@ -28,7 +31,7 @@ def add_model_commands(models, common: Callable[..., None]) -> None:
                         help="skip running the file with onnxruntime against mlwf before writing it")
     common(export)
 
-    serve = models.add_parser("serve", help="serve the model over the Open Inference Protocol (v2 REST)")
+    serve = ms.add_parser("serve", help="serve the model over the Open Inference Protocol (v2 REST)")
     serve.add_argument("source", nargs="?", default=DEFAULT_PREFIX, metavar="MODEL_PREFIX", help=_SOURCE_HELP)
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
@@ -58,28 +61,49 @@ def add_model_commands(models, common: Callable[..., None]) -> None:
     common(serve, json_flag=False)
 
 
-def add_deploy_command(targets) -> None:
-    """``kserve`` under ``mlwf deploy``."""
-    ks = targets.add_parser("kserve", help="a KServe InferenceService running 'mlwf model serve', and its Secret")
-    ks.add_argument("--image", required=True, help="the image built from the Dockerfile, e.g. ghcr.io/you/mlwf:0.1.0")
-    ks.add_argument("--namespace", required=True)
-    ks.add_argument("--s3-host", required=True, help="S3/MinIO host as seen from the cluster")
-    ks.add_argument("--s3-port", type=int, required=True)
-    ks.add_argument("--bucket", default="tless", help="bucket (default tless)")
-    ks.add_argument("--model-prefix", default=DEFAULT_PREFIX, help="the published model (default ml-inference/model)")
-    ks.add_argument("--name", default=kserve.DEFAULT_NAME,
-                    help="InferenceService name, also the model's name in /v2/models/NAME (default mlwf)")
-    ks.add_argument("--min-scale", type=int, default=1, help="pods kept running (default 1; 0 scales to zero)")
-    ks.add_argument("--max-scale", type=int, default=4, help="most pods (default 4)")
-    ks.add_argument("--watch", type=int, default=kserve.DEFAULT_WATCH, metavar="SECONDS",
-                    help=f"pods check for a newly published model every SECONDS (default {kserve.DEFAULT_WATCH}; "
-                         "0: never)")
-    ks.add_argument("--out", default=kserve.DEFAULT_OUT, help=f"output folder (default {kserve.DEFAULT_OUT})")
-    ks.add_argument("--json", action="store_true")
-    ks.add_argument("--debug", action="store_true")
+def handle(args) -> int:
+    if args.model_command == "export":
+        return export(args)
+    if args.model_command == "serve":
+        return serve(args)
+    return show_or_rollback(args)
 
 
-def model_export(args: argparse.Namespace) -> int:
+def show_or_rollback(args) -> int:
+    from mlwf import model as mlwf_model
+
+    store = open_store(args)
+    if args.model_command == "rollback":
+        try:
+            manifest = mlwf_model.rollback(store, args.prefix)
+        finally:
+            store.close()
+        replaced = manifest["history"][0]
+        result = {"prefix": args.prefix, "sha256": manifest["sha256"], "object": manifest["object"],
+                  "run_id": manifest.get("run_id"), "replaced": replaced["sha256"]}
+        print(json.dumps(result) if args.json else
+              f"{args.prefix} now holds {manifest['sha256']} (run {manifest.get('run_id')}); "
+              f"replaced {replaced['sha256']}")
+        return 0
+    try:
+        data, manifest = mlwf_model.read_published(store.get, args.prefix,
+                                                   where=f"bucket {store.bucket!r} of {store.location}")
+        m = mlwf_model.from_bytes(data, source=manifest["object"])
+    finally:
+        store.close()
+    info = {"prefix": args.prefix, **m.summary(), "run_id": manifest.get("run_id"),
+            "published_at": manifest.get("published_at"), "object": manifest["object"],
+            "bytes": manifest.get("size"), "history": manifest.get("history", [])}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        from mlwf.ui import print_model
+
+        print_model(info)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
     import mlwf.model
     from mlwf.serving import onnx as onnx_export
 
@@ -98,8 +122,8 @@ def model_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_serve(args: argparse.Namespace) -> int:
-    from mlwf.server import parse_size
+def serve(args: argparse.Namespace) -> int:
+    from mlwf.httpserver import parse_size
     from mlwf.serving import oip
 
     limits = settings.Limits(max_batch=args.max_batch, max_body=parse_size(args.max_body),
@@ -108,18 +132,3 @@ def model_serve(args: argparse.Namespace) -> int:
                              max_client_connections=args.max_client_connections)
     return oip.serve(args.source, store=args.store, bucket=args.bucket, host=args.host, port=args.port,
                      name=args.name, limits=limits, threads=args.threads, watch=args.watch, grace=args.grace)
-
-
-def deploy_kserve(args: argparse.Namespace) -> int:
-    from mlwf import deploy
-
-    files = kserve.render(image=args.image, namespace=args.namespace, s3_host=args.s3_host, s3_port=args.s3_port,
-                          bucket=args.bucket, model_prefix=args.model_prefix, name=args.name,
-                          min_scale=args.min_scale, max_scale=args.max_scale, watch=args.watch)
-    written = deploy.write(files, args.out, command="mlwf deploy kserve")
-    if args.json:
-        print(json.dumps({"out": os.path.abspath(args.out), "files": [str(p) for p in written]}))
-    else:
-        print(f"wrote {len(written)} files to {args.out}/: create the Secret (see {args.out}/templates/secret.yaml), "
-              f"then kubectl apply -f {args.out}/")
-    return 0

@@ -15,7 +15,7 @@ is the fork server, not the driver) and no PID that could be reused.
   with the driver (Ray sets a parent-death signal on them), and its workers
   follow, but its dashboard and runtime-env agents outlive a killed driver by a
   minute or more (they try to report the raylet's death to a GCS that is gone).
-  :class:`Reaper` is a small process (``python -m mlwf.engine.lifeline``) that
+  :class:`Reaper` is a small process (``python -m mlwf.backends.lifeline``) that
   keeps track of every process Ray started and kills what is left of them when
   the owner closes its end (:meth:`Reaper.close`) or dies. Linux only (it reads
   ``/proc``); elsewhere it does nothing.
@@ -80,7 +80,7 @@ class Reaper:
         if not roots or not os.path.isdir("/proc/self"):
             return
         # Its own session: a Ctrl-C meant for the driver's process group does not stop the reaper.
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.engine.lifeline", *map(str, sorted(roots))],
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.backends.lifeline", *map(str, sorted(roots))],
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
 

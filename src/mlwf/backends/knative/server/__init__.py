@@ -1,0 +1,80 @@
+"""``mlwf serve``: every stage of both workflows as an HTTP CloudEvents function.
+
+One ASGI app (Starlette on uvicorn) that follows the Knative Serving runtime
+contract: it listens on ``$PORT`` (default 8080), answers ``GET /healthz``
+(alive) and ``GET /readyz`` (ready for calls; 503 while starting or
+draining), logs one line per invocation to stdout, and on SIGTERM stops
+accepting connections, lets the calls in flight finish (up to ``--grace``
+seconds) and exits with status 0.
+
+``POST /`` takes a CloudEvent in binary or structured mode (see
+:mod:`mlwf.backends.knative.events`), checks it, and runs the call with
+:func:`mlwf.engine.runner.execute` in a worker thread. A server acts on one
+store only, the one it was started with (``--store``/``--bucket``, else
+``MLWF_STORE``/``MLWF_BUCKET``, as every command), opened with *this*
+process's credentials (they never travel with a call): a call naming any
+other store or bucket is refused, and a call writes only under its own run's
+folder ``<workflow>/outputs/<run id>/``. The reply is a signed CloudEvent
+``dev.mlwf.<workflow>.<stage>.done`` in the request's mode, with
+``Outcome.to_json()`` as its data.
+
+Choreography. Started with ``--sink`` (or ``K_SINK``), a server also takes
+choreographed events, those carrying ``mlwfkind`` (a run's start event, or a
+stage event whose server emits what comes next), and ``POST /dead-letter``;
+:mod:`mlwf.choreography.service` answers them. They are checked as calls
+are, except for the replay ledger below: a choreographed event may be
+redelivered after a crash and must then run, and the store's claims and done
+records keep it from running anything twice.
+
+Replays. Before a call runs, the server records its event id in that store
+with a create-if-absent write (:meth:`~mlwf.storage.Store.put_if_absent`:
+S3 ``If-None-Match: *``, a hard link on a directory) at
+``.mlwf/serve/seen/<slot>/<sha256 of the id>``, where ``<slot>`` is the signing
+time (``mlwftime``, covered by the signature) in whole minutes. The call runs
+only if this server's write created the object; an event seen before, by this
+process (a fast in-memory check) or by any server sharing the store, also
+across restarts, is refused with 403. A record of an event signed at ``t``
+lives at least until ``t + --max-age + 60`` s (the 60 s are the clock
+difference the servers already tolerate): after that no server accepts the
+event anyway. Each server deletes such records from the whole store at most
+once a minute, as calls arrive (:meth:`ReplayLedger.clean`). So a captured
+event runs at most once on all the servers of one store, provided their
+clocks agree within 60 s and they share the same ``--max-age``. If the store
+cannot be written, the call is refused with a retryable 503 rather than run
+unrecorded.
+
+Connections: every request must arrive whole within ``--request-timeout``
+seconds, request heads are at most 16 KiB, and connections are limited in
+number, per server and per client address, without ever locking out a health
+check (see :mod:`mlwf.httpguard`).
+
+Refusals are an HTTP status and ``{"error": "...", "retryable": bool}``; the
+server stays up and nothing runs:
+
+====  ==========================================================
+400   not a CloudEvent, not JSON, or not ``{call, context}``
+400   also: a context that writes outside its run's folder, or a transfer
+      other than ``store``
+401   no signature, or a signature that does not match
+403   signing time too old/too far ahead; an event id seen before (here or
+      by a server sharing the store); a store or bucket other than this
+      server's (the JSON then also has ``store`` and ``bucket``: this
+      server's)
+404   unknown workflow or stage, or one this server does not serve
+408   the request did not arrive whole within ``--request-timeout``
+413   body over ``--max-body`` (counted while reading)
+500   the stage raised: ``type`` names the error class; ``retryable`` is
+      false for bad input (DataError, ModelError, UsageError,
+      NotFoundError), true otherwise
+503   too many invocations in the replay window, the replay record could
+      not be written, too many connections, or shutting down
+====  ==========================================================
+"""
+
+from mlwf.backends.knative.server.app import App, ServeConfig
+from mlwf.backends.knative.server.auth import REPLAY_PREFIX, REPLAY_SLOT_S, ReplayGuard, ReplayLedger
+from mlwf.backends.knative.server.serve import parse_stages, preload, serve
+from mlwf.httpserver import Refusal, parse_size
+
+__all__ = ["App", "REPLAY_PREFIX", "REPLAY_SLOT_S", "Refusal", "ReplayGuard", "ReplayLedger", "ServeConfig",
+           "parse_size", "parse_stages", "preload", "serve"]

@@ -1,0 +1,6 @@
+"""The Ray backend: :mod:`~mlwf.backends.ray.backend` (driver side), :mod:`~mlwf.backends.ray.task`
+(the task in a worker), :mod:`~mlwf.backends.ray.cluster` (joining Ray)."""
+
+from mlwf.backends.ray.backend import BACKEND, RayBackend, RayConfig
+
+__all__ = ["BACKEND", "RayBackend", "RayConfig"]

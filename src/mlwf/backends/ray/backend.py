@@ -1,0 +1,318 @@
+"""The Ray backend: every stage call is a Ray task, on a local Ray instance or an existing cluster.
+
+The task (:mod:`mlwf.backends.ray.task`) runs exactly what a local worker runs, :func:`mlwf.engine.runner.execute`,
+so stage code never sees Ray. What this module adds is where calls run and how
+``--transfer direct`` moves state:
+
+* ``store``: outputs are objects in the store, as on every backend;
+* ``direct``: each output goes into Ray's object store as its own object (a
+  uint8 array, so a consumer on the same node reads it zero-copy), and the
+  driver hands only its ObjectRef on to the consuming task. The task is a
+  streaming generator that yields the outputs and then its
+  :class:`~mlwf.engine.calls.Outcome`; the caller (the driver) owns what it
+  yields, so outputs outlive the worker process that made them and Ray can
+  rebuild them from lineage. (Ray returns values of at most 100 KB inline to
+  their owner rather than through the shared-memory store; larger ones never
+  touch the driver.)
+
+A worker process that dies mid-call fails the call with
+:class:`~mlwf.errors.WorkerLost`; Ray's own task retries are off
+(``max_retries=0``), so the driver's budget is the only one: a call runs at
+most ``1 + --retries`` times, as on every backend. Outputs of finished calls
+that Ray loses with a node are not rebuilt from lineage (that would take
+Ray's retries): the call that needs one fails, and the driver's retry reruns
+it; ``--transfer store`` keeps intermediate state out of Ray altogether. Start-up is quiet and bounded:
+no dashboard, worker output stays in Ray's log files, and an address where no
+cluster answers fails within ``connect_timeout`` seconds with one line.
+
+A local Ray instance started here goes with the driver: at :meth:`close`, and
+also when the driver is killed (``kill -9``), a reaper process
+(:class:`mlwf.backends.lifeline.Reaper`) kills whatever Ray processes are left,
+which Ray's own agents would otherwise outlive by a minute or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import ray
+
+from mlwf import workflows
+from mlwf.backends.base import BackendConfig
+from mlwf.backends.ray import cluster
+from mlwf.backends.ray.cluster import CONNECT_TIMEOUT, first_line, is_local_address, local_ips, split_address
+from mlwf.backends.ray.task import remote_call
+from mlwf.engine.calls import Call, Outcome, Ref, RunContext, refs_in
+from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
+from mlwf.settings import Settings
+from mlwf.storage import StoreSpec
+
+
+@dataclass(frozen=True)
+class RayConfig(BackendConfig):
+    """The Ray backend's settings.
+
+    Parameters
+    ----------
+    address : the cluster to join (``HOST:PORT`` of the head's GCS, or ``auto``);
+        default ``--ray-address``/``RAY_ADDRESS``, else a local Ray instance
+        started for this backend and shut down by :meth:`RayBackend.close`. If
+        Ray is already initialised in this process, that connection is used
+        (and left open).
+    stage_resources : per-stage requests, e.g. ``{"train": {"num_cpus": 2,
+        "memory": 512 * 2**20}}`` (memory in bytes); other stages take 1 CPU.
+    shared_store : the local-directory store is a shared file system mounted at
+        the same path on every node; without it a directory store is refused
+        on a cluster with nodes on other hosts.
+    connect_timeout : seconds to wait for the cluster at ``address`` (default
+        ``MLWF_RAY_CONNECT_TIMEOUT``, else 15).
+    """
+
+    backend: ClassVar[str] = "ray"
+    address: str | None = None
+    stage_resources: Mapping[str, Mapping[str, Any]] | None = None
+    shared_store: bool = False
+    connect_timeout: float | None = None
+
+
+class RayBackend:
+    """Runs calls as Ray tasks (see :class:`RayConfig`); the run's store is checked before connecting."""
+
+    name = "ray"
+    #: ``direct`` passes outputs task to task through Ray's object store.
+    transfers = ("store", "direct")
+    Config = RayConfig
+
+    def __init__(self, config: RayConfig | None = None, settings: Settings | None = None):
+        config = config or RayConfig()
+        self.settings = settings = settings or Settings.resolve()
+        self.address = config.address or settings.ray_address
+        if self.address and self.address.startswith("ray://"):
+            raise UsageError(f"--ray-address {self.address}: Ray Client (ray://) addresses are not supported; give "
+                             "the head's GCS address HOST:6379, or run mlwf on the cluster "
+                             "(ray job submit -- mlwf run …)")
+        if self.address not in (None, "auto", "local") and split_address(self.address) is None:
+            raise UsageError(f"--ray-address {self.address!r} is not HOST:PORT (the head's GCS address, "
+                             "e.g. 10.0.0.5:6379) or 'auto'")
+        self.shared_store = config.shared_store
+        self.store = settings.store
+        connect_timeout = config.connect_timeout
+        if connect_timeout is None:
+            connect_timeout = settings.seconds("MLWF_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+        if isinstance(connect_timeout, bool) or not (isinstance(connect_timeout, (int, float))
+                                                     and 0 < connect_timeout <= 3600):
+            given = connect_timeout if config.connect_timeout is not None else \
+                settings.variable("MLWF_RAY_CONNECT_TIMEOUT")
+            raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds between 0 and 3600, got "
+                             f"{given!r}")
+        self.connect_timeout = float(connect_timeout)
+        self.resources = self._check_requests(dict(config.stage_resources or {}))
+        self._joined = False
+        self._collector: ThreadPoolExecutor | None = None
+        self._checked_stores: set[StoreSpec] = set()
+        self._options: dict[tuple, Any] = {}
+        self._in_flight: dict[int, Any] = {}  # id(future) -> the task's ObjectRefGenerator
+        #: Outputs held in Ray's object store (direct transfer): run id -> checksum -> ObjectRef.
+        self._held: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_requests(requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for stage, req in requests.items():
+            stages = workflows.stage_order()
+            if stage not in stages:
+                raise UsageError(f"unknown stage {stage!r} in the per-stage resources: stages are "
+                                 f"{', '.join(stages)}")
+            unknown = set(req) - {"num_cpus", "memory"}
+            if unknown:
+                raise UsageError(f"stage {stage}: unknown resource {sorted(unknown)[0]!r}: use num_cpus or memory")
+            cpus = req.get("num_cpus", 1)
+            memory = req.get("memory")
+            if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not cpus > 0:
+                raise UsageError(f"stage {stage}: CPUs must be a positive number, got {cpus!r}")
+            if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+                raise UsageError(f"stage {stage}: memory must be a positive number of bytes, got {memory!r}")
+            out[stage] = {"num_cpus": cpus, **({"memory": memory} if memory else {})}
+        return out
+
+    def _request(self, stage: str) -> dict[str, Any]:
+        return self.resources.get(stage, {"num_cpus": 1})
+
+    def start(self) -> None:
+        """Join (or start) Ray, then check the store rule and that every request fits a node."""
+        if self._joined:
+            return
+        self._check_store_before_connecting(self.store)
+        cluster.join(self.address, self.connect_timeout)
+        self._joined = True
+        try:
+            self._check_resources()
+            self._check_store(self.store)
+        except BaseException:
+            self.close()
+            raise
+        self._collector = ThreadPoolExecutor(1, thread_name_prefix="mlwf-ray")
+
+    def _check_resources(self) -> None:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        biggest = (max((n.get("CPU", 0) for n in nodes), default=0),
+                   max((n.get("memory", 0) for n in nodes), default=0))
+        for stage in [*self.resources, "*"]:
+            req = self._request(stage) if stage != "*" else {"num_cpus": 1}
+            cpus, memory = req["num_cpus"], req.get("memory", 0)
+            if any(n.get("CPU", 0) >= cpus and n.get("memory", 0) >= memory for n in nodes):
+                continue
+            what = "every stage" if stage == "*" else f"stage {stage}"
+            asks = f"{cpus:g} CPU" + ("s" if cpus != 1 else "") + (f" and {memory / 2**20:.0f} MB" if memory else "")
+            raise UsageError(
+                f"{what} asks for {asks} per call, but no node of the Ray cluster has that much (largest node: "
+                f"{biggest[0]:g} CPUs, {biggest[1] / 2**20:.0f} MB; cluster: {total.get('CPU', 0):g} CPUs on "
+                f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}): lower --stage-cpus/--stage-memory or add nodes")
+
+    def _store_rule(self, store: StoreSpec, where: str) -> UsageError:
+        return UsageError(
+            f"the store {store.url} is a directory on this machine, but {where}: use an S3 store "
+            "(--store s3://), or pass --shared-store if that directory is a shared file system mounted at the "
+            "same path on every node")
+
+    def _check_store_before_connecting(self, store: StoreSpec) -> None:
+        if self.shared_store or not store.is_local or is_local_address(self.address):
+            return
+        raise self._store_rule(store, f"the Ray cluster at {self.address} is on another host")
+
+    def _check_store(self, store: StoreSpec) -> None:
+        """Refuse a directory store when some node of the cluster is on another host."""
+        if store in self._checked_stores:
+            return
+        if store.is_local and not self.shared_store:
+            here = local_ips()
+            remote = sorted({n.get("NodeManagerAddress", "") for n in ray.nodes()
+                             if n.get("Alive") and n.get("NodeManagerAddress") not in here})
+            if remote:
+                raise self._store_rule(store, f"the Ray cluster has nodes on other hosts ({', '.join(remote[:3])})")
+        self._checked_stores.add(store)
+
+    # ------------------------------------------------------------------ calls
+    def submit(self, call: Call, ctx: RunContext) -> Future[Outcome]:
+        if not self._joined:
+            self.start()
+        self._check_store(ctx.store)
+        env = self.settings.forwarded()
+        req = self._request(call.stage)
+        key = (call.workflow, call.stage, tuple(sorted(env.items())))
+        task = self._options.get(key)
+        if task is None:
+            options = dict(num_cpus=req["num_cpus"], max_retries=0, retry_exceptions=False,
+                           num_returns="streaming", name=f"mlwf {call.workflow}/{call.stage}")
+            if "memory" in req:
+                options["memory"] = req["memory"]
+            if env:
+                options["runtime_env"] = {"env_vars": env}
+            if len(self._options) > 64:
+                self._options.clear()
+            task = self._options[key] = remote_call.options(**options)
+        held = self._held.get(ctx.run_id, {})
+        inputs = {r.sha256: held[r.sha256] for r in refs_in(call.args.values()) if r.held_by_backend}
+        gen = task.remote(call, ctx, sorted(env), req["num_cpus"], inputs)
+        out: Future[Outcome] = Future()
+        self._in_flight[id(out)] = gen
+        collector = self._collector
+
+        def finished(done: Future) -> None:
+            try:
+                collector.submit(self._collect, done, gen, call, out, self._held.setdefault(ctx.run_id, {}))
+            except RuntimeError:  # closed meanwhile
+                out.cancel()
+
+        gen.completed().future().add_done_callback(finished)
+        out.add_done_callback(lambda f: (self._in_flight.pop(id(f), None), f.cancelled() and _cancel(gen)))
+        return out
+
+    @staticmethod
+    def _collect(done: Future, gen, call: Call, out: Future, held: dict[str, Any]) -> None:
+        """Turn a finished task into its Outcome, keeping its output parts in ``held`` (off Ray's callback thread)."""
+        if out.cancelled():
+            return
+        try:
+            exc = done.exception()
+            if exc is not None:
+                raise exc
+            refs = list(gen)
+            outcome: Outcome = ray.get(refs[-1])
+            parts = refs[:-1]
+            for ref, part in zip([r for r in outcome.refs() if r.held_by_backend], parts):
+                held[ref.sha256] = part
+            result, error = outcome, None
+        except BaseException as e:  # noqa: BLE001 - becomes the Future's exception
+            result, error = None, _error(e, call)
+        try:
+            if error is None:
+                out.set_result(result)
+            else:
+                out.set_exception(error)
+        except InvalidStateError:
+            pass  # cancelled meanwhile
+
+    def read(self, ref: Ref) -> bytes:
+        """The bytes of an output held in Ray's object store (the driver reading a final result)."""
+        for held in self._held.values():
+            if ref.sha256 in held:
+                return bytes(ray.get(held[ref.sha256]))
+        raise StageError(f"the output of {ref.producer} (SHA-256 {ref.sha256}) is no longer in Ray's object store")
+
+    def end_run(self, run_id: str) -> None:
+        """Let Ray free what the run's calls handed on (direct transfer)."""
+        self._held.pop(run_id, None)
+
+    def cancel_all(self) -> None:
+        """Stop every call still running (the driver gave up on them: stuck or timed out).
+
+        Ray replaces dead workers by itself; a stuck call's worker is killed
+        (``ray.cancel(force=True)``), as the local backend kills its pool.
+        """
+        for key, gen in list(self._in_flight.items()):
+            _cancel(gen, force=True)
+            self._in_flight.pop(key, None)
+
+    def close(self) -> None:
+        if self._collector is not None:
+            self._collector.shutdown(wait=False, cancel_futures=True)
+            self._collector = None
+        if self._joined:
+            self._joined = False
+            cluster.leave()
+
+
+def _cancel(gen, force: bool = False) -> None:
+    try:
+        ray.cancel(gen, force=force)
+    except Exception:  # noqa: BLE001 - already finished or gone
+        pass
+
+
+def _error(e: BaseException, call: Call) -> BaseException:
+    """A Ray failure as the one-line error the driver acts on."""
+    from ray import exceptions as rx
+
+    if isinstance(e, rx.RayTaskError):
+        cause = e.cause
+        if isinstance(cause, MlwfError):
+            return cause
+        return StageError(f"{call.workflow} stage {call.name} failed on Ray: {first_line(cause or e)}")
+    if isinstance(e, (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError)):
+        return WorkerLost(f"{call.workflow} stage {call.name} failed: its Ray worker died (see the worker logs "
+                          "under /tmp/ray/session_latest/logs)", restart=False)
+    if isinstance(e, rx.RuntimeEnvSetupError):
+        return StageError(f"{call.workflow} stage {call.name} failed: Ray could not set up its environment: "
+                          f"{first_line(e)}")
+    if isinstance(e, MlwfError):
+        return e
+    return StageError(f"{call.workflow} stage {call.name} failed on Ray: {first_line(e)}")
+
+
+BACKEND = RayBackend

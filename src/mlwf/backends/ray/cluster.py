@@ -1,0 +1,163 @@
+"""Joining Ray: a local instance started (and reaped) here, or a cluster probed before Ray's own client
+tries for minutes; which hosts count as this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import ray
+
+from mlwf.backends import lifeline
+from mlwf.errors import UsageError
+
+#: Seconds to wait for a cluster at an address before giving up (MLWF_RAY_CONNECT_TIMEOUT).
+CONNECT_TIMEOUT = 15.0
+
+_lock = threading.Lock()
+_users = 0  # backends between join() and leave()
+_ours = False  # True when this module called ray.init (so it calls ray.shutdown)
+_reaper: lifeline.Reaper | None = None  # kills what is left of the local instance we started
+
+
+def join(address: str | None, connect_timeout: float) -> None:
+    """Join the cluster at ``address`` (None or ``local``: start a local instance), or use the
+    connection this process has; :class:`UsageError` (one line) if that cannot be done."""
+    global _users, _ours
+    with _lock:
+        if not ray.is_initialized():
+            _init(address, connect_timeout)
+            _ours = True
+        _users += 1
+
+
+def leave() -> None:
+    """One backend fewer; the last one shuts down a local instance started here."""
+    global _users, _ours, _reaper
+    with _lock:
+        _users -= 1
+        if _users == 0 and _ours:
+            _ours = False
+            ray.shutdown()
+            if _reaper is not None:
+                _reaper.close()
+                _reaper = None
+
+
+def _init(address: str | None, connect_timeout: float) -> None:
+    global _reaper
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address is None or address == "local":
+        before = lifeline.children(os.getpid())
+        try:
+            ray.init(address="local", **quiet)
+        except Exception as e:  # noqa: BLE001 - Ray raises many kinds; say what happened in one line
+            raise UsageError(f"could not start a local Ray instance: {first_line(e)}") from None
+        # The processes ray.init just started are the instance's (gcs_server, raylet, ...).
+        _reaper = lifeline.Reaper(lifeline.children(os.getpid()) - before)
+        return
+    probe(address, connect_timeout)
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"could not join the Ray cluster at {address}: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+_PROBE = r"""
+import sys
+try:
+    from ray._raylet import GcsClient
+    from ray._private.services import canonicalize_bootstrap_address
+except Exception:
+    print("skip")
+    sys.exit(0)
+try:
+    address = canonicalize_bootstrap_address(sys.argv[1])
+    if address is None:
+        raise ConnectionError("no running Ray instance found on this machine")
+    GcsClient(address=address).cluster_id
+except Exception as e:
+    lines = str(e).strip().splitlines()
+    print("error", type(e).__name__ + ":", lines[0] if lines else "")
+else:
+    print("ok")
+"""
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def local_ips() -> set[str]:
+    ips = {"127.0.0.1", "::1", "0.0.0.0", "localhost", socket.gethostname()}
+    try:
+        ips.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    try:
+        ips.add(ray.util.get_node_ip_address())
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    return ips
+
+
+def is_local_address(address: str | None) -> bool:
+    if address in (None, "", "local", "auto"):
+        return True
+    parsed = split_address(address)
+    if parsed is None:
+        return False
+    host = parsed[0]
+    return host.startswith("127.") or host in local_ips()
+
+
+def probe(address: str, timeout: float) -> None:
+    """Make sure a Ray cluster answers at ``address`` within ``timeout`` seconds.
+
+    Raises :class:`UsageError` (one line) otherwise. Ray's own client retries
+    for minutes and logs every attempt, so the check runs first: a TCP connect,
+    then Ray's GCS client in a child process that is killed at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    where = f"no Ray cluster answers at {address}"
+    hint = ("check --ray-address / RAY_ADDRESS (the head node's GCS address, HOST:6379), "
+            "or leave it unset to start a local Ray instance")
+    parsed = split_address(address) if address != "auto" else None
+    if parsed is not None:
+        try:
+            with socket.create_connection(parsed, timeout=max(0.1, timeout)):
+                pass
+        except TimeoutError:
+            raise UsageError(f"{where} (no answer within {timeout:g} s): {hint}") from None
+        except OSError as e:
+            raise UsageError(f"{where} ({e.strerror or e}): {hint}") from None
+    left = max(0.5, deadline - time.monotonic())
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, text=True,
+                             timeout=left, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{where} (nothing that speaks Ray's protocol answered within {timeout:g} s): "
+                         f"{hint}") from None
+    result = (out.stdout.strip().splitlines() or ["error no answer"])[-1]
+    if result in ("ok", "skip"):
+        return
+    detail = result.removeprefix("error ").strip()
+    if detail.startswith("AuthenticationError"):
+        raise UsageError(f"the Ray cluster at {address} requires an authentication token: set "
+                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as for the cluster; see "
+                         "https://docs.ray.io/en/latest/ray-security/token-auth.html")
+    raise UsageError(f"{where} ({detail[:200]}): {hint}")

@@ -1,0 +1,126 @@
+"""The files a benchmark folder holds: latency CSVs (the reference's format), the breakdown, the summary."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mlwf.errors import UsageError
+
+
+LATENCY_CSV = re.compile(r"^(?P<backend>[a-z0-9_]+)-(?P<transfer>[a-z0-9_]+)-(?P<workflow>ml-training|ml-inference)"
+                         r"-(?P<mode>warm|cold)\.csv$")
+
+
+BASELINE_CSV = re.compile(r"^baseline-(?P<workflow>ml-training|ml-inference)\.csv$")
+
+
+BASELINE_LABEL = "baseline · scikit-learn · 1 process"
+
+
+STAGE_FIELDS = ["calls", "wall_ms", "compute_ms", "fetch_ms", "encode_ms", "put_ms", "get_ms", "decode_ms", "bytes",
+                "list_ms", "return_ms", "fetch_bytes", "input_bytes"]
+
+
+EDGE_FIELDS = ["from", "to", "bytes", "serialize_ms", "transfer_ms", "deserialize_ms"]
+
+
+BREAKDOWN_COLUMNS = ["backend", "transfer", "workflow", "mode", "run", "e2e_ms", "kind", "stage", *STAGE_FIELDS,
+                     *[f for f in EDGE_FIELDS if f != "bytes"]]
+
+
+SUMMARY_COLUMNS = ["backend", "transfer", "workflow", "mode", "runs", "median_ms", "min_ms", "max_ms",
+                   "median_e2e_ms", "median_state_transfer_ms", "accuracy", "driver_peak_mb", "worker_peak_mb",
+                   "ratio_to_baseline"]
+
+
+#: Report fields (per stage) behind each breakdown column that is not named the same.
+_STAGE_SOURCE = {"get_ms": "input_get_ms", "decode_ms": "input_decode_ms", "bytes": "output_bytes",
+                 "fetch_bytes": "fetch_bytes", "input_bytes": "input_bytes"}
+
+
+# --------------------------------------------------------------------------- files
+def write_latency_csv(path: Path, times: list[float]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Run", "TimeMs"])
+        for i, t in enumerate(times):
+            w.writerow([i, f"{t:.1f}"])
+
+
+def read_latency_csv(path: Path) -> list[float]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [float(r["TimeMs"]) for r in rows]
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"{path} is not a Run,TimeMs file") from None
+
+
+def breakdown_rows(key: dict[str, str], run: int, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The breakdown CSV rows of one run report (``key``: backend, transfer, workflow, mode)."""
+    rows = []
+    base = {**key, "run": run, "e2e_ms": report.get("e2e_ms")}
+    for stage, st in report.get("stages", {}).items():
+        row = {**base, "kind": "stage", "stage": stage}
+        for f in STAGE_FIELDS:
+            v = st.get(_STAGE_SOURCE.get(f, f))
+            row[f] = (int(v) if f.endswith("bytes") or f == "calls" else round(v, 3)) if v is not None else 0
+        rows.append(row)
+    for e in report.get("edges", []):
+        rows.append({**base, "kind": "edge", **{f: e.get(f) for f in EDGE_FIELDS}})
+    return rows
+
+
+def merge_csv(path: Path, columns: list[str], rows: list[dict], replaced: set[tuple]) -> None:
+    """Write ``rows`` into ``path``, keeping the rows of other configurations already there."""
+    kept = []
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f)
+                    if (r.get("backend"), r.get("transfer"), r.get("workflow"), r.get("mode")) not in replaced]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in kept + rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    import numpy
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "numpy": numpy.__version__, "scikit-learn": version("scikit-learn"),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def describe_input(workflow: str, args: list[Any], num_images: int | None) -> str:
+    n = f"{num_images:,} images" if num_images else "images"
+    if workflow == "ml-training":
+        return f"{args[0]}: {n}, {args[1]} PCA, {args[2]} RF"
+    return f"{args[1]}: {n}, {args[2]} functions"
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

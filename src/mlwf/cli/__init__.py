@@ -1,0 +1,90 @@
+"""The ``mlwf`` command: parse, call, print. Kept thin (and light to import).
+
+One module per command group, each with ``add_parsers(sub)`` and ``handle(args)``:
+:mod:`~mlwf.cli.run`, :mod:`~mlwf.cli.invoke`, :mod:`~mlwf.cli.data` (dataset, s3), :mod:`~mlwf.cli.model`,
+:mod:`~mlwf.cli.runs`, :mod:`~mlwf.cli.serve` (serve, deploy), :mod:`~mlwf.cli.bench`
+(bench, trace), :mod:`~mlwf.cli.demo`; the flags they share are in :mod:`~mlwf.cli.options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mlwf.cli import bench, data, demo, invoke, model, run, runs, serve
+from mlwf.cli.options import Parser, version
+from mlwf.errors import MlwfError
+
+#: Each command and the module that handles it, in the order ``--help`` lists them.
+_GROUPS = {"run": run, "invoke": invoke, "dataset": data, "s3": data, "model": model, "runs": runs, "serve": serve,
+           "deploy": serve, "bench": bench, "trace": bench, "demo": demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``mlwf`` command line."""
+    parser = Parser(prog="mlwf", description="Serverless ML training and inference workflows.")
+    parser.add_argument("--version", action="version", version=f"mlwf {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for group in dict.fromkeys(_GROUPS.values()):
+        group.add_parsers(sub)
+    return parser
+
+
+#: Exit status after the reader of our output went away (as a process killed by SIGPIPE).
+CLOSED_PIPE_EXIT = 141
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mlwf`` command line; return the exit status.
+
+    A reader that stops early (``mlwf runs ls | head -1``) is a normal way to
+    stop: the command then exits quietly with status 141, as a Unix tool
+    stopped by SIGPIPE does.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _quiet_closed_streams()
+        return CLOSED_PIPE_EXIT
+
+
+def _quiet_closed_streams() -> None:
+    """Point stdout and stderr at /dev/null, so flushing them at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass  # not a file descriptor (a test's captured stream)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except MlwfError as e:
+        if debug:
+            raise
+        print(f"mlwf: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mlwf: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        raise  # the reader went away: main() exits quietly
+    except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        print(f"mlwf: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    return _GROUPS[args.command].handle(args)

@@ -1,0 +1,5 @@
+import sys
+
+from mlwf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""What the command groups share: the parser class, the flag groups, the mappings from flags to settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from mlwf.errors import UsageError
+
+BUCKET_HELP = "bucket (default: $MLWF_BUCKET, else 'tless')"
+_MAX_STAGE_CPUS = 4096
+_MAX_STAGE_MB = 1 << 30  # 1 PiB: a bound that keeps the number finite, not a sizing rule
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message: str):  # noqa: D401
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    """--store, --bucket, --json, --debug."""
+    p.add_argument("--store", help="store: a directory, file://DIR or s3:// (default: $MLWF_STORE, "
+                                   "else ~/.local/share/mlwf/store)")
+    p.add_argument("--bucket", help=BUCKET_HELP)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def engine_options(p: argparse.ArgumentParser) -> None:
+    """How a run runs: backend, transfer, retries, timeouts, and each backend's own flags."""
+    p.add_argument("--backend", default="local", help="where stages run: local (default), ray or knative")
+    p.add_argument("--transfer", default="store", choices=("store", "direct"),
+                   help="how state moves between stages: through the object store (default, as in the reference) "
+                        "or directly from call to call")
+    p.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed call (default 2)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a call may run before it is retried (default 600)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="finish an interrupted run: reuse its calls whose outputs verify, rerun the rest")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance for the run)")
+    p.add_argument("--shared-store", action="store_true",
+                   help="ray backend: the directory store is mounted at the same path on every node")
+    p.add_argument("--stage-cpus", action="append", default=[], metavar="STAGE=N",
+                   help="ray backend: CPUs per call of STAGE (default 1; repeatable)")
+    p.add_argument("--stage-memory", action="append", default=[], metavar="STAGE=MB",
+                   help="ray backend: memory per call of STAGE in MB (repeatable)")
+    p.add_argument("--endpoint", action="append", default=[], metavar="URL|STAGE=URL",
+                   help="knative backend: the function service URL, or STAGE=URL per stage (repeatable)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write the run as a Chrome/Perfetto trace (JSON) to FILE; draw it with 'mlwf trace plot'")
+
+
+#: The training settings as flags: (flag, TrainingConfig field, type, help). The one mapping between the
+#: two, for ``mlwf run``, ``mlwf bench`` and the cold ``mlwf run`` command lines bench writes.
+TRAINING_FLAGS = (
+    ("--seed", "seed", int, "run seed (default 0): same seed and data, same model bytes"),
+    ("--image-size", "image_size", int, "images are resized to N×N (default 64)"),
+    ("--components", "n_components", int, "PCA components (default 10)"),
+    ("--trees", "n_trees", int, "trees per forest (default 100)"),
+    ("--max-depth", "max_depth", int, "tree depth (default 10)"),
+    ("--min-samples-split", "min_samples_split", int, "fewest samples a node needs to be split (default 5)"),
+    ("--holdout", "holdout", float, "fraction held out for validation (default 0.2)"),
+)
+
+
+def training_arguments(p: argparse.ArgumentParser) -> None:
+    """ml-training's arguments and settings (mlwf run and mlwf bench)."""
+    from mlwf.workflows.training import DEFAULT_MODEL_PREFIX, TrainingConfig
+
+    default = TrainingConfig()
+    p.add_argument("data_prefix", metavar="DATA_PREFIX")
+    p.add_argument("num_pca", metavar="NUM_PCA", type=int)
+    p.add_argument("num_train", metavar="NUM_TRAIN", type=int)
+    for flag, name, kind, help_text in TRAINING_FLAGS:
+        p.add_argument(flag, dest=name, type=kind, default=getattr(default, name), help=help_text,
+                       metavar=flag[2:].upper().replace("-", "_"))
+    p.add_argument("--model-prefix", default=DEFAULT_MODEL_PREFIX,
+                   help=f"where the model is published (default {DEFAULT_MODEL_PREFIX})")
+    p.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
+
+
+def training_config(args):
+    """The :class:`~mlwf.workflows.training.TrainingConfig` the training flags in ``args`` say."""
+    from mlwf.workflows.training import TrainingConfig
+
+    return TrainingConfig(**{name: getattr(args, name) for _, name, _, _ in TRAINING_FLAGS})
+
+
+def training_flags(config, *, changed_only: bool = False) -> list[str]:
+    """``config`` as training flags (those that differ from the defaults, with ``changed_only``)."""
+    from mlwf.workflows.training import TrainingConfig
+
+    default = TrainingConfig()
+    argv: list[str] = []
+    for flag, name, _, _ in TRAINING_FLAGS:
+        value = getattr(config, name)
+        if not changed_only or value != getattr(default, name):
+            argv += [flag, str(value)]
+    return argv
+
+
+def backend_config(args):
+    """The backend's config from the run flags (the mapping :func:`mlwf.backends.config_from_flags` owns)."""
+    from mlwf.backends import config_from_flags
+
+    resources = stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
+    return config_from_flags(args.backend, workflow=args.workflow, workers=args.workers,
+                             ray_address=args.ray_address, shared_store=args.shared_store,
+                             stage_resources=resources, endpoints=args.endpoint)
+
+
+def stage_resources(args) -> dict[str, dict[str, Any]]:
+    """``--stage-cpus train=2 --stage-memory train=512`` as ``{"train": {"num_cpus": 2, "memory": 512 MiB}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, items, key in (("--stage-cpus", args.stage_cpus, "num_cpus"),
+                             ("--stage-memory", args.stage_memory, "memory")):
+        for item in items:
+            stage, sep, value = item.partition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            high = _MAX_STAGE_CPUS if key == "num_cpus" else _MAX_STAGE_MB
+            if not sep or not stage or not 0 < number <= high:  # also refuses nan and inf
+                raise UsageError(f"{flag} {item!r}: expected STAGE={'N' if key == 'num_cpus' else 'MB'} "
+                                 f"with a positive number up to {high:,}, e.g. train=2")
+            out.setdefault(stage, {})[key] = number if key == "num_cpus" else int(number * 2**20)
+    return out
+
+
+def emit(args, report: dict[str, Any]) -> None:
+    """A report as one JSON object (``--json``) or as text."""
+    if args.json:
+        print(json.dumps(report, sort_keys=False))
+        return
+    from mlwf.ui import print_report
+
+    print_report(report)
+
+
+def open_store(args):
+    """The store ``--store``/``--bucket`` (and the environment) name, opened; the workflows
+    ``MLWF_WORKFLOW_MODULES`` names are known from here on (``mlwf runs`` lists their runs too)."""
+    from mlwf import workflows
+    from mlwf.settings import Settings
+
+    settings = Settings.resolve(store=args.store, bucket=args.bucket)
+    workflows.use(settings.workflow_modules)
+    return settings.store.open(settings)
+
+
+def version() -> str:
+    from mlwf import __version__
+
+    return __version__

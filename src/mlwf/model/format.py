@@ -1,0 +1,254 @@
+"""The model file: to and from bytes, with every structural check and limit.
+
+The file is an :mod:`mlwf.codec` payload: JSON metadata plus raw arrays.
+Loading parses and checks it (format version, checksum, shapes, tree
+structure) and never executes anything from it; the limits below bound what
+a file read from anywhere can make mlwf build.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from mlwf import codec
+from mlwf.errors import ModelError
+from mlwf.model.predict import Model
+
+FORMAT = "mlwf-model"
+#: Bump when the model layout changes; :func:`from_bytes` refuses other versions.
+FORMAT_VERSION = 1
+
+#: Bounds of a model read from anywhere (see :func:`from_bytes`); training refuses settings beyond them.
+MAX_CLASSES = 1000
+MAX_CLASS_NAME_BYTES = 255
+MAX_MEMBERS = 1024
+MAX_TREES = 100_000
+MAX_NODES_PER_MEMBER = 1 << 30
+MAX_COMPONENTS = 4096
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_DEPTH = 8
+#: Control characters, never allowed in a class name or a manifest's text fields.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def to_bytes(model: Model) -> bytes:
+    """Serialize ``model``; equal models give equal bytes. Sets ``model.digest``."""
+    data = codec.encode(
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "classes": list(model.classes),
+            "image_size": int(model.image_size),
+            "config": model.config,
+            "metrics": model.metrics,
+            "projections": model.projections,
+            "members": model.members,
+        }
+    )
+    model.digest = codec.digest(data)
+    return data
+
+
+def build(classes, image_size, projections, members, config=None, metrics=None) -> Model:
+    """Assemble a :class:`Model` and check it as :func:`from_bytes` would."""
+    model = Model(list(classes), int(image_size), list(projections), list(members),
+                  dict(config or {}), dict(metrics or {}))
+    _check(model, "new model")
+    return model
+
+
+# --------------------------------------------------------------------------- load
+def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
+    """Parse and check model bytes, trusting nothing in them.
+
+    A checksum proves the bytes are whole, not that they are sane, so every
+    count and size is bounded before anything proportional to it is built:
+    by the limits below and by what the file can honestly hold (each array
+    lies in the file and is used once, see :func:`mlwf.codec.decode`).
+
+    ======================================  =========================
+    header (JSON) size, nesting depth        :data:`MAX_HEADER_BYTES`, :data:`MAX_HEADER_DEPTH`
+    classes, bytes of a class name           :data:`MAX_CLASSES`, :data:`MAX_CLASS_NAME_BYTES`
+    members (forests), projections           :data:`MAX_MEMBERS` (a projection serves at least one member)
+    trees (all members), nodes per member    :data:`MAX_TREES`, :data:`MAX_NODES_PER_MEMBER`
+    components per projection               :data:`MAX_COMPONENTS`, and no more than pixels
+    image size, tree depth                   1–1024, 0–64
+    ======================================  =========================
+
+    Every number must be finite (thresholds, projections, leaf values, and
+    the JSON metadata); class names are text without control characters.
+
+    Raises
+    ------
+    ModelError
+        If the bytes are not a model, are truncated, corrupt or tampered with,
+        break a bound, or were written by an incompatible version. Nothing in
+        them is executed.
+    """
+    try:
+        meta = codec.decode(data, what=source, max_header=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH)
+    except codec.CodecError as e:
+        raise ModelError(f"{e}: refusing to load it; retrain with 'mlwf run ml-training'") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{source} is not an mlwf model")
+    if meta.get("version") != FORMAT_VERSION:
+        shown = meta.get("version") if isinstance(meta.get("version"), (int, float, type(None))) else "?"
+        raise ModelError(
+            f"{source} is model format version {shown!r}, this mlwf reads version "
+            f"{FORMAT_VERSION}: retrain with 'mlwf run ml-training' or use the mlwf that wrote it"
+        )
+    try:
+        model = Model(
+            classes=meta["classes"],
+            image_size=meta["image_size"],
+            projections=meta["projections"],
+            members=meta["members"],
+            config=meta.get("config", {}),
+            metrics=meta.get("metrics", {}),
+            digest=codec.digest(data),
+        )
+    except (KeyError, TypeError):
+        raise ModelError(f"{source} is corrupt (missing fields)") from None
+    _check(model, source)
+    return model
+
+
+def class_name_problem(name: Any) -> str | None:
+    """What makes ``name`` unfit as a class name (text a terminal or CSV shows as is), or None."""
+    if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > MAX_CLASS_NAME_BYTES \
+            or CONTROL.search(name):
+        return f"1 to {MAX_CLASS_NAME_BYTES} bytes of text without control characters"
+    return None
+
+
+def is_int(v: Any, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _check(model: Model, source: str) -> None:
+    """Refuse anything that could make prediction index out of bounds, loop, or cost more than the file is worth.
+
+    Counts are checked first, then each array, so no work proportional to a
+    claim is done before the claim is known to be within bounds.
+    """
+
+    def bad(why: str):
+        raise ModelError(f"{source} is corrupt or was tampered with ({why}); refusing to use it")
+
+    if not isinstance(model.config, dict) or not isinstance(model.metrics, dict):
+        bad("config or metrics")
+    accuracy = model.metrics.get("validation_accuracy")
+    if accuracy is not None and not (isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool)
+                                     and 0 <= accuracy <= 1):
+        bad("metrics: validation accuracy is not a fraction")
+    if not is_int(model.image_size, 1, 1024):
+        bad("image size")
+    classes = model.classes
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
+        bad(f"class list: 2 to {MAX_CLASSES:,} classes")
+    for c in classes:
+        if class_name_problem(c):
+            bad(f"class list: a name must be {class_name_problem(c)}")
+    if len(set(classes)) != len(classes):
+        bad("class list: a name appears twice")
+    if not isinstance(model.projections, list) or not isinstance(model.members, list):
+        bad("projections or members")
+    if not model.projections or not model.members:
+        bad("empty ensemble")
+    if len(model.members) > MAX_MEMBERS or len(model.projections) > len(model.members):
+        bad(f"{len(model.members):,} members and {len(model.projections):,} projections: at most "
+            f"{MAX_MEMBERS:,} members, and no more projections than members")
+    n_trees = 0
+    for m in model.members:
+        roots = m.get("roots") if isinstance(m, dict) else None
+        if not isinstance(roots, np.ndarray) or roots.ndim != 1:
+            bad("member fields")
+        n_trees += len(roots)
+    if n_trees > MAX_TREES:
+        bad(f"{n_trees:,} trees, more than the {MAX_TREES:,} allowed")
+    d = model.image_size**2
+    for p in model.projections:
+        if not isinstance(p, dict):
+            bad("projection")
+        mean, comp = p.get("mean"), p.get("components")
+        if not isinstance(mean, np.ndarray) or not isinstance(comp, np.ndarray):
+            bad("projection arrays")
+        if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or not 1 <= comp.shape[0] <= min(d, MAX_COMPONENTS):
+            bad("projection shape")
+        if not (np.issubdtype(mean.dtype, np.floating) and np.issubdtype(comp.dtype, np.floating)):
+            bad("projection dtype")
+        if not (np.isfinite(mean).all() and np.isfinite(comp).all()):
+            bad("projection: a number is not finite")
+    n_classes = len(classes)
+    used = np.zeros(len(model.projections), dtype=bool)
+    for m in model.members:
+        try:
+            pi = m["projection"]
+            depth = m["max_depth"]
+            roots, left, right = m["roots"], m["left"], m["right"]
+            feature, threshold = m["feature"], m["threshold"]
+            leaf_index, leaf_value = m["leaf_index"], m["leaf_value"]
+        except (KeyError, TypeError):
+            bad("member fields")
+        if not is_int(pi, 0, len(model.projections) - 1):
+            bad("member projection")
+        used[pi] = True
+        k = model.projections[pi]["components"].shape[0]
+        arrays = (roots, left, right, feature, threshold, leaf_index, leaf_value)
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            bad("member arrays")
+        n = len(left)
+        if not is_int(depth, 0, 64) or n == 0:
+            bad("tree depth")
+        if n > MAX_NODES_PER_MEMBER:
+            bad(f"{n:,} nodes in one member, more than the {MAX_NODES_PER_MEMBER:,} allowed")
+        if any(a.ndim != 1 or len(a) != n for a in (right, feature, threshold, leaf_index)) or roots.ndim != 1:
+            bad("tree array lengths")
+        if not all(np.issubdtype(a.dtype, np.integer) for a in (roots, left, right, feature, leaf_index)):
+            bad("tree array dtypes")
+        if not (np.issubdtype(threshold.dtype, np.floating) and np.issubdtype(leaf_value.dtype, np.floating)):
+            bad("tree array dtypes")
+        if not np.isfinite(threshold).all():
+            bad("tree thresholds: a number is not finite")
+        ids = np.arange(n)
+        leaf = left == ids
+        internal = ~leaf
+        # Children come after their parent (no cycles) and stay in range.
+        if np.any(leaf != (right == ids)) or np.any(left[internal] <= ids[internal]) \
+                or np.any(right[internal] <= ids[internal]) or np.any(left >= n) or np.any(right >= n):
+            bad("tree links")
+        if np.any(feature[internal] < 0) or np.any(feature[internal] >= k) or np.any(feature < 0):
+            bad("tree features")
+        if roots.size == 0 or np.any(roots < 0) or np.any(roots >= n) or roots[0] != 0 \
+                or np.any(np.diff(roots) <= 0):
+            bad("tree roots")
+        n_leaves = int(leaf.sum())
+        if leaf_value.shape != (n_leaves, n_classes) or not np.all(np.isfinite(leaf_value)) \
+                or np.any(leaf_value < 0):
+            bad("leaf values")
+        if np.any(leaf_index[internal] != -1) or np.any(np.sort(leaf_index[leaf]) != np.arange(n_leaves)):
+            bad("leaf index")
+        # Every node must be reachable within max_depth steps of its tree's root.
+        tree_end = np.append(roots[1:], n)
+        owner = np.searchsorted(roots, ids, side="right") - 1
+        if np.any(left[internal] >= tree_end[owner[internal]]) or np.any(right[internal] >= tree_end[owner[internal]]):
+            bad("tree links cross trees")
+        node_depth = np.full(n, -1, dtype=np.int64)
+        node_depth[roots] = 0
+        frontier = roots
+        for level in range(1, depth + 2):
+            kids = np.concatenate([left[frontier][internal[frontier]], right[frontier][internal[frontier]]])
+            if kids.size == 0:
+                break
+            if level > depth:
+                bad("tree deeper than its stated depth")
+            node_depth[kids] = level
+            frontier = kids
+        if np.any(node_depth < 0):
+            bad("unreachable nodes")
+    if not used.all():
+        bad("a projection no member uses")
+

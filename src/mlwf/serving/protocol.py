@@ -1,0 +1,333 @@
+"""The Open Inference Protocol's infer request and response: JSON or binary tensors in, probabilities out.
+
+See :mod:`mlwf.serving.oip` for the protocol as served.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import struct
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mlwf.serving.settings import Limits
+
+if TYPE_CHECKING:
+    from mlwf.serving.slot import Served
+
+
+INPUT = "image"
+
+
+LABEL = "label"
+
+
+PROBABILITIES = "probabilities"
+
+
+OUTPUTS = (LABEL, PROBABILITIES)
+
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+_MAX_ID = 256
+
+
+MAX_ERROR = 500
+
+
+class ProtocolError(Exception):
+    """A refused request: an HTTP status and the protocol's ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message[:MAX_ERROR]
+
+
+# --------------------------------------------------------------------------- request → pixels
+@dataclass
+class InferRequest:
+    id: str
+    pixels: np.ndarray
+    outputs: list[tuple[str, bool]]  # (name, binary)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_request(body: bytes, header_length: str | None, served: Served, limits: Limits) -> InferRequest:
+    """Check an inference request and decode its images to ``float32[N, image_size²]``.
+
+    Raises
+    ------
+    ProtocolError
+        For anything the protocol or the limits refuse.
+    """
+    if header_length is not None:
+        try:
+            json_size = int(header_length)
+        except ValueError:
+            raise ProtocolError(400, "Inference-Header-Content-Length must be a whole number of bytes") from None
+        if not 0 < json_size <= len(body):
+            raise ProtocolError(400, f"Inference-Header-Content-Length {json_size} does not fit in the "
+                                     f"{len(body)}-byte body")
+    else:
+        json_size = len(body)
+    binary = memoryview(body)[json_size:]
+    try:
+        request = json.loads(bytes(body[:json_size]), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(400, f"the request is not valid JSON ({short(e)})") from None
+    if not isinstance(request, dict):
+        raise ProtocolError(400, "the request must be a JSON object with \"inputs\"")
+    request_id = request.get("id", None)
+    if request_id is None:
+        request_id = uuid.uuid4().hex
+    elif not isinstance(request_id, str) or len(request_id) > _MAX_ID:
+        raise ProtocolError(400, f"\"id\" must be a string of at most {_MAX_ID} characters")
+    parameters = _object(request.get("parameters"), "parameters")
+    binary_default = parameters.get("binary_data_output", False) is True
+    outputs = _requested_outputs(request.get("outputs"), binary_default)
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ProtocolError(400, f"\"inputs\" must hold exactly one input, {INPUT!r}")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT:
+        raise ProtocolError(400, f"unknown input {short(tensor.get('name'))!r}: this model takes one input, "
+                                 f"{INPUT!r}")
+    datatype, shape = tensor.get("datatype"), _shape(tensor.get("shape"))
+    input_params = _object(tensor.get("parameters"), "input parameters")
+    raw = None
+    if "binary_data_size" in input_params:
+        size = input_params["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(400, "binary_data_size must be a whole number of bytes")
+        if size != len(binary):
+            raise ProtocolError(400, f"binary_data_size says {size} bytes but the body carries {len(binary)} "
+                                     "bytes after the JSON header")
+        if "data" in tensor:
+            raise ProtocolError(400, f"input {INPUT!r} has both \"data\" and binary data")
+        raw = binary
+    elif len(binary):
+        raise ProtocolError(400, f"{len(binary)} bytes of binary data follow the JSON header, but no input "
+                                 "declares binary_data_size")
+    elif "data" not in tensor:
+        raise ProtocolError(400, f"input {INPUT!r} has no \"data\"")
+    if datatype == "BYTES":
+        pixels = _bytes_input(shape, tensor.get("data"), raw, served.image_size, limits)
+    elif datatype == "UINT8":
+        pixels = _uint8_input(shape, tensor.get("data"), raw, served.image_size, limits)
+    else:
+        raise ProtocolError(400, f"input {INPUT!r} has datatype {short(datatype)!r}: send BYTES [N] (encoded "
+                                 "image files) or UINT8 [N, H, W] (grayscale pixels)")
+    return InferRequest(request_id, pixels, outputs)
+
+
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(400, f"\"{what}\" must be a JSON object")
+    return value
+
+
+def _requested_outputs(value, binary_default: bool) -> list[tuple[str, bool]]:
+    if value is None:
+        return [(name, binary_default) for name in OUTPUTS]
+    if not isinstance(value, list) or not value:
+        raise ProtocolError(400, "\"outputs\" must be a non-empty list of {\"name\": ...}")
+    chosen: list[tuple[str, bool]] = []
+    for item in value:
+        if not isinstance(item, dict) or item.get("name") not in OUTPUTS:
+            name = item.get("name") if isinstance(item, dict) else item
+            raise ProtocolError(400, f"unknown output {short(name)!r}: this model gives {LABEL!r} and "
+                                     f"{PROBABILITIES!r}")
+        params = _object(item.get("parameters"), "output parameters")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise ProtocolError(400, "binary_data must be true or false")
+        if any(name == item["name"] for name, _ in chosen):
+            raise ProtocolError(400, f"output {item['name']!r} requested twice")
+        chosen.append((item["name"], binary))
+    return chosen
+
+
+def _shape(value) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise ProtocolError(400, f"input {INPUT!r} needs a \"shape\": a list of whole numbers")
+    if any(d < 0 for d in value):
+        raise ProtocolError(400, f"input {INPUT!r} has a negative dimension in its shape {value[:8]}")
+    return value
+
+
+def _check_batch(n: int, limits: Limits) -> None:
+    if n == 0:
+        raise ProtocolError(400, "empty batch: send at least one image")
+    if n > limits.max_batch:
+        raise ProtocolError(413, f"batch of {n} images is over this server's limit of {limits.max_batch} "
+                                 "(--max-batch): split it")
+
+
+def _bytes_input(shape, data, raw, image_size: int, limits: Limits) -> np.ndarray:
+    if len(shape) != 1:
+        raise ProtocolError(400, f"a BYTES input {INPUT!r} has shape [N] (one encoded image per element), "
+                                 f"got {shape[:8]}")
+    n = shape[0]
+    _check_batch(n, limits)
+    if raw is not None:
+        blobs = _split_bytes_tensor(raw, n)
+    else:
+        if not isinstance(data, list) or len(data) != n:
+            raise ProtocolError(400, f"input {INPUT!r} has shape [{n}] but \"data\" is not a list of {n} "
+                                     "base64 strings")
+        blobs = []
+        for i, item in enumerate(data):
+            if not isinstance(item, str):
+                raise ProtocolError(400, f"image {i}: in JSON each BYTES element is the image file in base64")
+            try:
+                blobs.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError):
+                raise ProtocolError(400, f"image {i} is not valid base64 (in JSON each BYTES element is the "
+                                         "image file in base64; raw bytes need the binary data extension)") from None
+    return _decode(blobs, image_size, limits)
+
+
+def _split_bytes_tensor(raw: memoryview, n: int) -> list[bytes]:
+    """A BYTES tensor in the binary extension: each element a 4-byte little-endian length, then its bytes."""
+    blobs, offset = [], 0
+    for i in range(n):
+        if offset + 4 > len(raw):
+            raise ProtocolError(400, f"binary BYTES data ends before element {i} of {n}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise ProtocolError(400, f"binary BYTES element {i} says {length} bytes but the data ends first")
+        blobs.append(bytes(raw[offset : offset + length]))
+        offset += length
+    if offset != len(raw):
+        raise ProtocolError(400, f"{len(raw) - offset} bytes of binary data left over after {n} BYTES elements")
+    return blobs
+
+
+def _decode(blobs: list[bytes], image_size: int, limits: Limits) -> np.ndarray:
+    from PIL import Image
+
+    from mlwf.images import ImageDecodeError, decode
+
+    budget = limits.max_pixels
+    out = np.empty((len(blobs), image_size * image_size), dtype=np.float32)
+    for i, blob in enumerate(blobs):
+        if not blob:
+            raise ProtocolError(400, f"image {i} is empty")
+        try:
+            # The header alone gives the size: refuse before decoding what would take too long.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(blob)) as header:
+                    width, height = header.size
+        except Image.DecompressionBombError:
+            raise ProtocolError(413, f"image {i} has more pixels than any image this server decodes") from None
+        except Exception:  # Pillow raises many kinds (and names its buffer) for a file that is not an image
+            raise ProtocolError(400, f"image {i} is not an image file (PNG, JPEG, ...) that Pillow can read") \
+                from None
+        budget -= width * height
+        if budget < 0:
+            raise ProtocolError(413, f"the images of this request have more than {limits.max_pixels} pixels "
+                                     f"together (--max-pixels), at image {i} ({width}x{height}): send smaller "
+                                     "or fewer images")
+        try:
+            out[i] = decode(blob, image_size)
+        except ImageDecodeError as e:
+            raise ProtocolError(400, f"image {i} cannot be decoded: {short(e)}") from None
+    return out
+
+
+def _uint8_input(shape, data, raw, image_size: int, limits: Limits) -> np.ndarray:
+    from mlwf.serving.prepare import prepare
+
+    if len(shape) != 3:
+        raise ProtocolError(400, f"a UINT8 input {INPUT!r} has shape [N, H, W] (grayscale pixels), got {shape[:8]}")
+    n, height, width = shape
+    _check_batch(n, limits)
+    if height < 1 or width < 1:
+        raise ProtocolError(400, f"images of {height}x{width} pixels have no pixels")
+    if n * height * width > limits.max_pixels:
+        raise ProtocolError(413, f"{n} images of {height}x{width} are more than {limits.max_pixels} pixels "
+                                 "(--max-pixels): send smaller or fewer images")
+    count = n * height * width
+    if raw is not None:
+        if len(raw) != count:
+            raise ProtocolError(400, f"shape {shape} needs {count} bytes of UINT8 data, got {len(raw)}")
+        pixels = np.frombuffer(raw, dtype=np.uint8)
+    else:
+        pixels = _json_uint8(data, count, shape)
+    return prepare(pixels.reshape(n, height, width), image_size)
+
+
+def _json_uint8(data, count: int, shape) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ProtocolError(400, f"\"data\" of input {INPUT!r} must be a list of {count} integers 0..255")
+    flat = data
+    while flat and isinstance(flat[0], list):  # nested lists, row-major
+        if not all(isinstance(row, list) for row in flat):
+            raise ProtocolError(400, "\"data\" mixes lists and numbers")
+        flat = [x for row in flat for x in row]
+        if len(flat) > count:
+            break
+    if len(flat) != count:
+        raise ProtocolError(400, f"shape {shape} needs {count} values, \"data\" has {len(flat)}")
+    if not all(type(x) is int for x in flat):
+        raise ProtocolError(400, "UINT8 data must be whole numbers 0..255")
+    values = np.asarray(flat, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise ProtocolError(400, "UINT8 data must be whole numbers 0..255")
+    return values.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- probabilities → response
+def encode_response(request: InferRequest, proba: np.ndarray, served: Served, model_name: str
+                    ) -> tuple[bytes, dict[str, str]]:
+    """The inference response body and its headers (JSON, or JSON + binary sections)."""
+    n = len(proba)
+    proba32 = np.ascontiguousarray(proba, dtype=np.float32)
+    labels = [served.classes[i] for i in np.argmax(proba, axis=1)]
+    outputs, sections = [], []
+    for name, binary in request.outputs:
+        if name == LABEL:
+            entry: dict[str, Any] = {"name": LABEL, "datatype": "BYTES", "shape": [n]}
+            if binary:
+                encoded = [s.encode() for s in labels]
+                section = b"".join(struct.pack("<I", len(b)) + b for b in encoded)
+            else:
+                entry["data"] = labels
+        else:
+            entry = {"name": PROBABILITIES, "datatype": "FP32", "shape": [n, len(served.classes)]}
+            if binary:
+                section = proba32.astype("<f4").tobytes()
+            else:
+                entry["data"] = proba32.ravel().tolist()
+        if binary:
+            entry["parameters"] = {"binary_data_size": len(section)}
+            sections.append(section)
+        outputs.append(entry)
+    header = json.dumps({"model_name": model_name, "model_version": served.version, "id": request.id,
+                         "outputs": outputs}, separators=(",", ":")).encode()
+    if not sections:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(sections), {"content-type": "application/octet-stream",
+                                         HEADER_LENGTH: str(len(header))}
+
+
+def short(value, n: int = 120) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
