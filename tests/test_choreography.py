@@ -563,8 +563,8 @@ def test_a_start_events_invocation_is_checked_before_anything_runs():
                                                                                       "publish": False}})
     assert args == ["d", 2, 4] and options == {"config": TrainingConfig(seed=3), "publish": False}
     for invocation, message in (
-            ("x", "must hold"), ({"args": [["d"], 2, 4]}, "DATA_PREFIX must be text"),
-            ({"args": ["d", True, 4]}, "NUM_PCA must be text or a whole number"),
+            ("x", "must hold"), ({"args": [{"d": 1}, 2, 4]}, "DATA_PREFIX must be text"),
+            ({"args": ["d", True, 4]}, "NUM_PCA must be text, a whole number"),
             ({"args": ["d", 2]}, "takes 3 arguments"),
             ({"args": ["d", 2, 4], "options": {"publish": "no"}}, "'publish' must be true or false"),
             ({"args": ["d", 2, 4], "options": {"config": {"trees": 1}}}, "bad settings in option 'config'"),

@@ -95,8 +95,10 @@ def invocation_arguments(workflow: str, invocation: Any) -> tuple[list[Any], dic
         raise UsageError(f"{workflow} takes {len(positional)} arguments ({' '.join(p.upper() for p in positional)}), "
                          f"got {len(args)}")
     for name, value in zip(positional, args):
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise UsageError(f"{name.upper()} must be text or a whole number, got {str(value)[:40]!r}")
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in items):
+            raise UsageError(f"{name.upper()} must be text, a whole number or a list of them, "
+                             f"got {str(value)[:40]!r}")
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UsageError(f"unknown {workflow} option(s) {', '.join(map(repr, unknown))}: known are "
