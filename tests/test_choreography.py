@@ -15,7 +15,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 
 import httpx
 import pytest
@@ -29,7 +28,7 @@ from mlwf.errors import DataError, StageError
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 from tests.s3server import free_port
-from tests.test_knative import SECRET, ServeProcess, _point_at, _server_env
+from tests.test_knative import SECRET, ServeProcess, _point_at, _server_env, digits_bucket
 
 #: FAST as command-line flags.
 FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
@@ -134,15 +133,7 @@ def _sinks(a: str, b: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bucket(s3_server, digits_dir):
-    name = f"choreo-{uuid.uuid4().hex[:8]}"
-    s3_server.boto3_client().create_bucket(Bucket=name)
-    with pytest.MonkeyPatch.context() as mp:
-        _point_at(mp, s3_server)
-        store = StoreSpec("s3://", name).open()
-        bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX)
-        bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
-        store.close()
-    return name
+    return digits_bucket(s3_server, digits_dir, "choreo")
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +282,18 @@ def test_duplicated_and_reordered_deliveries_validate_once_and_make_the_same_mod
     assert manifest["run_id"] == run and manifest["sha256"] == trained["model_digest"]
 
 
+def _kill_once_written(store, key: str, server: ServeProcess, settle: float = 0.0) -> None:
+    """Kill ``server`` (SIGKILL) as soon as ``key`` is in ``store`` (and ``settle`` seconds more)."""
+    deadline = time.monotonic() + 60
+    while not store.exists(key):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    time.sleep(settle)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    server.stop()
+
+
 def test_a_server_killed_mid_run_and_restarted_lets_the_run_finish(s3_server, s3_env, reference, capsys, tmp_path):
     port_a, port_b = free_port(), free_port()
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
@@ -305,15 +308,7 @@ def test_a_server_killed_mid_run_and_restarted_lets_the_run_finish(s3_server, s3
         assert code == 0, err
         run = json.loads(out)["run_id"]
         store = StoreSpec("s3://", s3_env).open()
-        claim = f"ml-training/outputs/{run}/choreography/claims/train-1.json"
-        deadline = time.monotonic() + 60
-        while not store.exists(claim):
-            assert time.monotonic() < deadline, b.log()
-            time.sleep(0.05)
-        time.sleep(0.3)
-        b.proc.send_signal(signal.SIGKILL)
-        b.proc.wait(10)
-        b.stop()
+        _kill_once_written(store, f"ml-training/outputs/{run}/choreography/claims/train-1.json", b, settle=0.3)
         b = ServeProcess(b_env, tmp_path / "b.log", "--stages", TRAINING_B, *common, port=port_b).wait_ready()
         from mlwf.choreography.invoke import wait
 
@@ -339,13 +334,7 @@ def test_events_lost_with_a_killed_server_are_sent_again_when_it_starts(s3_serve
         assert code == 0, err
         run = json.loads(out)["run_id"]
         store = StoreSpec("s3://", s3_env).open()
-        marker = f"ml-training/outputs/{run}/choreography/batches/train.json"
-        deadline = time.monotonic() + 60
-        while not store.exists(marker):
-            assert time.monotonic() < deadline, first.log()
-            time.sleep(0.05)
-        first.proc.send_signal(signal.SIGKILL)
-        first.proc.wait(10)
+        _kill_once_written(store, f"ml-training/outputs/{run}/choreography/batches/train.json", first)
     finally:
         first.stop()
     second = ServeProcess(_server_env(s3_server), tmp_path / "a.log", *common, "--sink", url, port=port).wait_ready()

@@ -82,16 +82,8 @@ def eventing(namespace: str, stages: dict[str, list[str]], service_for) -> list[
 
 def invoke_job(image: str, namespace: str, env: list, workflow: str, bucket: str, args: list[str]) -> dict[str, Any]:
     """A Job that starts a run with one event to the Broker and follows it to the end."""
+    from mlwf.backends.knative.deploy import job
+
     command = ["invoke", workflow, *args, "--endpoint", broker_url(namespace), "--store", "s3://", "--bucket", bucket,
                "--wait", "--json"]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"generateName": f"mlwf-invoke-{workflow}-", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": "invoke"}},
-        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
-            "restartPolicy": "Never",
-            "containers": [{"name": "invoke", "image": image, "command": ["mlwf"], "args": command, "env": env,
-                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                                                "capabilities": {"drop": ["ALL"]}}}]}}},
-    }
+    return job(image, namespace, env, generate_name=f"mlwf-invoke-{workflow}-", component="invoke", args=command)

@@ -7,7 +7,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from mlwf.cli.options import Parser, common, emit, open_store, training_arguments, training_config
+from mlwf.cli.options import (Parser, common, emit, inference_arguments, open_store, training_arguments,
+                              training_config)
 
 
 def add_parsers(sub) -> None:
@@ -19,9 +20,7 @@ def add_parsers(sub) -> None:
     tr.add_argument("--allow-unvalidated", action="store_true",
                     help="publish even if validated on fewer than 2 decodable held-out images of some class")
     inf = wf.add_parser("ml-inference", help="start ml-inference MODEL_PREFIX DATA_PREFIX NUM_FUNCS")
-    inf.add_argument("model_prefix", metavar="MODEL_PREFIX")
-    inf.add_argument("data_prefix", metavar="DATA_PREFIX")
-    inf.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    inference_arguments(inf)
     for p in (tr, inf):
         p.add_argument("--endpoint", metavar="URL",
                        help="the service (mlwf serve --sink ...) or Broker that takes the start event")

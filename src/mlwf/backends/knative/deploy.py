@@ -104,24 +104,28 @@ def _service(image: str, namespace: str, env: list, profile: Profile, min_scale:
     }
 
 
+def job(image: str, namespace: str, env: list, *, generate_name: str, component: str, args: list[str]) -> dict:
+    """A Kubernetes Job running ``mlwf ARGS`` once (no retry), as a non-root user, kept an hour after it ends."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": generate_name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": component}},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": component, "image": image, "command": ["mlwf"], "args": args, "env": env,
+                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                                "capabilities": {"drop": ["ALL"]}}}]}}},
+    }
+
+
 def _job(image: str, namespace: str, env: list, workflow: str, bucket: str, endpoints: list[str]) -> dict:
     # The reference's datasets, from the workflow's definition; edit to taste.
     args = ["run", workflow, *workflows.get(workflow).example, "--backend", "knative", "--store", "s3://",
             "--bucket", bucket]
     for e in endpoints:
         args += ["--endpoint", e]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"generateName": f"mlwf-{workflow}-", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": "driver"}},
-        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
-            "restartPolicy": "Never",
-            "containers": [{"name": "driver", "image": image, "command": ["mlwf"], "args": args + ["--json"],
-                            "env": env,
-                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                                                "capabilities": {"drop": ["ALL"]}}}]}}},
-    }
+    return job(image, namespace, env, generate_name=f"mlwf-{workflow}-", component="driver", args=args + ["--json"])
 
 
 def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str = "tless",
