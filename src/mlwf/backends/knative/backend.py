@@ -60,7 +60,7 @@ from mlwf.aio import BACKGROUND
 from mlwf.backends.base import BackendConfig, HoldsNoOutputs
 from mlwf.backends.knative import events
 from mlwf.engine.calls import Call, Outcome, RunContext
-from mlwf.errors import MlwfError, StageError, UsageError
+from mlwf.errors import MlwfError, StageError, UsageError, one_line
 from mlwf.settings import Settings
 
 DEFAULT_TIMEOUT = 300.0
@@ -297,12 +297,12 @@ class KnativeBackend(HoldsNoOutputs):
             raise StageError(f"{where} failed: no answer from {url} within {self._limit(e):g} s "
                              f"({type(e).__name__})") from None
         except (httpx.TransportError, RuntimeError) as e:  # RuntimeError: client closed by cancel_all()
-            raise StageError(f"{where} failed: cannot reach {url} ({type(e).__name__}: {_one_line(e)})") from None
+            raise StageError(f"{where} failed: cannot reach {url} ({type(e).__name__}: {one_line(e, 500)})") from None
         if resp.status_code == 200:
             try:
                 return self._outcome(resp, event, call, ctx)
             except ValueError as e:
-                raise StageError(f"{where} failed on {url}: bad reply: {_one_line(e)}") from None
+                raise StageError(f"{where} failed on {url}: bad reply: {one_line(e, 500)}") from None
         err = _error_body(resp)
         if resp.status_code == 500:
             kind, retryable = err.get("type"), err.get("retryable") is not False
@@ -333,7 +333,7 @@ class KnativeBackend(HoldsNoOutputs):
         try:
             reply = events.from_http(resp.headers, resp.content)
         except Exception as e:
-            raise ValueError(f"not a CloudEvent ({_one_line(e)})") from None
+            raise ValueError(f"not a CloudEvent ({one_line(e, 500)})") from None
         expected_type = events.event_type(call.workflow, call.stage, done=True)
         expected_id = f"{request.get_id()}.done"
         if reply.get_type() != expected_type or reply.get_id() != expected_id:
@@ -349,7 +349,7 @@ class KnativeBackend(HoldsNoOutputs):
         try:
             return Outcome.from_json(data)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed outcome ({_one_line(e)})") from None
+            raise ValueError(f"malformed outcome ({one_line(e, 500)})") from None
 
 
 def _error_body(resp) -> dict[str, Any]:
@@ -369,10 +369,6 @@ def _refusal(status: int, error: str, where: str, url: str) -> str:
             404: "check --endpoint: that service does not run this stage",
             413: "the call is larger than the service's --max-body"}.get(status, "")
     return f"{where}: {url} refused the call ({status}: {error})" + (f"; {hint}" if hint else "")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500] or type(e).__name__
 
 
 BACKEND = KnativeBackend

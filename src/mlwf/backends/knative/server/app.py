@@ -20,7 +20,7 @@ from typing import Any
 from mlwf.backends.knative import events
 from mlwf.backends.knative.server.auth import REPLAY_SLOT_S, ReplayGuard, ReplayLedger, check_signature
 from mlwf.engine.layout import RunLayout
-from mlwf.errors import MlwfError, UsageError, WorkerLost, retryable
+from mlwf.errors import MlwfError, UsageError, WorkerLost, one_line, retryable
 from mlwf.httpserver import Refusal, guarded_lifespan, read_body
 from mlwf.settings import Settings
 from mlwf.storage import StoreSpec
@@ -135,7 +135,7 @@ class App:
             try:
                 event = events.from_http(request.headers, body)
             except Exception as e:  # the SDK raises several kinds for malformed input
-                raise Refusal(400, f"not a CloudEvents 1.0 request: {_one_line(e)}") from None
+                raise Refusal(400, f"not a CloudEvents 1.0 request: {one_line(e)}") from None
             event_id, etype = event.get_id(), event.get_type()
             kind = event.get_extension(events.KIND_ATTR)
             if kind is not None or request.url.path == "/dead-letter":
@@ -171,8 +171,8 @@ class App:
             return Response(status_code=400)
         except Exception as e:  # the stage (or the runner) raised: report, stay up
             status = 500
-            log.warning("event=%s failed: %s: %s", _clean(event_id), type(e).__name__, _one_line(e)[:500])
-            return JSONResponse({"error": _one_line(e), "type": type(e).__name__, "retryable": retryable(e),
+            log.warning("event=%s failed: %s: %s", _clean(event_id), type(e).__name__, one_line(e)[:500])
+            return JSONResponse({"error": one_line(e), "type": type(e).__name__, "retryable": retryable(e),
                                  "id": event_id}, status_code=500)
         finally:
             log.info("event=%s type=%s status=%d ms=%.1f", _clean(event_id), _clean(etype), status,
@@ -211,7 +211,7 @@ class App:
         try:
             n = self.ledger.clean()
         except MlwfError as e:
-            log.warning("could not delete old replay records (will retry): %s", _one_line(e))
+            log.warning("could not delete old replay records (will retry): %s", one_line(e))
             return
         if n:
             log.info("deleted %d expired replay records", n)
@@ -258,7 +258,7 @@ class App:
             call = Call.from_json(data["call"])
             ctx = RunContext(**data["context"])
         except (KeyError, TypeError, ValueError) as e:
-            raise Refusal(400, f"malformed call or context: {_one_line(e)}") from None
+            raise Refusal(400, f"malformed call or context: {one_line(e)}") from None
         for name in ("run_id", "workflow", "store_url", "bucket", "outputs_prefix", "transfer"):
             if not isinstance(getattr(ctx, name), str):
                 raise Refusal(400, f"context.{name} must be a string")
@@ -308,10 +308,5 @@ def _execute(call, ctx, settings):
     from mlwf.engine import runner
 
     return runner.execute(call, ctx, settings)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:2000]
 
 
