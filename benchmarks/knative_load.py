@@ -50,10 +50,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict, log: Path, store: str, *args: str):
+    def __init__(self, env: dict, log: Path, store: str, *args: str, port: int | None = None):
         import httpx
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1", "--port",

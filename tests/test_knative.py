@@ -41,11 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 class ServeProcess:
     """``mlwf serve`` on a free 127.0.0.1 port, in its own process, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str):
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log: Path, *args: str, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        self._log = open(log, "wb")
+        self._log = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(self.port), *args],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -95,10 +95,9 @@ def _point_at(monkeypatch, s3_server) -> None:
         monkeypatch.setenv(name, value)
 
 
-@pytest.fixture(scope="module")
-def served_bucket(s3_server, digits_dir):
-    """The bucket the module's services serve, holding the digits (training set and batch)."""
-    bucket = f"knative-{uuid.uuid4().hex[:8]}"
+def digits_bucket(s3_server, digits_dir, prefix: str) -> str:
+    """A new bucket of the test S3 server holding the digits (training set and batch); its name."""
+    bucket = f"{prefix}-{uuid.uuid4().hex[:8]}"
     s3_server.boto3_client().create_bucket(Bucket=bucket)
     with pytest.MonkeyPatch.context() as mp:
         _point_at(mp, s3_server)
@@ -107,6 +106,12 @@ def served_bucket(s3_server, digits_dir):
         bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
         store.close()
     return bucket
+
+
+@pytest.fixture(scope="module")
+def served_bucket(s3_server, digits_dir):
+    """The bucket the module's services serve, holding the digits (training set and batch)."""
+    return digits_bucket(s3_server, digits_dir, "knative")
 
 
 @pytest.fixture(scope="module")

@@ -114,3 +114,30 @@ def test_mlwf_deploy_knative_renders_a_service_per_stage_of_the_tiny_workflow_an
     listed = json.loads(capsys.readouterr().out)["runs"]
     assert [r["progress"] for r in listed if r["run_id"] == report["run_id"]] == [
         {"split": "1/1", "square": "4/4", "total": "1/1"}]
+
+
+def test_the_tiny_workflow_runs_choreographed_with_no_driver(tiny, tmp_path, monkeypatch):
+    """Choreography reads the definition and the drive() of any workflow: one server, its own sink."""
+    pytest.importorskip("httpx")
+    from mlwf.choreography.invoke import invoke, wait
+    from tests.s3server import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLWF_")}
+    env.update({"MLWF_FUNCTION_SECRET": SECRET, "MLWF_WORKFLOW_MODULES": MODULE,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service = ServeProcess(env, tmp_path / "serve.log", "--store", tiny, "--bucket", "tless", "--sink", url,
+                           port=port).wait_ready()
+    try:
+        spec = StoreSpec(tiny, "tless")
+        run_id = invoke("tiny-squares", {"args": [NUMBERS, 4]}, url, spec, secret=SECRET)
+        store = spec.open()
+        report = wait(store, "tiny-squares", run_id, timeout=60)
+        assert report["sum"] == EXPECTED and report["choreography"] is True
+        assert {s: v["calls"] for s, v in report["stages"].items()} == {"split": 1, "square": 4, "total": 1}
+        store.close()
+    finally:
+        service.stop()
+    assert service.log().count(f"run={run_id} call=tiny-squares/square[") == 4
+

@@ -75,3 +75,12 @@ def retryable(error: BaseException) -> bool:
     """Whether a failed call may succeed if tried again: an mlwf error says so itself; any other
     exception is a failure of the machinery around the stage, worth another attempt."""
     return error.retryable if isinstance(error, MlwfError) else True
+
+
+def one_line(value: BaseException | str, limit: int = 2000) -> str:
+    """An error's message (or a text) on one line of at most ``limit`` characters; an empty
+    message gives the error's class name."""
+    text = " ".join(str(value).split())[:limit]
+    if not text and isinstance(value, BaseException):
+        return type(value).__name__
+    return text

@@ -18,7 +18,8 @@ store (one S3 operation with its retries is bounded by about three times
 
 ``mlwf runs gc`` deletes only the intermediate objects of a run (the
 ``<stage>/<index>-<part>.bin`` and ``<stage>/<index>.done.json`` files of the
-workflow's stages); it never touches a run's ``run.json`` or results, nor
+workflow's stages, and a choreographed run's claims and batch markers under
+``choreography/``); it never touches a run's ``run.json`` or results, nor
 anything else below or beside it, such as a model.
 """
 
@@ -31,7 +32,8 @@ from collections import defaultdict
 from typing import Any
 
 from mlwf import workflows
-from mlwf.engine.layout import RECORD, RUN_ID, RunLayout, parse_intermediate, runs_folder
+from mlwf.engine.layout import (RECORD, RUN_ID, RunLayout, is_choreography_bookkeeping, parse_intermediate,
+                                runs_folder)
 from mlwf.errors import MlwfError, NotFoundError, StoreError, UsageError
 from mlwf.storage import Store
 
@@ -266,7 +268,8 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
 
 def _is_intermediate(workflow: str, rest: str) -> bool:
     intermediate = parse_intermediate(rest)
-    return intermediate is not None and intermediate[0] in workflows.get(workflow).stage_names
+    return (intermediate is not None and intermediate[0] in workflows.get(workflow).stage_names) \
+        or is_choreography_bookkeeping(rest)
 
 
 def show_run(store: Store, run_id: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A command, an :class:`~mlwf.engine.driver.Engine`, ``mlwf serve`` and every
 worker process call :meth:`Settings.resolve` once, at their start: it copies
 the variables mlwf reads (``MLWF_*``, ``S3_*``, ``AWS_*``, ``RAY_ADDRESS``,
-``PORT``, ``XDG_DATA_HOME``) and takes the command-line flags that override
+``PORT``, ``XDG_DATA_HOME``, ``K_SINK``) and takes the command-line flags that override
 them. The object is then passed down; no other module looks at
 ``os.environ``. What each variable means is in the README's Configuration
 table; how it is checked lives with its user (the S3 settings in
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 #: Variables with these prefixes reach the worker processes a driver starts.
 FORWARDED_PREFIXES = ("MLWF_", "S3_", "AWS_")
 _OTHER_VARIABLES = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "HOME", "PORT",
-                    "XDG_DATA_HOME")
+                    "XDG_DATA_HOME", "K_SINK")
 #: BLAS and OpenMP thread counts: one per worker, the parallelism is the functions.
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 #: Set only while the local backend's fork server starts (see :mod:`mlwf.backends.local.worker`).
@@ -203,6 +203,11 @@ class Settings:
     def port(self) -> str | None:
         """``PORT`` (Knative sets it for ``mlwf serve``)."""
         return self._get("PORT")
+
+    @property
+    def k_sink(self) -> str | None:
+        """``K_SINK``: where ``mlwf serve`` sends the events it emits (a Knative SinkBinding sets it)."""
+        return self._get("K_SINK")
 
     def forwarded(self) -> dict[str, str]:
         """The variables a driver hands to the worker processes it starts (store, credentials, limits)."""

@@ -1,7 +1,7 @@
 """The ``mlwf`` command: parse, call, print. Kept thin (and light to import).
 
 One module per command group, each with ``add_parsers(sub)`` and ``handle(args)``:
-:mod:`~mlwf.cli.run`, :mod:`~mlwf.cli.data` (dataset, s3), :mod:`~mlwf.cli.model`,
+:mod:`~mlwf.cli.run`, :mod:`~mlwf.cli.invoke`, :mod:`~mlwf.cli.data` (dataset, s3), :mod:`~mlwf.cli.model`,
 :mod:`~mlwf.cli.runs`, :mod:`~mlwf.cli.serve` (serve, deploy), :mod:`~mlwf.cli.bench`
 (bench, trace), :mod:`~mlwf.cli.demo`; the flags they share are in :mod:`~mlwf.cli.options`.
 """
@@ -12,12 +12,12 @@ import argparse
 import os
 import sys
 
-from mlwf.cli import bench, data, demo, model, run, runs, serve
+from mlwf.cli import bench, data, demo, invoke, model, run, runs, serve
 from mlwf.cli.options import Parser, version
 from mlwf.errors import MlwfError
 
 #: Each command and the module that handles it, in the order ``--help`` lists them.
-_GROUPS = {"run": run, "dataset": data, "s3": data, "model": model, "runs": runs, "serve": serve,
+_GROUPS = {"run": run, "invoke": invoke, "dataset": data, "s3": data, "model": model, "runs": runs, "serve": serve,
            "deploy": serve, "bench": bench, "trace": bench, "demo": demo}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mlwf.cli.options import Parser, common, training_arguments, training_config
+from mlwf.cli.options import Parser, common, inference_arguments, training_arguments, training_config
 
 
 def add_parsers(sub) -> None:
@@ -14,9 +14,7 @@ def add_parsers(sub) -> None:
     btr = bs.add_parser("ml-training", help="benchmark ml-training DATA_PREFIX NUM_PCA NUM_TRAIN")
     training_arguments(btr)
     binf = bs.add_parser("ml-inference", help="benchmark ml-inference MODEL_PREFIX DATA_PREFIX NUM_FUNCS")
-    binf.add_argument("model_prefix", metavar="MODEL_PREFIX")
-    binf.add_argument("data_prefix", metavar="DATA_PREFIX")
-    binf.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    inference_arguments(binf)
     for b in (btr, binf):
         b.add_argument("--backend", default="local",
                        help="backends, comma-separated: local,ray,knative (default local)")

@@ -97,6 +97,13 @@ def training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
 
 
+def inference_arguments(p: argparse.ArgumentParser) -> None:
+    """ml-inference's arguments (mlwf run, invoke and bench)."""
+    p.add_argument("model_prefix", metavar="MODEL_PREFIX")
+    p.add_argument("data_prefix", metavar="DATA_PREFIX")
+    p.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+
+
 def training_config(args):
     """The :class:`~mlwf.workflows.training.TrainingConfig` the training flags in ``args`` say."""
     from mlwf.presets import PRESETS

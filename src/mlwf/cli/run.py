@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from mlwf.cli.options import Parser, backend_config, common, emit, engine_options, training_arguments, training_config
+from mlwf.cli.options import (Parser, backend_config, common, emit, engine_options, inference_arguments,
+                              training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -24,9 +25,7 @@ def add_parsers(sub) -> None:
 
     inf = wf.add_parser("ml-inference", help="{partition ‖ load} → predict ×N over a batch of images",
                         description="Classify the images under DATA_PREFIX with the model at MODEL_PREFIX.")
-    inf.add_argument("model_prefix", metavar="MODEL_PREFIX")
-    inf.add_argument("data_prefix", metavar="DATA_PREFIX")
-    inf.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    inference_arguments(inf)
     engine_options(inf)
     common(inf)
 

@@ -36,6 +36,15 @@ def add_parsers(sub) -> None:
                          "is closed")
     sv.add_argument("--max-client-connections", type=int,
                     help="open connections from one address at most (default: half of --max-connections)")
+    sv.add_argument("--sink", action="append", default=None, metavar="URL|STAGE=URL",
+                    help="choreography: send the events that start each next stage to URL (a Broker, Channel or "
+                         "the next service), or STAGE=URL per stage (repeatable; default: $K_SINK)")
+    sv.add_argument("--dead-letter", metavar="URL", help="choreography: where events go that could not be delivered")
+    sv.add_argument("--delivery-retries", type=int, help="choreography: redeliveries of an event (default 10)")
+    sv.add_argument("--claim-lease", type=float,
+                    help="choreography: seconds a server's claim on a call lasts unless renewed (default 30)")
+    sv.add_argument("--retries", type=int,
+                    help="choreography: extra attempts of a failed call here before its delivery is retried (default 2)")
     sv.add_argument("--insecure-no-auth", action="store_true",
                     help="accept unsigned calls (local experiments only: anyone who can connect runs stages)")
     sv.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -49,7 +58,10 @@ def add_parsers(sub) -> None:
                       help="one Service per stage (default)")
     mode.add_argument("--single", dest="per_stage", action="store_false", help="one Service for every stage")
     kn.add_argument("--min-scale", type=int, default=0, help="pods kept warm per Service (default 0)")
-    kn.add_argument("--out", default="deploy/knative", help="output folder (default deploy/knative)")
+    kn.add_argument("--choreography", action="store_true",
+                    help="no driver: a Broker and a Trigger per stage, services emitting their successors' events "
+                         "(K_SINK), and Jobs that start runs with one event")
+    kn.add_argument("--out", help="output folder (default deploy/knative, or deploy/knative-choreography)")
     kn.add_argument("--json", action="store_true")
     kn.add_argument("--debug", action="store_true")
     ks = dps.add_parser("kserve", help="a KServe InferenceService running 'mlwf model serve', and its Secret")
@@ -83,7 +95,9 @@ def handle(args) -> int:
                             bucket=args.bucket, max_body=server.parse_size(args.max_body), threads=args.threads,
                             grace=args.grace, insecure_no_auth=args.insecure_no_auth, max_age=args.max_age,
                             request_timeout=args.request_timeout, max_connections=args.max_connections,
-                            max_client_connections=args.max_client_connections, workers=args.workers)
+                            max_client_connections=args.max_client_connections, workers=args.workers,
+                            sinks=args.sink, dead_letter=args.dead_letter, delivery_retries=args.delivery_retries,
+                            claim_lease=args.claim_lease, retries=args.retries)
     if args.deploy_target == "kserve":
         return deploy_kserve(args)
     from mlwf.backends.knative.deploy import render
@@ -91,10 +105,13 @@ def handle(args) -> int:
 
     files = render(image=args.image, namespace=args.namespace, s3_host=args.s3_host, s3_port=args.s3_port,
                    bucket=args.bucket, per_stage=args.per_stage, min_scale=args.min_scale,
-                   workflow_modules=Settings.resolve().workflow_modules)
+                   workflow_modules=Settings.resolve().workflow_modules, choreography=args.choreography)
+    args.out = args.out or ("deploy/knative-choreography" if args.choreography else "deploy/knative")
+    then = (f"start a run with kubectl create -f {args.out}/run/ml-training.yaml" if args.choreography
+            else f"flags for mlwf run in {args.out}/endpoints.txt")
     return _write(args, files, "mlwf deploy knative",
                   f"kubectl apply -f {args.out}/ (after creating the Secret, see {args.out}/templates/secret.yaml); "
-                  f"flags for mlwf run in {args.out}/endpoints.txt")
+                  + then)
 
 
 def deploy_kserve(args: argparse.Namespace) -> int:

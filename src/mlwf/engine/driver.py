@@ -214,6 +214,10 @@ class Run:
     def store(self):
         return self.engine.store
 
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the run started (its ``e2e_ms``)."""
+        return (time.perf_counter() - self.t0) * 1e3
+
     # ------------------------------------------------------------------ calls
     def run_calls(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
         """Run every call of the given stages concurrently; return outcomes in call order.
@@ -307,7 +311,7 @@ class Run:
     # ------------------------------------------------------------------ report
     def report(self, **extra: Any) -> dict[str, Any]:
         """The run's summary: end-to-end time, per-stage and per-edge figures."""
-        e2e = (time.perf_counter() - self.t0) * 1e3
+        e2e = self.elapsed_ms()
         stages, edges, transfer_ms, workers = self.accounts.figures()
         report = {
             "workflow": self.workflow,

@@ -8,6 +8,8 @@ A run lives in ``<workflow>/outputs/<run-id>/``::
                                   of a ``many`` output counted
     <stage>/<index>.done.json     a finished call: its outputs and their SHA-256 (for --resume)
     predictions.csv, ...          results a workflow's driver writes
+    choreography/claims/<stage>-<index>.json, choreography/batches/<stages>.json
+                                  a choreographed run's claims and batch markers (mlwf.choreography)
 
 A run id (``20261126T121500.123456Z-3f9a1c``) sorts by start time and is
 unique, so concurrent runs never touch each other's state. ``mlwf runs``
@@ -26,6 +28,10 @@ from mlwf.storage import join_key
 RECORD = "run.json"
 #: The shape of every run id :func:`new_run_id` makes.
 RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
+#: Where a choreographed run keeps its claims and batch markers (mlwf.choreography.records).
+CHOREOGRAPHY = "choreography"
+_CHOREOGRAPHY = re.compile(r"choreography/(?:claims/(?:[a-z][a-z0-9_]*-\d+|finish)|"
+                           r"batches/[a-z][a-z0-9_]*(?:\+[a-z][a-z0-9_]*)*)\.json")
 _INTERMEDIATE = re.compile(r"(?P<stage>[a-z][a-z0-9_]*)/(?P<index>\d+)(?:-(?P<part>\d+)\.bin|\.done\.json)")
 
 
@@ -67,6 +73,19 @@ class RunLayout:
     def result(self, name: str) -> str:
         """A result the driver writes, such as ``predictions.csv``."""
         return join_key(self.folder, name)
+
+    def claim(self, name: str) -> str:
+        """A choreographed run's claim on a call (``<stage>-<index>``) or on its finish (``finish``)."""
+        return join_key(self.folder, CHOREOGRAPHY, "claims", f"{name}.json")
+
+    def batch_marker(self, batch: str) -> str:
+        """The marker of a choreographed run's stage batch (``pca``, ``partition+load``): who emitted it."""
+        return join_key(self.folder, CHOREOGRAPHY, "batches", f"{batch}.json")
+
+
+def is_choreography_bookkeeping(rest: str) -> bool:
+    """Whether a key below a run's folder is a choreographed run's claim or batch marker."""
+    return _CHOREOGRAPHY.fullmatch(rest) is not None
 
 
 def parse_intermediate(rest: str) -> tuple[str, bool] | None:

@@ -60,7 +60,7 @@ from mlwf.aio import BACKGROUND
 from mlwf.backends.base import BackendConfig, HoldsNoOutputs
 from mlwf.backends.knative import events
 from mlwf.engine.calls import Call, Outcome, RunContext
-from mlwf.errors import MlwfError, StageError, UsageError
+from mlwf.errors import MlwfError, StageError, UsageError, one_line
 from mlwf.settings import Settings
 
 DEFAULT_TIMEOUT = 300.0
@@ -74,21 +74,33 @@ _ERROR_CLASSES = {cls.__name__: cls for cls in (errors.DataError, errors.ModelEr
                                                 errors.TransientStoreError, errors.StageError)}
 
 
-def _check_url(url: str, entry: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--endpoint {entry!r}: {url!r} is not an http(s):// URL")
+def check_url(url: str, entry: str, flag: str = "--endpoint") -> str:
+    """``url`` if it is an http(s) URL with a host; else :class:`UsageError` naming ``flag`` and ``entry``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. a bracketed host that is no IPv6 address, or a port that is no number
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise UsageError(f"{flag} {entry!r}: {url!r} is not an http(s):// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise UsageError(f"{flag} {entry!r}: {url!r} has no valid port") from None
     return url
 
 
-def parse_endpoints(entries) -> tuple[str | None, dict[tuple[str, str], str]]:
-    """``(default URL or None, {(workflow, stage): URL})`` from ``URL`` / ``STAGE=URL`` entries."""
+def parse_endpoints(entries, flag: str = "--endpoint") -> tuple[str | None, dict[tuple[str, str], str]]:
+    """``(default URL or None, {(workflow, stage): URL})`` from ``URL`` / ``STAGE=URL`` entries.
+
+    ``flag`` names the option in error messages (``--endpoint``, ``--sink``).
+    """
     if isinstance(entries, str):
         entries = [entries]
     entries = [e.strip() for e in (entries or []) if e and e.strip()]
     if not entries:
-        raise UsageError("the knative backend needs --endpoint URL (one service for every stage) or "
-                         "--endpoint STAGE=URL for each stage")
+        raise UsageError(f"the knative backend needs {flag} URL (one service for every stage) or "
+                         f"{flag} STAGE=URL for each stage")
     known = workflows.known_stages()
     names = ", ".join(f"{w}/{s}" for w, ss in known.items() for s in ss)
     default: str | None = None
@@ -96,27 +108,27 @@ def parse_endpoints(entries) -> tuple[str | None, dict[tuple[str, str], str]]:
     for entry in entries:
         head, sep, tail = entry.partition("=")
         if sep and "://" not in head:
-            name, url = head.strip(), _check_url(tail.strip(), entry)
+            name, url = head.strip(), check_url(tail.strip(), entry, flag)
             workflow, slash, stage = name.partition("/")
             if slash:
                 if workflow not in known or stage not in known[workflow]:
-                    raise UsageError(f"--endpoint {entry!r}: unknown stage {name!r}; stages are {names}")
+                    raise UsageError(f"{flag} {entry!r}: unknown stage {name!r}; stages are {names}")
                 targets, level = [(workflow, stage)], 1
             elif name in known:
                 targets, level = [(name, s) for s in known[name]], 0
             else:
                 targets, level = [(w, name) for w, ss in known.items() if name in ss], 0
                 if not targets:
-                    raise UsageError(f"--endpoint {entry!r}: unknown stage {name!r}; stages are {names}")
+                    raise UsageError(f"{flag} {entry!r}: unknown stage {name!r}; stages are {names}")
             for t in targets:
                 if levels[level].get(t, url) != url:
-                    raise UsageError(f"--endpoint: two URLs for {t[0]}/{t[1]} ({levels[level][t]} and {url}): "
+                    raise UsageError(f"{flag}: two URLs for {t[0]}/{t[1]} ({levels[level][t]} and {url}): "
                                      "give one")
                 levels[level][t] = url
         else:
-            url = _check_url(entry, entry)
+            url = check_url(entry, entry, flag)
             if default is not None and default != url:
-                raise UsageError(f"--endpoint: two URLs for every stage ({default} and {url}): give one, or "
+                raise UsageError(f"{flag}: two URLs for every stage ({default} and {url}): give one, or "
                                  "STAGE=URL for each stage")
             default = url
     return default, {**levels[0], **levels[1]}
@@ -285,12 +297,12 @@ class KnativeBackend(HoldsNoOutputs):
             raise StageError(f"{where} failed: no answer from {url} within {self._limit(e):g} s "
                              f"({type(e).__name__})") from None
         except (httpx.TransportError, RuntimeError) as e:  # RuntimeError: client closed by cancel_all()
-            raise StageError(f"{where} failed: cannot reach {url} ({type(e).__name__}: {_one_line(e)})") from None
+            raise StageError(f"{where} failed: cannot reach {url} ({type(e).__name__}: {one_line(e, 500)})") from None
         if resp.status_code == 200:
             try:
                 return self._outcome(resp, event, call, ctx)
             except ValueError as e:
-                raise StageError(f"{where} failed on {url}: bad reply: {_one_line(e)}") from None
+                raise StageError(f"{where} failed on {url}: bad reply: {one_line(e, 500)}") from None
         err = _error_body(resp)
         if resp.status_code == 500:
             kind, retryable = err.get("type"), err.get("retryable") is not False
@@ -321,7 +333,7 @@ class KnativeBackend(HoldsNoOutputs):
         try:
             reply = events.from_http(resp.headers, resp.content)
         except Exception as e:
-            raise ValueError(f"not a CloudEvent ({_one_line(e)})") from None
+            raise ValueError(f"not a CloudEvent ({one_line(e, 500)})") from None
         expected_type = events.event_type(call.workflow, call.stage, done=True)
         expected_id = f"{request.get_id()}.done"
         if reply.get_type() != expected_type or reply.get_id() != expected_id:
@@ -337,7 +349,7 @@ class KnativeBackend(HoldsNoOutputs):
         try:
             return Outcome.from_json(data)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed outcome ({_one_line(e)})") from None
+            raise ValueError(f"malformed outcome ({one_line(e, 500)})") from None
 
 
 def _error_body(resp) -> dict[str, Any]:
@@ -357,10 +369,6 @@ def _refusal(status: int, error: str, where: str, url: str) -> str:
             404: "check --endpoint: that service does not run this stage",
             413: "the call is larger than the service's --max-body"}.get(status, "")
     return f"{where}: {url} refused the call ({status}: {error})" + (f"; {hint}" if hint else "")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500] or type(e).__name__
 
 
 BACKEND = KnativeBackend

@@ -17,6 +17,14 @@ Writes into ``OUT`` (default ``deploy/knative``):
   workflow's driver inside the cluster against those Services (``kubectl
   create -f``), the counterpart of the reference's ``curl_cmd.sh``;
 * ``endpoints.txt``: the ``--endpoint`` flags for ``mlwf run --backend knative``.
+
+With ``choreography=True`` (``--choreography``, default folder
+``deploy/knative-choreography``) the workflow runs with no driver: the same
+Services plus ``mlwf-dead-letter``, ``30-eventing.yaml`` (a Broker, a
+SinkBinding that gives every Service ``K_SINK``, a Trigger per stage and per
+start event, with delivery retries and the dead-letter sink; see
+:mod:`mlwf.choreography.manifests`), and ``run/<workflow>.yaml`` Jobs that
+start a run with one event (``mlwf invoke ... --wait``) instead of driving it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ REQUEST_TIMEOUT_S = 300
 #: The one Service of ``--single``: every stage, calls in worker processes. A stage's own Service
 #: scales by the profile its workflow's definition gives it (:class:`~mlwf.workflows.definition.Profile`).
 SINGLE = Profile(2, 32, "2", "2Gi", processes=True)
+#: The dead-letter sink of the choreographed mode: it only marks runs failed.
+DEAD_LETTER = Profile(4, 2, "250m", "512Mi")
 
 
 def service_name(workflow: str | None = None, stage: str | None = None) -> str:
@@ -59,14 +69,14 @@ def _env(s3_host: str, s3_port: int, bucket: str) -> list[dict[str, Any]]:
 
 
 def _service(image: str, namespace: str, env: list, profile: Profile, min_scale: int, bucket: str,
-             workflow: str | None = None, stage: str | None = None) -> dict[str, Any]:
+             workflow: str | None = None, stage: str | None = None, name: str | None = None) -> dict[str, Any]:
     args = ["serve", "--stages", f"{workflow}/{stage}" if workflow else "all", "--store", "s3://", "--bucket", bucket,
             "--workers" if profile.processes else "--threads", str(profile.concurrency)]
     labels = _labels(workflow, stage)
     return {
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
-        "metadata": {"name": service_name(workflow, stage), "namespace": namespace, "labels": labels},
+        "metadata": {"name": name or service_name(workflow, stage), "namespace": namespace, "labels": labels},
         "spec": {"template": {
             "metadata": {"labels": labels, "annotations": {
                 "autoscaling.knative.dev/min-scale": str(min_scale),
@@ -94,31 +104,39 @@ def _service(image: str, namespace: str, env: list, profile: Profile, min_scale:
     }
 
 
+def job(image: str, namespace: str, env: list, *, generate_name: str, component: str, args: list[str]) -> dict:
+    """A Kubernetes Job running ``mlwf ARGS`` once (no retry), as a non-root user, kept an hour after it ends."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": generate_name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": component}},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": component, "image": image, "command": ["mlwf"], "args": args, "env": env,
+                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                                "capabilities": {"drop": ["ALL"]}}}]}}},
+    }
+
+
 def _job(image: str, namespace: str, env: list, workflow: str, bucket: str, endpoints: list[str]) -> dict:
     # The reference's datasets, from the workflow's definition; edit to taste.
     args = ["run", workflow, *workflows.get(workflow).example, "--backend", "knative", "--store", "s3://",
             "--bucket", bucket]
     for e in endpoints:
         args += ["--endpoint", e]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"generateName": f"mlwf-{workflow}-", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": "driver"}},
-        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
-            "restartPolicy": "Never",
-            "containers": [{"name": "driver", "image": image, "command": ["mlwf"], "args": args + ["--json"],
-                            "env": env,
-                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                                                "capabilities": {"drop": ["ALL"]}}}]}}},
-    }
+    return job(image, namespace, env, generate_name=f"mlwf-{workflow}-", component="driver", args=args + ["--json"])
 
 
 def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str = "tless",
-           per_stage: bool = True, min_scale: int = 0,
-           workflow_modules: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]] | str]:
+           per_stage: bool = True, min_scale: int = 0, workflow_modules: tuple[str, ...] = (),
+           choreography: bool = False) -> dict[str, list[dict[str, Any]] | str]:
     """The manifests as ``{relative file name: [documents]}`` (``endpoints.txt``: text), for the
-    built-in workflows and those ``workflow_modules`` define."""
+    built-in workflows and those ``workflow_modules`` define.
+
+    ``choreography``: the driverless mode (Broker, Triggers, SinkBinding, start Jobs; see
+    :mod:`mlwf.choreography.manifests`).
+    """
     check_target(image=image, namespace=namespace, s3_host=s3_host, s3_port=s3_port, bucket=bucket,
                  min_scale=min_scale)
     env = _env(s3_host, s3_port, bucket)
@@ -142,6 +160,21 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
         "metadata": {"name": SECRET_NAME, "namespace": namespace, "labels": {"app.kubernetes.io/name": "mlwf"}},
         "stringData": {"function-secret": PLACEHOLDER_SECRET, "s3-user": "CHANGE-ME",
                        "s3-password": "CHANGE-ME"}}]
+    if choreography:
+        from mlwf.choreography import manifests
+
+        # A SinkBinding acts in namespaces that opt in (Knative's inclusion mode) or do not opt out.
+        files["00-namespace.yaml"][0]["metadata"]["labels"] = {"bindings.knative.dev/include": "true"}
+        services.append(_service(image, namespace, env, DEAD_LETTER, min_scale, bucket,
+                                 name=manifests.DEAD_LETTER_SERVICE))
+        files["30-eventing.yaml"] = manifests.eventing(
+            namespace, {w.name: list(w.stage_names) for w in deployed},
+            (lambda w, s: service_name(w, s)) if per_stage else (lambda w, s: service_name()))
+        for workflow in deployed:
+            if workflow.example:  # a start Job for each workflow with the reference's arguments to run
+                files[f"run/{workflow.name}.yaml"] = [manifests.invoke_job(image, namespace, env, workflow.name,
+                                                                           bucket, list(workflow.example))]
+        return files
     for workflow in deployed:
         if workflow.example:  # a driver Job for each workflow with the reference's arguments to run
             files[f"run/{workflow.name}.yaml"] = [_job(image, namespace, env, workflow.name, bucket,

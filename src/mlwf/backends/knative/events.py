@@ -36,6 +36,9 @@ TYPE_PREFIX = "dev.mlwf."
 DONE_SUFFIX = ".done"
 SIGNATURE_ATTR = "mlwfsignature"
 TIME_ATTR = "mlwftime"
+#: What a request is, when it is not a driver's call: ``event`` (a choreographed stage event) or
+#: ``start`` (a choreographed run's start event); the kind is part of the signed message.
+KIND_ATTR = "mlwfkind"
 #: Signatures older than this many seconds are refused (and event ids are remembered this long).
 DEFAULT_MAX_AGE = 300
 #: Signing times this far ahead of the server's clock are refused.
@@ -117,16 +120,21 @@ def make_event(attributes: dict[str, Any], data: dict[str, Any]):
 
 
 def call_event(call_json: dict, ctx_json: dict, secret: str | None, *, source: str = "/mlwf/driver",
-               event_id: str | None = None, timestamp: str | None = None):
-    """The signed CloudEvent that invokes ``call_json`` (``secret=None``: unsigned)."""
+               event_id: str | None = None, timestamp: str | None = None, kind: str = "call"):
+    """The signed CloudEvent that invokes ``call_json`` (``secret=None``: unsigned).
+
+    ``kind="event"``: a choreographed stage event (whose server emits what comes next).
+    """
     data = {"call": call_json, "context": ctx_json}
     event_id = event_id or new_event_id()
     timestamp = timestamp or now_stamp()
     attrs: dict[str, Any] = {"type": event_type(call_json["workflow"], call_json["stage"]), "source": source,
                              "id": event_id, "datacontenttype": JSON_TYPE,
                              "subject": f"{call_json['stage']}[{call_json['index']}]", TIME_ATTR: timestamp}
+    if kind != "call":
+        attrs[KIND_ATTR] = kind
     if secret is not None:
-        attrs[SIGNATURE_ATTR] = sign(secret, "call", call_json["workflow"], call_json["stage"],
+        attrs[SIGNATURE_ATTR] = sign(secret, kind, call_json["workflow"], call_json["stage"],
                                      ctx_json["run_id"], data, event_id, timestamp)
     return make_event(attrs, data)
 

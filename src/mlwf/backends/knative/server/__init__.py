@@ -18,6 +18,14 @@ folder ``<workflow>/outputs/<run id>/``. The reply is a signed CloudEvent
 ``dev.mlwf.<workflow>.<stage>.done`` in the request's mode, with
 ``Outcome.to_json()`` as its data.
 
+Choreography. Started with ``--sink`` (or ``K_SINK``), a server also takes
+choreographed events, those carrying ``mlwfkind`` (a run's start event, or a
+stage event whose server emits what comes next), and ``POST /dead-letter``;
+:mod:`mlwf.choreography.service` answers them. They are checked as calls
+are, except for the replay ledger below: a choreographed event may be
+redelivered after a crash and must then run, and the store's claims and done
+records keep it from running anything twice.
+
 Replays. Before a call runs, the server records its event id in that store
 with a create-if-absent write (:meth:`~mlwf.storage.Store.put_if_absent`:
 S3 ``If-None-Match: *``, a hard link on a directory) at

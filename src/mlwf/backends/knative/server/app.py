@@ -20,7 +20,7 @@ from typing import Any
 from mlwf.backends.knative import events
 from mlwf.backends.knative.server.auth import REPLAY_SLOT_S, ReplayGuard, ReplayLedger, check_signature
 from mlwf.engine.layout import RunLayout
-from mlwf.errors import MlwfError, UsageError, WorkerLost, retryable
+from mlwf.errors import MlwfError, UsageError, WorkerLost, one_line, retryable
 from mlwf.httpserver import Refusal, guarded_lifespan, read_body
 from mlwf.settings import Settings
 from mlwf.storage import StoreSpec
@@ -50,6 +50,7 @@ class ServeConfig:
     workers: int = 0  # > 0: run calls in that many worker processes instead of threads
     limits: Any = None  # mlwf.httpguard.Limits (None: its defaults)
     settings: Settings | None = None  # this process's (None: resolved from its environment)
+    choreography: Any = None  # mlwf.choreography.service.ChoreographyConfig: emit successors' events (--sink)
 
 
 def _clean(value: Any, n: int = 80) -> str:
@@ -90,13 +91,22 @@ class App:
 
             self.processes = LocalBackend(LocalConfig(config.workers, preload_sklearn=True), self.settings)
             self.processes.warm_up()
+        self.choreography = None
+        if config.choreography is not None:
+            from mlwf.choreography.service import ChoreographyService
 
-        lifespan = guarded_lifespan(self)
+            self.choreography = ChoreographyService(self, config.choreography)
+
+        lifespan = guarded_lifespan(self, self._start_choreography if self.choreography is not None else None)
 
         self.asgi = Starlette(routes=[Route("/healthz", self.healthz, methods=["GET"]),
                                       Route("/readyz", self.readyz, methods=["GET"]),
-                                      Route("/", self.invoke, methods=["POST"])],
+                                      Route("/", self.invoke, methods=["POST"]),
+                                      Route("/dead-letter", self.invoke, methods=["POST"])],
                               lifespan=lifespan)
+
+    async def _start_choreography(self) -> None:
+        self.choreography.start()  # its threads run on; the lifespan only starts them
 
     # ------------------------------------------------------------------ probes
     async def healthz(self, request):
@@ -125,10 +135,22 @@ class App:
             try:
                 event = events.from_http(request.headers, body)
             except Exception as e:  # the SDK raises several kinds for malformed input
-                raise Refusal(400, f"not a CloudEvents 1.0 request: {_one_line(e)}") from None
+                raise Refusal(400, f"not a CloudEvents 1.0 request: {one_line(e)}") from None
             event_id, etype = event.get_id(), event.get_type()
+            kind = event.get_extension(events.KIND_ATTR)
+            if kind is not None or request.url.path == "/dead-letter":
+                # Choreographed: a start or stage event whose server emits what comes next.
+                if self.choreography is None:
+                    raise Refusal(404, "this server takes no choreographed events: start it with --sink URL "
+                                       "(or K_SINK)")
+                if request.url.path == "/dead-letter":
+                    response = await self.choreography.dead_letter(event)
+                else:
+                    response = await self.choreography.handle(event, str(kind))
+                status = response.status_code
+                return response
             call, ctx, data = self._parse(event)
-            self._authenticate(event, call, ctx, data)
+            self._authenticate(event, "call", call.workflow, call.stage, ctx.run_id, data)
             self._route(call)
             ctx = self._check_store(ctx)
             await self._claim(event)
@@ -149,7 +171,8 @@ class App:
             return Response(status_code=400)
         except Exception as e:  # the stage (or the runner) raised: report, stay up
             status = 500
-            return JSONResponse({"error": _one_line(e), "type": type(e).__name__, "retryable": retryable(e),
+            log.warning("event=%s failed: %s: %s", _clean(event_id), type(e).__name__, one_line(e)[:500])
+            return JSONResponse({"error": one_line(e), "type": type(e).__name__, "retryable": retryable(e),
                                  "id": event_id}, status_code=500)
         finally:
             log.info("event=%s type=%s status=%d ms=%.1f", _clean(event_id), _clean(etype), status,
@@ -188,7 +211,7 @@ class App:
         try:
             n = self.ledger.clean()
         except MlwfError as e:
-            log.warning("could not delete old replay records (will retry): %s", _one_line(e))
+            log.warning("could not delete old replay records (will retry): %s", one_line(e))
             return
         if n:
             log.info("deleted %d expired replay records", n)
@@ -214,6 +237,8 @@ class App:
         return dataclasses.replace(ctx, store_url=own.url, bucket=own.bucket)
 
     def close(self) -> None:
+        if self.choreography is not None:
+            self.choreography.close()
         self.pool.shutdown(wait=True)
         self.bookkeeping.shutdown(wait=True)
         if self.processes is not None:
@@ -233,7 +258,7 @@ class App:
             call = Call.from_json(data["call"])
             ctx = RunContext(**data["context"])
         except (KeyError, TypeError, ValueError) as e:
-            raise Refusal(400, f"malformed call or context: {_one_line(e)}") from None
+            raise Refusal(400, f"malformed call or context: {one_line(e)}") from None
         for name in ("run_id", "workflow", "store_url", "bucket", "outputs_prefix", "transfer"):
             if not isinstance(getattr(ctx, name), str):
                 raise Refusal(400, f"context.{name} must be a string")
@@ -248,9 +273,12 @@ class App:
                                f"{_clean(call.workflow)}/{_clean(call.stage)} of a {_clean(ctx.workflow)} run")
         return call, ctx, data
 
-    def _authenticate(self, event, call, ctx, data) -> None:
+    def _authenticate(self, event, kind: str, workflow: str, stage: str, run_id: str, data,
+                      max_age: int | None = None) -> None:
+        """Check a ``kind`` request's signature (``call``, ``event``, ``start``) and its age; else Refusal."""
         if not self.config.insecure:
-            check_signature(event, call, ctx, data, secret=self.config.secret, max_age=self.config.max_age)
+            check_signature(event, kind, workflow, stage, run_id, data, secret=self.config.secret,
+                            max_age=self.config.max_age if max_age is None else max_age)
 
     def _route(self, call) -> None:
         from mlwf.workflows import stage_function
@@ -280,10 +308,5 @@ def _execute(call, ctx, settings):
     from mlwf.engine import runner
 
     return runner.execute(call, ctx, settings)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:2000]
 
 

@@ -129,9 +129,11 @@ def _slot(key: str) -> int:
     return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else sys.maxsize
 
 
-def check_signature(event, call, ctx, data, *, secret: str, max_age: int) -> None:
-    """Refuse (:class:`Refusal` 401/403) a call that is unsigned, signed with another secret, altered, or
-    signed outside ``[now - max_age, now + MAX_FUTURE_SKEW]``."""
+def check_signature(event, kind: str, workflow: str, stage: str, run_id: str, data, *, secret: str,
+                    max_age: int) -> None:
+    """Refuse (:class:`Refusal` 401/403) a request that is unsigned, signed with another secret, altered, or
+    signed outside ``[now - max_age, now + MAX_FUTURE_SKEW]``. ``kind``: ``call`` (a driver's call),
+    ``event`` or ``start`` (choreographed); it is part of the signed message."""
     signature = event.get_extension(events.SIGNATURE_ATTR)
     stamp = event.get_extension(events.TIME_ATTR)
     if signature in (None, "") or stamp in (None, ""):
@@ -139,8 +141,7 @@ def check_signature(event, call, ctx, data, *, secret: str, max_age: int) -> Non
     stamp = str(stamp)
     if not stamp.isdigit() or len(stamp) > 12:
         raise Refusal(401, f"{events.TIME_ATTR} must be whole Unix seconds")
-    if not events.verify(secret, str(signature), "call", call.workflow, call.stage, ctx.run_id,
-                         data, event.get_id(), stamp):
+    if not events.verify(secret, str(signature), kind, workflow, stage, run_id, data, event.get_id(), stamp):
         raise Refusal(401, "bad signature: the caller's MLWF_FUNCTION_SECRET differs, or the event was altered")
     age = time.time() - int(stamp)
     if age > max_age:

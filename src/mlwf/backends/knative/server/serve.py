@@ -56,13 +56,18 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
           max_body: int = DEFAULT_MAX_BODY, threads: int | None = None, grace: float = DEFAULT_GRACE,
           insecure_no_auth: bool = False, max_age: int = events.DEFAULT_MAX_AGE,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, max_client_connections: int | None = None,
-          request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0) -> int:
+          request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0, sinks: list[str] | None = None,
+          dead_letter: str | None = None, delivery_retries: int | None = None, claim_lease: float | None = None,
+          retries: int | None = None) -> int:
     """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
 
     ``store``/``bucket`` (default ``MLWF_STORE``/``MLWF_BUCKET``, as every
     command) name the one store the server acts on. ``request_timeout``,
     ``max_connections`` and ``max_client_connections`` (default half of
     ``max_connections``) bound connections as :mod:`mlwf.httpguard` describes.
+    ``sinks`` (``URL`` or ``STAGE=URL`` entries, default ``$K_SINK``) turn on
+    choreography (:mod:`mlwf.choreography`), with ``dead_letter``,
+    ``delivery_retries``, ``claim_lease`` and the stage's own ``retries``.
 
     Raises
     ------
@@ -93,6 +98,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
                                             else max_client_connections))
+    choreography = _choreography_config(sinks, settings.k_sink, dead_letter, delivery_retries, claim_lease, retries)
     spec = settings.store
     try:
         spec.open(settings).close()  # a bad URL or bucket name fails here, not at the first call
@@ -106,7 +112,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     # With --insecure-no-auth, a secret that is there anyway still signs the replies.
     config = ServeConfig(store=spec.canonical(), stages=parse_stages(stages), secret=secret,
                          insecure=insecure_no_auth, max_body=max_body, max_age=max_age, threads=threads,
-                         workers=workers, limits=limits, settings=settings)
+                         workers=workers, limits=limits, settings=settings, choreography=choreography)
     setup_logging()
     if insecure_no_auth:
         warning = ("AUTHENTICATION DISABLED (--insecure-no-auth): anyone who can reach "
@@ -123,6 +129,11 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
              limits.max_client_connections,
              f"{workers} worker processes" if workers else f"{app.threads} worker threads",
              "off" if insecure_no_auth else "HMAC-SHA256")
+    if choreography is not None:
+        sink = choreography.sinks
+        log.info("choreography: events to %s%s; dead letters to %s; %d delivery retries; claims last %g s",
+                 sink.default or "per-stage sinks", "".join(f", {w}/{st}={u}" for (w, st), u in sorted(sink.routes.items())),
+                 sink.dead_letter or "nowhere", choreography.delivery_retries, choreography.lease_s)
     run_guarded(app, sock, grace)
     if app.running:
         log.error("exiting with %d calls still running after the %s s grace period", app.running, grace)
@@ -134,3 +145,20 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     app.close()
     log.info("mlwf serve stopped cleanly")
     return 0
+
+
+def _choreography_config(sinks, k_sink, dead_letter, delivery_retries, claim_lease, retries):
+    """The choreography settings of ``mlwf serve`` (None: no sink, a driver's function server only)."""
+    from mlwf.choreography.service import ChoreographyConfig
+    from mlwf.choreography.sinks import parse_sinks
+
+    parsed = parse_sinks(sinks, k_sink=k_sink, dead_letter=dead_letter)
+    if parsed is None:
+        for flag, value in (("--delivery-retries", delivery_retries), ("--claim-lease", claim_lease),
+                            ("--retries", retries)):
+            if value is not None:
+                raise UsageError(f"{flag} is for choreography: give --sink URL (or set K_SINK) too")
+        return None
+    given = {k: v for k, v in (("delivery_retries", delivery_retries), ("lease_s", claim_lease),
+                               ("stage_retries", retries)) if v is not None}
+    return ChoreographyConfig(sinks=parsed, **given).check()
