@@ -76,9 +76,7 @@ TRAINING_FLAGS = (
 
 def training_arguments(p: argparse.ArgumentParser) -> None:
     """ml-training's arguments and settings (mlwf run and mlwf bench)."""
-    from mlwf.workflows.training import DEFAULT_MODEL_PREFIX
-
-    from mlwf.presets import PRESETS
+    from mlwf.presets import DEFAULT_MODEL_PREFIX, PRESETS
 
     p.add_argument("data_prefix", metavar="DATA_PREFIX")
     p.add_argument("num_pca", metavar="NUM_PCA", type=int)

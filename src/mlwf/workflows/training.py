@@ -15,11 +15,11 @@ import numpy as np
 
 from mlwf.errors import DataError, UsageError
 from mlwf.model import MAX_CLASSES, MAX_COMPONENTS, class_name_problem
+from mlwf.presets import DEFAULT_MODEL_PREFIX
 from mlwf.workflows.base import Blob, StageOutput, derive_seed
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
 
 WORKFLOW = "ml-training"
-DEFAULT_MODEL_PREFIX = "ml-inference/model"
 _EXAMPLES = 5
 #: Fewest decodable held-out images of each class a model must be validated on to be
 #: published (unless allow_unvalidated): with one, a class's accuracy rests on a single image.
