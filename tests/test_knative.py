@@ -33,50 +33,19 @@ from mlwf.backends.knative.server import REPLAY_PREFIX, ReplayLedger
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 from tests.s3server import S3_ENV_VARS, FaultProxy, free_port
+from tests.serverprocess import ServerProcess
 
 SECRET = "mlwf-test-secret-5f1c0c2a9d8e4b7a"
 REPO = Path(__file__).resolve().parent.parent
 
 
-class ServeProcess:
+class ServeProcess(ServerProcess):
     """``mlwf serve`` on a free 127.0.0.1 port, in its own process, logging to a file."""
 
     def __init__(self, env: dict[str, str], log: Path, *args: str, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *args],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 60.0) -> ServeProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlwf serve exited with {self.proc.returncode}: {self.log()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mlwf serve did not get ready within {timeout} s: {self.log()}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        port = port or free_port()
+        super().__init__([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                          *args], env, log, port, ready_path="/readyz", name="mlwf serve")
 
 
 def _server_env(s3_server, **extra: str) -> dict[str, str]:

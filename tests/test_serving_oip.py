@@ -13,10 +13,8 @@ import gzip
 import io
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ import mlwf.model
 from mlwf.workflows.training import TrainingConfig
 from tests.conftest import FAST, TRAIN_PREFIX
 from tests.s3server import free_port
+from tests.serverprocess import ServerProcess
 
 PREFIX = "ml-inference/model"
 #: Limits small enough to reach in a test.
@@ -41,53 +40,22 @@ LIMITS = {"max_batch": 80, "max_body": 512 << 10, "max_pixels": 1 << 20, "reques
           "max_in_flight": 4}
 
 
-class ModelServer:
+class ModelServer(ServerProcess):
     """``oip.serve`` on a free 127.0.0.1 port, in its own process, logging to a file."""
 
     def __init__(self, store_url: str, log: Path, source: str = PREFIX, **options):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        self._log = open(log, "wb")
+        port = free_port()
         limits = {k: options.pop(k) for k in list(options) if k in LIMITS}
         code = ("import json, sys\nfrom mlwf.serving import oip\n"
                 "o = json.loads(sys.argv[2])\n"
                 "sys.exit(oip.serve(sys.argv[1], host='127.0.0.1', limits=oip.Limits(**o.pop('limits')), **o))")
-        kwargs = {"store": store_url, "port": self.port, "limits": limits, **options}
+        kwargs = {"store": store_url, "port": port, "limits": limits, **options}
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLWF_")}
-        self.proc = subprocess.Popen([sys.executable, "-c", code, source, json.dumps(kwargs)],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 60.0) -> ModelServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the model server exited with {self.proc.returncode}: {self.log()}")
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the model server did not get ready within {timeout} s: {self.log()}")
+        super().__init__([sys.executable, "-c", code, source, json.dumps(kwargs)], env, log, port,
+                         ready_path="/v2/health/ready", name="the model server", log_mode="wb")
 
     def client(self) -> triton.InferenceServerClient:
         return triton.InferenceServerClient(f"127.0.0.1:{self.port}", network_timeout=30)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")

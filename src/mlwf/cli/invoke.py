@@ -7,8 +7,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from mlwf.cli.options import (Parser, common, emit, inference_arguments, open_store, training_arguments,
-                              training_config)
+from mlwf.cli.options import (Parser, allow_unvalidated_argument, common, emit, inference_arguments, open_store,
+                              training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -17,8 +17,7 @@ def add_parsers(sub) -> None:
     wf = inv.add_subparsers(dest="workflow", required=True, parser_class=Parser)
     tr = wf.add_parser("ml-training", help="start ml-training DATA_PREFIX NUM_PCA NUM_TRAIN")
     training_arguments(tr)
-    tr.add_argument("--allow-unvalidated", action="store_true",
-                    help="publish even if validated on fewer than 2 decodable held-out images of some class")
+    allow_unvalidated_argument(tr)
     inf = wf.add_parser("ml-inference", help="start ml-inference MODEL_PREFIX DATA_PREFIX NUM_FUNCS")
     inference_arguments(inf)
     for p in (tr, inf):

@@ -95,6 +95,13 @@ def training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
 
 
+def allow_unvalidated_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow-unvalidated`` (mlwf run and invoke ml-training)."""
+    p.add_argument("--allow-unvalidated", action="store_true",
+                   help="publish even if validated on fewer than 2 decodable held-out images of some class "
+                        "(or none at all)")
+
+
 def inference_arguments(p: argparse.ArgumentParser) -> None:
     """ml-inference's arguments (mlwf run, invoke and bench)."""
     p.add_argument("model_prefix", metavar="MODEL_PREFIX")

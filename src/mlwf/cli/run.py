@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from mlwf.cli.options import (Parser, backend_config, common, emit, engine_options, inference_arguments,
-                              training_arguments, training_config)
+from mlwf.cli.options import (Parser, allow_unvalidated_argument, backend_config, common, emit, engine_options,
+                              inference_arguments, training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -17,9 +17,7 @@ def add_parsers(sub) -> None:
                        description="Train on labelled images under DATA_PREFIX (class folders "
                                    "DATA_PREFIX/<label>/<image>) and publish the model.")
     training_arguments(tr)
-    tr.add_argument("--allow-unvalidated", action="store_true",
-                    help="publish even if validated on fewer than 2 decodable held-out images of some class "
-                         "(or none at all)")
+    allow_unvalidated_argument(tr)
     engine_options(tr)
     common(tr)
 
