@@ -146,6 +146,20 @@ def test_run_on_a_narrow_terminal_wraps_the_values_to_copy(trained, tmp_path):
     assert PROGRESS_BAR not in screen.lines[note] and "…" not in screen.text
 
 
+def test_model_export_on_a_narrow_terminal_prints_the_whole_file_name(trained, tmp_path):
+    engine, _ = trained
+    out = tmp_path / ("a-folder-name-long-enough-to-wrap-at-sixty-columns" + "/x" * 8) / "model.onnx"
+    out.parent.mkdir(parents=True)
+    screen = run_in_terminal([MLWF, "model", "export", "ml-inference/model", "--format", "onnx", "-o", str(out),
+                              "--store", engine.spec.url], columns=60, env=_env(tmp_path / "home"))
+    assert screen.returncode == 0, screen.text
+    assert out.stat().st_size > 0
+    line = screen.logical_line(screen.index(lambda text: text.startswith("wrote ")))
+    # The whole path to copy, and the line to its end (the digest is shortened by the message itself).
+    assert line.startswith(f"wrote {out} ("), screen.text
+    assert re.search(r"; model [0-9a-f]{16}…$", line), screen.text
+
+
 # --------------------------------------------------------------------------- a reader that stops early
 def _into_closed_pipe(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run ``mlwf argv`` with stdout a pipe whose reader has already gone (``mlwf … | head -0``)."""
