@@ -28,19 +28,30 @@ _PROJECT_ROWS = 256
 def project(pixels: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     """Apply a trained PCA projection; the one code path for training and inference.
 
-    Computed in float64 and rounded to float32, the precision the forests
-    compare in, so a row's features do not depend on the batch it came in.
+    ``pixels`` are ``float32`` in [0, 1], or gray levels (``uint8``) that are
+    scaled exactly as decoding scales them. Computed in float64 and rounded to
+    float32, the precision the forests compare in, so a row's features do not
+    depend on the batch it came in.
     """
+    return project_all(pixels, [(mean, components)])[0]
+
+
+def project_all(pixels: np.ndarray, projections) -> list[np.ndarray]:
+    """:func:`project` with each ``(mean, components)`` of ``projections``, converting the pixels once."""
+    from mlwf.images import unit_scale
+
     pixels = np.asarray(pixels)
-    out = np.empty((len(pixels), len(components)), dtype=np.float32)
-    basis = components.T
+    outs = [np.empty((len(pixels), len(components)), dtype=np.float32) for _, components in projections]
     # A few hundred rows at a time: the float64 copy stays in cache instead of
     # costing a page fault per 4 KiB of a fresh array (10k images: 0.9 s → 0.1 s).
     for start in range(0, len(pixels), _PROJECT_ROWS):
-        centred = np.subtract(pixels[start : start + _PROJECT_ROWS], mean, dtype=np.float64)
-        out[start : start + _PROJECT_ROWS] = centred @ basis
-    return out
-
+        rows = pixels[start : start + _PROJECT_ROWS]
+        if rows.dtype == np.uint8:
+            rows = unit_scale(rows)
+        rows = rows.astype(np.float64)
+        for out, (mean, components) in zip(outs, projections):
+            out[start : start + _PROJECT_ROWS] = (rows - mean) @ components.T
+    return outs
 
 
 @dataclass
@@ -75,8 +86,11 @@ class Model:
         return np.asarray(self.classes, dtype=object)[np.argmax(proba, axis=1)]
 
     def proba_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities for already decoded ``float32[n, size*size]`` pixels."""
-        pixels = np.asarray(pixels, dtype=np.float32)
+        """Probabilities for already decoded ``float32[n, size*size]`` pixels in [0, 1], or their
+        ``uint8`` gray levels (see :func:`mlwf.images.decode_many`)."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            pixels = pixels.astype(np.float32, copy=False)
         if pixels.ndim != 2 or pixels.shape[1] != self.image_size**2:
             raise ValueError(f"expected pixels of shape (n, {self.image_size**2}), got {pixels.shape}")
         out = np.empty((len(pixels), len(self.classes)), dtype=np.float64)
@@ -88,7 +102,7 @@ class Model:
         return out
 
     def _proba_batch(self, pixels: np.ndarray) -> np.ndarray:
-        projected = [project(pixels, p["mean"], p["components"]) for p in self.projections]
+        projected = project_all(pixels, [(p["mean"], p["components"]) for p in self.projections])
         n = len(pixels)
         acc = np.zeros((n, len(self.classes)), dtype=np.float64)
         n_trees = 0

@@ -75,10 +75,10 @@ def predict(assignment: dict, model, fetch) -> StageOutput:
     from mlwf.images import decode_many
 
     keys = assignment["keys"]
-    pixels, bad = decode_many(fetch(keys), model.image_size)
+    levels, bad = decode_many(fetch(keys), model.image_size, levels=True)
     bad_set = set(bad)
     ok = [i for i in range(len(keys)) if i not in bad_set]
-    proba = model.proba_from_pixels(pixels)
+    proba = model.proba_from_pixels(levels)
     pred = np.argmax(proba, axis=1).astype(np.int32)
     part = {"keys": [keys[i] for i in ok], "labels": [assignment["labels"][i] for i in ok],
             "pred": pred, "prob": proba[np.arange(len(pred)), pred].astype(np.float64)}

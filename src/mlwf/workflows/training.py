@@ -210,32 +210,34 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     """
     from sklearn.decomposition import PCA  # fitted in float32: 8x faster here than float64
 
-    from mlwf.images import decode_many
+    from mlwf.images import decode_many, unit_scale
     from mlwf.model import project
 
     keys = assignment["keys"]
-    pixels, bad = decode_many(fetch(keys), image_size)
+    levels, bad = decode_many(fetch(keys), image_size, levels=True)
     labels = np.delete(np.asarray(assignment["labels"]), bad)
     skipped = [keys[i] for i in bad]
     n_slices = int(assignment["num_train"])
-    if len(pixels) < max(n_components, n_slices):
-        raise DataError(f"PCA function {index} has {len(pixels)} decodable images of {len(keys)} "
+    if len(levels) < max(n_components, n_slices):
+        raise DataError(f"PCA function {index} has {len(levels)} decodable images of {len(keys)} "
                         f"({len(skipped)} undecodable, e.g. {skipped[:1]}): it needs at least "
                         f"{max(n_components, n_slices)}; use fewer functions or check the images")
     facts = []
-    identical = not np.any(np.ptp(pixels, axis=0) > 0)
+    identical = not np.any(np.ptp(levels, axis=0) > 0)
     if identical:
         facts.append("its images are all identical, so its projection carries no information; check the data")
     # Identical images make scikit-learn divide by a zero total variance: expected, and said above.
     with np.errstate(divide="ignore" if identical else "warn", invalid="ignore" if identical else "warn"):
-        fitted = PCA(n_components=n_components, svd_solver="randomized",
-                     random_state=derive_seed(seed, "pca", index)).fit(pixels)
+        # copy=False: PCA centres (and squares) these pixels in place instead of copying
+        # them; the projection below starts again from the gray levels.
+        fitted = PCA(n_components=n_components, svd_solver="randomized", copy=False,
+                     random_state=derive_seed(seed, "pca", index)).fit(unit_scale(levels))
     mean = fitted.mean_.astype(np.float64)
     components = fitted.components_.astype(np.float64)
-    features = project(pixels, mean, components)
+    features = project(levels, mean, components)
     slices = [{"features": features[rows], "labels": labels[rows].astype(np.int32)}
               for rows in np.array_split(np.arange(len(features)), 1 if whole else n_slices)]
-    info = {"num_images": len(pixels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
+    info = {"num_images": len(levels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
             "decoded_per_class": np.bincount(labels).tolist(), "warnings": facts}
     return StageOutput({"slices": slices, "projection": {"mean": mean, "components": components}}, info)
 
@@ -272,11 +274,11 @@ def validation(members: list, projections: list, holdout: dict, fetch, *, classe
     keys = holdout["keys"]
     accuracy, confusion, skipped = None, None, []
     if keys:
-        pixels, bad = decode_many(fetch(keys), image_size)
+        levels, bad = decode_many(fetch(keys), image_size, levels=True)
         skipped = [keys[i] for i in bad]
         truth = np.delete(np.asarray(holdout["labels"]), bad)
         if len(truth):
-            pred = np.argmax(model.proba_from_pixels(pixels), axis=1)
+            pred = np.argmax(model.proba_from_pixels(levels), axis=1)
             accuracy = float(np.mean(pred == truth))
             confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
             np.add.at(confusion, (truth, pred), 1)
