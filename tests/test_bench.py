@@ -50,7 +50,8 @@ def test_run_trace_has_one_event_per_call_with_spans_inside(store_url, tmp_path,
 
     doc = json.loads(path.read_text())
     calls, spans = _calls_and_spans(doc)
-    expected = {"partition[0]", "pca[0]", "pca[1]", "validation[0]", *(f"train[{i}]" for i in range(4))}
+    expected = {"partition[0]", "pca[0]", "pca[1]", "score[0]", "score[1]", "validation[0]",
+                *(f"train[{i}]" for i in range(4))}
     assert sorted(c["name"] for c in calls) == sorted(expected)
     for c in calls:
         assert c["name"] == f"{c['args']['stage']}[{c['args']['index']}]"
@@ -63,7 +64,7 @@ def test_run_trace_has_one_event_per_call_with_spans_inside(store_url, tmp_path,
              and e["name"] == "process_name"}
     assert {procs[c["pid"]] for c in calls} == {f"worker {c['args']['worker']}" for c in calls}
     driver = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["cat"] == "stage"]
-    assert sorted(e["name"] for e in driver) == ["partition", "pca", "train", "validation"]
+    assert sorted(e["name"] for e in driver) == ["partition", "pca", "score", "train", "validation"]
     assert all(procs[e["pid"]] == "driver" and e["args"]["source"] == "driver" for e in driver)
     assert doc["otherData"]["run_id"] == report["run_id"]
 
@@ -120,7 +121,7 @@ def test_bench_local_writes_csvs_breakdown_summary_and_plots(store_url, tmp_path
     breakdown = _rows(out / "breakdown.csv")
     stage_rows = [r for r in breakdown if r["kind"] == "stage" and r["transfer"] == "store" and r["mode"] == "warm"]
     assert sorted({(r["run"], r["stage"]) for r in stage_rows}) == sorted(
-        (run, s) for run in ("0", "1") for s in ("partition", "pca", "train", "validation"))
+        (run, s) for run in ("0", "1") for s in ("partition", "pca", "train", "score", "validation"))
     for col in ("compute_ms", "fetch_ms", "encode_ms", "put_ms", "get_ms", "decode_ms", "bytes"):
         assert all(r[col] != "" for r in stage_rows)
     assert float(next(r for r in stage_rows if r["stage"] == "pca")["fetch_ms"]) > 0

@@ -33,7 +33,7 @@ from tests.test_knative import SECRET, ServeProcess, _point_at, _server_env, dig
 #: FAST as command-line flags.
 FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
 TRAINING_A = "ml-training/partition,ml-training/pca,ml-inference/partition,ml-inference/load"
-TRAINING_B = "ml-training/train,ml-training/validation,ml-inference/predict"
+TRAINING_B = "ml-training/train,ml-training/score,ml-training/validation,ml-inference/predict"
 
 
 class DeliveryProxy:
@@ -159,7 +159,8 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(s3_server, bucket, tmp_path_factory):
-    """Server A (partition, pca, load) and server B (train, validation, predict), each behind a delivery proxy."""
+    """Server A (partition, pca, load) and server B (train, score, validation, predict), each behind a delivery
+    proxy."""
     folder = tmp_path_factory.mktemp("choreo")
     port_a, port_b = free_port(), free_port()
     proxy_a, proxy_b = DeliveryProxy(f"http://127.0.0.1:{port_a}"), DeliveryProxy(f"http://127.0.0.1:{port_b}")
@@ -206,7 +207,7 @@ def test_both_workflows_run_by_their_events_alone_and_match_the_local_backend(pa
     trained = json.loads(out)
     assert trained["model_digest"] == local_trained["model_digest"] and trained["choreography"] is True
     assert trained["validation_accuracy"] == local_trained["validation_accuracy"]
-    assert set(trained["stages"]) == {"partition", "pca", "train", "validation"}
+    assert set(trained["stages"]) == {"partition", "pca", "train", "score", "validation"}
     code, out, err = _infer(capsys, pair.a.url, s3_env)
     assert code == 0, err
     inferred = json.loads(out)
@@ -225,7 +226,8 @@ def test_both_workflows_run_by_their_events_alone_and_match_the_local_backend(pa
     assert main(["runs", "show", run, "--store", "s3://", "--bucket", s3_env, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["status"] == "succeeded" and shown["report"]["model_digest"] == trained["model_digest"]
-    assert shown["progress"] == {"partition": "1/1", "pca": "2/2", "train": "4/4", "validation": "1/1"}
+    assert shown["progress"] == {"partition": "1/1", "pca": "2/2", "train": "4/4", "score": "2/2",
+                                 "validation": "1/1"}
 
     # Without --wait, invoke prints the run id as soon as the run has started.
     code, out, err = _invoke(capsys, pair.a.url, s3_env, "ml-inference", "ml-inference/model", BATCH_PREFIX, "3",
@@ -461,10 +463,10 @@ def test_deploy_choreography_renders_eventing_a_cluster_can_use(tmp_path, capsys
 
     services = {d["metadata"]["name"]: d for d in load("20-services.yaml")}
     assert all(d["kind"] == "Service" and d["apiVersion"] == "serving.knative.dev/v1" for d in services.values())
-    assert len(services) == 8 and "mlwf-dead-letter" in services
+    assert len(services) == 9 and "mlwf-dead-letter" in services
     docs = load("30-eventing.yaml")
     kinds = [d["kind"] for d in docs]
-    assert kinds.count("Broker") == 1 and kinds.count("SinkBinding") == 1 and kinds.count("Trigger") == 9
+    assert kinds.count("Broker") == 1 and kinds.count("SinkBinding") == 1 and kinds.count("Trigger") == 10
     [broker] = [d for d in docs if d["kind"] == "Broker"]
     [binding] = [d for d in docs if d["kind"] == "SinkBinding"]
     # K_SINK: the Broker, in every function Service (the SinkBinding selects them by label; none sets it itself).

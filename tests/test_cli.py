@@ -54,7 +54,7 @@ def test_training_then_inference_print_one_json_report_each(capsys, store_url):
                                *FAST_FLAGS])
     assert TRAINING_KEYS <= set(train)
     assert train["workflow"] == "ml-training" and train["backend"] == "local" and train["num_images"] == 600
-    assert set(train["stage_ms"]) == {"partition", "pca", "train", "validation"}
+    assert set(train["stage_ms"]) == {"partition", "pca", "train", "score", "validation"}
     assert train["validation_accuracy"] > 0.8 and train["model_prefix"] == "ml-inference/model"
 
     infer = _json_out(capsys, ["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "3", "--json",

@@ -215,7 +215,7 @@ def test_runs_ls_and_gc_keep_models_and_recent_runs(trained, capsys):
     by_id = {r["run_id"]: r for r in runs}
     assert by_id[first["run_id"]]["status"] == "succeeded"
     assert by_id[first["run_id"]]["progress"] == {"partition": "1/1", "pca": "2/2", "train": "4/4",
-                                                  "validation": "1/1"}
+                                                  "score": "2/2", "validation": "1/1"}
     assert by_id[second["run_id"]]["workflow"] == "ml-inference"
 
     assert main(["runs", "gc", "--keep", "1", "--store", engine.spec.url, "--json"]) == 0

@@ -56,9 +56,10 @@ STAGE_KEYS = {
                 "input_decode_ms", "input_get_ms", "output_bytes", "put_ms", "reused", "wall_ms"],
         "train": ["attempts", "calls", "compute_ms", "encode_ms", "input_bytes", "input_decode_ms",
                   "input_get_ms", "output_bytes", "put_ms", "reused", "wall_ms"],
-        "validation": ["attempts", "calls", "compute_ms", "encode_ms", "fetch_bytes", "fetch_ms",
-                       "input_bytes", "input_decode_ms", "input_get_ms", "output_bytes", "put_ms", "reused",
-                       "wall_ms"],
+        "score": ["attempts", "calls", "compute_ms", "encode_ms", "fetch_bytes", "fetch_ms", "input_bytes",
+                  "input_decode_ms", "input_get_ms", "output_bytes", "put_ms", "reused", "wall_ms"],
+        "validation": ["attempts", "calls", "compute_ms", "encode_ms", "input_bytes", "input_decode_ms",
+                       "input_get_ms", "output_bytes", "put_ms", "reused", "wall_ms"],
     },
     "ml-inference": {
         "partition": ["attempts", "calls", "compute_ms", "encode_ms", "list_ms", "output_bytes", "put_ms",
@@ -71,8 +72,9 @@ STAGE_KEYS = {
 }
 #: The edges of the graph each report accounts for, in report order.
 EDGES = {
-    "ml-training": [("partition", "pca"), ("partition", "validation"), ("pca", "train"), ("pca", "validation"),
-                    ("store", "pca"), ("store", "validation"), ("train", "validation")],
+    "ml-training": [("partition", "pca"), ("partition", "score"), ("pca", "score"), ("pca", "train"),
+                    ("pca", "validation"), ("score", "validation"), ("store", "pca"), ("store", "score"),
+                    ("train", "score"), ("train", "validation")],
     "ml-inference": [("load", "predict"), ("partition", "predict"), ("predict", "driver"), ("store", "load"),
                      ("store", "predict")],
 }

@@ -98,7 +98,7 @@ def server_b(s3_server, served_bucket, tmp_path_factory):
     in every run its train[1] fails once and its validation[0] twice."""
     proc = ServeProcess(_server_env(s3_server, MLWF_FAULTS="train:1:raise:1;validation:0:raise:2"),
                         tmp_path_factory.mktemp("serve") / "b.log",
-                        "--stages", "ml-training/train,ml-training/validation", "--workers", "2",
+                        "--stages", "ml-training/train,ml-training/score,ml-training/validation", "--workers", "2",
                         "--store", "s3://", "--bucket", served_bucket).wait_ready()
     yield proc
     assert proc.stop() == 0, proc.log()
@@ -155,7 +155,7 @@ def test_two_services_with_per_stage_endpoints(server, server_b, s3_data):
     with Engine("s3://", s3_data, backend="knative", backend_options={"endpoints": [server.url]}) as engine:
         single = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     endpoints = [f"ml-training/partition={server.url}", f"pca={server.url}",
-                 f"train={server_b.url}", f"ml-training/validation={server_b.url}"]
+                 f"train={server_b.url}", f"score={server_b.url}", f"ml-training/validation={server_b.url}"]
     with Engine("s3://", s3_data, backend="knative", retries=2,
                 backend_options={"endpoints": endpoints}) as engine:
         split = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
@@ -501,9 +501,10 @@ def test_deploy_renders_manifests_a_cluster_can_use(tmp_path, capsys):
         return docs
 
     per_stage, single = services(tmp_path / "per-stage"), services(tmp_path / "single")
-    assert len(per_stage) == 7 and len(single) == 1
+    assert len(per_stage) == 8 and len(single) == 1
     served = {d["spec"]["template"]["spec"]["containers"][0]["args"][2] for d in per_stage}
-    assert served == {"ml-training/partition", "ml-training/pca", "ml-training/train", "ml-training/validation",
+    assert served == {"ml-training/partition", "ml-training/pca", "ml-training/train", "ml-training/score",
+                      "ml-training/validation",
                       "ml-inference/partition", "ml-inference/load", "ml-inference/predict"}
     assert single[0]["spec"]["template"]["spec"]["containers"][0]["args"][:3] == ["serve", "--stages", "all"]
     for svc in per_stage + single:
@@ -538,7 +539,7 @@ def test_deploy_renders_manifests_a_cluster_can_use(tmp_path, capsys):
     assert secret["kind"] == "Secret" and set(secret["stringData"]) == {"function-secret", "s3-user", "s3-password"}
     [job] = yaml.safe_load_all((tmp_path / "per-stage/run/ml-training.yaml").read_text())
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert job["kind"] == "Job" and args[:2] == ["run", "ml-training"] and args.count("--endpoint") == 4
+    assert job["kind"] == "Job" and args[:2] == ["run", "ml-training"] and args.count("--endpoint") == 5
     assert "http://mlwf-training-pca.mlwf.svc.cluster.local" in (tmp_path / "per-stage/endpoints.txt").read_text()
 
     # The committed manifests are exactly what the command renders.

@@ -93,7 +93,7 @@ def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
     assert inferred["accuracy"] == local_inferred["accuracy"]
 
     edges = {(e["from"], e["to"]): e for e in trained["edges"]}
-    assert edges[("pca", "train")]["bytes"] > 0 and edges[("train", "validation")]["bytes"] > 0
+    assert edges[("pca", "train")]["bytes"] > 0 and edges[("train", "score")]["bytes"] > 0
     assert all(e["transfer_ms"] >= 0 and e["deserialize_ms"] >= 0 for e in trained["edges"])
     if transfer == "direct":
         # Intermediates went task to task through Ray's object store: only the run record is in the store.

@@ -26,7 +26,10 @@ def test_partition_labels_from_class_folders_and_holds_out_each_class():
     out = training.partition(_listing({"cat": 20, "dog": 30, "eel": 10}), prefix="data", num_pca=2,
                              num_train=4, holdout=0.2, seed=1, n_components=3)
     assert out.info["classes"] == ["cat", "dog", "eel"]
-    held = out.parts["holdout"]
+    shares = out.parts["holdout"]
+    assert len(shares) == 2 and abs(len(shares[0]["keys"]) - len(shares[1]["keys"])) <= 1  # one per PCA function
+    held = {"keys": [k for s in shares for k in s["keys"]], "labels": [c for s in shares for c in s["labels"]]}
+    assert len(set(held["keys"])) == len(held["keys"])
     names = [k.split("/")[1] for k in held["keys"]]
     assert sorted(names).count("cat") == 4 and names.count("dog") == 6 and names.count("eel") == 2
     assert [out.info["classes"][i] for i in held["labels"]] == names
@@ -41,7 +44,7 @@ def test_partition_is_deterministic_and_depends_on_seed():
     a = training.partition(_listing({"a": 10, "b": 10}), seed=3, **args)
     b = training.partition(_listing({"a": 10, "b": 10}), seed=3, **args)
     c = training.partition(_listing({"a": 10, "b": 10}), seed=4, **args)
-    assert a.parts["holdout"]["keys"] == b.parts["holdout"]["keys"]
+    assert [s["keys"] for s in a.parts["holdout"]] == [s["keys"] for s in b.parts["holdout"]]
     assert a.parts["assignments"][0]["keys"] == b.parts["assignments"][0]["keys"]
     assert a.parts["assignments"][0]["keys"] != c.parts["assignments"][0]["keys"]
 
@@ -142,7 +145,7 @@ def test_training_publishes_a_validated_model(engine):
     assert report["num_images"] == 600 and report["num_validation"] == 116  # floor(0.2 × n) per class
     assert report["classes"] == [str(i) for i in range(10)]
     assert report["validation_accuracy"] > 0.8
-    assert set(report["stage_ms"]) == {"partition", "pca", "train", "validation"}
+    assert set(report["stage_ms"]) == {"partition", "pca", "train", "score", "validation"}
     model = mlwf.model.load("ml-inference/model", store=engine.store)
     assert model.digest == report["model_digest"]
     assert model.metrics["validation_accuracy"] == report["validation_accuracy"]

@@ -229,7 +229,7 @@ def test_a_library_warning_inside_a_stage_becomes_a_fact_of_the_run(monkeypatch,
         for _ in range(50):
             warnings.warn("a library complaint", UserWarning, stacklevel=1)
         warnings.warn("another one\nwith a second line", RuntimeWarning, stacklevel=1)
-        return StageOutput({"assignments": [], "holdout": {}}, {"n": 1})
+        return StageOutput({"assignments": [], "holdout": []}, {"n": 1})
 
     monkeypatch.setattr(training, "partition", noisy)
     StoreSpec(str(tmp_path / "store"), "tless").open().create_bucket()  # its outputs are put there

@@ -115,8 +115,8 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
     set and deal the rest to the PCA functions.
 
     Returns ``assignments``, one per PCA function (``keys``, ``labels``,
-    ``num_train``, ``first_train``), and the ``holdout`` set (``keys``,
-    ``labels``); its info holds the class names and counts.
+    ``num_train``, ``first_train``), and the ``holdout`` set in as many shares
+    (``keys``, ``labels``); its info holds the class names and counts.
     """
     folder = prefix.rstrip("/") + "/"
     objects = list_keys(folder)
@@ -183,7 +183,9 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
                             "num_train": split[i], "first_train": first})
         first += split[i]
     hold_idx = np.flatnonzero(held)
-    holdout = {"keys": [keys[j] for j in hold_idx], "labels": labels[hold_idx]}
+    # One share per PCA function, each scored by its own function (see :func:`score`).
+    holdout = [{"keys": [keys[j] for j in hold_idx[i::num_pca]], "labels": labels[hold_idx[i::num_pca]]}
+               for i in range(num_pca)]
     info = {
         "classes": classes,
         "num_objects": len(objects),
@@ -260,34 +262,53 @@ def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_sam
                                             "num_nodes": int(len(member["left"]))})
 
 
-def validation(members: list, projections: list, holdout: dict, fetch, *, classes: list[str],
-               image_size: int, config: dict) -> StageOutput:
-    """Assemble the ensemble, measure it on the held-out images, and emit the model bytes.
+def score(holdout: dict, members: list, projections: list, fetch, *, classes: list[str],
+          image_size: int) -> StageOutput:
+    """Classify one share of the held-out images with the whole ensemble.
+
+    Returns ``scores``: the true class numbers ``truth`` and the predicted
+    ``pred`` of the share's decodable images, and the ``skipped`` keys.
+    """
+    from mlwf.images import decode_many
+    from mlwf.model import build
+
+    keys = holdout["keys"]
+    truth, pred, skipped = np.zeros(0, np.int32), np.zeros(0, np.int32), []
+    if keys:
+        levels, bad = decode_many(fetch(keys), image_size, levels=True)
+        skipped = [keys[i] for i in bad]
+        truth = np.delete(np.asarray(holdout["labels"], dtype=np.int32), bad)
+        if len(truth):
+            model = build(classes, image_size, projections, members)
+            pred = np.argmax(model.proba_from_pixels(levels), axis=1).astype(np.int32)
+    return StageOutput({"scores": {"truth": truth, "pred": pred, "skipped": skipped}},
+                       {"num_images": len(truth), "skipped": len(skipped)})
+
+
+def validation(members: list, projections: list, scores: list, *, classes: list[str], image_size: int,
+               config: dict) -> StageOutput:
+    """Assemble the ensemble, measure it from the scores of the held-out images, and emit the model bytes.
 
     The bytes are parsed back and checked before they are emitted, so what is
     published is exactly what was validated.
     """
-    from mlwf.images import decode_many
     from mlwf.model import build, from_bytes
 
     model = build(classes, image_size, projections, members, config)
-    keys = holdout["keys"]
-    accuracy, confusion, skipped = None, None, []
-    if keys:
-        levels, bad = decode_many(fetch(keys), image_size, levels=True)
-        skipped = [keys[i] for i in bad]
-        truth = np.delete(np.asarray(holdout["labels"]), bad)
-        if len(truth):
-            pred = np.argmax(model.proba_from_pixels(levels), axis=1)
-            accuracy = float(np.mean(pred == truth))
-            confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-            np.add.at(confusion, (truth, pred), 1)
-    per_class = np.bincount(truth, minlength=len(classes)).tolist() if keys else [0] * len(classes)
-    model.metrics = {"validation_accuracy": accuracy, "num_validation": len(keys) - len(skipped),
+    truth = np.concatenate([np.asarray(s["truth"], dtype=np.int64) for s in scores]) if scores else np.zeros(0, int)
+    pred = np.concatenate([np.asarray(s["pred"], dtype=np.int64) for s in scores]) if scores else np.zeros(0, int)
+    skipped = [k for s in scores for k in s["skipped"]]
+    accuracy, confusion = None, None
+    if len(truth):
+        accuracy = float(np.mean(pred == truth))
+        confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        np.add.at(confusion, (truth, pred), 1)
+    per_class = np.bincount(truth, minlength=len(classes)).tolist()
+    model.metrics = {"validation_accuracy": accuracy, "num_validation": len(truth),
                      "validation_skipped": len(skipped), "validation_per_class": per_class}
     data = model.to_bytes()
     checked = from_bytes(data, source="new model")
-    info = {"accuracy": accuracy, "num_validation": len(keys) - len(skipped), "skipped": len(skipped),
+    info = {"accuracy": accuracy, "num_validation": len(truth), "skipped": len(skipped),
             "per_class": per_class,
             "skipped_examples": skipped[:_EXAMPLES], "digest": checked.digest,
             "confusion": confusion.tolist() if confusion is not None else None}
@@ -304,17 +325,23 @@ TRAINING = Workflow(
     imports=("mlwf.model", "mlwf.images", "sklearn.decomposition", "sklearn.ensemble"),
     example=("ml-training/mnist-images-2k", "2", "8"),
     stages=(
-        Stage("partition", f"{_HERE}:partition", outputs=(Output("assignments", many=True), Output("holdout")),
+        Stage("partition", f"{_HERE}:partition",
+              outputs=(Output("assignments", many=True), Output("holdout", many=True)),
               profile=Profile(4, 2, "500m", "512Mi")),
         Stage("pca", f"{_HERE}:pca", calls="num_pca",
               inputs=(Input("assignment", "partition.assignments", each=True),),
               outputs=(Output("slices", many=True), Output("projection")), profile=Profile(1, 16, "1", "1Gi")),
         Stage("train", f"{_HERE}:train", calls="num_train", inputs=(Input("data", "pca.slices", each=True),),
               outputs=(Output("member"),), profile=Profile(1, 32, "1", "1Gi")),
+        Stage("score", f"{_HERE}:score", calls="num_pca",
+              inputs=(Input("holdout", "partition.holdout", each=True),
+                      Input("members", "train.member", gather=True, cache=True),
+                      Input("projections", "pca.projection", gather=True, cache=True)),
+              outputs=(Output("scores"),), profile=Profile(1, 16, "1", "1Gi")),
         Stage("validation", f"{_HERE}:validation",
               inputs=(Input("members", "train.member", gather=True),
                       Input("projections", "pca.projection", gather=True),
-                      Input("holdout", "partition.holdout")),
+                      Input("scores", "score.scores", gather=True)),
               outputs=(Output("model"),), profile=Profile(1, 4, "1", "1Gi")),
     ),
 )
@@ -398,9 +425,13 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
         trains = run.run_calls(train=train_calls)["train"]
         model_config = {**cfg, "num_pca": num_pca, "num_train": num_train,
                         "data_prefix": data_prefix, "trained_with": _versions()}
-        [val] = run.run_calls(validation=[dict(members=[t.outputs["member"] for t in trains],
-                                               projections=[p.outputs["projection"] for p in pcas],
-                                               holdout=part.outputs["holdout"], classes=classes,
+        members = [t.outputs["member"] for t in trains]
+        projections = [p.outputs["projection"] for p in pcas]
+        scores = run.run_calls(score=[dict(holdout=share, members=members, projections=projections, classes=classes,
+                                           image_size=config.image_size)
+                                      for share in part.outputs["holdout"]])["score"]
+        [val] = run.run_calls(validation=[dict(members=members, projections=projections,
+                                               scores=[s.outputs["scores"] for s in scores], classes=classes,
                                                image_size=config.image_size, config=model_config)])["validation"]
         model_ref = val.outputs["model"]
         validated = _validation_problem(classes, val.info["per_class"]) is None
