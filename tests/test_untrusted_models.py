@@ -241,3 +241,22 @@ def test_a_large_model_predicts_in_bounded_batches(monkeypatch):
     monkeypatch.setattr(model, "_proba_batch", lambda pixels: seen.append(len(pixels)) or real(pixels))
     proba = model.proba_from_pixels(np.zeros((3, 4), np.float32))
     assert proba.shape == (3, 1000) and seen == [1, 1, 1]
+
+
+
+def test_a_model_is_checked_in_full_once_per_process_and_other_bytes_are_checked_again(monkeypatch):
+    """The load stage of a warm process reads the same published model on every run: it parses it
+    once per digest; bytes with another digest, crafted with a consistent checksum, are checked again."""
+    from mlwf.model import format as model_format
+
+    good = codec.encode(_tree_meta())
+    parsed = []
+    real = model_format.from_bytes
+    monkeypatch.setattr(model_format, "from_bytes", lambda data, **kw: parsed.append(1) or real(data, **kw))
+    first = model_format.checked_summary(good, digest=codec.digest(good), source="m.mlwf")
+    second = model_format.checked_summary(good, digest=codec.digest(good), source="m.mlwf")
+    assert first == second and first["classes"] and len(parsed) == 1
+    crafted = rewrite(_tree_meta(), lambda h: h["meta"].update(image_size=0) if "meta" in h else h.update(image_size=0))
+    with pytest.raises(ModelError, match="m.mlwf"):
+        model_format.checked_summary(crafted, digest=codec.digest(crafted), source="m.mlwf")
+    assert len(parsed) == 2

@@ -243,12 +243,12 @@ def _hand_on(call: Call, ctx: RunContext, stage: Stage, result: StageOutput, sto
         nonlocal number
         j, number = number, number + 1
         t = time.time()
-        stored_at = None
+        stored_at, sha = None, None
         if isinstance(part, Blob):
-            data, stored_at = part.data, part.stored_at
+            data, stored_at, sha = part.data, part.stored_at, part.sha256
         else:
             data = codec.encode(part)
-        sha = codec.digest(data)
+        sha = sha or codec.digest(data)
         clock.add("encode", t, len(data), "output_bytes")
         if ctx.transfer != "store":
             return Ref(sha256=sha, nbytes=len(data), data=data, producer=call.stage)

@@ -9,6 +9,7 @@ a file read from anywhere can make mlwf build.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -61,8 +62,11 @@ def build(classes, image_size, projections, members, config=None, metrics=None) 
 
 
 # --------------------------------------------------------------------------- load
-def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
+def from_bytes(data: bytes | memoryview, *, source: str = "model", digest: str | None = None) -> Model:
     """Parse and check model bytes, trusting nothing in them.
+
+    ``digest``: the SHA-256 of exactly these bytes when the caller has just
+    computed it (it becomes :attr:`Model.digest` instead of hashing them again).
 
     A checksum proves the bytes are whole, not that they are sane, so every
     count and size is bounded before anything proportional to it is built:
@@ -108,12 +112,41 @@ def from_bytes(data: bytes | memoryview, *, source: str = "model") -> Model:
             members=meta["members"],
             config=meta.get("config", {}),
             metrics=meta.get("metrics", {}),
-            digest=codec.digest(data),
+            digest=digest or codec.digest(data),
         )
     except (KeyError, TypeError):
         raise ModelError(f"{source} is corrupt (missing fields)") from None
     _check(model, source)
     return model
+
+
+#: Digests of model bytes this process has parsed and checked in full, with what
+#: :func:`checked_summary` returns for them (the newest few).
+_CHECKED: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_CHECKED_KEPT = 8
+
+
+def checked_summary(data: bytes | memoryview, *, digest: str, source: str = "model") -> dict[str, Any]:
+    """``classes``, ``image_size`` and ``metrics`` of model bytes whose SHA-256 is ``digest``,
+    checked in full by :func:`from_bytes` unless this process already checked bytes with that digest.
+
+    The same digest means the same bytes, so the same verdict: a warm process
+    that reads a published model again pays for a hash, not for a parse.
+
+    Raises
+    ------
+    ModelError
+        As :func:`from_bytes`.
+    """
+    if digest not in _CHECKED:
+        model = from_bytes(data, source=source, digest=digest)
+        _CHECKED[digest] = {"classes": list(model.classes), "image_size": model.image_size,
+                            "metrics": dict(model.metrics)}
+        while len(_CHECKED) > _CHECKED_KEPT:
+            _CHECKED.popitem(last=False)
+    _CHECKED.move_to_end(digest)
+    found = _CHECKED[digest]
+    return {"classes": list(found["classes"]), "image_size": found["image_size"], "metrics": dict(found["metrics"])}
 
 
 def class_name_problem(name: Any) -> str | None:

@@ -29,6 +29,8 @@ class Blob:
 
     data: bytes
     stored_at: str | None = None
+    #: The SHA-256 of ``data`` when the stage has just computed it (the engine then does not hash it again).
+    sha256: str | None = None
 
 
 @dataclass

@@ -54,15 +54,17 @@ def load(fetch, *, model_prefix: str) -> StageOutput:
     Its ``model`` is the published version object itself (``stored_at`` its
     key): a run references the model, it does not store a copy of it.
     """
-    from mlwf.model import from_bytes, read_published
+    from mlwf.model.format import checked_summary
+    from mlwf.model.registry import read_published
 
     data, manifest = read_published(lambda key: fetch([key])[0], model_prefix,
                                     where=f"model prefix {model_prefix!r}")
-    model = from_bytes(data, source=manifest["object"])
-    info = {"model_digest": model.digest, "classes": model.classes, "image_size": model.image_size,
+    digest = manifest["sha256"]  # read_published checked the bytes against it
+    model = checked_summary(data, digest=digest, source=manifest["object"])
+    info = {"model_digest": digest, "classes": model["classes"], "image_size": model["image_size"],
             "model_run_id": manifest.get("run_id"), "model_object": manifest["object"],
-            "validation_accuracy": model.metrics.get("validation_accuracy")}
-    return StageOutput({"model": Blob(data, stored_at=manifest["object"])}, info)
+            "validation_accuracy": model["metrics"].get("validation_accuracy")}
+    return StageOutput({"model": Blob(data, stored_at=manifest["object"], sha256=digest)}, info)
 
 
 def predict(assignment: dict, model, fetch) -> StageOutput:
