@@ -10,6 +10,7 @@ never saw a class gives it probability 0).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ _BATCH = 4096
 #: The default model (100 trees, 10 classes) still predicts 4,096 images at a time.
 _BATCH_VALUES = 1 << 22
 #: Rows projected at a time (see :func:`project`).
-_PROJECT_ROWS = 256
+_PROJECT_ROWS = 64
 
 
 def project(pixels: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -36,21 +37,30 @@ def project(pixels: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.
     return project_all(pixels, [(mean, components)])[0]
 
 
+@functools.cache
+def _levels_as_float64() -> np.ndarray:
+    """Each gray level as the float32 pixel decoding gives (level / 255), widened to float64."""
+    from mlwf.images import unit_scale  # Pillow: only where images are decoded anyway
+
+    return unit_scale(np.arange(256, dtype=np.uint8)).astype(np.float64)
+
+
 def project_all(pixels: np.ndarray, projections) -> list[np.ndarray]:
     """:func:`project` with each ``(mean, components)`` of ``projections``, converting the pixels once."""
-    from mlwf.images import unit_scale
-
     pixels = np.asarray(pixels)
     outs = [np.empty((len(pixels), len(components)), dtype=np.float32) for _, components in projections]
-    # A few hundred rows at a time: the float64 copy stays in cache instead of
-    # costing a page fault per 4 KiB of a fresh array (10k images: 0.9 s → 0.1 s).
+    # A few dozen rows at a time, centred into one reused buffer: the float64
+    # rows stay in cache instead of costing a page fault per 4 KiB of a fresh
+    # array (10k images: 0.9 s → 0.1 s), and a model's projections share them.
+    centred = np.empty((min(_PROJECT_ROWS, len(pixels)), pixels.shape[1] if pixels.ndim == 2 else 0))
     for start in range(0, len(pixels), _PROJECT_ROWS):
         rows = pixels[start : start + _PROJECT_ROWS]
-        if rows.dtype == np.uint8:
-            rows = unit_scale(rows)
-        rows = rows.astype(np.float64)
+        # Gray levels: exactly the float32 pixels decoding gives, widened, by table.
+        rows = _levels_as_float64()[rows] if rows.dtype == np.uint8 else rows.astype(np.float64)
+        buf = centred[: len(rows)]
         for out, (mean, components) in zip(outs, projections):
-            out[start : start + _PROJECT_ROWS] = (rows - mean) @ components.T
+            np.subtract(rows, mean, out=buf)
+            out[start : start + _PROJECT_ROWS] = buf @ components.T
     return outs
 
 
