@@ -144,3 +144,16 @@ def test_batched_resizing_equals_pillow_on_every_shape_both_ways():
             expected = [np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR)).ravel()
                         for a in stack]
             np.testing.assert_array_equal(out, np.stack(expected), err_msg=f"{h}x{w} → {size}")
+
+
+def test_a_gray_png_carrying_a_compressed_text_bomb_is_skipped_as_pillow_skips_it():
+    """libspng stops inflating at its chunk limits and Pillow at MAX_TEXT_CHUNK: the image is undecodable."""
+    png = encode(Image.new("L", (28, 28)))
+    squeeze = zlib.compressobj(9)
+    bomb = b"".join(squeeze.compress(bytes(1 << 24)) for _ in range(8)) + squeeze.flush()  # 128 MiB of zeros
+    body = b"Comment\0\0" + bomb
+    crafted = png[:33] + struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body)) \
+        + png[33:]
+    assert len(crafted) < 1 << 20 and images._plain_gray_png(crafted)
+    pixels, bad = images.decode_many([png, crafted, png], 28)
+    assert bad == [1] and len(pixels) == 2
