@@ -68,6 +68,27 @@ def test_resume_reuses_verified_outputs_and_reruns_only_the_rest(engine, monkeyp
     assert stages["validation"]["attempts"] == 1
 
 
+def test_resume_reruns_a_call_whose_record_has_outputs_of_another_shape(engine, monkeypatch):
+    """A run recorded by an mlwf whose partition handed on one hold-out set (not one share per
+    score function) resumes: that call runs again instead of feeding its old outputs on."""
+    monkeypatch.setenv("MLWF_FAULTS", "train:0:raise:99")
+    with pytest.raises(MlwfError):
+        with Engine(engine.spec.url, "tless", retries=0, workers=1) as e:
+            e.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    monkeypatch.delenv("MLWF_FAULTS")
+    [failed] = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-training/outputs/")
+                if o.key.endswith("run.json") and json.loads(engine.store.get(o.key))["status"] == "failed"]
+    run_id = failed["run_id"]
+    done_key = f"ml-training/outputs/{run_id}/partition/0.done.json"
+    doc = json.loads(engine.store.get(done_key))
+    doc["outcome"]["outputs"]["holdout"] = doc["outcome"]["outputs"]["holdout"][0]  # the old shape
+    engine.store.put(done_key, json.dumps(doc).encode())
+    report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False, resume=run_id)
+    assert report["run_id"] == run_id
+    assert report["stages"]["partition"]["reused"] == 0 and report["stages"]["partition"]["attempts"] == 1
+    assert report["stages"]["score"]["attempts"] == 2 and report["validation_accuracy"] is not None
+
+
 def test_resume_after_the_driver_is_killed(store_url, capsys):
     # A short lease, so the killed run is seen as abandoned within seconds.
     env = {**os.environ, "MLWF_FAULTS": "train:1:hang:1", "MLWF_HEARTBEAT_S": "0.2", "MLWF_LEASE_S": "1"}

@@ -41,7 +41,7 @@ def noise(rng, shape, mode: str) -> Image.Image:
 def mixed_images(rng) -> list[bytes]:
     """Every kind of image a dataset may hold, in several sizes, square or not."""
     out = []
-    for shape in ((28, 28), (28, 28), (64, 64), (100, 70), (9, 130), (1, 1), (28, 28)):
+    for shape in ((28, 28), (28, 28), (64, 64), (100, 70), (9, 130), (1, 1), (28, 28), (300, 260), (300, 260)):
         out.append(encode(noise(rng, shape, "L")))
     out.append(encode(noise(rng, (28, 28), "L"), optimize=True))
     out.append(encode(noise(rng, (33, 28), "L"), compress_level=0))

@@ -104,8 +104,12 @@ def decode(data: bytes, size: int) -> np.ndarray:
 #: Images resized together by :func:`_resize_levels`: their strips stay in the CPU's cache.
 _RESIZE_BATCH = 256
 _BILINEAR = Image.Resampling.BILINEAR
+#: Images larger than this (pixels) are resized one by one: the per-image cost is then Pillow's work.
+_BATCH_MAX_PIXELS = 1 << 16
 #: (height, width, size) → the order of Pillow's two passes ("hv" or "vh"), or None: see :func:`_pass_order`.
 _PASS_ORDER: dict[tuple[int, int, int], str | None] = {}
+#: Shapes remembered at most (a server decoding images of every shape keeps a bounded table).
+_PASS_ORDERS_KEPT = 1024
 
 
 def _rows(levels: np.ndarray, size: int) -> np.ndarray:
@@ -136,13 +140,16 @@ def _pass_order(h: int, w: int, size: int) -> str | None:
     None (resize each image alone) if neither order reproduces it.
     """
     key = (h, w, size)
-    if key not in _PASS_ORDER:
-        probe = np.random.default_rng(h * 65_537 + w).integers(0, 256, size=(1, h, w), dtype=np.uint8)
-        whole = np.asarray(Image.fromarray(probe[0]).resize((size, size), _BILINEAR))
-        rows_first = np.array_equal(_columns(_rows(probe, size), size)[0], whole)
-        columns_first = np.array_equal(_rows(_columns(probe, size), size)[0], whole)
-        _PASS_ORDER[key] = "hv" if rows_first else "vh" if columns_first else None
-    return _PASS_ORDER[key]
+    if key in _PASS_ORDER:
+        return _PASS_ORDER[key]
+    probe = np.random.default_rng(h * 65_537 + w).integers(0, 256, size=(1, h, w), dtype=np.uint8)
+    whole = np.asarray(Image.fromarray(probe[0]).resize((size, size), _BILINEAR))
+    rows_first = np.array_equal(_columns(_rows(probe, size), size)[0], whole)
+    columns_first = np.array_equal(_rows(_columns(probe, size), size)[0], whole)
+    order = "hv" if rows_first else "vh" if columns_first else None
+    if len(_PASS_ORDER) < _PASS_ORDERS_KEPT:
+        _PASS_ORDER[key] = order
+    return order
 
 
 def _resize_levels(levels: np.ndarray, size: int, out: np.ndarray) -> None:
@@ -155,7 +162,9 @@ def _resize_levels(levels: np.ndarray, size: int, out: np.ndarray) -> None:
     image (tested bit for bit against Pillow).
     """
     n, h, w = levels.shape
-    order = _pass_order(h, w, size) if (h, w) != (size, size) else "hv"
+    # One image, or large ones: Pillow's own call per image costs nothing extra.
+    order = None if n == 1 or h * w > _BATCH_MAX_PIXELS else "hv" if (h, w) == (size, size) else \
+        _pass_order(h, w, size)
     for start in range(0, n, _RESIZE_BATCH):
         part = levels[start : start + _RESIZE_BATCH]
         m = len(part)

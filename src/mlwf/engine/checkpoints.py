@@ -46,9 +46,10 @@ class Checkpoints:
             doc = json.loads(self.store.get(self.layout.done(call.stage, call.index)))
             if doc["call"] != call_digest(call):
                 return None
-            return Outcome.from_json(doc["outcome"])
+            outcome = Outcome.from_json(doc["outcome"])
         except (MlwfError, ValueError, KeyError, TypeError):
             return None
+        return outcome if _fits_definition(call, outcome) else None
 
     def reuse(self, call: Call) -> Outcome | None:
         """On a resumed run, the recorded outcome of ``call`` if its outputs verify; else None."""
@@ -66,3 +67,16 @@ class Checkpoints:
         outcome.durations_ms, outcome.bytes = {}, {}
         outcome.input_edges = []
         return outcome
+
+
+def _fits_definition(call: Call, outcome: Outcome) -> bool:
+    """Whether a recorded outcome has the outputs its stage defines now (an mlwf that recorded it
+    may have defined them otherwise: e.g. one hold-out set where there are now shares of it)."""
+    from mlwf import workflows
+
+    try:
+        outputs = workflows.get(call.workflow).stage(call.stage).outputs
+    except MlwfError:
+        return False
+    return set(outcome.outputs) == {o.name for o in outputs} and \
+        all(isinstance(outcome.outputs[o.name], list) == o.many for o in outputs)
