@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -169,9 +170,9 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
             index = {c: i for i, c in enumerate(classes)}
             unknown = sorted({t for _, t in labelled if t not in index})
             matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
-            for p, t in labelled:
+            for (p, t), n in Counter(labelled).items():  # counted first: one NumPy write per cell
                 if t in index:
-                    matrix[index[t], index[p]] += 1
+                    matrix[index[t], index[p]] = n
             confusion = {"labels": classes, "matrix": matrix.tolist()}
         results_key = run.layout.result("predictions.csv")
         summary = {
