@@ -565,3 +565,15 @@ def test_a_start_events_invocation_is_checked_before_anything_runs():
             invocation_arguments("ml-training", invocation)
     with pytest.raises(UsageError, match="unknown workflow"):
         invocation_arguments("ml-nothing", {"args": []})
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_a_blank_k_sink_is_refused_in_one_line_not_taken_for_no_sink(value):
+    from mlwf.choreography.sinks import parse_sinks
+    from mlwf.errors import UsageError
+
+    with pytest.raises(UsageError, match="K_SINK is set but blank"):
+        parse_sinks(None, k_sink=value)
+    assert parse_sinks(None, k_sink=None) is None
+    assert parse_sinks(["http://127.0.0.1:9/"], k_sink=value) is not None  # --sink wins over K_SINK
+

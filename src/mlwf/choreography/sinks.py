@@ -60,7 +60,7 @@ def parse_sinks(entries: list[str] | None, *, k_sink: str | None = None, dead_le
     ------
     UsageError
         For a URL that is not http(s), an unknown stage, two URLs for one
-        stage, or a dead-letter sink without any sink.
+        stage, a blank ``K_SINK``, or a dead-letter sink without any sink.
     """
     entries = [e for e in (entries or []) if e is not None]
     if any(not e.strip() for e in entries):
@@ -70,7 +70,9 @@ def parse_sinks(entries: list[str] | None, *, k_sink: str | None = None, dead_le
         dead_letter = dead_letter.strip()
     if entries:
         default, routes = parse_endpoints(entries, flag="--sink")
-    elif k_sink is not None and k_sink.strip():
+    elif k_sink is not None:
+        if not k_sink.strip():
+            raise UsageError("K_SINK is set but blank: give it the sink's URL, or unset it to emit no events")
         default, routes = check_url(k_sink.strip(), k_sink, "K_SINK"), {}
     else:
         if dead_letter is not None:
