@@ -195,6 +195,25 @@ def _train(capsys, endpoint, bucket, *extra, wait: bool = True):
     return _invoke(capsys, endpoint, bucket, "ml-training", TRAIN_PREFIX, "2", "4", *FAST_FLAGS, *extra, wait=wait)
 
 
+def test_invoke_wait_on_a_narrow_terminal_prints_the_whole_report(pair, s3_server, s3_env, tmp_path):
+    """What a person sees: the report as `mlwf run` prints it, every value whole, no progress bar inside."""
+    from tests.terminal import Screen, run_in_terminal
+    from tests.test_terminal import MLWF, _assert_report_whole, _run_record
+
+    env = {**_server_env(s3_server), "HOME": str(tmp_path)}
+    screen = run_in_terminal([MLWF, "invoke", "ml-training", TRAIN_PREFIX, "2", "4", *FAST_FLAGS, "--endpoint",
+                              pair.a.url, "--store", "s3://", "--bucket", s3_env, "--wait"], columns=60, env=env)
+    assert screen.returncode == 0, screen.text
+    started = screen.index(lambda line: line.startswith("started ml-training run "))
+    run_id = screen.logical_line(started).split()[3].rstrip(";")
+    report = _run_record(StoreSpec("s3://", s3_env).open(), "ml-training", run_id)["report"]
+    # The report follows the line saying the run started (which names the run too).
+    below = Screen(screen.returncode, screen.columns, screen.lines[started + 1:])
+    _assert_report_whole(below, report, ["backend", "images", "training / validation", "classes", "functions",
+                                          "validation accuracy", "end to end", "stages", "state transfer"],
+                         {"model": "ml-inference/model", "model sha256": report["model_digest"]})
+
+
 def _infer(capsys, endpoint, bucket):
     return _invoke(capsys, endpoint, bucket, "ml-inference", "ml-inference/model", BATCH_PREFIX, "4")
 
