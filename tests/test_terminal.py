@@ -100,7 +100,7 @@ def test_demo_on_a_terminal_prints_whole_reports_and_touches_nothing_of_the_user
          "model sha256": inference["model_digest"]})
     # Both runs drew their progress, and each display ended complete, above its report.
     bars = [line for line in screen.lines if PROGRESS_BAR in line]
-    assert len(bars) == 7, screen.text
+    assert len(bars) == 8, screen.text  # five training stages, three inference ones
     for line in bars:
         done, total = re.search(r"(\d+)/(\d+)", line).groups()
         assert done == total, line
