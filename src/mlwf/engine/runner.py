@@ -77,6 +77,15 @@ def store_for(spec: StoreSpec, settings: Settings) -> Store:
     return store
 
 
+def forget_stores() -> None:
+    """Close and drop the stores this process opened (a long-lived worker keeps no credentials between calls)."""
+    stores = list(_stores.values())
+    _stores.clear()
+    for store in stores:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
 def decode(data, decoder: str, what: str) -> Any:
     """Turn bytes into the value a stage receives, as its input's ``decode`` says."""
     if decoder == "raw":

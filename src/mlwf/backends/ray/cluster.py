@@ -95,6 +95,17 @@ else:
 """
 
 
+def check_address(address: str | None) -> None:
+    """Refuse (:class:`UsageError`, one line) an address that is not None, ``auto``, ``local`` or ``HOST:PORT``."""
+    if address and address.startswith("ray://"):
+        raise UsageError(f"--ray-address {address}: Ray Client (ray://) addresses are not supported; give "
+                         "the head's GCS address HOST:6379, or run mlwf on the cluster "
+                         "(ray job submit -- mlwf run …)")
+    if address not in (None, "auto", "local") and split_address(address) is None:
+        raise UsageError(f"--ray-address {address!r} is not HOST:PORT (the head's GCS address, "
+                         "e.g. 10.0.0.5:6379) or 'auto'")
+
+
 def split_address(address: str) -> tuple[str, int] | None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
