@@ -86,6 +86,11 @@ def forget_stores() -> None:
             store.close()
 
 
+def forget_decoded() -> None:
+    """Drop the decoded inputs this process keeps (a long-lived worker: one run's data is not kept for the next)."""
+    _decoded.clear()
+
+
 def decode(data, decoder: str, what: str) -> Any:
     """Turn bytes into the value a stage receives, as its input's ``decode`` says."""
     if decoder == "raw":

@@ -26,12 +26,15 @@ pool, and there is one pool per cluster.
   imported; a driver sends its own with every call, and a worker refuses a
   call from other code (:class:`PoolMismatch`). A driver whose fingerprint
   differs from the pool's does not use it.
-* Credentials: a worker keeps none. Each call brings the driver's
+* Credentials and data: a worker keeps no credentials, and no run's data for
+  the next run. Each call brings the driver's
   ``MLWF_*``/``S3_*``/``AWS_*`` variables as an argument (as a task's
   ``runtime_env`` would bring them); the worker resolves its settings from
   them for that call alone, never writes them to its environment, and closes
   the stores it opened when the call ends (:func:`mlwf.engine.runner.forget_stores`).
-  Names, logs and :meth:`PoolWorker.info` hold no variable.
+  Names, logs and :meth:`PoolWorker.info` hold no variable. Decoded inputs
+  are cached for the calls of one run, as in any worker, and dropped when a
+  call of another run arrives (:func:`mlwf.engine.runner.forget_decoded`).
 * Failures: a worker that dies (its process killed, its node lost) is
   restarted by Ray (``max_restarts=-1``) and imports everything again; the
   call it was running fails (Ray's actor-task retries are off), and the
@@ -141,6 +144,7 @@ class PoolWorker:
         self.started_at = time.time()
         self.calls = 0
         self.busy = False
+        self.last_run: str | None = None
 
     def run(self, call, ctx, forwarded: dict[str, str], fingerprint: str, held: dict[str, Any]):
         """Run one call (a streaming generator: each output held in Ray, then the Outcome), as a task does.
@@ -158,6 +162,9 @@ class PoolWorker:
                                f"(code {self.fingerprint[:12]}, the driver's {fingerprint[:12]})")
         own = {k: v for k, v in os.environ.items() if not k.startswith(FORWARDED_PREFIXES)}
         settings = Settings.resolve(environ={**own, **forwarded})
+        if ctx.run_id != self.last_run:
+            runner.forget_decoded()  # inputs decoded for one run (and driver) are not kept for the next
+            self.last_run = ctx.run_id
         self.calls += 1
         self.busy = True
         try:
@@ -254,6 +261,9 @@ def start(size: int | None, workflow_modules: Sequence[str], timeout: float = ST
     modules = tuple(dict.fromkeys(workflow_modules))
     fingerprint = code_fingerprint(modules)
     cpus = cluster_cpus()
+    if cpus == 0:
+        raise UsageError("the Ray cluster's alive nodes offer no CPUs, and the pool runs one worker per CPU: add "
+                         "nodes with CPUs")
     if size is None:
         size = cpus
     if not 1 <= size <= cpus:
@@ -376,7 +386,7 @@ class PoolClient:
                 if out.done():  # cancelled while it waited
                     continue
                 if not self.usable():
-                    to_tasks.append(as_task)
+                    to_tasks.append((out, as_task))
                     continue
                 worker = self._free.pop(0)
                 self._running[worker] = out
@@ -389,8 +399,12 @@ class PoolClient:
         for out, e in failed:
             if not out.done():
                 out.set_exception(e)
-        for as_task in to_tasks:
-            as_task()
+        for out, as_task in to_tasks:
+            try:
+                as_task()
+            except Exception as e:  # noqa: BLE001 - Ray refused the task: this call fails
+                if not out.done():
+                    out.set_exception(e)
 
     def finished(self, worker: int, lost: bool) -> None:
         """The call on ``worker`` ended; ``lost``: the worker died under it (or refused it)."""
