@@ -300,3 +300,38 @@ def test_pool_start_refuses_a_size_the_cluster_cannot_hold(ray_cluster, pool_env
         done = _pool("start", pool_env, "--ray-address", ray_cluster.address, "--size", size)
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and says in done.stderr, done.stderr
     assert _pool_status(ray_cluster, pool_env)["running"] is False
+
+
+_NOT_A_POOL = """
+import logging, sys
+import ray
+ray.init(address=sys.argv[1], namespace="mlwf", log_to_driver=False, logging_level=logging.ERROR)
+
+@ray.remote(num_cpus=0)
+class SomethingElse:
+    def ping(self):
+        return "pong"
+
+if sys.argv[2] == "make":
+    ray.get(SomethingElse.options(name="worker-pool", lifetime="detached").remote().ping.remote())
+elif sys.argv[2] == "ping":
+    print(ray.get(ray.get_actor("worker-pool").ping.remote()))
+else:
+    ray.kill(ray.get_actor("worker-pool"))
+"""
+
+
+def test_stop_leaves_alone_an_actor_of_the_same_name_that_is_not_a_pool(ray_cluster, pool_env):
+    def other(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _NOT_A_POOL, ray_cluster.address, action], capture_output=True,
+                              text=True, env=pool_env, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+    assert other("make").returncode == 0
+    try:
+        for command in ("stop", "status", "start"):
+            done = _pool(command, pool_env, "--ray-address", ray_cluster.address)
+            assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+            assert "is not an mlwf worker pool (it is a __main__.SomethingElse): mlwf leaves it alone" in done.stderr
+        assert other("ping").stdout.strip() == "pong"
+    finally:
+        other("kill")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -45,39 +46,43 @@ def handle(args) -> int:
     from mlwf.backends import backend_class
 
     backend_class("ray")  # a one-line hint if Ray is not installed
+    from mlwf.backends.ray import cluster
+
+    timeout = cluster.connect_timeout(settings)
+    # Under --json only the answer goes to stdout (Ray prints worker-death notices there).
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        doc, text = _act(args, address, timeout, settings)
+    print(json.dumps(doc) if args.json else text)
+    return 0
+
+
+def _act(args, address: str, timeout: float, settings) -> tuple[dict, str]:
+    """Join the cluster, do the command, leave; returns the answer as JSON and as text."""
     from mlwf.backends.ray import cluster, pool
 
-    timeout = settings.seconds("MLWF_RAY_CONNECT_TIMEOUT", cluster.CONNECT_TIMEOUT)
-    if isinstance(timeout, str):
-        raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds, got {timeout!r}")
     cluster.join(address, timeout, token_missing=settings.ray_token_missing)
     try:
         if args.pool_command == "start":
             described = pool.start(args.size, settings.workflow_modules, args.timeout)
             described.pop("workers", None)
-            _print(args, {"started": True, "address": address, **described},
-                   f"started the mlwf worker pool on the Ray cluster at {address}: {described['size']} workers, "
-                   + pool.describe_code(described["version"], described["fingerprint"],
-                                        described["workflow_modules"]))
-        elif args.pool_command == "status":
+            return ({"started": True, "address": address, **described},
+                    f"started the mlwf worker pool on the Ray cluster at {address}: {described['size']} workers, "
+                    + pool.describe_code(described["version"], described["fingerprint"],
+                                         described["workflow_modules"]))
+        if args.pool_command == "status":
             found = pool.status()
             if found is None:
-                _print(args, {"running": False, "address": address},
-                       f"no mlwf worker pool on the Ray cluster at {address}")
-            else:
-                _print_status(args, address, found)
-        else:
-            found = pool.stop()
-            if found is None:
-                _print(args, {"stopped": False, "address": address},
-                       f"no mlwf worker pool on the Ray cluster at {address}: nothing to stop")
-            else:
-                _print(args, {"stopped": True, "address": address, **found},
-                       f"stopped the mlwf worker pool on the Ray cluster at {address} ({found.get('size', '?')} "
-                       "workers)")
+                return {"running": False, "address": address}, f"no mlwf worker pool on the Ray cluster at {address}"
+            return {"running": True, "address": address, **found}, _status_text(address, found)
+        found = pool.stop()
+        if found is None:
+            return ({"stopped": False, "address": address},
+                    f"no mlwf worker pool on the Ray cluster at {address}: nothing to stop")
+        return ({"stopped": True, "address": address, **found},
+                f"stopped the mlwf worker pool on the Ray cluster at {address} ({found.get('size', '?')} workers)")
     finally:
         cluster.leave()
-    return 0
 
 
 def _address(settings, command: str) -> str:
@@ -95,23 +100,16 @@ def _address(settings, command: str) -> str:
     return address
 
 
-def _print(args, doc: dict, text: str) -> None:
-    print(json.dumps(doc) if args.json else text)
-
-
-def _print_status(args, address: str, found: dict) -> None:
+def _status_text(address: str, found: dict) -> str:
     from mlwf.backends.ray import pool
 
-    if args.json:
-        print(json.dumps({"running": True, "address": address, **found}))
-        return
     state = "ready" if found["ready"] else "starting"
-    print(f"mlwf worker pool on the Ray cluster at {address}: {found['size']} workers, {state}, "
-          + pool.describe_code(found["version"], found["fingerprint"], found["workflow_modules"]))
+    lines = [f"mlwf worker pool on the Ray cluster at {address}: {found['size']} workers, {state}, "
+             + pool.describe_code(found["version"], found["fingerprint"], found["workflow_modules"])]
     for i, info in enumerate(found["workers"]):
         if info is None:
-            print(f"  worker {i}: not answering (restarting, or its node is gone)")
+            lines.append(f"  worker {i}: not answering (restarting, or its node is gone)")
         else:
-            print(f"  worker {i}: node {info['node_id'][:12]} ({info['node_ip']}), pid {info['pid']}, {info['calls']} calls"
-                  + (", busy" if info["busy"] else ""))
-    sys.stdout.flush()
+            lines.append(f"  worker {i}: node {info['node_id'][:12]} ({info['node_ip']}), pid {info['pid']}, "
+                         f"{info['calls']} calls" + (", busy" if info["busy"] else ""))
+    return "\n".join(lines)

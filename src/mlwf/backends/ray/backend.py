@@ -51,7 +51,7 @@ import ray
 from mlwf import workflows
 from mlwf.backends.base import BackendConfig
 from mlwf.backends.ray import cluster, pool
-from mlwf.backends.ray.cluster import CONNECT_TIMEOUT, check_address, first_line, is_local_address, local_ips
+from mlwf.backends.ray.cluster import check_address, first_line, is_local_address, local_ips
 from mlwf.backends.ray.task import remote_call
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, refs_in
 from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
@@ -109,16 +109,7 @@ class RayBackend:
         check_address(self.address)
         self.shared_store = config.shared_store
         self.store = settings.store
-        connect_timeout = config.connect_timeout
-        if connect_timeout is None:
-            connect_timeout = settings.seconds("MLWF_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT)
-        if isinstance(connect_timeout, bool) or not (isinstance(connect_timeout, (int, float))
-                                                     and 0 < connect_timeout <= 3600):
-            given = connect_timeout if config.connect_timeout is not None else \
-                settings.variable("MLWF_RAY_CONNECT_TIMEOUT")
-            raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds between 0 and 3600, got "
-                             f"{given!r}")
-        self.connect_timeout = float(connect_timeout)
+        self.connect_timeout = cluster.connect_timeout(settings, config.connect_timeout)
         self.resources = self._check_requests(dict(config.stage_resources or {}))
         self.use_pool = config.use_pool
         self._pool: pool.PoolClient | None = None
@@ -177,11 +168,15 @@ class RayBackend:
 
     def _attach_pool(self) -> None:
         """Use the cluster's worker pool if it has one of this driver's code (else say why in a warning)."""
-        handle = pool.manager()
+        unused = "its calls run as Ray tasks"
+        try:
+            handle = pool.manager()
+        except UsageError as e:
+            self._warnings.append(f"{e}; {unused}")
+            return
         if handle is None:
             return
         self._pool_found = True
-        unused = "its calls run as Ray tasks"
         try:
             described = ray.get(handle.describe.remote(), timeout=self.connect_timeout)
         except Exception as e:  # noqa: BLE001 - any failure: not used, said once

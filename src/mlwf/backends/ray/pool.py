@@ -43,6 +43,7 @@ pool, and there is one pool per cluster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -51,6 +52,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import InvalidStateError
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -94,11 +96,8 @@ def code_fingerprint(workflow_modules: tuple[str, ...] = ()) -> str:
     """
     import mlwf
 
-    digest = hashlib.sha256(f"mlwf {mlwf.__version__}\0".encode())
-    root = Path(mlwf.__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    for name in sorted(set(workflow_modules)):
+    sources = {}
+    for name in set(workflow_modules):
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
@@ -106,7 +105,18 @@ def code_fingerprint(workflow_modules: tuple[str, ...] = ()) -> str:
         if spec is None or not spec.origin or not os.path.isfile(spec.origin):
             raise UsageError(f"MLWF_WORKFLOW_MODULES names {name!r}, which cannot be found here: install it, "
                              "or fix the variable")
-        digest.update(f"module {name}\0".encode() + Path(spec.origin).read_bytes() + b"\0")
+        sources[name] = Path(spec.origin)
+    return digest_code(mlwf.__version__, Path(mlwf.__file__).resolve().parent, sources)
+
+
+def digest_code(version: str, package: Path, modules: dict[str, Path]) -> str:
+    """SHA-256 (hex) of ``version``, every ``.py`` file under ``package`` (its relative path and bytes), and
+    each of ``modules`` (name and the bytes of its source file)."""
+    digest = hashlib.sha256(f"mlwf {version}\0".encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in sorted(modules):
+        digest.update(f"module {name}\0".encode() + modules[name].read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -205,7 +215,7 @@ class PoolManager:
         workers = []
         for node_id in _slots(self.size):
             workers.append(PoolWorker.options(
-                num_cpus=0, max_restarts=-1, max_task_retries=0, name=None,
+                num_cpus=0, max_restarts=-1, max_task_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
             ).remote(self.workflow_modules))
         with self._lock:
@@ -237,11 +247,23 @@ def _slots(size: int) -> list[str]:
 
 # --------------------------------------------------------------------------- driver side
 def manager():
-    """The pool's manager actor on the cluster this process joined, or None if there is no pool."""
+    """The pool's manager actor on the cluster this process joined, or None if there is no pool.
+
+    Raises :class:`UsageError` if the actor of that name is not an mlwf pool's
+    manager (another program chose the same name): mlwf never acts on it.
+    """
     try:
-        return ray.get_actor(MANAGER, namespace=NAMESPACE)
+        handle = ray.get_actor(MANAGER, namespace=NAMESPACE)
     except ValueError:
         return None
+    # Ray keeps no public record of an actor's class; its handle's creation descriptor names it.
+    descriptor = getattr(handle, "_ray_actor_creation_function_descriptor", None)
+    made_by = (getattr(descriptor, "module_name", __name__), getattr(descriptor, "class_name", "PoolManager"))
+    if made_by != (__name__, "PoolManager"):
+        raise UsageError(f"the actor {MANAGER!r} in the Ray namespace {NAMESPACE!r} is not an mlwf worker pool (it is "
+                         f"a {'.'.join(made_by)}): mlwf leaves it alone; remove it with Ray's own tools to start a "
+                         "pool")
+    return handle
 
 
 def cluster_cpus() -> int:
@@ -397,13 +419,13 @@ class PoolClient:
                     self._free.append(worker)
                     failed.append((out, e))
         for out, e in failed:
-            if not out.done():
+            with contextlib.suppress(InvalidStateError):
                 out.set_exception(e)
         for out, as_task in to_tasks:
             try:
                 as_task()
             except Exception as e:  # noqa: BLE001 - Ray refused the task: this call fails
-                if not out.done():
+                with contextlib.suppress(InvalidStateError):
                     out.set_exception(e)
 
     def finished(self, worker: int, lost: bool) -> None:
