@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,29 @@ def test_stop_leaves_alone_an_actor_of_the_same_name_that_is_not_a_pool(ray_clus
         assert other("ping").stdout.strip() == "pong"
     finally:
         other("kill")
+
+
+def test_stopping_the_pool_mid_run_fails_the_run_over_to_tasks(ray_cluster, pool_env, store_url):
+    env = pool_env
+    assert _pool("start", env, "--ray-address", ray_cluster.address).returncode == 0
+    # train[1] hangs on its worker until the pool goes away, so the run is still going when it does.
+    run = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "run", "ml-training", TRAIN_PREFIX, "2", "4",
+                            "--store", store_url, *FAST_FLAGS, "--no-publish", "--backend", "ray",
+                            "--ray-address", ray_cluster.address, "--timeout", "60", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**env, "MLWF_FAULTS": "train:1:hang:1"}, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the training calls have started (partition and 2 pca calls came first)
+            workers = _pool_status(ray_cluster, env)["workers"]
+            if sum(w["calls"] for w in workers if w) >= 4 and any(w and w["busy"] for w in workers):
+                break
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.2)
+        assert _pool("stop", env, "--ray-address", ray_cluster.address).returncode == 0
+        out, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err
+    report = json.loads(out)
+    assert report["ray_pool"]["task_calls"] >= 1 and report["validation_accuracy"] > 0.5
