@@ -254,3 +254,45 @@ def test_a_connect_timeout_that_is_not_a_sane_number_of_seconds_is_refused(monke
     with pytest.raises(UsageError, match=r"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds") as info:
         RayBackend(RayConfig(address="127.0.0.1:1"))
     assert value in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_pool_fingerprint_changes_with_any_file_of_the_code_and_nothing_else(tmp_path):
+    import shutil
+
+    import mlwf
+    from mlwf.backends.ray.pool import code_fingerprint, digest_code
+
+    package = tmp_path / "a" / "mlwf"
+    shutil.copytree(Path(mlwf.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    module = tmp_path / "tiny.py"
+    module.write_text("WORKFLOW = None\n")
+    first = digest_code("0.1.0", package, {"tiny": module})
+    # The same code elsewhere (another node's installation) has the same fingerprint; this one's, too.
+    moved = tmp_path / "b" / "mlwf"
+    shutil.copytree(package, moved)
+    assert digest_code("0.1.0", moved, {"tiny": module}) == first
+    assert digest_code(mlwf.__version__, Path(mlwf.__file__).parent, {}) == code_fingerprint(())
+    # Another version, a changed byte, a new file, another workflow module, a changed module: not the same.
+    changed = []
+    changed.append(digest_code("0.1.1", package, {"tiny": module}))
+    runner = package / "engine" / "runner.py"
+    runner.write_bytes(runner.read_bytes() + b" ")
+    changed.append(digest_code("0.1.0", package, {"tiny": module}))
+    runner.write_bytes(runner.read_bytes()[:-1])
+    assert digest_code("0.1.0", package, {"tiny": module}) == first
+    (package / "extra.py").write_text("")
+    changed.append(digest_code("0.1.0", package, {"tiny": module}))
+    (package / "extra.py").unlink()
+    changed.append(digest_code("0.1.0", package, {}))
+    module.write_text("WORKFLOW = 1\n")
+    changed.append(digest_code("0.1.0", package, {"tiny": module}))
+    assert len({first, *changed}) == 1 + len(changed)
+
+
+def test_a_workflow_module_the_pool_cannot_find_is_one_line():
+    from mlwf.backends.ray.pool import code_fingerprint
+    from mlwf.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^MLWF_WORKFLOW_MODULES names 'tests.no_such_module', which cannot be "
+                                         r"found here"):
+        code_fingerprint(("tests.no_such_module",))

@@ -9,8 +9,10 @@ concurrent calls need both nodes. Each run is ``mlwf run … --backend ray
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,232 @@ def test_stopping_the_cluster_leaves_none_of_its_processes(tmp_path):
     left = [pid for pid in pids if Path(f"/proc/{pid}").exists()
             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert left == []
+
+
+# ---------------------------------------------------------------------------------------------- the worker pool
+# These run last in the module: a pool, once started, takes the calls of every run on the cluster.
+def _pool(command: str, env: dict[str, str], *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return _mlwf(["ray", "pool", command, *extra], env, timeout=timeout)
+
+
+def _pool_status(ray_cluster, env: dict[str, str]) -> dict:
+    done = _pool("status", env, "--ray-address", ray_cluster.address, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+SECRET_VALUE = "pool-test-secret-3f9a0c"
+_LOOK = """
+import json, logging, sys
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR)
+from mlwf.backends.ray import pool
+
+def look(worker, secret):
+    import gc, os
+    from mlwf.engine import runner
+    return {"environment": sorted(k for k, v in os.environ.items() if secret in v),
+            "dicts": sum(1 for o in gc.get_objects()
+                         if isinstance(o, dict) and any(isinstance(v, str) and secret in v for v in o.values())),
+            "open_stores": len(runner._stores)}
+
+workers = ray.get(pool.manager().describe.remote())["workers"]
+print(json.dumps(ray.get([w.__ray_call__.remote(look, sys.argv[2]) for w in workers])))
+"""
+
+
+def _look_into_workers(ray_cluster, env: dict[str, str]) -> list[dict]:
+    """What each pool worker still holds of :data:`SECRET_VALUE`: in its environment, in any dict, open stores."""
+    done = subprocess.run([sys.executable, "-c", _LOOK, ray_cluster.address, SECRET_VALUE], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def pool_env(ray_cluster):
+    """The cluster's driver environment; any pool left by the test is stopped afterwards."""
+    env = ray_cluster.driver_env()
+    yield env
+    _pool("stop", env, "--ray-address", ray_cluster.address)
+
+
+def test_a_fresh_driver_runs_on_the_pool_and_gets_the_local_model(ray_cluster, pool_env, store_url, tmp_path):
+    """A pool's life in one test (each pool start costs seconds): started, used by fresh drivers (both
+    transfers, credentials not kept), skipped for bigger stages and --no-ray-pool, its workers dying under
+    calls (killed, stuck), then stopped in the middle of a run."""
+    env = pool_env
+    started = _pool("start", env, "--ray-address", ray_cluster.address, "--json")
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["size"] == 2  # one worker per CPU: one on each node
+    before = _pool_status(ray_cluster, env)
+    assert before["running"] and before["ready"] and [w["calls"] for w in before["workers"]] == [0, 0]
+    assert {w["pid"] for w in before["workers"]} <= ray_cluster.pids()
+
+    train = ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS, "--json"]
+    local = _report(_mlwf([*train, "--model-prefix", "ml-inference/model-local"], env))
+    trace = tmp_path / "pool-run.json"
+    # Credentials travel with each call and stay with it (a local store does not use them).
+    with_keys = {**env, "AWS_ACCESS_KEY_ID": "pool-test-key-id", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}
+    remote = _report(_mlwf([*train, "--model-prefix", "ml-inference/model-pool", "--backend", "ray",
+                            "--ray-address", ray_cluster.address, "--trace", str(trace)], with_keys))
+    assert remote["model_digest"] == local["model_digest"]
+    assert remote["warnings"] == []
+    calls = sum(s["calls"] for s in remote["stages"].values())
+    assert remote["ray_pool"] == {"used": True, "workers": 2, "pool_calls": calls, "task_calls": 0}
+    # Every call ran in a pool worker, and the workers' own counters moved by as many calls.
+    after = _pool_status(ray_cluster, env)
+    events = json.loads(trace.read_text())["traceEvents"]
+    ran_in = {int(e["args"]["worker"].rsplit(":", 1)[1]) for e in events
+              if e.get("ph") == "X" and "worker" in e.get("args", {})}
+    assert ran_in and ran_in <= {w["pid"] for w in after["workers"]}
+    assert sum(w["calls"] for w in after["workers"]) == calls
+    assert [w["pid"] for w in after["workers"]] == [w["pid"] for w in before["workers"]]
+    kept = _look_into_workers(ray_cluster, env)
+    assert kept == [{"environment": [], "dicts": 0, "open_stores": 0}] * 2
+
+    # --transfer direct, inference, from another fresh driver: the same results as here.
+    infer = ["run", "ml-inference", "ml-inference/model-pool", BATCH_PREFIX, "4", "--store", store_url, "--json"]
+    on_pool = _report(_mlwf([*infer, "--backend", "ray", "--ray-address", ray_cluster.address,
+                             "--transfer", "direct"], env))
+    here = _report(_mlwf(infer, env))
+    assert on_pool["ray_pool"]["pool_calls"] == sum(s["calls"] for s in on_pool["stages"].values())
+    assert on_pool["accuracy"] == here["accuracy"] > 0.5
+    from mlwf.storage import StoreSpec
+
+    store = StoreSpec(store_url, "tless").open()
+    assert store.get(on_pool["results_key"]) == store.get(here["results_key"])
+
+    # A stage that asks for more than a pool worker offers runs as a task; --no-ray-pool: every call.
+    asks = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
+                          "--stage-memory", "train=64"], env))
+    assert asks["ray_pool"]["task_calls"] == 4 and asks["ray_pool"]["pool_calls"] == calls - 4
+    assert asks["model_digest"] == local["model_digest"]
+    off = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
+                         "--no-ray-pool"], env))
+    assert off["ray_pool"] is None and off["model_digest"] == local["model_digest"]
+
+    # A call stuck past its timeout: its worker is killed (Ray restarts it), the call is retried.
+    stuck = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
+                           "--timeout", "5"], {**env, "MLWF_FAULTS": "train:2:hang:1"}))
+    assert stuck["model_digest"] == local["model_digest"] and stuck["stages"]["train"]["attempts"] == 5
+
+    # A pool worker killed mid-run (its process exits under a call): the call is retried, the run finishes.
+    crash = {**env, "MLWF_FAULTS": "train:1:exit:1"}
+    survived = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address],
+                             crash))
+    assert survived["model_digest"] == local["model_digest"]
+    assert survived["stages"]["train"]["attempts"] == 5
+    # ... and with no retry left, it fails in one line.
+    crash = {**env, "MLWF_FAULTS": "train:1:exit:1"}
+    failed = _mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
+                    "--retries", "0"], crash)
+    assert failed.returncode != 0 and failed.stdout == ""
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlwf: error: ml-training stage train[1] failed: its worker of "
+                                                   "the mlwf pool died"), failed.stderr
+
+    # Stopped mid-run: the calls on the pool fail as lost workers and are retried, as tasks in the end.
+    # train[1] hangs on its worker until the pool goes away, so the run is still going when it does.
+    run = subprocess.Popen([sys.executable, "-m", "mlwf.cli", *train, "--no-publish", "--backend", "ray",
+                            "--ray-address", ray_cluster.address, "--timeout", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**env, "MLWF_FAULTS": "train:1:hang:1"}, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the training calls have started (partition and 2 pca calls came first)
+            workers = _pool_status(ray_cluster, env)["workers"]
+            if sum(w["calls"] for w in workers if w) >= 4 and any(w and w["busy"] for w in workers):
+                break
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.2)
+        stopped = _pool("stop", env, "--ray-address", ray_cluster.address, "--json")
+        out, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] is True, stopped.stderr
+    assert run.returncode == 0, err
+    mid_run = json.loads(out)
+    assert mid_run["ray_pool"]["task_calls"] >= 1 and mid_run["model_digest"] == local["model_digest"]
+    assert _pool_status(ray_cluster, env) == {"running": False, "address": ray_cluster.address}
+    assert not any(Path(f"/proc/{w['pid']}").exists() for w in workers if w)
+    again = _pool("stop", env, "--ray-address", ray_cluster.address)
+    assert again.returncode == 0 and "nothing to stop" in again.stdout
+
+
+def test_a_pool_of_other_code_is_not_used(ray_cluster, pool_env, store_url):
+    env = pool_env
+    # A pool started with another workflow module: its fingerprint is not this driver's.
+    other = {**env, "MLWF_WORKFLOW_MODULES": "tests.tiny_workflow"}
+    started = _pool("start", other, "--ray-address", ray_cluster.address, "--size", "1")
+    assert started.returncode == 0, started.stderr
+    assert "1 workers" in started.stdout and "workflow modules tests.tiny_workflow" in started.stdout
+    train = ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS, "--no-publish",
+             "--backend", "ray", "--ray-address", ray_cluster.address]
+    done = _mlwf(train, env)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("mlwf: warning:")]
+    assert len(warnings) == 1 and "the mlwf worker pool on the Ray cluster runs other code" in warnings[0]
+    assert "workflow modules tests.tiny_workflow" in warnings[0] and "mlwf ray pool stop" in warnings[0]
+    assert _pool_status(ray_cluster, env)["workers"][0]["calls"] == 0
+    # A second pool is refused while this one runs.
+    twice = _pool("start", env, "--ray-address", ray_cluster.address)
+    assert twice.returncode == 2 and twice.stderr.startswith("mlwf: error: a worker pool is already running")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["stop"], "which Ray cluster?"),
+    (["stop", "--ray-address", ""], "which Ray cluster?"),
+    (["stop", "--ray-address", " "], "which Ray cluster?"),
+    (["stop", "--ray-address", "auto"], "name the cluster whose pool to stop"),
+    (["start", "--ray-address", "ray://h:10001"], "Ray Client (ray://) addresses are not supported"),
+    (["status", "--ray-address", "nohost"], "is not HOST:PORT"),
+])
+def test_pool_commands_never_guess_the_cluster(args, says, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = _mlwf(["ray", "pool", *args], env, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and says in done.stderr, done.stderr
+
+
+def test_pool_start_refuses_a_size_the_cluster_cannot_hold(ray_cluster, pool_env):
+    for size, says in (("3", "the cluster has 2 CPUs: give a size from 1 to 2"), ("0", "at least 1")):
+        done = _pool("start", pool_env, "--ray-address", ray_cluster.address, "--size", size)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and says in done.stderr, done.stderr
+    assert _pool_status(ray_cluster, pool_env)["running"] is False
+
+
+_NOT_A_POOL = """
+import logging, sys
+import ray
+ray.init(address=sys.argv[1], namespace="mlwf", log_to_driver=False, logging_level=logging.ERROR)
+
+@ray.remote(num_cpus=0)
+class SomethingElse:
+    def ping(self):
+        return "pong"
+
+if sys.argv[2] == "make":
+    ray.get(SomethingElse.options(name="worker-pool", lifetime="detached").remote().ping.remote())
+elif sys.argv[2] == "ping":
+    print(ray.get(ray.get_actor("worker-pool").ping.remote()))
+else:
+    ray.kill(ray.get_actor("worker-pool"))
+"""
+
+
+def test_stop_leaves_alone_an_actor_of_the_same_name_that_is_not_a_pool(ray_cluster, pool_env):
+    def other(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _NOT_A_POOL, ray_cluster.address, action], capture_output=True,
+                              text=True, env=pool_env, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+    assert other("make").returncode == 0
+    try:
+        for command in ("stop", "status"):
+            done = _pool(command, pool_env, "--ray-address", ray_cluster.address)
+            assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+            assert "is not an mlwf worker pool (it is a __main__.SomethingElse): mlwf leaves it alone" in done.stderr
+        assert other("ping").stdout.strip() == "pong"
+    finally:
+        other("kill")
+

@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``python benchmarks/run.py`` has prepared
 benchmarks/data/store)::
 
-    python benchmarks/issue16/ray_cluster_bench.py [--repeats 5] [--variants tasks,preload,actors]
+    nice -n 10 python benchmarks/issue16/ray_cluster_bench.py [--repeats 5] [--variants tasks,pool]
 
 For each variant a fresh two-node cluster (tests/raycluster.py: two raylets on
 this host, 1 CPU each, token authentication) is started, one untimed run warms
@@ -16,12 +16,14 @@ the floor of any fresh driver.
 
 Variants:
 
-* ``tasks``: mlwf as it is (each call a Ray task; each job starts its own workers).
+* ``tasks``: no worker pool on the cluster: each call a Ray task, each job
+  starts its own workers.
 * ``preload``: the same, with the nodes started with
   ``RAY_preload_python_modules`` (scikit-learn and the stage code imported by
   every worker Ray starts, before it takes work).
-* ``actors``: the calls go to detached actors that outlive each job
-  (benchmarks/issue16/actor_pool.py), made by the warm-up run.
+* ``pool``: ``mlwf ray pool start`` (timed once, not counted) before the
+  untimed first run; every timed run's report must say all its calls ran on
+  the pool.
 
 Writes benchmarks/results/issue16/ray_cluster.json and prints medians (min–max).
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -71,28 +74,38 @@ def measure(variant: str, repeats: int) -> dict:
             RayCluster(Path(tmp), nodes=2, cpus=1, node_env=node_env) as cluster:
         env = cluster.driver_env()
         mlwf = [sys.executable, "-m", "mlwf.cli"]
-        remote = ([sys.executable, str(ROOT / "benchmarks/issue16/actor_pool.py")] if variant == "actors" else mlwf)
         remote_args = [*RUN, "--backend", "ray", "--ray-address", cluster.address,
                        "--model-prefix", f"ml-inference/model-ray-{variant}"]
         join = [sys.executable, "-c", f"import ray, logging; ray.init(address={cluster.address!r}, "
                                       "log_to_driver=False, logging_level=logging.ERROR)"]
-        timed([*remote, *remote_args], env)  # the cluster's first job (and the pool's creation): not counted
+        pool_start_ms = None
+        if variant == "pool":
+            pool_start_ms = round(timed([*mlwf, "ray", "pool", "start", "--ray-address", cluster.address, "--json"],
+                                        env)[0])
+        timed([*mlwf, *remote_args], env)  # the cluster's first job: not counted
         local, fresh, joins, digests = [], [], [], set()
         for _ in range(repeats):
             wall, report = timed([*mlwf, *RUN, "--model-prefix", "ml-inference/model-local-cold"], env)
             local.append(wall)
             digests.add(report["model_digest"])
-            wall, report = timed([*remote, *remote_args], env)
+            wall, report = timed([*mlwf, *remote_args], env)
+            calls = sum(s["calls"] for s in report["stages"].values())
+            pool = report.get("ray_pool") or {}
+            if (variant == "pool") != (pool.get("pool_calls") == calls):
+                raise SystemExit(f"{variant}: the run's calls did not run where expected: ray_pool={pool}")
             fresh.append({"wall_ms": wall, "e2e_ms": report["e2e_ms"], "stage_ms": report["stage_ms"]})
             digests.add(report["model_digest"])
             joins.append(timed(join, env)[0])
-        if variant == "actors":
-            subprocess.run([sys.executable, str(ROOT / "benchmarks/issue16/actor_pool.py"), "--kill-pool",
-                            cluster.address], env=env, capture_output=True, cwd=ROOT)
+        if variant == "pool":
+            timed([*mlwf, "ray", "pool", "stop", "--ray-address", cluster.address, "--json"], env)
     fresh_wall = [r["wall_ms"] for r in fresh]
-    return {"variant": variant, "local_cold_ms": stats(local), "fresh_driver_ms": stats(fresh_wall),
+    return {"variant": variant, "pool_start_ms": pool_start_ms, "local_cold_ms": stats(local),
+            "fresh_driver_ms": stats(fresh_wall),
             "fresh_driver_e2e_ms": stats([r["e2e_ms"] for r in fresh]),
             "ratio_fresh_over_local": round(statistics.median(fresh_wall) / statistics.median(local), 2),
+            # Each round's two runs were back to back: their ratio cancels most of the load's drift.
+            "ratio_per_round": [round(f / c, 2) for f, c in zip(fresh_wall, local)],
+            "median_ratio_per_round": round(statistics.median(f / c for f, c in zip(fresh_wall, local)), 2),
             "join_only_ms": stats(joins), "same_model_bytes": len(digests) == 1,
             "stages_last_run": fresh[-1]["stage_ms"]}
 
@@ -100,10 +113,12 @@ def measure(variant: str, repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default="tasks,preload,actors")
+    p.add_argument("--variants", default="tasks,pool")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/ray_cluster.json"))
     a = p.parse_args()
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": a.repeats,
+               "machine": f"{os.cpu_count()} cores, {platform.platform()}",
+               "load_average_before": [round(x, 2) for x in os.getloadavg()],
                "command": "mlwf " + " ".join(RUN), "cluster": "2 raylets on this host, 1 CPU each, token auth",
                "variants": []}
     for variant in a.variants.split(","):
@@ -113,7 +128,8 @@ def main() -> None:
         print(f"{variant:8} local cold {r['local_cold_ms']['median']} ms ({r['local_cold_ms']['min']}–"
               f"{r['local_cold_ms']['max']}), fresh driver on the cluster {r['fresh_driver_ms']['median']} ms "
               f"({r['fresh_driver_ms']['min']}–{r['fresh_driver_ms']['max']}), ratio "
-              f"{r['ratio_fresh_over_local']}; join only {r['join_only_ms']['median']} ms; same bytes "
+              f"{r['ratio_fresh_over_local']} (per round: median {r['median_ratio_per_round']}, "
+              f"{r['ratio_per_round']}); join only {r['join_only_ms']['median']} ms; same bytes "
               f"{r['same_model_bytes']}", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2))

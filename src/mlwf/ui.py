@@ -170,6 +170,10 @@ def print_report(report: dict[str, Any]) -> None:
     wf = report["workflow"]
     table = _pairs(f"{wf} run {report['run_id']}")
     _add(table, "backend", report["backend"] + (f", transfer {report['transfer']}" if report.get("transfer") else ""))
+    pool = report.get("ray_pool")
+    if pool:
+        _add(table, "Ray worker pool", f"{pool['pool_calls']} calls on {pool['workers']} warm workers, "
+                                       f"{pool['task_calls']} as tasks" if pool["used"] else "not used (see the warning)")
     _add(table, "images", str(report.get("num_images")))
     if wf == "ml-training":
         _add(table, "training / validation", f"{report['num_train_images']} / {report['num_validation']}")

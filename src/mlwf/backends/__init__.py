@@ -58,7 +58,7 @@ def make_backend(name_or_config: Any, settings, options: dict[str, Any] | None =
 
 def config_from_flags(name: str, *, workflow: str, workers: int | None = None, ray_address: str | None = None,
                       shared_store: bool = False, stage_resources: dict | None = None,
-                      endpoints: list[str] | None = None):
+                      endpoints: list[str] | None = None, ray_pool: bool = True):
     """The config of backend ``name`` from the command line's flags: the one mapping ``mlwf run`` and
     ``mlwf bench`` share. Flags of other backends are ignored; the local pool preloads scikit-learn only
     for a workflow whose stages import it."""
@@ -69,7 +69,8 @@ def config_from_flags(name: str, *, workflow: str, workers: int | None = None, r
         return LocalConfig(workers=workers, preload_sklearn=needs_sklearn(workflow))
     cls = backend_class(name)
     if name == "ray":
-        return cls.Config(address=ray_address, shared_store=shared_store, stage_resources=stage_resources)
+        return cls.Config(address=ray_address, shared_store=shared_store, stage_resources=stage_resources,
+                          use_pool=ray_pool)
     if name == "knative":
         return cls.Config(endpoints=endpoints)
     return cls.Config()

@@ -11,6 +11,11 @@ them. A dead worker is :class:`~mlwf.errors.WorkerLost` (retryable; with
 call in flight). A backend never retries a call itself: the driver alone
 decides, from :attr:`~mlwf.errors.MlwfError.retryable`
 (:mod:`mlwf.engine.retry`).
+
+Two methods are optional (the driver looks for them): ``warm_up() -> bool``
+starts the workers before a run's first stage (True if it had to), and
+``notes(run_id) -> dict`` gives fields the backend adds to the run's report,
+whose ``warnings`` (lines) join the report's own.
 """
 
 from __future__ import annotations

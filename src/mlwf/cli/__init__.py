@@ -2,7 +2,7 @@
 
 One module per command group, each with ``add_parsers(sub)`` and ``handle(args)``:
 :mod:`~mlwf.cli.run`, :mod:`~mlwf.cli.invoke`, :mod:`~mlwf.cli.data` (dataset, s3), :mod:`~mlwf.cli.model`,
-:mod:`~mlwf.cli.runs`, :mod:`~mlwf.cli.serve` (serve, deploy), :mod:`~mlwf.cli.bench`
+:mod:`~mlwf.cli.runs`, :mod:`~mlwf.cli.serve` (serve, deploy), :mod:`~mlwf.cli.raypool` (ray pool), :mod:`~mlwf.cli.bench`
 (bench, trace), :mod:`~mlwf.cli.demo`; the flags they share are in :mod:`~mlwf.cli.options`.
 """
 
@@ -12,13 +12,13 @@ import argparse
 import os
 import sys
 
-from mlwf.cli import bench, data, demo, invoke, model, run, runs, serve
+from mlwf.cli import bench, data, demo, invoke, model, raypool, run, runs, serve
 from mlwf.cli.options import Parser, version
 from mlwf.errors import MlwfError
 
 #: Each command and the module that handles it, in the order ``--help`` lists them.
 _GROUPS = {"run": run, "invoke": invoke, "dataset": data, "s3": data, "model": model, "runs": runs, "serve": serve,
-           "deploy": serve, "bench": bench, "trace": bench, "demo": demo}
+           "deploy": serve, "ray": raypool, "bench": bench, "trace": bench, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

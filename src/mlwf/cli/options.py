@@ -44,6 +44,8 @@ def engine_options(p: argparse.ArgumentParser) -> None:
                    help="finish an interrupted run: reuse its calls whose outputs verify, rerun the rest")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance for the run)")
+    p.add_argument("--no-ray-pool", dest="ray_pool", action="store_false",
+                   help="ray backend: run every call as a Ray task even if the cluster has an mlwf worker pool")
     p.add_argument("--shared-store", action="store_true",
                    help="ray backend: the directory store is mounted at the same path on every node")
     p.add_argument("--stage-cpus", action="append", default=[], metavar="STAGE=N",
@@ -139,7 +141,7 @@ def backend_config(args):
     resources = stage_resources(args)  # checked whatever the backend, so a bad value never passes silently
     return config_from_flags(args.backend, workflow=args.workflow, workers=args.workers,
                              ray_address=args.ray_address, shared_store=args.shared_store,
-                             stage_resources=resources, endpoints=args.endpoint)
+                             stage_resources=resources, endpoints=args.endpoint, ray_pool=args.ray_pool)
 
 
 def stage_resources(args) -> dict[str, dict[str, Any]]:

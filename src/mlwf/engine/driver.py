@@ -313,6 +313,9 @@ class Run:
         """The run's summary: end-to-end time, per-stage and per-edge figures."""
         e2e = self.elapsed_ms()
         stages, edges, transfer_ms, workers = self.accounts.figures()
+        notes = getattr(self.engine.backend, "notes", None)
+        notes = dict(notes(self.run_id)) if notes is not None else {}
+        backend_warnings = notes.pop("warnings", [])
         report = {
             "workflow": self.workflow,
             "run_id": self.run_id,
@@ -330,7 +333,8 @@ class Run:
                        "workers": len(workers)},
             "stages": stages,
             "edges": edges,
-            "warnings": self.accounts.warning_lines(),
+            **notes,
+            "warnings": self.accounts.warning_lines() + backend_warnings,
         }
         return report
 

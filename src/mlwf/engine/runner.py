@@ -77,6 +77,20 @@ def store_for(spec: StoreSpec, settings: Settings) -> Store:
     return store
 
 
+def forget_stores() -> None:
+    """Close and drop the stores this process opened (a long-lived worker keeps no credentials between calls)."""
+    stores = list(_stores.values())
+    _stores.clear()
+    for store in stores:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+def forget_decoded() -> None:
+    """Drop the decoded inputs this process keeps (a long-lived worker: one run's data is not kept for the next)."""
+    _decoded.clear()
+
+
 def decode(data, decoder: str, what: str) -> Any:
     """Turn bytes into the value a stage receives, as its input's ``decode`` says."""
     if decoder == "raw":

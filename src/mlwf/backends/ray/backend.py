@@ -29,10 +29,18 @@ A local Ray instance started here goes with the driver: at :meth:`close`, and
 also when the driver is killed (``kill -9``), a reaper process
 (:class:`mlwf.backends.lifeline.Reaper`) kills whatever Ray processes are left,
 which Ray's own agents would otherwise outlive by a minute or more.
+
+On a cluster with an mlwf worker pool (:mod:`mlwf.backends.ray.pool`, made by
+``mlwf ray pool start``) whose code is this driver's, the calls of stages that
+ask for the default 1 CPU and no memory go to the pool's warm workers instead,
+one call per worker at a time; the others, and every call once no worker is
+left to this driver, run as tasks. A pool of other code is not used: the run's
+report says so in one warning, and its calls run as tasks.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,8 +50,8 @@ import ray
 
 from mlwf import workflows
 from mlwf.backends.base import BackendConfig
-from mlwf.backends.ray import cluster
-from mlwf.backends.ray.cluster import CONNECT_TIMEOUT, first_line, is_local_address, local_ips, split_address
+from mlwf.backends.ray import cluster, pool
+from mlwf.backends.ray.cluster import check_address, first_line, is_local_address, local_ips
 from mlwf.backends.ray.task import remote_call
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, refs_in
 from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
@@ -69,6 +77,8 @@ class RayConfig(BackendConfig):
         on a cluster with nodes on other hosts.
     connect_timeout : seconds to wait for the cluster at ``address`` (default
         ``MLWF_RAY_CONNECT_TIMEOUT``, else 15).
+    use_pool : send calls to the cluster's mlwf worker pool when it has one of
+        this driver's code (``--no-ray-pool``: False, every call a task).
     """
 
     backend: ClassVar[str] = "ray"
@@ -76,10 +86,16 @@ class RayConfig(BackendConfig):
     stage_resources: Mapping[str, Mapping[str, Any]] | None = None
     shared_store: bool = False
     connect_timeout: float | None = None
+    use_pool: bool = True
+
+
+#: The request of a stage with no --stage-cpus/--stage-memory: what a pool worker offers.
+_DEFAULT_REQUEST = {"num_cpus": 1}
 
 
 class RayBackend:
-    """Runs calls as Ray tasks (see :class:`RayConfig`); the run's store is checked before connecting."""
+    """Runs calls as Ray tasks, or on the cluster's worker pool (see :class:`RayConfig`); the run's store is
+    checked before connecting."""
 
     name = "ray"
     #: ``direct`` passes outputs task to task through Ray's object store.
@@ -90,26 +106,17 @@ class RayBackend:
         config = config or RayConfig()
         self.settings = settings = settings or Settings.resolve()
         self.address = config.address or settings.ray_address
-        if self.address and self.address.startswith("ray://"):
-            raise UsageError(f"--ray-address {self.address}: Ray Client (ray://) addresses are not supported; give "
-                             "the head's GCS address HOST:6379, or run mlwf on the cluster "
-                             "(ray job submit -- mlwf run …)")
-        if self.address not in (None, "auto", "local") and split_address(self.address) is None:
-            raise UsageError(f"--ray-address {self.address!r} is not HOST:PORT (the head's GCS address, "
-                             "e.g. 10.0.0.5:6379) or 'auto'")
+        check_address(self.address)
         self.shared_store = config.shared_store
         self.store = settings.store
-        connect_timeout = config.connect_timeout
-        if connect_timeout is None:
-            connect_timeout = settings.seconds("MLWF_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT)
-        if isinstance(connect_timeout, bool) or not (isinstance(connect_timeout, (int, float))
-                                                     and 0 < connect_timeout <= 3600):
-            given = connect_timeout if config.connect_timeout is not None else \
-                settings.variable("MLWF_RAY_CONNECT_TIMEOUT")
-            raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds between 0 and 3600, got "
-                             f"{given!r}")
-        self.connect_timeout = float(connect_timeout)
+        self.connect_timeout = cluster.connect_timeout(settings, config.connect_timeout)
         self.resources = self._check_requests(dict(config.stage_resources or {}))
+        self.use_pool = config.use_pool
+        self._pool: pool.PoolClient | None = None
+        self._pool_found = False
+        self._warnings: list[str] = []
+        self._calls: dict[str, dict[str, int]] = {}  # run id -> calls sent {"pool": n, "tasks": n}
+        self._count_lock = threading.Lock()
         self._joined = False
         self._collector: ThreadPoolExecutor | None = None
         self._checked_stores: set[StoreSpec] = set()
@@ -152,10 +159,44 @@ class RayBackend:
         try:
             self._check_resources()
             self._check_store(self.store)
+            if self.use_pool and self.address not in (None, "local"):
+                self._attach_pool()
         except BaseException:
             self.close()
             raise
         self._collector = ThreadPoolExecutor(1, thread_name_prefix="mlwf-ray")
+
+    def _attach_pool(self) -> None:
+        """Use the cluster's worker pool if it has one of this driver's code (else say why in a warning)."""
+        unused = "its calls run as Ray tasks"
+        try:
+            handle = pool.manager()
+        except UsageError as e:
+            self._warnings.append(f"{e}; {unused}")
+            return
+        if handle is None:
+            return
+        self._pool_found = True
+        try:
+            described = ray.get(handle.describe.remote(), timeout=self.connect_timeout)
+        except Exception as e:  # noqa: BLE001 - any failure: not used, said once
+            self._warnings.append(f"the mlwf worker pool on the Ray cluster did not answer ({first_line(e)[:200]}): "
+                                  f"{unused}")
+            return
+        mine = pool.code_fingerprint(self.settings.workflow_modules)
+        if described["fingerprint"] != mine:
+            from mlwf import __version__
+
+            theirs = pool.describe_code(described["version"], described["fingerprint"], described["workflow_modules"])
+            ours = pool.describe_code(__version__, mine, self.settings.workflow_modules)
+            self._warnings.append(f"the mlwf worker pool on the Ray cluster runs other code ({theirs}; this run: "
+                                  f"{ours}), so {unused}: restart it from this mlwf (mlwf ray pool stop, then "
+                                  "mlwf ray pool start)")
+            return
+        if not described["ready"]:
+            self._warnings.append(f"the mlwf worker pool on the Ray cluster is still starting: {unused}")
+            return
+        self._pool = pool.PoolClient(described, mine)
 
     def _check_resources(self) -> None:
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -204,6 +245,19 @@ class RayBackend:
         self._check_store(ctx.store)
         env = self.settings.forwarded()
         req = self._request(call.stage)
+        held = self._held.get(ctx.run_id, {})
+        inputs = {r.sha256: held[r.sha256] for r in refs_in(call.args.values()) if r.held_by_backend}
+        out: Future[Outcome] = Future()
+        if self._pool is not None and req == _DEFAULT_REQUEST and self._pool.usable():
+            self._submit_to_pool(call, ctx, env, inputs, out)
+        else:
+            self._submit_task(call, ctx, env, inputs, out)
+        return out
+
+    def _submit_task(self, call: Call, ctx: RunContext, env: dict[str, str], inputs: dict[str, Any],
+                     out: Future[Outcome]) -> None:
+        """Run ``call`` as a Ray task whose Outcome goes to ``out``."""
+        req = self._request(call.stage)
         key = (call.workflow, call.stage, tuple(sorted(env.items())))
         task = self._options.get(key)
         if task is None:
@@ -216,10 +270,8 @@ class RayBackend:
             if len(self._options) > 64:
                 self._options.clear()
             task = self._options[key] = remote_call.options(**options)
-        held = self._held.get(ctx.run_id, {})
-        inputs = {r.sha256: held[r.sha256] for r in refs_in(call.args.values()) if r.held_by_backend}
         gen = task.remote(call, ctx, sorted(env), req["num_cpus"], inputs)
-        out: Future[Outcome] = Future()
+        self._count(ctx.run_id, "tasks")
         self._in_flight[id(out)] = gen
         collector = self._collector
 
@@ -231,7 +283,56 @@ class RayBackend:
 
         gen.completed().future().add_done_callback(finished)
         out.add_done_callback(lambda f: (self._in_flight.pop(id(f), None), f.cancelled() and _cancel(gen)))
-        return out
+
+    def _submit_to_pool(self, call: Call, ctx: RunContext, env: dict[str, str], inputs: dict[str, Any],
+                        out: Future[Outcome]) -> None:
+        """Run ``call`` on the next free worker of the pool (as a task once none is left); its Outcome goes to
+        ``out``. The driver's variables travel with the call, as a task's ``runtime_env`` would carry them."""
+        client = self._pool
+        collector = self._collector
+        held = self._held.setdefault(ctx.run_id, {})
+
+        def send(worker: int) -> None:
+            gen = client.workers[worker].run.options(num_returns="streaming").remote(
+                call, ctx, env, client.fingerprint, inputs)
+            self._count(ctx.run_id, "pool")
+
+            def finished(done: Future) -> None:
+                try:
+                    collector.submit(self._collect_from_pool, done, gen, call, out, held, worker)
+                except RuntimeError:  # closed meanwhile
+                    out.cancel()
+
+            gen.completed().future().add_done_callback(finished)
+
+        client.enqueue(out, send, lambda: self._submit_task(call, ctx, env, inputs, out))
+        out.add_done_callback(lambda f: f.cancelled() and client.cancel(f))
+
+    def _collect_from_pool(self, done: Future, gen, call: Call, out: Future, held: dict[str, Any],
+                           worker: int) -> None:
+        from ray import exceptions as rx
+
+        exc = done.exception()
+        lost = isinstance(exc, rx.RayActorError) or (isinstance(exc, rx.RayTaskError)
+                                                      and isinstance(exc.cause, pool.PoolMismatch))
+        if self._pool is not None:
+            self._pool.finished(worker, lost)
+        self._collect(done, gen, call, out, held)
+
+    def _count(self, run_id: str, where: str) -> None:
+        with self._count_lock:
+            counts = self._calls.setdefault(run_id, {"pool": 0, "tasks": 0})
+            counts[where] += 1
+
+    def notes(self, run_id: str) -> dict[str, Any]:
+        """What the run's report says of the worker pool: ``ray_pool`` (None: the cluster has none, or it was not
+        looked for) and, if a pool was found but not used, one line in ``warnings``."""
+        counts = self._calls.get(run_id, {"pool": 0, "tasks": 0})
+        found = None
+        if self._pool_found:
+            found = {"used": self._pool is not None, "workers": self._pool.size if self._pool else 0,
+                     "pool_calls": counts["pool"], "task_calls": counts["tasks"]}
+        return {"ray_pool": found, "warnings": list(self._warnings)}
 
     @staticmethod
     def _collect(done: Future, gen, call: Call, out: Future, held: dict[str, Any]) -> None:
@@ -268,6 +369,7 @@ class RayBackend:
     def end_run(self, run_id: str) -> None:
         """Let Ray free what the run's calls handed on (direct transfer)."""
         self._held.pop(run_id, None)
+        self._calls.pop(run_id, None)
 
     def cancel_all(self) -> None:
         """Stop every call still running (the driver gave up on them: stuck or timed out).
@@ -278,8 +380,13 @@ class RayBackend:
         for key, gen in list(self._in_flight.items()):
             _cancel(gen, force=True)
             self._in_flight.pop(key, None)
+        if self._pool is not None:
+            self._pool.cancel_all()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.cancel_all()  # a pool worker would finish a call of ours even after we are gone
+            self._pool = None
         if self._collector is not None:
             self._collector.shutdown(wait=False, cancel_futures=True)
             self._collector = None
@@ -307,6 +414,9 @@ def _error(e: BaseException, call: Call) -> BaseException:
     if isinstance(e, (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError)):
         return WorkerLost(f"{call.workflow} stage {call.name} failed: its Ray worker died (see the worker logs "
                           "under /tmp/ray/session_latest/logs)", restart=False)
+    if isinstance(e, rx.RayActorError):
+        return WorkerLost(f"{call.workflow} stage {call.name} failed: its worker of the mlwf pool died (see the "
+                          "worker logs under /tmp/ray/session_latest/logs)", restart=False)
     if isinstance(e, rx.RuntimeEnvSetupError):
         return StageError(f"{call.workflow} stage {call.name} failed: Ray could not set up its environment: "
                           f"{first_line(e)}")

@@ -95,6 +95,27 @@ else:
 """
 
 
+def connect_timeout(settings, configured: float | None = None) -> float:
+    """Seconds to wait for a cluster: ``configured``, else ``MLWF_RAY_CONNECT_TIMEOUT``, else
+    :data:`CONNECT_TIMEOUT`; :class:`UsageError` unless between 0 and 3600."""
+    value = configured if configured is not None else settings.seconds("MLWF_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value <= 3600):
+        given = value if configured is not None else settings.variable("MLWF_RAY_CONNECT_TIMEOUT")
+        raise UsageError(f"MLWF_RAY_CONNECT_TIMEOUT must be a number of seconds between 0 and 3600, got {given!r}")
+    return float(value)
+
+
+def check_address(address: str | None) -> None:
+    """Refuse (:class:`UsageError`, one line) an address that is not None, ``auto``, ``local`` or ``HOST:PORT``."""
+    if address and address.startswith("ray://"):
+        raise UsageError(f"--ray-address {address}: Ray Client (ray://) addresses are not supported; give "
+                         "the head's GCS address HOST:6379, or run mlwf on the cluster "
+                         "(ray job submit -- mlwf run …)")
+    if address not in (None, "auto", "local") and split_address(address) is None:
+        raise UsageError(f"--ray-address {address!r} is not HOST:PORT (the head's GCS address, "
+                         "e.g. 10.0.0.5:6379) or 'auto'")
+
+
 def split_address(address: str) -> tuple[str, int] | None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():

@@ -1,4 +1,5 @@
-"""The Ray backend's worker side: the task that runs one call in a Ray worker."""
+"""The Ray backend's worker side: running one call in a Ray worker, as a task or in a pool worker
+(:class:`mlwf.backends.ray.pool.PoolWorker`), the same way."""
 
 from __future__ import annotations
 
@@ -61,10 +62,18 @@ def _fetch_inputs(call: Call, held: dict[str, Any]) -> tuple[Call, list[float], 
 
 
 def _run_call(call: Call, ctx: RunContext, env_names: list[str], cpus: float, held: dict[str, Any]):
-    """The Ray task: run one call; yield each inline output (in :meth:`Outcome.refs` order), then the Outcome."""
+    """The Ray task: run one call with the variables the driver's ``runtime_env`` set (see :func:`run_call`)."""
     _prepare_worker(env_names, cpus)
+    yield from run_call(call, ctx, Settings.resolve(), held)
+
+
+def run_call(call: Call, ctx: RunContext, settings: Settings, held: dict[str, Any]):
+    """Run one call with ``settings``; yield each inline output (in :meth:`Outcome.refs` order), then the Outcome.
+
+    ``held`` maps the checksum of each input held in Ray's object store to its ObjectRef.
+    """
     call, get_ms, span = _fetch_inputs(call, held)
-    outcome = runner.execute(call, ctx, Settings.resolve())
+    outcome = runner.execute(call, ctx, settings)
     if span is not None:
         t, t1, nbytes = span
         outcome.durations_ms["input_get_ms"] = outcome.durations_ms.get("input_get_ms", 0.0) + (t1 - t) * 1e3
