@@ -41,15 +41,6 @@ def mark(event: str, **extra) -> None:
                                 **extra}) + "\n")
 
 
-def _preload(variants: set[str]) -> tuple[list[str], list[str]]:
-    """The fork server's preload lists (light, heavy): mlwf's own, with our marks around them."""
-    from mlwf.backends import forkserver
-
-    light = ["probe_fs_begin", *forkserver.LIGHT, "probe_fs_light"]
-    heavy = [*forkserver.HEAVY, "probe_fs_heavy", "probe_fs_end"]
-    return light, heavy
-
-
 def _patch_driver(variants: set[str]) -> None:
     """Marks around the engine's steps (imported here, where `mlwf run` imports them)."""
     from mlwf.backends import local
@@ -121,12 +112,14 @@ def main() -> int:
     mark("probe started", variants=sorted(variants), since_process_start=_since_process_start())
     from mlwf.backends import forkserver
 
-    forkserver.LIGHT, forkserver.HEAVY = _preload(variants)
+    # The fork server's preload, with our marks around it (probe_fs_begin also marks where
+    # scikit-learn's import and the warm-up begin).
+    forkserver.PRELOAD = ["probe_fs_begin", *forkserver.PRELOAD, "probe_fs_end"]
     original_start = forkserver.start
 
-    def start(modules):
+    def start(workflow=None):
         mark("fork server asked for")
-        original_start(modules)
+        original_start(workflow)
         if not getattr(start, "patched", False):  # the driver imports its engine right after this
             start.patched = True
             _patch_driver(variants)
