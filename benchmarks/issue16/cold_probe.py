@@ -2,7 +2,7 @@
 
     python benchmarks/issue16/cold_probe.py [--variant NAME[,NAME…]] -- run ml-training … --json
 
-Runs mlwf's own command line (``mlwf.cli.main``) in this process, after
+Runs mlwf's own command line (``mlwf.cli.command``) in this process, after
 applying the named prototype changes as patches (nothing under src/ changes).
 With ``MLWF_PROBE_MARKS=FILE`` set, every process involved appends what it did
 and when (``time.time()``) to FILE as JSON lines: the driver (imports done,
@@ -127,7 +127,7 @@ def main() -> int:
     forkserver.start = start
     import mlwf.cli  # noqa: F401  (what `mlwf` imports first)
 
-    code = mlwf.cli.main(argv)
+    code = mlwf.cli.command(argv)
     mark("main returned")
     if "fastexit" in variants:
         sys.stdout.flush()
