@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``python benchmarks/run.py`` prepared benchmarks/data/store)::
 
     python benchmarks/issue16/cold_start_anatomy.py [--repeats 9] [--before main] \
-        [--variants today,nowait+fastexit]
+        [--variants today,nowait+fastexit] [--before-timeline]
 
 Each round runs, in a shuffled order, one fresh process of each of:
 
@@ -15,7 +15,9 @@ Each round runs, in a shuffled order, one fresh process of each of:
 * ``mlwf``: the same command with this tree, exactly as a user runs it (no probe);
 * each variant: the same command through cold_probe.py with those prototype
   changes applied and time marks recorded (``today`` applies none: the probe's
-  own cost is the difference between it and ``mlwf``).
+  own cost is the difference between it and ``mlwf``);
+* with ``--before-timeline``, ``before timeline``: the same for the source of
+  ``--before``, through its own cold_probe.py (the timeline before a change).
 
 Wall times are taken here from just before the process is started to just
 after it has exited. Each variant's marks give its timeline: Python's own start,
@@ -67,7 +69,7 @@ BEFORE_SRC: Path | None = None
 
 def one(kind: str, variant: str | None) -> dict:
     env = dict(os.environ)
-    if kind == "before":
+    if kind in ("before", "before timeline"):
         env["PYTHONPATH"] = str(BEFORE_SRC)
     cpu0 = cpu_seconds()
     if kind == "baseline":
@@ -83,7 +85,9 @@ def one(kind: str, variant: str | None) -> dict:
                 "startup_ms": r["startup_ms"], "digest": r["model_digest"], "accuracy": r["validation_accuracy"]}
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as marks:
         env["MLWF_PROBE_MARKS"] = marks.name
-        t0, t1, out = run_process([sys.executable, str(HERE / "cold_probe.py"), "--variant", variant.replace("+", ","),
+        probe = BEFORE_SRC.parent / "benchmarks/issue16/cold_probe.py" if kind == "before timeline" else \
+            HERE / "cold_probe.py"
+        t0, t1, out = run_process([sys.executable, str(probe), "--variant", variant.replace("+", ","),
                                    "--", *ARGS], env)
         cpu = (cpu_seconds() - cpu0) * 1e3
         events = [json.loads(line) for line in Path(marks.name).read_text().splitlines()]
@@ -138,28 +142,37 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--variants", default="today,nowait+fastexit")
+    p.add_argument("--before-timeline", action="store_true",
+                   help="also run --before through its own cold_probe.py, for its timeline")
     p.add_argument("--before", default="main", help="the commit to compare with (default: main)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/cold_start_anatomy.json"))
     p.add_argument("--seed", type=int, default=16)
     a = p.parse_args()
     global BEFORE_SRC
     tmp = tempfile.TemporaryDirectory()
-    archive = subprocess.run(["git", "archive", a.before, "src"], cwd=ROOT, capture_output=True, check=True)
+    archive = subprocess.run(["git", "archive", a.before, "src", "benchmarks/issue16"], cwd=ROOT, capture_output=True,
+                             check=True)
     subprocess.run(["tar", "-x", "-C", tmp.name], input=archive.stdout, check=True)
     BEFORE_SRC = Path(tmp.name) / "src"
     commit = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
-    kinds = [("baseline", None), ("before", None), ("mlwf", None)] + [("probe", v) for v in a.variants.split(",")]
+    kinds = [("baseline", None), ("before", None), ("mlwf", None)]
+    kinds += [("before timeline", "today")] if a.before_timeline else []
+    kinds += [("probe", v) for v in a.variants.split(",")]
+    timelines = [(k, v) for k, v in kinds if v]
     rng = random.Random(a.seed)
     for kind, variant in kinds:  # page everything in once, not counted
         one(kind, variant)
-    rows: dict[str, list[dict]] = {(v or k): [] for k, v in kinds}
+    def row_name(kind: str, variant: str | None) -> str:
+        return kind if kind != "probe" else variant
+
+    rows: dict[str, list[dict]] = {row_name(k, v): [] for k, v in kinds}
     loads = []
     for _ in range(a.repeats):
         order = kinds[:]
         rng.shuffle(order)
         for kind, variant in order:
-            rows[variant or kind].append(one(kind, variant))
+            rows[row_name(kind, variant)].append(one(kind, variant))
         loads.append(os.getloadavg()[0])
     result = {
         "command": "mlwf " + " ".join(ARGS), "before": commit,
@@ -180,14 +193,14 @@ def main() -> None:
         w = s["wall_ms"]
         print(f"{name:34}{w['median']:>8.0f} ({w['min']:.0f}–{w['max']:.0f}){s['ratio_to_baseline']:>12.2f}"
               f"{s['cpu_ms']['median']:>9.0f}")
-    keys = [k for k in result["results"][kinds[-1][1]] if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
+    keys = [k for k in result["results"][row_name(*timelines[-1])] if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
     print()
-    print(f"{'timeline (median ms)':40}" + "".join(f"{v:>14.14}" for _, v in kinds[3:]))
+    print(f"{'timeline (median ms)':40}" + "".join(f"{row_name(k, v):>16.16}" for k, v in timelines))
     for key in keys:
         cells = []
-        for _, v in kinds[3:]:
-            s = result["results"][v].get(key)
-            cells.append(f"{s['median']:>14.0f}" if isinstance(s, dict) and "median" in s else f"{'':>14}")
+        for k, v in timelines:
+            s = result["results"][row_name(k, v)].get(key)
+            cells.append(f"{s['median']:>16.0f}" if isinstance(s, dict) and "median" in s else f"{'':>16}")
         print(f"{key:40}" + "".join(cells))
 
 
