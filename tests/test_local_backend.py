@@ -113,6 +113,21 @@ def test_the_fork_server_imports_what_the_workflows_stages_import(workflow, has,
     assert found["frozen"] > 10_000
 
 
+def test_a_workflow_module_that_raises_in_the_fork_server_does_not_end_it(tmp_path):
+    script = textwrap.dedent(f"""
+        from mlwf.storage import StoreSpec
+        from mlwf.engine.driver import Engine
+        StoreSpec({str(tmp_path / "store")!r}, "tless").open().create_bucket()
+        with Engine({str(tmp_path / "store")!r}, "tless", workers=1) as engine:
+            print(engine.run("tiny-squares", [1, 2, 3], 2)["sum"])
+    """)
+    env = {**os.environ, "MLWF_WORKFLOW_MODULES": "tests.raises_in_fork_server"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["14"]
+
+
 def test_mlwf_run_asks_for_the_fork_server_of_its_workflow(capsys, trained, store_url, monkeypatch):
     from mlwf.backends import forkserver
     from mlwf.cli import main

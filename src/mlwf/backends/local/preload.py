@@ -21,12 +21,18 @@ from mlwf.settings import take_preload_workflow
 
 
 def _preload() -> None:
+    # Nothing raised here may end the fork server: a module that fails to import fails again,
+    # reported, where the driver or a call imports it.
     gc.disable()
     try:
-        for name in preload_modules(take_preload_workflow()):
+        try:
+            names = preload_modules(take_preload_workflow())
+        except Exception:  # noqa: BLE001  (a workflow module named in MLWF_WORKFLOW_MODULES that raises)
+            names = ["mlwf.backends.local.worker"]
+        for name in names:
             try:
                 importlib.import_module(name)
-            except Exception:  # noqa: BLE001  (the call that needs it imports it again and reports the error)
+            except Exception:  # noqa: BLE001
                 continue
     finally:
         gc.freeze()
