@@ -24,7 +24,10 @@ after it has exited. Each variant's marks give its timeline: Python's own start,
 the driver's imports, the fork server's start and imports (its Python, the
 stage code, scikit-learn), the wait for the workers, the stages, and the end
 (closing the engine, leaving the interpreter). Every figure is a median over
-the rounds with its min–max; ratios are of medians over the same rounds.
+the rounds with its min–max; ratios are of medians over the same rounds. CPU
+is the time of every process of a run (the driver, the fork server, the
+workers, the resource tracker: this script reaps them all), which a loaded
+machine moves much less than wall times.
 Writes benchmarks/results/issue16/cold_start_anatomy.json.
 """
 
@@ -50,16 +53,39 @@ ARGS = ["run", "ml-training", "ml-training/fashion-2k", "2", "8", "--store", str
         "--model-prefix", "ml-inference/model-cold-anatomy", "--json"]
 
 
+def adopt_orphans() -> None:
+    """Become the reaper of every process a run leaves behind (Linux), so that the CPU time of the
+    fork server, its workers and the resource tracker counts in :func:`cpu_seconds` too."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans(seconds: float = 10.0) -> None:
+    """Wait for the processes the run left (they exit once its driver has gone)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+
+
 def run_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     t_spawn = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
     t_exit = time.time()
+    reap_orphans()
     if done.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
     return t_spawn, t_exit, done.stdout
 
 
 def cpu_seconds() -> float:
+    """CPU time of every process this one has reaped: with :func:`adopt_orphans`, a run's all."""
     r = os.times()
     return r.children_user + r.children_system
 
@@ -149,6 +175,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=16)
     a = p.parse_args()
     global BEFORE_SRC
+    adopt_orphans()
     tmp = tempfile.TemporaryDirectory()
     archive = subprocess.run(["git", "archive", a.before, "src", "benchmarks/issue16"], cwd=ROOT, capture_output=True,
                              check=True)
@@ -158,7 +185,7 @@ def main() -> None:
                             check=True).stdout.strip()
     kinds = [("baseline", None), ("before", None), ("mlwf", None)]
     kinds += [("before timeline", "today")] if a.before_timeline else []
-    kinds += [("probe", v) for v in a.variants.split(",")]
+    kinds += [("probe", v) for v in a.variants.split(",") if v]  # --variants "": wall times only
     timelines = [(k, v) for k, v in kinds if v]
     rng = random.Random(a.seed)
     for kind, variant in kinds:  # page everything in once, not counted
@@ -193,6 +220,8 @@ def main() -> None:
         w = s["wall_ms"]
         print(f"{name:34}{w['median']:>8.0f} ({w['min']:.0f}–{w['max']:.0f}){s['ratio_to_baseline']:>12.2f}"
               f"{s['cpu_ms']['median']:>9.0f}")
+    if not timelines:
+        return
     keys = [k for k in result["results"][row_name(*timelines[-1])] if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
     print()
     print(f"{'timeline (median ms)':40}" + "".join(f"{row_name(k, v):>16.16}" for k, v in timelines))
