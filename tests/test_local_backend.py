@@ -17,7 +17,7 @@ import pytest
 from mlwf.engine import trace
 from mlwf.engine.driver import Engine
 from mlwf.backends.local import LocalBackend, LocalConfig
-from mlwf.errors import StageError
+from mlwf.errors import StageError, UsageError
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,8 @@ def test_the_fork_server_imports_what_the_workflows_stages_import(workflow, has,
     # A fresh process each (the fork server is one per process), with a third workflow named in
     # MLWF_WORKFLOW_MODULES. Workers start with what the fork server imported, frozen for the
     # garbage collector; an inference-only process never pays for scikit-learn.
-    env = {**os.environ, "MLWF_WORKFLOW_MODULES": "tests.tiny_workflow"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLWF_")},
+           "MLWF_WORKFLOW_MODULES": "tests.tiny_workflow"}
     proc = subprocess.run([sys.executable, "-c", PRELOADED.format(workflow=workflow)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -121,7 +122,8 @@ def test_a_workflow_module_that_raises_in_the_fork_server_does_not_end_it(tmp_pa
         with Engine({str(tmp_path / "store")!r}, "tless", workers=1) as engine:
             print(engine.run("tiny-squares", [1, 2, 3], 2)["sum"])
     """)
-    env = {**os.environ, "MLWF_WORKFLOW_MODULES": "tests.raises_in_fork_server"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLWF_")},
+           "MLWF_WORKFLOW_MODULES": "tests.raises_in_fork_server"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -179,6 +181,12 @@ class _DyingBackend(LocalBackend):
             self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver"), initializer=os._exit,
                                              initargs=(3,))
         return self._pool
+
+
+@pytest.mark.parametrize("workflow", ["", " ", "ml-training\0", 3])
+def test_a_local_config_refuses_a_workflow_that_names_none(workflow):
+    with pytest.raises(UsageError, match="workflow= names the workflow"):
+        LocalConfig(workflow=workflow)
 
 
 def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():

@@ -222,7 +222,8 @@ def main() -> None:
               f"{s['cpu_ms']['median']:>9.0f}")
     if not timelines:
         return
-    keys = [k for k in result["results"][row_name(*timelines[-1])] if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
+    last = result["results"][row_name(*timelines[-1])]
+    keys = [k for k in last if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
     print()
     print(f"{'timeline (median ms)':40}" + "".join(f"{row_name(k, v):>16.16}" for k, v in timelines))
     for key in keys:

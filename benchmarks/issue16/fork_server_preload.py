@@ -7,7 +7,9 @@ does what the local backend's fork server does before it can fork a worker
 for ``mlwf run ml-training``: ``before`` imports the modules the source of
 ``--before`` preloads (its ``forkserver.preload(sklearn=True)``, garbage
 collector on); ``after`` imports this tree's ``mlwf.backends.local.preload``
-for ml-training. Each prints its wall and CPU time from its first line to the
+for ml-training (collector off, then frozen); ``collector on`` imports the
+same modules as ``after`` with the collector left on (what the collector
+alone costs). Each prints its wall and CPU time from its first line to the
 end of the preload (the interpreter's own start is the same on both sides).
 Medians (min–max) in ms; writes benchmarks/results/issue16/fork_server_preload.json.
 """
@@ -34,12 +36,15 @@ print(round((time.perf_counter() - t) * 1e3, 1), round((time.process_time() - c)
 """
 BEFORE = "from mlwf.backends import forkserver\nfor m in forkserver.preload(sklearn=True): __import__(m)"
 AFTER = "os.environ['MLWF_PRELOAD_WORKFLOW'] = 'ml-training'\nimport mlwf.backends.local.preload"
+COLLECTOR_ON = ("from mlwf.backends.forkserver import preload_modules\n"
+                "for m in preload_modules('ml-training'): __import__(m)")
+BODIES = {"before": BEFORE, "after": AFTER, "collector on": COLLECTOR_ON}
 
 
 def one(side: str, before_src: Path) -> tuple[float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(before_src if side == "before" else ROOT / "src")
-    body = BEFORE if side == "before" else AFTER
+    body = BODIES[side]
     out = subprocess.run([sys.executable, "-c", TIMED.format(body=body)], capture_output=True, text=True, env=env,
                          cwd=ROOT, check=True).stdout.split()
     return float(out[0]), float(out[1])
@@ -55,7 +60,7 @@ def main() -> None:
         archive = subprocess.run(["git", "archive", a.before, "src"], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         before_src = Path(tmp) / "src"
-        sides = ["before", "after"]
+        sides = list(BODIES)
         for side in sides:  # page everything in once, not counted
             one(side, before_src)
         runs: dict[str, list] = {s: [] for s in sides}
@@ -75,12 +80,13 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"{a.repeats} rounds; load average {min(loads):.1f}–{max(loads):.1f}")
-    for side in ("before", "after"):
+    for side in BODIES:
         w, c = summary[side]["wall_ms"], summary[side]["cpu_ms"]
-        print(f"{side:8} wall {w['median']:7.0f} ({w['min']:.0f}–{w['max']:.0f})  cpu {c['median']:7.0f} "
+        print(f"{side:13} wall {w['median']:7.0f} ({w['min']:.0f}–{w['max']:.0f})  cpu {c['median']:7.0f} "
               f"({c['min']:.0f}–{c['max']:.0f})")
     for k in ("wall_ms", "cpu_ms"):
-        print(f"after/before {k}: {summary['after'][k]['median'] / summary['before'][k]['median']:.3f}")
+        print(f"after/before {k}: {summary['after'][k]['median'] / summary['before'][k]['median']:.3f}; "
+              f"after/collector on: {summary['after'][k]['median'] / summary['collector on'][k]['median']:.3f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ class LocalConfig(BackendConfig):
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WORKERS):
             raise UsageError(f"--workers must be an integer from 1 to {MAX_WORKERS:,}, got {w!r}")
+        f = self.workflow
+        if f is not None and not (isinstance(f, str) and f.strip() and f.isprintable()):
+            raise UsageError(f"workflow= names the workflow the workers will run (None: any), got {f!r}")
 
 
 def _run(call: Call, ctx: RunContext) -> Outcome:
