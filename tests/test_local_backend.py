@@ -10,14 +10,17 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from mlwf.engine import trace
 from mlwf.engine.driver import Engine
 from mlwf.backends.local import LocalBackend, LocalConfig
-from mlwf.errors import StageError
+from mlwf.errors import StageError, UsageError
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _python(args: list[str], cwd, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -73,6 +76,71 @@ def test_the_driver_imports_no_scikit_learn(store_url, tmp_path):
     assert model.config["trained_with"]["scikit-learn"] == out["installed"]
 
 
+PRELOADED = """
+import json
+from mlwf.backends.local import LocalBackend, LocalConfig
+from tests import loaded_modules
+
+backend = LocalBackend(LocalConfig(workers=1, workflow={workflow!r}))
+try:
+    backend.warm_up()
+    print(json.dumps(backend._start().submit(loaded_modules.loaded).result()))
+finally:
+    backend.close()
+"""
+TRAINING_CODE = {"mlwf.workflows.training", "sklearn.decomposition", "sklearn.ensemble", "mlwf.workflows.warmup"}
+INFERENCE_CODE = {"mlwf.workflows.inference", "mlwf.model", "mlwf.images"}
+
+
+@pytest.mark.parametrize("workflow, has, lacks", [
+    ("ml-training", TRAINING_CODE, set()),
+    ("ml-inference", INFERENCE_CODE, {"sklearn", "scipy", "mlwf.workflows.warmup"}),
+    ("tiny-squares", {"tests.tiny_workflow"}, {"sklearn", "scipy", "mlwf.workflows.warmup"}),
+    (None, TRAINING_CODE | INFERENCE_CODE | {"tests.tiny_workflow"}, set()),
+])
+def test_the_fork_server_imports_what_the_workflows_stages_import(workflow, has, lacks):
+    # A fresh process each (the fork server is one per process), with a third workflow named in
+    # MLWF_WORKFLOW_MODULES. Workers start with what the fork server imported, frozen for the
+    # garbage collector; an inference-only process never pays for scikit-learn.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLWF_")},
+           "MLWF_WORKFLOW_MODULES": "tests.tiny_workflow"}
+    proc = subprocess.run([sys.executable, "-c", PRELOADED.format(workflow=workflow)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    modules = set(found["modules"])
+    assert has <= modules, has - modules
+    assert not {m for m in modules if m in lacks or m.split(".")[0] in lacks}
+    assert found["frozen"] > 10_000
+
+
+def test_a_workflow_module_that_raises_in_the_fork_server_does_not_end_it(tmp_path):
+    script = textwrap.dedent(f"""
+        from mlwf.storage import StoreSpec
+        from mlwf.engine.driver import Engine
+        StoreSpec({str(tmp_path / "store")!r}, "tless").open().create_bucket()
+        with Engine({str(tmp_path / "store")!r}, "tless", workers=1) as engine:
+            print(engine.run("tiny-squares", [1, 2, 3], 2)["sum"])
+    """)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLWF_")},
+           "MLWF_WORKFLOW_MODULES": "tests.raises_in_fork_server"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["14"]
+
+
+def test_mlwf_run_asks_for_the_fork_server_of_its_workflow(capsys, trained, store_url, monkeypatch):
+    from mlwf.backends import forkserver
+    from mlwf.cli import main
+
+    asked, start = [], forkserver.start
+    monkeypatch.setattr(forkserver, "start", lambda workflow=None: (asked.append(workflow), start(workflow))[1])
+    assert main(["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2", "--store", store_url,
+                 "--json"]) == 0
+    assert asked and set(asked) == {"ml-inference"}
+
+
 UNGUARDED = """\
 import json
 import mlwf
@@ -113,6 +181,12 @@ class _DyingBackend(LocalBackend):
             self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver"), initializer=os._exit,
                                              initargs=(3,))
         return self._pool
+
+
+@pytest.mark.parametrize("workflow", ["", " ", "ml-training\0", 3])
+def test_a_local_config_refuses_a_workflow_that_names_none(workflow):
+    with pytest.raises(UsageError, match="workflow= names the workflow"):
+        LocalConfig(workflow=workflow)
 
 
 def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():

@@ -2,7 +2,7 @@
 
     python benchmarks/issue16/cold_probe.py [--variant NAME[,NAME…]] -- run ml-training … --json
 
-Runs mlwf's own command line (``mlwf.cli.main``) in this process, after
+Runs mlwf's own command line (``mlwf.cli.command``) in this process, after
 applying the named prototype changes as patches (nothing under src/ changes).
 With ``MLWF_PROBE_MARKS=FILE`` set, every process involved appends what it did
 and when (``time.time()``) to FILE as JSON lines: the driver (imports done,
@@ -39,15 +39,6 @@ def mark(event: str, **extra) -> None:
         with open(MARKS, "a") as f:
             f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "who": "driver", "event": event,
                                 **extra}) + "\n")
-
-
-def _preload(variants: set[str]) -> tuple[list[str], list[str]]:
-    """The fork server's preload lists (light, heavy): mlwf's own, with our marks around them."""
-    from mlwf.backends import forkserver
-
-    light = ["probe_fs_begin", *forkserver.LIGHT, "probe_fs_light"]
-    heavy = [*forkserver.HEAVY, "probe_fs_heavy", "probe_fs_end"]
-    return light, heavy
 
 
 def _patch_driver(variants: set[str]) -> None:
@@ -121,12 +112,14 @@ def main() -> int:
     mark("probe started", variants=sorted(variants), since_process_start=_since_process_start())
     from mlwf.backends import forkserver
 
-    forkserver.LIGHT, forkserver.HEAVY = _preload(variants)
+    # The fork server's preload, with our marks around it (probe_fs_begin also marks where
+    # scikit-learn's import and the warm-up begin).
+    forkserver.PRELOAD = ["probe_fs_begin", *forkserver.PRELOAD, "probe_fs_end"]
     original_start = forkserver.start
 
-    def start(modules):
+    def start(workflow=None):
         mark("fork server asked for")
-        original_start(modules)
+        original_start(workflow)
         if not getattr(start, "patched", False):  # the driver imports its engine right after this
             start.patched = True
             _patch_driver(variants)
@@ -134,7 +127,7 @@ def main() -> int:
     forkserver.start = start
     import mlwf.cli  # noqa: F401  (what `mlwf` imports first)
 
-    code = mlwf.cli.main(argv)
+    code = mlwf.cli.command(argv)
     mark("main returned")
     if "fastexit" in variants:
         sys.stdout.flush()

@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``python benchmarks/run.py`` prepared benchmarks/data/store)::
 
     python benchmarks/issue16/cold_start_anatomy.py [--repeats 9] [--before main] \
-        [--variants today,nowait+fastexit]
+        [--variants today,nowait+fastexit] [--before-timeline]
 
 Each round runs, in a shuffled order, one fresh process of each of:
 
@@ -15,14 +15,19 @@ Each round runs, in a shuffled order, one fresh process of each of:
 * ``mlwf``: the same command with this tree, exactly as a user runs it (no probe);
 * each variant: the same command through cold_probe.py with those prototype
   changes applied and time marks recorded (``today`` applies none: the probe's
-  own cost is the difference between it and ``mlwf``).
+  own cost is the difference between it and ``mlwf``);
+* with ``--before-timeline``, ``before timeline``: the same for the source of
+  ``--before``, through its own cold_probe.py (the timeline before a change).
 
 Wall times are taken here from just before the process is started to just
 after it has exited. Each variant's marks give its timeline: Python's own start,
 the driver's imports, the fork server's start and imports (its Python, the
 stage code, scikit-learn), the wait for the workers, the stages, and the end
 (closing the engine, leaving the interpreter). Every figure is a median over
-the rounds with its min–max; ratios are of medians over the same rounds.
+the rounds with its min–max; ratios are of medians over the same rounds. CPU
+is the time of every process of a run (the driver, the fork server, the
+workers, the resource tracker: this script reaps them all), which a loaded
+machine moves much less than wall times.
 Writes benchmarks/results/issue16/cold_start_anatomy.json.
 """
 
@@ -48,16 +53,39 @@ ARGS = ["run", "ml-training", "ml-training/fashion-2k", "2", "8", "--store", str
         "--model-prefix", "ml-inference/model-cold-anatomy", "--json"]
 
 
+def adopt_orphans() -> None:
+    """Become the reaper of every process a run leaves behind (Linux), so that the CPU time of the
+    fork server, its workers and the resource tracker counts in :func:`cpu_seconds` too."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans(seconds: float = 10.0) -> None:
+    """Wait for the processes the run left (they exit once its driver has gone)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+
+
 def run_process(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     t_spawn = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
     t_exit = time.time()
+    reap_orphans()
     if done.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
     return t_spawn, t_exit, done.stdout
 
 
 def cpu_seconds() -> float:
+    """CPU time of every process this one has reaped: with :func:`adopt_orphans`, a run's all."""
     r = os.times()
     return r.children_user + r.children_system
 
@@ -67,7 +95,7 @@ BEFORE_SRC: Path | None = None
 
 def one(kind: str, variant: str | None) -> dict:
     env = dict(os.environ)
-    if kind == "before":
+    if kind in ("before", "before timeline"):
         env["PYTHONPATH"] = str(BEFORE_SRC)
     cpu0 = cpu_seconds()
     if kind == "baseline":
@@ -83,7 +111,9 @@ def one(kind: str, variant: str | None) -> dict:
                 "startup_ms": r["startup_ms"], "digest": r["model_digest"], "accuracy": r["validation_accuracy"]}
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as marks:
         env["MLWF_PROBE_MARKS"] = marks.name
-        t0, t1, out = run_process([sys.executable, str(HERE / "cold_probe.py"), "--variant", variant.replace("+", ","),
+        probe = BEFORE_SRC.parent / "benchmarks/issue16/cold_probe.py" if kind == "before timeline" else \
+            HERE / "cold_probe.py"
+        t0, t1, out = run_process([sys.executable, str(probe), "--variant", variant.replace("+", ","),
                                    "--", *ARGS], env)
         cpu = (cpu_seconds() - cpu0) * 1e3
         events = [json.loads(line) for line in Path(marks.name).read_text().splitlines()]
@@ -138,28 +168,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--variants", default="today,nowait+fastexit")
+    p.add_argument("--before-timeline", action="store_true",
+                   help="also run --before through its own cold_probe.py, for its timeline")
     p.add_argument("--before", default="main", help="the commit to compare with (default: main)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/cold_start_anatomy.json"))
     p.add_argument("--seed", type=int, default=16)
     a = p.parse_args()
     global BEFORE_SRC
+    adopt_orphans()
     tmp = tempfile.TemporaryDirectory()
-    archive = subprocess.run(["git", "archive", a.before, "src"], cwd=ROOT, capture_output=True, check=True)
+    archive = subprocess.run(["git", "archive", a.before, "src", "benchmarks/issue16"], cwd=ROOT, capture_output=True,
+                             check=True)
     subprocess.run(["tar", "-x", "-C", tmp.name], input=archive.stdout, check=True)
     BEFORE_SRC = Path(tmp.name) / "src"
     commit = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
-    kinds = [("baseline", None), ("before", None), ("mlwf", None)] + [("probe", v) for v in a.variants.split(",")]
+    kinds = [("baseline", None), ("before", None), ("mlwf", None)]
+    kinds += [("before timeline", "today")] if a.before_timeline else []
+    kinds += [("probe", v) for v in a.variants.split(",") if v]  # --variants "": wall times only
+    timelines = [(k, v) for k, v in kinds if v]
     rng = random.Random(a.seed)
     for kind, variant in kinds:  # page everything in once, not counted
         one(kind, variant)
-    rows: dict[str, list[dict]] = {(v or k): [] for k, v in kinds}
+    def row_name(kind: str, variant: str | None) -> str:
+        return kind if kind != "probe" else variant
+
+    rows: dict[str, list[dict]] = {row_name(k, v): [] for k, v in kinds}
     loads = []
     for _ in range(a.repeats):
         order = kinds[:]
         rng.shuffle(order)
         for kind, variant in order:
-            rows[variant or kind].append(one(kind, variant))
+            rows[row_name(kind, variant)].append(one(kind, variant))
         loads.append(os.getloadavg()[0])
     result = {
         "command": "mlwf " + " ".join(ARGS), "before": commit,
@@ -180,14 +220,17 @@ def main() -> None:
         w = s["wall_ms"]
         print(f"{name:34}{w['median']:>8.0f} ({w['min']:.0f}–{w['max']:.0f}){s['ratio_to_baseline']:>12.2f}"
               f"{s['cpu_ms']['median']:>9.0f}")
-    keys = [k for k in result["results"][kinds[-1][1]] if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
+    if not timelines:
+        return
+    last = result["results"][row_name(*timelines[-1])]
+    keys = [k for k in last if k.endswith("_ms") and k not in ("wall_ms", "cpu_ms")]
     print()
-    print(f"{'timeline (median ms)':40}" + "".join(f"{v:>14.14}" for _, v in kinds[3:]))
+    print(f"{'timeline (median ms)':40}" + "".join(f"{row_name(k, v):>16.16}" for k, v in timelines))
     for key in keys:
         cells = []
-        for _, v in kinds[3:]:
-            s = result["results"][v].get(key)
-            cells.append(f"{s['median']:>14.0f}" if isinstance(s, dict) and "median" in s else f"{'':>14}")
+        for k, v in timelines:
+            s = result["results"][row_name(k, v)].get(key)
+            cells.append(f"{s['median']:>16.0f}" if isinstance(s, dict) and "median" in s else f"{'':>16}")
         print(f"{key:40}" + "".join(cells))
 
 

@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``python benchmarks/run.py`` prepared
 benchmarks/data/store; run it under ``nice`` on a shared machine)::
 
-    python benchmarks/issue16/warm_targets.py [--before main] [--rounds 2] [--repeats 3]
+    python benchmarks/issue16/warm_targets.py [--before main] [--rounds 2] [--repeats 3] [--only train_2k,infer_1k]
 
 Each round starts one fresh process per side, alternating (``before``: the
 source of ``--before`` extracted with ``git archive`` and put first on
@@ -54,7 +54,7 @@ def cpu_seconds(engine) -> dict[int, float]:
     return out
 
 
-def child(repeats: int, side: str) -> None:
+def child(repeats: int, side: str, only: list[str]) -> None:
     """Run in a fresh process: time each measure on one warm engine, print JSON."""
     import mlwf
     from mlwf.engine.driver import Engine
@@ -66,9 +66,11 @@ def child(repeats: int, side: str) -> None:
         "train_2k": lambda e: e.run_training("ml-training/fashion-2k", 2, 8, model_prefix=prefix2),
         "infer_1k": lambda e: e.run_inference(prefix2, "ml-inference/images-inference-1k", 16),
     }
+    if "infer_10k_60k" in only and "train_60k" not in only:
+        only = ["train_60k", *only]  # the 60k model must be trained first
     out: dict = {"mlwf": mlwf.__file__}
     with Engine(STORE, "tless") as engine:
-        for name, job in jobs.items():
+        for name, job in ((n, j) for n, j in jobs.items() if n in only):
             job(engine)  # warm-up
             runs = []
             for _ in range(repeats):
@@ -86,11 +88,12 @@ def child(repeats: int, side: str) -> None:
     print(json.dumps(out))
 
 
-def run_side(src: Path | None, repeats: int, side: str) -> dict:
+def run_side(src: Path | None, repeats: int, side: str, only: list[str]) -> dict:
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
-    done = subprocess.run([sys.executable, __file__, "--child", side, "--repeats", str(repeats)], cwd=ROOT,
+    done = subprocess.run([sys.executable, __file__, "--child", side, "--repeats", str(repeats),
+                           "--only", ",".join(only)], cwd=ROOT,
                           env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
@@ -107,14 +110,19 @@ def main() -> None:
     p.add_argument("--before", default="main", help="the commit to compare with (default: main)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default=",".join(MEASURES), help=f"measures to take, of {', '.join(MEASURES)}")
     p.add_argument("--child")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/warm_targets.json"))
     a = p.parse_args()
+    only = [m for m in a.only.split(",") if m]
+    if not only or set(only) - set(MEASURES):
+        raise SystemExit(f"--only takes measures from {', '.join(MEASURES)}")
     if a.child:
-        return child(a.repeats, a.child)
+        return child(a.repeats, a.child, only)
+    measures = [m for m in MEASURES if m in only]
     commit = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
-    runs: dict[str, dict[str, list]] = {"before": {m: [] for m in MEASURES}, "after": {m: [] for m in MEASURES}}
+    runs: dict[str, dict[str, list]] = {"before": {m: [] for m in measures}, "after": {m: [] for m in measures}}
     loads = [os.getloadavg()[0]]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,14 +130,14 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         for _ in range(a.rounds):
             for side, src in (("before", Path(tmp) / "src"), ("after", None)):
-                result = run_side(src, a.repeats, side)
+                result = run_side(src, a.repeats, side, only)
                 if side == "after" and not result["mlwf"].startswith(str(ROOT / "src")):
                     raise SystemExit(f"the after side imported {result['mlwf']}, not this tree")
-                for m in MEASURES:
+                for m in measures:
                     runs[side][m] += result[m]
                 loads.append(os.getloadavg()[0])
     summary: dict = {}
-    for m in MEASURES:
+    for m in measures:
         row = {}
         for side in ("before", "after"):
             r = runs[side][m]
@@ -143,7 +151,7 @@ def main() -> None:
         row["same_model_bytes"] = row["before"]["digests"] == row["after"]["digests"]
         summary[m] = row
     images = {"infer_10k_60k": 10000, "infer_1k": 1000}
-    for m, n in images.items():
+    for m, n in ((m, n) for m, n in images.items() if m in summary):
         for side in ("before", "after"):
             summary[m][side]["images_per_s"] = round(n / summary[m][side]["median"] * 1e3)
     result = {"before": commit, "rounds": a.rounds, "repeats": a.repeats, "cores": os.cpu_count(),

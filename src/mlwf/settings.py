@@ -36,8 +36,10 @@ _OTHER_VARIABLES = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_
                     "XDG_DATA_HOME", "K_SINK")
 #: BLAS and OpenMP thread counts: one per worker, the parallelism is the functions.
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
-#: Set only while the local backend's fork server starts (see :mod:`mlwf.backends.local.worker`).
+#: Set only while the local backend's fork server starts (see :mod:`mlwf.backends.local.worker`
+#: and :mod:`mlwf.backends.local.preload`).
 DRIVER_MAIN_VARIABLE = "MLWF_DRIVER_MAIN"
+PRELOAD_WORKFLOW_VARIABLE = "MLWF_PRELOAD_WORKFLOW"
 DEFAULT_BUCKET = "tless"
 
 
@@ -239,13 +241,15 @@ def single_threaded_blas() -> None:
 
 
 @contextlib.contextmanager
-def fork_server_environment(driver_main: str) -> Iterator[None]:
-    """While the local backend's fork server starts: one BLAS thread, and the driver's main module named."""
-    saved = {k: os.environ.get(k) for k in (*BLAS_THREAD_VARIABLES, DRIVER_MAIN_VARIABLE)}
+def fork_server_environment(driver_main: str, workflow: str | None) -> Iterator[None]:
+    """While the local backend's fork server starts: one BLAS thread, the driver's main module named,
+    and the workflow whose stage code it preloads (None: every known workflow)."""
+    saved = {k: os.environ.get(k) for k in (*BLAS_THREAD_VARIABLES, DRIVER_MAIN_VARIABLE, PRELOAD_WORKFLOW_VARIABLE)}
     try:
         for name in BLAS_THREAD_VARIABLES:
             os.environ[name] = "1"
         os.environ[DRIVER_MAIN_VARIABLE] = driver_main
+        os.environ[PRELOAD_WORKFLOW_VARIABLE] = workflow or ""
         yield
     finally:
         for name, value in saved.items():
@@ -258,3 +262,8 @@ def fork_server_environment(driver_main: str) -> Iterator[None]:
 def take_driver_main() -> str | None:
     """In the fork server: the driver's main module as :func:`fork_server_environment` named it (once)."""
     return os.environ.pop(DRIVER_MAIN_VARIABLE, None)
+
+
+def take_preload_workflow() -> str | None:
+    """In the fork server: the workflow :func:`fork_server_environment` named (once); None for every one."""
+    return os.environ.pop(PRELOAD_WORKFLOW_VARIABLE, None) or None

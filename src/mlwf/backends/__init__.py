@@ -60,13 +60,12 @@ def config_from_flags(name: str, *, workflow: str, workers: int | None = None, r
                       shared_store: bool = False, stage_resources: dict | None = None,
                       endpoints: list[str] | None = None, ray_pool: bool = True):
     """The config of backend ``name`` from the command line's flags: the one mapping ``mlwf run`` and
-    ``mlwf bench`` share. Flags of other backends are ignored; the local pool preloads scikit-learn only
-    for a workflow whose stages import it."""
+    ``mlwf bench`` share. Flags of other backends are ignored; the local pool preloads what the stages of
+    ``workflow`` import (scikit-learn only for a workflow whose stages import it)."""
     if name == "local":
-        from mlwf.backends.forkserver import needs_sklearn
         from mlwf.backends.local import LocalConfig
 
-        return LocalConfig(workers=workers, preload_sklearn=needs_sklearn(workflow))
+        return LocalConfig(workers=workers, workflow=workflow)
     cls = backend_class(name)
     if name == "ray":
         return cls.Config(address=ray_address, shared_store=shared_store, stage_resources=stage_resources,

@@ -2,10 +2,13 @@
 
 A cold ``mlwf run`` spends most of its start-up in the fork server importing
 NumPy, Pillow, the stage code and scikit-learn (about 1 s here). The command
-line starts it with :func:`start` before it imports the engine and the
-terminal display itself, so the two processes import side by side on two
-cores; :class:`mlwf.backends.local.LocalBackend` then finds it running. Only
-the standard library and :mod:`mlwf.settings` are imported here.
+line starts it with :func:`start` before it imports the engine, the terminal
+display or even the workflow's definition, so the two processes import side
+by side on two cores; :class:`mlwf.backends.local.LocalBackend` then finds it
+running. The driver only names the workflow: the fork server reads what its
+stages import from the definition (:func:`preload_modules`, run there by
+:mod:`mlwf.backends.local.preload`). Only the standard library and
+:mod:`mlwf.settings` are imported here.
 """
 
 from __future__ import annotations
@@ -14,25 +17,36 @@ import json
 
 from mlwf.settings import fork_server_environment
 
-#: Imported once in the fork server, so no worker pays for them (the worker module first: it
-#: adopts the driver's main module).
-LIGHT = ["mlwf.backends.local.worker", "mlwf.engine.runner", "mlwf.workflows.training",
-         "mlwf.workflows.inference", "mlwf.model", "mlwf.images"]
-#: scikit-learn takes 0.6–0.9 s to import here; only training stages need it. The last
-#: module pays the first-call costs of the training stages' libraries once, for every worker.
-HEAVY = ["sklearn.decomposition", "sklearn.ensemble", "mlwf.workflows.warmup"]
+#: What multiprocessing's fork server is told to import: one module, which imports the rest.
+PRELOAD = ["mlwf.backends.local.preload"]
+#: Imported after a workflow's stage code when some of it is scikit-learn: its first-call costs.
+SKLEARN_WARMUP = "mlwf.workflows.warmup"
 
 
-def preload(sklearn: bool) -> list[str]:
-    """The modules the fork server imports, with or without scikit-learn."""
-    return LIGHT + (HEAVY if sklearn else [])
+def preload_modules(workflow: str | None) -> list[str]:
+    """The modules the fork server imports for ``workflow`` (None: every known workflow), in order.
 
-
-def needs_sklearn(workflow: str) -> bool:
-    """Whether the stages of ``workflow`` import scikit-learn (then the fork server preloads it)."""
+    The worker module first (it adopts the driver's main module), then each
+    stage function's module and the workflow's
+    :attr:`~mlwf.workflows.definition.Workflow.imports`, then
+    :mod:`mlwf.workflows.warmup` if any of them is scikit-learn. Workflows
+    named in ``MLWF_WORKFLOW_MODULES`` are found too. A workflow that cannot
+    be found adds nothing: the driver reports it when it looks it up.
+    """
     from mlwf import workflows
+    from mlwf.errors import UsageError
+    from mlwf.settings import Settings
 
-    return any(m.startswith("sklearn") for m in workflows.get(workflow).imports)
+    found = ["mlwf.backends.local.worker"]
+    try:
+        if workflow not in workflows.BUILTIN:
+            workflows.use(Settings.resolve().workflow_modules)
+        found += workflows.modules_to_preload(workflow)
+    except UsageError:
+        pass
+    if any(name == "sklearn" or name.startswith("sklearn.") for name in found):
+        found.append(SKLEARN_WARMUP)
+    return list(dict.fromkeys(found))
 
 
 def driver_main() -> str:
@@ -43,16 +57,23 @@ def driver_main() -> str:
     return json.dumps({"path": data.get("init_main_from_path"), "name": data.get("init_main_from_name")})
 
 
-def start(modules: list[str]) -> None:
-    """Start multiprocessing's fork server (if it is not running) with ``modules`` preloaded.
+def start(workflow: str | None = None) -> None:
+    """Start multiprocessing's fork server (if it is not running) to preload what ``workflow`` needs.
 
-    Returns at once: the server imports them in the background. Its
-    environment pins BLAS to one thread and names the driver's main module;
-    this process's own environment is left as it was.
+    Parameters
+    ----------
+    workflow : the workflow whose stages the workers will run; None for
+        every known workflow (an :class:`~mlwf.engine.driver.Engine` may
+        run any of them).
+
+    Returns at once: the server imports in the background. Its environment
+    pins BLAS to one thread, names the driver's main module and the
+    workflow; this process's own environment is left as it was. A fork
+    server already running is kept, with what it preloaded.
     """
     import multiprocessing as mp
     from multiprocessing import forkserver
 
-    mp.get_context("forkserver").set_forkserver_preload(modules)
-    with fork_server_environment(driver_main()):
+    mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    with fork_server_environment(driver_main(), workflow):
         forkserver.ensure_running()

@@ -1,5 +1,5 @@
 import sys
 
-from mlwf.cli import main
+from mlwf.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -33,8 +33,9 @@ def handle(args) -> int:
     if args.backend == "local":
         from mlwf.backends import forkserver
 
-        # First, so the fork server's imports run beside the driver's own, on another core.
-        forkserver.start(forkserver.preload(sklearn=forkserver.needs_sklearn(args.workflow)))
+        # First, so the fork server's imports run beside the driver's own, on another core (it reads
+        # what the workflow's stages import from the definition itself: the driver does not import it).
+        forkserver.start(args.workflow)
     from mlwf.engine.driver import Engine
     from mlwf.engine.trace import StageClock
     from mlwf.ui import StageBars

@@ -92,10 +92,14 @@ def stage_order() -> list[str]:
     return list(dict.fromkeys(s for w in all_workflows() for s in w.stage_names))
 
 
-def modules_to_preload() -> list[str]:
-    """The modules every known workflow's stages need (their own and their :attr:`Workflow.imports`), once."""
+def modules_to_preload(name: str | None = None) -> list[str]:
+    """The modules the stages of workflow ``name`` need, once: each stage function's module, then the
+    workflow's :attr:`~Workflow.imports`. With ``name`` None, every known workflow's.
+
+    Raises :class:`UsageError` if ``name`` is not a known workflow.
+    """
     found: dict[str, None] = {}
-    for w in all_workflows():
+    for w in (all_workflows() if name is None else (get(name),)):
         for stage in w.stages:
             found[stage.function.partition(":")[0]] = None
         found.update(dict.fromkeys(w.imports))

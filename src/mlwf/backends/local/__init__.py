@@ -43,17 +43,21 @@ MAX_WORKERS = 1024
 
 @dataclass(frozen=True)
 class LocalConfig(BackendConfig):
-    """``workers``: processes (default: one per core); ``preload_sklearn``: import scikit-learn once in
-    the fork server (worth it for training; a process that only runs inference starts faster without)."""
+    """``workers``: processes (default: one per core); ``workflow``: the workflow whose stage code the
+    fork server imports once for every worker (default: every known workflow's; a process that only
+    runs inference starts faster without scikit-learn, which only training needs)."""
 
     backend: ClassVar[str] = "local"
     workers: int | None = None
-    preload_sklearn: bool = True
+    workflow: str | None = None
 
     def __post_init__(self):
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WORKERS):
             raise UsageError(f"--workers must be an integer from 1 to {MAX_WORKERS:,}, got {w!r}")
+        f = self.workflow
+        if f is not None and not (isinstance(f, str) and f.strip() and f.isprintable()):
+            raise UsageError(f"workflow= names the workflow the workers will run (None: any), got {f!r}")
 
 
 def _run(call: Call, ctx: RunContext) -> Outcome:
@@ -74,7 +78,7 @@ class LocalBackend(HoldsNoOutputs):
         config = config or LocalConfig()
         self.settings = settings or Settings.resolve()
         self.workers = config.workers or os.cpu_count() or 1
-        self.preload = forkserver.preload(config.preload_sklearn)
+        self.preload_workflow = config.workflow
         self._pool: ProcessPoolExecutor | None = None
         self._workers_started = False
 
@@ -82,7 +86,7 @@ class LocalBackend(HoldsNoOutputs):
         if self._pool is None:
             from mlwf.backends.local.worker import init_worker
 
-            forkserver.start(self.preload)
+            forkserver.start(self.preload_workflow)
             ctx = mp.get_context("forkserver")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
                                              initargs=(self.settings.forwarded(), lifeline.reader()))

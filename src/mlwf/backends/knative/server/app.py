@@ -89,7 +89,7 @@ class App:
             # local backend's forkserver pool) run them truly in parallel.
             from mlwf.backends.local import LocalBackend, LocalConfig
 
-            self.processes = LocalBackend(LocalConfig(config.workers, preload_sklearn=True), self.settings)
+            self.processes = LocalBackend(LocalConfig(config.workers), self.settings)
             self.processes.warm_up()
         self.choreography = None
         if config.choreography is not None:
