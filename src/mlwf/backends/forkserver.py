@@ -44,9 +44,14 @@ def preload_modules(workflow: str | None) -> list[str]:
         found += workflows.modules_to_preload(workflow)
     except UsageError:
         pass
-    if any(name == "sklearn" or name.startswith("sklearn.") for name in found):
-        found.append(SKLEARN_WARMUP)
-    return list(dict.fromkeys(found))
+    return with_warmup(found)
+
+
+def with_warmup(names: list[str]) -> list[str]:
+    """``names`` without repeats, and :mod:`mlwf.workflows.warmup` last if any of them is scikit-learn."""
+    if any(name == "sklearn" or name.startswith("sklearn.") for name in names):
+        names = [*names, SKLEARN_WARMUP]
+    return list(dict.fromkeys(names))
 
 
 def driver_main() -> str:

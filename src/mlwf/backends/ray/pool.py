@@ -129,12 +129,10 @@ def describe_code(version: str, fingerprint: str, workflow_modules: Sequence[str
 def _preload(workflow_modules: tuple[str, ...]) -> None:
     """Import what the stages need (scikit-learn too) and pay its first-call costs, as the local fork server does."""
     from mlwf import workflows
-    from mlwf.backends.forkserver import HEAVY, LIGHT
+    from mlwf.backends.forkserver import with_warmup
 
-    for name in [m for m in LIGHT if not m.startswith("mlwf.backends.local")] + HEAVY:
-        importlib.import_module(name)
     workflows.use(workflow_modules)
-    for name in workflows.modules_to_preload():
+    for name in with_warmup(["mlwf.engine.runner", *workflows.modules_to_preload()]):  # every workflow's stages
         importlib.import_module(name)
 
 
