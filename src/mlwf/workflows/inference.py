@@ -39,12 +39,9 @@ def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
         raise DataError(f"no images under prefix {folder!r}: upload them first "
                         f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")
     used = min(num_funcs, len(keys))
-    assignments = []
-    for i in range(used):
-        mine = keys[i::used]
-        assignments.append({"keys": mine, "labels": [label_of(k, folder) for k in mine]})
-    info = {"num_images": len(keys), "num_funcs": used,
-            "labelled": sum(label_of(k, folder) is not None for k in keys)}
+    labels = [label_of(k, folder) for k in keys]
+    assignments = [{"keys": keys[i::used], "labels": labels[i::used]} for i in range(used)]
+    info = {"num_images": len(keys), "num_funcs": used, "labelled": len(labels) - labels.count(None)}
     return StageOutput({"assignments": assignments}, info)
 
 
