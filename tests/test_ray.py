@@ -180,7 +180,12 @@ def test_an_address_where_nothing_listens_fails_at_once_with_one_line(store_url)
     assert code == 2 and out == "" and took < 15, (took, err)
     [line] = err.splitlines()
     assert line.startswith(f"mlwf: error: no Ray cluster answers at 127.0.0.1:{port} (")
-    assert "--ray-address" in line
+    assert "--ray-address" in line and "leave it unset to start a local Ray instance" in line
+    # A pool command has no local instance to fall back to: its line does not suggest one.
+    code, out, err, took = _cli(["ray", "pool", "status", "--ray-address", f"127.0.0.1:{port}"])
+    assert code == 2 and out == "" and took < 15, (took, err)
+    [line] = err.splitlines()
+    assert line.startswith(f"mlwf: error: no Ray cluster answers at 127.0.0.1:{port} (") and "unset" not in line
 
 
 def test_an_address_that_accepts_but_never_answers_fails_within_the_bound(store_url):

@@ -61,7 +61,7 @@ def _act(args, address: str, timeout: float, settings) -> tuple[dict, str]:
     """Join the cluster, do the command, leave; returns the answer as JSON and as text."""
     from mlwf.backends.ray import cluster, pool
 
-    cluster.join(address, timeout, token_missing=settings.ray_token_missing)
+    cluster.join(address, timeout, token_missing=settings.ray_token_missing, local_fallback=False)
     try:
         if args.pool_command == "start":
             described = pool.start(args.size, settings.workflow_modules, args.timeout)

@@ -25,13 +25,15 @@ _ours = False  # True when this module called ray.init (so it calls ray.shutdown
 _reaper: lifeline.Reaper | None = None  # kills what is left of the local instance we started
 
 
-def join(address: str | None, connect_timeout: float, *, token_missing: bool = False) -> None:
+def join(address: str | None, connect_timeout: float, *, token_missing: bool = False,
+         local_fallback: bool = True) -> None:
     """Join the cluster at ``address`` (None or ``local``: start a local instance), or use the
-    connection this process has; :class:`UsageError` (one line) if that cannot be done."""
+    connection this process has; :class:`UsageError` (one line) if that cannot be done.
+    ``local_fallback``: the caller could run on a local instance instead (its error says so)."""
     global _users, _ours
     with _lock:
         if not ray.is_initialized():
-            _init(address, connect_timeout, token_missing)
+            _init(address, connect_timeout, token_missing, local_fallback)
             _ours = True
         _users += 1
 
@@ -49,7 +51,7 @@ def leave() -> None:
                 _reaper = None
 
 
-def _init(address: str | None, connect_timeout: float, token_missing: bool) -> None:
+def _init(address: str | None, connect_timeout: float, token_missing: bool, local_fallback: bool) -> None:
     global _reaper
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address is None or address == "local":
@@ -61,7 +63,7 @@ def _init(address: str | None, connect_timeout: float, token_missing: bool) -> N
         # The processes ray.init just started are the instance's (gcs_server, raylet, ...).
         _reaper = lifeline.Reaper(lifeline.children(os.getpid()) - before)
         return
-    probe(address, connect_timeout, token_missing=token_missing)
+    probe(address, connect_timeout, token_missing=token_missing, local_fallback=local_fallback)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except Exception as e:  # noqa: BLE001
@@ -150,7 +152,7 @@ _TOKEN_HINT = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, the path of a file h
                "token; see https://docs.ray.io/en/latest/ray-security/token-auth.html")
 
 
-def probe(address: str, timeout: float, *, token_missing: bool = False) -> None:
+def probe(address: str, timeout: float, *, token_missing: bool = False, local_fallback: bool = True) -> None:
     """Make sure a Ray cluster answers at ``address`` within ``timeout`` seconds.
 
     Raises :class:`UsageError` (one line) otherwise. Ray's own client retries
@@ -165,8 +167,8 @@ def probe(address: str, timeout: float, *, token_missing: bool = False) -> None:
         raise UsageError(f"RAY_AUTH_MODE=token but no authentication token for the Ray cluster at {address}: "
                          f"{_TOKEN_HINT}")
     where = f"no Ray cluster answers at {address}"
-    hint = ("check --ray-address / RAY_ADDRESS (the head node's GCS address, HOST:6379), "
-            "or leave it unset to start a local Ray instance")
+    hint = "check --ray-address / RAY_ADDRESS (the head node's GCS address, HOST:6379)" + \
+        (", or leave it unset to start a local Ray instance" if local_fallback else "")
     parsed = split_address(address) if address != "auto" else None
     if parsed is not None:
         try:
