@@ -70,7 +70,7 @@ def _open_gray(data: bytes) -> np.ndarray:
     if _plain_gray_png(data):
         try:
             levels = pyspng.load(data)
-        except RuntimeError:
+        except Exception:  # noqa: BLE001  (whatever libspng refuses, Pillow judges)
             pass
         else:
             if levels.dtype == np.uint8 and levels.ndim == 2:
