@@ -39,18 +39,24 @@ def test_a_call_that_keeps_hanging_fails_with_the_stage_and_index(engine, monkey
         e.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
 
 
-def test_resume_reuses_verified_outputs_and_reruns_only_the_rest(engine, monkeypatch):
-    clean = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
-    # One worker runs the train calls in order, so 0-2 have finished when 3 fails:
-    # what a resume can reuse does not depend on timing.
-    monkeypatch.setenv("MLWF_FAULTS", "train:3:raise:99")
+def _failed_training_run(engine, monkeypatch, faults: str) -> str:
+    """The id of a training run on one worker that failed on the injected ``faults`` (MLWF_FAULTS)."""
+    monkeypatch.setenv("MLWF_FAULTS", faults)
     with pytest.raises(MlwfError):
         with Engine(engine.spec.url, "tless", retries=0, workers=1) as e:
             e.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     monkeypatch.delenv("MLWF_FAULTS")
-    [failed] = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-training/outputs/")
-                if o.key.endswith("run.json") and json.loads(engine.store.get(o.key))["status"] == "failed"]
-    run_id = failed["run_id"]
+    records = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-training/outputs/")
+               if o.key.endswith("/run.json")]
+    [failed] = [r for r in records if r["status"] == "failed"]
+    return failed["run_id"]
+
+
+def test_resume_reuses_verified_outputs_and_reruns_only_the_rest(engine, monkeypatch):
+    clean = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    # One worker runs the train calls in order, so 0-2 have finished when 3 fails:
+    # what a resume can reuse does not depend on timing.
+    run_id = _failed_training_run(engine, monkeypatch, "train:3:raise:99")
     # Damage one finished output: resume must notice by checksum and redo that call only.
     pca_out = f"ml-training/outputs/{run_id}/pca/1-0.bin"
     data = engine.store.get(pca_out)
@@ -71,14 +77,7 @@ def test_resume_reuses_verified_outputs_and_reruns_only_the_rest(engine, monkeyp
 def test_resume_reruns_a_call_whose_record_has_outputs_of_another_shape(engine, monkeypatch):
     """A run recorded by an mlwf whose partition handed on one hold-out set (not one share per
     score function) resumes: that call runs again instead of feeding its old outputs on."""
-    monkeypatch.setenv("MLWF_FAULTS", "train:0:raise:99")
-    with pytest.raises(MlwfError):
-        with Engine(engine.spec.url, "tless", retries=0, workers=1) as e:
-            e.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
-    monkeypatch.delenv("MLWF_FAULTS")
-    [failed] = [json.loads(engine.store.get(o.key)) for o in engine.store.list("ml-training/outputs/")
-                if o.key.endswith("run.json") and json.loads(engine.store.get(o.key))["status"] == "failed"]
-    run_id = failed["run_id"]
+    run_id = _failed_training_run(engine, monkeypatch, "train:0:raise:99")
     done_key = f"ml-training/outputs/{run_id}/partition/0.done.json"
     doc = json.loads(engine.store.get(done_key))
     doc["outcome"]["outputs"]["holdout"] = doc["outcome"]["outputs"]["holdout"][0]  # the old shape
