@@ -25,7 +25,7 @@ MODEL_PREFIX = "ml-inference/model"
 
 # --------------------------------------------------------------------------- helpers
 def _listing(keys):
-    return lambda p: [(k, 1) for k in sorted(keys) if k.startswith(p)]
+    return lambda p: [k for k in sorted(keys) if k.startswith(p)]
 
 
 def _fetch_from(objects: dict[str, bytes]):

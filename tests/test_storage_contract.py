@@ -65,7 +65,12 @@ def test_put_get_round_trip(store):
 def test_list_is_by_string_prefix(store):
     for key in ["a/b/c", "a/bc", "a/c", "a/b/d/e", "ab", "b/x"]:
         store.put(key, key.encode())
-    keys = lambda prefix: [o.key for o in store.list(prefix)]  # noqa: E731
+
+    def keys(prefix):
+        listed = [o.key for o in store.list(prefix)]
+        assert store.list_keys(prefix) == listed  # the same keys, with or without sizes
+        return listed
+
     assert keys("a/b") == ["a/b/c", "a/b/d/e", "a/bc"]
     assert keys("a/b/") == ["a/b/c", "a/b/d/e"]
     assert keys("a") == ["a/b/c", "a/b/d/e", "a/bc", "a/c", "ab"]
@@ -82,7 +87,7 @@ def test_listing_is_sorted_by_key(store):
     shuffled = keys[:]
     random.Random(1).shuffle(shuffled)
     store.put_many((k, k.encode()) for k in shuffled)
-    assert [o.key for o in store.list("s/")] == sorted(keys)
+    assert [o.key for o in store.list("s/")] == sorted(keys) == store.list_keys("s/")
 
 
 def test_get_many_keeps_order(store):
@@ -174,7 +179,8 @@ def test_keys_with_spaces_and_non_ascii(store):
     assert not store.exists("dir/ünï cödé 1.png")
 
 
-@pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/../../x", "./a", "a/./b", "", "a\\b", "a\x00b", "x" * 1025])
+@pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/../../x", "./a", "a/./b", "", "a\\b", "a\x00b", "x" * 1025,
+                                 "..", "a/..", "a/" + "b" * 256, "a\nb", "a/b/"])
 def test_refused_keys(backend, tmp_path, key):
     store = backend()
     before = tree(tmp_path)
@@ -192,6 +198,24 @@ def test_refused_keys(backend, tmp_path, key):
     assert tree(tmp_path) == before
     assert not (tmp_path.parent / "x").exists()
     assert store.list() == []
+
+
+def test_the_quick_check_of_plain_keys_accepts_only_keys_the_full_check_accepts():
+    from mlwf.storage import base
+
+    rng = random.Random(7)
+    alphabet = "ab-_./\\\x00é"
+    accepted = 0
+    for _ in range(20_000):
+        key = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        if base._PLAIN_KEY.fullmatch(key):
+            accepted += 1
+            assert base._key_problem(key) is None, key
+    assert accepted > 1000  # the quick path is taken, and it is checked against the full one
+    for key in ("a" * 255, "a/" + "b" * 255, "/".join(["c" * 200] * 5)[:1024]):
+        assert base._PLAIN_KEY.fullmatch(key) and base._key_problem(key) is None
+    for key in ("a" * 256, "..", ".x", "a/.", "a//b", "a/", "é"):
+        assert not base._PLAIN_KEY.fullmatch(key)
 
 
 @pytest.mark.parametrize("prefix", ["../", "/abs", "a//"])

@@ -18,7 +18,7 @@ from tests.conftest import FAST, TRAIN_PREFIX
 
 def _listing(n_per_class: dict[str, int], prefix="data/"):
     keys = [f"{prefix}{c}/{i:04d}.png" for c, n in n_per_class.items() for i in range(n)]
-    return lambda p: [(k, 1) for k in sorted(keys) if k.startswith(p)]
+    return lambda p: [k for k in sorted(keys) if k.startswith(p)]
 
 
 # --------------------------------------------------------------------------- partition
@@ -67,14 +67,14 @@ def test_partition_deals_uneven_training_functions_and_says_so():
 
 def test_partition_counts_objects_outside_class_folders():
     listing = _listing({"a": 5, "b": 5})
-    out = training.partition(lambda p: listing(p) + [("data/README.txt", 3)], prefix="data", num_pca=1,
+    out = training.partition(lambda p: listing(p) + ["data/README.txt"], prefix="data", num_pca=1,
                              num_train=1, holdout=0.0, seed=0, n_components=2)
     assert out.info["unlabelled"] == 1 and out.info["unlabelled_examples"] == ["data/README.txt"]
 
 
 @pytest.mark.parametrize("listing, match", [
     (lambda p: [], "no objects under prefix 'data/'"),
-    (lambda p: [("data/x.png", 1)], "no labelled images"),
+    (lambda p: ["data/x.png"], "no labelled images"),
     (_listing({"only": 30}), "only one class"),
     (_listing({"a": 3, "b": 3}), "too few"),
 ])

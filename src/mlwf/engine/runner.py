@@ -212,7 +212,7 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
     if "list_keys" in params:
         def list_keys(prefix):
             t = time.time()
-            found = [(o.key, o.size) for o in store.list(prefix)]
+            found = store.list_keys(prefix)
             clock.add("list", t)
             return found
         kwargs["list_keys"] = list_keys

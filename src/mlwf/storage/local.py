@@ -101,33 +101,44 @@ class LocalStore(Store):
             raise StoreError(f"cannot create bucket folder {self._dir}: {e.strerror}") from e
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        found = [ObjectInfo(key, size) for key, size in self._walk(prefix, sized=True)]
+        found.sort(key=lambda o: o.key)
+        return found
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        # No stat per file: on 60k images it was half the listing's time.
+        return sorted(key for key, _ in self._walk(prefix, sized=False))
+
+    def _walk(self, prefix: str, *, sized: bool) -> Iterator[tuple[str, int]]:
+        """Each plain file whose key starts with ``prefix``, as ``(key, size)`` (size -1 unless ``sized``)."""
         check_prefix(prefix)
         self.require_bucket()
         # Walk only the deepest folder the prefix names, then filter by the
         # string prefix, as S3 does ('imgs/0' matches 'imgs/0/a' and 'imgs/01').
         head, _, _ = prefix.rpartition("/")
-        found: list[ObjectInfo] = []
         stack = [head.split("/") if head else []]
         while stack:
             folders = stack.pop()
             base = "".join(f"{f}/" for f in folders)
+            inside = base.startswith(prefix)  # every key in this folder matches
+            found: list[tuple[str, int]] = []
             try:
                 with self._folders(folders) as fds, os.scandir(fds[-1]) as it:
                     for entry in it:
-                        if entry.name.startswith(TMP_PREFIX):
+                        name = entry.name
+                        if name.startswith(TMP_PREFIX):
                             continue
-                        key = base + entry.name
+                        key = base + name
                         if entry.is_dir(follow_symlinks=False):
-                            if key.startswith(prefix) or prefix.startswith(key + "/"):
-                                stack.append([*folders, entry.name])
-                        elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
-                            found.append(ObjectInfo(key, entry.stat(follow_symlinks=False).st_size))
+                            if inside or key.startswith(prefix) or prefix.startswith(key + "/"):
+                                stack.append([*folders, name])
+                        elif (inside or key.startswith(prefix)) and entry.is_file(follow_symlinks=False):
+                            found.append((key, entry.stat(follow_symlinks=False).st_size if sized else -1))
             except (FileNotFoundError, NotADirectoryError, _Link):
                 continue  # gone meanwhile, or a link: not part of the bucket
             except PermissionError as e:
                 raise StoreError(f"cannot list {self._dir / base}: permission denied") from e
-        found.sort(key=lambda o: o.key)
-        return found
+            yield from found
 
     def get(self, key: str) -> bytes:
         folders, name = self._split(key)

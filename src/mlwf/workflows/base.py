@@ -2,7 +2,7 @@
 
 A stage is a plain function. Its parameters are its inputs; a parameter named
 ``fetch`` receives a function ``fetch(keys) -> list[bytes]`` and one named
-``list_keys`` a function ``list_keys(prefix) -> list[(key, size)]``, supplied
+``list_keys`` a function ``list_keys(prefix) -> list[key]`` (in key order), supplied
 by whichever engine runs the stage. It returns a :class:`StageOutput`: the
 parts it hands to later stages, by the names its definition gives its
 outputs (:class:`~mlwf.workflows.definition.Output`), and small facts for the

@@ -34,7 +34,7 @@ def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
     folder of each key, or ``None`` for keys directly under the prefix).
     """
     folder = prefix.rstrip("/") + "/"
-    keys = [k for k, _ in list_keys(folder)]
+    keys = list_keys(folder)
     if not keys:
         raise DataError(f"no images under prefix {folder!r}: upload them first "
                         f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")

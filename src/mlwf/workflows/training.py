@@ -124,7 +124,7 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
         raise DataError(f"no objects under prefix {folder!r}: upload images first "
                         f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")
     keys, names, unlabelled = [], [], []
-    for key, _size in objects:
+    for key in objects:
         label = label_of(key, folder)
         if label is None:
             unlabelled.append(key)
