@@ -75,6 +75,19 @@ def test_codec_bytes_are_deterministic():
     assert codec.encode({"a": np.ones(3)}) != codec.encode({"a": np.ones(3, dtype=np.float32)})
 
 
+def test_codec_lists_of_plain_values_keep_the_depth_bound_and_their_types():
+    payload = codec.encode({"keys": ("a", "b"), "deep": [[[1, "x", None, 2.5, True]]], "mixed": [1, np.arange(2)]})
+    back = codec.decode(payload)
+    assert back["keys"] == ["a", "b"] and back["deep"] == [[[1, "x", None, 2.5, True]]]
+    assert back["mixed"][0] == 1 and back["mixed"][1].tolist() == [0, 1]
+    assert codec.decode(codec.encode([[[1]]]), max_depth=4) == [[[1]]]
+    with pytest.raises(codec.CodecError, match="nested more than 3 deep"):
+        codec.decode(codec.encode([[[1]]]), max_depth=3)  # the scalars sit at depth 4
+    with pytest.raises(TypeError):
+        codec.encode({"keys": ["a", object()]})
+    assert codec.encode([np.int64(3), 1.5]) == codec.encode([3, 1.5])
+
+
 @pytest.mark.parametrize("value", [
     {"a": np.array([object()], dtype=object)},
     {"a": np.array(["text"])},

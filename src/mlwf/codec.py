@@ -38,6 +38,10 @@ _DTYPES = frozenset(
 )
 
 
+#: Types a JSON header holds as they are.
+_PLAIN = frozenset([str, int, float, bool, type(None)])
+
+
 class CodecError(MlwfError):
     """Bytes that are not a valid payload (truncated, corrupt or tampered with)."""
 
@@ -76,6 +80,8 @@ def encode(value: Any) -> bytes:
                 out[k] = lift(x)
             return out
         if isinstance(v, (list, tuple)):
+            if all(type(x) in _PLAIN for x in v):  # a list of keys or labels: nothing to lift
+                return list(v)
             return [lift(x) for x in v]
         if isinstance(v, np.generic):
             return v.item()
@@ -202,6 +208,8 @@ def decode(data: bytes | bytearray | memoryview, *, what: str = "payload", max_h
                 return arrays[i]
             return {k: lower(x, depth + 1) for k, x in v.items()}
         if isinstance(v, list):
+            if depth < max_depth and not any(isinstance(x, (dict, list)) for x in v):
+                return v  # only scalars (a list of keys): nothing to lower, nothing nested too deep
             return [lower(x, depth + 1) for x in v]
         return v
 
