@@ -199,3 +199,36 @@ def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():
     message = str(info.value)
     assert "\n" not in message and "died as they started" in message
     assert "if __name__ == \"__main__\":" in message
+
+
+FOREIGN_FORK_SERVER = """
+import json, multiprocessing as mp, os
+from mlwf.engine.driver import Engine
+from mlwf.workflows.training import TrainingConfig
+from tests import worker_probe
+
+if __name__ == "__main__":
+    process = mp.get_context("forkserver").Process(target=os.getpid)  # a fork server mlwf did not start
+    process.start()
+    process.join()
+    with Engine({store!r}, "tless") as engine:
+        report = engine.run_training({prefix!r}, 2, 8, config=TrainingConfig())
+        threads = engine.backend._start().submit(worker_probe.blas_threads).result()
+    print(json.dumps({{"digest": report["model_digest"], "threads": threads}}))
+"""
+
+
+def test_a_fork_server_started_by_someone_else_still_trains_the_same_model_bytes(store_url):
+    # The program used multiprocessing's fork server before mlwf: it preloaded nothing and set no
+    # BLAS threads. The workers still pin every BLAS (SciPy's own, loaded later, too) to one thread,
+    # so the model is the one any other run publishes.
+    from tests.test_golden import _golden
+
+    golden = _golden("default-2-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLWF_") and not k.endswith("_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", FOREIGN_FORK_SERVER.format(store=store_url, prefix=TRAIN_PREFIX)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["threads"] and set(out["threads"]) == {1}
+    assert out["digest"] == golden

@@ -6,7 +6,7 @@ import json
 import sys
 
 from mlwf.backends import lifeline
-from mlwf.settings import adopt_forwarded, take_driver_main
+from mlwf.settings import BLAS_THREAD_VARIABLES, adopt_forwarded, take_driver_main
 
 
 def _adopt_driver_main() -> None:
@@ -42,8 +42,15 @@ _adopt_driver_main()
 
 def init_worker(forwarded: dict[str, str], owner) -> None:
     """A new worker: exit with the pool's owner, take the driver's variables now, one BLAS thread."""
+    import os
+
     from threadpoolctl import threadpool_limits
 
     lifeline.exit_with_owner(owner)
     adopt_forwarded(forwarded)
+    # One BLAS thread for the libraries loaded later too (SciPy's own OpenBLAS, when the fork
+    # server was started by someone else and preloaded nothing): threadpool_limits reaches only
+    # those loaded now. A second thread would change a PCA's float sums, and the model's bytes.
+    for name in BLAS_THREAD_VARIABLES:
+        os.environ[name] = "1"
     threadpool_limits(1)
