@@ -201,6 +201,46 @@ def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():
     assert "if __name__ == \"__main__\":" in message
 
 
+KEEPS = """
+import json
+from mlwf.backends.local import LocalBackend, LocalConfig
+from tests import worker_probe
+
+backend = LocalBackend(LocalConfig(workers=1, workflow="tiny-squares", keep_freed_bytes={keep}))
+try:
+    print(json.dumps([backend._start().submit(worker_probe.allocate_and_free, 300 << 20).result()
+                      for _ in range(2)]))
+finally:
+    backend.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="workers keep freed memory through glibc's allocator only")
+@pytest.mark.parametrize("keep, kept", [(1 << 30, True), (64 << 20, False), (0, False)])
+def test_a_worker_keeps_freed_memory_for_its_next_call_up_to_its_bound(keep, kept):
+    # The second call reuses what the first freed: a large array costs no fresh page faults
+    # (dear on a VM whose host takes freed memory back). Beyond the bound, or with 0, it goes back.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLWF_")},
+           "MLWF_WORKFLOW_MODULES": "tests.tiny_workflow"}
+    proc = subprocess.run([sys.executable, "-c", KEEPS.format(keep=keep)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    first, second = json.loads(proc.stdout)
+    assert first["holding"] - first["before"] > 250 << 20, first  # the array was written, so resident
+    assert (first["after"] - first["before"] > 250 << 20) is kept, first
+    if kept:  # the second call found its memory already there
+        assert second["before"] - first["before"] > 250 << 20 and second["holding"] - first["holding"] < 20 << 20
+    else:
+        assert second["holding"] - second["before"] > 250 << 20 and second["after"] - first["before"] < 50 << 20
+
+
+@pytest.mark.parametrize("keep", [-1, True, 1 << 31, 1.5, "1", None])
+def test_a_local_config_refuses_a_bound_on_kept_memory_that_is_not_a_byte_count(keep):
+    with pytest.raises(UsageError, match="keep_freed_bytes= must be an integer from 0 to 2,147,483,647"):
+        LocalConfig(keep_freed_bytes=keep)
+
+
 FOREIGN_FORK_SERVER = """
 import json, multiprocessing as mp, os
 from mlwf.engine.driver import Engine

@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlwf.backends import forkserver, lifeline
+from mlwf.backends import forkserver, lifeline, memory
 from mlwf.backends.base import BackendConfig, HoldsNoOutputs
 from mlwf.engine import runner
 from mlwf.engine.calls import Call, Outcome, RunContext
@@ -45,11 +45,14 @@ MAX_WORKERS = 1024
 class LocalConfig(BackendConfig):
     """``workers``: processes (default: one per core); ``workflow``: the workflow whose stage code the
     fork server imports once for every worker (default: every known workflow's; a process that only
-    runs inference starts faster without scikit-learn, which only training needs)."""
+    runs inference starts faster without scikit-learn, which only training needs); ``keep_freed_bytes``:
+    memory each worker keeps after a call for the next one instead of giving it back (0: give it all
+    back; see :mod:`mlwf.backends.memory`)."""
 
     backend: ClassVar[str] = "local"
     workers: int | None = None
     workflow: str | None = None
+    keep_freed_bytes: int = memory.KEEP_BYTES
 
     def __post_init__(self):
         w = self.workers
@@ -58,6 +61,10 @@ class LocalConfig(BackendConfig):
         f = self.workflow
         if f is not None and not (isinstance(f, str) and f.strip() and f.isprintable()):
             raise UsageError(f"workflow= names the workflow the workers will run (None: any), got {f!r}")
+        k = self.keep_freed_bytes
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= memory.MAX_KEEP_BYTES:
+            raise UsageError(f"keep_freed_bytes= must be an integer from 0 to {memory.MAX_KEEP_BYTES:,} "
+                             f"(bytes a worker keeps between calls), got {k!r}")
 
 
 def _run(call: Call, ctx: RunContext) -> Outcome:
@@ -79,6 +86,7 @@ class LocalBackend(HoldsNoOutputs):
         self.settings = settings or Settings.resolve()
         self.workers = config.workers or os.cpu_count() or 1
         self.preload_workflow = config.workflow
+        self.keep_freed_bytes = config.keep_freed_bytes
         self._pool: ProcessPoolExecutor | None = None
         self._workers_started = False
 
@@ -89,7 +97,8 @@ class LocalBackend(HoldsNoOutputs):
             forkserver.start(self.preload_workflow)
             ctx = mp.get_context("forkserver")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
-                                             initargs=(self.settings.forwarded(), lifeline.reader()))
+                                             initargs=(self.settings.forwarded(), lifeline.reader(),
+                                                       self.keep_freed_bytes))
         return self._pool
 
     def start(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mlwf.backends import lifeline
+from mlwf.backends import lifeline, memory
 from mlwf.settings import BLAS_THREAD_VARIABLES, adopt_forwarded, take_driver_main
 
 
@@ -40,8 +40,9 @@ def _adopt_driver_main() -> None:
 _adopt_driver_main()
 
 
-def init_worker(forwarded: dict[str, str], owner) -> None:
-    """A new worker: exit with the pool's owner, take the driver's variables now, one BLAS thread."""
+def init_worker(forwarded: dict[str, str], owner, keep_freed_bytes: int = memory.KEEP_BYTES) -> None:
+    """A new worker: exit with the pool's owner, take the driver's variables now, one BLAS thread,
+    keep freed memory for the next call."""
     import os
 
     from threadpoolctl import threadpool_limits
@@ -54,3 +55,4 @@ def init_worker(forwarded: dict[str, str], owner) -> None:
     for name in BLAS_THREAD_VARIABLES:
         os.environ[name] = "1"
     threadpool_limits(1)
+    memory.keep_freed_memory(keep_freed_bytes)
