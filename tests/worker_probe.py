@@ -1,11 +1,13 @@
 """Called in a local worker by tests/test_local_backend.py: what the worker's process is like."""
 
+import os
+
 import numpy as np
 
 
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def allocate_and_free(n_bytes: int) -> dict:
