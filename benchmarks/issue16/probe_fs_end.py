@@ -11,9 +11,9 @@ sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, WatchImports)]
 _init = worker.init_worker
 
 
-def init_worker(forwarded, owner):
+def init_worker(*args):
     mark("worker", "initializer began")
-    _init(forwarded, owner)
+    _init(*args)
     mark("worker", "initializer ended")
 
 
