@@ -399,3 +399,24 @@ def test_bench_baseline_refuses_settings_it_cannot_follow(capsys, store_url, tmp
     line = _one_error_line(capsys, ["bench", "ml-training", TRAIN_PREFIX, "2", "4", *_where(store_url),
                                     "--preset", "accurate", "--baseline", "--repeats", "1", "--out", str(tmp_path)])
     assert "--baseline trains random forests on slices" in line
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--help", "run"], ["-h", "runs", "ls"]])
+def test_the_top_level_help_lists_every_command_whatever_follows_it(argv, capsys):
+    # The command line builds only the named command's group when a command comes first; a
+    # help flag before it still shows all of them.
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    listed = re.search(r"\{([a-z0-9,]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert listed == ["run", "invoke", "dataset", "s3", "model", "runs", "serve", "deploy", "ray", "bench", "trace",
+                      "demo"]
+
+
+def test_a_command_in_first_place_builds_only_its_group():
+    import mlwf.cli
+
+    parser = mlwf.cli.build_parser(["runs", "ls"])
+    choices = next(a for a in parser._actions if a.dest == "command").choices
+    assert list(choices) == ["runs"]
+    assert parser.parse_args(["runs", "ls"]).command == "runs"

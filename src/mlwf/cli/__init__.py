@@ -36,8 +36,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="mlwf", description="Serverless ML training and inference workflows.")
     parser.add_argument("--version", action="version", version=f"mlwf {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    named = next((a for a in argv or [] if not a.startswith("-")), None)
-    groups = [_GROUPS[named]] if named in _GROUPS else dict.fromkeys(_GROUPS.values())
+    # Only a command in first place: `mlwf --help run` lists every command, as `mlwf --help` does.
+    groups = [_GROUPS[argv[0]]] if argv and argv[0] in _GROUPS else dict.fromkeys(_GROUPS.values())
     for name in groups:
         _group(name).add_parsers(sub)
     return parser
