@@ -234,10 +234,15 @@ def keep_forwarded(names) -> None:
         del os.environ[name]
 
 
-def single_threaded_blas() -> None:
-    """One BLAS thread per process unless told otherwise (``mlwf serve``: the parallelism is the calls)."""
+def single_threaded_blas(*, force: bool = False) -> None:
+    """One BLAS thread per process unless told otherwise (``mlwf serve``: the parallelism is the calls);
+    with ``force``, whatever the environment said (local workers: one per core). Reaches the BLAS
+    libraries loaded from now on; ``threadpool_limits`` those already loaded."""
     for name in BLAS_THREAD_VARIABLES:
-        os.environ.setdefault(name, "1")
+        if force:
+            os.environ[name] = "1"
+        else:
+            os.environ.setdefault(name, "1")
 
 
 @contextlib.contextmanager
@@ -246,8 +251,7 @@ def fork_server_environment(driver_main: str, workflow: str | None) -> Iterator[
     and the workflow whose stage code it preloads (None: every known workflow)."""
     saved = {k: os.environ.get(k) for k in (*BLAS_THREAD_VARIABLES, DRIVER_MAIN_VARIABLE, PRELOAD_WORKFLOW_VARIABLE)}
     try:
-        for name in BLAS_THREAD_VARIABLES:
-            os.environ[name] = "1"
+        single_threaded_blas(force=True)
         os.environ[DRIVER_MAIN_VARIABLE] = driver_main
         os.environ[PRELOAD_WORKFLOW_VARIABLE] = workflow or ""
         yield

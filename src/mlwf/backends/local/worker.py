@@ -6,7 +6,7 @@ import json
 import sys
 
 from mlwf.backends import lifeline, memory
-from mlwf.settings import BLAS_THREAD_VARIABLES, adopt_forwarded, take_driver_main
+from mlwf.settings import adopt_forwarded, single_threaded_blas, take_driver_main
 
 
 def _adopt_driver_main() -> None:
@@ -43,8 +43,6 @@ _adopt_driver_main()
 def init_worker(forwarded: dict[str, str], owner, keep_freed_bytes: int = memory.KEEP_BYTES) -> None:
     """A new worker: exit with the pool's owner, take the driver's variables now, one BLAS thread,
     keep freed memory for the next call."""
-    import os
-
     from threadpoolctl import threadpool_limits
 
     lifeline.exit_with_owner(owner)
@@ -52,7 +50,6 @@ def init_worker(forwarded: dict[str, str], owner, keep_freed_bytes: int = memory
     # One BLAS thread for the libraries loaded later too (SciPy's own OpenBLAS, when the fork
     # server was started by someone else and preloaded nothing): threadpool_limits reaches only
     # those loaded now. A second thread would change a PCA's float sums, and the model's bytes.
-    for name in BLAS_THREAD_VARIABLES:
-        os.environ[name] = "1"
+    single_threaded_blas(force=True)
     threadpool_limits(1)
     memory.keep_freed_memory(keep_freed_bytes)
