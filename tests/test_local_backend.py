@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -77,6 +80,7 @@ def test_the_driver_imports_no_scikit_learn(store_url, tmp_path):
 
 
 PRELOADED = """
+import contextlib
 import json
 from mlwf.backends.local import LocalBackend, LocalConfig
 from tests import loaded_modules
@@ -141,7 +145,40 @@ def test_mlwf_run_asks_for_the_fork_server_of_its_workflow(capsys, trained, stor
     assert asked and set(asked) == {"ml-inference"}
 
 
+def test_engines_starting_in_two_threads_leave_the_environment_as_it_was(monkeypatch):
+    """The fork server's variables live in this process's environment only while it starts. Two threads
+    starting at once must not save each other's variables and put them back for good."""
+    import multiprocessing.forkserver
+
+    from mlwf.backends import forkserver
+    from mlwf.settings import BLAS_THREAD_VARIABLES, DRIVER_MAIN_VARIABLE, PRELOAD_WORKFLOW_VARIABLE
+
+    names = (*BLAS_THREAD_VARIABLES, DRIVER_MAIN_VARIABLE, PRELOAD_WORKFLOW_VARIABLE)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    both_inside, arrived, lock = threading.Barrier(2, timeout=1), [], threading.Lock()
+
+    def ensure_running():  # no real server: hold the first thread here until the second comes, if it can
+        with lock:
+            arrived.append(threading.current_thread().name)
+            second = len(arrived) == 2
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_inside.wait()
+        if second:
+            time.sleep(0.2)  # the second to come in restores last: what it saved is what stays
+
+    monkeypatch.setattr(multiprocessing.forkserver, "ensure_running", ensure_running)
+    threads = [threading.Thread(target=forkserver.start, args=(w,)) for w in ("ml-training", "ml-inference")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(arrived) == 2
+    assert {name: os.environ.get(name) for name in names} == dict.fromkeys(names)
+
+
 UNGUARDED = """\
+import contextlib
 import json
 import mlwf
 from mlwf.workflows.training import TrainingConfig
@@ -202,6 +239,7 @@ def test_workers_dying_as_they_start_is_one_line_saying_what_to_do():
 
 
 KEEPS = """
+import contextlib
 import json
 from mlwf.backends.local import LocalBackend, LocalConfig
 from tests import worker_probe

@@ -14,6 +14,7 @@ stages import from the definition (:func:`preload_modules`, run there by
 from __future__ import annotations
 
 import json
+import threading
 
 from mlwf.settings import fork_server_environment
 
@@ -21,6 +22,9 @@ from mlwf.settings import fork_server_environment
 PRELOAD = ["mlwf.backends.local.preload"]
 #: Imported after a workflow's stage code when some of it is scikit-learn: its first-call costs.
 SKLEARN_WARMUP = "mlwf.workflows.warmup"
+#: Held while the process environment carries the fork server's variables: two engines starting in two
+#: threads would otherwise each save the other's variables and restore them for good.
+_STARTING = threading.Lock()
 
 
 def preload_modules(workflow: str | None) -> list[str]:
@@ -73,12 +77,13 @@ def start(workflow: str | None = None) -> None:
 
     Returns at once: the server imports in the background. Its environment
     pins BLAS to one thread, names the driver's main module and the
-    workflow; this process's own environment is left as it was. A fork
-    server already running is kept, with what it preloaded.
+    workflow; this process's own environment is left as it was, also when
+    several threads start engines at once. A fork server already running is
+    kept, with what it preloaded.
     """
     import multiprocessing as mp
     from multiprocessing import forkserver
 
     mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    with fork_server_environment(driver_main(), workflow):
+    with _STARTING, fork_server_environment(driver_main(), workflow):
         forkserver.ensure_running()
