@@ -6,6 +6,7 @@ test reads ../shared or downloads anything.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from mlwf import bulk, datasets
 from mlwf.engine.driver import Engine
+from mlwf.settings import BLAS_THREAD_VARIABLES
 from mlwf.storage import StoreSpec
 from mlwf.workflows.training import TrainingConfig
 
@@ -22,6 +24,27 @@ TRAIN_PREFIX = "ml-training/digits"
 BATCH_PREFIX = "ml-inference/digits-batch"
 #: Small settings so a whole training run takes a fraction of a second.
 FAST = TrainingConfig(image_size=16, n_components=6, n_trees=12, max_depth=8, holdout=0.2, seed=0)
+
+
+def _watched_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("MLWF_") or k in BLAS_THREAD_VARIABLES}
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found():
+    """A test that changes mlwf's variables or the BLAS thread counts for the tests after it fails here
+    (monkeypatch's changes are undone before this looks). The variables are put back either way."""
+    before = _watched_environment()
+    yield
+    after = _watched_environment()
+    if after != before:
+        for name in set(before) | set(after):
+            if name in before:
+                os.environ[name] = before[name]
+            else:
+                os.environ.pop(name, None)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        pytest.fail(f"the test left these variables changed in the test process: {', '.join(changed)}")
 
 
 @pytest.fixture(scope="session")
