@@ -13,13 +13,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 'mlwf[ray]'")
 
-from tests.conftest import BATCH_PREFIX, TRAIN_PREFIX  # noqa: E402
+from mlwf.engine.driver import Engine  # noqa: E402
+from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX  # noqa: E402
 
 pytest_plugins = ["tests.raycluster"]
 
@@ -356,3 +358,78 @@ def test_stop_leaves_alone_an_actor_of_the_same_name_that_is_not_a_pool(ray_clus
     finally:
         other("kill")
 
+
+
+# --------------------------------------------------------------------------- a node dies
+#: The GCS declares a node dead after about 1.5 s without an answer instead of Ray's ~15 s.
+QUICK_DEATH = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
+               "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
+
+#: Trees per member: enough for each member to be over Ray's 100 KB, so that it lives in the object store of the
+#: node that made it (Ray hands smaller outputs to the driver itself, where no node's death can take them).
+NODE_DEATH_TREES = 60
+
+_LOSE_A_NODE = """\
+import json, os, signal, sys
+from dataclasses import replace
+import ray
+from mlwf.engine.driver import Engine
+from tests.conftest import FAST, TRAIN_PREFIX
+from tests.raycluster import _descendants
+
+store, address, node_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+TREES = int(sys.argv[4])
+seen = {}
+with Engine(store, "tless", backend="ray", transfer="direct", retries=2,
+            backend_options={"address": address}) as engine:
+    backend, submit = engine.backend, engine.backend.submit
+
+    def submit_then(call, ctx):
+        if call.stage == "score" and not seen:  # every member is in Ray's object store, and nothing read them yet
+            mine = ray.get_runtime_context().get_node_id()
+            held = backend._held[ctx.run_id]
+            where = ray.experimental.get_object_locations(list(held.values()))
+            seen["lost"] = sorted(backend._made_by[ctx.run_id][sha].name for sha, ref in held.items()
+                                  if where[ref]["node_ids"] and mine not in where[ref]["node_ids"])
+            for pid in {node_pid} | _descendants(node_pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return submit(call, ctx)
+
+    backend.submit = submit_then
+    report = engine.run_training(TRAIN_PREFIX, 2, 4, config=replace(FAST, n_trees=TREES), publish=False)
+print(json.dumps({**seen, "digest": report["model_digest"], "warnings": report["warnings"],
+                  "attempts": {s: v["attempts"] for s, v in report["stages"].items()}}))
+"""
+
+
+def test_outputs_ray_lost_with_a_node_are_made_again_by_the_calls_that_made_them(tmp_path, store_url):
+    """--transfer direct keeps the stages' outputs in Ray's object store, on the node that made them. The second
+    node is killed (every process of it) after training and before scoring: the members it made are gone, and
+    Ray cannot rebuild them (its task retries are off). The backend runs those training calls again and the run
+    ends with the model it makes without the loss."""
+    from tests.raycluster import RayCluster
+
+    with Engine(store_url, "tless") as local:
+        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=replace(FAST, n_trees=NODE_DEATH_TREES), publish=False)
+    with RayCluster(tmp_path / "dying", nodes=2, cpus=1, node_env=QUICK_DEATH) as cluster:
+        node = cluster._procs[1]
+        done = subprocess.run([sys.executable, "-c", _LOSE_A_NODE, store_url, cluster.address, str(node.pid),
+                               str(NODE_DEATH_TREES)],
+                              capture_output=True, text=True, timeout=300, env=cluster.driver_env(), cwd=ROOT,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert node.wait(30) is not None  # the node is really gone, and Ray knows it
+        deadline = time.monotonic() + 30
+        while len(cluster.alive_nodes()) != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(cluster.alive_nodes()) == 1
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["lost"] and all(name.startswith("train[") for name in got["lost"])  # members only there
+    assert got["digest"] == clean["model_digest"]
+    # Exactly the calls whose outputs were lost ran again, and the report says which.
+    assert got["warnings"] == [f"Ray lost outputs held in its object store (a node died?); {', '.join(got['lost'])} "
+                               "ran again to make them"]
+    assert got["attempts"]["score"] > 2  # a score call failed on a lost member and was retried

@@ -18,10 +18,15 @@ so stage code never sees Ray. What this module adds is where calls run and how
 A worker process that dies mid-call fails the call with
 :class:`~mlwf.errors.WorkerLost`; Ray's own task retries are off
 (``max_retries=0``), so the driver's budget is the only one: a call runs at
-most ``1 + --retries`` times, as on every backend. Outputs of finished calls
-that Ray loses with a node are not rebuilt from lineage (that would take
-Ray's retries): the call that needs one fails, and the driver's retry reruns
-it; ``--transfer store`` keeps intermediate state out of Ray altogether. Start-up is quiet and bounded:
+most ``1 + --retries`` times, as on every backend. For the same reason Ray
+cannot rebuild an output it lost with a node (its lineage reconstruction
+reruns a task only within that task's Ray retries). This backend keeps its own
+lineage instead: it remembers which call made each output it holds, and a call
+that fails because an input was lost fails with a retryable ``WorkerLost``;
+before the driver's retry runs it, the calls that made its lost inputs run
+again (their outputs have fixed bytes, so they come back under the same
+checksums), and the run's report names them in a warning. ``--transfer
+store`` keeps intermediate state out of Ray altogether. Start-up is quiet and bounded:
 no dashboard, worker output stays in Ray's log files, and an address where no
 cluster answers fails within ``connect_timeout`` seconds with one line.
 
@@ -40,6 +45,7 @@ report says so in one warning, and its calls run as tasks.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -124,6 +130,11 @@ class RayBackend:
         self._in_flight: dict[int, Any] = {}  # id(future) -> the task's ObjectRefGenerator
         #: Outputs held in Ray's object store (direct transfer): run id -> checksum -> ObjectRef.
         self._held: dict[str, dict[str, Any]] = {}
+        #: Our own lineage of what is held: run id -> checksum -> the call that made it.
+        self._made_by: dict[str, dict[str, Call]] = {}
+        #: Calls run again to make lost outputs: run id -> call name -> its future (shared by every call waiting).
+        self._remade: dict[str, dict[str, Future]] = {}
+        self._lineage_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -246,7 +257,11 @@ class RayBackend:
         env = self.settings.forwarded()
         req = self._request(call.stage)
         held = self._held.get(ctx.run_id, {})
-        inputs = {r.sha256: held[r.sha256] for r in refs_in(call.args.values()) if r.held_by_backend}
+        wanted = [r for r in refs_in(call.args.values()) if r.held_by_backend]
+        lost = [r for r in wanted if r.sha256 not in held]
+        if lost:  # Ray lost them (see _forget_lost): the calls that made them run first
+            return self._after_remaking(call, ctx, lost)
+        inputs = {r.sha256: held[r.sha256] for r in wanted}
         out: Future[Outcome] = Future()
         if self._pool is not None and req == _DEFAULT_REQUEST and self._pool.usable():
             self._submit_to_pool(call, ctx, env, inputs, out)
@@ -277,7 +292,7 @@ class RayBackend:
 
         def finished(done: Future) -> None:
             try:
-                collector.submit(self._collect, done, gen, call, out, self._held.setdefault(ctx.run_id, {}))
+                collector.submit(self._collect, done, gen, call, ctx, out)
             except RuntimeError:  # closed meanwhile
                 out.cancel()
 
@@ -290,7 +305,6 @@ class RayBackend:
         ``out``. The driver's variables travel with the call, as a task's ``runtime_env`` would carry them."""
         client = self._pool
         collector = self._collector
-        held = self._held.setdefault(ctx.run_id, {})
 
         def send(worker: int) -> None:
             gen = client.workers[worker].run.options(num_returns="streaming").remote(
@@ -299,7 +313,7 @@ class RayBackend:
 
             def finished(done: Future) -> None:
                 try:
-                    collector.submit(self._collect_from_pool, done, gen, call, out, held, worker)
+                    collector.submit(self._collect_from_pool, done, gen, call, ctx, out, worker)
                 except RuntimeError:  # closed meanwhile
                     out.cancel()
 
@@ -308,8 +322,7 @@ class RayBackend:
         client.enqueue(out, send, lambda: self._submit_task(call, ctx, env, inputs, out))
         out.add_done_callback(lambda f: f.cancelled() and client.cancel(f))
 
-    def _collect_from_pool(self, done: Future, gen, call: Call, out: Future, held: dict[str, Any],
-                           worker: int) -> None:
+    def _collect_from_pool(self, done: Future, gen, call: Call, ctx: RunContext, out: Future, worker: int) -> None:
         from ray import exceptions as rx
 
         exc = done.exception()
@@ -317,7 +330,7 @@ class RayBackend:
                                                       and isinstance(exc.cause, pool.PoolMismatch))
         if self._pool is not None:
             self._pool.finished(worker, lost)
-        self._collect(done, gen, call, out, held)
+        self._collect(done, gen, call, ctx, out)
 
     def _count(self, run_id: str, where: str) -> None:
         with self._count_lock:
@@ -332,13 +345,20 @@ class RayBackend:
         if self._pool_found:
             found = {"used": self._pool is not None, "workers": self._pool.size if self._pool else 0,
                      "pool_calls": counts["pool"], "task_calls": counts["tasks"]}
-        return {"ray_pool": found, "warnings": list(self._warnings)}
+        warnings = list(self._warnings)
+        remade = sorted(self._remade.get(run_id, {}), key=_call_order)
+        if remade:
+            warnings.append(f"Ray lost outputs held in its object store (a node died?); {', '.join(remade)} ran "
+                            "again to make them")
+        return {"ray_pool": found, "warnings": warnings}
 
-    @staticmethod
-    def _collect(done: Future, gen, call: Call, out: Future, held: dict[str, Any]) -> None:
-        """Turn a finished task into its Outcome, keeping its output parts in ``held`` (off Ray's callback thread)."""
+    def _collect(self, done: Future, gen, call: Call, ctx: RunContext, out: Future) -> None:
+        """Turn a finished task into its Outcome, keeping its output parts and which call made them (off Ray's
+        callback thread). A call that lost an input fails with a retryable :class:`WorkerLost`, and the input is
+        forgotten, so that the retry first makes it again (:meth:`_after_remaking`)."""
         if out.cancelled():
             return
+        held = self._held.setdefault(ctx.run_id, {})
         try:
             exc = done.exception()
             if exc is not None:
@@ -346,11 +366,15 @@ class RayBackend:
             refs = list(gen)
             outcome: Outcome = ray.get(refs[-1])
             parts = refs[:-1]
-            for ref, part in zip([r for r in outcome.refs() if r.held_by_backend], parts):
-                held[ref.sha256] = part
+            with self._lineage_lock:
+                made_by = self._made_by.setdefault(ctx.run_id, {})
+                for ref, part in zip([r for r in outcome.refs() if r.held_by_backend], parts):
+                    held[ref.sha256] = part
+                    made_by[ref.sha256] = call
             result, error = outcome, None
         except BaseException as e:  # noqa: BLE001 - becomes the Future's exception
-            result, error = None, _error(e, call)
+            lost = _lost_object(e)
+            result, error = None, (_error(e, call) if lost is None else self._forget_lost(call, ctx, lost))
         try:
             if error is None:
                 out.set_result(result)
@@ -366,10 +390,101 @@ class RayBackend:
                 return bytes(ray.get(held[ref.sha256]))
         raise StageError(f"the output of {ref.producer} (SHA-256 {ref.sha256}) is no longer in Ray's object store")
 
+    # ------------------------------------------------------------------ lineage: outputs lost with a node
+    def _forget_lost(self, call: Call, ctx: RunContext, object_hex: str) -> InputLost:
+        """``call`` could not read an input Ray lost: forget it (every held input of the call, if Ray did not say
+        which), so that the next submit makes it again; the error the driver's retry policy sees. (Another call
+        may have reported the same object first: then it is forgotten already.)"""
+        held = self._held.get(ctx.run_id, {})
+        inputs = [r for r in refs_in(call.args.values()) if r.held_by_backend]
+        with self._lineage_lock:
+            if object_hex:
+                lost = [r for r in inputs if r.sha256 not in held or held[r.sha256].hex() == object_hex]
+            else:
+                lost = inputs
+            for r in lost:
+                held.pop(r.sha256, None)
+        names = ", ".join(dict.fromkeys(r.producer for r in lost)) or "an input"
+        return InputLost(f"{call.workflow} stage {call.name} failed: Ray lost the output of {names} it needs "
+                         "(with a node that died?); it is made again if the call is retried")
+
+    def _after_remaking(self, call: Call, ctx: RunContext, lost: list[Ref]) -> Future[Outcome]:
+        """Run again the calls that made ``lost``, then ``call``; the returned future is ``call``'s."""
+        out: Future[Outcome] = Future()
+        made_by = self._made_by.get(ctx.run_id, {})
+        makers = {}
+        for r in lost:
+            maker = made_by.get(r.sha256)
+            if maker is None:
+                out.set_exception(StageError(
+                    f"{call.workflow} stage {call.name} failed: the output of {r.producer} it needs is no longer in "
+                    "Ray's object store and this driver does not know the call that made it: run again, or with "
+                    "--transfer store"))
+                return out
+            makers[maker.name] = maker
+        remakes = [self._remake(maker, ctx) for maker in makers.values()]
+        left = [len(remakes)]
+        lock = threading.Lock()
+
+        def then() -> None:
+            failed = next((f for f in remakes if f.cancelled() or f.exception() is not None), None)
+            held = self._held.get(ctx.run_id, {})
+            if failed is None and not all(r.sha256 in held for r in lost):
+                error: BaseException | None = StageError(
+                    f"{call.workflow} stage {call.name} failed: {', '.join(makers)} ran again to make an input Ray "
+                    "lost, but did not make the same bytes")
+            elif failed is not None:
+                error = StageError(f"{call.workflow} stage {call.name} failed: {', '.join(makers)} did not run "
+                                   "again") if failed.cancelled() else failed.exception()
+            else:
+                error = None
+            if error is not None:
+                with contextlib.suppress(InvalidStateError):
+                    out.set_exception(error)
+                return
+            _chain(self.submit(call, ctx), out)
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and not out.cancelled():
+                then()
+
+        for f in remakes:
+            f.add_done_callback(one_done)
+        out.add_done_callback(lambda f: f.cancelled() and [r.cancel() for r in remakes])
+        return out
+
+    def _remake(self, maker: Call, ctx: RunContext) -> Future[Outcome]:
+        """``maker`` run again (once, however many calls wait for its outputs); noted for the run's report.
+
+        If Ray lost one of ``maker``'s own inputs too, it runs once more, after the call that made that input.
+        """
+        with self._lineage_lock:
+            remade = self._remade.setdefault(ctx.run_id, {})
+            running = remade.get(maker.name)
+            if running is not None and not running.done():
+                return running
+            fut: Future[Outcome] = Future()
+            remade[maker.name] = fut
+
+        def first_done(first: Future) -> None:
+            if not first.cancelled() and isinstance(first.exception(), InputLost):
+                _chain(self.submit(maker, ctx), fut)
+            else:
+                _chain(first, fut)
+
+        self.submit(maker, ctx).add_done_callback(first_done)
+        return fut
+
     def end_run(self, run_id: str) -> None:
         """Let Ray free what the run's calls handed on (direct transfer)."""
         self._held.pop(run_id, None)
         self._calls.pop(run_id, None)
+        with self._lineage_lock:
+            self._made_by.pop(run_id, None)
+            self._remade.pop(run_id, None)
 
     def cancel_all(self) -> None:
         """Stop every call still running (the driver gave up on them: stuck or timed out).
@@ -393,6 +508,45 @@ class RayBackend:
         if self._joined:
             self._joined = False
             cluster.leave()
+
+
+class InputLost(WorkerLost):
+    """A call could not read an input Ray lost (with a node); retried, it first makes the input again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, restart=False)
+
+
+def _chain(inner: Future, out: Future) -> None:
+    """``out`` gets ``inner``'s result or exception; cancelling ``out`` cancels ``inner``."""
+    def copy(f: Future) -> None:
+        with contextlib.suppress(InvalidStateError):
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(f.result())
+
+    inner.add_done_callback(copy)
+    out.add_done_callback(lambda f: f.cancelled() and inner.cancel())
+
+
+def _call_order(name: str) -> tuple[str, int]:
+    stage, _, index = name.partition("[")
+    return stage, int(index.rstrip("]") or 0)
+
+
+def _lost_object(e: BaseException) -> str | None:
+    """If ``e`` says Ray lost an object a call needed: that object's hex id ('' when Ray did not say), else None."""
+    from ray import exceptions as rx
+
+    # A task's error is a RayTaskError that is also an instance of its cause's class (without the cause's
+    # attributes): the cause itself names the object.
+    found = [err for err in (getattr(e, "cause", None), e) if isinstance(err, rx.ObjectLostError)]
+    if not found:
+        return None
+    return next((h for h in (getattr(err, "object_ref_hex", None) for err in found) if h), "")
 
 
 def _cancel(gen, force: bool = False) -> None:
