@@ -47,6 +47,14 @@ def _environment_left_as_found():
         pytest.fail(f"the test left these variables changed in the test process: {', '.join(changed)}")
 
 
+@pytest.fixture
+def in_process_serve(monkeypatch):
+    """For a test that runs ``mlwf serve`` in the test process: it pins BLAS to one thread for its own
+    process (where unset), here for this test only."""
+    for name in BLAS_THREAD_VARIABLES:
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The first 600 digits as PNG class folders; the next 120 in a batch folder."""

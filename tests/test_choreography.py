@@ -25,7 +25,6 @@ from mlwf import workflows
 from mlwf.backends.knative import events
 from mlwf.engine.driver import Engine
 from mlwf.errors import DataError, StageError
-from mlwf.settings import BLAS_THREAD_VARIABLES
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
 from tests.s3server import free_port
@@ -426,9 +425,7 @@ def test_a_stage_that_always_fails_ends_the_run_failed_with_its_reason(s3_server
 
 
 # --------------------------------------------------------------------------- refusals
-def test_bad_settings_and_bad_input_end_in_one_line(pair, s3_env, capsys, store_url, monkeypatch):
-    for name in BLAS_THREAD_VARIABLES:  # mlwf serve pins BLAS in its own process: here, in this one
-        monkeypatch.delenv(name, raising=False)
+def test_bad_settings_and_bad_input_end_in_one_line(pair, s3_env, capsys, store_url, in_process_serve):
     cases = [
         (["serve", "--sink", "ftp://x"], "--sink 'ftp://x': 'ftp://x' is not an http(s):// URL"),
         (["serve", "--sink", "nope=http://127.0.0.1:1"], "--sink 'nope=http://127.0.0.1:1': unknown stage 'nope'"),

@@ -341,7 +341,7 @@ def test_replay_records_are_deleted_once_no_server_can_accept_their_event(kind, 
     (["--store", "s3://user:pass@host:9000"], "do not put credentials in the store URL"),
     (["--bucket", "../x"], "refused bucket name '../x'"),
 ])
-def test_bad_serve_settings_are_one_line_and_nothing_starts(flags, message, capsys, monkeypatch):
+def test_bad_serve_settings_are_one_line_and_nothing_starts(flags, message, capsys, monkeypatch, in_process_serve):
     from mlwf.cli import main
 
     monkeypatch.setenv("MLWF_FUNCTION_SECRET", SECRET)
