@@ -24,6 +24,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 'mlwf[ray]'")
 
+import mlwf.model  # noqa: E402
 from mlwf import bulk  # noqa: E402
 from mlwf.cli import main  # noqa: E402
 from mlwf.engine.driver import Engine  # noqa: E402
@@ -117,6 +118,66 @@ def test_a_worker_killed_mid_call_is_rerun_by_the_driver_with_the_same_model(sto
     with Engine(store_url, "tless", backend="ray", transfer="direct", retries=0) as engine, \
             pytest.raises(StageError, match=r"train\[1\] failed: its Ray worker died"):
         engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+
+
+@ray.remote(num_cpus=0)
+def _small():
+    return b"gone"
+
+
+@ray.remote(num_cpus=0)
+class _Owner:
+    def make(self):
+        return [_small.remote()]  # a small result lives in its owner's memory, this actor's
+
+
+def _a_lost_object():
+    """A real ObjectRef whose object Ray lost: the actor that owned it was killed."""
+    owner = _Owner.remote()
+    [ref] = ray.get(owner.make.remote())
+    ray.kill(owner)
+    with pytest.raises(ray.exceptions.ObjectLostError):
+        ray.get(ref, timeout=60)
+    return ref
+
+
+def test_outputs_ray_lost_are_made_again_before_a_call_or_the_driver_reads_them(store_url):
+    """What a node's death does to --transfer direct (tests/test_ray_cluster.py kills a real node): a member
+    is lost before scoring reads it, the model before the driver reads it. Both are made again."""
+    with Engine(store_url, "tless") as local:
+        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    lost = _a_lost_object()
+    with Engine(store_url, "tless", backend="ray", transfer="direct", retries=1) as engine:
+        backend = engine.backend
+        submit, read = backend.submit, backend.read
+
+        def lose(made_by_stage: str) -> None:
+            for run_id, made in backend._made_by.items():
+                for sha, (call, _) in made.items():
+                    if call.name == made_by_stage:
+                        backend._held[run_id][sha] = lost
+
+        done: set[str] = set()
+
+        def submit_losing_a_member(call, ctx):
+            if call.stage == "score" and not done & {"train[1]"}:
+                done.add("train[1]")
+                lose("train[1]")
+            return submit(call, ctx)
+
+        def read_losing_the_model(ref):
+            if not done & {"validation[0]"}:
+                done.add("validation[0]")
+                lose("validation[0]")
+            return read(ref)
+
+        backend.submit, backend.read = submit_losing_a_member, read_losing_the_model
+        report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, model_prefix="ml-inference/model-remade")
+        published = mlwf.model.load("ml-inference/model-remade", store=engine.store)
+    assert report["model_digest"] == clean["model_digest"] == published.digest
+    assert report["warnings"] == ["Ray lost outputs held in its object store (a node died?); train[1], validation[0] "
+                                  "ran again to make them"]
+    assert report["stages"]["score"]["attempts"] > 2  # a score call failed on the lost member and was retried
 
 
 def test_a_hung_call_is_timed_out_its_worker_killed_and_the_call_rerun(store_url, monkeypatch):

@@ -130,8 +130,8 @@ class RayBackend:
         self._in_flight: dict[int, Any] = {}  # id(future) -> the task's ObjectRefGenerator
         #: Outputs held in Ray's object store (direct transfer): run id -> checksum -> ObjectRef.
         self._held: dict[str, dict[str, Any]] = {}
-        #: Our own lineage of what is held: run id -> checksum -> the call that made it.
-        self._made_by: dict[str, dict[str, Call]] = {}
+        #: Our own lineage of what is held: run id -> checksum -> the call that made it, and its run.
+        self._made_by: dict[str, dict[str, tuple[Call, RunContext]]] = {}
         #: Calls run again to make lost outputs: run id -> call name -> its future (shared by every call waiting).
         self._remade: dict[str, dict[str, Future]] = {}
         self._lineage_lock = threading.Lock()
@@ -370,7 +370,7 @@ class RayBackend:
                 made_by = self._made_by.setdefault(ctx.run_id, {})
                 for ref, part in zip([r for r in outcome.refs() if r.held_by_backend], parts):
                     held[ref.sha256] = part
-                    made_by[ref.sha256] = call
+                    made_by[ref.sha256] = (call, ctx)
             result, error = outcome, None
         except BaseException as e:  # noqa: BLE001 - becomes the Future's exception
             lost = _lost_object(e)
@@ -384,10 +384,27 @@ class RayBackend:
             pass  # cancelled meanwhile
 
     def read(self, ref: Ref) -> bytes:
-        """The bytes of an output held in Ray's object store (the driver reading a final result)."""
-        for held in self._held.values():
-            if ref.sha256 in held:
+        """The bytes of an output held in Ray's object store (the driver reading a final result). If Ray lost
+        it, the call that made it runs again first, as for a call's input (:meth:`_forget_lost`)."""
+        from ray import exceptions as rx
+
+        for run_id, held in self._held.items():
+            if ref.sha256 not in held:
+                continue
+            try:
                 return bytes(ray.get(held[ref.sha256]))
+            except rx.ObjectLostError:
+                pass
+            maker = self._made_by.get(run_id, {}).get(ref.sha256)
+            if maker is None:
+                break
+            with self._lineage_lock:
+                held.pop(ref.sha256, None)
+            call, ctx = maker
+            self._remake(call, ctx).result()  # the remade call's own error, if it fails
+            if ref.sha256 not in held:
+                raise StageError(f"{call.name} ran again to make its output Ray lost, but did not make the same bytes")
+            return bytes(ray.get(held[ref.sha256]))
         raise StageError(f"the output of {ref.producer} (SHA-256 {ref.sha256}) is no longer in Ray's object store")
 
     # ------------------------------------------------------------------ lineage: outputs lost with a node
@@ -404,7 +421,9 @@ class RayBackend:
                 lost = inputs
             for r in lost:
                 held.pop(r.sha256, None)
-        names = ", ".join(dict.fromkeys(r.producer for r in lost)) or "an input"
+        made_by = self._made_by.get(ctx.run_id, {})
+        names = ", ".join(dict.fromkeys(made_by[r.sha256][0].name if r.sha256 in made_by else r.producer
+                                        for r in lost)) or "an input"
         return InputLost(f"{call.workflow} stage {call.name} failed: Ray lost the output of {names} it needs "
                          "(with a node that died?); it is made again if the call is retried")
 
@@ -414,7 +433,7 @@ class RayBackend:
         made_by = self._made_by.get(ctx.run_id, {})
         makers = {}
         for r in lost:
-            maker = made_by.get(r.sha256)
+            maker = made_by.get(r.sha256, (None, None))[0]
             if maker is None:
                 out.set_exception(StageError(
                     f"{call.workflow} stage {call.name} failed: the output of {r.producer} it needs is no longer in "
