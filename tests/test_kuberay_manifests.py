@@ -136,3 +136,27 @@ def test_each_rayjob_runs_mlwf_on_the_cluster_as_kuberay_allows(cluster, name, w
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.workflow, args.backend) == ("run", workflow, "ray")
     assert args.store == "s3://" and args.ray_address is None and args.json
+
+
+@pytest.mark.parametrize("name, command", [("rayjob-pool-start.yaml", "start"), ("rayjob-pool-stop.yaml", "stop")])
+def test_the_pool_rayjobs_start_and_stop_mlwfs_worker_pool_on_the_cluster(cluster, name, command, monkeypatch):
+    from mlwf.cli import build_parser
+    from mlwf.cli.raypool import _address
+    from mlwf.settings import Settings
+
+    job = _one(name)
+    spec = job["spec"]
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["metadata"]["namespace"] == cluster["metadata"]["namespace"]
+    assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    assert "rayClusterSpec" not in spec and not spec.get("suspend") and spec.get("backoffLimit", 0) == 0
+    # Deleting the cluster after the job would take the pool with it.
+    assert not spec.get("shutdownAfterJobFinishes")
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "mlwf"
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.ray_command, args.pool_command) == ("ray", "pool", command)
+    assert args.ray_address is None and args.json
+    # The cluster comes from RAY_ADDRESS, which Ray sets for a job's driver to the head's GCS address.
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert _address(Settings.resolve(ray_address=args.ray_address), command) == "10.0.0.5:6379"
