@@ -25,8 +25,9 @@ lineage instead: it remembers which call made each output it holds, and a call
 that fails because an input was lost fails with a retryable ``WorkerLost``;
 before the driver's retry runs it, the calls that made its lost inputs run
 again (their outputs have fixed bytes, so they come back under the same
-checksums), and the run's report names them in a warning. ``--transfer
-store`` keeps intermediate state out of Ray altogether. Start-up is quiet and bounded:
+checksums), and the run's report names them in a warning. A final output
+the driver finds lost is made again the same way. ``--transfer store`` keeps
+intermediate state out of Ray altogether. Start-up is quiet and bounded:
 no dashboard, worker output stays in Ray's log files, and an address where no
 cluster answers fails within ``connect_timeout`` seconds with one line.
 
@@ -49,6 +50,7 @@ import contextlib
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -95,6 +97,8 @@ class RayConfig(BackendConfig):
     use_pool: bool = True
 
 
+#: How long the driver waits for a call run again to make a final output Ray lost (:meth:`RayBackend.read`).
+READ_REMAKE_TIMEOUT_S = 600.0
 #: The request of a stage with no --stage-cpus/--stage-memory: what a pool worker offers.
 _DEFAULT_REQUEST = {"num_cpus": 1}
 
@@ -388,7 +392,7 @@ class RayBackend:
         it, the call that made it runs again first, as for a call's input (:meth:`_forget_lost`)."""
         from ray import exceptions as rx
 
-        for run_id, held in self._held.items():
+        for run_id, held in list(self._held.items()):
             if ref.sha256 not in held:
                 continue
             try:
@@ -401,7 +405,11 @@ class RayBackend:
             with self._lineage_lock:
                 held.pop(ref.sha256, None)
             call, ctx = maker
-            self._remake(call, ctx).result()  # the remade call's own error, if it fails
+            try:
+                self._remake(call, ctx).result(timeout=READ_REMAKE_TIMEOUT_S)  # its own error, if it fails
+            except FutureTimeout:
+                raise StageError(f"{call.name} ran again to make its output Ray lost, and did not finish within "
+                                 f"{READ_REMAKE_TIMEOUT_S:g} s (no node left that can run it?)") from None
             if ref.sha256 not in held:
                 raise StageError(f"{call.name} ran again to make its output Ray lost, but did not make the same bytes")
             return bytes(ray.get(held[ref.sha256]))
