@@ -465,11 +465,14 @@ class RayBackend:
                                    "again") if failed.cancelled() else failed.exception()
             else:
                 error = None
-            if error is not None:
-                with contextlib.suppress(InvalidStateError):
-                    out.set_exception(error)
-                return
-            _chain(self.submit(call, ctx), out)
+            if error is None:
+                try:
+                    _chain(self.submit(call, ctx), out)
+                    return
+                except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the driver
+                    error = e
+            with contextlib.suppress(InvalidStateError):
+                out.set_exception(error)
 
         def one_done(_: Future) -> None:
             with lock:
@@ -498,7 +501,11 @@ class RayBackend:
 
         def first_done(first: Future) -> None:
             if not first.cancelled() and isinstance(first.exception(), InputLost):
-                _chain(self.submit(maker, ctx), fut)
+                try:
+                    _chain(self.submit(maker, ctx), fut)
+                except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the waiting calls
+                    with contextlib.suppress(InvalidStateError):
+                        fut.set_exception(e)
             else:
                 _chain(first, fut)
 
