@@ -136,8 +136,9 @@ class RayBackend:
         self._held: dict[str, dict[str, Any]] = {}
         #: Our own lineage of what is held: run id -> checksum -> the call that made it, and its run.
         self._made_by: dict[str, dict[str, tuple[Call, RunContext]]] = {}
-        #: Calls run again to make lost outputs: run id -> call name -> its future (shared by every call waiting).
-        self._remade: dict[str, dict[str, Future]] = {}
+        #: Calls run again to make lost outputs: run id -> call name -> the call and its future (shared by every
+        #: call waiting for it).
+        self._remade: dict[str, dict[str, tuple[Call, Future]]] = {}
         self._lineage_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
@@ -350,16 +351,16 @@ class RayBackend:
             found = {"used": self._pool is not None, "workers": self._pool.size if self._pool else 0,
                      "pool_calls": counts["pool"], "task_calls": counts["tasks"]}
         warnings = list(self._warnings)
-        remade = sorted(self._remade.get(run_id, {}), key=_call_order)
+        remade = sorted((c for c, _ in self._remade.get(run_id, {}).values()), key=lambda c: (c.stage, c.index))
         if remade:
-            warnings.append(f"Ray lost outputs held in its object store (a node died?); {', '.join(remade)} ran "
-                            "again to make them")
+            warnings.append(f"Ray lost outputs held in its object store (a node died?); "
+                            f"{', '.join(c.name for c in remade)} ran again to make them")
         return {"ray_pool": found, "warnings": warnings}
 
     def _collect(self, done: Future, gen, call: Call, ctx: RunContext, out: Future) -> None:
         """Turn a finished task into its Outcome, keeping its output parts and which call made them (off Ray's
         callback thread). A call that lost an input fails with a retryable :class:`WorkerLost`, and the input is
-        forgotten, so that the retry first makes it again (:meth:`_after_remaking`)."""
+        forgotten, so that the retry first makes it again (:meth:`_make_again`)."""
         if out.cancelled():
             return
         held = self._held.setdefault(ctx.run_id, {})
@@ -389,7 +390,7 @@ class RayBackend:
 
     def read(self, ref: Ref) -> bytes:
         """The bytes of an output held in Ray's object store (the driver reading a final result). If Ray lost
-        it, the call that made it runs again first, as for a call's input (:meth:`_forget_lost`)."""
+        it, the call that made it runs again first, as for a call's input (:meth:`_make_again`)."""
         from ray import exceptions as rx
 
         for run_id, held in list(self._held.items()):
@@ -404,14 +405,11 @@ class RayBackend:
                 break
             with self._lineage_lock:
                 held.pop(ref.sha256, None)
-            call, ctx = maker
             try:
-                self._remake(call, ctx).result(timeout=READ_REMAKE_TIMEOUT_S)  # its own error, if it fails
+                self._make_again([ref], maker[1], f"reading the output of {maker[0].name}").result(timeout=READ_REMAKE_TIMEOUT_S)
             except FutureTimeout:
-                raise StageError(f"{call.name} ran again to make its output Ray lost, and did not finish within "
+                raise StageError(f"{maker[0].name} ran again to make its output Ray lost, and did not finish within "
                                  f"{READ_REMAKE_TIMEOUT_S:g} s (no node left that can run it?)") from None
-            if ref.sha256 not in held:
-                raise StageError(f"{call.name} ran again to make its output Ray lost, but did not make the same bytes")
             return bytes(ray.get(held[ref.sha256]))
         raise StageError(f"the output of {ref.producer} (SHA-256 {ref.sha256}) is no longer in Ray's object store")
 
@@ -436,35 +434,13 @@ class RayBackend:
                          "(with a node that died?); it is made again if the call is retried")
 
     def _after_remaking(self, call: Call, ctx: RunContext, lost: list[Ref]) -> Future[Outcome]:
-        """Run again the calls that made ``lost``, then ``call``; the returned future is ``call``'s."""
+        """``call``, submitted once the calls that made ``lost`` have made them again; ``call``'s future."""
         out: Future[Outcome] = Future()
-        made_by = self._made_by.get(ctx.run_id, {})
-        makers = {}
-        for r in lost:
-            maker = made_by.get(r.sha256, (None, None))[0]
-            if maker is None:
-                out.set_exception(StageError(
-                    f"{call.workflow} stage {call.name} failed: the output of {r.producer} it needs is no longer in "
-                    "Ray's object store and this driver does not know the call that made it: run again, or with "
-                    "--transfer store"))
-                return out
-            makers[maker.name] = maker
-        remakes = [self._remake(maker, ctx) for maker in makers.values()]
-        left = [len(remakes)]
-        lock = threading.Lock()
+        ready = self._make_again(lost, ctx, f"{call.workflow} stage {call.name}")
 
-        def then() -> None:
-            failed = next((f for f in remakes if f.cancelled() or f.exception() is not None), None)
-            held = self._held.get(ctx.run_id, {})
-            if failed is None and not all(r.sha256 in held for r in lost):
-                error: BaseException | None = StageError(
-                    f"{call.workflow} stage {call.name} failed: {', '.join(makers)} ran again to make an input Ray "
-                    "lost, but did not make the same bytes")
-            elif failed is not None:
-                error = StageError(f"{call.workflow} stage {call.name} failed: {', '.join(makers)} did not run "
-                                   "again") if failed.cancelled() else failed.exception()
-            else:
-                error = None
+        def then(f: Future) -> None:
+            error = StageError(f"{call.workflow} stage {call.name} failed: an input did not come back") \
+                if f.cancelled() else f.exception()
             if error is None:
                 try:
                     _chain(self.submit(call, ctx), out)
@@ -474,17 +450,53 @@ class RayBackend:
             with contextlib.suppress(InvalidStateError):
                 out.set_exception(error)
 
+        ready.add_done_callback(lambda f: out.cancelled() or then(f))
+        out.add_done_callback(lambda f: f.cancelled() and ready.cancel())
+        return out
+
+    def _make_again(self, lost: list[Ref], ctx: RunContext, who: str) -> Future[None]:
+        """Run again the calls that made ``lost`` (forgotten outputs); done when every one of them is held again,
+        else failed with the reason, which names ``who`` needed them."""
+        ready: Future[None] = Future()
+        made_by = self._made_by.get(ctx.run_id, {})
+        makers: dict[str, Call] = {}
+        for r in lost:
+            if r.sha256 not in made_by:
+                ready.set_exception(StageError(
+                    f"{who} failed: the output of {r.producer} it needs is no longer in Ray's object store and this "
+                    "driver does not know the call that made it: run again, or with --transfer store"))
+                return ready
+            maker = made_by[r.sha256][0]
+            makers[maker.name] = maker
+        remakes = [self._remake(maker, ctx) for maker in makers.values()]
+        left = [len(remakes)]
+        lock = threading.Lock()
+
         def one_done(_: Future) -> None:
             with lock:
                 left[0] -= 1
-                last = left[0] == 0
-            if last and not out.cancelled():
-                then()
+                if left[0]:
+                    return
+            failed = next((f for f in remakes if f.cancelled() or f.exception() is not None), None)
+            held = self._held.get(ctx.run_id, {})
+            if failed is not None:
+                error = failed.exception() if not failed.cancelled() else \
+                    StageError(f"{who} failed: {', '.join(makers)} did not run again")
+            elif not all(r.sha256 in held for r in lost):
+                error = StageError(f"{who} failed: {', '.join(makers)} ran again to make an output Ray lost, but "
+                                   "did not make the same bytes")
+            else:
+                error = None
+            with contextlib.suppress(InvalidStateError):
+                if error is None:
+                    ready.set_result(None)
+                else:
+                    ready.set_exception(error)
 
         for f in remakes:
             f.add_done_callback(one_done)
-        out.add_done_callback(lambda f: f.cancelled() and [r.cancel() for r in remakes])
-        return out
+        ready.add_done_callback(lambda f: f.cancelled() and [r.cancel() for r in remakes])
+        return ready
 
     def _remake(self, maker: Call, ctx: RunContext) -> Future[Outcome]:
         """``maker`` run again (once, however many calls wait for its outputs); noted for the run's report.
@@ -494,10 +506,10 @@ class RayBackend:
         with self._lineage_lock:
             remade = self._remade.setdefault(ctx.run_id, {})
             running = remade.get(maker.name)
-            if running is not None and not running.done():
-                return running
+            if running is not None and not running[1].done():
+                return running[1]
             fut: Future[Outcome] = Future()
-            remade[maker.name] = fut
+            remade[maker.name] = (maker, fut)
 
         def first_done(first: Future) -> None:
             if not first.cancelled() and isinstance(first.exception(), InputLost):
@@ -564,11 +576,6 @@ def _chain(inner: Future, out: Future) -> None:
 
     inner.add_done_callback(copy)
     out.add_done_callback(lambda f: f.cancelled() and inner.cancel())
-
-
-def _call_order(name: str) -> tuple[str, int]:
-    stage, _, index = name.partition("[")
-    return stage, int(index.rstrip("]") or 0)
 
 
 def _lost_object(e: BaseException) -> str | None:
