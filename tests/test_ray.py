@@ -180,6 +180,31 @@ def test_outputs_ray_lost_are_made_again_before_a_call_or_the_driver_reads_them(
     assert report["stages"]["score"]["attempts"] > 2  # a score call failed on the lost member and was retried
 
 
+def test_many_outputs_lost_at_once_cost_one_retry_though_ray_reports_them_one_by_one(store_url):
+    """A node takes every output it held, but a call that reads them fails on the first lost one only. With
+    --retries 1, three lost members must all be made again within the one retry."""
+    with Engine(store_url, "tless") as local:
+        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    lost = {name: _a_lost_object() for name in ("train[0]", "train[2]", "train[3]")}
+    with Engine(store_url, "tless", backend="ray", transfer="direct", retries=1) as engine:
+        backend, submit = engine.backend, engine.backend.submit
+
+        def submit_losing_members(call, ctx):
+            if call.stage == "score" and lost:
+                for sha, (maker, _) in backend._made_by[ctx.run_id].items():
+                    if maker.name in lost:
+                        backend._held[ctx.run_id][sha] = lost[maker.name]
+                lost.clear()
+            return submit(call, ctx)
+
+        backend.submit = submit_losing_members
+        report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    assert report["model_digest"] == clean["model_digest"]
+    assert report["warnings"] == ["Ray lost outputs held in its object store (a node died?); train[0], train[2], "
+                                  "train[3] ran again to make them"]
+    assert report["stages"]["score"]["attempts"] <= 4  # two score calls, each at most once more
+
+
 def test_a_hung_call_is_timed_out_its_worker_killed_and_the_call_rerun(store_url, monkeypatch):
     with Engine(store_url, "tless") as local:
         clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)

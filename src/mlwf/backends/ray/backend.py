@@ -261,12 +261,11 @@ class RayBackend:
         self._check_store(ctx.store)
         env = self.settings.forwarded()
         req = self._request(call.stage)
-        held = self._held.get(ctx.run_id, {})
-        wanted = [r for r in refs_in(call.args.values()) if r.held_by_backend]
-        lost = [r for r in wanted if r.sha256 not in held]
+        lost = self._missing(call, ctx)
         if lost:  # Ray lost them (see _forget_lost): the calls that made them run first
             return self._after_remaking(call, ctx, lost)
-        inputs = {r.sha256: held[r.sha256] for r in wanted}
+        held = self._held.get(ctx.run_id, {})
+        inputs = {r.sha256: held[r.sha256] for r in refs_in(call.args.values()) if r.held_by_backend}
         out: Future[Outcome] = Future()
         if self._pool is not None and req == _DEFAULT_REQUEST and self._pool.usable():
             self._submit_to_pool(call, ctx, env, inputs, out)
@@ -406,7 +405,8 @@ class RayBackend:
             with self._lineage_lock:
                 held.pop(ref.sha256, None)
             try:
-                self._make_again([ref], maker[1], f"reading the output of {maker[0].name}").result(timeout=READ_REMAKE_TIMEOUT_S)
+                again = self._make_again([ref], maker[1], f"reading the output of {maker[0].name}")
+                again.result(timeout=READ_REMAKE_TIMEOUT_S)
             except FutureTimeout:
                 raise StageError(f"{maker[0].name} ran again to make its output Ray lost, and did not finish within "
                                  f"{READ_REMAKE_TIMEOUT_S:g} s (no node left that can run it?)") from None
@@ -434,25 +434,48 @@ class RayBackend:
                          "(with a node that died?); it is made again if the call is retried")
 
     def _after_remaking(self, call: Call, ctx: RunContext, lost: list[Ref]) -> Future[Outcome]:
-        """``call``, submitted once the calls that made ``lost`` have made them again; ``call``'s future."""
+        """``call``, submitted once the calls that made ``lost`` have made them again; ``call``'s future.
+
+        Ray reports lost inputs one at a time (a call's read stops at the first), and a node takes all it held:
+        should ``call`` find another input lost, that one is made again too and ``call`` submitted once more,
+        within this same attempt, as long as each round finds a new loss.
+        """
         out: Future[Outcome] = Future()
         ready = self._make_again(lost, ctx, f"{call.workflow} stage {call.name}")
 
+        def finished(f: Future) -> None:
+            if not out.cancelled() and not f.cancelled() and isinstance(f.exception(), InputLost) \
+                    and self._missing(call, ctx):
+                submit()  # _forget_lost dropped the next lost input: submit makes it again first
+            else:
+                _chain(f, out)
+
+        def submit() -> None:
+            try:
+                inner = self.submit(call, ctx)
+            except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the driver
+                with contextlib.suppress(InvalidStateError):
+                    out.set_exception(e)
+                return
+            inner.add_done_callback(finished)
+            out.add_done_callback(lambda f: f.cancelled() and inner.cancel())
+
         def then(f: Future) -> None:
-            error = StageError(f"{call.workflow} stage {call.name} failed: an input did not come back") \
-                if f.cancelled() else f.exception()
-            if error is None:
-                try:
-                    _chain(self.submit(call, ctx), out)
-                    return
-                except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the driver
-                    error = e
-            with contextlib.suppress(InvalidStateError):
-                out.set_exception(error)
+            if f.cancelled() or f.exception() is not None:
+                with contextlib.suppress(InvalidStateError):
+                    out.set_exception(f.exception() if not f.cancelled() else StageError(
+                        f"{call.workflow} stage {call.name} failed: an input Ray lost did not come back"))
+            else:
+                submit()
 
         ready.add_done_callback(lambda f: out.cancelled() or then(f))
         out.add_done_callback(lambda f: f.cancelled() and ready.cancel())
         return out
+
+    def _missing(self, call: Call, ctx: RunContext) -> list[Ref]:
+        """The inputs of ``call`` that should be in Ray's object store and that this backend no longer holds."""
+        held = self._held.get(ctx.run_id, {})
+        return [r for r in refs_in(call.args.values()) if r.held_by_backend and r.sha256 not in held]
 
     def _make_again(self, lost: list[Ref], ctx: RunContext, who: str) -> Future[None]:
         """Run again the calls that made ``lost`` (forgotten outputs); done when every one of them is held again,
