@@ -167,6 +167,11 @@ class Settings:
             return text
 
     @property
+    def max_memory(self) -> str | None:
+        """``MLWF_MAX_MEMORY``: the process's budget for the work inputs cause (:mod:`mlwf.budget`), unchecked."""
+        return self._text("MLWF_MAX_MEMORY")
+
+    @property
     def call_faults(self) -> str | None:
         """``MLWF_FAULTS``: stage faults to act out, for tests only (:mod:`mlwf.engine.faults`)."""
         return self._get("MLWF_FAULTS") or None
