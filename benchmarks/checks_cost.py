@@ -5,8 +5,8 @@ Usage (from the repository root, with mlwf installed):
     python benchmarks/checks_cost.py [--before COMMIT] [--rounds 4] [--repeats 3]
                                      [--fashion DIR] [--out benchmarks/results/checks_cost.json]
 
-The checks measured are those of the "What mlwf guarantees" section of the
-README: the local store opening every folder without following links, runs
+The checks measured are those of docs/guarantees.md ("Guarantees and
+limits"): the local store opening every folder without following links, runs
 renewing a lease, publishing by compare-and-swap, models checked against
 their limits on load, training counting classes after decoding.
 

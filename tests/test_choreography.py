@@ -531,7 +531,7 @@ def test_deploy_choreography_renders_eventing_a_cluster_can_use(tmp_path, capsys
 
 
 def test_the_readme_commands_of_the_choreographed_mode_parse():
-    """Every mlwf command of the README's choreography example is accepted by mlwf's own parser."""
+    """Every mlwf command of the docs' choreography example is accepted by mlwf's own parser."""
     import re
     import shlex
 
@@ -540,8 +540,8 @@ def test_the_readme_commands_of_the_choreographed_mode_parse():
     from mlwf.backends.knative.server.serve import parse_stages
     from tests.test_knative import REPO
 
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Without a driver"):]
+    text = (REPO / "docs" / "knative.md").read_text()
+    section = text[text.index("## Without a driver"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     values: dict[str, str] = {}
     commands = 0

@@ -108,7 +108,7 @@ def test_an_empty_token_file_is_no_token(ray_cluster, store_url, tmp_path):
 
 
 def test_the_token_file_alone_is_not_enough_the_driver_needs_the_mode_too(ray_cluster, store_url):
-    # What the README must say: a driver sets RAY_AUTH_MODE=token as well as the token's path.
+    # What docs/ray.md must say: a driver sets RAY_AUTH_MODE=token as well as the token's path.
     env = ray_cluster.driver_env()
     del env["RAY_AUTH_MODE"]
     done = _mlwf(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS,

@@ -1,9 +1,10 @@
-"""The README, followed as a new user follows it.
+"""The README and the docs' examples, followed as a new user follows them.
 
-Its Quick start, its own-data steps, its Python example and its measuring
-example run exactly as README.md writes them today (the code blocks are read
-from the file, so the README cannot drift from what works), in a copy of the
-checkout, with a fresh virtual environment and a fresh HOME. The own-data steps
+The README's Quick start, its own-data steps and its Python example, the
+measuring example of docs/performance.md and the serving examples of
+docs/serving.md run exactly as those pages write them today (the code blocks
+are read from the files, so the pages cannot drift from what works), in a copy
+of the checkout, with a fresh virtual environment and a fresh HOME. The own-data steps
 need the IDX files the README tells the user to download: small ones with the
 same names are made here from scikit-learn's digits.
 
@@ -32,15 +33,16 @@ pytestmark = pytest.mark.readme
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 FASHION_NAMES = ["t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                  "ankle-boot"]
 
 
-def section(heading: str) -> str:
-    """The text of the README section whose ``## `` heading starts with ``heading``."""
-    text = README.read_text(encoding="utf-8")
+def section(heading: str, page: Path = README) -> str:
+    """The text of the section of ``page`` whose ``## `` heading starts with ``heading``."""
+    text = page.read_text(encoding="utf-8")
     match = re.search(rf"^## {re.escape(heading)}.*?$(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"README.md has no section '## {heading}'"
+    assert match, f"{page.name} has no section '## {heading}'"
     return match.group(1)
 
 
@@ -179,7 +181,7 @@ def test_python_example_runs_saved_as_a_file(user, own_data):
 
 
 def test_measuring_example_runs_with_what_it_installs(user, own_data):
-    [block] = code_blocks(section("Measuring"), "bash")
+    [block] = code_blocks(section("Measuring", DOCS / "performance.md"), "bash")
     assert "--backend" not in block  # the extras for other backends are not installed here
     user.bash(block, timeout=900)
     results = user.checkout / "results"
@@ -190,11 +192,14 @@ def test_measuring_example_runs_with_what_it_installs(user, own_data):
 
 
 # --------------------------------------------------------------------------- serving
+SERVING = DOCS / "serving.md"
+
+
 @pytest.fixture(scope="session")
 def serving(user, own_data) -> subprocess.CompletedProcess:
-    """The serving section's first block: install the extras, export the model to ONNX."""
-    install = code_blocks(section("Serving a trained model"), "bash")[0]
-    assert "pip install '.[onnx,serve]'" in install and "mlwf model export" in install
+    """docs/serving.md's first block: install the extras, export the model to ONNX."""
+    install = code_blocks(SERVING.read_text(encoding="utf-8"), "bash")[0]
+    assert "pip install 'mlwf[onnx,serve]'" in install and "mlwf model export" in install
     return user.bash(install, timeout=900)
 
 
@@ -212,7 +217,7 @@ def _with_port(block: str, port: int) -> str:
 
 def test_onnx_example_runs_with_onnxruntime_numpy_and_pillow_only(user, serving):
     assert (user.checkout / "model.onnx").stat().st_size > 10_000
-    example = code_blocks(section("Serving a trained model"), "python")[0]
+    example = code_blocks(SERVING.read_text(encoding="utf-8"), "python")[0]
     (user.checkout / "onnx_example.py").write_text(example)
     # mlwf stays installed in this environment, so make it impossible to import for the example.
     proc = user.bash("python -c \"import runpy, sys; sys.modules['mlwf'] = None; "
@@ -231,7 +236,7 @@ def test_onnx_example_runs_with_onnxruntime_numpy_and_pillow_only(user, serving)
 def test_serve_example_answers_curl_and_the_python_client(user, serving):
     from tests.s3server import free_port
 
-    serve_block = code_blocks(section("Serving a trained model"), "bash")[1]
+    serve_block = code_blocks(SERVING.read_text(encoding="utf-8"), "bash")[1]
     proc = user.bash(_with_port(serve_block, free_port()), timeout=120)
     ready, metadata, answer = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert ready == {"ready": True}
@@ -250,7 +255,7 @@ def test_serve_example_answers_curl_and_the_python_client(user, serving):
     try:
         user.bash(f"curl -sf --retry 30 --retry-connrefused --retry-delay 1 localhost:{port}/v2/health/ready",
                   timeout=60)
-        client_block = code_blocks(section("Serving a trained model"), "python")[1]
+        client_block = code_blocks(SERVING.read_text(encoding="utf-8"), "python")[1]
         (user.checkout / "client_example.py").write_text(_with_port(client_block, port))
         out = user.bash("python client_example.py").stdout
     finally:

@@ -5,8 +5,8 @@ worker process call :meth:`Settings.resolve` once, at their start: it copies
 the variables mlwf reads (``MLWF_*``, ``S3_*``, ``AWS_*``, ``RAY_ADDRESS``,
 ``PORT``, ``XDG_DATA_HOME``, ``K_SINK``) and takes the command-line flags that override
 them. The object is then passed down; no other module looks at
-``os.environ``. What each variable means is in the README's Configuration
-table; how it is checked lives with its user (the S3 settings in
+``os.environ``. What each variable means is in docs/configuration.md; how
+it is checked lives with its user (the S3 settings in
 :mod:`mlwf.storage.s3.config`, the run lease in :mod:`mlwf.engine.driver`),
 so a bad S3 variable still fails only a command that uses S3.
 

@@ -8,7 +8,7 @@ resized to ``image_size × image_size`` with ``Image.Resampling.BILINEAR`` if
 it is not that size already, divided by 255 as float32, and flattened row by
 row. ``image_size`` is in the ONNX metadata (``image_size``).
 
-Without mlwf installed, the README's section on ONNX shows the same steps in
+Without mlwf installed, docs/serving.md's section on ONNX shows the same steps in
 plain NumPy and Pillow (and the tests check them against this module).
 """
 

@@ -10,7 +10,7 @@ and any signature, in case the server echoed them.
 None of these errors is retryable for the engine (``retryable`` is False):
 the S3 client has already retried throttling, 5xx answers and dropped
 connections within the operation's time bound (:class:`~mlwf.storage.s3.config.S3Timeouts`),
-and retrying the whole call would multiply the bound the README promises.
+and retrying the whole call would multiply the bound docs/s3.md promises.
 """
 
 from __future__ import annotations
