@@ -13,5 +13,5 @@ Their command lines are in :mod:`mlwf.cli.model` and :mod:`mlwf.cli.serve`.
 
 These modules use only the model's public surface (:func:`mlwf.model.load`,
 :class:`mlwf.model.Model` and its fields); the optional libraries they need
-(``pip install 'mlwf[serve]'``) are imported when they are used.
+(``pip install 'mlwf[onnx,serve]'``) are imported when they are used.
 """

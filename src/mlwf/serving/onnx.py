@@ -56,7 +56,7 @@ def _onnx():
     try:
         import onnx
     except ModuleNotFoundError:
-        raise UsageError("exporting to ONNX needs the onnx package: pip install 'mlwf[serve]'") from None
+        raise UsageError("exporting to ONNX needs the onnx package: pip install 'mlwf[onnx]'") from None
     return onnx
 
 
@@ -218,7 +218,7 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ModuleNotFoundError:
-        raise UsageError("checking the ONNX export needs onnxruntime: pip install 'mlwf[serve]'") from None
+        raise UsageError("checking the ONNX export needs onnxruntime: pip install 'mlwf[onnx]'") from None
     return onnxruntime
 
 
