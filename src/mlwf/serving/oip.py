@@ -37,9 +37,9 @@ not received within ``--request-timeout``; 413 for a body over ``--max-body``
 (counted again as a compressed body inflates), a batch over ``--max-batch``,
 more decoded pixels than ``--max-pixels``, or a request that alone needs more
 memory than ``--max-memory``; 415 for a ``Content-Encoding`` other than gzip
-or deflate; 503 (retry) when ``--max-in-flight`` requests are already being
-received or computed, when other requests hold the memory budget, or while
-shutting down.
+or deflate; 503 (retry) when ``--max-in-flight`` requests whose bodies have
+arrived are being computed, when other requests hold the memory budget, or
+while shutting down.
 
 Bounded by design. What a request makes the process hold is taken from one
 memory budget per process (:mod:`mlwf.budget`, ``--max-memory``) before it
@@ -48,9 +48,12 @@ is allocated, and given back when the request ends: its body as it arrives
 and then measured), the parse of its JSON (bounded from the text before
 parsing, :func:`mlwf.httpserver.json_cost`), its tensors (shape × item size)
 and every array preparing them makes (:func:`mlwf.serving.protocol.preparation_bytes`).
-Connections are bounded as for ``mlwf serve``, by :mod:`mlwf.httpguard`
-(request heads of at most 16 KiB, ``--max-connections`` and
-``--max-client-connections``, idle and half-sent connections closed first).
+A request counts against ``--max-in-flight`` only once its body has
+arrived, so clients that send their bodies slowly hold connections, which
+:mod:`mlwf.httpguard` bounds (request heads of at most 16 KiB, whole
+requests within ``--request-timeout``, ``--max-connections`` and
+``--max-client-connections``, idle and half-sent connections closed first),
+never the slots of requests ready to run.
 
 The model is loaded and checked once at start (:func:`mlwf.model.load` checks
 the format, checksum and every tree, then one prediction is run), and again
@@ -211,12 +214,6 @@ class App:
         # taken from the one budget first, and given back when it ends, whatever its end.
         reservation = budget.MEMORY.reserve(0, "this request")
         try:
-            if self.in_flight >= self.limits.max_in_flight:
-                log.info("infer status=503 busy in_flight=%d", self.in_flight)
-                raise ProtocolError(503, f"busy: {self.in_flight} requests in progress (--max-in-flight); "
-                                         "retry shortly")
-            self.in_flight += 1
-            counted = True
             if self.draining:
                 raise ProtocolError(503, "shutting down: send the request to another instance")
             served = self._served(request)  # the one model this request uses, start to end
@@ -228,6 +225,15 @@ class App:
             except ClientDisconnect:
                 # Gone, or closed by the guard (408 past --request-timeout): nobody to answer.
                 raise ProtocolError(408, "the client went away before sending its whole request") from None
+            # In flight once its body has arrived, not before: clients still sending (or trickling)
+            # their bodies take connections, which the guard bounds, never the slots of requests ready
+            # to run.
+            if self.in_flight >= self.limits.max_in_flight:
+                log.info("infer status=503 busy in_flight=%d", self.in_flight)
+                raise ProtocolError(503, f"busy: {self.in_flight} requests being computed (--max-in-flight "
+                                         f"{self.limits.max_in_flight}); retry shortly")
+            self.in_flight += 1
+            counted = True
             header_length = request.headers.get(HEADER_LENGTH)
             loop = asyncio.get_running_loop()
             payload, headers, n = await loop.run_in_executor(
