@@ -338,7 +338,8 @@ def _error(status: int, message: str):
 # --------------------------------------------------------------------------- running it
 def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.0.0.0",
           port: int | None = None, name: str = DEFAULT_NAME, limits: Limits = Limits(),
-          threads: int | None = None, watch: float | None = None, grace: float = 30.0) -> int:
+          threads: int | None = None, watch: float | None = None, grace: float = 30.0,
+          max_memory: int | str | None = None) -> int:
     """Serve the model at ``source`` until SIGTERM/SIGINT; returns the exit status.
 
     Parameters
@@ -351,6 +352,8 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     threads : inference threads (default: one per core).
     watch : check the published manifest every this many seconds and reload on a change.
     grace : seconds requests in flight get to finish after SIGTERM.
+    max_memory : the process's memory budget for what requests make it hold (bytes, or a size such as
+        ``512MiB``; :mod:`mlwf.budget`); default ``MLWF_MAX_MEMORY``, else 512 MiB.
 
     Raises
     ------
@@ -380,6 +383,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     if not (math.isfinite(grace) and grace >= 0):
         raise UsageError(f"--grace must be 0 or more seconds, got {grace}")
     limits.check()
+    memory = budget.configure(max_memory if max_memory is not None else settings.max_memory)
     single_threaded_blas()
     from threadpoolctl import threadpool_limits
 
@@ -392,11 +396,11 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     app = App(slot, name=name, limits=limits, threads=threads, watch=watch)
     connections = app.guard.limits
     log.info("mlwf model serve on %s:%d: model %r = %s (%d classes, %dx%d images) from %s; max batch %d, "
-             "max body %d bytes; request timeout %g s; max connections %d (%d per client); %d inference "
-             "threads%s", host, sock.getsockname()[1], name, served.version, len(served.classes),
-             served.image_size, served.image_size, slot.describe(), limits.max_batch, limits.max_body,
-             connections.request_timeout, connections.max_connections, connections.max_client_connections,
-             app.threads, f"; watching every {watch:g} s" if watch else "")
+             "max body %d bytes; memory budget %s (--max-memory); request timeout %g s; max connections %d "
+             "(%d per client); %d inference threads%s", host, sock.getsockname()[1], name, served.version,
+             len(served.classes), served.image_size, served.image_size, slot.describe(), limits.max_batch,
+             limits.max_body, budget.human(memory), connections.request_timeout, connections.max_connections,
+             connections.max_client_connections, app.threads, f"; watching every {watch:g} s" if watch else "")
     try:
         run_guarded(app, sock, grace)
     finally:
