@@ -167,6 +167,22 @@ def test_the_issues_attacks_are_refused_by_the_default_budget():
 
 
 # --------------------------------------------------------------------------- JSON
+@pytest.mark.parametrize("unit", [b"{},", b"[],", b"0,", b"1000,", b"1e1,", b'"ab",', b"true,", b'{"a":0},',
+                                  b'{"a":{}},', b"[[]],", b"[0],", b"1" * 30 + b","])
+def test_json_cost_is_at_least_what_parsing_takes(unit):
+    import tracemalloc
+
+    text = b"[" + unit * ((1 << 20) // len(unit)) + unit.rstrip(b",") + b"]"
+    tracemalloc.start()
+    try:
+        parsed = json.loads(text)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del parsed
+    assert peak <= json_cost(text) <= 60 * peak, (peak, json_cost(text))
+
+
 def _json_bomb(n: int, unit: bytes = b"{},") -> bytes:
     """A valid inference request whose parameters hold ``n`` tiny JSON values."""
     return (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 2, 2], "data": [0, 0, 0, 0]}], '
