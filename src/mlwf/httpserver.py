@@ -2,7 +2,10 @@
 
 Used by ``mlwf serve`` (:mod:`mlwf.backends.knative.server`) and ``mlwf model
 serve`` (:mod:`mlwf.serving.oip`); the connection limits and time bounds both
-run behind are :mod:`mlwf.httpguard`'s.
+run behind are :mod:`mlwf.httpguard`'s. A request's body is taken from the
+process's memory budget (:mod:`mlwf.budget`) as it arrives, inflated and
+counted piece by piece if it is compressed (:func:`read_body`), and the parse
+of its JSON is bounded before it is parsed (:func:`json_cost`).
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ def add_parsers(sub) -> None:
     serve.add_argument("--max-client-connections", type=int,
                        help="open connections from one address at most (default: half of --max-connections)")
     serve.add_argument("--max-in-flight", type=int, default=settings.DEFAULT_MAX_IN_FLIGHT,
-                       help=f"requests received or computed at once (default {settings.DEFAULT_MAX_IN_FLIGHT}); "
-                            "more: 503")
+                       help=f"requests computed at once, each counted once its body has arrived (default "
+                            f"{settings.DEFAULT_MAX_IN_FLIGHT}); more: 503")
     serve.add_argument("--max-memory", metavar="SIZE",
                        help="memory requests may make the server hold at once, shared by all of them, e.g. 512MiB "
                             "(default: $MLWF_MAX_MEMORY, else 512MiB); a request needing more alone: 413, "
