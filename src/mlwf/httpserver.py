@@ -101,7 +101,7 @@ async def read_body(request, limit: int, reservation: Reservation) -> bytearray:
     """
     encoding = content_encoding(request.headers)
     length = request.headers.get("content-length")
-    too_big = f"request body over the limit of {limit} bytes (--max-body): send a smaller request"
+    too_big = f"request body over the limit of {limit} bytes (--max-body): send a smaller request, or raise --max-body"
     if length is not None:
         try:
             declared = int(length)
@@ -126,7 +126,7 @@ async def read_body(request, limit: int, reservation: Reservation) -> bytearray:
             for piece in inflater.feed(chunk):
                 if len(body) + len(piece) > limit:
                     raise Refusal(413, f"the {encoding} request body inflates to more than {limit} bytes "
-                                       "(--max-body): send a smaller request")
+                                       "(--max-body): send a smaller request, or raise --max-body")
                 reservation.grow(len(piece), f"the {encoding} request body, inflated")
                 body += piece
                 await asyncio.sleep(0)  # inflating is CPU work: let the other connections be served between pieces

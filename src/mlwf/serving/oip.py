@@ -231,7 +231,7 @@ class App:
             if self.in_flight >= self.limits.max_in_flight:
                 log.info("infer status=503 busy in_flight=%d", self.in_flight)
                 raise ProtocolError(503, f"busy: {self.in_flight} requests being computed (--max-in-flight "
-                                         f"{self.limits.max_in_flight}); retry shortly")
+                                         f"{self.limits.max_in_flight}); retry shortly, or raise --max-in-flight")
             self.in_flight += 1
             counted = True
             header_length = request.headers.get(HEADER_LENGTH)

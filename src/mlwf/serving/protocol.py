@@ -199,7 +199,7 @@ def _check_batch(n: int, limits: Limits) -> None:
         raise ProtocolError(400, "empty batch: send at least one image")
     if n > limits.max_batch:
         raise ProtocolError(413, f"batch of {n} images is over this server's limit of {limits.max_batch} "
-                                 "(--max-batch): split it")
+                                 "(--max-batch): split it, or raise --max-batch")
 
 
 def _bytes_input(shape, data, raw, image_size: int, limits: Limits, reservation: Reservation) -> np.ndarray:
@@ -289,7 +289,7 @@ def _uint8_input(shape, data, raw, image_size: int, limits: Limits, reservation:
         raise ProtocolError(400, f"images of {height}x{width} pixels have no pixels")
     if n * height * width > limits.max_pixels:
         raise ProtocolError(413, f"{n} images of {height}x{width} are more than {limits.max_pixels} pixels "
-                                 "(--max-pixels): send smaller or fewer images")
+                                 "(--max-pixels): send smaller or fewer images, or raise --max-pixels")
     count = n * height * width
     if raw is not None:
         if len(raw) != count:
