@@ -166,7 +166,7 @@ def test_slow_clients_never_lock_out_the_calls_of_others(server, store):
     transport = httpx.HTTPTransport(local_address="127.0.0.2")  # another client than the tricklers'
     with Tricklers(server.port, head, 64) as tricklers, httpx.Client(transport=transport, timeout=30) as http:
         started = time.monotonic()
-        while time.monotonic() - started < 3 * REQUEST_TIMEOUT + 1:
+        while time.monotonic() - started < 2 * REQUEST_TIMEOUT + 1:  # across drops
             _, headers, body = _signed(store, "tless")
             statuses.append(http.post(server.url, content=body, headers=headers).status_code)
             assert http.get(server.url + "/readyz").status_code == 200
