@@ -335,6 +335,8 @@ def test_replay_records_are_deleted_once_no_server_can_accept_their_event(kind, 
     (["--workers", "1000000"], "--workers must be 0 (threads) to 1024 processes"),
     (["--threads", "99999"], "--threads must be at most 1024"),
     (["--max-body", "10GB"], "--max-body '10GB' is too large"),
+    (["--max-memory", "lots"], "--max-memory 'lots' is not a size"),
+    (["--max-memory", "1MiB"], "--max-memory '1MiB' is out of range"),
     (["--max-age", "0"], "--max-age must be between 1 and 86400 seconds"),
     (["--grace", "inf"], "--grace must be 0 or more seconds"),
     (["--store", "ftp://x"], "unknown store scheme 'ftp'"),
@@ -349,3 +351,17 @@ def test_bad_serve_settings_are_one_line_and_nothing_starts(flags, message, caps
     err = capsys.readouterr().err
     assert err.startswith("mlwf: error: ") and message in err and err.count("\n") == 1, err
     assert "pass@" not in err
+
+
+def test_a_bad_memory_budget_in_the_environment_is_one_line(capsys, monkeypatch, in_process_serve):
+    from mlwf.cli import main
+
+    monkeypatch.setenv("MLWF_FUNCTION_SECRET", SECRET)
+    monkeypatch.setenv("MLWF_MAX_MEMORY", "lots")
+    assert main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlwf: error: MLWF_MAX_MEMORY 'lots' is not a size") and err.count("\n") == 1, err
+    # The flag wins over the variable.
+    monkeypatch.setenv("MLWF_MAX_MEMORY", "64MiB")
+    assert main(["serve", "--port", "0", "--max-memory", "2MiB"]) == 2
+    assert "--max-memory '2MiB' is out of range" in capsys.readouterr().err

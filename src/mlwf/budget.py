@@ -101,9 +101,16 @@ class Reservation:
         self.what = what
         self.held = 0
 
-    def grow(self, nbytes: int) -> None:
-        """Take ``nbytes`` more for this work; :class:`BudgetExceeded` (nothing more taken) if they are not there."""
-        self.budget._take(self, nbytes)
+    def grow(self, nbytes: int, what: str | None = None) -> None:
+        """Take ``nbytes`` more for this work; :class:`BudgetExceeded` (nothing more taken) if they are not there.
+
+        ``what`` names this part of the work in the refusal (default: the
+        reservation's ``what``); the refusal's ``need`` is still everything
+        the work would then hold, so one request's parts (its body, its
+        parsed JSON, its tensors) are refused as a whole, never each as if
+        it were alone.
+        """
+        self.budget._take(self, nbytes, what)
 
     def release(self) -> None:
         """Give back everything held (idempotent)."""
@@ -148,16 +155,16 @@ class Budget:
         if nbytes > self.limit:
             raise BudgetExceeded(what, int(nbytes), self.limit, busy=False)
 
-    def _take(self, reservation: Reservation, nbytes: int) -> None:
+    def _take(self, reservation: Reservation, nbytes: int, what: str | None = None) -> None:
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError("a reservation grows by a positive number of bytes")
         need = reservation.held + nbytes
         if need > self.limit:
-            raise BudgetExceeded(reservation.what, need, self.limit, busy=False)
+            raise BudgetExceeded(what or reservation.what, need, self.limit, busy=False)
         with self._lock:
             if self.used + nbytes > self.limit:
-                raise BudgetExceeded(reservation.what, need, self.limit, busy=True)
+                raise BudgetExceeded(what or reservation.what, need, self.limit, busy=True)
             self.used += nbytes
             reservation.held += nbytes
 

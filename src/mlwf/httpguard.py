@@ -139,14 +139,15 @@ class ConnectionGuard:
         if self.per_client[conn.host] >= self.limits.max_client_connections:
             if not self._evict(self._oldest_waiting(conn.host), "client-limit"):
                 conn.close_with(503, f"too many connections from {conn.host} (--max-client-connections "
-                                     f"{self.limits.max_client_connections}), all running calls: retry later",
+                                     f"{self.limits.max_client_connections}), all running calls: retry later, or raise "
+                                     "--max-client-connections",
                                 retryable=True)
                 self.closed["refused"] += 1
                 return
         if len(self.connections) >= self.limits.max_connections:
             if not self._evict(self._oldest_waiting(None), "server-limit"):
                 conn.close_with(503, f"too many connections (--max-connections {self.limits.max_connections}), "
-                                     "all running calls: retry later", retryable=True)
+                                     "all running calls: retry later, or raise --max-connections", retryable=True)
                 self.closed["refused"] += 1
                 return
         self.connections[conn] = None
@@ -200,7 +201,8 @@ class ConnectionGuard:
             if conn.phase == RECEIVING and now - conn.since > limits.request_timeout:
                 self.forget(conn)
                 conn.close_with(408, f"request not received within {limits.request_timeout:g} s "
-                                     "(--request-timeout): send whole requests promptly", retryable=True)
+                                     "(--request-timeout): send whole requests promptly, or raise --request-timeout",
+                                retryable=True)
                 self.closed["request-timeout"] += 1
             elif conn.phase == IDLE and now - conn.since > limits.keep_alive:
                 self.forget(conn)

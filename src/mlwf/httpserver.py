@@ -2,7 +2,10 @@
 
 Used by ``mlwf serve`` (:mod:`mlwf.backends.knative.server`) and ``mlwf model
 serve`` (:mod:`mlwf.serving.oip`); the connection limits and time bounds both
-run behind are :mod:`mlwf.httpguard`'s.
+run behind are :mod:`mlwf.httpguard`'s. A request's body is taken from the
+process's memory budget (:mod:`mlwf.budget`) as it arrives, inflated and
+counted piece by piece if it is compressed (:func:`read_body`), and the parse
+of its JSON is bounded before it is parsed (:func:`json_cost`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import signal
 import socket
 import sys
 import threading
+import zlib
 from typing import Any
 
+from mlwf.budget import BudgetExceeded, Reservation
 from mlwf.errors import UsageError
 
 log = logging.getLogger("mlwf.serve")
@@ -26,6 +31,10 @@ MAX_BODY_LIMIT = 64 << 20
 
 #: After a refusal for size, read (and discard) at most this much more so the client sees the 413.
 _DRAIN_MAX = 8 << 20
+#: The Content-Encodings a body may arrive in, and the zlib window bits that read each.
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+#: Bytes inflated at a time: what a compressed body may make before those bytes are counted.
+_INFLATE_STEP = 256 << 10
 
 
 class Refusal(Exception):
@@ -39,10 +48,60 @@ class Refusal(Exception):
         self.extra = extra
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+def budget_refusal(e: BudgetExceeded) -> Refusal:
+    """The answer to work the process's memory budget refused: 413 when the request alone is over the
+    limit (sending it again cannot succeed), 503 when other requests hold the budget now (retryable)."""
+    return Refusal(503 if e.busy else 413, str(e), retryable=e.busy)
+
+
+def content_encoding(headers) -> str:
+    """The body's Content-Encoding: ``identity``, ``gzip`` or ``deflate``; :class:`Refusal` 415 for any other,
+    and for a list of several (a body compressed twice is no smaller, only more work to read)."""
+    encoding = headers.get("content-encoding", "identity").strip().lower() or "identity"
+    if encoding != "identity" and encoding not in ENCODINGS:
+        raise Refusal(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the body as it is "
+                           "(identity), or compressed once with gzip or deflate")
+    return encoding
+
+
+async def read_body(request, limit: int, reservation: Reservation) -> bytearray:
+    """The request body, decompressed as it arrives if it has a Content-Encoding.
+
+    Every byte held is taken from ``reservation`` (the request's share of
+    the process's :data:`mlwf.budget.MEMORY`) as it arrives, before it is
+    kept: the body's own bytes, or, for a compressed body, each inflated
+    piece of at most 256 KiB (the compressed bytes are inflated and dropped
+    as they come, never kept). So a small compressed body that inflates to
+    gigabytes is refused at its first piece over a limit, having made no
+    more than that piece. The caller gives the reservation back when the
+    request ends.
+
+    Parameters
+    ----------
+    request : the Starlette request.
+    limit : the most bytes the body may hold (``--max-body``), counted after decompression too.
+    reservation : where the body's bytes are taken from.
+
+    Returns
+    -------
+    bytearray: the body (not copied into ``bytes``: that would hold it twice).
+
+    Raises
+    ------
+    Refusal
+        400 for a bad Content-Length or corrupt or truncated compressed data,
+        413 for a body over ``limit`` (before or after decompression) or over
+        the memory budget by itself, 415 for an unsupported Content-Encoding,
+        503 (retryable) when other requests hold the memory budget. The rest
+        of a refused body is read and dropped (bounded), so that the client
+        reads the answer.
+    starlette.requests.ClientDisconnect
+        If the client went away (or :mod:`mlwf.httpguard` closed it for
+        ``--request-timeout``) before the whole body arrived.
+    """
+    encoding = content_encoding(request.headers)
     length = request.headers.get("content-length")
-    too_big = f"body over the limit of {limit} bytes (--max-body): send smaller calls"
+    too_big = f"request body over the limit of {limit} bytes (--max-body): send a smaller request, or raise --max-body"
     if length is not None:
         try:
             declared = int(length)
@@ -52,14 +111,110 @@ async def read_body(request, limit: int) -> bytes:
             if declared <= limit + _DRAIN_MAX:
                 await _drain(request, limit + _DRAIN_MAX)
             raise Refusal(413, too_big)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            await _drain(request, limit + _DRAIN_MAX - size)
-            raise Refusal(413, too_big)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    inflater = None if encoding == "identity" else _Inflater(encoding)
+    body = bytearray()
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise Refusal(413, too_big)
+            if inflater is None:
+                reservation.grow(len(chunk), "the request body")
+                body += chunk
+                continue
+            for piece in inflater.feed(chunk):
+                if len(body) + len(piece) > limit:
+                    raise Refusal(413, f"the {encoding} request body inflates to more than {limit} bytes "
+                                       "(--max-body): send a smaller request, or raise --max-body")
+                reservation.grow(len(piece), f"the {encoding} request body, inflated")
+                body += piece
+                await asyncio.sleep(0)  # inflating is CPU work: let the other connections be served between pieces
+        if inflater is not None:
+            inflater.finish()
+    except BudgetExceeded as e:
+        await _drain(request, limit + _DRAIN_MAX - received)
+        raise budget_refusal(e) from None
+    except Refusal:
+        await _drain(request, limit + _DRAIN_MAX - received)
+        raise
+    return body
+
+
+class _Inflater:
+    """A gzip or deflate body inflated piece by piece as its bytes arrive (gzip: one member after another)."""
+
+    def __init__(self, encoding: str):
+        self.encoding = encoding
+        self.stream = zlib.decompressobj(ENCODINGS[encoding])
+
+    def feed(self, data: bytes):
+        """Yield what ``data`` inflates to, in pieces of at most :data:`_INFLATE_STEP` bytes."""
+        while True:
+            if self.stream.eof:
+                if not data:
+                    return
+                if self.encoding != "gzip":
+                    raise Refusal(400, "data follows the end of the deflate body: send one deflate stream")
+                # RFC 1952: a gzip file may hold several members, one after another.
+                self.stream = zlib.decompressobj(ENCODINGS["gzip"])
+            try:
+                piece = self.stream.decompress(data, _INFLATE_STEP)
+            except zlib.error as e:
+                raise Refusal(400, f"the body is not valid {self.encoding} data ({e}): compress it with "
+                                   f"{self.encoding}, or send it without Content-Encoding") from None
+            data = self.stream.unused_data if self.stream.eof else self.stream.unconsumed_tail
+            if piece:
+                yield piece
+            # A full piece may leave output inside zlib with no input left: ask again until it is shorter.
+            if not data and len(piece) < _INFLATE_STEP and not self.stream.eof:
+                return
+
+    def finish(self) -> None:
+        """Refuse (400) a body that ended inside a compressed stream."""
+        if not self.stream.eof:
+            raise Refusal(400, f"the {self.encoding} request body is truncated: send all of it")
+
+
+def json_cost(text: bytes | bytearray) -> int:
+    """The most memory ``json.loads(text)`` can take, from counts of its structural characters.
+
+    Parsed JSON takes far more memory than its text: a ``{}`` (3 bytes with
+    its comma) becomes a 64-byte dict and its 8-byte slot in a list, so 16 MiB
+    of ``[{},{},...]`` take 380 MB. The cost is bounded before parsing by
+    counting, in C (``bytes.count``), the characters that open a Python
+    object: each ``{`` is a dict (80 bytes), each ``[`` a list (96 bytes),
+    each ``"`` half a string (40 bytes each, 80 a string), each ``:`` a dict
+    entry (60 bytes), each ``,`` one more element (48 bytes: its slot and a
+    number object), plus the text itself decoded and the strings' characters
+    (2 bytes per byte of ASCII text; 8 when the text has non-ASCII
+    characters or ``\\u`` escapes, which may make every character 4 bytes
+    wide). The weights are the worst measured (CPython 3.11, 64-bit, RSS) over
+    bodies made only of one construct each, rounded up, so the bound holds for
+    any mix. Counting costs about 2 ms per MiB (microseconds for an
+    ordinary request's JSON header): as much as parsing JSON that is mostly
+    base64 strings, a sixth of parsing JSON numbers.
+
+    Why a bound of the parse and not a smaller limit on the JSON part of a
+    request: a JSON request of base64 images or pixels is a legitimate use of
+    the whole ``--max-body``, and costs 2× to 14× its size; only constructs
+    that make many small objects cost more, and they are the ones the counts
+    weigh. Binary data (the binary tensor extension) is never parsed and
+    costs nothing here.
+
+    Parameters
+    ----------
+    text : the JSON text, as bytes.
+
+    Returns
+    -------
+    int: bytes, at least what parsing ``text`` takes at its peak.
+    """
+    # A backslash is rare: look for one first (memchr), and for "\\u" only if there is one.
+    wide = not text.isascii() or (text.find(b"\\") >= 0 and b"\\u" in text)
+    per_byte = 8 if wide else 2
+    return (per_byte * len(text) + 80 * text.count(b"{") + 96 * text.count(b"[") + 40 * text.count(b'"')
+            + 60 * text.count(b":") + 48 * text.count(b","))
 
 
 async def _drain(request, budget: int) -> None:

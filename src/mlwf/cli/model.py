@@ -51,8 +51,12 @@ def add_parsers(sub) -> None:
     serve.add_argument("--max-client-connections", type=int,
                        help="open connections from one address at most (default: half of --max-connections)")
     serve.add_argument("--max-in-flight", type=int, default=settings.DEFAULT_MAX_IN_FLIGHT,
-                       help=f"requests received or computed at once (default {settings.DEFAULT_MAX_IN_FLIGHT}); "
-                            "more: 503")
+                       help=f"requests computed at once, each counted once its body has arrived (default "
+                            f"{settings.DEFAULT_MAX_IN_FLIGHT}); more: 503")
+    serve.add_argument("--max-memory", metavar="SIZE",
+                       help="memory requests may make the server hold at once, shared by all of them, e.g. 512MiB "
+                            "(default: $MLWF_MAX_MEMORY, else 512MiB); a request needing more alone: 413, "
+                            "while others hold it: 503")
     serve.add_argument("--threads", type=int, help="inference threads (default: one per core)")
     serve.add_argument("--watch", type=float, metavar="SECONDS",
                        help="check the published manifest every SECONDS and serve a new model once it is checked")
@@ -123,6 +127,7 @@ def export(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from mlwf import budget
     from mlwf.httpserver import parse_size
     from mlwf.serving import oip
 
@@ -131,4 +136,5 @@ def serve(args: argparse.Namespace) -> int:
                              request_timeout=args.request_timeout, max_connections=args.max_connections,
                              max_client_connections=args.max_client_connections)
     return oip.serve(args.source, store=args.store, bucket=args.bucket, host=args.host, port=args.port,
-                     name=args.name, limits=limits, threads=args.threads, watch=args.watch, grace=args.grace)
+                     name=args.name, limits=limits, threads=args.threads, watch=args.watch, grace=args.grace,
+                     max_memory=None if args.max_memory is None else budget.parse_size(args.max_memory, budget.FLAG))

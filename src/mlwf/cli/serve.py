@@ -23,6 +23,10 @@ def add_parsers(sub) -> None:
                                     "another store are refused")
     sv.add_argument("--bucket", help=BUCKET_HELP + "; calls naming another bucket are refused")
     sv.add_argument("--max-body", default="1MiB", help="largest request body, e.g. 1MiB (default); more: 413")
+    sv.add_argument("--max-memory", metavar="SIZE",
+                    help="memory requests may make the server hold at once, shared by all of them, e.g. 512MiB "
+                         "(default: $MLWF_MAX_MEMORY, else 512MiB); a request needing more alone: 413, while "
+                         "others hold it: 503")
     sv.add_argument("--threads", type=int, help="calls run at once (default: cores + 4, at most 32)")
     sv.add_argument("--workers", type=int, default=0,
                     help="run calls in N worker processes instead of threads (CPU-bound stages on a multi-core host)")
@@ -89,6 +93,7 @@ def _cluster_target(p) -> None:
 
 def handle(args) -> int:
     if args.command == "serve":
+        from mlwf import budget
         from mlwf.backends.knative import server
 
         return server.serve(host=args.host, port=args.port, stages=args.stages, store=args.store,
@@ -97,7 +102,9 @@ def handle(args) -> int:
                             request_timeout=args.request_timeout, max_connections=args.max_connections,
                             max_client_connections=args.max_client_connections, workers=args.workers,
                             sinks=args.sink, dead_letter=args.dead_letter, delivery_retries=args.delivery_retries,
-                            claim_lease=args.claim_lease, retries=args.retries)
+                            claim_lease=args.claim_lease, retries=args.retries,
+                            max_memory=None if args.max_memory is None
+                            else budget.parse_size(args.max_memory, budget.FLAG))
     if args.deploy_target == "kserve":
         return deploy_kserve(args)
     from mlwf.backends.knative.deploy import render

@@ -30,15 +30,30 @@ answer is the SHA-256 of the model that computed it.
 
 Bad input is a 4xx with the protocol's error object ``{"error": "..."}``, and
 the server keeps serving: 400 for malformed JSON, a wrong input name,
-datatype, shape or data, an empty batch or an undecodable image; 404 for an
-unknown model, version or path; 408 for a request (head and body) not
-received within ``--request-timeout``; 413 for a body over ``--max-body``, a batch over
-``--max-batch`` or more decoded pixels than ``--max-pixels``; 415 for an
-unsupported ``Content-Encoding``; 503 when ``--max-in-flight`` requests are
-already being received or computed, or while shutting down. Connections are
-bounded as for ``mlwf serve``, by :mod:`mlwf.httpguard` (request heads of at
-most 16 KiB, ``--max-connections`` and ``--max-client-connections``, idle and
-half-sent connections closed first).
+datatype, shape or data (a UINT8 value outside 0..255, however large, names
+the input), an empty batch, an undecodable image or corrupt compressed data;
+404 for an unknown model, version or path; 408 for a request (head and body)
+not received within ``--request-timeout``; 413 for a body over ``--max-body``
+(counted again as a compressed body inflates), a batch over ``--max-batch``,
+more decoded pixels than ``--max-pixels``, or a request that alone needs more
+memory than ``--max-memory``; 415 for a ``Content-Encoding`` other than gzip
+or deflate; 503 (retry) when ``--max-in-flight`` requests whose bodies have
+arrived are being computed, when other requests hold the memory budget, or
+while shutting down.
+
+Bounded by design. What a request makes the process hold is taken from one
+memory budget per process (:mod:`mlwf.budget`, ``--max-memory``) before it
+is allocated, and given back when the request ends: its body as it arrives
+(a compressed body inflated and counted piece by piece, never inflated whole
+and then measured), the parse of its JSON (bounded from the text before
+parsing, :func:`mlwf.httpserver.json_cost`), its tensors (shape × item size)
+and every array preparing them makes (:func:`mlwf.serving.protocol.preparation_bytes`).
+A request counts against ``--max-in-flight`` only once its body has
+arrived, so clients that send their bodies slowly hold connections, which
+:mod:`mlwf.httpguard` bounds (request heads of at most 16 KiB, whole
+requests within ``--request-timeout``, ``--max-connections`` and
+``--max-client-connections``, idle and half-sent connections closed first),
+never the slots of requests ready to run.
 
 The model is loaded and checked once at start (:func:`mlwf.model.load` checks
 the format, checksum and every tree, then one prediction is run), and again
@@ -71,10 +86,9 @@ import logging
 import math
 import os
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-
+from mlwf import budget
 from mlwf.errors import MlwfError, UsageError
 from mlwf.httpguard import ConnectionGuard
 from mlwf.httpserver import guarded_lifespan
@@ -195,45 +209,53 @@ class App:
 
         t0 = time.perf_counter()
         status, n, version = 500, 0, "-"
-        if self.in_flight >= self.limits.max_in_flight:
-            log.info("infer status=503 busy in_flight=%d", self.in_flight)
-            return _error(503, f"busy: {self.in_flight} requests in progress (--max-in-flight); retry shortly")
-        self.in_flight += 1
+        counted = False
+        # Everything this request makes the process hold (its body, its parsed JSON, its tensors) is
+        # taken from the one budget first, and given back when it ends, whatever its end.
+        reservation = budget.MEMORY.reserve(0, "this request")
         try:
             if self.draining:
                 raise ProtocolError(503, "shutting down: send the request to another instance")
             served = self._served(request)  # the one model this request uses, start to end
             version = served.version[:12]
-            encoding = request.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("identity", "gzip", "deflate"):
-                raise ProtocolError(415, f"Content-Encoding {short(encoding, 40)!r} is not supported: send "
-                                         "identity, gzip or deflate")
             try:
-                body = await read_body(request, self.limits.max_body)
+                body = await read_body(request, self.limits.max_body, reservation)
             except Refusal as r:
-                raise ProtocolError(r.status, f"{r.error}: split the batch or raise --max-body") from None
+                raise ProtocolError(r.status, r.error) from None
             except ClientDisconnect:
                 # Gone, or closed by the guard (408 past --request-timeout): nobody to answer.
                 raise ProtocolError(408, "the client went away before sending its whole request") from None
+            # In flight once its body has arrived, not before: clients still sending (or trickling)
+            # their bodies take connections, which the guard bounds, never the slots of requests ready
+            # to run.
+            if self.in_flight >= self.limits.max_in_flight:
+                log.info("infer status=503 busy in_flight=%d", self.in_flight)
+                raise ProtocolError(503, f"busy: {self.in_flight} requests being computed (--max-in-flight "
+                                         f"{self.limits.max_in_flight}); retry shortly, or raise --max-in-flight")
+            self.in_flight += 1
+            counted = True
             header_length = request.headers.get(HEADER_LENGTH)
             loop = asyncio.get_running_loop()
             payload, headers, n = await loop.run_in_executor(
-                self.pool, self._infer_sync, body, encoding, header_length, served)
+                self.pool, self._infer_sync, body, header_length, served, reservation)
             status = 200
             return Response(payload, status_code=200, headers=headers)
         except ProtocolError as e:
             status = e.status
             return _error(e.status, e.message)
         finally:
-            self.in_flight -= 1
+            if counted:
+                self.in_flight -= 1
+            reservation.release()
             log.info("infer status=%d images=%d model=%s ms=%.1f", status, n, version,
                      (time.perf_counter() - t0) * 1e3)
 
-    def _infer_sync(self, body: bytes, encoding: str, header_length: str | None, served: Served):
+    def _infer_sync(self, body: bytearray, header_length: str | None, served: Served, reservation):
         """Parse, decode, predict, encode: in a worker thread, off the event loop."""
-        if encoding != "identity":
-            body = _inflate(body, encoding, self.limits.max_body)
-        parsed = parse_request(body, header_length, served, self.limits)
+        try:
+            parsed = parse_request(body, header_length, served, self.limits, reservation)
+        except budget.BudgetExceeded as e:
+            raise ProtocolError(503 if e.busy else 413, str(e)) from None
         proba = served.model.proba_from_pixels(parsed.pixels)
         payload, headers = encode_response(parsed, proba, served, self.name)
         return payload, headers, len(parsed.pixels)
@@ -247,24 +269,28 @@ class App:
     async def load(self, request):
         from starlette.requests import ClientDisconnect
 
-        from mlwf.httpserver import Refusal, read_body
+        from mlwf.httpserver import Refusal, json_cost, read_body
 
         if request.path_params["name"] != self.name:
             return _error(404, f"unknown model {short(request.path_params['name'], 80)!r}: this server serves "
                                f"{self.name!r}")
-        try:
-            body = await read_body(request, 64 << 10)
-        except (Refusal, ClientDisconnect):
-            return _error(400, "a load request carries at most an empty JSON object")
-        if body.strip():
+        with budget.MEMORY.reserve(0, "a load request") as reservation:
             try:
-                options = json.loads(body)
-            except (ValueError, RecursionError):
-                return _error(400, "the load request is not valid JSON")
-            if not isinstance(options, dict) or options.get("parameters"):
-                # Model files or configs sent over the network are never loaded: only MODEL_PREFIX is.
-                return _error(400, f"this server loads only {self.slot.source!r} from its store; it takes no "
-                                   "model files, configs or parameters")
+                body = await read_body(request, 64 << 10, reservation)
+                reservation.grow(json_cost(body), "the JSON of a load request")
+            except budget.BudgetExceeded as e:
+                return _error(503 if e.busy else 413, str(e))
+            except (Refusal, ClientDisconnect):
+                return _error(400, "a load request carries at most an empty JSON object")
+            if body.strip():
+                try:
+                    options = json.loads(body)
+                except (ValueError, RecursionError):
+                    return _error(400, "the load request is not valid JSON")
+                if not isinstance(options, dict) or options.get("parameters"):
+                    # Model files or configs sent over the network are never loaded: only MODEL_PREFIX is.
+                    return _error(400, f"this server loads only {self.slot.source!r} from its store; it takes "
+                                       "no model files, configs or parameters")
         before = self.slot.current.version
         try:
             served, changed = await asyncio.get_running_loop().run_in_executor(None, self.slot.reload)
@@ -298,20 +324,6 @@ class App:
         self.pool.shutdown(wait=True)
 
 
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise ProtocolError(400, f"the body is not valid {encoding} data ({short(e)})") from None
-    if len(data) > limit:
-        raise ProtocolError(413, f"the body inflates to more than {limit} bytes (--max-body)")
-    if not inflater.eof:
-        raise ProtocolError(400, f"the {encoding} body is truncated")
-    return data
-
-
 def _json(content, status: int = 200):
     from starlette.responses import Response
 
@@ -326,7 +338,8 @@ def _error(status: int, message: str):
 # --------------------------------------------------------------------------- running it
 def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.0.0.0",
           port: int | None = None, name: str = DEFAULT_NAME, limits: Limits = Limits(),
-          threads: int | None = None, watch: float | None = None, grace: float = 30.0) -> int:
+          threads: int | None = None, watch: float | None = None, grace: float = 30.0,
+          max_memory: int | str | None = None) -> int:
     """Serve the model at ``source`` until SIGTERM/SIGINT; returns the exit status.
 
     Parameters
@@ -339,6 +352,8 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     threads : inference threads (default: one per core).
     watch : check the published manifest every this many seconds and reload on a change.
     grace : seconds requests in flight get to finish after SIGTERM.
+    max_memory : the process's memory budget for what requests make it hold (bytes, or a size such as
+        ``512MiB``; :mod:`mlwf.budget`); default ``MLWF_MAX_MEMORY``, else 512 MiB.
 
     Raises
     ------
@@ -368,6 +383,7 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     if not (math.isfinite(grace) and grace >= 0):
         raise UsageError(f"--grace must be 0 or more seconds, got {grace}")
     limits.check()
+    memory = budget.configure(max_memory if max_memory is not None else settings.max_memory)
     single_threaded_blas()
     from threadpoolctl import threadpool_limits
 
@@ -380,11 +396,11 @@ def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.
     app = App(slot, name=name, limits=limits, threads=threads, watch=watch)
     connections = app.guard.limits
     log.info("mlwf model serve on %s:%d: model %r = %s (%d classes, %dx%d images) from %s; max batch %d, "
-             "max body %d bytes; request timeout %g s; max connections %d (%d per client); %d inference "
-             "threads%s", host, sock.getsockname()[1], name, served.version, len(served.classes),
-             served.image_size, served.image_size, slot.describe(), limits.max_batch, limits.max_body,
-             connections.request_timeout, connections.max_connections, connections.max_client_connections,
-             app.threads, f"; watching every {watch:g} s" if watch else "")
+             "max body %d bytes; memory budget %s (--max-memory); request timeout %g s; max connections %d "
+             "(%d per client); %d inference threads%s", host, sock.getsockname()[1], name, served.version,
+             len(served.classes), served.image_size, served.image_size, slot.describe(), limits.max_batch,
+             limits.max_body, budget.human(memory), connections.request_timeout, connections.max_connections,
+             connections.max_client_connections, app.threads, f"; watching every {watch:g} s" if watch else "")
     try:
         run_guarded(app, sock, grace)
     finally:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlwf.httpserver import json_cost
 from mlwf.serving.settings import Limits
 
 if TYPE_CHECKING:
+    from mlwf.budget import Reservation
     from mlwf.serving.slot import Served
 
 
@@ -65,13 +67,33 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_request(body: bytes, header_length: str | None, served: Served, limits: Limits) -> InferRequest:
+def parse_request(body: bytes | bytearray, header_length: str | None, served: Served, limits: Limits,
+                  reservation: Reservation) -> InferRequest:
     """Check an inference request and decode its images to ``float32[N, image_size²]``.
+
+    What the request makes this process hold is taken from ``reservation``
+    before it is made: its JSON's parse (:func:`mlwf.httpserver.json_cost`),
+    its tensor's data and every array preparing it makes; the caller gives it
+    back when the request ends.
+
+    Parameters
+    ----------
+    body : the request body (JSON, or a JSON header and binary data after it).
+    header_length : the ``Inference-Header-Content-Length`` header (None: all JSON).
+    served : the model the request is for (its image size).
+    limits : the server's limits.
+    reservation : the request's share of the process's memory budget.
+
+    Returns
+    -------
+    InferRequest: the request's id, its pixels and the outputs it asks for.
 
     Raises
     ------
     ProtocolError
         For anything the protocol or the limits refuse.
+    mlwf.budget.BudgetExceeded
+        If what the request needs is not in the memory budget.
     """
     if header_length is not None:
         try:
@@ -84,8 +106,10 @@ def parse_request(body: bytes, header_length: str | None, served: Served, limits
     else:
         json_size = len(body)
     binary = memoryview(body)[json_size:]
+    text = body if json_size == len(body) else bytes(memoryview(body)[:json_size])  # all JSON: no copy
+    reservation.grow(json_cost(text), "the JSON of this request")
     try:
-        request = json.loads(bytes(body[:json_size]), parse_constant=_reject_constant)
+        request = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise ProtocolError(400, f"the request is not valid JSON ({short(e)})") from None
     if not isinstance(request, dict):
@@ -124,9 +148,9 @@ def parse_request(body: bytes, header_length: str | None, served: Served, limits
     elif "data" not in tensor:
         raise ProtocolError(400, f"input {INPUT!r} has no \"data\"")
     if datatype == "BYTES":
-        pixels = _bytes_input(shape, tensor.get("data"), raw, served.image_size, limits)
+        pixels = _bytes_input(shape, tensor.get("data"), raw, served.image_size, limits, reservation)
     elif datatype == "UINT8":
-        pixels = _uint8_input(shape, tensor.get("data"), raw, served.image_size, limits)
+        pixels = _uint8_input(shape, tensor.get("data"), raw, served.image_size, limits, reservation)
     else:
         raise ProtocolError(400, f"input {INPUT!r} has datatype {short(datatype)!r}: send BYTES [N] (encoded "
                                  "image files) or UINT8 [N, H, W] (grayscale pixels)")
@@ -175,16 +199,17 @@ def _check_batch(n: int, limits: Limits) -> None:
         raise ProtocolError(400, "empty batch: send at least one image")
     if n > limits.max_batch:
         raise ProtocolError(413, f"batch of {n} images is over this server's limit of {limits.max_batch} "
-                                 "(--max-batch): split it")
+                                 "(--max-batch): split it, or raise --max-batch")
 
 
-def _bytes_input(shape, data, raw, image_size: int, limits: Limits) -> np.ndarray:
+def _bytes_input(shape, data, raw, image_size: int, limits: Limits, reservation: Reservation) -> np.ndarray:
     if len(shape) != 1:
         raise ProtocolError(400, f"a BYTES input {INPUT!r} has shape [N] (one encoded image per element), "
                                  f"got {shape[:8]}")
     n = shape[0]
     _check_batch(n, limits)
     if raw is not None:
+        reservation.grow(len(raw), f"the {n} encoded images of input {INPUT!r}")  # each element is copied out
         blobs = _split_bytes_tensor(raw, n)
     else:
         if not isinstance(data, list) or len(data) != n:
@@ -194,6 +219,7 @@ def _bytes_input(shape, data, raw, image_size: int, limits: Limits) -> np.ndarra
         for i, item in enumerate(data):
             if not isinstance(item, str):
                 raise ProtocolError(400, f"image {i}: in JSON each BYTES element is the image file in base64")
+            reservation.grow(len(item) * 3 // 4 + 33, f"image {i} of input {INPUT!r}, decoded from base64")
             try:
                 blobs.append(base64.b64decode(item, validate=True))
             except (binascii.Error, ValueError):
@@ -252,7 +278,7 @@ def _decode(blobs: list[bytes], image_size: int, limits: Limits) -> np.ndarray:
     return out
 
 
-def _uint8_input(shape, data, raw, image_size: int, limits: Limits) -> np.ndarray:
+def _uint8_input(shape, data, raw, image_size: int, limits: Limits, reservation: Reservation) -> np.ndarray:
     from mlwf.serving.prepare import prepare
 
     if len(shape) != 3:
@@ -263,15 +289,60 @@ def _uint8_input(shape, data, raw, image_size: int, limits: Limits) -> np.ndarra
         raise ProtocolError(400, f"images of {height}x{width} pixels have no pixels")
     if n * height * width > limits.max_pixels:
         raise ProtocolError(413, f"{n} images of {height}x{width} are more than {limits.max_pixels} pixels "
-                                 "(--max-pixels): send smaller or fewer images")
+                                 "(--max-pixels): send smaller or fewer images, or raise --max-pixels")
     count = n * height * width
     if raw is not None:
         if len(raw) != count:
-            raise ProtocolError(400, f"shape {shape} needs {count} bytes of UINT8 data, got {len(raw)}")
+            raise ProtocolError(400, f"input {INPUT!r}: shape {shape} needs {count} bytes of UINT8 data, "
+                                     f"got {len(raw)}")
+    # Everything below allocates, from the shape alone: take it all before the first array.
+    work = preparation_bytes(n, height, width, image_size) + (0 if raw is not None else _JSON_PIXEL_BYTES * count)
+    reservation.grow(work, f"input {INPUT!r} of shape [{n}, {height}, {width}] (UINT8), resized to "
+                           f"{image_size}x{image_size}")
+    if raw is not None:
         pixels = np.frombuffer(raw, dtype=np.uint8)
     else:
         pixels = _json_uint8(data, count, shape)
     return prepare(pixels.reshape(n, height, width), image_size)
+
+
+#: Bytes per pixel of a UINT8 tensor in JSON, besides its parsed JSON: two lists of pointers while
+#: nested rows are flattened, and the array made from them.
+_JSON_PIXEL_BYTES = 17
+
+
+def preparation_bytes(n: int, height: int, width: int, size: int) -> int:
+    """The most bytes :func:`mlwf.serving.prepare.prepare` allocates for ``n`` gray images ``height × width``.
+
+    Its arrays, from :func:`mlwf.images.as_pixels`: a copy of the pixels,
+    the resized levels (1 byte a pixel) and their float32 scaling (4 bytes).
+    Then what resizing makes, which the pixel count does not bound: the
+    strips of :func:`mlwf.images._resize_levels`, which resizes up to
+    ``_RESIZE_BATCH`` images at once in two passes, each pass making
+    ``size × height`` or ``size × width`` bytes per image, then Pillow's
+    copy of it and a transposed copy (255 images of 65536 × 1 resized to
+    16 × 16: 800 MiB); the pass-order probe of a new shape (one noise image,
+    both orders); and Pillow's filter weights for one resize, a double and
+    an int32 for each of about two taps per pixel of the axis it reduces
+    (one 1 × 60,000,000 image: 1.1 GB). All of it is counted here from the
+    shape alone, before anything is allocated.
+
+    Parameters
+    ----------
+    n, height, width : the tensor's shape.
+    size : the side of the square the model takes.
+
+    Returns
+    -------
+    int: bytes, at least the peak of what preparing the tensor allocates.
+    """
+    from mlwf.images import _RESIZE_BATCH
+
+    strip = size * (height + width)  # both passes' output for one image, counted together
+    together = min(n, _RESIZE_BATCH)
+    weights = 24 * (height + width)
+    return (n * height * width + 5 * n * size * size + 3 * together * strip
+            + 2 * height * width + 3 * strip + weights)
 
 
 def _json_uint8(data, count: int, shape) -> np.ndarray:
@@ -280,18 +351,27 @@ def _json_uint8(data, count: int, shape) -> np.ndarray:
     flat = data
     while flat and isinstance(flat[0], list):  # nested lists, row-major
         if not all(isinstance(row, list) for row in flat):
-            raise ProtocolError(400, "\"data\" mixes lists and numbers")
+            raise ProtocolError(400, f"\"data\" of input {INPUT!r} mixes lists and numbers")
         flat = [x for row in flat for x in row]
         if len(flat) > count:
             break
     if len(flat) != count:
-        raise ProtocolError(400, f"shape {shape} needs {count} values, \"data\" has {len(flat)}")
-    if not all(type(x) is int for x in flat):
-        raise ProtocolError(400, "UINT8 data must be whole numbers 0..255")
-    values = np.asarray(flat, dtype=np.int64)
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise ProtocolError(400, "UINT8 data must be whole numbers 0..255")
-    return values.astype(np.uint8)
+        raise ProtocolError(400, f"input {INPUT!r}: shape {shape} needs {count} values, \"data\" has {len(flat)}")
+    # Checked as Python values, before NumPy converts them: a value out of range (10**100, -1, 300),
+    # a float (0.5, 1e400 which JSON reads as inf), a boolean or a string is the client's error, not an
+    # OverflowError.
+    if not all(type(x) is int for x in flat) or min(flat) < 0 or max(flat) > 255:
+        i, bad = next((i, x) for i, x in enumerate(flat) if type(x) is not int or not 0 <= x <= 255)
+        raise ProtocolError(400, f"input {INPUT!r}: UINT8 data must be whole numbers 0..255, got "
+                                 f"{_value(bad)} at element {i}")
+    return np.asarray(flat, dtype=np.uint8)
+
+
+def _value(x) -> str:
+    """A value from a request, shown short (an integer of 4,000 digits is not repeated back)."""
+    if type(x) is int and abs(x) >= 10**12:
+        return f"an integer of {len(str(abs(x)))} digits"
+    return short(json.dumps(x), 40)
 
 
 # --------------------------------------------------------------------------- probabilities → response

@@ -16,7 +16,9 @@ DEFAULT_MAX_PIXELS = 1 << 26
 #: Seconds a client has to send a whole request, head and body (mlwf.httpguard enforces it).
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512
-#: Requests being received or computed at once; more are refused with 503 (bounds memory: this × --max-body).
+#: Requests being computed at once, each counted once its body has arrived; more are refused with 503. It
+#: bounds the queue of work, not memory: what requests hold, from their first byte, is the memory budget's
+#: (--max-memory, mlwf.budget).
 DEFAULT_MAX_IN_FLIGHT = 64
 
 

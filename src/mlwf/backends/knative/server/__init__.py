@@ -48,11 +48,21 @@ seconds, request heads are at most 16 KiB, and connections are limited in
 number, per server and per client address, without ever locking out a health
 check (see :mod:`mlwf.httpguard`).
 
+Memory: what a request makes the process hold is taken from one budget per
+process (``--max-memory``, ``MLWF_MAX_MEMORY``; :mod:`mlwf.budget`) before
+it is held, and given back when the request ends: its body as it arrives (a
+gzip or deflate body inflated and counted piece by piece), and the parse of
+its JSON with the canonical copy its signature check makes, bounded from the
+text before parsing (:func:`mlwf.httpserver.json_cost`). Numbers are checked
+before they are converted (``call.index`` is a whole number 0..2**31-1).
+
 Refusals are an HTTP status and ``{"error": "...", "retryable": bool}``; the
 server stays up and nothing runs:
 
 ====  ==========================================================
-400   not a CloudEvent, not JSON, or not ``{call, context}``
+400   not a CloudEvent, not JSON, or not ``{call, context}``; a
+      ``call.index`` that is not a whole number 0..2**31-1; corrupt or
+      truncated gzip/deflate data
 400   also: a context that writes outside its run's folder, or a transfer
       other than ``store``
 401   no signature, or a signature that does not match
@@ -62,12 +72,16 @@ server stays up and nothing runs:
       server's)
 404   unknown workflow or stage, or one this server does not serve
 408   the request did not arrive whole within ``--request-timeout``
-413   body over ``--max-body`` (counted while reading)
+413   body over ``--max-body`` (counted while reading, and again as a
+      compressed body inflates), or a request that alone needs more
+      memory than ``--max-memory``
+415   a ``Content-Encoding`` other than gzip or deflate
 500   the stage raised: ``type`` names the error class; ``retryable`` is
       false for bad input (DataError, ModelError, UsageError,
       NotFoundError), true otherwise
 503   too many invocations in the replay window, the replay record could
-      not be written, too many connections, or shutting down
+      not be written, too many connections, other requests holding the
+      memory budget, or shutting down
 ====  ==========================================================
 """
 

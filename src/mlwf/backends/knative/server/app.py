@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from mlwf import budget
 from mlwf.backends.knative import events
 from mlwf.backends.knative.server.auth import REPLAY_SLOT_S, ReplayGuard, ReplayLedger, check_signature
 from mlwf.engine.layout import RunLayout
 from mlwf.errors import MlwfError, UsageError, WorkerLost, one_line, retryable
-from mlwf.httpserver import Refusal, guarded_lifespan, read_body
+from mlwf.httpserver import Refusal, budget_refusal, guarded_lifespan, json_cost, read_body
 from mlwf.settings import Settings
 from mlwf.storage import StoreSpec
 
@@ -34,6 +35,8 @@ MAX_WORKERS = 1024
 DEFAULT_GRACE = 300.0  # Knative's default revision timeout: a call may take that long
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_REQUEST_TIMEOUT = 10.0
+#: The largest call index a request may name (a stage's calls are numbered from 0).
+MAX_CALL_INDEX = (1 << 31) - 1
 _SAFE = re.compile(r"[^A-Za-z0-9._:/\[\]=-]")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -128,10 +131,19 @@ class App:
 
         t0 = time.perf_counter()
         event_id, etype, status = "-", "-", 500
+        # What this request makes the process hold (its body, the parsed event) is taken from the one
+        # budget before it is made, and given back when the request ends.
+        reservation = budget.MEMORY.reserve(0, "this request")
         try:
             if self.draining:
                 raise Refusal(503, "shutting down: retry on another instance", retryable=True)
-            body = await read_body(request, self.config.max_body)
+            body = await read_body(request, self.config.max_body, reservation)
+            try:
+                # The SDK decodes and parses the JSON; the signature check writes the data again as
+                # canonical JSON, where \uXXXX escapes make up to 3 bytes a byte (6 with its encoding).
+                reservation.grow(json_cost(body) + 6 * len(body), "the JSON of this event")
+            except budget.BudgetExceeded as e:
+                raise budget_refusal(e) from None
             try:
                 event = events.from_http(request.headers, body)
             except Exception as e:  # the SDK raises several kinds for malformed input
@@ -175,6 +187,7 @@ class App:
             return JSONResponse({"error": one_line(e), "type": type(e).__name__, "retryable": retryable(e),
                                  "id": event_id}, status_code=500)
         finally:
+            reservation.release()
             log.info("event=%s type=%s status=%d ms=%.1f", _clean(event_id), _clean(etype), status,
                      (time.perf_counter() - t0) * 1e3)
 
@@ -254,10 +267,17 @@ class App:
         if not isinstance(data, dict) or not isinstance(data.get("call"), dict) \
                 or not isinstance(data.get("context"), dict):
             raise Refusal(400, "data must be a JSON object {\"call\": ..., \"context\": ...}")
+        index = data["call"].get("index")
+        # A number from the request, checked before anything converts it (int(1e400) raises OverflowError).
+        if type(index) is not int or not 0 <= index <= MAX_CALL_INDEX:
+            shown = "a huge integer" if type(index) is int and abs(index) >= 10**12 else _clean(index)
+            raise Refusal(400, f"call.index must be a whole number 0..{MAX_CALL_INDEX}, got {shown}")
+        if not isinstance(data["call"].get("args"), dict):
+            raise Refusal(400, "call.args must be a JSON object")
         try:
             call = Call.from_json(data["call"])
             ctx = RunContext(**data["context"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise Refusal(400, f"malformed call or context: {one_line(e)}") from None
         for name in ("run_id", "workflow", "store_url", "bucket", "outputs_prefix", "transfer"):
             if not isinstance(getattr(ctx, name), str):

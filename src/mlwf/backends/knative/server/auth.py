@@ -52,7 +52,8 @@ class ReplayGuard:
             raise Refusal(403, f"event id {event_id!r} was already used: replayed invocations are refused",
                           retryable=True)
         if len(self._seen) >= self.max_entries:
-            raise Refusal(503, "too many invocations within the signature window; retry later", retryable=True)
+            raise Refusal(503, f"too many invocations within the signature window (at most {self.max_entries} "
+                                "in --max-age seconds): retry later, or lower --max-age", retryable=True)
         self._seen[event_id] = now + self.keep_s
 
 

@@ -58,7 +58,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
           max_connections: int = DEFAULT_MAX_CONNECTIONS, max_client_connections: int | None = None,
           request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0, sinks: list[str] | None = None,
           dead_letter: str | None = None, delivery_retries: int | None = None, claim_lease: float | None = None,
-          retries: int | None = None) -> int:
+          retries: int | None = None, max_memory: int | str | None = None) -> int:
     """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
 
     ``store``/``bucket`` (default ``MLWF_STORE``/``MLWF_BUCKET``, as every
@@ -68,12 +68,16 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     ``sinks`` (``URL`` or ``STAGE=URL`` entries, default ``$K_SINK``) turn on
     choreography (:mod:`mlwf.choreography`), with ``dead_letter``,
     ``delivery_retries``, ``claim_lease`` and the stage's own ``retries``.
+    ``max_memory`` (bytes or a size, default ``MLWF_MAX_MEMORY``, else
+    512 MiB) is the process's budget for what requests make it hold
+    (:mod:`mlwf.budget`), shared by all of them.
 
     Raises
     ------
     UsageError
         For a bad setting (port, counts, times, stages, store URL, secret).
     """
+    from mlwf import budget
     from mlwf.errors import StoreError
     from mlwf.httpguard import Limits
 
@@ -98,6 +102,7 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     limits = Limits(request_timeout=request_timeout, max_connections=max_connections,
                     max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
                                             else max_client_connections))
+    memory = budget.configure(max_memory if max_memory is not None else settings.max_memory)
     choreography = _choreography_config(sinks, settings.k_sink, dead_letter, delivery_retries, claim_lease, retries)
     spec = settings.store
     try:
@@ -123,9 +128,10 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     preload()
     app = App(config)
     served = "all stages" if config.stages is None else ", ".join(sorted(f"{w}/{s}" for w, s in config.stages))
-    log.info("mlwf serve on %s:%d: %s; store %s bucket %s; max body %d bytes; request timeout %g s; "
-             "max connections %d (%d per client); %s; auth %s", host, sock.getsockname()[1], served,
-             config.store.url, config.store.bucket, max_body, limits.request_timeout, limits.max_connections,
+    log.info("mlwf serve on %s:%d: %s; store %s bucket %s; max body %d bytes; memory budget %s "
+             "(--max-memory); request timeout %g s; max connections %d (%d per client); %s; auth %s", host,
+             sock.getsockname()[1], served, config.store.url, config.store.bucket, max_body, budget.human(memory),
+             limits.request_timeout, limits.max_connections,
              limits.max_client_connections,
              f"{workers} worker processes" if workers else f"{app.threads} worker threads",
              "off" if insecure_no_auth else "HMAC-SHA256")
