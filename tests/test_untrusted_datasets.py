@@ -8,6 +8,7 @@ inflate to gigabytes cost a few MB of memory.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import resource
@@ -205,3 +206,48 @@ def test_images_over_the_memory_budget_are_refused_before_they_are_read(tmp_path
     assert_refused(code, err, images, "of memory, over this process's limit of 16 MiB (--max-memory / MLWF_MAX_MEMORY)",
                    "--n and --offset")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- nothing half-written
+def _failing_save(after: int, error: BaseException):
+    from PIL import Image
+
+    real = Image.Image.save
+    calls = []
+
+    def save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) > after:
+            raise error
+        return real(self, fp, *args, **kwargs)
+
+    return save
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failure_midway_leaves_the_output_folder_as_it_was(tmp_path, monkeypatch, error):
+    from PIL import Image
+
+    images, labels, _, _ = make_pair(tmp_path, count=20, rows=4, cols=4, classes=3)
+    fresh, existing = tmp_path / "fresh" / "deeper", tmp_path / "existing"
+    write_idx(images, labels, existing, n=5)
+    before = tree_bytes(existing)
+    monkeypatch.setattr(Image.Image, "save", _failing_save(12, error))
+    listing = sorted(p.relative_to(existing) for p in existing.rglob("*"))
+    for out in (fresh, existing):
+        with pytest.raises(DataError if isinstance(error, OSError) else KeyboardInterrupt) as info:
+            write_idx(images, labels, out, offset=3)
+        if isinstance(error, OSError):
+            assert "No space left on device" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "fresh").exists()
+    assert tree_bytes(existing) == before and sorted(p.relative_to(existing) for p in existing.rglob("*")) == listing
+
+
+def test_a_written_folder_holds_only_the_images(tmp_path):
+    images, labels, _, _ = make_pair(tmp_path, count=20, rows=4, cols=4, classes=3)
+    out = tmp_path / "out"
+    write_idx(images, labels, out, n=8)
+    assert write_idx(images, labels, out, offset=4) == 16  # into class folders that exist: file by file
+    files = [p for p in out.rglob("*") if not p.is_dir()]
+    assert len(files) == 20 and all(p.suffix == ".png" and p.parent.parent == out for p in files)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -26,7 +26,8 @@ file's header is checked against the bytes that can exist before its data is
 read, a gzip file is inflated a chunk at a time and never past what its header
 declares, and the images converted at once are first taken from the process's
 memory budget (:mod:`mlwf.budget`). Nothing is written before every byte of
-both files has been checked.
+both files has been checked, and the PNGs land in ``OUT`` together at the end:
+a failure midway leaves ``OUT`` as it was.
 
 Every problem with the input or the output folder raises
 :class:`mlwf.errors.DataError` with a one-line message: what is wrong, where,
@@ -37,8 +38,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import stat
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -497,7 +500,8 @@ def write_idx(
         labels file not 1-dimensional; the counts differ; ``n`` is not a
         positive int or larger than the images available after ``offset``;
         ``offset`` is not an int in ``[0, count)``; ``out`` exists and is not
-        a directory, or a file cannot be written.
+        a directory, a file is in the way of a class folder, or a file cannot
+        be written. Nothing is left in ``out`` then.
     BudgetExceeded
         If the ``n`` images (and labels) asked for take more memory than the
         budget allows (``MLWF_MAX_MEMORY``, ``--max-memory``): convert them
@@ -713,33 +717,66 @@ def _write_images(
     progress: ProgressFn | None,
     class_names: list[str] | None = None,
 ) -> int:
-    """Write ``images[i]`` as ``out/<name of labels[i]>/<first_index + i>.png``."""
+    """Write ``images[i]`` as ``out/<name of labels[i]>/<first_index + i>.png``, all of them or none.
+
+    The PNGs are written into a hidden folder inside ``out`` (hidden, so
+    ``mlwf s3 upload-dir`` leaves it out) and moved into place once every one
+    is written: a failure midway (a full disk, an interrupt) leaves ``out``
+    as it was, with no half-written PNG and no partial set; a folder this
+    call created is removed again.
+    """
     total = len(images)
     step = max(1, math.ceil(total / _MAX_PROGRESS_CALLS))
     if class_names is None:
         label_names = [str(int(v)) for v in labels]
     else:
         label_names = [class_names[int(v)] for v in labels]
-    folders: dict[str, Path] = {}
+    names = sorted(set(label_names))
+    created = [folder for folder in (out, *out.parents) if not os.path.lexists(folder)]
     target = out
+    staging = None
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in sorted(set(label_names)):
-            target = out / name
-            target.mkdir(exist_ok=True)
-            folders[name] = target
-    except OSError as exc:
-        raise _write_error(target, out, exc) from None
-    for i in range(total):
-        target = folders[label_names[i]] / f"{first_index + i:0{width}d}.png"
-        image = Image.fromarray(np.ascontiguousarray(images[i]), mode="L")
         try:
-            image.save(target, **_PNG_OPTIONS)
+            out.mkdir(parents=True, exist_ok=True)
+            for name in names:  # what is in the way is refused before anything is written
+                target = out / name
+                if os.path.lexists(target) and not target.is_dir():
+                    raise DataError(f"{target} is in the way: a file where the class folder {name!r} goes; "
+                                    "move it or choose another output folder")
+            target = out
+            staging = Path(tempfile.mkdtemp(prefix=".mlwf-writing-", dir=out))
+            for name in names:
+                target = staging / name
+                target.mkdir()
+            for i in range(total):
+                target = staging / label_names[i] / f"{first_index + i:0{width}d}.png"
+                Image.fromarray(np.ascontiguousarray(images[i]), mode="L").save(target, **_PNG_OPTIONS)
+                done = i + 1
+                if progress is not None and (done % step == 0 or done == total):
+                    progress(done, total)
+            for name in names:
+                target = out / name
+                if not os.path.lexists(target):
+                    os.rename(staging / name, target)  # a new class folder: one rename
+                    continue
+                for png in sorted(os.listdir(staging / name)):
+                    target = out / name / png
+                    os.replace(staging / name / png, target)
         except OSError as exc:
             raise _write_error(target, out, exc) from None
-        done = i + 1
-        if progress is not None and (done % step == 0 or done == total):
-            progress(done, total)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = None
+        for folder in created:  # deepest first; only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return total
 
 
