@@ -265,10 +265,12 @@ def _check(model: Model, source: str) -> None:
             bad("tree thresholds: a number is not finite")
         ids = np.arange(n)
         leaf = left == ids
-        internal = ~leaf
+        # The internal nodes and their children, taken once: every check below reads them.
+        inner = np.flatnonzero(~leaf)
+        kids_left, kids_right = left[inner], right[inner]
         # Children come after their parent (no cycles) and stay in range.
-        if np.any(leaf != (right == ids)) or np.any(left[internal] <= ids[internal]) \
-                or np.any(right[internal] <= ids[internal]) or np.any(left >= n) or np.any(right >= n):
+        if np.any(leaf != (right == ids)) or np.any(kids_left <= inner) or np.any(kids_right <= inner) \
+                or np.any(kids_left >= n) or np.any(kids_right >= n):
             bad("tree links")
         # Leaves too: the NumPy walk reads a leaf's feature at every level below it.
         if np.any(feature < 0) or np.any(feature >= k):
@@ -278,7 +280,7 @@ def _check(model: Model, source: str) -> None:
             bad("tree roots")
         # A tree, not a graph: each node the child of exactly one node, a root of none. Children
         # shared by several parents would double the nodes at each level of a walk (2**64 at depth 64).
-        parents = np.bincount(np.concatenate([left[internal], right[internal]]), minlength=n)
+        parents = np.bincount(np.concatenate([kids_left, kids_right]), minlength=n)
         is_root = np.zeros(n, dtype=bool)
         is_root[roots] = True
         if np.any(parents[is_root] != 0):
@@ -287,17 +289,18 @@ def _check(model: Model, source: str) -> None:
             node = int(np.flatnonzero((parents > 1) & ~is_root)[0])
             bad(f"tree links: in member {j} node {node} is the child of {int(parents[node])} nodes, "
                 "a tree's node has one parent")
-        n_leaves = int(leaf.sum())
+        n_leaves = n - len(inner)
         if leaf_value.shape != (n_leaves, n_classes) or not np.all(np.isfinite(leaf_value)) \
                 or np.any(leaf_value < 0):
             bad("leaf values")
-        if np.any(leaf_index[internal] != -1) or np.any(np.sort(leaf_index[leaf]) != np.arange(n_leaves)):
+        if np.any(leaf_index[inner] != -1) or np.any(np.sort(leaf_index[leaf]) != np.arange(n_leaves)):
             bad("leaf index")
-        # Every node must be reachable within max_depth steps of its tree's root.
-        tree_end = np.append(roots[1:], n)
-        owner = np.searchsorted(roots, ids, side="right") - 1
-        if np.any(left[internal] >= tree_end[owner[internal]]) or np.any(right[internal] >= tree_end[owner[internal]]):
+        # A child stays in its parent's tree (scikit-learn's walk numbers nodes within a tree).
+        tree_end = np.append(roots[1:], n)[np.searchsorted(roots, inner, side="right") - 1]
+        if np.any(kids_left >= tree_end) or np.any(kids_right >= tree_end):
             bad("tree links cross trees")
+        # Every node must be reachable within max_depth steps of its tree's root.
+        internal = ~leaf
         node_depth = np.full(n, -1, dtype=np.int64)
         node_depth[roots] = 0
         frontier = roots
