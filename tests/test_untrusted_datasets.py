@@ -208,6 +208,16 @@ def test_images_over_the_memory_budget_are_refused_before_they_are_read(tmp_path
     assert not out.exists()
 
 
+def test_the_budget_flag_is_checked_and_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(budget.MEMORY, "limit", budget.MEMORY.limit)  # put back after the command sets it
+    images, labels, _, _ = make_pair(tmp_path, count=4, rows=2, cols=2, classes=2)
+    assert main(["dataset", "idx", str(images), str(labels), str(tmp_path / "out"), "--max-memory", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory 'lots' is not a size" in err and err.count("\n") == 1
+    assert main(["dataset", "idx", str(images), str(labels), str(tmp_path / "out"), "--max-memory", "16MiB"]) == 0
+    assert budget.MEMORY.limit == 16 << 20 and budget.MEMORY.used == 0
+
+
 # --------------------------------------------------------------------------- nothing half-written
 def _failing_save(after: int, error: BaseException):
     from PIL import Image
