@@ -90,18 +90,19 @@ def assert_refused(code: int, err: str, *names) -> None:
 _BOMB_MIB = 3 * 1024  # 3 GiB of zeros in a 3 MB file
 
 
-@pytest.mark.parametrize("case, head, recorded, match", [
+@pytest.mark.parametrize("head, recorded, match", [
     # The file: a bogus header, refused before anything behind it is inflated.
-    ("bogus magic", b"\x12\x34\x56\x78" * 4, None, "is not an IDX file (bad magic number 12 34 56 78"),
-    ("another dtype", idx_header((1000, 28, 28), 0x0D), None, "has type code 0x0d (float)"),
+    pytest.param(b"\x12\x34\x56\x78" * 4, None, "is not an IDX file (bad magic number 12 34 56 78", id="bogus magic"),
+    pytest.param(idx_header((1000, 28, 28), 0x0D), None, "has type code 0x0d (float)", id="another dtype"),
     # A plausible header: the trailer's size is not the header's.
-    ("honest trailer", idx_header((1000, 28, 28)), None, "its gzip trailer records"),
+    pytest.param(idx_header((1000, 28, 28)), None, "its gzip trailer records", id="honest trailer"),
     # The trailer forged to match the header: refused at the first byte past the declared data.
-    ("forged trailer", idx_header((1000, 28, 28)), 16 + 1000 * 28 * 28, "is longer than its header says"),
+    pytest.param(idx_header((1000, 28, 28)), 16 + 1000 * 28 * 28, "is longer than its header says",
+                 id="forged trailer"),
     # A header declaring more than any 3 MB gzip file can hold.
-    ("huge header", idx_header((2**32 - 1, 28, 28)), None, "more than a gzip file of"),
+    pytest.param(idx_header((2**32 - 1, 28, 28)), None, "more than a gzip file of", id="huge header"),
 ])
-def test_a_gzip_bomb_is_refused_quickly_with_bounded_memory(tmp_path, case, head, recorded, match):
+def test_a_gzip_bomb_is_refused_quickly_with_bounded_memory(tmp_path, head, recorded, match):
     bomb = gzip_bomb(tmp_path / "images.gz", head, _BOMB_MIB, recorded=recorded)
     assert bomb.stat().st_size < 4 * _MIB
     labels = write_idx_file(tmp_path / "labels", np.zeros(1000, np.uint8))

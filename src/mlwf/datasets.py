@@ -341,8 +341,9 @@ class _IdxFile:
             after = self._inflater.unused_data + self._raw(2)
             if after:
                 extra = "a second gzip member" if after.startswith(_GZIP_MAGIC) else "bytes"
-                where = (f"past the {self.nbytes:,} data bytes its header declares" if self._done == self.nbytes
-                         else f"which ends {self._done:,} bytes into the {self.nbytes:,} data bytes its header declares")
+                declared = f"the {self.nbytes:,} data bytes its header declares"
+                where = f"past {declared}" if self._done == self.nbytes else \
+                    f"which ends {self._done:,} bytes into {declared}"
                 raise DataError(
                     f"IDX file {self.path} holds {extra} after its gzip stream, {where}; mlwf reads one gzip "
                     "stream: download the file again, or gunzip it and pass the raw file"

@@ -75,7 +75,8 @@ def dataset(args) -> int:
 
             # The images converted are held at once: taken from this process's budget before they are read.
             flag = args.max_memory
-            budget.configure(budget.parse_size(flag, budget.FLAG) if flag is not None else Settings.resolve().max_memory)
+            budget.configure(budget.parse_size(flag, budget.FLAG) if flag is not None
+                             else Settings.resolve().max_memory)
             if args.names_file is not None:
                 class_names = datasets.read_class_names(args.names_file)
             else:
