@@ -226,7 +226,7 @@ def _i32(*v):
     (_tree_meta(max_depth=1), "deeper than its stated depth"),
     (_tree_meta(projection=1), "member projection"),
     (_tree_meta(threshold=np.zeros(4)), "tree array lengths"),
-    (_tree_meta(feature=np.zeros(5, np.float32)), "tree array dtypes"),
+    (_tree_meta(feature=np.zeros(5, np.float32)), "'feature' holds float32, the format holds int32"),
     ({**_tree_meta(), "image_size": 3}, "projection shape"),
     ({**_tree_meta(), "classes": ["a", "a"]}, "class list"),
     ({**_tree_meta(), "members": []}, "empty ensemble"),

@@ -260,3 +260,186 @@ def test_a_model_is_checked_in_full_once_per_process_and_other_bytes_are_checked
     with pytest.raises(ModelError, match=r"m\.mlwf is corrupt .*\(image size\)"):
         model_format.checked_summary(crafted, digest=codec.digest(crafted), source="m.mlwf")
     assert len(parsed) == 2
+
+
+# --------------------------------------------------------------------------- types and ranges
+def _cast(meta: dict, where: str, name: str, dtype) -> dict:
+    """``meta`` with one array (``where``: "member" or "projection") stored in ``dtype``, values kept."""
+    part = meta["members"][0] if where == "member" else meta["projections"][0]
+    part[name] = part[name].astype(dtype)
+    return meta
+
+
+@pytest.mark.parametrize("where, name, dtype", [
+    *[("member", name, dtype) for name in ("roots", "left", "right", "feature", "leaf_index")
+      for dtype in (np.uint64, np.int64, np.uint32, np.int16, np.int8, np.float64)],
+    *[("member", name, dtype) for name in ("threshold", "leaf_value")
+      for dtype in (np.float16, np.int64, {"threshold": np.float32, "leaf_value": np.float64}[name])],
+    *[("projection", name, dtype) for name in ("mean", "components") for dtype in (np.float32, np.float16)],
+])
+def test_an_array_of_another_dtype_than_the_format_defines_is_refused_not_cast(where, name, dtype):
+    meta = _cast(_tree_meta(), where, name, dtype)
+    message = refused(codec.encode(meta), f"'{name}' holds {np.dtype(dtype)}, the format holds")
+    assert ("int32" if name in ("roots", "left", "right", "feature", "leaf_index") else
+            "float32" if name == "leaf_value" else "float64") in message
+
+
+def test_the_uint64_tree_of_the_issue_is_refused_at_load_not_at_the_first_predict():
+    member = _tree_meta()["members"][0]
+    meta = _tree_meta(right=member["right"].astype(np.uint64), feature=member["feature"].astype(np.uint64))
+    refused(codec.encode(meta), "member 0: 'right' holds uint64, the format holds int32")
+
+
+@pytest.mark.parametrize("value", [2, 900, 2**31 - 1])
+def test_a_leaf_reading_a_feature_past_the_projection_is_refused(value):
+    # Node 2 is a leaf at depth 1: the NumPy walk reads its feature at the level below, so a feature past
+    # the 2 components read the next image's features, or past the batch for its last image.
+    feature = _tree_meta()["members"][0]["feature"].copy()
+    feature[2] = value
+    refused(codec.encode(_tree_meta(feature=feature)), "tree features: member 0 reads a feature outside")
+
+
+def _chain(depth: int, *, share: bool) -> dict:
+    """One tree of ``depth`` internal nodes in a row. With ``share`` each node's two children are the same node:
+    no cycle, no node out of range, but a walk that follows both branches visits 2**depth paths."""
+    ids = np.arange(1, depth + 1, dtype=np.int32)
+    left = np.append(ids, depth).astype(np.int32)
+    right = np.append(ids if share else np.arange(depth + 1, 2 * depth + 1), depth).astype(np.int32)
+    n = depth + 1 if share else 2 * depth + 1
+    if not share:
+        left = np.append(left[:-1], np.arange(depth, n)).astype(np.int32)
+        right = np.append(right[:-1], np.arange(depth, n)).astype(np.int32)
+    leaf = left == np.arange(n)
+    leaf_index = np.full(n, -1, np.int32)
+    leaf_index[leaf] = np.arange(leaf.sum())
+    return _tree_meta(max_depth=depth, left=left, right=right, feature=np.zeros(n, np.int32),
+                      threshold=np.zeros(n), leaf_index=leaf_index,
+                      leaf_value=np.full((int(leaf.sum()), 2), 0.5, np.float32))
+
+
+def test_a_tree_whose_nodes_share_children_is_refused_in_bounded_time_and_memory():
+    # 2.4 KB: checking its depth used to double the frontier at each level (depth 26: 0.7 GB, 7 s; 64: never).
+    mlwf.model.from_bytes(codec.encode(_chain(20, share=False)))  # the same chain as a proper tree loads
+    data = codec.encode(_chain(20, share=True))
+    assert len(data) < 4000
+    refused(data, "in member 0 node 1 is the child of 2 nodes, a tree's node has one parent")
+    refused(codec.encode(_chain(64, share=True)), "node 1 is the child of 2 nodes")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(left=np.array([1, 3, 2, 3, 4], np.int32), right=np.array([2, 0, 2, 3, 4], np.int32)), "tree links"),
+    (dict(right=np.array([2, 4, 1, 3, 4], np.int32)), "tree links"),                        # a leaf to its sibling
+    (dict(left=np.array([1, -3, 2, 3, 4], np.int32)), "tree links"),                         # negative child
+    (dict(roots=np.array([-5], np.int32)), "tree roots"),
+    (dict(leaf_index=np.array([-1, -1, 0, 1, -2], np.int32)), "leaf index"),                # negative leaf
+    (dict(leaf_index=np.array([-1, -1, 0, 1, 3], np.int32)), "leaf index"),                 # past the leaves
+    (dict(leaf_value=np.full((3, 3), 1 / 3, np.float32)), "leaf values"),                  # a class past the list
+    (dict(max_depth=65), "tree depth"),
+])
+def test_indices_out_of_range_and_cycles_are_refused(change, match):
+    refused(codec.encode(_tree_meta(**change)), match)
+
+
+def test_a_node_count_far_above_the_bytes_is_refused_before_anything_is_allocated():
+    def claim(header):
+        member = header["meta"]["members"][0]
+        header["arrays"][member["left"]["__array__"]].update(shape=[2**30], nbytes=4 * 2**30)
+
+    refused(rewrite(_tree_meta(), claim), "bad array table")
+
+
+def _trained_member_meta(seed: int = 0) -> dict:
+    """A model of five real scikit-learn trees over 4x4 images, 3 components, 3 classes."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)
+    forest = RandomForestClassifier(n_estimators=5, max_depth=4, random_state=seed).fit(x, y)
+    member = {"projection": 0, **mlwf.model.export_forest(forest, [0, 1, 2], 3)}
+    projection = {"mean": rng.uniform(size=16), "components": rng.normal(size=(3, 16))}
+    return {"format": "mlwf-model", "version": 1, "classes": ["a", "b", "c"], "image_size": 4, "config": {},
+            "metrics": {}, "projections": [projection], "members": [member]}
+
+
+_INTERESTING_INTS = (-2**31, -2, -1, 0, 1, 2, 3, 7, 2**31 - 1)
+_INTERESTING_FLOATS = (np.nan, np.inf, -np.inf, -1.0, 0.0, 1e300, -1e-300)
+
+
+def test_every_mutated_model_is_refused_at_load_or_predicts_the_same_in_both_walks(monkeypatch):
+    """One value of one array changed, a thousand times: each model is refused at load with a ModelError, or
+    both walks (scikit-learn's compiled one and NumPy's) predict every batch with the same probabilities."""
+    import sklearn.tree._tree  # noqa: F401  (the compiled walk is used where scikit-learn is loaded)
+
+    from mlwf.model import walk
+
+    rng = np.random.default_rng(24)
+    pixels = rng.uniform(size=(walk.MIN_ROWS + 8, 16)).astype(np.float32)
+    honest = _trained_member_meta()
+    names = ["roots", "left", "right", "feature", "threshold", "leaf_index", "leaf_value"]
+    loaded = 0
+    for _ in range(1000):
+        meta = {**honest, "members": [dict(honest["members"][0])]}
+        member = meta["members"][0]
+        name = names[rng.integers(len(names))]
+        array = member[name] = member[name].copy()
+        spot = tuple(int(rng.integers(s)) for s in array.shape)
+        if array.dtype.kind == "f":
+            with np.errstate(over="ignore"):  # 1e300 as float32 is inf: one more number to refuse
+                array[spot] = _INTERESTING_FLOATS[rng.integers(len(_INTERESTING_FLOATS))]
+        elif rng.random() < 0.5:
+            array[spot] = _INTERESTING_INTS[rng.integers(len(_INTERESTING_INTS))]
+        else:
+            array[spot] = rng.integers(-3, len(member["left"]) + 3)
+        try:
+            model = mlwf.model.from_bytes(codec.encode(meta), source="mutated.mlwf")
+        except ModelError as e:
+            assert "mutated.mlwf" in str(e) and "\n" not in str(e)
+            continue
+        loaded += 1
+        monkeypatch.setattr(walk, "usable", lambda *a: True)
+        compiled = model.proba_from_pixels(pixels)
+        monkeypatch.setattr(walk, "usable", lambda *a: False)
+        numpy_walk = np.concatenate([model.proba_from_pixels(pixels[i : i + 5]) for i in range(0, len(pixels), 5)])
+        assert np.array_equal(compiled, numpy_walk) and np.all(np.isfinite(compiled))
+    assert 0 < loaded < 1000  # some changes are harmless (a threshold, a leaf value), most are not
+    mlwf.model.from_bytes(codec.encode(honest))
+
+
+def _uint64_tree(meta: dict) -> dict:
+    """``meta`` with its first member's ``right`` and ``feature`` stored as uint64, the values unchanged."""
+    member = meta["members"][0]
+    member["right"], member["feature"] = member["right"].astype(np.uint64), member["feature"].astype(np.uint64)
+    return meta
+
+
+def test_the_uint64_model_is_refused_by_model_serve_which_does_not_start_and_by_model_export(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "uint64.mlwf"
+    path.write_bytes(codec.encode(_uint64_tree(_tree_meta())))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "mlwf.cli", "model", "serve", str(path), "--host", "127.0.0.1",
+                           "--port", "0"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stdout == "" and time.monotonic() - started < 30
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"{path} is corrupt or was tampered with (member 0: 'right' holds uint64" in done.stderr
+    out = tmp_path / "model.onnx"
+    assert main(["model", "export", str(path), "--format", "onnx", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'right' holds uint64, the format holds int32" in err
+    assert not out.exists()
+
+
+def test_the_uint64_model_in_the_store_is_refused_by_ml_inference_before_any_prediction(trained, capsys):
+    engine, report = trained
+    data = engine.store.get(f"ml-inference/model/versions/{report['model_digest']}.mlwf")
+    mlwf.model.publish(engine.store, "ml-inference/uint64", codec.encode(_uint64_tree(codec.decode(data))),
+                       run_id="crafted")
+    before = {o.key for o in engine.store.list()}
+    assert main(["run", "ml-inference", "ml-inference/uint64", BATCH_PREFIX, "2", "--store", engine.spec.url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'right' holds uint64, the format holds int32" in err and "internal" not in err
+    assert not any(k.endswith("predictions.csv") for k in {o.key for o in engine.store.list()} - before)

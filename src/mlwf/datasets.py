@@ -20,24 +20,37 @@ Sources:
 * :func:`write_idx` -- an MNIST-format IDX pair (images + labels), raw or
   gzipped, e.g. MNIST or Fashion-MNIST. :func:`read_idx` reads one IDX file.
 
+Inputs are untrusted. Every path read must be a regular file (or a link to
+one): a FIFO, a device or a directory is refused without being read. An IDX
+file's header is checked against the bytes that can exist before its data is
+read, a gzip file is inflated a chunk at a time and never past what its header
+declares, and the images converted at once are first taken from the process's
+memory budget (:mod:`mlwf.budget`). Nothing is written before every byte of
+both files has been checked, and the PNGs land in ``OUT`` together at the end:
+a failure midway leaves ``OUT`` as it was.
+
 Every problem with the input or the output folder raises
 :class:`mlwf.errors.DataError` with a one-line message: what is wrong, where,
-and what to do.
+and what to do (a budget refusal is :class:`mlwf.budget.BudgetExceeded`).
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
+import shutil
+import stat
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from mlwf import budget
 from mlwf.errors import DataError
 
 __all__ = ["KNOWN_CLASS_NAMES", "check_class_names", "read_class_names", "read_idx", "write_digits", "write_idx"]
@@ -55,6 +68,11 @@ _IDX_TYPE_NAMES = {
     0x0E: "double",
 }
 _MAX_PROGRESS_CALLS = 100
+#: Most bytes an IDX file is inflated by at a time (and read by, raw).
+CHUNK = 1 << 20
+#: Most bytes deflate makes of one compressed byte (a 258-byte match in 2 bits): a gzip file of
+#: ``size`` bytes holds at most ``MAX_DEFLATE_RATIO * size``, known before inflating any of it.
+MAX_DEFLATE_RATIO = 1032
 _DIGITS_SOURCE = "scikit-learn digits (sklearn.datasets.load_digits)"
 
 #: Class names of the standard MNIST-format datasets, by label, as folder names
@@ -85,10 +103,18 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     number of dimensions, then each dimension as a big-endian uint32. The data
     that follows must be exactly the product of the dimensions in bytes.
 
+    Nothing the header declares is believed before it is checked against
+    the bytes that can exist (a raw file's size; a gzip file's size times
+    :data:`MAX_DEFLATE_RATIO`, and the size its trailer records) and against
+    the process's memory budget (:data:`mlwf.budget.MEMORY`); a gzip file is
+    inflated :data:`CHUNK` bytes at a time and refused at its first byte past
+    what the header declares.
+
     Parameters
     ----------
     path : str or os.PathLike
-        Path of the IDX file (e.g. ``train-images-idx3-ubyte.gz``).
+        Path of the IDX file (e.g. ``train-images-idx3-ubyte.gz``): a
+        regular file, or a link to one.
 
     Returns
     -------
@@ -100,41 +126,228 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     Raises
     ------
     DataError
-        If the file does not exist or cannot be read, is not an IDX file (bad
-        magic, header too short, corrupt gzip stream), has a type code other
-        than ``0x08``, or holds more or fewer data bytes than its header
-        declares.
+        If the file does not exist, is not a regular file (a FIFO, a device,
+        a directory) or cannot be read, is not an IDX file (bad magic, header
+        too short, corrupt gzip stream), has a type code other than ``0x08``,
+        or holds more or fewer data bytes than its header declares (trailing
+        bytes and a second gzip member included).
+    BudgetExceeded
+        If the data declared is more than the memory budget allows
+        (``MLWF_MAX_MEMORY``).
     """
-    path = Path(path)
+    with _IdxFile(path) as idx, budget.MEMORY.reserve(idx.nbytes, f"IDX file {idx.path} ({idx.shape_text()})"):
+        return idx.read_items(0, idx.dims[0])
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _open_regular(path: Path, what: str, missing: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, else a :class:`DataError` naming what it is.
+
+    A link to a regular file is fine: a path given on the command line is
+    the user's choice (as the store root may be a link). Anything else is
+    refused without reading it: a FIFO would block until a writer comes, a
+    device such as ``/dev/zero`` never ends. The kind is read with
+    ``os.stat`` before opening, and the open is non-blocking, so a path
+    swapped for a FIFO in between is refused by the ``fstat`` after it
+    rather than waited on.
+    """
+
+    def refuse(mode: int) -> DataError:
+        return DataError(f"{what} {path} is {_kind(mode)}, not a regular file; give the path of a file")
+
     try:
-        with open(path, "rb") as f:
-            if f.read(2) == _GZIP_MAGIC:
-                f.seek(0)
-                with gzip.GzipFile(fileobj=f, mode="rb") as gz:
-                    raw = gz.read()
-                return _parse_idx(memoryview(raw), path)
-            f.seek(0)
-            return _read_raw_idx(f, path)
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise refuse(mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise DataError(
-            f"IDX file {path} does not exist; check the path "
-            "(MNIST-format files are named like train-images-idx3-ubyte.gz)"
-        ) from None
-    except IsADirectoryError:
-        raise DataError(
-            f"IDX path {path} is a directory, not a file; "
-            "pass the path of an IDX file"
-        ) from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(
-            f"IDX file {path} is a corrupt or truncated gzip file ({exc}); "
-            "download it again"
-        ) from None
+        raise DataError(f"{what} {path} does not exist; {missing}") from None
     except OSError as exc:
-        raise DataError(
-            f"cannot read IDX file {path}: {exc.strerror or exc}; "
-            "check that the file is readable"
-        ) from None
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}; check that the file is readable") \
+            from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise refuse(mode)
+    return os.fdopen(fd, "rb")
+
+
+class _IdxFile:
+    """An IDX file opened for reading, raw or gzipped: its header, then its data a chunk at a time.
+
+    Opening reads and checks the header (magic, type code, dimensions) and
+    checks what it declares against the bytes that can exist, before any
+    data is read: a raw file must hold exactly the declared data bytes; a
+    gzip file can hold at most :data:`MAX_DEFLATE_RATIO` times its size, and
+    its trailer's size (modulo 4 GiB) must be the header's. Reading then
+    inflates at most :data:`CHUNK` bytes at a time, and :meth:`read_items`
+    refuses the file at its first byte past the declared data (trailing
+    bytes, a second gzip member).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The IDX file: a regular file, or a link to one.
+
+    Raises
+    ------
+    DataError
+        As :func:`read_idx`, for what the header and the file's size show.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._file = _open_regular(self.path, "IDX file", "check the path "
+                                   "(MNIST-format files are named like train-images-idx3-ubyte.gz)")
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            self.gzipped = self._raw(2) == _GZIP_MAGIC
+            self._file.seek(0)
+            self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.gzipped else None
+            self._pending = b""  # compressed bytes read but not inflated yet
+            self._done = 0  # data bytes read so far
+            ndim = _parse_header(self._read(4), self.path)
+            self.dims: tuple[int, ...] = _dims(self._read(4 * ndim), ndim, self.path)
+            self.start = 4 + 4 * ndim
+            #: Data bytes the header declares.
+            self.nbytes = math.prod(self.dims)
+            self._check_declared()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> _IdxFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def shape_text(self) -> str:
+        """The dimensions as ``60000x28x28``."""
+        return "x".join(str(d) for d in self.dims)
+
+    def _check_declared(self) -> None:
+        if not self.gzipped:
+            if self.size - self.start != self.nbytes:
+                # Checked before reading so a corrupt header cannot trigger a huge read.
+                raise _length_error(self.path, self.dims, self.nbytes, self.size - self.start)
+            return
+        total = self.start + self.nbytes
+        if total > MAX_DEFLATE_RATIO * self.size:
+            raise DataError(
+                f"IDX file {self.path} declares {self.shape_text()} = {self.nbytes:,} data bytes, more than a "
+                f"gzip file of {self.size:,} bytes can hold ({MAX_DEFLATE_RATIO} times its size); "
+                "download it again"
+            )
+        if self.size >= 18:  # the smallest gzip file; a shorter one fails as truncated when read
+            at = self._file.tell()
+            self._file.seek(self.size - 4)
+            (recorded,) = struct.unpack("<I", self._raw(4).rjust(4, b"\0"))
+            self._file.seek(at)
+            if recorded != total % (1 << 32):
+                raise DataError(
+                    f"IDX file {self.path} does not hold what its header declares: {self.shape_text()} = "
+                    f"{self.nbytes:,} data bytes ({total:,} with the header), but its gzip trailer records "
+                    f"{recorded:,} bytes (modulo 4 GiB); it is truncated or corrupt, download it again"
+                )
+
+    def _raw(self, n: int) -> bytes:
+        try:
+            return self._file.read(n)
+        except OSError as exc:
+            raise DataError(f"cannot read IDX file {self.path}: {exc.strerror or exc}; "
+                            "check that the file is readable") from None
+
+    def _read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the file's content (inflated), fewer only where the content ends."""
+        if not self.gzipped:
+            return self._raw(n)
+        parts, got = [], 0
+        inflater = self._inflater
+        try:
+            while got < n and not inflater.eof:
+                if not self._pending:
+                    self._pending = self._raw(CHUNK)
+                    if not self._pending:
+                        raise DataError(f"IDX file {self.path} is a truncated gzip file (its stream ends before "
+                                        "its end marker); download it again")
+                part = inflater.decompress(self._pending, n - got)
+                self._pending = inflater.unconsumed_tail
+                parts.append(part)
+                got += len(part)
+        except zlib.error as exc:
+            raise DataError(f"IDX file {self.path} is a corrupt gzip file ({exc}); download it again") from None
+        return b"".join(parts)
+
+    def _data(self, n: int):
+        """The next ``n`` data bytes, in pieces of at most :data:`CHUNK` bytes."""
+        while n > 0:
+            piece = self._read(min(n, CHUNK))
+            if not piece:
+                self._check_one_stream()
+                raise _length_error(self.path, self.dims, self.nbytes, self._done)
+            self._done += len(piece)
+            n -= len(piece)
+            yield piece
+
+    def read_items(self, first: int, stop: int) -> np.ndarray:
+        """Items ``first`` .. ``stop - 1`` along the first dimension, shaped as the header says.
+
+        The data before and after them is read (inflated) and dropped, and the
+        file must end where its header says, so the items come from a file
+        whose every byte was checked. Call it once.
+
+        Raises
+        ------
+        DataError
+            If the data ends early or goes on past what the header declares
+            (bytes after the data, after the gzip stream, a second gzip member).
+        """
+        item = math.prod(self.dims[1:])
+        out = np.empty((stop - first) * item, dtype=np.uint8)
+        for _ in self._data(first * item):
+            pass
+        at = 0
+        for piece in self._data(len(out)):
+            out[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            at += len(piece)
+        for _ in self._data(self.nbytes - stop * item):
+            pass
+        self._check_end()
+        return out.reshape((stop - first, *self.dims[1:]))
+
+    def _check_end(self) -> None:
+        """Refuse anything after the declared data: more content, bytes after the gzip stream, a second member."""
+        more = self._read(1)
+        if more:
+            raise DataError(
+                f"IDX file {self.path} is longer than its header says: the header declares "
+                f"{self.shape_text()} = {self.nbytes:,} data bytes and more follow; download it again"
+            )
+        self._check_one_stream()
+
+    def _check_one_stream(self) -> None:
+        """Refuse bytes after the gzip stream (a second member, padding, garbage): a file is one stream."""
+        if self.gzipped and self._inflater.eof:
+            after = self._inflater.unused_data + self._raw(2)
+            if after:
+                extra = "a second gzip member" if after.startswith(_GZIP_MAGIC) else "bytes"
+                declared = f"the {self.nbytes:,} data bytes its header declares"
+                where = f"past {declared}" if self._done == self.nbytes else \
+                    f"which ends {self._done:,} bytes into {declared}"
+                raise DataError(
+                    f"IDX file {self.path} holds {extra} after its gzip stream, {where}; mlwf reads one gzip "
+                    "stream: download the file again, or gunzip it and pass the raw file"
+                )
 
 
 def _parse_header(head: bytes, path: Path) -> int:
@@ -176,34 +389,6 @@ def _length_error(path: Path, dims: tuple[int, ...], expected: int, got: int) ->
         f"IDX file {path} is {what}: header declares {shape}{expected} "
         f"data bytes but the file holds {got}; download it again"
     )
-
-
-def _parse_idx(buf: memoryview, path: Path) -> np.ndarray:
-    """Parse a complete (decompressed) IDX file held in memory."""
-    ndim = _parse_header(bytes(buf[:4]), path)
-    dims = _dims(bytes(buf[4 : 4 + 4 * ndim]), ndim, path)
-    start = 4 + 4 * ndim
-    expected = math.prod(dims)
-    got = len(buf) - start
-    if got != expected:
-        raise _length_error(path, dims, expected, got)
-    return np.frombuffer(buf, dtype=np.uint8, offset=start).reshape(dims)
-
-
-def _read_raw_idx(f, path: Path) -> np.ndarray:
-    """Parse an uncompressed IDX file, reading only the bytes it declares."""
-    ndim = _parse_header(f.read(4), path)
-    dims = _dims(f.read(4 * ndim), ndim, path)
-    start = 4 + 4 * ndim
-    expected = math.prod(dims)
-    got = os.fstat(f.fileno()).st_size - start
-    if got != expected:
-        # Checked before reading so a corrupt header cannot trigger a huge read.
-        raise _length_error(path, dims, expected, got)
-    data = f.read(expected)
-    if len(data) != expected:  # file shrank while we read it
-        raise _length_error(path, dims, expected, len(data))
-    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 # --------------------------------------------------------------------------
@@ -310,12 +495,18 @@ def write_idx(
     ------
     DataError
         If a class name is not usable, or a label has no name;
-        if a file is missing, unreadable, not an 8-bit IDX file or truncated
-        (see :func:`read_idx`); the images file is not 3-dimensional or the
+        if a file is missing, not a regular file, unreadable, not an 8-bit
+        IDX file, or holds more or less than its header declares (see
+        :func:`read_idx`); the images file is not 3-dimensional or the
         labels file not 1-dimensional; the counts differ; ``n`` is not a
         positive int or larger than the images available after ``offset``;
         ``offset`` is not an int in ``[0, count)``; ``out`` exists and is not
-        a directory, or a file cannot be written.
+        a directory, a file is in the way of a class folder, or a file cannot
+        be written. Nothing is left in ``out`` then.
+    BudgetExceeded
+        If the ``n`` images (and labels) asked for take more memory than the
+        budget allows (``MLWF_MAX_MEMORY``, ``--max-memory``): convert them
+        in parts with ``n`` and ``offset``, or raise it.
     """
     images_path, labels_path, out = Path(images_path), Path(labels_path), Path(out)
     n = _check_n(n, images_path)
@@ -329,55 +520,59 @@ def write_idx(
         class_names = check_class_names(class_names)
     _check_out(out)
 
-    images = read_idx(images_path)
-    if images.ndim != 3:
-        raise DataError(
-            f"IDX images file {images_path} has {images.ndim} dimension(s) "
-            f"{images.shape}, expected 3 (count, rows, cols); "
-            "pass the images file (idx3) first and the labels file (idx1) second"
-        )
-    if images.shape[1] == 0 or images.shape[2] == 0:
-        raise DataError(
-            f"IDX images file {images_path} has empty images of "
-            f"{images.shape[1]}x{images.shape[2]} pixels; pass a valid images file"
-        )
-    labels = read_idx(labels_path)
-    if labels.ndim != 1:
-        raise DataError(
-            f"IDX labels file {labels_path} has {labels.ndim} dimension(s) "
-            f"{labels.shape}, expected 1 (count); "
-            "pass the labels file (idx1) second"
-        )
-    count = images.shape[0]
-    if labels.shape[0] != count:
-        raise DataError(
-            f"IDX files do not match: {images_path} holds {count} images but "
-            f"{labels_path} holds {labels.shape[0]} labels; "
-            "pass the labels file that belongs to these images"
-        )
-    if count == 0:
-        raise DataError(
-            f"IDX images file {images_path} holds no images; pass a non-empty file"
-        )
-    if not 0 <= offset < count:
-        raise DataError(
-            f"offset {offset} is out of range for {images_path}, which holds "
-            f"{count} images; pass an offset from 0 to {count - 1}"
-        )
-    stop = _stop(offset, n, count, images_path)
-    if class_names is not None:
-        top = int(labels[offset:stop].max())
-        if top >= len(class_names):
-            first = offset + int(np.argmax(labels[offset:stop] >= len(class_names)))
+    with _IdxFile(images_path) as images, _IdxFile(labels_path) as labels:
+        if len(images.dims) != 3:
             raise DataError(
-                f"label {int(labels[first])} of image {first} in {labels_path} has no class name: "
-                f"{len(class_names)} names were given (labels 0 to {len(class_names) - 1}); "
-                "give a name for every label"
+                f"IDX images file {images_path} has {len(images.dims)} dimension(s) "
+                f"{images.dims}, expected 3 (count, rows, cols); "
+                "pass the images file (idx3) first and the labels file (idx1) second"
             )
-    return _write_images(
-        out, images[offset:stop], labels[offset:stop], offset,
-        _index_width(count), progress, class_names,
-    )
+        count, rows, cols = images.dims
+        if rows == 0 or cols == 0:
+            raise DataError(
+                f"IDX images file {images_path} has empty images of "
+                f"{rows}x{cols} pixels; pass a valid images file"
+            )
+        if len(labels.dims) != 1:
+            raise DataError(
+                f"IDX labels file {labels_path} has {len(labels.dims)} dimension(s) "
+                f"{labels.dims}, expected 1 (count); "
+                "pass the labels file (idx1) second"
+            )
+        if labels.dims[0] != count:
+            raise DataError(
+                f"IDX files do not match: {images_path} holds {count} images but "
+                f"{labels_path} holds {labels.dims[0]} labels; "
+                "pass the labels file that belongs to these images"
+            )
+        if count == 0:
+            raise DataError(
+                f"IDX images file {images_path} holds no images; pass a non-empty file"
+            )
+        if not 0 <= offset < count:
+            raise DataError(
+                f"offset {offset} is out of range for {images_path}, which holds "
+                f"{count} images; pass an offset from 0 to {count - 1}"
+            )
+        stop = _stop(offset, n, count, images_path)
+        # Only the images asked for are held (the rest is read and dropped), taken from the budget first.
+        held = (stop - offset) * (rows * cols + 1)
+        with budget.MEMORY.reserve(held, f"images {offset} to {stop - 1} of {images_path} ({stop - offset} "
+                                         f"of {rows}x{cols} pixels; convert fewer with --n and --offset)"):
+            chosen_labels = labels.read_items(offset, stop)
+            if class_names is not None:
+                top = int(chosen_labels.max())
+                if top >= len(class_names):
+                    first = offset + int(np.argmax(chosen_labels >= len(class_names)))
+                    raise DataError(
+                        f"label {int(chosen_labels[first - offset])} of image {first} in {labels_path} has no "
+                        f"class name: {len(class_names)} names were given (labels 0 to {len(class_names) - 1}); "
+                        "give a name for every label"
+                    )
+            chosen_images = images.read_items(offset, stop)
+            # Every byte of both files is checked before the first image is written.
+            return _write_images(out, chosen_images, chosen_labels, offset, _index_width(count), progress,
+                                 class_names)
 
 
 # --------------------------------------------------------------------------
@@ -444,25 +639,24 @@ def read_class_names(path: str | os.PathLike[str]) -> list[str]:
     Raises
     ------
     DataError
-        If the file cannot be read, is not UTF-8 text, or a name is not usable.
+        If the file does not exist, is not a regular file (a FIFO, a device,
+        a directory; a link to a file is fine), cannot be read, is larger
+        than 256 KiB, is not UTF-8 text, or a name is not usable.
     """
     path = Path(path)
+    with _open_regular(path, "class names file", "give a text file with one name per line, or --names "
+                       + "|".join(KNOWN_CLASS_NAMES)) as f:
+        try:
+            raw = f.read(_MAX_NAMES_FILE + 1)  # bounded: the file may be huge
+        except OSError as exc:
+            raise DataError(f"cannot read class names file {path}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_NAMES_FILE:
+        raise DataError(f"class names file {path} is larger than {_MAX_NAMES_FILE // 1024} KiB; "
+                        "give a text file with one short name per label")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_NAMES_FILE + 1)  # bounded: the path may be a device or a huge file
-        if len(raw) > _MAX_NAMES_FILE:
-            raise DataError(f"class names file {path} is larger than {_MAX_NAMES_FILE // 1024} KiB; "
-                            "give a text file with one short name per label")
         text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"class names file {path} does not exist; give a text file with one name per "
-                        "line, or --names " + "|".join(KNOWN_CLASS_NAMES)) from None
-    except IsADirectoryError:
-        raise DataError(f"class names path {path} is a directory; give a text file") from None
     except UnicodeDecodeError:
         raise DataError(f"class names file {path} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"cannot read class names file {path}: {exc.strerror or exc}") from None
     lines = text.split("\n")
     if lines and lines[-1].strip() == "":
         lines.pop()  # the newline that ends the last line
@@ -524,33 +718,66 @@ def _write_images(
     progress: ProgressFn | None,
     class_names: list[str] | None = None,
 ) -> int:
-    """Write ``images[i]`` as ``out/<name of labels[i]>/<first_index + i>.png``."""
+    """Write ``images[i]`` as ``out/<name of labels[i]>/<first_index + i>.png``, all of them or none.
+
+    The PNGs are written into a hidden folder inside ``out`` (hidden, so
+    ``mlwf s3 upload-dir`` leaves it out) and moved into place once every one
+    is written: a failure midway (a full disk, an interrupt) leaves ``out``
+    as it was, with no half-written PNG and no partial set; a folder this
+    call created is removed again.
+    """
     total = len(images)
     step = max(1, math.ceil(total / _MAX_PROGRESS_CALLS))
     if class_names is None:
         label_names = [str(int(v)) for v in labels]
     else:
         label_names = [class_names[int(v)] for v in labels]
-    folders: dict[str, Path] = {}
+    names = sorted(set(label_names))
+    created = [folder for folder in (out, *out.parents) if not os.path.lexists(folder)]
     target = out
+    staging = None
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in sorted(set(label_names)):
-            target = out / name
-            target.mkdir(exist_ok=True)
-            folders[name] = target
-    except OSError as exc:
-        raise _write_error(target, out, exc) from None
-    for i in range(total):
-        target = folders[label_names[i]] / f"{first_index + i:0{width}d}.png"
-        image = Image.fromarray(np.ascontiguousarray(images[i]), mode="L")
         try:
-            image.save(target, **_PNG_OPTIONS)
+            out.mkdir(parents=True, exist_ok=True)
+            for name in names:  # what is in the way is refused before anything is written
+                target = out / name
+                if os.path.lexists(target) and not target.is_dir():
+                    raise DataError(f"{target} is in the way: a file where the class folder {name!r} goes; "
+                                    "move it or choose another output folder")
+            target = out
+            staging = Path(tempfile.mkdtemp(prefix=".mlwf-writing-", dir=out))
+            for name in names:
+                target = staging / name
+                target.mkdir()
+            for i in range(total):
+                target = staging / label_names[i] / f"{first_index + i:0{width}d}.png"
+                Image.fromarray(np.ascontiguousarray(images[i]), mode="L").save(target, **_PNG_OPTIONS)
+                done = i + 1
+                if progress is not None and (done % step == 0 or done == total):
+                    progress(done, total)
+            for name in names:
+                target = out / name
+                if not os.path.lexists(target):
+                    os.rename(staging / name, target)  # a new class folder: one rename
+                    continue
+                for png in sorted(os.listdir(staging / name)):
+                    target = out / name / png
+                    os.replace(staging / name / png, target)
         except OSError as exc:
             raise _write_error(target, out, exc) from None
-        done = i + 1
-        if progress is not None and (done % step == 0 or done == total):
-            progress(done, total)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging = None
+        for folder in created:  # deepest first; only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return total
 
 

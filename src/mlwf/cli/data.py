@@ -30,6 +30,9 @@ def add_parsers(sub) -> None:
                             "(default: label numbers 0, 1, …)")
     names.add_argument("--names-file", metavar="FILE",
                        help="name the class folders from FILE: one name per line, label 0 first")
+    di.add_argument("--max-memory", metavar="SIZE",
+                    help="most memory the images converted at once may take (default MLWF_MAX_MEMORY or 512MiB); "
+                         "convert more in parts with --n and --offset")
     di.add_argument("--json", action="store_true")
     di.add_argument("--debug", action="store_true")
 
@@ -67,6 +70,13 @@ def dataset(args) -> int:
         if args.dataset == "digits":
             n = datasets.write_digits(args.out, n=args.n, progress=progress)
         else:
+            from mlwf import budget
+            from mlwf.settings import Settings
+
+            # The images converted are held at once: taken from this process's budget before they are read.
+            flag = args.max_memory
+            budget.configure(budget.parse_size(flag, budget.FLAG) if flag is not None
+                             else Settings.resolve().max_memory)
             if args.names_file is not None:
                 class_names = datasets.read_class_names(args.names_file)
             else:

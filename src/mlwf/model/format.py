@@ -33,6 +33,14 @@ MAX_HEADER_BYTES = 8 << 20
 MAX_HEADER_DEPTH = 8
 #: Control characters, never allowed in a class name or a manifest's text fields.
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: The one dtype of each array of a projection and of a member, as :func:`to_bytes` writes them
+#: (:func:`mlwf.model.export_forest`, training's PCA). Another dtype is refused, never cast: a cast
+#: would hide a file no mlwf wrote, and the walks index with these arrays as they are (an unsigned
+#: index mixed with a signed one becomes a float; a narrow one overflows).
+PROJECTION_DTYPES = {"mean": np.dtype("<f8"), "components": np.dtype("<f8")}
+MEMBER_DTYPES = {"roots": np.dtype("<i4"), "left": np.dtype("<i4"), "right": np.dtype("<i4"),
+                 "feature": np.dtype("<i4"), "threshold": np.dtype("<f8"), "leaf_index": np.dtype("<i4"),
+                 "leaf_value": np.dtype("<f4")}
 
 
 def to_bytes(model: Model) -> bytes:
@@ -84,6 +92,13 @@ def from_bytes(data: bytes | memoryview, *, source: str = "model", digest: str |
 
     Every number must be finite (thresholds, projections, leaf values, and
     the JSON metadata); class names are text without control characters.
+    Every array has the one dtype the format defines (:data:`MEMBER_DTYPES`,
+    :data:`PROJECTION_DTYPES`): another is refused, never cast. Every index
+    lies in range (children, roots, the leaf rows, and the feature of every
+    node, leaves included) and each tree is a tree: a child comes after its
+    parent in the same tree, each node has exactly one parent. So prediction,
+    in either walk (:mod:`mlwf.model.walk`), takes at most ``max_depth``
+    steps per image and tree and reads only inside its arrays, on any batch.
 
     Raises
     ------
@@ -169,7 +184,13 @@ def _check(model: Model, source: str) -> None:
     """
 
     def bad(why: str):
-        raise ModelError(f"{source} is corrupt or was tampered with ({why}); refusing to use it")
+        raise ModelError(f"{source} is corrupt or was tampered with ({why}); refusing to use it: "
+                         "retrain with 'mlwf run ml-training'")
+
+    def bad_dtype(where: str, arrays: dict[str, np.ndarray], dtypes: dict[str, np.dtype]):
+        for name, array in arrays.items():
+            if array.dtype != dtypes[name]:
+                bad(f"{where}: {name!r} holds {array.dtype}, the format holds {dtypes[name]}")
 
     if not isinstance(model.config, dict) or not isinstance(model.metrics, dict):
         bad("config or metrics")
@@ -203,72 +224,83 @@ def _check(model: Model, source: str) -> None:
     if n_trees > MAX_TREES:
         bad(f"{n_trees:,} trees, more than the {MAX_TREES:,} allowed")
     d = model.image_size**2
-    for p in model.projections:
+    for i, p in enumerate(model.projections):
         if not isinstance(p, dict):
             bad("projection")
         mean, comp = p.get("mean"), p.get("components")
         if not isinstance(mean, np.ndarray) or not isinstance(comp, np.ndarray):
             bad("projection arrays")
+        bad_dtype(f"projection {i}", {"mean": mean, "components": comp}, PROJECTION_DTYPES)
         if mean.shape != (d,) or comp.ndim != 2 or comp.shape[1] != d or not 1 <= comp.shape[0] <= min(d, MAX_COMPONENTS):
             bad("projection shape")
-        if not (np.issubdtype(mean.dtype, np.floating) and np.issubdtype(comp.dtype, np.floating)):
-            bad("projection dtype")
         if not (np.isfinite(mean).all() and np.isfinite(comp).all()):
             bad("projection: a number is not finite")
     n_classes = len(classes)
     used = np.zeros(len(model.projections), dtype=bool)
-    for m in model.members:
+    for j, m in enumerate(model.members):
         try:
             pi = m["projection"]
             depth = m["max_depth"]
-            roots, left, right = m["roots"], m["left"], m["right"]
-            feature, threshold = m["feature"], m["threshold"]
-            leaf_index, leaf_value = m["leaf_index"], m["leaf_value"]
+            arrays = {name: m[name] for name in MEMBER_DTYPES}
         except (KeyError, TypeError):
             bad("member fields")
         if not is_int(pi, 0, len(model.projections) - 1):
             bad("member projection")
         used[pi] = True
         k = model.projections[pi]["components"].shape[0]
-        arrays = (roots, left, right, feature, threshold, leaf_index, leaf_value)
-        if not all(isinstance(a, np.ndarray) for a in arrays):
+        if not all(isinstance(a, np.ndarray) for a in arrays.values()):
             bad("member arrays")
+        bad_dtype(f"member {j}", arrays, MEMBER_DTYPES)
+        roots, left, right = arrays["roots"], arrays["left"], arrays["right"]
+        feature, threshold = arrays["feature"], arrays["threshold"]
+        leaf_index, leaf_value = arrays["leaf_index"], arrays["leaf_value"]
         n = len(left)
         if not is_int(depth, 0, 64) or n == 0:
             bad("tree depth")
         if n > MAX_NODES_PER_MEMBER:
             bad(f"{n:,} nodes in one member, more than the {MAX_NODES_PER_MEMBER:,} allowed")
-        if any(a.ndim != 1 or len(a) != n for a in (right, feature, threshold, leaf_index)) or roots.ndim != 1:
+        if any(a.ndim != 1 or len(a) != n for a in (left, right, feature, threshold, leaf_index)) or roots.ndim != 1:
             bad("tree array lengths")
-        if not all(np.issubdtype(a.dtype, np.integer) for a in (roots, left, right, feature, leaf_index)):
-            bad("tree array dtypes")
-        if not (np.issubdtype(threshold.dtype, np.floating) and np.issubdtype(leaf_value.dtype, np.floating)):
-            bad("tree array dtypes")
         if not np.isfinite(threshold).all():
             bad("tree thresholds: a number is not finite")
         ids = np.arange(n)
         leaf = left == ids
-        internal = ~leaf
+        # The internal nodes and their children, taken once: every check below reads them.
+        inner = np.flatnonzero(~leaf)
+        kids_left, kids_right = left[inner], right[inner]
         # Children come after their parent (no cycles) and stay in range.
-        if np.any(leaf != (right == ids)) or np.any(left[internal] <= ids[internal]) \
-                or np.any(right[internal] <= ids[internal]) or np.any(left >= n) or np.any(right >= n):
+        if np.any(leaf != (right == ids)) or np.any(kids_left <= inner) or np.any(kids_right <= inner) \
+                or np.any(kids_left >= n) or np.any(kids_right >= n):
             bad("tree links")
-        if np.any(feature[internal] < 0) or np.any(feature[internal] >= k) or np.any(feature < 0):
-            bad("tree features")
+        # Leaves too: the NumPy walk reads a leaf's feature at every level below it.
+        if np.any(feature < 0) or np.any(feature >= k):
+            bad(f"tree features: member {j} reads a feature outside its projection's {k} components")
         if roots.size == 0 or np.any(roots < 0) or np.any(roots >= n) or roots[0] != 0 \
                 or np.any(np.diff(roots) <= 0):
             bad("tree roots")
-        n_leaves = int(leaf.sum())
+        # A tree, not a graph: each node the child of exactly one node, a root of none. Children
+        # shared by several parents would double the nodes at each level of a walk (2**64 at depth 64).
+        parents = np.bincount(np.concatenate([kids_left, kids_right]), minlength=n)
+        is_root = np.zeros(n, dtype=bool)
+        is_root[roots] = True
+        if np.any(parents[is_root] != 0):
+            bad(f"tree links: in member {j} a root is the child of another node")
+        if np.any(parents[~is_root] > 1):
+            node = int(np.flatnonzero((parents > 1) & ~is_root)[0])
+            bad(f"tree links: in member {j} node {node} is the child of {int(parents[node])} nodes, "
+                "a tree's node has one parent")
+        n_leaves = n - len(inner)
         if leaf_value.shape != (n_leaves, n_classes) or not np.all(np.isfinite(leaf_value)) \
                 or np.any(leaf_value < 0):
             bad("leaf values")
-        if np.any(leaf_index[internal] != -1) or np.any(np.sort(leaf_index[leaf]) != np.arange(n_leaves)):
+        if np.any(leaf_index[inner] != -1) or np.any(np.sort(leaf_index[leaf]) != np.arange(n_leaves)):
             bad("leaf index")
-        # Every node must be reachable within max_depth steps of its tree's root.
-        tree_end = np.append(roots[1:], n)
-        owner = np.searchsorted(roots, ids, side="right") - 1
-        if np.any(left[internal] >= tree_end[owner[internal]]) or np.any(right[internal] >= tree_end[owner[internal]]):
+        # A child stays in its parent's tree (scikit-learn's walk numbers nodes within a tree).
+        tree_end = np.append(roots[1:], n)[np.searchsorted(roots, inner, side="right") - 1]
+        if np.any(kids_left >= tree_end) or np.any(kids_right >= tree_end):
             bad("tree links cross trees")
+        # Every node must be reachable within max_depth steps of its tree's root.
+        internal = ~leaf
         node_depth = np.full(n, -1, dtype=np.int64)
         node_depth[roots] = 0
         frontier = roots
