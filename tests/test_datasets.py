@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,11 +372,14 @@ def test_write_idx_progress_is_throttled(tmp_path):
     assert calls[-1] == (250, 250)
 
 
-def test_write_idx_overwrites_into_existing_folder(tmp_path):
+def test_write_idx_replaces_another_data_set_only_when_told(tmp_path):
     out = tmp_path / "out"
     write_digits(out, n=10)  # another dataset's PNGs already there
     ip, lp, images, labels = make_pair(tmp_path, count=10)
-    assert write_idx(ip, lp, out) == 10
+    with pytest.raises(DataError, match="--overwrite"):
+        write_idx(ip, lp, out)
+    assert write_idx(ip, lp, out, overwrite=True) == 10
+    assert len(pngs(out)) == 10
     for i in range(10):
         np.testing.assert_array_equal(read_png(out / str(int(labels[i])) / f"{i:05d}.png"), images[i])
 
@@ -513,9 +519,11 @@ def test_write_idx_label_folder_is_file(tmp_path):
     out.mkdir()
     blocker = out / str(int(labels[0]))
     blocker.write_text("in the way")
-    with pytest.raises(DataError) as exc:
-        write_idx(ip, lp, out)
-    assert_one_line_naming(exc, blocker)
+    for overwrite in (False, True):  # a file is never removed to make room
+        with pytest.raises(DataError) as exc:
+            write_idx(ip, lp, out, overwrite=overwrite)
+        assert_one_line_naming(exc, blocker)
+    assert blocker.read_text() == "in the way"
 
 
 def test_write_idx_empty_files(tmp_path):
@@ -611,3 +619,94 @@ def test_unreadable_names_file_is_one_line(tmp_path, make, match):
     with pytest.raises(DataError, match=match) as info:
         read_class_names(path)
     assert_one_line_naming(info, path)
+
+
+# --------------------------------------------------------------------------
+# An output folder that already holds another data set
+# --------------------------------------------------------------------------
+
+
+def test_a_folder_holding_another_data_set_is_refused_and_left_as_it_was(tmp_path):
+    out = tmp_path / "train"
+    write_digits(out, n=50)  # class folders 0..9
+    before = tree_bytes(out)
+    images = np.arange(20 * 4 * 4, dtype=np.uint8).reshape(20, 4, 4)
+    ip = write_idx_file(tmp_path / "i-idx3-ubyte", images)
+    lp = write_idx_file(tmp_path / "l-idx1-ubyte", np.arange(20, dtype=np.uint8) % 10)
+    with pytest.raises(DataError) as exc:
+        write_idx(ip, lp, out, class_names=KNOWN_CLASS_NAMES["fashion-mnist"])
+    msg = assert_one_line_naming(exc, out)
+    assert "--overwrite" in msg and "already holds" in msg and "mix" in msg
+    assert tree_bytes(out) == before
+    assert [p.name for p in out.iterdir()] and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_more_images_of_the_same_set_are_refused_too_but_the_same_files_again_are_not(tmp_path):
+    out = tmp_path / "d"
+    write_digits(out, n=60)
+    write_digits(out, n=60)  # the same files: replaced, not refused
+    write_digits(out, n=80)  # a superset: nothing else in out
+    with pytest.raises(DataError, match=r"already holds 20 entries"):
+        write_digits(out, n=60)  # 60..79 would stay behind
+    assert len(pngs(out)) == 80
+
+
+def test_overwrite_replaces_what_the_folder_holds(tmp_path):
+    out = tmp_path / "train"
+    write_digits(out, n=50)
+    (out / ".hidden-note").write_text("kept")  # hidden entries are not data: left alone
+    images = np.arange(20 * 4 * 4, dtype=np.uint8).reshape(20, 4, 4)
+    ip = write_idx_file(tmp_path / "i-idx3-ubyte", images)
+    lp = write_idx_file(tmp_path / "l-idx1-ubyte", np.arange(20, dtype=np.uint8) % 10)
+    assert write_idx(ip, lp, out, class_names=KNOWN_CLASS_NAMES["fashion-mnist"], overwrite=True) == 20
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        sorted(KNOWN_CLASS_NAMES["fashion-mnist"])
+    assert len(pngs(out)) == 20
+    assert (out / ".hidden-note").read_text() == "kept"
+
+
+@pytest.mark.parametrize("kind", ["link", "nested"])
+def test_overwrite_never_removes_what_is_not_a_class_folder_of_files(tmp_path, kind):
+    out = tmp_path / "train"
+    write_digits(out, n=30)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    if kind == "link":
+        (out / "notes").symlink_to(precious)
+    else:
+        (out / "project").mkdir()
+        (out / "project" / "src").mkdir()
+    before = tree_bytes(out)
+    with pytest.raises(DataError) as exc:
+        write_digits(out, n=10, overwrite=True)
+    assert "--overwrite removes only class folders" in assert_one_line_naming(exc, out)
+    assert tree_bytes(out) == before
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_output_folder_is_refused(tmp_path, blank, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="is blank"):
+        write_digits(blank, n=5, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_idx_command_says_to_add_overwrite(tmp_path):
+    out = tmp_path / "train"
+    write_digits(out, n=20)
+    images = np.zeros((10, 4, 4), dtype=np.uint8)
+    ip = write_idx_file(tmp_path / "i-idx3-ubyte", images)
+    lp = write_idx_file(tmp_path / "l-idx1-ubyte", np.arange(10, dtype=np.uint8))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "mlwf.cli", "dataset", "idx", str(ip), str(lp), str(out),
+                           "--names", "fashion-mnist"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--overwrite" in lines[0], proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mlwf.cli", "dataset", "idx", str(ip), str(lp), str(out),
+                           "--names", "fashion-mnist", "--overwrite"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(KNOWN_CLASS_NAMES["fashion-mnist"])

@@ -400,6 +400,7 @@ def write_digits(
     out: str | os.PathLike[str],
     n: int | None = None,
     *,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> int:
     """Write scikit-learn's bundled digits as ``OUT/<label>/<index>.png``.
@@ -412,8 +413,15 @@ def write_digits(
     Parameters
     ----------
     out : str or os.PathLike
-        Output folder. Created if missing; existing files other than the ones
-        written here are left alone, same-named files are overwritten.
+        Output folder. Created if missing. If it already holds anything this
+        call does not write (other class folders, other images: another data
+        set, or more of this one), it is refused unless ``overwrite``; the
+        same files written again are replaced.
+    overwrite : bool, default=False
+        Replace what ``out`` holds with the images written here: class
+        folders and images this call does not write are removed once every
+        new image is written. Only class folders of files are removed; any
+        other entry (a link, a nested folder) is refused, never deleted.
     n : int or None, default=None
         Write only the first ``n`` images. ``None`` writes all 1,797.
     progress : callable or None, default=None
@@ -428,12 +436,13 @@ def write_digits(
     Raises
     ------
     DataError
-        If ``n`` is not a positive int or exceeds 1,797, or ``out`` exists
-        and is not a directory, or a file cannot be written.
+        If ``n`` is not a positive int or exceeds 1,797, ``out`` is blank,
+        exists and is not a directory, holds other data (without
+        ``overwrite``), or a file cannot be written.
     """
     from sklearn.datasets import load_digits
 
-    out = Path(out)
+    out = _output_folder(out)
     n = _check_n(n, _DIGITS_SOURCE)
     _check_out(out)
     digits = load_digits()
@@ -442,7 +451,7 @@ def write_digits(
     pixels = np.rint(digits.images[:stop] * (255.0 / 16.0))
     images = np.clip(pixels, 0, 255).astype(np.uint8)
     labels = np.asarray(digits.target[:stop])
-    return _write_images(out, images, labels, 0, _index_width(count), progress)
+    return _write_images(out, images, labels, 0, _index_width(count), progress, overwrite=overwrite)
 
 
 def write_idx(
@@ -453,6 +462,7 @@ def write_idx(
     offset: int = 0,
     *,
     class_names=None,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> int:
     """Write an MNIST-format IDX image/label pair as ``OUT/<label>/<index>.png``.
@@ -470,8 +480,15 @@ def write_idx(
     labels_path : str or os.PathLike
         IDX file of labels with 1 dimension (count), same count as images.
     out : str or os.PathLike
-        Output folder. Created if missing; existing files other than the ones
-        written here are left alone, same-named files are overwritten.
+        Output folder. Created if missing. If it already holds anything this
+        call does not write (other class folders, other images: another data
+        set, or more of this one), it is refused unless ``overwrite``; the
+        same files written again are replaced.
+    overwrite : bool, default=False
+        Replace what ``out`` holds with the images written here: class
+        folders and images this call does not write are removed once every
+        new image is written. Only class folders of files are removed; any
+        other entry (a link, a nested folder) is refused, never deleted.
     n : int or None, default=None
         Number of images to write. ``None`` writes all images from
         ``offset`` to the end. Never clipped: asking for more than are
@@ -500,15 +517,16 @@ def write_idx(
         :func:`read_idx`); the images file is not 3-dimensional or the
         labels file not 1-dimensional; the counts differ; ``n`` is not a
         positive int or larger than the images available after ``offset``;
-        ``offset`` is not an int in ``[0, count)``; ``out`` exists and is not
-        a directory, a file is in the way of a class folder, or a file cannot
-        be written. Nothing is left in ``out`` then.
+        ``offset`` is not an int in ``[0, count)``; ``out`` is blank, exists
+        and is not a directory, holds other data (without ``overwrite``), a
+        file is in the way of a class folder, or a file cannot be written.
+        Nothing is left in ``out`` then.
     BudgetExceeded
         If the ``n`` images (and labels) asked for take more memory than the
         budget allows (``MLWF_MAX_MEMORY``, ``--max-memory``): convert them
         in parts with ``n`` and ``offset``, or raise it.
     """
-    images_path, labels_path, out = Path(images_path), Path(labels_path), Path(out)
+    images_path, labels_path, out = Path(images_path), Path(labels_path), _output_folder(out)
     n = _check_n(n, images_path)
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
         raise DataError(
@@ -572,7 +590,7 @@ def write_idx(
             chosen_images = images.read_items(offset, stop)
             # Every byte of both files is checked before the first image is written.
             return _write_images(out, chosen_images, chosen_labels, offset, _index_width(count), progress,
-                                 class_names)
+                                 class_names, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------
@@ -697,6 +715,49 @@ def _stop(offset: int, n: int | None, count: int, source) -> int:
     return offset + n
 
 
+def _output_folder(out) -> Path:
+    """``out`` as a path; a blank one is refused (``Path("")`` would be the current folder)."""
+    if not str(out).strip():
+        raise DataError(f"the output folder {str(out)!r} is blank; name the folder to write the class folders into")
+    return Path(out)
+
+
+def _other_entries(out: Path, files: dict[str, set[str]]) -> list[Path]:
+    """What ``out`` holds that writing ``files`` (class name → PNG names) would not: whole folders or
+    files at the top, images inside a class folder that is written. Hidden entries (``.…``, such as
+    an interrupted call's staging folder) are not data: ``upload-dir`` leaves them out."""
+    if not out.is_dir():
+        return []
+    others = []
+    for entry in sorted(os.scandir(out), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        written = files.get(entry.name)
+        if written is None or not entry.is_dir(follow_symlinks=False):
+            others.append(Path(entry.path))
+            continue
+        others.extend(Path(inner.path) for inner in sorted(os.scandir(entry.path), key=lambda e: e.name)
+                      if not inner.name.startswith(".") and inner.name not in written)
+    return others
+
+
+def _check_removable(path: Path, out: Path) -> None:
+    """``--overwrite`` removes class folders of files and files in them, nothing else: refuse the rest."""
+    in_class_folder = path.parent != out
+    what = "a link" if path.is_symlink() else None
+    if what is None and path.is_dir():
+        inner = [e for e in os.scandir(path) if not e.is_file(follow_symlinks=False)]
+        if in_class_folder:
+            what = "a folder inside a class folder"
+        elif inner:
+            what = f"a folder that holds {inner[0].name!r}, which is not a file"
+    elif what is None and not (in_class_folder and path.is_file()):
+        what = "not a class folder" if not in_class_folder else "not a regular file"
+    if what is not None:
+        raise DataError(f"{path} is {what}: --overwrite removes only class folders of images in {out}; "
+                        "move it away or choose another output folder")
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(
@@ -717,8 +778,15 @@ def _write_images(
     width: int,
     progress: ProgressFn | None,
     class_names: list[str] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> int:
     """Write ``images[i]`` as ``out/<name of labels[i]>/<first_index + i>.png``, all of them or none.
+
+    An ``out`` that holds anything else (another data set's class folders,
+    more images of this one) is refused before anything is written: training
+    would learn both. With ``overwrite`` those entries are removed, after
+    every new image is written.
 
     The PNGs are written into a hidden folder inside ``out`` (hidden, so
     ``mlwf s3 upload-dir`` leaves it out) and moved into place once every one
@@ -733,18 +801,27 @@ def _write_images(
     else:
         label_names = [class_names[int(v)] for v in labels]
     names = sorted(set(label_names))
+    files: dict[str, set[str]] = {name: set() for name in names}
+    for i, name in enumerate(label_names):
+        files[name].add(f"{first_index + i:0{width}d}.png")
+    for name in names:  # what is in the way is refused before anything is written
+        if os.path.lexists(out / name) and not (out / name).is_dir():
+            raise DataError(f"{out / name} is in the way: a file where the class folder {name!r} goes; "
+                            "move it or choose another output folder")
+    others = _other_entries(out, files)
+    if others and not overwrite:
+        shown = ", ".join(str(p.relative_to(out)) for p in others[:3]) + (", …" if len(others) > 3 else "")
+        raise DataError(f"output folder {out} already holds {len(others)} entr{'y' if len(others) == 1 else 'ies'} "
+                        f"this data set does not write ({shown}); training on the folder would mix them: "
+                        "add --overwrite to replace what it holds, or choose an empty folder")
+    for path in others:
+        _check_removable(path, out)
     created = [folder for folder in (out, *out.parents) if not os.path.lexists(folder)]
     target = out
     staging = None
     try:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            for name in names:  # what is in the way is refused before anything is written
-                target = out / name
-                if os.path.lexists(target) and not target.is_dir():
-                    raise DataError(f"{target} is in the way: a file where the class folder {name!r} goes; "
-                                    "move it or choose another output folder")
-            target = out
             staging = Path(tempfile.mkdtemp(prefix=".mlwf-writing-", dir=out))
             for name in names:
                 target = staging / name
@@ -763,6 +840,12 @@ def _write_images(
                 for png in sorted(os.listdir(staging / name)):
                     target = out / name / png
                     os.replace(staging / name / png, target)
+            for path in others:  # only with overwrite: every new image is in place by now
+                target = path
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         except OSError as exc:
             raise _write_error(target, out, exc) from None
     except BaseException:

@@ -9,21 +9,27 @@ import sys
 from mlwf.cli.options import Parser, common, open_store
 
 
+_OVERWRITE_HELP = ("replace what OUT holds: class folders and images this command does not write are removed "
+                   "(without it, an OUT holding anything else is refused)")
+
+
 def add_parsers(sub) -> None:
     """``mlwf dataset digits|idx`` and ``mlwf s3 ...``."""
     ds = sub.add_parser("dataset", help="write a dataset as PNG class folders OUT/<label>/<index>.png")
     dss = ds.add_subparsers(dest="dataset", required=True, parser_class=Parser)
     dg = dss.add_parser("digits", help="scikit-learn's bundled digits (1,797 8×8 images)")
-    dg.add_argument("out", metavar="OUT")
+    dg.add_argument("out", metavar="OUT", help="the folder to write the class folders into (created if missing)")
     dg.add_argument("--n", type=int, help="only the first N images")
+    dg.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     dg.add_argument("--json", action="store_true")
     dg.add_argument("--debug", action="store_true")
     di = dss.add_parser("idx", help="an MNIST-format IDX pair (MNIST, Fashion-MNIST), gzipped or not")
-    di.add_argument("images", metavar="IMAGES")
-    di.add_argument("labels", metavar="LABELS")
-    di.add_argument("out", metavar="OUT")
+    di.add_argument("images", metavar="IMAGES", help="the IDX images file (idx3-ubyte), raw or gzipped")
+    di.add_argument("labels", metavar="LABELS", help="the IDX labels file (idx1-ubyte) of the same images")
+    di.add_argument("out", metavar="OUT", help="the folder to write the class folders into (created if missing)")
     di.add_argument("--n", type=int, help="only N images")
     di.add_argument("--offset", type=int, default=0, help="start at image K (default 0)")
+    di.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     names = di.add_mutually_exclusive_group()
     names.add_argument("--names", choices=("fashion-mnist", "mnist"),
                        help="name the class folders with the known class names of this dataset "
@@ -68,7 +74,7 @@ def dataset(args) -> int:
 
     with count_bar("writing images", enabled=not args.json) as progress:
         if args.dataset == "digits":
-            n = datasets.write_digits(args.out, n=args.n, progress=progress)
+            n = datasets.write_digits(args.out, n=args.n, overwrite=args.overwrite, progress=progress)
         else:
             from mlwf import budget
             from mlwf.settings import Settings
@@ -82,7 +88,7 @@ def dataset(args) -> int:
             else:
                 class_names = datasets.KNOWN_CLASS_NAMES.get(args.names)
             n = datasets.write_idx(args.images, args.labels, args.out, n=args.n, offset=args.offset,
-                                   class_names=class_names, progress=progress)
+                                   class_names=class_names, overwrite=args.overwrite, progress=progress)
     if args.json:
         print(json.dumps({"images": n, "out": os.path.abspath(args.out)}))
     else:
