@@ -8,6 +8,7 @@ left as it was.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -443,3 +444,27 @@ def test_the_uint64_model_in_the_store_is_refused_by_ml_inference_before_any_pre
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'right' holds uint64, the format holds int32" in err and "internal" not in err
     assert not any(k.endswith("predictions.csv") for k in {o.key for o in engine.store.list()} - before)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_model_path_that_is_not_a_regular_file_is_refused_at_once_not_read_or_taken_for_a_prefix(
+        tmp_path, capsys, special):
+    import os
+    import subprocess
+    import sys
+
+    if special == "fifo":
+        path = tmp_path / "model.mlwf"
+        os.mkfifo(path)
+        what = "a named pipe (FIFO)"
+    else:
+        path, what = special, "a character device"
+    with pytest.raises(ModelError, match=rf"model file {path} is {re.escape(what)}, not a regular file"):
+        mlwf.model.load(path)
+    done = subprocess.run([sys.executable, "-m", "mlwf.cli", "model", "serve", str(path), "--host", "127.0.0.1",
+                           "--port", "0"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"{path} is {what}" in done.stderr
+    assert main(["model", "export", str(path), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is {what}" in err

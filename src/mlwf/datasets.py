@@ -39,19 +39,18 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import stat
 import struct
 import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from mlwf import budget
 from mlwf.errors import DataError
+from mlwf.files import open_regular
 
 __all__ = ["KNOWN_CLASS_NAMES", "check_class_names", "read_class_names", "read_idx", "write_digits", "write_idx"]
 
@@ -139,48 +138,6 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         return idx.read_items(0, idx.dims[0])
 
 
-def _kind(mode: int) -> str:
-    """What a file that is not a regular file is, for a message."""
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
-def _open_regular(path: Path, what: str, missing: str) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file, else a :class:`DataError` naming what it is.
-
-    A link to a regular file is fine: a path given on the command line is
-    the user's choice (as the store root may be a link). Anything else is
-    refused without reading it: a FIFO would block until a writer comes, a
-    device such as ``/dev/zero`` never ends. The kind is read with
-    ``os.stat`` before opening, and the open is non-blocking, so a path
-    swapped for a FIFO in between is refused by the ``fstat`` after it
-    rather than waited on.
-    """
-
-    def refuse(mode: int) -> DataError:
-        return DataError(f"{what} {path} is {_kind(mode)}, not a regular file; give the path of a file")
-
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise refuse(mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} does not exist; {missing}") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}; check that the file is readable") \
-            from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise refuse(mode)
-    return os.fdopen(fd, "rb")
-
-
 class _IdxFile:
     """An IDX file opened for reading, raw or gzipped: its header, then its data a chunk at a time.
 
@@ -206,7 +163,7 @@ class _IdxFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._file = _open_regular(self.path, "IDX file", "check the path "
+        self._file = open_regular(self.path, "IDX file", "check the path "
                                    "(MNIST-format files are named like train-images-idx3-ubyte.gz)")
         try:
             self.size = os.fstat(self._file.fileno()).st_size
@@ -662,7 +619,7 @@ def read_class_names(path: str | os.PathLike[str]) -> list[str]:
         than 256 KiB, is not UTF-8 text, or a name is not usable.
     """
     path = Path(path)
-    with _open_regular(path, "class names file", "give a text file with one name per line, or --names "
+    with open_regular(path, "class names file", "give a text file with one name per line, or --names "
                        + "|".join(KNOWN_CLASS_NAMES)) as f:
         try:
             raw = f.read(_MAX_NAMES_FILE + 1)  # bounded: the file may be huge

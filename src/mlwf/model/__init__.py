@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+from mlwf.errors import ModelError
 from mlwf.model.forest import export_forest
 from mlwf.model.format import (FORMAT, FORMAT_VERSION, MAX_CLASS_NAME_BYTES, MAX_CLASSES, MAX_COMPONENTS,
                                MAX_HEADER_BYTES, MAX_HEADER_DEPTH, MAX_MEMBERS, MAX_NODES_PER_MEMBER, MAX_TREES,
@@ -62,8 +63,16 @@ def load(source: str | os.PathLike | bytes, *, store=None, bucket: str | None = 
         return from_bytes(source)
     path = os.fspath(source)
     if store is None and os.path.isfile(path):
-        with open(path, "rb") as f:
+        from mlwf.files import open_regular
+
+        with open_regular(path, "model file", "give a .mlwf file or a model prefix", ModelError) as f:
             return from_bytes(f.read(), source=path)
+    if store is None:
+        from mlwf.files import special_file
+
+        what = special_file(path)
+        if what is not None:  # a FIFO or a device would be read for ever, not taken for a prefix
+            raise ModelError(f"model file {path} is {what}, not a regular file; give a .mlwf file or a model prefix")
     from mlwf.settings import Settings
     from mlwf.storage import Store
 

@@ -39,6 +39,14 @@ class ModelSlot:
         self._store = None
         # Decided once, as mlwf.model.load decides: a file that disappears later is a failed reload, not a prefix.
         self._file = store is None and os.path.isfile(source)
+        if store is None:
+            from mlwf.errors import ModelError
+            from mlwf.files import special_file
+
+            what = special_file(source)
+            if what is not None:
+                raise ModelError(f"model file {source} is {what}, not a regular file; give a .mlwf file or a "
+                                 "model prefix")
         self._lock = threading.Lock()  # one reload at a time
         self.current: Served | None = None
 
