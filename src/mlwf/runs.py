@@ -42,7 +42,10 @@ DEFAULT_HEARTBEAT_S = 15.0
 #: Seconds a lease lasts without renewal before the run counts as abandoned.
 DEFAULT_LEASE_S = 120.0
 #: The statuses a driver writes; :func:`effective_status` adds ``abandoned`` and ``unknown``.
-WRITTEN_STATUSES = ("running", "succeeded", "failed")
+#: ``interrupted``: stopped by Ctrl-C, on purpose, where ``failed`` is stopped by an error.
+WRITTEN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+#: The runs ``--resume latest`` looks for: stopped before they finished, by Ctrl-C or by losing their driver.
+RESUMABLE_STATUSES = ("interrupted", "abandoned")
 #: Largest run.json read; a driver writes a few kilobytes.
 _MAX_RECORD_BYTES = 4 << 20
 
@@ -78,7 +81,7 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = 
     Returns
     -------
     str
-        ``succeeded`` or ``failed`` as written; ``running`` while the lease
+        ``succeeded``, ``failed`` or ``interrupted`` as written; ``running`` while the lease
         (``heartbeat_at``, else ``updated_at``, plus ``lease_s``, default
         :data:`DEFAULT_LEASE_S`) holds; ``abandoned`` once it has expired, or
         for a running record that names no valid time or one further in the
@@ -213,12 +216,34 @@ def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, A
     return runs
 
 
+def latest_resumable(store: Store, workflow: str, params: dict[str, Any]) -> tuple[str | None, dict | None]:
+    """What ``--resume latest`` resumes: the newest ``workflow`` run with status in
+    :data:`RESUMABLE_STATUSES` and these ``params``.
+
+    Returns
+    -------
+    (run id or None, the newest such run's record whatever its parameters, or None)
+    """
+    newest = None
+    for run_id in sorted(_folders(store, workflow), reverse=True):
+        try:
+            record = read_record(store, workflow, run_id)
+        except (MlwfError, ValueError):
+            continue
+        if effective_status(record) not in RESUMABLE_STATUSES:
+            continue
+        if record["params"] == params:
+            return run_id, record
+        newest = newest or record
+    return None, newest
+
+
 def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[str, Any]:
     """Delete the intermediate outputs of all but the ``keep`` newest runs of each workflow.
 
     The newest runs are the readable ones with the greatest run ids (run ids
-    sort by start time). Of the others, runs that succeeded, failed or were
-    abandoned are collected; a run still running is left alone, and so is a
+    sort by start time). Of the others, runs that succeeded, failed, were
+    interrupted or abandoned are collected; a run still running is left alone, and so is a
     folder whose ``run.json`` is missing or unreadable. Only intermediates
     are deleted (see the module's description).
 
@@ -255,7 +280,7 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
             except (MlwfError, ValueError) as e:
                 skipped.append({"run_id": run_id, "workflow": workflow, "reason": f"unreadable: {e}"})
                 continue
-            if status not in ("succeeded", "failed", "abandoned"):
+            if status not in ("succeeded", "failed", "interrupted", "abandoned"):
                 skipped.append({"run_id": run_id, "workflow": workflow, "reason": status})
                 continue
             prefix = RunLayout(workflow, run_id).folder + "/"

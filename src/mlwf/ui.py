@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -20,8 +20,23 @@ class _Console(Console):
         raise BrokenPipeError
 
 
+class _ProgressConsole(_Console):
+    """Where progress is drawn (stderr): two columns narrower than the terminal.
+
+    The ``^C`` a terminal echoes on Ctrl-C lands after the display's last
+    line: on a line drawn to the last column it would wrap onto a line of its
+    own, which the display does not know of, and it would erase one line too
+    few, leaving itself on screen above the command's last line.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return ConsoleDimensions(max(1, size.width - 2), size.height)
+
+
 def _stderr_console() -> Console:
-    return _Console(stderr=True)
+    return _ProgressConsole(stderr=True)
 
 
 #: Progress displays on screen now. A display redraws its lines in place, so
@@ -34,18 +49,38 @@ def show_progress(*columns) -> Progress:
     """Start a progress display on stderr with these columns; end it with :func:`hide_progress`.
 
     Every printer of this module ends it first, so nothing is drawn inside it.
+    Drawing in this thread holds a Ctrl-C until the frame is out (see :func:`drawing`).
     """
-    progress = Progress(*columns, console=_stderr_console())
-    progress.start()
-    _live.append(progress)
+    with drawing():
+        progress = Progress(*columns, console=_stderr_console())
+        progress.start()
+        _live.append(progress)
     return progress
 
 
-def hide_progress(progress: Progress) -> None:
-    """End one progress display: its last state stays on screen, above what comes next."""
-    if progress in _live:
-        _live.remove(progress)
-    progress.stop()
+def hide_progress(progress: Progress, erase: bool = False) -> None:
+    """End one progress display: its last state stays on screen, above what comes next, or with
+    ``erase`` is wiped (a command that failed or was interrupted says so in one line instead)."""
+    with drawing():
+        if progress in _live:
+            _live.remove(progress)
+        if erase:
+            progress.live.transient = True
+        progress.stop()
+
+
+def drawing():
+    """Around a frame drawn from the main thread: a Ctrl-C waits until it is out.
+
+    A :class:`KeyboardInterrupt` raised inside rich just after it wrote a frame,
+    but before it emptied its buffer, makes it write that frame again at its
+    next print, one line out of place: a stale bar left on screen above the
+    command's last line. Holding the Ctrl-C for the microseconds of a frame
+    keeps the display's idea of the screen true.
+    """
+    from mlwf.engine.interrupts import deferred
+
+    return deferred()
 
 
 def end_progress() -> None:
@@ -71,13 +106,14 @@ class StageBars:
     def __enter__(self) -> StageBars:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.end()
+    def __exit__(self, exc_type, *exc) -> None:
+        # A run that ended in an error or a Ctrl-C leaves no half-drawn bars: its one line says it all.
+        self.end(erase=exc_type is not None)
 
-    def end(self) -> None:
-        """Stop drawing; the next stage starts a new display."""
+    def end(self, erase: bool = False) -> None:
+        """Stop drawing (with ``erase``, wipe what was drawn); the next stage starts a new display."""
         if self._progress is not None:
-            hide_progress(self._progress)
+            hide_progress(self._progress, erase=erase)
             self._progress = None
             self._tasks = {}
 
@@ -88,7 +124,8 @@ class StageBars:
             self._progress = show_progress(TextColumn("{task.description:<12}"), BarColumn(),
                                            MofNCompleteColumn(), TimeElapsedColumn())
             self._tasks = {}
-        self._tasks[stage] = self._progress.add_task(stage, total=total)
+        with drawing():  # adding a task draws a frame
+            self._tasks[stage] = self._progress.add_task(stage, total=total)
 
     def call_done(self, stage: str) -> None:
         if self._progress is not None and stage in self._tasks:

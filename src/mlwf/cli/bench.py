@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from mlwf.cli.options import Parser, common, inference_arguments, training_arguments, training_config
+from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, common, inference_arguments, training_arguments,
+                              training_config)
 
 
 def add_parsers(sub) -> None:
@@ -62,7 +64,10 @@ def bench(args) -> int:
                            transfers=args.transfer, repeats=args.repeats, cold=args.cold, baseline=args.baseline,
                            store=args.store, bucket=args.bucket, workers=args.workers, endpoints=args.endpoint,
                            ray_address=args.ray_address, plots=not args.no_plots, **extra)
-    result = bench.run(spec, progress=not args.json)
+    try:
+        result = bench.run(spec, progress=not args.json)
+    except KeyboardInterrupt as e:
+        return interrupted(args, e)
     if args.json:
         print(json.dumps(result))
     else:
@@ -70,6 +75,25 @@ def bench(args) -> int:
 
         print_bench(result)
     return 0
+
+
+def interrupted(args, error: KeyboardInterrupt) -> int:
+    """After Ctrl-C: one line on stderr naming the run it stopped and the command that finishes
+    that run; exit status 130. The benchmark's own files (CSVs, summary) are written only at its end."""
+    run_id = getattr(error, "run_id", None)
+    status = getattr(error, "status", None)
+    resume = getattr(error, "resume", None)
+    if run_id is None:
+        line = "interrupted mlwf bench before a run had started (or in its baseline); no CSV was written"
+    elif status in ("succeeded", "failed") or not resume:
+        line = f"interrupted mlwf bench after run {run_id} had {status or 'ended'}; no CSV was written"
+    else:
+        line = (f"interrupted mlwf bench during run {run_id}; no CSV was written; finish that run with: "
+                f"{resume}")
+    print(f"mlwf: {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"interrupted": True, "run_id": run_id, "status": status, "resume": resume}))
+    return INTERRUPTED_EXIT
 
 
 def trace(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from mlwf.errors import UsageError
@@ -11,7 +12,8 @@ from mlwf.errors import UsageError
 BUCKET_HELP = "bucket (default: $MLWF_BUCKET, else 'tless')"
 _MAX_STAGE_CPUS = 4096
 _MAX_STAGE_MB = 1 << 30  # 1 PiB: a bound that keeps the number finite, not a sizing rule
-
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports a process ended by it).
+INTERRUPTED_EXIT = 130
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not a usage block."""
@@ -41,7 +43,9 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a call may run before it is retried (default 600)")
     p.add_argument("--resume", metavar="RUN_ID",
-                   help="finish an interrupted run: reuse its calls whose outputs verify, rerun the rest")
+                   help="finish an interrupted run (the same command line, plus --resume and its run id, or "
+                        "'latest': the newest interrupted run of this workflow with these arguments): reuse its "
+                        "calls whose outputs verify, rerun the rest; a run that succeeded is left as it is")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance for the run)")
     p.add_argument("--no-ray-pool", dest="ray_pool", action="store_false",
@@ -188,3 +192,23 @@ def version() -> str:
     from mlwf import __version__
 
     return __version__
+
+
+def resume_command(args, run_id: str) -> str:
+    """The command line that resumes ``run_id``: the user's own (``args.argv``, else this process's
+    arguments), its ``--resume`` (if any) replaced, quoted for a POSIX shell."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    kept: list[str] = []
+    skip_value = False
+    for word in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name, equals, _ = word.partition("=")
+        if len(name) >= 5 and "--resume".startswith(name):  # --resume, or the abbreviation argparse took for it
+            skip_value = not equals
+            continue
+        kept.append(word)
+    return shlex.join(["mlwf", *kept, "--resume", run_id])
