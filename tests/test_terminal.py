@@ -206,3 +206,13 @@ def test_bench_table_fits_80_columns_with_every_header_whole(trained, tmp_path):
     assert "mlwf bench ml-inference" in screen.text and "…" not in screen.text
     written = screen.index(lambda line: line.startswith("5 files written"), header)
     assert screen.logical_line(written).endswith(f" in {out}")
+
+
+def test_no_progress_display_comes_before_an_error_on_bad_input(store_url, tmp_path):
+    for argv in (["run", "ml-training", "ml-training/nothing-here", "2", "4", "--store", store_url],
+                 ["s3", "upload-dir", "--host-path", str(tmp_path / "nope"), "--s3-path", "x", "--store", store_url]):
+        screen = run_in_terminal([MLWF, *argv], columns=80, env=_env(tmp_path))
+        assert screen.returncode == 2, screen.text
+        assert screen.lines[0].startswith("mlwf: error: "), screen.text
+        assert PROGRESS_BAR not in screen.text, screen.text
+        assert not re.search(r"(^|\s)\d+/(\d+|\?)(\s|$)", screen.text), screen.text  # no "0/?" nor "0/1"

@@ -137,21 +137,32 @@ class StageBars:
 
 @contextmanager
 def count_bar(description: str, enabled: bool = True):
-    """Yield a ``progress(done, total)`` callback drawing one bar on a terminal."""
+    """Yield a ``progress(done, total)`` callback drawing one bar on a terminal.
+
+    The bar appears at the first call, once there is work to count: a command
+    refused on its input draws nothing before its error line. It is wiped if
+    the block raises.
+    """
     if not (enabled and sys.stderr.isatty()):
         yield None
         return
-    progress = show_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn())
+    drawn: list = []  # the display and its task, once the first count arrives
+
+    def update(done: int, total: int) -> None:
+        if not drawn:
+            progress = show_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn())
+            drawn.extend((progress, progress.add_task(description, total=None)))
+        drawn[0].update(drawn[1], completed=done, total=total)
+
     try:
-        task = progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
         yield update
-    finally:
-        hide_progress(progress)
+    except BaseException:
+        if drawn:
+            hide_progress(drawn[0], erase=True)
+        raise
+    if drawn:
+        hide_progress(drawn[0])
 
 
 def stdout_console() -> Console:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, common, inference_arguments, training_arguments,
-                              training_config)
+from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, check_prefix_arguments, common, inference_arguments,
+                              training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -34,13 +34,13 @@ def add_parsers(sub) -> None:
         b.add_argument("--ray-address", default=None, help="ray backend: the cluster to join")
         common(b)
     bp = bs.add_parser("plot", help="redraw the plots of a benchmark folder from its CSVs")
-    bp.add_argument("dir", metavar="DIR")
+    bp.add_argument("dir", metavar="DIR", help="a folder 'mlwf bench --out DIR' wrote")
     bp.add_argument("--debug", action="store_true")
 
     tc = sub.add_parser("trace", help="draw a trace written by 'mlwf run --trace'")
     tcs = tc.add_subparsers(dest="trace_command", required=True, parser_class=Parser)
     tp = tcs.add_parser("plot", help="a Gantt chart PNG: a row per worker, a bar per call coloured by stage")
-    tp.add_argument("file", metavar="FILE")
+    tp.add_argument("file", metavar="FILE", help="a trace written by 'mlwf run --trace FILE'")
     tp.add_argument("--out", metavar="PNG", help="output PNG (default: FILE with .png)")
     tp.add_argument("--debug", action="store_true")
 
@@ -54,6 +54,7 @@ def bench(args) -> int:
         for path in written:
             print(path)
         return 0
+    check_prefix_arguments(args)
     if args.bench_workflow == "ml-training":
         positional = [args.data_prefix, args.num_pca, args.num_train]
         extra = dict(config=training_config(args), model_prefix=args.model_prefix, publish=not args.no_publish)

@@ -6,9 +6,9 @@ import contextlib
 import json
 import sys
 
-from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, allow_unvalidated_argument, backend_config, common, emit,
-                              engine_options, inference_arguments, resume_command, training_arguments,
-                              training_config)
+from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, allow_unvalidated_argument, backend_config,
+                              check_prefix_arguments, common, emit, engine_options, inference_arguments,
+                              resume_command, training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -33,6 +33,7 @@ def add_parsers(sub) -> None:
 
 def handle(args) -> int:
     """Run the workflow; on Ctrl-C, one line naming the run and the command that resumes it (exit 130)."""
+    check_prefix_arguments(args)
     engine = None
     try:
         if args.backend == "local":

@@ -16,7 +16,7 @@ def add_parsers(sub) -> None:
     common(rls)
     rsh = rs.add_parser("show", help="one run: parameters, status, per-stage figures, accuracy, "
                                      "confusion matrix, where its outputs are")
-    rsh.add_argument("run_id", metavar="RUN_ID")
+    rsh.add_argument("run_id", metavar="RUN_ID", help="the run's id, as 'mlwf runs ls' lists it")
     common(rsh)
     rgc = rs.add_parser("gc", help="delete intermediate outputs of old finished or abandoned runs "
                                    "(never a run.json, results or a model)")
