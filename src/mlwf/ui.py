@@ -265,6 +265,11 @@ def _timing_rows(table: Table, report: dict[str, Any]) -> None:
     _add(table, "end to end", f"{report['e2e_ms']:.0f} ms")
     _add(table, "stages", Items([f"{k} {v:.0f} ms" for k, v in report["stage_ms"].items()]))
     _add(table, "state transfer", f"{report['state_transfer_ms']:.1f} ms")
+    stages = report.get("stages") or {}
+    reused = sum(int(st.get("reused") or 0) for st in stages.values())
+    if reused:  # a resumed run: what it did not have to do again
+        calls = sum(int(st.get("calls") or 0) for st in stages.values())
+        _add(table, "resumed", f"{reused} of {calls} calls reused from before")
 
 
 def print_report(report: dict[str, Any]) -> None:
