@@ -140,10 +140,13 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"mlwf: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("mlwf: interrupted", file=sys.stderr)
+        # 'mlwf run' and 'mlwf bench' say more themselves; any other command that ran a run names it.
+        run_id = getattr(e, "run_id", None)
+        print("mlwf: interrupted" + (f" run {run_id} ('mlwf runs show {run_id}' shows it)" if run_id else ""),
+              file=sys.stderr)
         return INTERRUPTED_EXIT
     except BrokenPipeError:
         raise  # the reader went away: main() exits quietly
