@@ -236,10 +236,11 @@ class _CtrlCAfter:
         pass
 
 
-@pytest.fixture
-def many_runs(tmp_path, digits_dir):
+@pytest.fixture(scope="module")
+def many_runs(tmp_path_factory, digits_dir):
     """A store with runs of every kind: succeeded (training with long class names, inference), failed,
-    interrupted (through the Python API: Engine.run raises Interrupted)."""
+    interrupted (through the Python API: Engine.run raises Interrupted). Read only, by several tests."""
+    tmp_path = tmp_path_factory.mktemp("many-runs")
     from mlwf import bulk
     from mlwf.engine.driver import Engine
     from mlwf.errors import DataError
