@@ -1,10 +1,17 @@
 """Run a real command in a pseudo-terminal and read back what a terminal would show.
 
-The command sees a terminal of the given size (its stdout and stderr are the
-pseudo-terminal, as in an interactive shell), so progress displays redraw in
-place exactly as they do for a user; a terminal emulator (pyte) then replays
-every byte it wrote. Output piped to a file reads fine even when the screen is
-garbled, which is why the screen is what these tests look at.
+The command sees a terminal of the given size (its stdin, stdout and stderr
+are the pseudo-terminal, as in an interactive shell), so progress displays
+redraw in place exactly as they do for a user; a terminal emulator (pyte)
+then replays every byte it wrote. Output piped to a file reads fine even when
+the screen is garbled, which is why the screen is what these tests look at.
+
+As in a shell with job control, a small session leader (:data:`_SHELL`) owns
+the terminal and runs the command in a process group of its own, the
+terminal's foreground group: Ctrl-C typed on the terminal (``interrupt_when``)
+reaches that whole group, and the session leader outlives the command, so a
+process the command left behind is not hung up with it and can be found
+(:attr:`Screen.left`).
 """
 
 from __future__ import annotations
@@ -15,11 +22,36 @@ import pty
 import select
 import struct
 import subprocess
+import sys
 import termios
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyte
+
+from tests.procfs import wait_for_empty_group
+
+#: The session leader: takes the terminal, runs the command as its foreground process group, reports
+#: the command's pid and then its exit status on the first fd it is given, and stays until the second
+#: closes (its exit hangs up the foreground group: it comes only after the test looked for leftovers).
+_SHELL = r"""
+import fcntl, os, signal, sys, termios
+report, hold = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    os.tcsetpgrp(0, os.getpid())
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.write(report, f"{pid}\n".encode())
+_, status = os.waitpid(pid, 0)
+os.write(report, f"{os.waitstatus_to_exitcode(status)}\n".encode())
+os.read(hold, 1)
+"""
 
 
 @dataclass
@@ -30,6 +62,13 @@ class Screen:
     columns: int
     #: Every line the terminal drew, top to bottom (scrolled-off lines first), right-stripped.
     lines: list[str]
+    #: The command's process group (its pid).
+    pgid: int = 0
+    #: Seconds from the start to the Ctrl-C, and from the Ctrl-C to the command's exit (None: no Ctrl-C).
+    interrupted_at: float | None = None
+    exit_after_interrupt: float | None = None
+    #: Processes of the command's group still running a second after it exited: pid → command line.
+    left: dict[int, str] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -52,52 +91,86 @@ class Screen:
 
 
 def run_in_terminal(argv: list[str], *, columns: int, rows: int = 24, env: dict[str, str] | None = None,
-                    cwd: str | None = None, timeout: float = 240.0) -> Screen:
-    """Run ``argv`` with a ``columns`` × ``rows`` terminal as stdin, stdout and stderr; return the screen."""
+                    cwd: str | None = None, timeout: float = 240.0,
+                    interrupt_when: Callable[[bytes], bool] | None = None, presses: int = 1,
+                    press_interval: float = 0.3) -> Screen:
+    """Run ``argv`` with a ``columns`` × ``rows`` terminal as stdin, stdout and stderr; return the screen.
+
+    ``interrupt_when(output so far)`` is asked as the command runs; the first
+    time it is true, Ctrl-C is typed on the terminal, and again every
+    ``press_interval`` seconds while the command runs, ``presses`` times in all.
+    """
     env = dict(os.environ if env is None else env)
     for name in ("COLUMNS", "LINES", "NO_COLOR"):  # the size comes from the terminal itself
         env.pop(name, None)
     env["TERM"] = "xterm-256color"
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
     try:
-        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
-                                start_new_session=True)
+        shell = subprocess.Popen([sys.executable, "-c", _SHELL, str(report_w), str(hold_r), *argv], stdin=slave,
+                                 stdout=slave, stderr=slave, env=env, cwd=cwd, pass_fds=(report_w, hold_r))
     finally:
-        os.close(slave)
+        for fd in (slave, report_w, hold_r):
+            os.close(fd)
     chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
+    reported = b""
+    start = time.monotonic()
+    deadline = start + timeout
+    pgid = returncode = None
+    interrupted_at = ended_at = None
     quiet_since = None
+    pressed = 0
     try:
         while True:
-            ready, _, _ = select.select([master], [], [], 0.1)
+            ready, _, _ = select.select([master, report_r], [], [], 0.05)
             data = b""
-            if ready:
+            if master in ready:
                 try:
                     data = os.read(master, 1 << 16)
                 except OSError:  # EIO: every writer has closed the terminal
-                    break
-                if not data:
-                    break
+                    data = b""
                 chunks.append(data)
-            if proc.poll() is not None:
+            if report_r in ready:
+                reported += os.read(report_r, 64)
+                lines = reported.decode().split()
+                if lines and pgid is None:
+                    pgid = int(lines[0])
+                if len(lines) > 1 and returncode is None:
+                    returncode, ended_at = int(lines[1]), time.monotonic()
+            if interrupt_when is not None and returncode is None and pressed < presses:
+                if (interrupted_at is None and interrupt_when(b"".join(chunks))) or \
+                        (interrupted_at is not None and time.monotonic() >= interrupted_at + pressed * press_interval):
+                    os.write(master, b"\x03")
+                    interrupted_at = interrupted_at or time.monotonic()
+                    pressed += 1
+            if returncode is not None:
                 # Worker processes may hold the terminal a little longer: drain what is left.
                 if data:
                     quiet_since = None
                 elif quiet_since is None:
                     quiet_since = time.monotonic()
-                elif time.monotonic() - quiet_since > 0.5:
+                elif time.monotonic() - quiet_since > 0.3:
                     break
             if time.monotonic() > deadline:
-                proc.kill()
+                if pgid is not None:
+                    os.killpg(pgid, 9)
                 raise AssertionError(f"{argv} did not finish within {timeout} s")
+        # Within a second of the command's exit, nothing of its process group may still run.
+        left = wait_for_empty_group(pgid, max(0.0, ended_at + 1.0 - time.monotonic())) if pgid else {}
     finally:
+        os.close(hold_w)  # the session leader may go now
+        shell.wait(timeout=30)
         os.close(master)
-        proc.wait(timeout=30)
+        os.close(report_r)
     screen = pyte.HistoryScreen(columns, rows, history=100_000)
     pyte.ByteStream(screen).feed(b"".join(chunks))
     lines = ["".join(line[x].data for x in range(columns)).rstrip() for line in screen.history.top]
     lines += [line.rstrip() for line in screen.display]
     while lines and not lines[-1]:
         lines.pop()
-    return Screen(proc.returncode, columns, lines)
+    return Screen(returncode, columns, lines, pgid=pgid or 0,
+                  interrupted_at=None if interrupted_at is None else interrupted_at - start,
+                  exit_after_interrupt=None if interrupted_at is None else ended_at - interrupted_at,
+                  left=left)

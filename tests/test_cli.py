@@ -173,12 +173,13 @@ def test_runs_show_of_a_foreign_record_is_one_error_line(capsys, store_url):
     (["run", "ml-training", TRAIN_PREFIX, "2", "4", "--holdout", "1.5"], r"holdout must be a fraction in \[0, 1\)"),
     (["run", "ml-training", TRAIN_PREFIX, "2", "4", "--image-size", "2"], "image-size must be an integer"),
     (["run", "ml-training", "ml-training/nothing", "2", "4"], "no objects under prefix 'ml-training/nothing/'"),
-    (["run", "ml-learning", TRAIN_PREFIX, "2", "4"], "invalid choice: 'ml-learning'"),
+    (["run", "ml-learning", TRAIN_PREFIX, "2", "4"],
+     r"unknown command 'mlwf run ml-learning': did you mean 'mlwf run ml-training'\?"),
     (["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "2"], "run ml-training first"),
     (["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "0"], "NUM_FUNCS must be a positive integer"),
     (["run", "ml-inference", "ml-inference/model", BATCH_PREFIX, "two"], "NUM_FUNCS: invalid int value"),
     (["model", "show"], "run ml-training first"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["frobnicate"], "unknown command 'mlwf frobnicate': choose one of run, "),
 ])
 def test_bad_input_is_one_error_line(capsys, store_url, argv, match):
     line = _one_error_line(capsys, [*argv, *_where(store_url)])
@@ -420,3 +421,78 @@ def test_a_command_in_first_place_builds_only_its_group():
     choices = next(a for a in parser._actions if a.dest == "command").choices
     assert list(choices) == ["runs"]
     assert parser.parse_args(["runs", "ls"]).command == "runs"
+
+
+# --------------------------------------------------------------------------- finding one's way
+@pytest.mark.parametrize("argv, line", [
+    (["rnu"], "unknown command 'mlwf rnu': did you mean 'mlwf run'? (see 'mlwf --help')"),
+    (["runs", "lss"], "unknown command 'mlwf runs lss': did you mean 'mlwf runs ls'? (see 'mlwf runs --help')"),
+    (["runs"], "'mlwf runs' needs a command: ls, show or gc (see 'mlwf runs --help')"),
+    (["run", "ml-trainin", "d", "2", "8"],
+     "unknown command 'mlwf run ml-trainin': did you mean 'mlwf run ml-training'? (see 'mlwf run --help')"),
+    (["run", "ml-training", "d", "2", "8", "--bakend", "local"],
+     "unknown flag --bakend for 'mlwf run ml-training': did you mean '--backend'? "
+     "(see 'mlwf run ml-training --help')"),
+    (["run", "ml-training", "d", "2", "8", "--bakend=local"],
+     "unknown flag --bakend for 'mlwf run ml-training': did you mean '--backend'? "
+     "(see 'mlwf run ml-training --help')"),
+    (["runs", "ls", "--jsn"], "unknown flag --jsn for 'mlwf runs ls': did you mean '--json'? "
+                              "(see 'mlwf runs ls --help')"),
+    (["run", "ml-training", "d", "2", "8", "--transfer", "dirct"],
+     "--transfer 'dirct' is not one of store or direct: did you mean 'direct'? (see 'mlwf run ml-training --help')"),
+    (["runs", "show", "a", "b"], "'mlwf runs show' takes no argument 'b' (quote a value with spaces; flags start "
+                                 "with --) (see 'mlwf runs show --help')"),
+])
+def test_usage_errors_use_the_words_of_the_command_line_and_suggest_the_nearest(capsys, argv, line):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"mlwf: error: {line}\n")
+
+
+def _positionals(parser, prog=""):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _positionals(sub)
+        elif not action.option_strings:
+            yield parser.prog, action
+
+
+def test_every_positional_argument_has_help_text():
+    import mlwf.cli
+
+    missing = [f"{prog} {action.metavar or action.dest}" for prog, action in _positionals(mlwf.cli.build_parser())
+               if not action.help]
+    assert missing == []
+    shown = subprocess.run([sys.executable, "-m", "mlwf.cli", "run", "ml-training", "--help"], capture_output=True,
+                           text=True, env={**os.environ, "COLUMNS": "100"}).stdout
+    assert "  NUM_PCA               PCA functions" in shown and "  NUM_TRAIN             training functions" in shown
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "ml-training", "./data/train", "2", "8"],
+     "DATA_PREFIX './data/train' is a folder on this machine, but the workflows read images from the store: "
+     "upload it, then give 'ml-training/train' as DATA_PREFIX; to upload it: mlwf s3 upload-dir --host-path "
+     "./data/train --s3-path ml-training/train --store {store}"),
+    (["run", "ml-training", "/home/me/my data/", "2", "8"],
+     "DATA_PREFIX '/home/me/my data/' is a folder on this machine, but the workflows read images from the store: "
+     "upload it, then give 'ml-training/my data' as DATA_PREFIX; to upload it: mlwf s3 upload-dir --host-path "
+     "'/home/me/my data/' --s3-path 'ml-training/my data' --store {store}"),
+    (["run", "ml-inference", "ml-inference/model", "../batch", "4"],
+     "DATA_PREFIX '../batch' is a folder on this machine, but the workflows read images from the store: upload it, "
+     "then give 'ml-inference/batch' as DATA_PREFIX; to upload it: mlwf s3 upload-dir --host-path ../batch "
+     "--s3-path ml-inference/batch --store {store}"),
+    (["run", "ml-inference", "./model", "ml-inference/batch", "4"],
+     "MODEL_PREFIX './model' is a path on this machine, but a model lives in the store: give the prefix ml-training "
+     "published it at (default ml-inference/model; 'mlwf model show PREFIX' shows one)"),
+    (["bench", "ml-training", "~/data", "2", "8", "--out", "b"],
+     "DATA_PREFIX '~/data' is a folder on this machine, but the workflows read images from the store: upload it, "
+     "then give 'ml-training/data' as DATA_PREFIX; to upload it: mlwf s3 upload-dir --host-path {home}/data "
+     "--s3-path ml-training/data --store {store}"),
+])
+def test_a_local_path_for_a_store_prefix_says_how_to_upload_it(capsys, store_url, argv, line):
+    assert main([*argv, "--store", store_url]) == 2
+    home = os.path.expanduser("~")
+    assert capsys.readouterr().err == f"mlwf: error: {line.format(store=store_url, home=home)}\n"

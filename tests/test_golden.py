@@ -79,9 +79,10 @@ EDGES = {
                      ("store", "predict")],
 }
 EDGE_KEYS = ["bytes", "deserialize_ms", "from", "serialize_ms", "to", "transfer_ms"]
-RUNS_SHOW_KEYS = ["error", "outputs", "params", "progress", "report", "resumed", "run_id", "status",
-                  "transfer", "updated_at", "workflow"]
-RUNS_LS_KEYS = ["e2e_ms", "error", "heartbeat_at", "progress", "run_id", "status", "updated_at", "workflow"]
+RUNS_SHOW_KEYS = ["duration_ms", "error", "outputs", "params", "progress", "report", "resumed", "run_id",
+                  "started_at", "status", "transfer", "updated_at", "workflow"]
+RUNS_LS_KEYS = ["accuracy", "bytes", "duration_ms", "e2e_ms", "error", "heartbeat_at", "intermediate_bytes",
+                "progress", "run_id", "started_at", "status", "updated_at", "workflow"]
 
 
 def _versions() -> dict[str, str]:

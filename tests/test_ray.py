@@ -387,3 +387,27 @@ def test_a_workflow_module_the_pool_cannot_find_is_one_line():
     with pytest.raises(UsageError, match=r"^MLWF_WORKFLOW_MODULES names 'tests.no_such_module', which cannot be "
                                          r"found here"):
         code_fingerprint(("tests.no_such_module",))
+
+
+def test_the_local_ray_instance_mlwf_starts_listens_on_loopback_only(store_url):
+    """--backend ray with no address starts a Ray instance for the run: none of its processes (the driver,
+    GCS, raylet, runtime-env agent, workers) accepts a connection from another machine."""
+    probe = (
+        "import json, os, sys\n"
+        "import ray\n"
+        "from mlwf.engine.driver import Engine\n"
+        "from tests.procfs import descendants, listening_sockets\n"
+        "def pid():\n"
+        "    return os.getpid()\n"
+        "with Engine(sys.argv[1], 'tless', backend='ray') as engine:\n"
+        "    assert ray.get(ray.remote(pid).remote()) != os.getpid()  # a worker runs\n"
+        "    print(json.dumps(listening_sockets(descendants(os.getpid()))))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLWF_"))}
+    done = subprocess.run([sys.executable, "-c", probe, store_url], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sockets = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len({pid for _, _, pid in sockets}) >= 3, sockets  # the driver, GCS and raylet at least
+    from tests.procfs import is_loopback
+
+    assert [s for s in sockets if not is_loopback(s[0])] == [], sockets

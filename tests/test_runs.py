@@ -183,7 +183,7 @@ def test_runs_ls_and_gc_on_the_command_line_show_abandoned_and_unreadable_runs(s
     assert "abandoned" in capsys.readouterr().out
     assert main(["runs", "gc", "--keep", "0", *where]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("deleted 3 intermediate objects of 1 runs") and "1 unreadable" in out
+    assert out.startswith("deleted 3 intermediate objects (26 B) of 1 run; 1 unreadable") and "1 unreadable" in out
     assert err == (f"mlwf: warning: left ml-training/outputs/{run_id(2)}/ alone: unreadable: run.json is not "
                    "valid JSON\n")
 
@@ -253,3 +253,30 @@ def test_bad_lease_settings_from_the_environment_are_refused(store_url, monkeypa
     monkeypatch.setenv("MLWF_LEASE_S", "soon")
     assert main(["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url]) == 2
     assert "MLWF_LEASE_S" in capsys.readouterr().err
+
+
+def test_gc_says_what_it_kept_per_workflow_and_what_it_freed(store, capsys):
+    # Three runs of each workflow: '--keep 2' keeps the two newest of each (4 runs), collects the other two.
+    for i in range(1, 7):
+        workflow = "ml-training" if i % 2 else "ml-inference"
+        put_run(store, run_id(i), record(run_id(i), workflow=workflow), workflow=workflow)
+    where = ["--store", store.root.as_posix(), "--bucket", "tless"]
+    assert main(["runs", "gc", "--keep", "2", *where]) == 0
+    assert capsys.readouterr().out == (
+        "deleted 4 intermediate objects (38 B) of 2 runs; kept the 2 newest runs of each workflow whole (4 runs) "
+        "(run records, results and models are never deleted)\n")
+    assert main(["runs", "gc", "--keep", "2", "--json", *where]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["keep"], len(result["kept"]), result["runs"], result["freed_bytes"]) == (2, 4, [], 0)
+
+
+def test_runs_ls_json_has_what_the_table_shows_and_what_the_store_keeps(engine, capsys):
+    report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    where = ["--store", engine.spec.url]
+    assert main(["runs", "ls", "--json", *where]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    [run] = listing["runs"]
+    assert run["status"] == "succeeded" and run["accuracy"] == report["validation_accuracy"]
+    assert run["duration_ms"] == report["e2e_ms"] and run["started_at"].endswith("+00:00")
+    assert 0 < run["intermediate_bytes"] < run["bytes"] == listing["bytes"]
+    assert (listing["store"], listing["bucket"]) == (engine.store.location, "tless")

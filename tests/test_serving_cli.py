@@ -51,7 +51,7 @@ def test_export_writes_a_checked_onnx_file_from_a_prefix_or_a_model_file(trained
     (["models/none", "--format", "onnx", "-o", "{out}"], "no model at 'models/none'"),
     (["--format", "onnx", "-o", "/nonexistent/dir/m.onnx"], "directory /nonexistent/dir does not exist"),
     (["--format", "onnx", "-o", "{tmp}"], "is a directory"),
-    (["--format", "tflite", "-o", "{out}"], "invalid choice: 'tflite'"),
+    (["--format", "tflite", "-o", "{out}"], "--format 'tflite' is not one of"),
     (["--format", "onnx"], "required: -o/--output"),
 ])
 def test_export_refusals_are_one_line(trained, tmp_path, capsys, args, message):

@@ -35,10 +35,16 @@ def _snapshot(store) -> dict[str, str]:
 
 
 def _value(screen: Screen, name: str, start: int) -> tuple[str, int]:
-    """The value printed on the ``name  value`` line after line ``start``, joined if the terminal wrapped it."""
-    pattern = re.compile(rf"{re.escape(name)}\s{{2,}}(\S.*)$")
+    """The value printed after ``name`` after line ``start``: on its line (``name  value``), or, when it did
+    not fit there, alone on the next line, indented; joined if the terminal wrapped it."""
+    pattern = re.compile(rf"{re.escape(name)}(?:\s{{2,}}(\S.*))?$")
     i = screen.index(lambda line: pattern.match(line) is not None, start)
-    return pattern.match(screen.logical_line(i)).group(1), i
+    value = pattern.match(screen.logical_line(i)).group(1)
+    if value is None:
+        i += 1
+        assert screen.lines[i].startswith("  "), screen.text
+        value = screen.logical_line(i).strip()
+    return value, i
 
 
 def _assert_report_whole(screen: Screen, report: dict, rows: list[str], values: dict[str, str]) -> int:
@@ -206,3 +212,139 @@ def test_bench_table_fits_80_columns_with_every_header_whole(trained, tmp_path):
     assert "mlwf bench ml-inference" in screen.text and "…" not in screen.text
     written = screen.index(lambda line: line.startswith("5 files written"), header)
     assert screen.logical_line(written).endswith(f" in {out}")
+
+
+# --------------------------------------------------------------------------- tables a person reads
+FASHION = ("t-shirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
+
+
+class _CtrlCAfter:
+    """A progress watcher that presses Ctrl-C (raises KeyboardInterrupt in the driver) once a call of
+    ``stage`` has finished."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def stage_started(self, stage, total):
+        pass
+
+    def call_done(self, stage):
+        if stage == self.stage:
+            raise KeyboardInterrupt
+
+    def stage_done(self, stage):
+        pass
+
+
+@pytest.fixture(scope="module")
+def many_runs(tmp_path_factory, digits_dir):
+    """A store with runs of every kind: succeeded (training with long class names, inference), failed,
+    interrupted (through the Python API: Engine.run raises Interrupted). Read only, by several tests."""
+    tmp_path = tmp_path_factory.mktemp("many-runs")
+    from mlwf import bulk
+    from mlwf.engine.driver import Engine
+    from mlwf.errors import DataError
+    from mlwf.storage import StoreSpec
+    from tests.conftest import FAST
+
+    url = str(tmp_path / "store")
+    store = StoreSpec(url, "tless").open()
+    data = tmp_path / "fashion"
+    for digit, name in enumerate(FASHION):
+        (data / name).mkdir(parents=True)
+        for png in (digits_dir / "train" / str(digit)).glob("*.png"):
+            (data / name / png.name).write_bytes(png.read_bytes())
+    bulk.upload_dir(store, data, "ml-training/fashion", create_bucket=True)
+    bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
+    store.close()
+    with Engine(url, "tless") as engine:
+        training = engine.run_training("ml-training/fashion", 2, 4, config=FAST)
+        with pytest.raises(DataError):
+            engine.run_training("ml-training/nothing-here", 2, 4, config=FAST)
+        inference = engine.run_inference("ml-inference/model", BATCH_PREFIX, 3)
+        engine.progress = _CtrlCAfter("train")
+        with pytest.raises(KeyboardInterrupt) as interrupted:  # an Interrupted, naming the run
+            engine.run_training("ml-training/fashion", 2, 4, config=FAST, publish=False)
+        assert getattr(interrupted.value, "run_id", None) == engine.last_run.run_id
+    return url, training, inference, engine.last_run.run_id
+
+
+def _listing(url: str, capsys) -> dict:
+    from mlwf.cli import main
+
+    capsys.readouterr()
+    assert main(["runs", "ls", "--json", "--store", url]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_runs_ls_on_a_terminal_is_a_table_with_headers_that_fits(many_runs, tmp_path, capsys, columns):
+    url, training, inference, interrupted = many_runs
+    listing = _listing(url, capsys)
+    statuses = {r["run_id"]: r["status"] for r in listing["runs"]}
+    assert sorted(statuses.values()) == ["failed", "interrupted", "succeeded", "succeeded"]
+    assert statuses[interrupted] == "interrupted"
+    screen = run_in_terminal([MLWF, "runs", "ls", "--store", url], columns=columns, rows=60, env=_env(tmp_path))
+    assert screen.returncode == 0, screen.text
+    assert all(len(line) <= columns for line in screen.lines), screen.text
+    assert "…" not in screen.text
+    assert " ".join(screen.lines[:3]).startswith(f"4 runs in bucket tless of file://{url} keep "), screen.text
+    headers = [i for i, line in enumerate(screen.lines) if line.split() == ["RUN", "ID", "STATUS", "STARTED", "TOOK",
+                                                                          "ACCURACY"]]
+    assert [screen.lines[i - 1] for i in headers] == ["ml-training", "ml-inference"], screen.text
+    for run in listing["runs"]:
+        row = screen.lines[screen.index(lambda line: line.startswith(run["run_id"] + " "))].split()
+        assert row[1] == run["status"], row
+        if run["accuracy"] is not None:
+            assert row[-2:] == [f"{100 * run['accuracy']:.1f}", "%"], row
+    # Below the interrupted run, how far it got: every stage's count whole on one line.
+    below = screen.index(lambda line: line.startswith(interrupted)) + 1
+    detail = []
+    while screen.lines[below].startswith("   "):
+        detail.append(screen.lines[below].strip())
+        below += 1
+    progress = {r["run_id"]: r for r in listing["runs"]}[interrupted]["progress"]
+    assert "  ".join(detail) == "  ".join(f"{stage} {done}" for stage, done in progress.items()), screen.text
+    assert "Resume an interrupted run with its own command line and '--resume RUN_ID'" in screen.text
+
+
+def test_runs_ls_piped_follows_columns_else_120_and_has_no_colour(many_runs, tmp_path):
+    url = many_runs[0]
+    env = _env(tmp_path)
+    for columns, width in ((None, 120), ("90", 90), ("200", 200)):
+        env.pop("COLUMNS", None)
+        if columns:
+            env["COLUMNS"] = columns
+        out = subprocess.run([MLWF, "runs", "ls", "--store", url], capture_output=True, text=True, env=env,
+                             timeout=120).stdout
+        assert "\x1b" not in out and "RUN ID" in out
+        assert max(map(len, out.splitlines())) <= width, out
+    # The failed run's error, wrapped between words below it, reads whole.
+    assert "no objects under prefix 'ml-training/nothing-here/'" in " ".join(out.split())
+
+
+def test_runs_show_at_80_columns_splits_no_class_name_stage_figure_or_digest(many_runs, tmp_path):
+    url, training, _, _ = many_runs
+    screen = run_in_terminal([MLWF, "runs", "show", training["run_id"], "--store", url], columns=80, rows=80,
+                             env=_env(tmp_path))
+    assert screen.returncode == 0, screen.text
+    assert all(len(line) <= 80 for line in screen.lines), screen.text
+    assert "…" not in screen.text
+    matrix = screen.index(lambda line: line.startswith("confusion matrix (rows: true class"))
+    rows = "\n".join(screen.lines[matrix:])
+    for name in FASHION:
+        assert f" {name} " in rows, rows  # every class name whole, on one line
+    for stage, ms in training["stage_ms"].items():
+        assert any(f"{stage} {ms:.0f} ms" in line for line in screen.lines), (stage, screen.text)
+    assert any(line.strip() == training["model_digest"] or line.endswith(f"  {training['model_digest']}")
+               for line in screen.lines), screen.text
+
+
+def test_no_progress_display_comes_before_an_error_on_bad_input(store_url, tmp_path):
+    for argv in (["run", "ml-training", "ml-training/nothing-here", "2", "4", "--store", store_url],
+                 ["s3", "upload-dir", "--host-path", str(tmp_path / "nope"), "--s3-path", "x", "--store", store_url]):
+        screen = run_in_terminal([MLWF, *argv], columns=80, env=_env(tmp_path))
+        assert screen.returncode == 2, screen.text
+        assert screen.lines[0].startswith("mlwf: error: "), screen.text
+        assert PROGRESS_BAR not in screen.text, screen.text
+        assert not re.search(r"(^|\s)\d+/(\d+|\?)(\s|$)", screen.text), screen.text  # no "0/?" nor "0/1"

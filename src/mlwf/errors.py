@@ -84,3 +84,36 @@ def one_line(value: BaseException | str, limit: int = 2000) -> str:
     if not text and isinstance(value, BaseException):
         return type(value).__name__
     return text
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) ended a run; raised by :meth:`mlwf.engine.driver.Engine.run` in place of the
+    :class:`KeyboardInterrupt`, once the run's record says ``interrupted`` and its workers are gone.
+
+    ``workflow``: the workflow it was running; ``run_id``: the run it ended, or None when the
+    interrupt came before the run started (nothing was written); ``status``: the run's status as
+    recorded (``interrupted``, or ``succeeded`` when the run had finished just before);
+    ``resume``: the command line that resumes it, where the raiser knows it (``mlwf bench``).
+    """
+
+    def __init__(self, workflow: str, run_id: str | None, status: str | None = None,
+                 resume: str | None = None):
+        super().__init__(workflow, run_id)
+        self.workflow = workflow
+        self.run_id = run_id
+        self.status = status if run_id else None
+        self.resume = resume
+
+
+class AlreadyDone(MlwfError):
+    """``--resume`` named a run that has already succeeded: nothing is run or changed.
+
+    :meth:`mlwf.engine.driver.Engine.run` returns the run's recorded ``report`` (with
+    ``already_done``) instead of raising this.
+    """
+
+    exit_code = 0
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report

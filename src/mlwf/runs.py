@@ -42,7 +42,10 @@ DEFAULT_HEARTBEAT_S = 15.0
 #: Seconds a lease lasts without renewal before the run counts as abandoned.
 DEFAULT_LEASE_S = 120.0
 #: The statuses a driver writes; :func:`effective_status` adds ``abandoned`` and ``unknown``.
-WRITTEN_STATUSES = ("running", "succeeded", "failed")
+#: ``interrupted``: stopped by Ctrl-C, on purpose, where ``failed`` is stopped by an error.
+WRITTEN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+#: The runs ``--resume latest`` looks for: stopped before they finished, by Ctrl-C or by losing their driver.
+RESUMABLE_STATUSES = ("interrupted", "abandoned")
 #: Largest run.json read; a driver writes a few kilobytes.
 _MAX_RECORD_BYTES = 4 << 20
 
@@ -78,7 +81,7 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = 
     Returns
     -------
     str
-        ``succeeded`` or ``failed`` as written; ``running`` while the lease
+        ``succeeded``, ``failed`` or ``interrupted`` as written; ``running`` while the lease
         (``heartbeat_at``, else ``updated_at``, plus ``lease_s``, default
         :data:`DEFAULT_LEASE_S`) holds; ``abandoned`` once it has expired, or
         for a running record that names no valid time or one further in the
@@ -165,60 +168,121 @@ def _expected_calls(record: dict[str, Any]) -> dict[str, int]:
         return {}
 
 
-def _folders(store: Store, workflow: str) -> dict[str, list[str]]:
-    """Every run folder of ``workflow`` and the keys below it (relative to the folder)."""
+def _folders(store: Store, workflow: str) -> dict[str, list[tuple[str, int]]]:
+    """Every run folder of ``workflow`` and the keys below it (relative to the folder), with their sizes."""
     root = runs_folder(workflow)
-    found: dict[str, list[str]] = defaultdict(list)
+    found: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for obj in store.list(root):
         folder, sep, rest = obj.key[len(root):].partition("/")
         if sep:
-            found[folder].append(rest)
+            found[folder].append((rest, obj.size))
     return found
 
 
-def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, Any]]:
-    """Every run in the store, newest first, with its effective status and per-stage progress.
+def _accuracy(workflow: str, report: dict[str, Any]) -> float | None:
+    """What a run measured: training's validation accuracy, inference's accuracy on labelled images."""
+    value = report.get("validation_accuracy" if workflow == "ml-training" else "accuracy")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    A run folder whose ``run.json`` is missing or unreadable is listed with
-    status ``unreadable`` and the reason in ``error``.
+
+def _duration_ms(status: str, record: dict[str, Any], report: dict[str, Any], now: _dt.datetime) -> float | None:
+    """How long the run took (its report's end to end), or has been going, or went before it stopped."""
+    if status == "succeeded" and isinstance(report.get("e2e_ms"), (int, float)):
+        return float(report["e2e_ms"])
+    start = _parse_time(record.get("started_at"))
+    end = now if status == "running" else _parse_time(record.get("updated_at"))
+    if start is None or end is None or end < start:
+        return None
+    return round((end - start).total_seconds() * 1e3, 3)
+
+
+def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Every run in the store, newest first.
+
+    Returns
+    -------
+    list of dict
+        One per run folder: ``run_id``, ``workflow``, ``status`` (effective:
+        see :func:`effective_status`), ``started_at`` (this attempt's, for a
+        resumed run), ``updated_at``, ``heartbeat_at``, ``duration_ms`` (the
+        report's end to end once it succeeded; else from its start to its last
+        record, or to now while running), ``e2e_ms``, ``accuracy`` (training:
+        on the held-out images; inference: on labelled images; else None),
+        ``progress`` (finished/expected calls per stage), ``error``,
+        ``bytes`` (everything in its folder) and ``intermediate_bytes`` (what
+        :func:`gc_runs` would delete). A folder whose ``run.json`` is missing
+        or unreadable is listed with status ``unreadable`` and the reason in
+        ``error``.
     """
     now = now or now_utc()
     runs = []
     for workflow in workflows.names():
         for run_id, keys in _folders(store, workflow).items():
             done: dict[str, int] = defaultdict(int)
-            for rest in keys:
+            intermediate_bytes = 0
+            for rest, size in keys:
                 intermediate = parse_intermediate(rest)
                 if intermediate is not None and intermediate[1]:
                     done[intermediate[0]] += 1
+                if _is_intermediate(workflow, rest):
+                    intermediate_bytes += size
             entry: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
+            sizes = {"bytes": sum(size for _, size in keys), "intermediate_bytes": intermediate_bytes}
             try:
                 record = read_record(store, workflow, run_id)
             except (MlwfError, ValueError) as e:
-                why = f"no {RECORD}" if RECORD not in keys else str(e)
-                runs.append({**entry, "status": "unreadable", "updated_at": None, "heartbeat_at": None,
-                             "progress": {}, "e2e_ms": None, "error": why})
+                why = f"no {RECORD}" if RECORD not in {rest for rest, _ in keys} else str(e)
+                runs.append({**entry, "status": "unreadable", "started_at": None, "updated_at": None,
+                             "heartbeat_at": None, "duration_ms": None, "e2e_ms": None, "accuracy": None,
+                             "progress": {}, "error": why, **sizes})
                 continue
             report = record.get("report") if isinstance(record.get("report"), dict) else {}
+            status = effective_status(record, now)
             runs.append({
                 **entry,
-                "status": effective_status(record, now),
+                "status": status,
+                "started_at": record.get("started_at"),
                 "updated_at": record.get("updated_at"),
                 "heartbeat_at": record.get("heartbeat_at"),
-                "progress": {s: f"{done.get(s, 0)}/{n}" for s, n in _expected_calls(record).items()},
+                "duration_ms": _duration_ms(status, record, report, now),
                 "e2e_ms": report.get("e2e_ms"),
+                "accuracy": _accuracy(workflow, report),
+                "progress": {s: f"{done.get(s, 0)}/{n}" for s, n in _expected_calls(record).items()},
                 "error": record.get("error"),
+                **sizes,
             })
     runs.sort(key=lambda r: r["run_id"], reverse=True)
     return runs
+
+
+def latest_resumable(store: Store, workflow: str, params: dict[str, Any]) -> tuple[str | None, dict | None]:
+    """What ``--resume latest`` resumes: the newest ``workflow`` run with status in
+    :data:`RESUMABLE_STATUSES` and these ``params``.
+
+    Returns
+    -------
+    (run id or None, the newest such run's record whatever its parameters, or None)
+    """
+    newest = None
+    for run_id in sorted(_folders(store, workflow), reverse=True):
+        try:
+            record = read_record(store, workflow, run_id)
+        except (MlwfError, ValueError):
+            continue
+        if effective_status(record) not in RESUMABLE_STATUSES:
+            continue
+        if record["params"] == params:
+            return run_id, record
+        newest = newest or record
+    return None, newest
 
 
 def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[str, Any]:
     """Delete the intermediate outputs of all but the ``keep`` newest runs of each workflow.
 
     The newest runs are the readable ones with the greatest run ids (run ids
-    sort by start time). Of the others, runs that succeeded, failed or were
-    abandoned are collected; a run still running is left alone, and so is a
+    sort by start time). Of the others, runs that succeeded, failed, were
+    interrupted or abandoned are collected; a run still running is left alone, and so is a
     folder whose ``run.json`` is missing or unreadable. Only intermediates
     are deleted (see the module's description).
 
@@ -255,7 +319,7 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
             except (MlwfError, ValueError) as e:
                 skipped.append({"run_id": run_id, "workflow": workflow, "reason": f"unreadable: {e}"})
                 continue
-            if status not in ("succeeded", "failed", "abandoned"):
+            if status not in ("succeeded", "failed", "interrupted", "abandoned"):
                 skipped.append({"run_id": run_id, "workflow": workflow, "reason": status})
                 continue
             prefix = RunLayout(workflow, run_id).folder + "/"
@@ -277,7 +341,8 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
 
     Returns
     -------
-    dict with ``run_id``, ``workflow``, ``status``, ``updated_at``, ``params``,
+    dict with ``run_id``, ``workflow``, ``status``, ``started_at``, ``updated_at``,
+    ``duration_ms`` (as :func:`list_runs` says), ``params``,
     ``transfer``, ``resumed``, ``error``, ``progress`` (finished/expected calls
     per stage), ``report`` (the run's report once it succeeded, else None:
     per-stage figures, accuracy, confusion matrix) and ``outputs`` (name → key).
@@ -308,11 +373,14 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
         outputs["summary"] = report.get("summary_key")
     if report and report.get("model_prefix"):
         outputs["model" if workflow == "ml-inference" else "published model"] = report["model_prefix"]
+    status = effective_status(record)
     return {
         "run_id": record.get("run_id"),
         "workflow": workflow,
-        "status": effective_status(record),
+        "status": status,
+        "started_at": record.get("started_at"),
         "updated_at": record.get("updated_at"),
+        "duration_ms": _duration_ms(status, record, report or {}, now_utc()),
         "params": record.get("params", {}),
         "transfer": record.get("transfer"),
         "resumed": record.get("resumed"),

@@ -9,11 +9,20 @@ running. The driver only names the workflow: the fork server reads what its
 stages import from the definition (:func:`preload_modules`, run there by
 :mod:`mlwf.backends.local.preload`). Only the standard library and
 :mod:`mlwf.settings` are imported here.
+
+Ctrl-C is the driver's alone. A terminal sends SIGINT to every process of
+its foreground group, fork server and workers included; the fork server
+starts with SIGINT blocked, and every worker it forks inherits the block, so
+none of them prints a traceback of its own (multiprocessing's fork server
+ignores SIGINT only once its preloading is done). The driver, interrupted,
+ends its run, kills its workers and, leaving, the fork server (:func:`stop`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 
 from mlwf.settings import fork_server_environment
@@ -82,8 +91,50 @@ def start(workflow: str | None = None) -> None:
     kept, with what it preloaded.
     """
     import multiprocessing as mp
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    with _STARTING, fork_server_environment(driver_main(), workflow):
+    # The resource tracker first: starting it unblocks SIGINT in this thread (whatever was blocked
+    # before), which would undo the block below if it happened inside ensure_running().
+    resource_tracker.ensure_running()
+    with _STARTING, fork_server_environment(driver_main(), workflow), _sigint_blocked():
         forkserver.ensure_running()
+
+
+class _sigint_blocked:
+    """Block SIGINT in this thread while the fork server is spawned: a blocked signal stays blocked
+    across fork and exec, so the server and every worker it forks never see a Ctrl-C.
+
+    Blocking (per thread) rather than ignoring (per process) works from any thread and loses no
+    Ctrl-C meant for the driver: the kernel hands it to a thread that does not block it.
+    """
+
+    def __enter__(self) -> None:
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
+def stop() -> None:
+    """Kill this process's fork server now, if it runs: for a command that is ending.
+
+    Left alone, a fork server still importing (a run refused or interrupted
+    at start-up) would outlive the command by as long as its imports take;
+    it holds nothing worth saving. Workers it forked for a pool still in use
+    would see it go as their own death: only call this once every engine of
+    the process is closed. A later :func:`start` starts a new one.
+    """
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # no public way to name or stop it
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass  # gone already
+    forget = getattr(server, "_stop", None)
+    if forget is not None:
+        forget()  # reaps it and forgets it, so a later start() starts a new one

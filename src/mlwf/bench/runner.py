@@ -16,7 +16,7 @@ from typing import Any, Callable
 from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, machine,
                               merge_csv, stats, write_latency_csv)
 from mlwf.bench.plots import plot_dir
-from mlwf.errors import StageError, UsageError
+from mlwf.errors import Interrupted, StageError, UsageError
 from mlwf.cli.options import training_flags
 from mlwf.settings import Settings
 
@@ -217,6 +217,27 @@ def _cli_args(spec: BenchSpec, backend: str, transfer: str) -> list[str]:
     return argv
 
 
+def resume_command(spec: BenchSpec, backend: str, transfer: str, run_id: str) -> str:
+    """The ``mlwf run`` command line that finishes run ``run_id`` of this benchmark."""
+    import shlex
+
+    from mlwf.workflows.training import TrainingConfig
+
+    argv = ["run", spec.workflow, *map(str, spec.args)]
+    argv += ["--backend", backend] * (backend != "local") + ["--transfer", transfer] * (transfer != "store")
+    for flag, value in (("--store", spec.store), ("--bucket", spec.bucket), ("--workers", spec.workers),
+                        ("--ray-address", spec.ray_address)):
+        if value:
+            argv += [flag, str(value)]
+    for e in spec.endpoints:
+        argv += ["--endpoint", e]
+    if spec.workflow == "ml-training":  # only what differs from the defaults: the run records the rest
+        argv += training_flags(spec.config or TrainingConfig(), changed_only=True)
+        argv += ["--model-prefix", spec.model_prefix] * (spec.model_prefix != "ml-inference/model")
+        argv += ["--no-publish"] * (not spec.publish)
+    return shlex.join(["mlwf", *argv, "--resume", run_id])
+
+
 def command_line(spec: BenchSpec) -> str:
     """The ``mlwf bench`` command line that measures ``spec``."""
     import shlex
@@ -260,14 +281,19 @@ def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
     config = config_from_flags(backend, workflow=spec.workflow, workers=spec.workers,
                                ray_address=spec.ray_address, endpoints=spec.endpoints)
     with Engine(spec.store, spec.bucket, backend=config, transfer=transfer, progress=clock) as engine:
-        _run_once(spec, engine)
-        tick(f"{backend} · {transfer} · warm-up")
-        times, reports = [], []
-        for i in range(spec.repeats):
-            t = time.perf_counter()
-            reports.append(_run_once(spec, engine))
-            times.append((time.perf_counter() - t) * 1e3)
-            tick(f"{backend} · {transfer} · warm {i + 1}/{spec.repeats}")
+        try:
+            _run_once(spec, engine)
+            tick(f"{backend} · {transfer} · warm-up")
+            times, reports = [], []
+            for i in range(spec.repeats):
+                t = time.perf_counter()
+                reports.append(_run_once(spec, engine))
+                times.append((time.perf_counter() - t) * 1e3)
+                tick(f"{backend} · {transfer} · warm {i + 1}/{spec.repeats}")
+        except Interrupted as e:
+            if e.run_id:
+                e.resume = resume_command(spec, backend, transfer, e.run_id)
+            raise
         doc = trace.build(engine.last_run, reports[-1], clock)
     return times, reports, doc
 
@@ -278,7 +304,7 @@ def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
     times, reports = [], []
     for i in range(spec.repeats):
         t = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True)
+        done = _cold_run(argv, spec, backend, transfer)
         times.append((time.perf_counter() - t) * 1e3)
         if done.returncode != 0:
             lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
@@ -287,6 +313,32 @@ def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
         reports.append(json.loads(done.stdout))
         tick(f"{backend} · {transfer} · cold {i + 1}/{spec.repeats}")
     return times, reports
+
+
+def _cold_run(argv: list[str], spec: BenchSpec, backend: str, transfer: str) -> subprocess.CompletedProcess:
+    """One cold ``mlwf run`` process, to its end; on Ctrl-C, :class:`Interrupted` naming its run.
+
+    The process is in the terminal's process group, so the Ctrl-C reached it too: it is given the
+    time to record its run ``interrupted`` and say which (its ``--json`` line) before it is killed.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate()
+    except KeyboardInterrupt:
+        try:
+            out, err = proc.communicate(timeout=5)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            out, err = proc.communicate()
+        said: dict[str, Any] = {}
+        try:
+            said = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        except ValueError:
+            pass
+        run_id = said.get("run_id") if isinstance(said, dict) else None
+        raise Interrupted(spec.workflow, run_id, said.get("status") if run_id else None,
+                          resume_command(spec, backend, transfer, run_id) if run_id else None) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 # --------------------------------------------------------------------------- progress
@@ -309,11 +361,12 @@ class _BenchBar:
             self._task = self._p.add_task("bench", total=self.total)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self._p is not None:
             from mlwf.ui import hide_progress
 
-            hide_progress(self._p)
+            # A benchmark that failed or was interrupted says so in one line, without a half-drawn bar.
+            hide_progress(self._p, erase=exc_type is not None)
 
     def tick(self, what: str) -> None:
         if self._p is not None:
@@ -321,7 +374,10 @@ class _BenchBar:
 
     def note(self, text: str) -> None:
         if self._p is not None:
-            self._p.console.print(text)
+            from mlwf.ui import drawing
+
+            with drawing():  # printed above the bar: a frame of the display
+                self._p.console.print(text)
         else:
             print(f"mlwf bench: {text}", file=sys.stderr)
 

@@ -12,10 +12,13 @@ import argparse
 import gc
 import importlib
 import os
+import signal
 import sys
+import threading
+import time
 from types import ModuleType
 
-from mlwf.cli.options import Parser, version
+from mlwf.cli.options import INTERRUPTED_EXIT, Parser, version
 from mlwf.errors import MlwfError
 
 #: Each command and the module of :mod:`mlwf.cli` that handles it, in the order ``--help`` lists them.
@@ -67,10 +70,16 @@ def command(argv: list[str] | None = None) -> int:
     Before the interpreter exits, what the command created is frozen for the
     garbage collector: its last collection would walk every object of NumPy,
     the engine and the display (30–60 ms of a cold ``mlwf run`` here) only to
-    free memory the process gives back anyway. Everything else at exit runs as
-    usual: atexit handlers, flushing, closing.
+    free memory the process gives back anyway. The local backend's fork
+    server, if the command started one, is stopped. Everything else at exit
+    runs as usual: atexit handlers, flushing, closing.
     """
     code = main(argv)
+    forkserver = sys.modules.get("mlwf.backends.forkserver")
+    if forkserver is not None:
+        # Every engine is closed: a fork server still importing (a run refused or interrupted at
+        # start-up) would otherwise outlive the command, holding its terminal, for as long as that takes.
+        forkserver.stop()
     gc.freeze()
     return code
 
@@ -88,20 +97,57 @@ def _quiet_closed_streams() -> None:
         os.close(devnull)
 
 
+#: Seconds a command may take to wind down after Ctrl-C before a second Ctrl-C ends it at once.
+WIND_DOWN_S = 2.0
+
+
+class _CtrlC:
+    """The command's SIGINT handler: the first Ctrl-C raises :class:`KeyboardInterrupt` (the command
+    winds down: its run recorded ``interrupted``, its workers stopped, one line printed).
+
+    A second Ctrl-C while it winds down is ignored (people often press twice, and cutting the
+    winding down short would leave the run's record and its workers behind), unless winding down
+    has taken over :data:`WIND_DOWN_S` seconds (a store that does not answer): then the command
+    leaves at once; its workers follow their driver (:mod:`mlwf.backends.lifeline`).
+    """
+
+    def __init__(self):
+        self.first: float | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+            raise KeyboardInterrupt
+        if time.monotonic() - self.first > WIND_DOWN_S:
+            os.write(2, b"\nmlwf: interrupted again: leaving now, before the run's record says so\n")
+            os._exit(INTERRUPTED_EXIT)
+
+
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    # Only in the main thread, and only where Python's own handler is in place (not under a caller's).
+    handle_ctrl_c = (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if handle_ctrl_c:
+        signal.signal(signal.SIGINT, _CtrlC())
     try:
         args = build_parser(argv).parse_args(argv)
+        args.argv = argv  # the command line as typed: what 'mlwf run' prints to resume a run
         return _dispatch(args)
     except MlwfError as e:
         if debug:
             raise
         print(f"mlwf: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("mlwf: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        # 'mlwf run' and 'mlwf bench' say more themselves; any other command that ran a run names it.
+        run_id = getattr(e, "run_id", None)
+        print("mlwf: interrupted" + (f" run {run_id} ('mlwf runs show {run_id}' shows it)" if run_id else ""),
+              file=sys.stderr)
+        return INTERRUPTED_EXIT
     except BrokenPipeError:
         raise  # the reader went away: main() exits quietly
     except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
@@ -110,6 +156,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"mlwf: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if handle_ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _dispatch(args) -> int:

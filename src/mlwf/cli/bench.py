@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from mlwf.cli.options import Parser, common, inference_arguments, training_arguments, training_config
+from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, check_prefix_arguments, common, inference_arguments,
+                              training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -32,13 +34,13 @@ def add_parsers(sub) -> None:
         b.add_argument("--ray-address", default=None, help="ray backend: the cluster to join")
         common(b)
     bp = bs.add_parser("plot", help="redraw the plots of a benchmark folder from its CSVs")
-    bp.add_argument("dir", metavar="DIR")
+    bp.add_argument("dir", metavar="DIR", help="a folder 'mlwf bench --out DIR' wrote")
     bp.add_argument("--debug", action="store_true")
 
     tc = sub.add_parser("trace", help="draw a trace written by 'mlwf run --trace'")
     tcs = tc.add_subparsers(dest="trace_command", required=True, parser_class=Parser)
     tp = tcs.add_parser("plot", help="a Gantt chart PNG: a row per worker, a bar per call coloured by stage")
-    tp.add_argument("file", metavar="FILE")
+    tp.add_argument("file", metavar="FILE", help="a trace written by 'mlwf run --trace FILE'")
     tp.add_argument("--out", metavar="PNG", help="output PNG (default: FILE with .png)")
     tp.add_argument("--debug", action="store_true")
 
@@ -52,6 +54,7 @@ def bench(args) -> int:
         for path in written:
             print(path)
         return 0
+    check_prefix_arguments(args)
     if args.bench_workflow == "ml-training":
         positional = [args.data_prefix, args.num_pca, args.num_train]
         extra = dict(config=training_config(args), model_prefix=args.model_prefix, publish=not args.no_publish)
@@ -62,7 +65,10 @@ def bench(args) -> int:
                            transfers=args.transfer, repeats=args.repeats, cold=args.cold, baseline=args.baseline,
                            store=args.store, bucket=args.bucket, workers=args.workers, endpoints=args.endpoint,
                            ray_address=args.ray_address, plots=not args.no_plots, **extra)
-    result = bench.run(spec, progress=not args.json)
+    try:
+        result = bench.run(spec, progress=not args.json)
+    except KeyboardInterrupt as e:
+        return interrupted(args, e)
     if args.json:
         print(json.dumps(result))
     else:
@@ -70,6 +76,25 @@ def bench(args) -> int:
 
         print_bench(result)
     return 0
+
+
+def interrupted(args, error: KeyboardInterrupt) -> int:
+    """After Ctrl-C: one line on stderr naming the run it stopped and the command that finishes
+    that run; exit status 130. The benchmark's own files (CSVs, summary) are written only at its end."""
+    run_id = getattr(error, "run_id", None)
+    status = getattr(error, "status", None)
+    resume = getattr(error, "resume", None)
+    if run_id is None:
+        line = "interrupted mlwf bench before a run had started (or in its baseline); no CSV was written"
+    elif status in ("succeeded", "failed") or not resume:
+        line = f"interrupted mlwf bench after run {run_id} had {status or 'ended'}; no CSV was written"
+    else:
+        line = (f"interrupted mlwf bench during run {run_id}; no CSV was written; finish that run with: "
+                f"{resume}")
+    print(f"mlwf: {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"interrupted": True, "run_id": run_id, "status": status, "resume": resume}))
+    return INTERRUPTED_EXIT
 
 
 def trace(args) -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
+import re
+import sys
 from typing import Any
 
 from mlwf.errors import UsageError
@@ -11,13 +15,93 @@ from mlwf.errors import UsageError
 BUCKET_HELP = "bucket (default: $MLWF_BUCKET, else 'tless')"
 _MAX_STAGE_CPUS = 4096
 _MAX_STAGE_MB = 1 << 30  # 1 PiB: a bound that keeps the number finite, not a sizing rule
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports a process ended by it).
+INTERRUPTED_EXIT = 130
+
+#: What each positional argument is, by its name in the usage line: the help of a positional
+#: added without one (every command's positionals are explained in its --help).
+POSITIONAL_HELP = {
+    "OUT": "folder to write the images to, as class folders OUT/<class>/<index>.png",
+    "IMAGES": "IDX file of images (such as train-images-idx3-ubyte.gz; gzipped or not)",
+    "LABELS": "IDX file of their labels (such as train-labels-idx1-ubyte.gz; gzipped or not)",
+    "MODEL_PREFIX": "where the model is published in the store (ml-training publishes to ml-inference/model "
+                    "unless told --model-prefix)",
+}
+_INVALID_CHOICE = re.compile(r"argument (?P<name>.+?): invalid choice: (?P<value>'.*') \(choose from (?P<choices>.*)\)$")
+_REQUIRED = re.compile(r"the following arguments are required: (?P<names>.*)$")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not a usage block."""
+    """argparse, with usage errors a person can act on: one line, in the words of the command line
+    (a command, a flag, a value), with a "did you mean" for a mistyped command, flag or choice,
+    and the help of the command the words were given to."""
 
-    def error(self, message: str):  # noqa: D401
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The innermost parser a parse reached (a subcommand's defaults override its parent's):
+        # the command whose flags an unknown flag is compared with, and whose help to point to.
+        self.set_defaults(_parser=self)
+
+    def add_argument(self, *args, **kwargs):
+        """As argparse's; a positional given no help gets the one :data:`POSITIONAL_HELP` has for its name."""
+        if args and not args[0].startswith("-") and kwargs.get("help") is None:
+            kwargs["help"] = POSITIONAL_HELP.get(kwargs.get("metavar") or args[0].upper())
+        return super().add_argument(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse's, with the errors below
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(parsed, "_parser", self).unrecognized(extras)
+        return parsed
+
+    def unrecognized(self, extras: list[str]):
+        """Refuse words this command does not take, naming the nearest flag it has."""
+        flag = next((word for word in extras if word.startswith("-") and word != "-"), None)
+        if flag is None:
+            words = " ".join(extras)
+            self.fail(f"'{self.prog}' takes no argument{'s' if len(extras) > 1 else ''} {words!r} "
+                      "(quote a value with spaces; flags start with --)")
+        name = flag.partition("=")[0]
+        flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        self.fail(f"unknown flag {name} for '{self.prog}'{_did_you_mean(name, flags)}")
+
+    def fail(self, message: str):
+        """A usage error: ``message`` and where to read more."""
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        commands = {action.dest: action for action in self._actions if isinstance(action, argparse._SubParsersAction)}
+        invalid = _INVALID_CHOICE.match(message)
+        if invalid:
+            value = ast.literal_eval(invalid["value"])
+            try:
+                choices = [str(c) for c in ast.literal_eval(f"[{invalid['choices']}]")]
+            except (ValueError, SyntaxError):
+                choices = []
+            if invalid["name"] in commands:
+                suggestion = _did_you_mean(value, choices, f"{self.prog} ")
+                self.fail(f"unknown command '{self.prog} {value}'"
+                          + (suggestion or f": choose one of {_either(choices)}"))
+            self.fail(f"{invalid['name']} {value!r} is not one of {_either(choices)}"
+                      f"{_did_you_mean(value, choices)}")
+        required = _REQUIRED.match(message)
+        if required:
+            names = required["names"].split(", ")
+            missing = [n for n in names if n in commands]
+            if missing:
+                choices = list(commands[missing[0]].choices)
+                self.fail(f"'{self.prog}' needs a command: {_either(choices)}")
+        self.fail(message)
+
+
+def _did_you_mean(word: str, candidates: list[str], prefix: str = "") -> str:
+    """``": did you mean 'X'?"`` for the candidate nearest ``word``, or "" if none is near."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f": did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _either(choices: list[str]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else "".join(choices)
 
 
 def common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -41,7 +125,9 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a call may run before it is retried (default 600)")
     p.add_argument("--resume", metavar="RUN_ID",
-                   help="finish an interrupted run: reuse its calls whose outputs verify, rerun the rest")
+                   help="finish an interrupted run (the same command line, plus --resume and its run id, or "
+                        "'latest': the newest interrupted run of this workflow with these arguments): reuse its "
+                        "calls whose outputs verify, rerun the rest; a run that succeeded is left as it is")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance for the run)")
     p.add_argument("--no-ray-pool", dest="ray_pool", action="store_false",
@@ -80,9 +166,13 @@ def training_arguments(p: argparse.ArgumentParser) -> None:
     """ml-training's arguments and settings (mlwf run and mlwf bench)."""
     from mlwf.presets import DEFAULT_MODEL_PREFIX, PRESETS
 
-    p.add_argument("data_prefix", metavar="DATA_PREFIX")
-    p.add_argument("num_pca", metavar="NUM_PCA", type=int)
-    p.add_argument("num_train", metavar="NUM_TRAIN", type=int)
+    p.add_argument("data_prefix", metavar="DATA_PREFIX",
+                   help="where the labelled images are in the store, as class folders DATA_PREFIX/<class>/<image> "
+                        "(put them there with 'mlwf s3 upload-dir')")
+    p.add_argument("num_pca", metavar="NUM_PCA", type=int,
+                   help="PCA functions: the training images are dealt among them, each fits its own projection")
+    p.add_argument("num_train", metavar="NUM_TRAIN", type=int,
+                   help="training functions, each fitting one forest of the model (at least NUM_PCA)")
     flags = {name: flag for flag, name, _, _ in TRAINING_FLAGS}
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a set of the settings below (flags given as well override it): "
@@ -106,9 +196,13 @@ def allow_unvalidated_argument(p: argparse.ArgumentParser) -> None:
 
 def inference_arguments(p: argparse.ArgumentParser) -> None:
     """ml-inference's arguments (mlwf run, invoke and bench)."""
-    p.add_argument("model_prefix", metavar="MODEL_PREFIX")
-    p.add_argument("data_prefix", metavar="DATA_PREFIX")
-    p.add_argument("num_funcs", metavar="NUM_FUNCS", type=int)
+    p.add_argument("model_prefix", metavar="MODEL_PREFIX",
+                   help="where ml-training published the model in the store (its default: ml-inference/model)")
+    p.add_argument("data_prefix", metavar="DATA_PREFIX",
+                   help="where the images to classify are in the store (in class folders, their accuracy is "
+                        "measured too)")
+    p.add_argument("num_funcs", metavar="NUM_FUNCS", type=int,
+                   help="predict functions the images are dealt among")
 
 
 def training_config(args):
@@ -188,3 +282,54 @@ def version() -> str:
     from mlwf import __version__
 
     return __version__
+
+
+#: How a path of this machine starts; no key mlwf writes or reads starts so.
+_LOCAL_PATH = re.compile(r"(/|\./|\.\./|~|\.$|\.\.$|[A-Za-z]:[\\/])")
+
+
+def check_prefix_arguments(args) -> None:
+    """Refuse, before anything starts, a folder of this machine given where a prefix in the store is
+    expected (DATA_PREFIX, MODEL_PREFIX, --model-prefix), saying how to upload it."""
+    import os
+    import posixpath
+    import shlex
+
+    where = [word for flag, value in (("--store", args.store), ("--bucket", args.bucket)) if value
+             for word in (flag, value)]
+    workflow = getattr(args, "workflow", None) or getattr(args, "bench_workflow", None)
+    for dest, name in (("data_prefix", "DATA_PREFIX"), ("model_prefix", "MODEL_PREFIX")):
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not _LOCAL_PATH.match(value):
+            continue
+        if dest == "model_prefix":
+            flag = "--model-prefix" if workflow == "ml-training" else name
+            raise UsageError(f"{flag} {value!r} is a path on this machine, but a model lives in the store: give "
+                             "the prefix ml-training published it at (default ml-inference/model; 'mlwf model show "
+                             "PREFIX' shows one)")
+        folder = os.path.expanduser(value)  # the shell would not expand it once quoted
+        name_there = posixpath.basename(os.path.normpath(folder)) if folder not in ("/", "") else ""
+        prefix = f"{'ml-training' if workflow == 'ml-training' else 'ml-inference'}/{name_there or 'images'}"
+        upload = shlex.join(["mlwf", "s3", "upload-dir", "--host-path", folder, "--s3-path", prefix, *where])
+        raise UsageError(f"{name} {value!r} is a folder on this machine, but the workflows read images from the "
+                         f"store: upload it, then give {prefix!r} as {name}; to upload it: {upload}")
+
+
+def resume_command(args, run_id: str) -> str:
+    """The command line that resumes ``run_id``: the user's own (``args.argv``, else this process's
+    arguments), its ``--resume`` (if any) replaced, quoted for a POSIX shell."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    kept: list[str] = []
+    skip_value = False
+    for word in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name, equals, _ = word.partition("=")
+        if len(name) >= 5 and "--resume".startswith(name):  # --resume, or the abbreviation argparse took for it
+            skip_value = not equals
+            continue
+        kept.append(word)
+    return shlex.join(["mlwf", *kept, "--resume", run_id])

@@ -23,13 +23,15 @@ from mlwf import workflows
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.accounting import Accounts, StageStats
 from mlwf.engine.checkpoints import Checkpoints
+from mlwf.engine.interrupts import deferred
 from mlwf.engine.layout import RunLayout, new_run_id
 from mlwf.engine.progress import SILENT
 from mlwf.engine.runner import decode
 from mlwf.engine.retry import RetryPolicy
 from mlwf.engine.scheduling import run_concurrently
-from mlwf.errors import MlwfError, UsageError
-from mlwf.runs import DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, effective_status, find_run, now_utc, timestamp
+from mlwf.errors import AlreadyDone, Interrupted, MlwfError, UsageError
+from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RESUMABLE_STATUSES, effective_status, find_run,
+                       latest_resumable, now_utc, timestamp)
 from mlwf.settings import Settings
 
 from mlwf.backends import NAMES, TRANSFERS, make_backend
@@ -122,6 +124,8 @@ class Engine:
         #: Record each finished call for --resume (switch off only to measure what it costs).
         self.checkpoints = True
         self.progress = progress or SILENT
+        #: The latest run this engine started (a trace is built from it: mlwf.engine.trace).
+        self.last_run: Run | None = None
         self.backend = make_backend(backend, self.settings, backend_options)
         if transfer not in self.backend.transfers:
             raise UsageError(f"the {self.backend.name} backend cannot do --transfer {transfer}: use "
@@ -132,11 +136,25 @@ class Engine:
         return self.stage_timeouts.get(stage, self.timeout)
 
     def start_run(self, workflow: str, params: dict[str, Any], resume: str | None = None) -> Run:
-        """A new run, or with ``resume`` the run of that id, checked to be the same work."""
+        """A new run, or with ``resume`` the run of that id, checked to be the same work.
+
+        ``resume="latest"`` names the newest interrupted (or abandoned) run of ``workflow`` with
+        these parameters.
+
+        Raises
+        ------
+        UsageError
+            If the run to resume is unknown, still running, of another workflow or other
+            parameters, or (``latest``) there is none.
+        AlreadyDone
+            If the run to resume has already succeeded: nothing is run or changed.
+        """
         if resume is None:
             return Run(self, workflow, params)
         if self.transfer != "store":
             raise UsageError("--resume needs --transfer store: a direct-transfer run keeps no outputs to reuse")
+        if resume == "latest":
+            resume = self._latest_resumable(workflow, params)
         record = find_run(self.store, resume)
         if record is None:
             raise UsageError(f"unknown run id {resume!r} in bucket {self.spec.bucket!r} of {self.spec.url}: "
@@ -154,11 +172,55 @@ class Engine:
             was = ", ".join(f"{k}={record['params'].get(k)!r}" for k in differ)
             raise UsageError(f"run {resume} was started with other parameters ({was}): "
                              "resume it with the same command line")
+        if record.get("status") == "succeeded":
+            # Running it again would redo its merge and publish its model once more: change nothing.
+            report = record.get("report") if isinstance(record.get("report"), dict) else {}
+            raise AlreadyDone(f"run {resume} already succeeded (at {record.get('updated_at')}): nothing to do",
+                              {**report, "workflow": workflow, "run_id": resume})
         return Run(self, workflow, params, run_id=resume)
 
+    def _latest_resumable(self, workflow: str, params: dict[str, Any]) -> str:
+        """The id of the newest interrupted or abandoned ``workflow`` run with ``params`` (``--resume latest``)."""
+        where = f"bucket {self.spec.bucket!r} of {self.spec.url}"
+        found, newest = latest_resumable(self.store, workflow, params)
+        if found is not None:
+            return found
+        statuses = " or ".join(RESUMABLE_STATUSES)
+        if newest is None:
+            raise UsageError(f"--resume latest: no {statuses} {workflow} run in {where}, so nothing to resume: "
+                             "run without --resume to start a new one ('mlwf runs ls' lists the runs)")
+        was = ", ".join(f"{k}={newest['params'].get(k)!r}" for k in sorted(set(params) | set(newest["params"]))
+                        if params.get(k) != newest["params"].get(k))
+        raise UsageError(f"--resume latest: no {statuses} {workflow} run with these parameters in {where}; the "
+                         f"newest one, {newest['run_id']}, was started with {was}: resume it with its own command "
+                         f"line and '--resume {newest['run_id']}'")
+
     def run(self, workflow: str, *args, **options) -> dict[str, Any]:
-        """Run the workflow called ``workflow`` with its positional arguments; returns its report."""
-        return workflows.get(workflow).run(self, *args, **options)
+        """Run the workflow called ``workflow`` with its positional arguments; returns its report.
+
+        With ``resume=`` a run that has already succeeded is not run again: its recorded report
+        is returned, with ``already_done: True``.
+
+        Raises
+        ------
+        Interrupted
+            On Ctrl-C (a :class:`KeyboardInterrupt`): the run is then recorded ``interrupted``
+            (``--resume`` finishes it) and its workers are stopped.
+        MlwfError
+            Whatever makes the run fail, with one line saying what to fix.
+        """
+        before = self.last_run
+        try:
+            return workflows.get(workflow).run(self, *args, **options)
+        except AlreadyDone as done:
+            return {**done.report, "already_done": True}
+        except KeyboardInterrupt:
+            run = self.last_run if self.last_run is not before else None
+            if run is not None:
+                run.interrupted()  # once more: a workflow's driver may not have said so itself
+            else:
+                self.backend.cancel_all()
+            raise Interrupted(workflow, run.run_id if run else None, run.status if run else None) from None
 
     def run_training(self, data_prefix: str, num_pca: int, num_train: int, **options) -> dict[str, Any]:
         """Run ml-training; see :func:`mlwf.workflows.training.drive` for the options."""
@@ -202,9 +264,11 @@ class Run:
         self._workers_ready = False
         self.t0 = time.perf_counter()
         engine.last_run = self  # the latest run, kept so a trace can be built from it (mlwf.trace)
-        self.started_at = timestamp(now_utc())
+        self.started_at = timestamp(now_utc())  # of this attempt, for a resumed run
         self._record_lock = threading.Lock()
         self._final = False
+        #: The status last recorded in run.json.
+        self.status: str | None = None
         self._record("running")
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(target=self._renew_lease, name=f"mlwf-lease-{self.run_id}", daemon=True)
@@ -339,17 +403,37 @@ class Run:
         return report
 
     def finish(self, report: dict[str, Any]) -> None:
-        self._stop_heartbeat.set()
-        self.engine.backend.end_run(self.run_id)
-        self._record("succeeded", report=report)
+        """Record the run ``succeeded`` with its report (a Ctrl-C meanwhile waits until it is written)."""
+        with deferred():
+            self._stop_heartbeat.set()
+            self.engine.backend.end_run(self.run_id)
+            self._record("succeeded", report=report)
 
     def fail(self, error: BaseException) -> None:
+        """Record the run ``failed`` with ``error`` (``interrupted`` for a Ctrl-C: see :meth:`interrupted`)."""
+        if isinstance(error, KeyboardInterrupt):
+            self.interrupted()
+            return
         self._stop_heartbeat.set()
         self.engine.backend.end_run(self.run_id)
         try:
             self._record("failed", error=str(error))
         except MlwfError:
             pass  # the store itself may be what failed; the original error matters more
+
+    def interrupted(self) -> None:
+        """After a Ctrl-C: stop the run's workers at once and record it ``interrupted`` (unless it had
+        already ended); ``--resume`` finishes it. Calling it again does nothing more."""
+        self._stop_heartbeat.set()
+        if self._final:
+            return
+        # Killed, not drained: a worker busy with a call would hold the command for as long as it runs.
+        self.engine.backend.cancel_all()
+        self.engine.backend.end_run(self.run_id)
+        try:
+            self._record("interrupted")
+        except MlwfError:
+            pass  # the store failed: the record stays 'running' and shows as abandoned once its lease expires
 
     def _renew_lease(self) -> None:
         """Rewrite ``run.json`` every heartbeat while the run is going (a background thread)."""
@@ -363,10 +447,12 @@ class Run:
         with self._record_lock:
             if self._final:
                 return  # a late heartbeat never overwrites how the run ended
-            self._final = status != "running"
             now = timestamp(now_utc())
             doc = {"run_id": self.run_id, "workflow": self.workflow, "status": status,
                    "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
                    "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
                    "lease_s": self.engine.lease_s, **extra}
             self.store.put(self.layout.record, json.dumps(doc, indent=2).encode())
+            # Final only once written: a put cut short (by a Ctrl-C) leaves room for the record that says so.
+            self._final = status != "running"
+            self.status = status

@@ -5,6 +5,9 @@ the first 2 ``get_many`` calls in each process raise
 :class:`~mlwf.errors.TransientStoreError` (a store that fails for a while:
 the engine retries the call), and every operation waits 20 ms first. Any
 operation name of :class:`~mlwf.storage.base.Store` can be given a count.
+``slow:TEXT:MS`` makes every operation on a key containing TEXT wait MS
+milliseconds (``slow:/versions/:1500``: publishing a model takes seconds,
+long enough to be interrupted in the middle).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def parse(spec: str) -> tuple[dict[str, int], float]:
     failures, latency = {}, 0.0
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition(":")
+        if name == "slow":
+            continue  # see slow_keys()
         try:
             number = float(value)
         except ValueError:
@@ -38,20 +43,41 @@ def parse(spec: str) -> tuple[dict[str, int], float]:
     return failures, latency
 
 
-class FaultyStore(Store):
-    """Wraps a store; fails the first N calls of chosen operations and delays every call."""
+def slow_keys(spec: str) -> list[tuple[str, float]]:
+    """The ``slow:TEXT:MS`` entries of ``spec``, as (TEXT, seconds)."""
+    found = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition(":")
+        if name != "slow":
+            continue
+        text, _, ms = value.rpartition(":")
+        try:
+            found.append((text, float(ms) / 1000))
+        except ValueError:
+            raise ValueError(f"{ENV}: bad entry {item!r}, expected slow:TEXT:MS") from None
+    return found
 
-    def __init__(self, inner: Store, failures: dict[str, int], latency_s: float = 0.0):
+
+class FaultyStore(Store):
+    """Wraps a store; fails the first N calls of chosen operations and delays every call, or the calls on
+    chosen keys."""
+
+    def __init__(self, inner: Store, failures: dict[str, int], latency_s: float = 0.0,
+                 slow: list[tuple[str, float]] | None = None):
         self.inner = inner
         self.location = inner.location
         self.is_local = inner.is_local
         self.bucket = inner.bucket
         self.remaining = dict(failures)
         self.latency_s = latency_s
+        self.slow = slow or []
 
     def _op(self, name: str, *args):
         if self.latency_s:
             time.sleep(self.latency_s)
+        for text, seconds in self.slow:
+            if args and isinstance(args[0], str) and text in args[0]:
+                time.sleep(seconds)
         if self.remaining.get(name, 0) > 0:
             self.remaining[name] -= 1
             raise TransientStoreError(f"injected store fault in {name} (pid {os.getpid()})")
@@ -106,4 +132,4 @@ def wrap_if_asked(store: Store, settings: Settings) -> Store:
     if not spec:
         return store
     failures, latency = parse(spec)
-    return FaultyStore(store, failures, latency)
+    return FaultyStore(store, failures, latency, slow_keys(spec))

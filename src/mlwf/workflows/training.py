@@ -370,6 +370,7 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     UsageError, DataError, StoreError, StageError
         With one line saying what to fix; nothing is published then.
     """
+    from mlwf.engine.interrupts import deferred
     from mlwf.model import MAX_MEMBERS, MAX_TREES, manifest_key
     from mlwf.model import publish as publish_model
     from mlwf.storage import check_prefix
@@ -457,17 +458,21 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
             "model_bytes": model_ref.nbytes,
             "model_prefix": model_prefix if publish else None,
         }
-        if publish:
-            t = time.perf_counter()
-            publish_model(engine.store, model_prefix, run.read_bytes(model_ref), run_id=run.run_id,
-                          summary={"validation_accuracy": val.info["accuracy"], "validated": validated,
-                                   "classes": classes, "num_train_images": summary["num_train_images"]})
-            summary["publish_ms"] = round((time.perf_counter() - t) * 1e3, 3)
-        report = run.report(**summary)
+        model = run.read_bytes(model_ref) if publish else b""
+        # Published and recorded as one step: a Ctrl-C meanwhile waits until both are done, so a run
+        # whose model is out never says 'interrupted' (the publish alone is atomic either way).
+        with deferred():
+            if publish:
+                t = time.perf_counter()
+                publish_model(engine.store, model_prefix, model, run_id=run.run_id,
+                              summary={"validation_accuracy": val.info["accuracy"], "validated": validated,
+                                       "classes": classes, "num_train_images": summary["num_train_images"]})
+                summary["publish_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+            report = run.report(**summary)
+            run.finish(report)
     except BaseException as e:
         run.fail(e)
         raise
-    run.finish(report)
     return report
 
 

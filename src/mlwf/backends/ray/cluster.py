@@ -57,7 +57,8 @@ def _init(address: str | None, connect_timeout: float, token_missing: bool, loca
     if address is None or address == "local":
         before = lifeline.children(os.getpid())
         try:
-            ray.init(address="local", **quiet)
+            with _loopback_node():
+                ray.init(address="local", _node_ip_address=LOOPBACK, **quiet)
         except Exception as e:  # noqa: BLE001 - Ray raises many kinds; say what happened in one line
             raise UsageError(f"could not start a local Ray instance: {first_line(e)}") from None
         # The processes ray.init just started are the instance's (gcs_server, raylet, ...).
@@ -68,6 +69,35 @@ def _init(address: str | None, connect_timeout: float, token_missing: bool, loca
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"could not join the Ray cluster at {address}: {first_line(e)}") from None
+
+
+#: The address of the local Ray instance mlwf starts for itself: nothing of it is reachable from elsewhere.
+LOOPBACK = "127.0.0.1"
+
+
+class _loopback_node:
+    """While a local instance starts: make Ray take this machine's loopback address as the node's.
+
+    Ray's servers (GCS, raylet, object manager, every worker, the runtime-env and dashboard
+    agents) listen on all interfaces, or the host's address, unless the node's address is
+    loopback; and on Linux ``ray.init`` replaces a loopback ``_node_ip_address`` with the
+    host's address, unless Ray runs as on macOS or Windows, single-machine only
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). That setting is read once, at import, into
+    ``ray_constants.ENABLE_RAY_CLUSTER``: it is switched for the start only, so joining a
+    real cluster later in the same process still finds the host's address. The processes
+    started take the node's address from their command lines.
+    """
+
+    def __enter__(self) -> None:
+        from ray._private import ray_constants
+
+        self._constants = ray_constants
+        self._saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            self._constants.ENABLE_RAY_CLUSTER = self._saved
 
 
 def first_line(e: BaseException) -> str:
