@@ -181,6 +181,14 @@ def test_decode_many_keeps_order_when_it_resizes_as_it_goes(monkeypatch):
     np.testing.assert_array_equal(pixels, np.stack([pillow_pixels(b, 16) for i, b in enumerate(blobs) if i != 5]))
 
 
+def test_any_buffer_decodes_as_its_bytes():
+    """A store client may hand back its own buffer type (obstore's Bytes has no bytes methods)."""
+    blobs = mixed_images(np.random.default_rng(11))
+    pixels, refused = images.decode_many([memoryview(b) if i % 2 else bytearray(b) for i, b in enumerate(blobs)], 20)
+    assert refused == {}
+    np.testing.assert_array_equal(pixels, images.decode_many(blobs, 20)[0])
+
+
 def test_as_pixels_keeps_the_order_of_mixed_inputs():
     rng = np.random.default_rng(8)
     arrays = rng.integers(0, 256, size=(4, 30, 30), dtype=np.uint8)

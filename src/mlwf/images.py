@@ -154,6 +154,8 @@ def inspect(data: bytes) -> ImageHeader:
         Not PNG or JPEG (its format is named when recognised), a malformed
         header, or a JPEG that ends before its end-of-image marker.
     """
+    if type(data) is not bytes:  # a memoryview, bytearray, or a store client's own buffer type
+        data = bytes(data)
     if data[:8] == _PNG_MAGIC:
         return _png_header(data)
     if data[:3] == b"\xff\xd8\xff":
@@ -651,6 +653,8 @@ def decode_many(blobs: Sequence[bytes], size: int, *, levels: bool = False
     last_png_header: tuple[bytes, ImageHeader, int] | None = None
     with budget.MEMORY.reserve(0, f"decoding {len(blobs)} images") as batch:
         for i, data in enumerate(blobs):
+            if type(data) is not bytes:  # a memoryview, bytearray, or a store client's own buffer type
+                data = bytes(data)
             try:
                 if last_png_header is not None and data.startswith(last_png_header[0]):
                     _, header, work = last_png_header
