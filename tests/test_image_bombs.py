@@ -53,7 +53,7 @@ def _hostile() -> dict[str, tuple[bytes, int, str]]:
         # The same attacks in other shapes.
         "a 64,000,000 x 1 PNG": (craft.zero_png(64_000_000, 1), 413, budget_bites),
         "a 6000 x 6000 RGBA PNG": (craft.zero_png(6000, 6000, color=6), 413, budget_bites),
-        "an 8000 x 8000 16-bit PNG": (craft.zero_png(8000, 8000, depth=16), 413, budget_bites),
+        "a 6000 x 6000 16-bit RGBA PNG": (craft.zero_png(6000, 6000, color=6, depth=16), 413, budget_bites),
         "a 7000 x 7000 palette PNG with transparency": (craft.zero_png(7000, 7000, color=3), 413, budget_bites),
         "an 8000 x 8000 progressive JPEG": (craft.jpeg_claiming(8000, 8000), 413, budget_bites),
         "an RGB PNG declaring more rows than it holds": (craft.zero_png(28, 28, color=2, rows=10), 400, "truncated"),
