@@ -239,6 +239,23 @@ def test_a_png_with_fewer_rows_than_its_header_declares_is_refused_not_padded(co
     np.testing.assert_array_equal(images.decode(complete, 16), pillow_pixels(complete, 16))
 
 
+@pytest.mark.parametrize("mode", ["P", "I;16", "RGB", "LA", "RGBA"])
+def test_a_complete_png_whose_last_row_holds_the_decoders_mark_is_counted_and_decoded(mode, monkeypatch):
+    """The mark written over the last row before Pillow decodes (images._mark_last_row) may be a real
+    row's pixels: then the image data is counted again, and the image decoded."""
+    image = Image.new(mode, (30, 20))
+    image.im.paste(images._LAST_ROW_MARK[mode], (0, 0, 30, 20))  # every row is the mark, as written
+    if mode == "P":
+        image.putpalette(bytes(range(256)) * 3)
+    png = encode(image)
+    counted = []
+    monkeypatch.setattr(images, "_require_complete", lambda idat, header: counted.append(header))
+    header = images.inspect(png)
+    assert header.mode == mode
+    assert images._levels(png, header).shape == (20, 30) and counted == [header]
+    np.testing.assert_array_equal(images.decode(png, 16), pillow_pixels(png, 16))
+
+
 def test_a_jpeg_is_walked_marker_by_marker_before_it_is_decoded():
     progressive = encode(noise(np.random.default_rng(9), (64, 64), "RGB"), "JPEG", progressive=True)
     header = images.inspect(progressive)

@@ -182,11 +182,13 @@ def _png_header(data: bytes) -> ImageHeader:
 #: The next marker after a scan's entropy-coded data (0xFF followed by neither a stuffed 0x00,
 #: a restart marker, nor another 0xFF fill byte).
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_SOF_HUFFMAN = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
 _SOF_OTHER = {0xC3: "lossless", 0xC5: "hierarchical", 0xC6: "hierarchical", 0xC7: "hierarchical",
               0xC9: "arithmetic-coded", 0xCA: "arithmetic-coded", 0xCB: "arithmetic-coded",
               0xCD: "arithmetic-coded", 0xCE: "arithmetic-coded", 0xCF: "arithmetic-coded"}
 _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+
+
+_MARKER_HEAD = struct.Struct(">HH")
 
 
 def _jpeg_header(data: bytes) -> ImageHeader:
@@ -195,40 +197,18 @@ def _jpeg_header(data: bytes) -> ImageHeader:
     pos, segments, scans = 2, 0, 0
     frame: tuple[int, int, int, int] | None = None  # width, height, components, coefficient bytes
     progressive = False
+    head = _MARKER_HEAD.unpack_from
     while True:
-        if pos >= n or data[pos] != 0xFF:
-            if pos >= n:
-                raise ImageDecodeError("a truncated JPEG: it ends before its end-of-image marker")
-            raise ImageDecodeError(f"a damaged JPEG: no marker at byte {pos}")
-        while pos < n and data[pos] == 0xFF:  # fill bytes may precede a marker
-            pos += 1
-        if pos >= n:
+        if pos + 4 > n:  # room for no more than an end-of-image marker
+            if data[pos : pos + 2] == b"\xff\xd9":
+                break
             raise ImageDecodeError("a truncated JPEG: it ends before its end-of-image marker")
-        marker = data[pos]
-        pos += 1
+        word, length = head(data, pos)
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise ImageTooLarge(f"a JPEG with more than {MAX_JPEG_SEGMENTS:,} marker segments, over mlwf's limit: "
                                 "re-encode it")
-        if marker == 0xD9:  # end of image
-            break
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart markers, TEM: no length
-            continue
-        if pos + 2 > n:
-            raise ImageDecodeError("a truncated JPEG: it ends inside a marker segment")
-        length = data[pos] << 8 | data[pos + 1]
-        end = pos + length
-        if length < 2 or end > n:
-            raise ImageDecodeError("a truncated JPEG: a marker segment runs past its end")
-        if marker in _SOF_HUFFMAN or marker in _SOF_OTHER:
-            if frame is not None:
-                raise ImageDecodeError("a damaged JPEG: it has two frame headers")
-            if marker in _SOF_OTHER:
-                raise ImageDecodeError(f"a {_SOF_OTHER[marker]} JPEG: mlwf decodes baseline and progressive "
-                                       "JPEG (Huffman-coded); re-encode it")
-            progressive = marker == 0xC2
-            frame = _jpeg_frame(data, pos + 2, end)
-        elif marker == 0xDA:  # start of scan, then its entropy-coded data up to the next marker
+        if word == 0xFFDA:  # start of scan, then its entropy-coded data up to the next marker
             if frame is None:
                 raise ImageDecodeError("a damaged JPEG: a scan before its frame header")
             scans += 1
@@ -236,13 +216,29 @@ def _jpeg_header(data: bytes) -> ImageHeader:
                 raise ImageTooLarge(f"a {frame[0]}x{frame[1]} JPEG with more than {MAX_JPEG_SCANS} scans, over "
                                     "mlwf's limit (each scan is a pass over the image): re-encode it as baseline "
                                     "JPEG or PNG")
-            found = _NEXT_MARKER.search(data, end)
+            found = _NEXT_MARKER.search(data, pos + 2 + length)
             if found is None:
                 raise ImageDecodeError("a truncated JPEG: it ends inside a scan, before its end-of-image marker")
             pos = found.start()
             continue
-        elif marker in (0xD8, 0x00):
-            raise ImageDecodeError(f"a damaged JPEG: an unexpected marker 0xFF{marker:02X} at byte {pos - 1}")
+        if word == 0xFFD9:  # end of image
+            break
+        if word < 0xFFC0 or 0xFFD0 <= word <= 0xFFD8 or word == 0xFFFF:  # no length: not a segment
+            if word == 0xFFFF or 0xFFD0 <= word <= 0xFFD7 or word == 0xFF01:  # a fill byte; RSTn, TEM
+                pos += 1 if word == 0xFFFF else 2
+                continue
+            raise ImageDecodeError(f"a damaged JPEG: no marker segment at byte {pos}")
+        end = pos + 2 + length
+        if length < 2 or end > n:
+            raise ImageDecodeError("a truncated JPEG: a marker segment runs past its end")
+        if word <= 0xFFCF and word not in (0xFFC4, 0xFFC8, 0xFFCC):  # a frame header (SOFn)
+            if frame is not None:
+                raise ImageDecodeError("a damaged JPEG: it has two frame headers")
+            if word & 0xFF in _SOF_OTHER:
+                raise ImageDecodeError(f"a {_SOF_OTHER[word & 0xFF]} JPEG: mlwf decodes baseline and progressive "
+                                       "JPEG (Huffman-coded); re-encode it")
+            progressive = word == 0xFFC2
+            frame = _jpeg_frame(data, pos + 4, end)
         pos = end
     if frame is None or not scans:
         raise ImageDecodeError("a damaged JPEG: it has no frame header or no scan")
@@ -268,12 +264,12 @@ def _jpeg_frame(data: bytes, start: int, end: int) -> tuple[int, int, int, int]:
     if not width or not height:
         raise ImageDecodeError("a JPEG whose frame header leaves its height to a later marker (DNL): re-encode it")
     _check_pixels(width, height, "JPEG")
-    sampling = [(data[start + 7 + 3 * c] >> 4, data[start + 7 + 3 * c] & 15) for c in range(components)]
-    if not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in sampling):
+    factors = data[start + 7 : end : 3]  # each component's sampling factors, horizontal << 4 | vertical
+    horizontal, vertical = [f >> 4 for f in factors], [f & 15 for f in factors]
+    if min(horizontal) < 1 or max(horizontal) > 4 or min(vertical) < 1 or max(vertical) > 4:
         raise ImageDecodeError("a damaged JPEG: a sampling factor outside 1..4")
-    hmax, vmax = max(h for h, _ in sampling), max(v for _, v in sampling)
-    mcus_across, mcus_down = -(-width // (8 * hmax)), -(-height // (8 * vmax))
-    blocks = sum(mcus_across * h * mcus_down * v for h, v in sampling)
+    mcus = -(-width // (8 * max(horizontal))) * -(-height // (8 * max(vertical)))
+    blocks = mcus * sum(h * v for h, v in zip(horizontal, vertical))  # each MCU holds h × v blocks of each
     return width, height, components, blocks * 128
 
 
@@ -336,6 +332,9 @@ _INFLATED_TYPES = (b"zTXt", b"iTXt", b"iCCP")
 _INFLATE_PIECE = 256 << 10
 
 
+_CHUNK_HEAD = struct.Struct(">I4s")
+
+
 def _png_chunks(data: bytes, header: ImageHeader) -> tuple[bytes, list[memoryview]]:
     """The PNG without the chunks in :data:`_INFLATED_TYPES`, and its image data (IDAT) chunks.
 
@@ -345,21 +344,21 @@ def _png_chunks(data: bytes, header: ImageHeader) -> tuple[bytes, list[memoryvie
     pos, n, kept_from = 8, len(data), 0
     kept: list[memoryview] = []
     idat: list[memoryview] = []
+    head = _CHUNK_HEAD.unpack_from
     while True:
         if pos + 12 > n:
             raise ImageDecodeError(f"a truncated {header}: it ends before its last chunk (IEND)")
-        length = int.from_bytes(view[pos : pos + 4], "big")
-        kind = bytes(view[pos + 4 : pos + 8])
+        length, kind = head(data, pos)
         end = pos + 12 + length
         if end > n:
             raise ImageDecodeError(f"a truncated {header}: its {kind.decode('latin-1')!r} chunk runs past its end")
         if kind == b"IDAT":
-            idat.append(view[pos + 8 : pos + 8 + length])
+            idat.append(view[pos + 8 : end - 4])
+        elif kind == b"IEND":
+            break
         elif kind in _INFLATED_TYPES:
             kept.append(view[kept_from:pos])
             kept_from = end
-        elif kind == b"IEND":
-            break
         pos = end
     if not idat:
         raise ImageDecodeError(f"a {header} without image data (no IDAT chunk)")
@@ -403,18 +402,49 @@ def _require_complete(idat: list[memoryview], header: ImageHeader) -> None:
                                f"{header.height} rows need")
 
 
+#: What :func:`_mark_last_row` writes, by Pillow mode (values a real image's row rarely starts and ends with).
+_LAST_ROW_MARK = {"L": 0x5A, "P": 0x5A, "I;16": 0x5AA5, "RGB": (0x5A, 0xA5, 0x3C), "LA": (0x5A, 0xA5),
+                  "RGBA": (0x5A, 0xA5, 0x3C, 0xC3)}
+
+
+def _mark_last_row(image: Image.Image) -> tuple:
+    """Write a mark over the last row of ``image`` before Pillow decodes into it; returns the mark as read back.
+
+    Pillow's PNG decoder stops where the zlib stream ends, even before the
+    last row (it leaves the rest as allocated: black). It writes every row
+    it decodes whole, in order, so a non-interlaced PNG was decoded to its
+    end exactly when its last row no longer holds the mark; only if the
+    row's first and last pixels still do (a truncated PNG, or by rare chance
+    a real row) is the image data inflated again to count it
+    (:func:`_require_complete`). That costs a complete PNG a microsecond,
+    where inflating every one again took a fifth to a third more than
+    Pillow's whole decode.
+    """
+    image.load_prepare()
+    width, height = image.size
+    image.im.paste(_LAST_ROW_MARK[image.mode], (0, height - 1, width, height))
+    return _last_row_ends(image)
+
+
+def _last_row_ends(image: Image.Image) -> tuple:
+    width, height = image.size
+    return image.im.getpixel((0, height - 1)), image.im.getpixel((width - 1, height - 1))
+
+
 class _CpuAllowance:
-    """The image's bytes as Pillow reads them, refused once its decode has used its CPU.
+    """The image's bytes as Pillow's decoder reads them, refused once the decode has used its CPU.
 
     Pillow's decoders read as they go (a PNG chunk, 64 KiB of a JPEG at a
     time), so the check runs throughout the decode, on this thread's CPU
-    clock (other requests' threads do not count).
+    clock (other requests' threads do not count). Attached for the load
+    only: opening reads the headers :func:`inspect` has bounded already,
+    in many small reads.
     """
 
     __slots__ = ("_file", "_until", "_header", "_seconds")
 
-    def __init__(self, data: bytes, header: ImageHeader):
-        self._file = io.BytesIO(data)
+    def __init__(self, file: io.BytesIO, header: ImageHeader):
+        self._file = file
         self._header = header
         self._seconds = DECODE_CPU_SECONDS + header.pixels * DECODE_CPU_PER_PIXEL
         self._until = time.thread_time() + self._seconds
@@ -464,15 +494,23 @@ def _levels(data: bytes, header: ImageHeader) -> np.ndarray:
         else:
             if levels.dtype == np.uint8 and levels.shape == (header.height, header.width):
                 return levels
+    idat = None
     if header.format == "PNG":
         data, idat = _png_chunks(data, header)
-        _require_complete(idat, header)
+        if header.interlaced or header.mode not in _LAST_ROW_MARK:
+            _require_complete(idat, header)
+            idat = None
     try:
         # Image.MAX_IMAGE_PIXELS (89 M) is above MAX_PIXELS: Pillow's bomb warning cannot fire here.
-        with Image.open(_CpuAllowance(data, header), formats=(header.format,)) as image:
+        file = io.BytesIO(data)
+        with Image.open(file, formats=(header.format,)) as image:
             if image.size != (header.width, header.height):
                 raise ImageDecodeError(f"a damaged {header}: Pillow reads it as {image.size[0]}x{image.size[1]}")
+            mark = _mark_last_row(image) if idat is not None else None
+            image.fp = _CpuAllowance(file, header)  # the same position: Pillow's PNG reader holds `file` too
             image.load()
+            if mark is not None and _last_row_ends(image) == mark:
+                _require_complete(idat, header)
             return np.asarray(_gray(image))
     except (ImageDecodeError, MemoryError):
         raise
