@@ -290,6 +290,7 @@ def _scans(jpeg: bytes, n: int) -> bytes:
 def test_a_decode_past_its_cpu_allowance_is_refused(monkeypatch):
     jpeg = encode(noise(np.random.default_rng(10), (64, 64), "RGB"), "JPEG", progressive=True)
     monkeypatch.setattr(images, "DECODE_CPU_SECONDS", -1.0)
+    monkeypatch.setattr(images, "_WATCHED_PIXELS", 0)
     pixels, refused = images.decode_many([jpeg], 16)
     assert isinstance(refused[0], images.ImageTooLarge) and "of CPU" in str(refused[0])
 

@@ -68,6 +68,9 @@ MAX_JPEG_SEGMENTS = 2_000
 #: The CPU one image's decode by Pillow may take, plus so much per pixel: past it the decode is refused.
 DECODE_CPU_SECONDS = 1.0
 DECODE_CPU_PER_PIXEL = 30e-9
+#: Images of fewer pixels decode without that watch (reading a thread's CPU clock costs microseconds):
+#: the limits above bound their work to well under its second (a JPEG's 100 scans of 1 Mpx: 0.1 s).
+_WATCHED_PIXELS = 1 << 20
 
 
 class ImageDecodeError(ValueError):
@@ -507,7 +510,8 @@ def _levels(data: bytes, header: ImageHeader) -> np.ndarray:
             if image.size != (header.width, header.height):
                 raise ImageDecodeError(f"a damaged {header}: Pillow reads it as {image.size[0]}x{image.size[1]}")
             mark = _mark_last_row(image) if idat is not None else None
-            image.fp = _CpuAllowance(file, header)  # the same position: Pillow's PNG reader holds `file` too
+            if header.pixels >= _WATCHED_PIXELS:
+                image.fp = _CpuAllowance(file, header)  # the same position: Pillow's PNG reader holds `file` too
             image.load()
             if mark is not None and _last_row_ends(image) == mark:
                 _require_complete(idat, header)
