@@ -281,6 +281,21 @@ def test_a_jpeg_is_walked_marker_by_marker_before_it_is_decoded():
         images.inspect(bytes(lossless))
 
 
+def test_a_jpeg_walked_from_the_header_it_shares_with_the_last_one_still_counts_its_scans():
+    """JPEGs sharing the bytes up to their first scan are walked from there (images._last_jpeg_head):
+    the scans after it are counted all the same."""
+    progressive = encode(Image.new("RGB", (64, 64)), "JPEG", quality=90, progressive=True)
+    repeated = craft.repeated_scans_jpeg(64, repeats=200)
+    first_scan = craft.jpeg_scans(progressive)[0][0]
+    assert repeated[:first_scan] == progressive[:first_scan]
+    assert images.inspect(progressive).scans == len(craft.jpeg_scans(progressive))
+    with pytest.raises(images.ImageTooLarge, match="more than 100 scans"):
+        images.inspect(repeated)
+    assert images.inspect(progressive[:-2] + b"\xff\xd9").scans == len(craft.jpeg_scans(progressive))
+    with pytest.raises(images.ImageDecodeError, match="truncated JPEG"):
+        images.inspect(progressive[: len(progressive) // 2])
+
+
 def _scans(jpeg: bytes, n: int) -> bytes:
     """``n`` copies of the last scan of ``jpeg``."""
     start, end = craft.jpeg_scans(jpeg)[-1]
