@@ -153,7 +153,8 @@ def test_predict_classifies_skips_undecodable_and_keeps_labels_aligned():
     assert part["labels"] == ["a", "b", None]
     assert [model.classes[i] for i in part["pred"]] == ["dark", "bright", "dark"]
     assert np.allclose(part["prob"], 1.0)
-    assert out.info == {"num_images": 3, "skipped": 1, "skipped_keys": ["d/a/2.png"]}
+    assert out.info == {"num_images": 3, "skipped": 1, "skipped_reasons": {
+        "d/a/2.png": "not a PNG or JPEG file: mlwf decodes PNG and JPEG images only; convert it to PNG"}}
 
 
 # --------------------------------------------------------------------------- workflow
@@ -402,6 +403,9 @@ def test_corrupt_objects_among_images_are_skipped_and_counted(trained):
     report = engine.run_inference(MODEL_PREFIX, BATCH_PREFIX, 3)
     assert report["skipped"] == 2
     assert report["skipped_examples"] == [f"{BATCH_PREFIX}/3/broken.png", f"{BATCH_PREFIX}/notes.txt"]
+    assert list(report["skipped_reasons"]) == report["skipped_examples"]
+    assert "PNG without its header chunk" in report["skipped_reasons"][f"{BATCH_PREFIX}/3/broken.png"]
+    assert "not a PNG or JPEG file" in report["skipped_reasons"][f"{BATCH_PREFIX}/notes.txt"]
     assert report["num_images"] == 122 and report["num_predicted"] == 120
     rows = _csv_rows(engine, report)[1:]
     assert len(rows) == 120 and not {r[0] for r in rows} & set(report["skipped_examples"])

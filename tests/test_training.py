@@ -105,6 +105,8 @@ def test_pca_projects_slices_and_skips_undecodable_objects():
     assert all(s["features"].shape[1] == 4 and s["features"].dtype == np.float32 for s in slices)
     assert projection["mean"].shape == (64,) and projection["components"].shape == (4, 64)
     assert out.info["skipped"] == 1 and out.info["skipped_examples"] == ["k3"]
+    assert out.info["skipped_reasons"] == {"k3": "not a PNG or JPEG file: mlwf decodes PNG and JPEG images only; "
+                                                 "convert it to PNG"}
     # Labels stay aligned with their images after the skip.
     assert np.concatenate([s["labels"] for s in slices]).tolist() == [i % 2 for i in range(20) if i != 3]
 

@@ -176,6 +176,8 @@ class Budget:
 
 #: This process's budget (:func:`configure` sets its limit).
 MEMORY = Budget()
+#: Whether :func:`configure` has set the limit in this process (forked children inherit it).
+_configured = False
 
 
 def configure(limit: int | str | None) -> int:
@@ -191,5 +193,19 @@ def configure(limit: int | str | None) -> int:
         value = int(limit)
         if not MIN_LIMIT <= value <= MAX_LIMIT:
             raise UsageError(f"{FLAG} {value} is out of range: give {human(MIN_LIMIT)} to {human(MAX_LIMIT)}")
+    global _configured
     MEMORY.limit = value
+    _configured = True
     return value
+
+
+def configure_once(limit: int | str | None) -> int:
+    """Set :data:`MEMORY`'s limit as :func:`configure` does, unless this process has set it already.
+
+    For a worker process, which resolves its settings at its first call: a
+    server's ``--max-memory``, set at the server's start, is not undone by
+    the ``MLWF_MAX_MEMORY`` its calls see. Returns the limit in force.
+    """
+    if _configured:
+        return MEMORY.limit
+    return configure(limit)

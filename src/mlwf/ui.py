@@ -296,12 +296,21 @@ def print_report(report: dict[str, Any]) -> None:
         values = [("results", report["results_key"]), ("model", report.get("model_prefix") or "")]
     values.append(("model sha256", report["model_digest"]))
     if report.get("skipped"):
-        _add(table, "skipped (undecodable)", f"{report['skipped']}, e.g. {', '.join(report['skipped_examples'][:2])}")
+        _add(table, "skipped (not decoded)", _skipped(report))
     if report.get("unlabelled"):
         _add(table, "ignored (not in a class folder)", str(report["unlabelled"]))
     _timing_rows(table, report)
     console.print(table)
     _print_values(console, values)
+
+
+def _skipped(report: dict[str, Any]) -> str:
+    """How many images a run skipped, and the first two with why (``--json`` names them all)."""
+    reasons = report.get("skipped_reasons")
+    if reasons is None:  # a report written before reasons were kept
+        return f"{report['skipped']}, e.g. {', '.join(report.get('skipped_examples', [])[:2])}"
+    examples = "; ".join(f"{key}: {reason}" for key, reason in list(reasons.items())[:2])
+    return f"{report['skipped']}, e.g. {examples}"
 
 
 def print_run(info: dict[str, Any]) -> None:
@@ -318,6 +327,8 @@ def print_run(info: dict[str, Any]) -> None:
     if report:
         accuracy = report.get("validation_accuracy" if info["workflow"] == "ml-training" else "accuracy")
         _add(table, "accuracy", _pct(accuracy))
+        if report.get("skipped"):
+            _add(table, "skipped (not decoded)", _skipped(report))
         _timing_rows(table, report)
         for stage, st in report.get("stages", {}).items():
             calls = st.get("calls")

@@ -21,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-from mlwf import codec, workflows
+from mlwf import budget, codec, workflows
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, is_refs
 from mlwf.engine.faults import maybe_inject
 from mlwf.engine.layout import RunLayout
@@ -141,6 +141,9 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
     """
     start = time.time()
     settings = settings or _settings()
+    # Every process that runs calls (local and Ray workers, mlwf serve) bounds the work its inputs
+    # cause (decoded images) by MLWF_MAX_MEMORY, from its first call on.
+    budget.configure_once(settings.max_memory)
     workflows.use(settings.workflow_modules)
     clock = _Clock()
     store = store_for(ctx.store, settings)

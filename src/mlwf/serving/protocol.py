@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import struct
 import uuid
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -246,36 +244,43 @@ def _split_bytes_tensor(raw: memoryview, n: int) -> list[bytes]:
 
 
 def _decode(blobs: list[bytes], image_size: int, limits: Limits) -> np.ndarray:
-    from PIL import Image
+    """The images of a BYTES input, decoded as the workflows decode them (:mod:`mlwf.images`): each
+    refused from its headers before any is decoded when it is not an image mlwf decodes (400), over a
+    limit of its own or of this request's ``--max-pixels`` (413); then decoded within the process's
+    memory budget (413 for an image over it, 503 while other requests hold it)."""
+    from mlwf import images
+    from mlwf.budget import BudgetExceeded
 
-    from mlwf.images import ImageDecodeError, decode
-
-    budget = limits.max_pixels
-    out = np.empty((len(blobs), image_size * image_size), dtype=np.float32)
+    left = limits.max_pixels
     for i, blob in enumerate(blobs):
         if not blob:
             raise ProtocolError(400, f"image {i} is empty")
         try:
-            # The header alone gives the size: refuse before decoding what would take too long.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(io.BytesIO(blob)) as header:
-                    width, height = header.size
-        except Image.DecompressionBombError:
-            raise ProtocolError(413, f"image {i} has more pixels than any image this server decodes") from None
-        except Exception:  # Pillow raises many kinds (and names its buffer) for a file that is not an image
-            raise ProtocolError(400, f"image {i} is not an image file (PNG, JPEG, ...) that Pillow can read") \
-                from None
-        budget -= width * height
-        if budget < 0:
+            header = images.inspect(blob)
+        except images.ImageDecodeError as e:
+            raise _refusal(i, e) from None
+        left -= header.pixels
+        if left < 0:
             raise ProtocolError(413, f"the images of this request have more than {limits.max_pixels} pixels "
-                                     f"together (--max-pixels), at image {i} ({width}x{height}): send smaller "
-                                     "or fewer images")
-        try:
-            out[i] = decode(blob, image_size)
-        except ImageDecodeError as e:
-            raise ProtocolError(400, f"image {i} cannot be decoded: {short(e)}") from None
-    return out
+                                     f"together (--max-pixels), at image {i} ({header.width}x{header.height}): "
+                                     "send smaller or fewer images")
+    try:
+        pixels, refused = images.decode_many(blobs, image_size)
+    except BudgetExceeded as e:  # busy: other requests hold the budget now
+        raise ProtocolError(503, short(e, MAX_ERROR)) from None
+    if refused:
+        first = min(refused)
+        raise _refusal(first, refused[first])
+    return pixels
+
+
+def _refusal(i: int, error) -> ProtocolError:
+    """413 for an image over a limit (the message names it and how to raise it), else 400."""
+    from mlwf.images import ImageTooLarge
+
+    if isinstance(error, ImageTooLarge):
+        return ProtocolError(413, f"image {i} is too large to decode: {short(error, MAX_ERROR)}")
+    return ProtocolError(400, f"image {i} is not an image mlwf decodes: {short(error, MAX_ERROR)}")
 
 
 def _uint8_input(shape, data, raw, image_size: int, limits: Limits, reservation: Reservation) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from mlwf.errors import DataError, UsageError
 from mlwf.workflows.base import Blob, StageOutput
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
-from mlwf.workflows.training import label_of
+from mlwf.workflows.training import label_of, merged_reasons, skipped_reasons
 
 WORKFLOW = "ml-inference"
 _EXAMPLES = 5
@@ -69,22 +69,21 @@ def predict(assignment: dict, model, fetch) -> StageOutput:
     """Decode this function's images exactly as training did and classify them.
 
     Returns ``predictions``: ``keys``, ``labels``, predicted class numbers
-    ``pred`` and their probabilities ``prob``; undecodable objects are skipped
-    and named in the info.
+    ``pred`` and their probabilities ``prob``; objects mlwf does not decode
+    are skipped, counted (``skipped``) and named with the reason in the info
+    (``skipped_reasons``, key → reason, at most :data:`~mlwf.workflows.training.SKIPPED_REASONS_KEPT`).
     """
     from mlwf.images import decode_many
 
     keys = assignment["keys"]
-    levels, bad = decode_many(fetch(keys), model.image_size, levels=True)
-    bad_set = set(bad)
-    ok = [i for i in range(len(keys)) if i not in bad_set]
+    levels, refused = decode_many(fetch(keys), model.image_size, levels=True)
+    ok = [i for i in range(len(keys)) if i not in refused]
     proba = model.proba_from_pixels(levels)
     pred = np.argmax(proba, axis=1).astype(np.int32)
     part = {"keys": [keys[i] for i in ok], "labels": [assignment["labels"][i] for i in ok],
             "pred": pred, "prob": proba[np.arange(len(pred)), pred].astype(np.float64)}
-    skipped = [keys[i] for i in bad]
-    return StageOutput({"predictions": part}, {"num_images": len(ok), "skipped": len(skipped),
-                                               "skipped_keys": skipped})
+    return StageOutput({"predictions": part}, {"num_images": len(ok), "skipped": len(refused),
+                                               "skipped_reasons": skipped_reasons(keys, refused)})
 
 
 _HERE = "mlwf.workflows.inference"
@@ -149,11 +148,13 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
             for key, label, c, prob in zip(p["keys"], p["labels"], p["pred"].tolist(), p["prob"].tolist()):
                 rows.append((key, classes[c], prob, label))
         rows.sort(key=lambda r: r[0])
-        skipped = sorted(k for out in preds for k in out.info["skipped_keys"])
+        skipped = sum(out.info["skipped"] for out in preds)
+        reasons = merged_reasons(out.info["skipped_reasons"] for out in preds)
         if not rows:
-            raise DataError(f"no decodable images under prefix {data_prefix.rstrip('/') + '/'!r}: all "
-                            f"{len(skipped)} objects were skipped (e.g. {', '.join(skipped[:3])}); "
-                            "upload PNG/JPEG images there")
+            first = next(iter(reasons.items()), None)
+            raise DataError(f"no decodable images under prefix {data_prefix.rstrip('/') + '/'!r}: all {skipped} "
+                            "objects were skipped" + (f" (e.g. {first[0]}: {first[1]})" if first else "")
+                            + "; upload PNG or JPEG images there")
 
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -184,8 +185,9 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
             "accuracy": accuracy,
             "confusion": confusion,
             "labels_not_in_model": unknown,
-            "skipped": len(skipped),
-            "skipped_examples": skipped[:_EXAMPLES],
+            "skipped": skipped,
+            "skipped_examples": list(reasons)[:_EXAMPLES],
+            "skipped_reasons": reasons,
             "results_key": results_key,
             "summary_key": run.layout.result("summary.json"),
         }

@@ -88,6 +88,29 @@ def label_of(key: str, prefix: str) -> str | None:
     return label if sep and label and rest else None
 
 
+#: Skipped objects named with their reason in a call's info and a run's report (``skipped_reasons``);
+#: ``skipped`` counts them all.
+SKIPPED_REASONS_KEPT = 1_000
+
+
+def skipped_reasons(keys: list[str], refused: dict) -> dict[str, str]:
+    """Key → why it was skipped, for the images :func:`mlwf.images.decode_many` refused (at most
+    :data:`SKIPPED_REASONS_KEPT`, in order)."""
+    return {keys[i]: str(reason) for i, reason in list(refused.items())[:SKIPPED_REASONS_KEPT]}
+
+
+def merged_reasons(parts) -> dict[str, str]:
+    """The ``skipped_reasons`` of several calls as one, in key order (at most :data:`SKIPPED_REASONS_KEPT`)."""
+    merged = {key: reason for part in parts for key, reason in part.items()}
+    return {key: merged[key] for key in sorted(merged)[:SKIPPED_REASONS_KEPT]}
+
+
+def _first_reason(keys: list[str], refused: dict) -> str:
+    """``, e.g. KEY: REASON`` for the first refused image, for a message ('' if none)."""
+    first = next(iter(refused), None)
+    return "" if first is None else f", e.g. {keys[first]}: {refused[first]}"
+
+
 def sort_classes(names) -> list[str]:
     """Class names in a stable order: numerically if all are integers, else by text."""
     names = set(names)
@@ -206,9 +229,10 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     """Decode this function's images, fit PCA on them, project, and slice the rows
     for its training functions.
 
-    Undecodable objects are skipped and named in the info. Returns ``slices``,
-    one per training function (``features``, ``labels``), or with ``whole`` one
-    slice of all rows for all of them, and the ``projection`` (``mean``, ``components``).
+    Objects mlwf does not decode are skipped, counted and named with the
+    reason in the info (``skipped_reasons``). Returns ``slices``, one per
+    training function (``features``, ``labels``), or with ``whole`` one slice
+    of all rows for all of them, and the ``projection`` (``mean``, ``components``).
     """
     from sklearn.decomposition import PCA  # fitted in float32: 8x faster here than float64
 
@@ -216,13 +240,13 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     from mlwf.model import project
 
     keys = assignment["keys"]
-    levels, bad = decode_many(fetch(keys), image_size, levels=True)
-    labels = np.delete(np.asarray(assignment["labels"]), bad)
-    skipped = [keys[i] for i in bad]
+    levels, refused = decode_many(fetch(keys), image_size, levels=True)
+    labels = np.delete(np.asarray(assignment["labels"]), np.fromiter(refused, np.intp, len(refused)))
+    skipped = [keys[i] for i in refused]
     n_slices = int(assignment["num_train"])
     if len(levels) < max(n_components, n_slices):
         raise DataError(f"PCA function {index} has {len(levels)} decodable images of {len(keys)} "
-                        f"({len(skipped)} undecodable, e.g. {skipped[:1]}): it needs at least "
+                        f"({len(skipped)} skipped{_first_reason(keys, refused)}): it needs at least "
                         f"{max(n_components, n_slices)}; use fewer functions or check the images")
     facts = []
     identical = not np.any(np.ptp(levels, axis=0) > 0)
@@ -240,7 +264,8 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     slices = [{"features": features[rows], "labels": labels[rows].astype(np.int32)}
               for rows in np.array_split(np.arange(len(features)), 1 if whole else n_slices)]
     info = {"num_images": len(levels), "skipped": len(skipped), "skipped_examples": skipped[:_EXAMPLES],
-            "decoded_per_class": np.bincount(labels).tolist(), "warnings": facts}
+            "skipped_reasons": skipped_reasons(keys, refused), "decoded_per_class": np.bincount(labels).tolist(),
+            "warnings": facts}
     return StageOutput({"slices": slices, "projection": {"mean": mean, "components": components}}, info)
 
 
@@ -267,17 +292,18 @@ def score(holdout: dict, members: list, projections: list, fetch, *, classes: li
     """Classify one share of the held-out images with the whole ensemble.
 
     Returns ``scores``: the true class numbers ``truth`` and the predicted
-    ``pred`` of the share's decodable images, and the ``skipped`` keys.
+    ``pred`` of the share's decodable images, and the ``skipped`` keys with
+    why each was skipped (key → reason).
     """
     from mlwf.images import decode_many
     from mlwf.model import build
 
     keys = holdout["keys"]
-    truth, pred, skipped = np.zeros(0, np.int32), np.zeros(0, np.int32), []
+    truth, pred, skipped = np.zeros(0, np.int32), np.zeros(0, np.int32), {}
     if keys:
-        levels, bad = decode_many(fetch(keys), image_size, levels=True)
-        skipped = [keys[i] for i in bad]
-        truth = np.delete(np.asarray(holdout["labels"], dtype=np.int32), bad)
+        levels, refused = decode_many(fetch(keys), image_size, levels=True)
+        skipped = {keys[i]: str(reason) for i, reason in refused.items()}
+        truth = np.delete(np.asarray(holdout["labels"], dtype=np.int32), np.fromiter(refused, np.intp, len(refused)))
         if len(truth):
             model = build(classes, image_size, projections, members)
             pred = np.argmax(model.proba_from_pixels(levels), axis=1).astype(np.int32)
@@ -298,6 +324,7 @@ def validation(members: list, projections: list, scores: list, *, classes: list[
     truth = np.concatenate([np.asarray(s["truth"], dtype=np.int64) for s in scores]) if scores else np.zeros(0, int)
     pred = np.concatenate([np.asarray(s["pred"], dtype=np.int64) for s in scores]) if scores else np.zeros(0, int)
     skipped = [k for s in scores for k in s["skipped"]]
+    reasons = merged_reasons(s["skipped"] for s in scores)
     accuracy, confusion = None, None
     if len(truth):
         accuracy = float(np.mean(pred == truth))
@@ -310,7 +337,7 @@ def validation(members: list, projections: list, scores: list, *, classes: list[
     checked = from_bytes(data, source="new model")
     info = {"accuracy": accuracy, "num_validation": len(truth), "skipped": len(skipped),
             "per_class": per_class,
-            "skipped_examples": skipped[:_EXAMPLES], "digest": checked.digest,
+            "skipped_examples": skipped[:_EXAMPLES], "skipped_reasons": reasons, "digest": checked.digest,
             "confusion": confusion.tolist() if confusion is not None else None}
     return StageOutput({"model": Blob(data)}, info)
 
@@ -451,6 +478,8 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
             "confusion": val.info["confusion"],
             "skipped": skipped,
             "skipped_examples": examples[:_EXAMPLES],
+            "skipped_reasons": merged_reasons([*(p.info["skipped_reasons"] for p in pcas),
+                                               val.info["skipped_reasons"]]),
             "unlabelled": part.info["unlabelled"],
             "unlabelled_examples": part.info["unlabelled_examples"],
             "train_per_pca": part.info["train_per_pca"],
