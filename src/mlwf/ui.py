@@ -11,7 +11,6 @@ from rich import box
 from rich.cells import cell_len
 from rich.console import Console, ConsoleDimensions
 from rich.measure import Measurement
-from rich.padding import Padding
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
