@@ -281,3 +281,28 @@ def test_workers_take_their_memory_budget_from_MLWF_MAX_MEMORY(store, capsys, mo
     assert report["num_predicted"] == 4
     assert list(report["skipped_reasons"]) == [f"{prefix}/1/large.png"]
     assert "over this process's limit of 16 MiB" in report["skipped_reasons"][f"{prefix}/1/large.png"]
+
+
+def test_a_bad_MLWF_MAX_MEMORY_is_refused_by_the_driver_before_any_worker_starts(store, capsys, monkeypatch):
+    from mlwf.cli import main
+
+    monkeypatch.setenv("MLWF_MAX_MEMORY", "lots")
+    before = set(store["store"].list_keys("ml-inference/"))
+    assert main(["run", "ml-inference", PREFIX, HOSTILE_PREFIX, "2", "--store", store["url"], "--bucket",
+                 "tless"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MLWF_MAX_MEMORY 'lots' is not a size" in err
+    assert set(store["store"].list_keys("ml-inference/")) == before  # no run was started
+
+
+def test_an_image_path_that_is_not_a_regular_file_is_refused_not_read(tmp_path):
+    import os
+
+    import mlwf.images
+
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"image 0 .*image.png is a named pipe \(FIFO\), not a regular file"):
+        mlwf.images.as_pixels([fifo], 8)
+    with pytest.raises(ValueError, match=r"image 1 /dev/zero is a character device"):
+        mlwf.images.as_pixels([craft.zero_png(4, 4), "/dev/zero"], 8)

@@ -791,15 +791,25 @@ def as_pixels(images, size: int) -> np.ndarray:
     encoded: list[bytes] = []
     out = np.empty((len(items), size * size), dtype=np.uint8)
     resizer = _Resizer(out, size)
-    for item in items:
+    for position, item in enumerate(items):
         if isinstance(item, Image.Image):
             resizer.wait(np.asarray(_gray(item)))
             continue
         if isinstance(item, (bytes, bytearray, memoryview)):
             encoded.append(bytes(item))
         else:
-            with open(item, "rb") as f:
-                encoded.append(f.read())
+            from mlwf.errors import DataError
+            from mlwf.files import open_regular
+
+            limit = budget.MEMORY.limit  # a file read whole: never more than the process may hold
+            try:  # a FIFO or a device would be read for ever
+                with open_regular(item, f"image {position}", "give the path of an image file") as f:
+                    encoded.append(f.read(limit + 1))
+            except DataError as e:
+                raise ValueError(str(e)) from None
+            if len(encoded[-1]) > limit:
+                raise ValueError(f"image {position} ({item}) is a file of more than {budget.human(limit)}, this "
+                                 f"process's memory limit ({budget.FLAG} / {budget.VARIABLE})")
         resizer.rows += 1  # its row is filled below, from the encoded images
     resizer.flush()
     if encoded:

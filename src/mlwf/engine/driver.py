@@ -115,6 +115,10 @@ class Engine:
         if self.lease_s < 2 * self.heartbeat_s:
             raise UsageError(f"the run lease ({self.lease_s:g} s) must last at least two heartbeats "
                              f"({self.heartbeat_s:g} s each): raise MLWF_LEASE_S or lower MLWF_HEARTBEAT_S")
+        if self.settings.max_memory is not None:  # refused here, in one line, not by the first worker's call
+            from mlwf import budget
+
+            budget.parse_size(self.settings.max_memory)
         workflows.use(self.settings.workflow_modules)
         self.spec = self.settings.store
         self.store = self.spec.open(self.settings)
