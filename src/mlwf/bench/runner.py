@@ -217,6 +217,18 @@ def _cli_args(spec: BenchSpec, backend: str, transfer: str) -> list[str]:
     return argv
 
 
+def _where_flags(spec: BenchSpec) -> list[str]:
+    """The flags that say where ``spec`` runs (store, bucket, workers, Ray address, endpoints), as given."""
+    argv: list[str] = []
+    for flag, value in (("--store", spec.store), ("--bucket", spec.bucket), ("--workers", spec.workers),
+                        ("--ray-address", spec.ray_address)):
+        if value:
+            argv += [flag, str(value)]
+    for e in spec.endpoints:
+        argv += ["--endpoint", e]
+    return argv
+
+
 def resume_command(spec: BenchSpec, backend: str, transfer: str, run_id: str) -> str:
     """The ``mlwf run`` command line that finishes run ``run_id`` of this benchmark."""
     import shlex
@@ -225,12 +237,7 @@ def resume_command(spec: BenchSpec, backend: str, transfer: str, run_id: str) ->
 
     argv = ["run", spec.workflow, *map(str, spec.args)]
     argv += ["--backend", backend] * (backend != "local") + ["--transfer", transfer] * (transfer != "store")
-    for flag, value in (("--store", spec.store), ("--bucket", spec.bucket), ("--workers", spec.workers),
-                        ("--ray-address", spec.ray_address)):
-        if value:
-            argv += [flag, str(value)]
-    for e in spec.endpoints:
-        argv += ["--endpoint", e]
+    argv += _where_flags(spec)
     if spec.workflow == "ml-training":  # only what differs from the defaults: the run records the rest
         argv += training_flags(spec.config or TrainingConfig(), changed_only=True)
         argv += ["--model-prefix", spec.model_prefix] * (spec.model_prefix != "ml-inference/model")
@@ -245,12 +252,7 @@ def command_line(spec: BenchSpec) -> str:
     argv = ["mlwf", "bench", spec.workflow, *map(str, spec.args), "--backend", ",".join(spec.backends),
             "--transfer", ",".join(spec.transfers), "--repeats", str(spec.repeats)]
     argv += ["--cold"] * spec.cold + ["--baseline"] * spec.baseline + ["--out", str(spec.out)]
-    for flag, value in (("--store", spec.store), ("--bucket", spec.bucket), ("--workers", spec.workers),
-                        ("--ray-address", spec.ray_address)):
-        if value:
-            argv += [flag, str(value)]
-    for e in spec.endpoints:
-        argv += ["--endpoint", e]
+    argv += _where_flags(spec)
     if spec.workflow == "ml-training":
         from mlwf.workflows.training import TrainingConfig
 
