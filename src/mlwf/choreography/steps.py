@@ -75,7 +75,7 @@ from mlwf.choreography.replay import Complete, Pending, replay
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.engine.checkpoints import Checkpoints, call_digest
 from mlwf.engine.layout import RECORD, RUN_ID, RunLayout, runs_folder
-from mlwf.errors import MlwfError, one_line, retryable
+from mlwf.errors import MlwfError, StageError, one_line, retryable
 from mlwf.storage import Store, StoreSpec
 
 log = logging.getLogger("mlwf.choreography")
@@ -151,6 +151,7 @@ class Choreographer:
         self.claims = Claims(store, owner, lease_s)
         self._seen: set[RunKey] = set()  # runs this server took part in: looked at by the resumer
         self._touching: set[RunKey] = set()  # runs whose lease renewal is under way
+        self._resuming: set[RunKey] = set()  # runs taken up here (they count against RESUME_AT_ONCE)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
@@ -224,9 +225,10 @@ class Choreographer:
         """``call`` failed here: end the run (bad input), or note the failed delivery and hand the claim
         back (worth another delivery)."""
         if retryable:
+            said = one_line(error) if isinstance(error, StageError) else f"{type(error).__name__}: {one_line(error)}"
             try:
                 records.note_failure(self.store, RunLayout(ctx.workflow, ctx.run_id),
-                                     f"{call.stage}-{call.index}", event_id, one_line(error), self.owner)
+                                     f"{call.stage}-{call.index}", event_id, said, self.owner)
             except MlwfError as e:
                 log.warning("could not note the failed call %s of run %s: %s", call.name, ctx.run_id, one_line(e))
             self.claims.release(claim)
@@ -393,11 +395,12 @@ class Choreographer:
 
     # ---------------------------------------------------------------- recovery
     def resume(self, *, everything: bool = False, limit: int = RESUME_AT_ONCE) -> tuple[int, int]:
-        """Take up stale runs (see the module); returns (runs looked at, runs resumed).
+        """Take up stale runs (see the module); returns (runs looked at, runs taken up here and not drained).
 
         ``everything``: every running choreographed run in the store (at
         start-up), else the runs this server has taken part in. At most
-        ``limit`` runs are resumed; the others wait for the next call.
+        ``limit`` runs taken up here have events on their way at once; the
+        others wait for a later call.
         """
         from mlwf.runs import effective_status
 
@@ -406,7 +409,9 @@ class Choreographer:
         else:
             with self._lock:
                 runs = sorted(self._seen)
-        resumed = 0
+        with self._lock:  # runs taken up here whose events are still on their way count against the limit
+            self._resuming = {run for run in self._resuming if self.pending(*run)}
+            resumed = len(self._resuming)
         for workflow, run_id in runs:
             try:
                 found = records.read_json(self.store, records.record_key(workflow, run_id))
@@ -415,7 +420,7 @@ class Choreographer:
                         self._seen.discard((workflow, run_id))
                     continue
                 if resumed >= limit or self.pending(workflow, run_id) or effective_status(found[0]) != "abandoned":
-                    continue  # the rest at the next turn; its events are on their way; someone keeps it alive
+                    continue  # the rest at a later turn; its events are on their way; someone keeps it alive
                 if deadline_of(found[0], self.run_deadline_s) < time.time():
                     self.fail_run(workflow, run_id, None,
                                   f"given up: no server or event advanced it since {found[0].get('heartbeat_at')} "
@@ -428,6 +433,8 @@ class Choreographer:
                 resumed += 1
                 log.info("run %s: resuming it (nothing kept it alive since %s)", run_id, found[0].get("heartbeat_at"))
                 self.advance(workflow, run_id, resend=True, record=record)
+                with self._lock:
+                    self._resuming.add((workflow, run_id))
             except MlwfError as e:
                 log.warning("could not resume run %s: %s", run_id, one_line(e))
         return len(runs), resumed
