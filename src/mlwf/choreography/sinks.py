@@ -41,8 +41,9 @@ evicted them too. Now:
   a queue, httpcore checks every pooled connection's socket on each request
   started or finished, which at 64 connections cost more than the events
   themselves. The rest wait in a plain deque (O(1) per event). The window
-  halves on a 429 or 503 and grows back by one per window of successes
-  (additive increase, multiplicative decrease);
+  halves on a 429 or 503 (at most once per window's worth of answers, as
+  TCP halves once per round trip) and grows back by one per window of
+  successes (additive increase, multiplicative decrease);
 * an event is **in one place at a time**: queued, in flight, or waiting out
   its backoff; it is posted again only after its attempt ended (answered,
   failed, or timed out and its connection closed), never while it may still
@@ -181,6 +182,8 @@ class _Stream:
         self.in_flight = 0
         self.resumed_in_flight = 0
         self.waiting = 0  # deliveries waiting out a backoff
+        self.answered = 0  # attempts answered (counts when the window last shrank: shrunk_at)
+        self.shrunk_at = -limit
         self.spare: list[_Connection] = []  # open connections with nothing in flight, the last used last
         self.idle: asyncio.TimerHandle | None = None
 
@@ -423,6 +426,7 @@ class Dispatcher:
         else:
             connection.close()
         status = resp.status
+        stream.answered += 1
         if 200 <= status < 300:
             stream.window = min(float(stream.limit), stream.window + 1 / stream.window)
             if not _handled(resp):
@@ -431,7 +435,9 @@ class Dispatcher:
             return "delivered", 0.0
         d.code, d.last = status, f"{stream.url} answered {status}: {_error_text(resp)}"
         if status in SLOW_DOWN:
-            stream.window = max(1.0, stream.window / 2)
+            if stream.answered - stream.shrunk_at >= stream.window:  # once per window's worth of answers,
+                stream.window = max(1.0, stream.window / 2)         # as TCP halves once per round trip
+                stream.shrunk_at = stream.answered
             asked = _retry_after(resp.headers.get("retry-after"))
             return "retry", max(self._backoff(d), min(asked or 0.0, self.retry_after_max))
         if status in RETRY_STATUS or status >= 500:
