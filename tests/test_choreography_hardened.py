@@ -323,7 +323,8 @@ def test_a_replayed_modified_or_unsigned_dead_letter_changes_nothing(tiny_store,
 
         # A captured stage event, replayed as Knative's dead letter with made-up error attributes: the store
         # shows no failed delivery of it, so nothing is believed (this ended the run before).
-        knative = _dead_letter(square0, knativeerrorcode="500", knativeerrordest="http://x", knativeerrordata=attack_data)
+        knative = _dead_letter(square0, knativeerrorcode="500", knativeerrordest="http://x",
+                               knativeerrordata=attack_data)
         resp = _post(url, knative)
         assert resp.status_code == 409 and "cannot verify" in resp.json()["error"], resp.text
         # Unsigned, the same: refused before anything is read.
@@ -338,11 +339,12 @@ def test_a_replayed_modified_or_unsigned_dead_letter_changes_nothing(tiny_store,
         resp = _post(url, events.make_event(changed, knative.get_data()))
         assert resp.status_code == 401 and events.DEAD_SIGNATURE_ATTR in resp.json()["error"]
         # A run the store does not have: 404, nothing recorded.
-        ghost_ctx = {**square0.get_data()["context"], "run_id": "20261201T000000.000000Z-000000",
-                     "outputs_prefix": "tiny-squares/outputs/20261201T000000.000000Z-000000"}
+        ghost_run = "20261201T000000.000000Z-000000"
+        ghost_ctx = {**square0.get_data()["context"], "run_id": ghost_run,
+                     "outputs_prefix": f"tiny-squares/outputs/{ghost_run}"}
         ghost = events.call_event(square0.get_data()["call"], ghost_ctx, SECRET, kind="event")
         assert _post(url, _dead_letter(ghost, knativeerrordata=attack_data)).status_code == 404
-        assert not StoreSpec(tiny_store, "tless").open().exists("tiny-squares/outputs/20261201T000000.000000Z-000000/run.json")
+        assert not StoreSpec(tiny_store, "tless").open().exists(f"tiny-squares/outputs/{ghost_run}/run.json")
 
         assert main(["runs", "show", run, "--store", tiny_store, "--bucket", "tless", "--json"]) == 0
         shown = capsys.readouterr().out
@@ -471,3 +473,101 @@ def test_under_a_store_slower_than_the_lease_one_claim_records_each_call_and_the
         assert done["claim"]["generation"] == claim["generation"]
     assert f"run={run} call=tiny-squares/square[" in logs and "discarded: its claim (generation 0) was taken over" \
         in x.log()
+
+
+# --------------------------------------------------------------------------- the dispatcher, against a real sink
+class SlowSink:
+    """An HTTP sink that answers each event after ``pause`` seconds, and the first delivery of every 25th call
+    429 with ``Retry-After: 1``; it notes every request (event id, when, on which connection) and how many were
+    in flight at once, in all and per event."""
+
+    def __init__(self, pause: float = 0.05):
+        self.requests: list[tuple[str, float, int, int]] = []  # (event id, arrived, answered status, client port)
+        self.most = 0
+        self.most_per_event = 0
+        self.open_connections = 0
+        self._active: Counter = Counter()
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with sink._lock:
+                    sink.open_connections += 1
+
+            def finish(self) -> None:
+                super().finish()
+                with sink._lock:
+                    sink.open_connections -= 1
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                event_id, arrived = self.headers["ce-id"], time.monotonic()
+                index = int(self.headers["ce-subject"].split("[")[1].rstrip("]"))
+                with sink._lock:
+                    first = all(r[0] != event_id for r in sink.requests)
+                    sink._active[None] += 1
+                    sink._active[event_id] += 1
+                    sink.most = max(sink.most, sink._active[None])
+                    sink.most_per_event = max(sink.most_per_event, sink._active[event_id])
+                time.sleep(pause)
+                status = 429 if first and index % 25 == 0 else 200
+                body = b'{"error": "slow down"}' if status == 429 else b'{"status": "done", "detail": "x"}'
+                with sink._lock:
+                    sink._active[None] -= 1
+                    sink._active[event_id] -= 1
+                    sink.requests.append((event_id, arrived, status, self.client_address[1]))
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("retry-after", "1")
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_the_dispatcher_streams_a_fan_out_through_a_bounded_window_honours_retry_after_and_closes_what_it_opens():
+    from mlwf.choreography.sinks import IDLE_CLOSE_S, Dispatcher, Sinks
+    from mlwf.engine.calls import Call, RunContext
+
+    sink = SlowSink()
+    given_up = []
+    dispatcher = Dispatcher(Sinks(sink.url), SECRET, "/test", lambda *a: given_up.append(a), connections=8)
+    ctx = RunContext("20261201T000000.000000Z-000001", "tiny-squares", "/tmp/x", "tless",
+                     "tiny-squares/outputs/20261201T000000.000000Z-000001", "store")
+    calls = [Call("tiny-squares", "square", i, {"chunk": i}) for i in range(200)]
+    try:
+        dispatcher.send(calls, ctx)
+        assert dispatcher.pending(ctx.workflow, ctx.run_id) == {c.name for c in calls}
+        deadline = time.monotonic() + 30
+        while dispatcher.in_flight():
+            assert time.monotonic() < deadline, dispatcher.in_flight()
+            time.sleep(0.05)
+        assert not given_up and not dispatcher.runs()
+        delivered = Counter(r[0] for r in sink.requests if r[2] == 200)
+        assert len(delivered) == 200 and set(delivered.values()) == {1}  # each event delivered once
+        assert sink.most <= 8 and sink.most_per_event == 1  # the window; never two attempts of one event at once
+        assert len({r[3] for r in sink.requests}) <= 8  # its connections, kept alive and reused
+        for event_id in {r[0] for r in sink.requests if r[2] == 429}:  # Retry-After: 1 waited out
+            first, again = sorted(r[1] for r in sink.requests if r[0] == event_id)
+            assert again - first >= 1.0
+        time.sleep(IDLE_CLOSE_S + 1)
+        assert sink.open_connections == 0  # an idle dispatcher holds no connection
+    finally:
+        dispatcher.close()
+        sink.stop()
