@@ -144,13 +144,25 @@ def main() -> None:
                 print(f"{group} {label}: driver {_median(entry['driver_ms'])} ms, choreography "
                       f"{_median(entry['choreography_ms'])} ms", file=sys.stderr, flush=True)
     finally:
-        results["server_exits"] = [s.stop() for s in servers]
+        results["server_exits"] = [_stop(s) for s in servers]
         store.close()
         client.close()
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "choreography_scale.json").write_text(json.dumps(results, indent=2))
     plot(results, a.out / "choreography_scale.png")
     print(table(results))
+
+
+def _stop(server: Server) -> int | str:
+    """Stop a server; one that does not drain within a minute (an older mlwf, spinning) is killed."""
+    import subprocess
+
+    try:
+        return server.stop()
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+        return "killed: did not drain within 60 s"
 
 
 def _version() -> str:
