@@ -398,6 +398,52 @@ def test_runs_gc_long_after_the_lease_keeps_a_run_whose_events_wait_in_a_broker(
         assert server.stop() == 0
 
 
+def test_a_stale_run_collected_emptied_or_past_its_deadline_fails_saying_so_instead_of_starting_again(
+        tiny_store, tmp_path, capsys):
+    """Every server is killed with three runs half done; then one is collected by mlwf runs gc, one loses its
+    intermediates by hand, one passes its deadline. The restarted server recomputes none of them from nothing."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    common = ["--store", tiny_store, "--bucket", "tless", "--claim-lease", "1"]
+    first = ServeProcess(_env(), tmp_path / "first.log", *common, "--sink", url, "--sink",
+                         f"tiny-squares/square=http://127.0.0.1:{free_port()}", "--delivery-retries", "100",
+                         port=port).wait_ready()
+    store = StoreSpec(tiny_store, "tless").open()
+    try:
+        collected, emptied, late = runs = [_tiny(tiny_store, url, 4) for _ in range(3)]  # oldest first
+        for run in runs:
+            deadline = time.monotonic() + 30
+            while not store.exists(f"tiny-squares/outputs/{run}/choreography/batches/square.json"):
+                assert time.monotonic() < deadline, first.log()
+                time.sleep(0.05)
+    finally:
+        first.proc.send_signal(signal.SIGKILL)
+        first.stop()
+    time.sleep(4.5)  # stale: nothing keeps them alive
+    assert main(["runs", "gc", "--keep", "2", "--store", tiny_store, "--bucket", "tless", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == [collected]
+    store.delete_many(store.list_keys(f"tiny-squares/outputs/{emptied}/split/"))  # by hand
+    record = json.loads(store.get(f"tiny-squares/outputs/{late}/run.json"))
+    store.put(f"tiny-squares/outputs/{late}/run.json",
+              json.dumps({**record, "deadline_at": "2026-01-01T00:00:00.000+00:00"}).encode())
+    second = ServeProcess(_env(), tmp_path / "second.log", *common, "--sink", url, port=port).wait_ready()
+    try:
+        deadline = time.monotonic() + 30
+        while any(_record(tiny_store, run)["status"] == "running" for run in runs):
+            assert time.monotonic() < deadline, second.log()
+            time.sleep(0.1)
+    finally:
+        assert second.stop() == 0
+    errors = {run: _record(tiny_store, run) for run in runs}
+    assert all(r["status"] == "failed" for r in errors.values()), errors
+    assert "its intermediates were collected by mlwf runs gc" in errors[collected]["error"]
+    assert errors[emptied]["error"].startswith("the intermediates of its split stage are gone") and \
+        "though it went on to square" in errors[emptied]["error"]
+    assert errors[late]["error"].startswith("given up: no server or event advanced it since") and \
+        "its deadline (2026-01-01T00:00:00.000+00:00, --run-deadline after its start) has passed" in errors[late]["error"]
+    assert " ran\n" not in second.log()  # no call run again
+
+
 # --------------------------------------------------------------------------- claims under a slow store
 class CopyingProxy:
     """Forwards each event to ``first`` and answers with its answer; ``delay`` seconds later, sends a copy to
