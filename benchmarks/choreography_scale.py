@@ -90,6 +90,7 @@ def main() -> None:
     results: dict = {"machine": bench.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
                      "mlwf": _version(), "repeats": a.repeats, "timeout_s": a.timeout, "logs": str(logs),
+                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # a shared machine is noisy
                      "inference": {}, "training_seed": {}}
     import httpx
 
@@ -145,6 +146,7 @@ def main() -> None:
                       f"{_median(entry['choreography_ms'])} ms", file=sys.stderr, flush=True)
     finally:
         results["server_exits"] = [_stop(s) for s in servers]
+        results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         store.close()
         client.close()
     a.out.mkdir(parents=True, exist_ok=True)
