@@ -439,6 +439,8 @@ def test_bad_settings_and_bad_input_end_in_one_line(pair, s3_env, capsys, store_
         (["serve", "--dead-letter", "http://127.0.0.1:1"], "--dead-letter needs a sink"),
         (["serve", "--sink", "http://127.0.0.1:1", "--claim-lease", "inf"], "--claim-lease must be"),
         (["serve", "--delivery-retries", "3"], "--delivery-retries is for choreography"),
+        (["serve", "--sink", "http://127.0.0.1:1", "--sink-connections", "0"], "--sink-connections must be 1 to 1024"),
+        (["serve", "--run-deadline", "600"], "--run-deadline is for choreography"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4"], "needs --endpoint URL"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", " "], "needs --endpoint URL"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", "http://[::1"], "is not an http(s):// URL"),
