@@ -343,11 +343,12 @@ def test_a_server_killed_mid_run_and_restarted_lets_the_run_finish(s3_server, s3
 
 def test_events_lost_with_a_killed_server_are_sent_again_when_it_starts(s3_server, s3_env, reference, capsys,
                                                                         tmp_path):
-    """The train events wait in A's memory (their sink does not answer) when A is killed: A's next start sends them."""
+    """The train events wait in A's memory (their sink does not answer) when A is killed: once nothing has kept
+    the run alive for its lease (four claim leases), the restarted A takes it up and sends them."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     nowhere = f"http://127.0.0.1:{free_port()}"
-    common = ["--store", "s3://", "--bucket", s3_env, "--stages", "ml-training"]
+    common = ["--store", "s3://", "--bucket", s3_env, "--stages", "ml-training", "--claim-lease", "1"]
     first = ServeProcess(_server_env(s3_server), tmp_path / "a.log", *common, "--sink", url, "--sink", f"train={nowhere}",
                          "--delivery-retries", "100", port=port).wait_ready()
     try:
@@ -365,7 +366,7 @@ def test_events_lost_with_a_killed_server_are_sent_again_when_it_starts(s3_serve
         report = wait(store, "ml-training", run, timeout=120)
         store.close()
         assert report["model_digest"] == reference[0]["model_digest"]
-        assert "resumed 1 running choreographed runs" in second.log()
+        assert "found 1 running choreographed runs" in second.log() and f"run {run}: resuming it" in second.log()
     finally:
         second.stop()
 
@@ -395,11 +396,15 @@ def test_a_stage_that_always_fails_ends_the_run_failed_with_its_reason(s3_server
         # A bad-input failure ends the run at once, without redeliveries: a model validated on too few images.
         code, out, err = _train(capsys, url, s3_env, "--holdout", "0.01")
         assert code == 2 and "refusing to publish a model validated on too few images" in err, err
-        # The dead-letter endpoint ends the run of an event Knative gave up on.
-        resp = httpx.post(url + "/dead-letter", content=events.to_http(dead)[1], headers=events.to_http(dead)[0])
-        assert resp.status_code == 200 and resp.json()["status"] == "failed"
+        # The dead letter mlwf sent is signed whole: taken, though its run had ended already; once only.
+        headers, body = events.to_http(dead)
+        resp = httpx.post(url + "/dead-letter", content=body, headers=headers)
+        assert resp.status_code == 200 and resp.json()["status"] == "ended", resp.text
+        resp = httpx.post(url + "/dead-letter", content=body, headers=headers)
+        assert resp.status_code == 403 and "already used" in resp.json()["error"]
         # A start the Broker could not deliver (the service refused its parameters, 400): behind a Broker
-        # mlwf invoke saw a 202, so the run is recorded failed and --wait says why.
+        # mlwf invoke saw a 202, so Knative's dead letter has the run recorded failed and --wait says why,
+        # in the words of the service that refused it (noted in the store), not of the dead letter.
         import base64
 
         from mlwf.choreography.invoke import start_event, wait
@@ -408,17 +413,18 @@ def test_a_stage_that_always_fails_ends_the_run_failed_with_its_reason(s3_server
         run = new_run_id()
         start = start_event("ml-training", run, {"args": [TRAIN_PREFIX, 4, 2], "options": {}},
                             StoreSpec("s3://", s3_env), SECRET)
-        answer = json.dumps({"error": "NUM_TRAIN (2) must be at least NUM_PCA (4)", "retryable": False})
+        headers, body = events.to_http(start)
+        assert httpx.post(url, content=body, headers=headers).status_code == 400  # what the Broker was told
         attrs = {**start.get_attributes(), "knativeerrorcode": "400", "knativeerrordest": "http://partition",
-                 "knativeerrordata": base64.b64encode(answer.encode()).decode()}
+                 "knativeerrordata": base64.b64encode(b"text Knative (or anyone) wrote").decode()}
         headers, body = events.to_http(events.make_event(attrs, start.get_data()))
         assert httpx.post(url + "/dead-letter", content=body, headers=headers).status_code == 200
         store = StoreSpec("s3://", s3_env).open()
         with pytest.raises(StageError) as info:
             wait(store, "ml-training", run, timeout=10)
         store.close()
-        assert str(info.value) == f"run {run} failed at start: ml-training start: not delivered to http://partition " \
-                                  "(last answer 400): NUM_TRAIN (2) must be at least NUM_PCA (4)"
+        assert str(info.value) == f"run {run} failed at start: ml-training start: refused: NUM_TRAIN (2) must be " \
+                                  "at least NUM_PCA (4): each PCA function feeds at least one training function"
     finally:
         server.stop()
         recorder.stop()
@@ -433,6 +439,8 @@ def test_bad_settings_and_bad_input_end_in_one_line(pair, s3_env, capsys, store_
         (["serve", "--dead-letter", "http://127.0.0.1:1"], "--dead-letter needs a sink"),
         (["serve", "--sink", "http://127.0.0.1:1", "--claim-lease", "inf"], "--claim-lease must be"),
         (["serve", "--delivery-retries", "3"], "--delivery-retries is for choreography"),
+        (["serve", "--sink", "http://127.0.0.1:1", "--sink-connections", "0"], "--sink-connections must be 1 to 1024"),
+        (["serve", "--run-deadline", "600"], "--run-deadline is for choreography"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4"], "needs --endpoint URL"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", " "], "needs --endpoint URL"),
         (["invoke", "ml-training", TRAIN_PREFIX, "2", "4", "--endpoint", "http://[::1"], "is not an http(s):// URL"),

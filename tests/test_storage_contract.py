@@ -294,6 +294,21 @@ def test_put_if_tag_is_compare_and_swap(store):
         store.get_tagged("manifest")
 
 
+def test_tagged_conditional_writes_chain_without_reading_back(store):
+    """A claim's life (mlwf.choreography.records): created, then changed again and again by the tag each
+    write returned, one store operation each; a stale tag changes nothing."""
+    tag = store.put_if_absent_tagged("claims/c", b"held by a, nonce 1")
+    assert tag and store.put_if_absent_tagged("claims/c", b"held by b, nonce 2") is None
+    assert store.get_tagged("claims/c") == (b"held by a, nonce 1", tag)
+    renewed = store.put_if_tag_tagged("claims/c", b"held by a, nonce 3", tag)
+    assert renewed and renewed != tag and store.get_tagged("claims/c") == (b"held by a, nonce 3", renewed)
+    assert store.put_if_tag_tagged("claims/c", b"taken by b, nonce 4", tag) is None  # stale: a renewed since
+    assert store.get("claims/c") == b"held by a, nonce 3"
+    assert store.put_if_tag_tagged("claims/c", b"done by a, nonce 5", renewed) == store.get_tagged("claims/c")[1]
+    store.delete("claims/c")
+    assert store.put_if_tag_tagged("claims/c", b"nonce 6", renewed) is None and not store.exists("claims/c")
+
+
 def test_put_if_tag_loses_no_update_under_contention(backend):
     from concurrent.futures import ThreadPoolExecutor
 

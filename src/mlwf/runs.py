@@ -16,6 +16,11 @@ The lease is eight heartbeats long so that a heartbeat delayed by a slow
 store (one S3 operation with its retries is bounded by about three times
 ``MLWF_S3_TIMEOUT``, 45 s by default) never makes a live run look abandoned.
 
+A choreographed run has no driver: the servers holding anything of it renew
+its lease, and events of it that a sink (a Broker) keeps to deliver later
+keep it alive until ``held_until``, the last moment any of them could still
+be accepted (see :mod:`mlwf.choreography.steps`).
+
 ``mlwf runs gc`` deletes only the intermediate objects of a run (the
 ``<stage>/<index>-<part>.bin`` and ``<stage>/<index>.done.json`` files of the
 workflow's stages, and a choreographed run's claims and batch markers under
@@ -46,6 +51,8 @@ DEFAULT_LEASE_S = 120.0
 WRITTEN_STATUSES = ("running", "succeeded", "failed", "interrupted")
 #: The runs ``--resume latest`` looks for: stopped before they finished, by Ctrl-C or by losing their driver.
 RESUMABLE_STATUSES = ("interrupted", "abandoned")
+#: The furthest ahead a choreographed run's ``held_until`` counts (a day: the longest --max-age, and more).
+MAX_HELD_S = 2 * 86_400.0
 #: Largest run.json read; a driver writes a few kilobytes.
 _MAX_RECORD_BYTES = 4 << 20
 
@@ -83,10 +90,11 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = 
     str
         ``succeeded``, ``failed`` or ``interrupted`` as written; ``running`` while the lease
         (``heartbeat_at``, else ``updated_at``, plus ``lease_s``, default
-        :data:`DEFAULT_LEASE_S`) holds; ``abandoned`` once it has expired, or
-        for a running record that names no valid time or one further in the
-        future than a lease (no driver is renewing it); ``unknown`` for any
-        other record.
+        :data:`DEFAULT_LEASE_S`) holds, or while events of a choreographed run
+        may still arrive (``held_until``, at most :data:`MAX_HELD_S` ahead);
+        ``abandoned`` once both have expired, or for a running record that
+        names no valid time or one further in the future than a lease (no
+        driver is renewing it); ``unknown`` for any other record.
     """
     status = record.get("status") if isinstance(record, dict) else None
     if status not in WRITTEN_STATUSES:
@@ -101,7 +109,11 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = 
         return "abandoned"
     if isinstance(now, (int, float)) and not isinstance(now, bool):
         now = _dt.datetime.fromtimestamp(now, _dt.UTC)
-    age = ((now or now_utc()) - beat).total_seconds()
+    now = now or now_utc()
+    held = _parse_time(record.get("held_until"))
+    if held is not None and 0 <= (held - now).total_seconds() <= MAX_HELD_S:
+        return "running"
+    age = (now - beat).total_seconds()
     return "running" if -lease <= age <= lease else "abandoned"
 
 
@@ -284,7 +296,10 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
     sort by start time). Of the others, runs that succeeded, failed, were
     interrupted or abandoned are collected; a run still running is left alone, and so is a
     folder whose ``run.json`` is missing or unreadable. Only intermediates
-    are deleted (see the module's description).
+    are deleted (see the module's description); an abandoned choreographed
+    run is first ended ``failed`` (no server would take it up again to find
+    its inputs gone), by compare-and-swap, so one that came alive meanwhile
+    is kept.
 
     Returns
     -------
@@ -322,12 +337,40 @@ def gc_runs(store: Store, keep: int, now: _dt.datetime | None = None) -> dict[st
             if status not in ("succeeded", "failed", "interrupted", "abandoned"):
                 skipped.append({"run_id": run_id, "workflow": workflow, "reason": status})
                 continue
+            if status == "abandoned" and not _end_abandoned_choreography(store, workflow, run_id):
+                skipped.append({"run_id": run_id, "workflow": workflow, "reason": "running"})
+                continue
             prefix = RunLayout(workflow, run_id).folder + "/"
             keys = [o.key for o in store.list(prefix) if _is_intermediate(workflow, o.key[len(prefix):])]
             if keys:
                 deleted += store.delete_many(keys)
                 collected.append(run_id)
     return {"runs": sorted(collected), "deleted": deleted, "kept": sorted(kept), "skipped": skipped}
+
+
+def _end_abandoned_choreography(store: Store, workflow: str, run_id: str) -> bool:
+    """Before a choreographed run's intermediates are collected, end it ``failed`` saying why, by
+    compare-and-swap: False if it came alive meanwhile (keep it). A driver's run is left as it is
+    (``--resume`` checks what is left)."""
+    key = RunLayout(workflow, run_id).record
+    for _ in range(5):
+        try:
+            raw, tag = store.get_tagged(key)
+            record = json.loads(raw)
+        except (MlwfError, ValueError):
+            return False
+        if not isinstance(record, dict) or record.get("mode") != "choreography" or record.get("status") != "running":
+            return True
+        if effective_status(record) != "abandoned":
+            return False
+        now = timestamp(now_utc())
+        ended = {**record, "status": "failed", "failed_stage": None, "updated_at": now,
+                 "error": f"abandoned: nothing kept it alive since {record.get('heartbeat_at')} (no server held a "
+                          "call or event of it, and none of its events could still arrive); its intermediates were "
+                          "collected by mlwf runs gc: start a new run"}
+        if store.put_if_tag(key, json.dumps(ended, indent=2).encode(), tag):
+            return True
+    return False
 
 
 def _is_intermediate(workflow: str, rest: str) -> bool:

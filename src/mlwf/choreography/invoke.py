@@ -115,11 +115,16 @@ def invoke(workflow: str, invocation: dict[str, Any], endpoint: str, spec: Store
 def wait(store, workflow: str, run_id: str, *, timeout: float = DEFAULT_WAIT_S, poll: float = _POLL_S) -> dict[str, Any]:
     """Follow run ``run_id`` through its record until it ends; return its report.
 
+    A choreographed run that nothing keeps alive for a while (every server
+    down, say) is not given up here before its deadline: a server's resumer
+    takes it up again when one starts.
+
     Raises
     ------
     StageError
-        If the run failed (its stage and reason), was abandoned, or is still
-        running after ``timeout`` seconds.
+        If the run failed (its stage and reason), was abandoned (past its
+        deadline, for a choreographed run), or is still running after
+        ``timeout`` seconds.
     """
     from mlwf.runs import effective_status, read_record
 
@@ -139,9 +144,20 @@ def wait(store, workflow: str, run_id: str, *, timeout: float = DEFAULT_WAIT_S, 
                 stage = record.get("failed_stage")
                 raise StageError(f"run {run_id} failed" + (f" at {stage}" if stage else "")
                                  + f": {record.get('error') or 'no reason recorded'}")
-            if status == "abandoned":
-                raise StageError(f"run {run_id} was abandoned: nothing renewed its lease in {record.get('lease_s')} s")
+            if status == "abandoned" and _given_up(record):
+                raise StageError(f"run {run_id} was abandoned: nothing renewed its lease in {record.get('lease_s')} s"
+                                 + (f" and its deadline ({record['deadline_at']}) has passed"
+                                    if record.get("deadline_at") else ""))
         if time.monotonic() > deadline:
             raise StageError(f"run {run_id} is still {'not started' if record is None else 'running'} after "
                              f"{timeout:g} s: follow it with 'mlwf runs show {run_id}'")
         time.sleep(poll)
+
+
+def _given_up(record: dict[str, Any]) -> bool:
+    """Whether an abandoned run is beyond recovery: a driver's at once, a choreographed one past its deadline."""
+    if record.get("mode") != "choreography":
+        return True
+    from mlwf.choreography.steps import deadline_of
+
+    return time.time() > deadline_of(record)

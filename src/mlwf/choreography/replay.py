@@ -20,15 +20,22 @@ same records the driver writes for ``--resume``) instead of running anything.
 * Anything the driver raises (a parameter refused, a check between stages
   failing) is raised as it is: the run fails with that line.
 
-A replay reads the run folder's listing once and only the done records it
-needs: those of the batches before the pending one.
+A replay reads only what it needs: the done records of the batches before
+the pending one, and the listing of the pending batch's stage folders (to see
+which calls are not done). Done records never change once written (the
+first one counts, :func:`mlwf.choreography.records.commit`), so a server
+keeps the ones it has read (:data:`_DONE`): the replays that follow each call
+of a 1,000-way batch decode the batches before it once, not once per call,
+and list only the stage folders of batches not known to be done.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import inspect
+import threading
 import time
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
@@ -42,6 +49,23 @@ from mlwf.errors import NotFoundError, UsageError
 from mlwf.runs import DEFAULT_LEASE_S, now_utc, timestamp
 from mlwf.storage import Store, StoreSpec
 from mlwf.workflows.definition import load_function
+
+
+#: Done records this process has read: (store, bucket, key) → (call digest, outcome). They never change.
+_DONE: OrderedDict[tuple[str, str, str], tuple[str, Outcome]] = OrderedDict()
+_DONE_MAX = 20_000
+_DONE_LOCK = threading.Lock()
+
+
+def remember_done(store: Store, layout: RunLayout, call: Call, outcome_json: dict[str, Any]) -> None:
+    """Keep the done record just written for ``call`` (its JSON form) as if read back (see the module)."""
+    from mlwf.engine.checkpoints import call_digest
+
+    outcome = Outcome.from_json(outcome_json)
+    with _DONE_LOCK:
+        _DONE[(store.location, store.bucket, layout.done(call.stage, call.index))] = (call_digest(call), outcome)
+        while len(_DONE) > _DONE_MAX:
+            _DONE.popitem(last=False)
 
 
 class Pending(Exception):
@@ -221,16 +245,46 @@ class ReplayRun(Run):
         self.startup_span: tuple[float, float] | None = None
         self.started_at = record.get("started_at")
         self.report_doc: dict[str, Any] | None = None
-        self._listed = {o.key for o in engine.real_store.list(self.layout.folder + "/")}
+        self._folder = self.layout.folder
+
+    def _done(self, call: Call) -> str:
+        # RunLayout.done, without its join of arbitrary parts: called for every call of a batch per replay.
+        return f"{self._folder}/{call.stage}/{call.index}.done.json"
+
+    def _key(self, call: Call) -> tuple[str, str, str]:
+        store = self.engine.real_store
+        return store.location, store.bucket, self._done(call)
+
+    def _outcome(self, call: Call, cached: tuple[str, Outcome] | None) -> Outcome | None:
+        """The done record of ``call`` if it is the record of this very call (cached: see the module)."""
+        from mlwf.engine.checkpoints import call_digest
+
+        digest = call_digest(call)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        outcome = self.checkpoints.recorded(call)
+        if outcome is not None:
+            with _DONE_LOCK:
+                _DONE[self._key(call)] = (digest, outcome)
+                while len(_DONE) > _DONE_MAX:
+                    _DONE.popitem(last=False)
+        return outcome
 
     def run_calls(self, **calls: list[dict[str, Any]]) -> dict[str, list[Outcome]]:
         batch = "+".join(calls)
         all_calls = [Call(self.workflow, stage, i, args) for stage, arg_list in calls.items()
                      for i, args in enumerate(arg_list)]
-        missing = [c for c in all_calls if self.layout.done(c.stage, c.index) not in self._listed]
-        if missing:
-            raise Pending(batch, all_calls, missing)
-        outcomes = [self.checkpoints.recorded(c) for c in all_calls]
+        with _DONE_LOCK:
+            cached = [_DONE.get(self._key(c)) for c in all_calls]
+        unknown = {c.stage for c, known in zip(all_calls, cached) if known is None}
+        if unknown:  # which calls are done: one listing of each stage folder not known to be done
+            store = self.engine.real_store
+            listed = {k for stage in sorted(unknown) for k in store.list_keys(f"{self.layout.folder}/{stage}/")}
+            missing = [c for c, known in zip(all_calls, cached)
+                       if known is None and self._done(c) not in listed]
+            if missing:
+                raise Pending(batch, all_calls, missing)
+        outcomes = [self._outcome(c, known) for c, known in zip(all_calls, cached)]
         missing = [c for c, o in zip(all_calls, outcomes) if o is None]
         if missing:
             raise Pending(batch, all_calls, missing)

@@ -49,6 +49,12 @@ def add_parsers(sub) -> None:
                     help="choreography: seconds a server's claim on a call lasts unless renewed (default 30)")
     sv.add_argument("--retries", type=int,
                     help="choreography: extra attempts of a failed call here before its delivery is retried (default 2)")
+    sv.add_argument("--sink-connections", type=int,
+                    help="choreography: events in flight to each sink at most, each on its own connection (default "
+                         "64; keep it below the receiver's --max-client-connections)")
+    sv.add_argument("--run-deadline", type=float,
+                    help="choreography: seconds after its start a stale run is given up (failed) instead of resumed "
+                         "(default 86400)")
     sv.add_argument("--insecure-no-auth", action="store_true",
                     help="accept unsigned calls (local experiments only: anyone who can connect runs stages)")
     sv.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -104,7 +110,8 @@ def handle(args) -> int:
                             sinks=args.sink, dead_letter=args.dead_letter, delivery_retries=args.delivery_retries,
                             claim_lease=args.claim_lease, retries=args.retries,
                             max_memory=None if args.max_memory is None
-                            else budget.parse_size(args.max_memory, budget.FLAG))
+                            else budget.parse_size(args.max_memory, budget.FLAG),
+                            sink_connections=args.sink_connections, run_deadline=args.run_deadline)
     if args.deploy_target == "kserve":
         return deploy_kserve(args)
     from mlwf.backends.knative.deploy import render

@@ -8,8 +8,10 @@ A run lives in ``<workflow>/outputs/<run-id>/``::
                                   of a ``many`` output counted
     <stage>/<index>.done.json     a finished call: its outputs and their SHA-256 (for --resume)
     predictions.csv, ...          results a workflow's driver writes
-    choreography/claims/<stage>-<index>.json, choreography/batches/<stages>.json
-                                  a choreographed run's claims and batch markers (mlwf.choreography)
+    choreography/claims/<stage>-<index>.json, choreography/batches/<stages>.json,
+    choreography/failures/<stage>-<index>.json
+                                  a choreographed run's claims, batch markers and failed deliveries
+                                  (mlwf.choreography.records)
 
 A run id (``20261126T121500.123456Z-3f9a1c``) sorts by start time and is
 unique, so concurrent runs never touch each other's state. ``mlwf runs``
@@ -30,7 +32,7 @@ RECORD = "run.json"
 RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 #: Where a choreographed run keeps its claims and batch markers (mlwf.choreography.records).
 CHOREOGRAPHY = "choreography"
-_CHOREOGRAPHY = re.compile(r"choreography/(?:claims/(?:[a-z][a-z0-9_]*-\d+|finish)|"
+_CHOREOGRAPHY = re.compile(r"choreography/(?:claims/(?:[a-z][a-z0-9_]*-\d+|finish)|failures/[a-z][a-z0-9_]*-\d+|"
                            r"batches/[a-z][a-z0-9_]*(?:\+[a-z][a-z0-9_]*)*)\.json")
 _INTERMEDIATE = re.compile(r"(?P<stage>[a-z][a-z0-9_]*)/(?P<index>\d+)(?:-(?P<part>\d+)\.bin|\.done\.json)")
 
@@ -78,13 +80,17 @@ class RunLayout:
         """A choreographed run's claim on a call (``<stage>-<index>``) or on its finish (``finish``)."""
         return join_key(self.folder, CHOREOGRAPHY, "claims", f"{name}.json")
 
+    def failure(self, name: str) -> str:
+        """Where a failed delivery of a call (``<stage>-<index>``) of a choreographed run is noted."""
+        return join_key(self.folder, CHOREOGRAPHY, "failures", f"{name}.json")
+
     def batch_marker(self, batch: str) -> str:
         """The marker of a choreographed run's stage batch (``pca``, ``partition+load``): who emitted it."""
         return join_key(self.folder, CHOREOGRAPHY, "batches", f"{batch}.json")
 
 
 def is_choreography_bookkeeping(rest: str) -> bool:
-    """Whether a key below a run's folder is a choreographed run's claim or batch marker."""
+    """Whether a key below a run's folder is a choreographed run's claim, batch marker or failure record."""
     return _CHOREOGRAPHY.fullmatch(rest) is not None
 
 

@@ -167,6 +167,41 @@ class Store(abc.ABC):
         already in.
         """
 
+    def put_if_absent_tagged(self, key: str, data: bytes) -> str | None:
+        """:meth:`put_if_absent`, returning the tag of the version written (None: nothing written).
+
+        For a caller that changes the object again by :meth:`put_if_tag_tagged`
+        without reading it first: one store operation per change. ``data``
+        must be unique to the caller (a nonce), as a key already holding
+        exactly ``data`` counts as written. Stores override this with one
+        request; this default reads the tag back.
+        """
+        if not self.put_if_absent(key, data):
+            return None
+        found, tag = self.get_tagged(key)
+        return tag if found == data else None
+
+    def put_if_tag_tagged(self, key: str, data: bytes, tag: str) -> str | None:
+        """:meth:`put_if_tag`, returning the tag of the version written (None: nothing written).
+
+        So the next conditional change needs no read first. ``data`` must be
+        unique to the caller (a nonce): after a lost answer the store is read
+        and a key holding exactly ``data`` counts as written. Stores override
+        this with one request; this default reads the tag back.
+        """
+        self.put_if_tag(key, data, tag)
+        return self._own_version(key, data)  # written, or found written after a lost answer
+
+    def _own_version(self, key: str, data: bytes) -> str | None:
+        """The tag of ``key`` if it holds exactly ``data`` (our write landed), else None."""
+        from mlwf.errors import NotFoundError
+
+        try:
+            found, tag = self.get_tagged(key)
+        except NotFoundError:
+            return None
+        return tag if found == data else None
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error (as on S3)."""

@@ -20,8 +20,8 @@ from mlwf.settings import Settings
 from mlwf.storage.base import Store
 
 ENV = "MLWF_STORE_FAULTS"
-_OPS = ("list", "get", "get_many", "put", "put_many", "put_if_absent", "get_tagged", "put_if_tag", "delete",
-        "delete_many", "exists")
+_OPS = ("list", "get", "get_many", "put", "put_many", "put_if_absent", "get_tagged", "put_if_tag",
+        "put_if_absent_tagged", "put_if_tag_tagged", "delete", "delete_many", "exists")
 
 
 def parse(spec: str) -> tuple[dict[str, int], float]:
@@ -106,6 +106,12 @@ class FaultyStore(Store):
 
     def put_if_tag(self, key, data, tag):
         return self._op("put_if_tag", key, data, tag)
+
+    def put_if_absent_tagged(self, key, data):
+        return self._op("put_if_absent_tagged", key, data)
+
+    def put_if_tag_tagged(self, key, data, tag):
+        return self._op("put_if_tag_tagged", key, data, tag)
 
     def delete(self, key):
         return self._op("delete", key)

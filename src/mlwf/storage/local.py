@@ -246,6 +246,13 @@ class LocalStore(Store):
             self.put(key, data)
             return True
 
+    def put_if_absent_tagged(self, key: str, data: bytes) -> str | None:
+        return _tag(data) if self.put_if_absent(key, data) else None
+
+    def put_if_tag_tagged(self, key: str, data: bytes, tag: str) -> str | None:
+        # The tag is the bytes' SHA-256: known without reading the object back.
+        return _tag(data) if self.put_if_tag(key, data, tag) else None
+
     def _holds(self, key: str, data: bytes) -> bool:
         try:
             return self.get(key) == data

@@ -39,6 +39,11 @@ TIME_ATTR = "mlwftime"
 #: What a request is, when it is not a driver's call: ``event`` (a choreographed stage event) or
 #: ``start`` (a choreographed run's start event); the kind is part of the signed message.
 KIND_ATTR = "mlwfkind"
+#: A dead letter mlwf itself sends (:mod:`mlwf.choreography.sinks`) signs the whole of it, the error
+#: attributes included, here (see :func:`sign_dead_letter`); Knative's dead letters have no such attribute.
+DEAD_SIGNATURE_ATTR = "mlwfdeadsignature"
+#: The attributes Knative adds to a dead letter: where it gave up, the last status, the last answer (base64).
+ERROR_ATTRS = ("knativeerrordest", "knativeerrorcode", "knativeerrordata")
 #: Signatures older than this many seconds are refused (and event ids are remembered this long).
 DEFAULT_MAX_AGE = 300
 #: Signing times this far ahead of the server's clock are refused.
@@ -102,6 +107,34 @@ def verify(secret: str, signature: Any, kind: str, workflow: str, stage: str, ru
     if not isinstance(signature, str):
         return False
     expected = sign(secret, kind, workflow, stage, run_id, data, event_id, timestamp)
+    return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+def dead_letter_fields(attributes: dict[str, Any], data: Any) -> dict[str, Any]:
+    """What a dead letter's signature covers besides the event's own fields: its data, its original
+    signature and every error attribute (absent ones as null), so that no part of it can be changed."""
+    return {"data": data, "signature": attributes.get(SIGNATURE_ATTR),
+            "errors": {name: attributes.get(name) for name in ERROR_ATTRS}}
+
+
+def sign_dead_letter(secret: str, kind: str, workflow: str, stage: str, run_id: str, attributes: dict[str, Any],
+                     data: Any) -> str:
+    """The signature of a whole dead letter (``attributes``: the event's, with the error attributes).
+
+    The message is the one of :func:`sign` with kind ``dead-<kind>`` and, as
+    the data, :func:`dead_letter_fields`; the event id and ``mlwftime`` are
+    the original event's.
+    """
+    return sign(secret, f"dead-{kind}", workflow, stage, run_id, dead_letter_fields(attributes, data),
+                str(attributes.get("id")), str(attributes.get(TIME_ATTR)))
+
+
+def verify_dead_letter(secret: str, signature: Any, kind: str, workflow: str, stage: str, run_id: str,
+                       attributes: dict[str, Any], data: Any) -> bool:
+    """Whether ``signature`` signs this whole dead letter (see :func:`sign_dead_letter`)."""
+    if not isinstance(signature, str):
+        return False
+    expected = sign_dead_letter(secret, kind, workflow, stage, run_id, attributes, data)
     return hmac.compare_digest(expected.encode(), signature.encode())
 
 

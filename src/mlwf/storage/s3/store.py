@@ -259,13 +259,15 @@ class S3Store(Store):
     async def _aget_bytes(self, key: str) -> bytes:
         return (await self._aget(key))[0]
 
-    async def _aput(self, item: tuple[str, bytes], mode: Any = None, op: str = "put") -> None:
+    async def _aput(self, item: tuple[str, bytes], mode: Any = None, op: str = "put") -> str | None:
+        """Write one object; the ETag of the version written (None if the server gave none)."""
         import obstore
 
         key, data = item
         kwargs = {"mode": mode} if mode is not None else {}
-        await self._within(op, key, lambda: obstore.put_async(self._client(), key, data, use_multipart=False,
-                                                              **kwargs), len(data))
+        result = await self._within(op, key, lambda: obstore.put_async(self._client(), key, data,
+                                                                       use_multipart=False, **kwargs), len(data))
+        return result.get("e_tag") if isinstance(result, dict) else None
 
     async def _alist(self, prefix: str, segment: str | None, offset: str | None, limit: int | None) -> list[dict]:
         import obstore
@@ -330,16 +332,17 @@ class S3Store(Store):
             return True
         return self._holds(key, data)
 
-    async def _aput_if(self, key: str, data: bytes, mode: Any) -> bool:
-        """A conditional put: False when the condition failed (the object exists, or its ETag changed)."""
+    async def _aput_if(self, key: str, data: bytes, mode: Any) -> str | bool:
+        """A conditional put: False when the condition failed (the object exists, or its ETag changed),
+        else the new version's ETag (True if the server gave none)."""
         from obstore import exceptions as oe
 
         refused: tuple[type[BaseException], ...] = (oe.AlreadyExistsError, oe.PreconditionError)
         if mode != "create":
             refused += (oe.NotFoundError, FileNotFoundError)
         try:
-            await self._aput((key, data), mode=mode, op="create" if mode == "create" else "replace")
-            return True
+            tag = await self._aput((key, data), mode=mode, op="create" if mode == "create" else "replace")
+            return tag or True
         except Failed as f:
             if isinstance(f.exc, refused):
                 return False
@@ -356,7 +359,23 @@ class S3Store(Store):
     def put_if_tag(self, key: str, data: bytes, tag: str) -> bool:
         self._check_object_key(key)
         data = self._check_data(key, data)
-        return self._do("replace", key, self._aput_if(key, data, {"e_tag": tag}))  # If-Match
+        return bool(self._do("replace", key, self._aput_if(key, data, {"e_tag": tag})))  # If-Match
+
+    def put_if_absent_tagged(self, key: str, data: bytes) -> str | None:
+        self._check_object_key(key)
+        data = self._check_data(key, data)
+        written = self._do("create", key, self._aput_if(key, data, "create"))
+        if isinstance(written, str):
+            return written  # one request: the ETag comes with the answer
+        return self._own_version(key, data)  # refused, or a retry that found its own write
+
+    def put_if_tag_tagged(self, key: str, data: bytes, tag: str) -> str | None:
+        self._check_object_key(key)
+        data = self._check_data(key, data)
+        written = self._do("replace", key, self._aput_if(key, data, {"e_tag": tag}))
+        if isinstance(written, str):
+            return written
+        return self._own_version(key, data)
 
     def _holds(self, key: str, data: bytes) -> bool:
         try:

@@ -73,18 +73,20 @@ class ReplayLedger:
     clock : wall-clock seconds (tests may pass their own).
     """
 
-    def __init__(self, store: Store, max_age: int, *, clock=time.time, source: str = "mlwf serve"):
+    def __init__(self, store: Store, max_age: int, *, clock=time.time, source: str = "mlwf serve",
+                 prefix: str = REPLAY_PREFIX):
         self.store = store
         self.max_age = max_age
         self.clock = clock
         self.source = source
+        self.prefix = prefix  # another prefix: another ledger (the dead letters acted on)
         self.cleaned_through: int | None = None  # highest slot known to be deleted
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(event_id: str, stamp: str) -> str:
+    def key(event_id: str, stamp: str, prefix: str = REPLAY_PREFIX) -> str:
         slot = int(stamp) // REPLAY_SLOT_S
-        return f"{REPLAY_PREFIX}/{slot:012d}/{hashlib.sha256(event_id.encode()).hexdigest()}"
+        return f"{prefix}/{slot:012d}/{hashlib.sha256(event_id.encode()).hexdigest()}"
 
     def claim(self, event_id: str, stamp: str) -> None:
         """Record ``event_id`` (signed at ``stamp``); :class:`Refusal` 403 if any server recorded it before.
@@ -94,7 +96,7 @@ class ReplayLedger:
         record = json.dumps({"id": event_id, "signed": int(stamp), "server": self.source,
                              "at": round(self.clock(), 3), "nonce": secrets.token_hex(8)}).encode()
         try:
-            created = self.store.put_if_absent(self.key(event_id, stamp), record)
+            created = self.store.put_if_absent(self.key(event_id, stamp, self.prefix), record)
         except MlwfError as e:
             raise Refusal(503, f"cannot record the call in the store for replay protection: {e}",
                           retryable=True) from None
@@ -115,18 +117,18 @@ class ReplayLedger:
                 return 0
             if done is None or horizon - done > 60:
                 # First pass (or after a long pause): one listing finds every old folder.
-                old = [o.key for o in self.store.list(REPLAY_PREFIX + "/") if _slot(o.key) <= horizon]
+                old = [o.key for o in self.store.list(self.prefix + "/") if _slot(o.key, self.prefix) <= horizon]
             else:
                 old = [o.key for slot in range(done + 1, horizon + 1)
-                       for o in self.store.list(f"{REPLAY_PREFIX}/{slot:012d}/")]
+                       for o in self.store.list(f"{self.prefix}/{slot:012d}/")]
             self.store.delete_many(old)
             self.cleaned_through = horizon
             return len(old)
 
 
-def _slot(key: str) -> int:
+def _slot(key: str, prefix: str = REPLAY_PREFIX) -> int:
     """The slot of a replay record's key; keys that are not records count as current (kept)."""
-    parts = key[len(REPLAY_PREFIX) + 1:].split("/")
+    parts = key[len(prefix) + 1:].split("/")
     return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else sys.maxsize
 
 

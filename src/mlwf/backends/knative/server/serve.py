@@ -58,7 +58,8 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
           max_connections: int = DEFAULT_MAX_CONNECTIONS, max_client_connections: int | None = None,
           request_timeout: float = DEFAULT_REQUEST_TIMEOUT, workers: int = 0, sinks: list[str] | None = None,
           dead_letter: str | None = None, delivery_retries: int | None = None, claim_lease: float | None = None,
-          retries: int | None = None, max_memory: int | str | None = None) -> int:
+          retries: int | None = None, max_memory: int | str | None = None, sink_connections: int | None = None,
+          run_deadline: float | None = None) -> int:
     """Run the function server until SIGTERM/SIGINT; returns the exit status (0 after a clean drain).
 
     ``store``/``bucket`` (default ``MLWF_STORE``/``MLWF_BUCKET``, as every
@@ -67,7 +68,8 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     ``max_connections``) bound connections as :mod:`mlwf.httpguard` describes.
     ``sinks`` (``URL`` or ``STAGE=URL`` entries, default ``$K_SINK``) turn on
     choreography (:mod:`mlwf.choreography`), with ``dead_letter``,
-    ``delivery_retries``, ``claim_lease`` and the stage's own ``retries``.
+    ``delivery_retries``, ``claim_lease``, the stage's own ``retries``,
+    ``sink_connections`` (deliveries in flight per sink) and ``run_deadline``.
     ``max_memory`` (bytes or a size, default ``MLWF_MAX_MEMORY``, else
     512 MiB) is the process's budget for what requests make it hold
     (:mod:`mlwf.budget`), shared by all of them.
@@ -103,7 +105,8 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
                     max_client_connections=(max(1, max_connections // 2) if max_client_connections is None
                                             else max_client_connections))
     memory = budget.configure(max_memory if max_memory is not None else settings.max_memory)
-    choreography = _choreography_config(sinks, settings.k_sink, dead_letter, delivery_retries, claim_lease, retries)
+    choreography = _choreography_config(sinks, settings.k_sink, dead_letter, delivery_retries, claim_lease, retries,
+                                        sink_connections, run_deadline)
     spec = settings.store
     try:
         spec.open(settings).close()  # a bad URL or bucket name fails here, not at the first call
@@ -137,9 +140,11 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
              "off" if insecure_no_auth else "HMAC-SHA256")
     if choreography is not None:
         sink = choreography.sinks
-        log.info("choreography: events to %s%s; dead letters to %s; %d delivery retries; claims last %g s",
+        log.info("choreography: events to %s%s; dead letters to %s; %d delivery retries; %d deliveries in flight "
+                 "per sink; claims last %g s; stale runs given up %g s after their start",
                  sink.default or "per-stage sinks", "".join(f", {w}/{st}={u}" for (w, st), u in sorted(sink.routes.items())),
-                 sink.dead_letter or "nowhere", choreography.delivery_retries, choreography.lease_s)
+                 sink.dead_letter or "nowhere", choreography.delivery_retries, choreography.sink_connections,
+                 choreography.lease_s, choreography.run_deadline_s)
     run_guarded(app, sock, grace)
     if app.running:
         log.error("exiting with %d calls still running after the %s s grace period", app.running, grace)
@@ -153,18 +158,20 @@ def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None 
     return 0
 
 
-def _choreography_config(sinks, k_sink, dead_letter, delivery_retries, claim_lease, retries):
+def _choreography_config(sinks, k_sink, dead_letter, delivery_retries, claim_lease, retries, sink_connections=None,
+                         run_deadline=None):
     """The choreography settings of ``mlwf serve`` (None: no sink, a driver's function server only)."""
     from mlwf.choreography.service import ChoreographyConfig
     from mlwf.choreography.sinks import parse_sinks
 
     parsed = parse_sinks(sinks, k_sink=k_sink, dead_letter=dead_letter)
+    flags = (("--delivery-retries", "delivery_retries", delivery_retries), ("--claim-lease", "lease_s", claim_lease),
+             ("--retries", "stage_retries", retries), ("--sink-connections", "sink_connections", sink_connections),
+             ("--run-deadline", "run_deadline_s", run_deadline))
     if parsed is None:
-        for flag, value in (("--delivery-retries", delivery_retries), ("--claim-lease", claim_lease),
-                            ("--retries", retries)):
+        for flag, _, value in flags:
             if value is not None:
                 raise UsageError(f"{flag} is for choreography: give --sink URL (or set K_SINK) too")
         return None
-    given = {k: v for k, v in (("delivery_retries", delivery_retries), ("lease_s", claim_lease),
-                               ("stage_retries", retries)) if v is not None}
+    given = {name: value for _, name, value in flags if value is not None}
     return ChoreographyConfig(sinks=parsed, **given).check()
