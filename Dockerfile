@@ -7,7 +7,8 @@
 # Only what the two servers need is installed: the package and its `knative`
 # and `serve` extras (no ONNX, no test dependencies). It runs as an
 # unprivileged user and listens on $PORT, which Knative sets (8080 unless the
-# Service says otherwise).
+# Service says otherwise), on every interface of the container (mlwf's servers
+# listen on 127.0.0.1 unless told).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -30,4 +31,4 @@ ENV HOME=/tmp \
     OPENBLAS_NUM_THREADS=1 \
     MKL_NUM_THREADS=1
 EXPOSE 8080
-CMD ["mlwf", "serve"]
+CMD ["mlwf", "serve", "--host", "0.0.0.0"]

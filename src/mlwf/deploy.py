@@ -13,6 +13,22 @@ from mlwf.errors import UsageError
 
 SECRET_NAME = "mlwf-secrets"
 CONTAINER_PORT = 8080
+#: A container listens on every interface of its pod (its runtime routes to it); said explicitly, since
+#: both servers listen on 127.0.0.1 unless told.
+POD_HOST = ["--host", "0.0.0.0"]
+#: The smallest memory budget a rendered container's process is given (one large image decodes within it).
+MIN_POD_BUDGET = 64 << 20
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def memory_budget(limit: str, processes: int = 1) -> dict[str, str]:
+    """The ``MLWF_MAX_MEMORY`` variable of a container whose memory limit is ``limit`` (a Kubernetes
+    quantity such as ``2Gi``): half of it, shared out among its ``processes`` worker processes (each
+    has a budget of its own), at least :data:`MIN_POD_BUDGET`. The other half is the process itself:
+    Python, NumPy, the model, the stage's arrays."""
+    value = int(limit[:-2]) * _QUANTITY[limit[-2:]]
+    per_process = max(value // 2 // max(1, processes), MIN_POD_BUDGET)
+    return {"name": "MLWF_MAX_MEMORY", "value": f"{per_process >> 20}MiB"}
 
 
 def check_target(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: str, min_scale: int) -> None:

@@ -33,7 +33,9 @@ def add_parsers(sub) -> None:
 
     serve = ms.add_parser("serve", help="serve the model over the Open Inference Protocol (v2 REST)")
     serve.add_argument("source", nargs="?", default=DEFAULT_PREFIX, metavar="MODEL_PREFIX", help=_SOURCE_HELP)
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface, "
+                         "as a container does)")
     serve.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
     serve.add_argument("--name", default=settings.DEFAULT_NAME, help="the model's name in the URLs (default mlwf)")
     serve.add_argument("--max-batch", type=int, default=settings.DEFAULT_MAX_BATCH,

@@ -15,7 +15,9 @@ DEFAULT_PREFIX = "ml-inference/model"
 def add_parsers(sub) -> None:
     """``mlwf serve`` and ``mlwf deploy knative|kserve``."""
     sv = sub.add_parser("serve", help="run every stage as an HTTP CloudEvents function (Knative runtime contract)")
-    sv.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface, "
+                         "as a container does)")
     sv.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
     sv.add_argument("--stages", default="all", help="stages served: all (default) or WORKFLOW[/STAGE],...")
     sv.add_argument("--store", help="the one store this server acts on: a directory, file://DIR or s3:// "

@@ -57,7 +57,7 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
     UsageError
         For a value a cluster (or mlwf) would not accept, naming the flag.
     """
-    from mlwf.deploy import SECRET_NAME, check_target, namespace_document
+    from mlwf.deploy import POD_HOST, SECRET_NAME, check_target, memory_budget, namespace_document
 
     check_target(image=image, namespace=namespace, s3_host=s3_host, s3_port=s3_port, bucket=bucket,
                  min_scale=min_scale)
@@ -78,8 +78,8 @@ def render(*, image: str, namespace: str, s3_host: str, s3_port: int, bucket: st
 
     env = [secret("S3_USER", "s3-user"), secret("S3_PASSWORD", "s3-password"),
            {"name": "S3_HOST", "value": s3_host}, {"name": "S3_PORT", "value": str(s3_port)},
-           {"name": "MLWF_BUCKET", "value": bucket}]
-    args = ["model", "serve", prefix, "--store", "s3://", "--name", name, "--threads", "1"]
+           {"name": "MLWF_BUCKET", "value": bucket}, memory_budget(MEMORY)]
+    args = ["model", "serve", prefix, "--store", "s3://", "--name", name, "--threads", "1", *POD_HOST]
     if watch:
         args += ["--watch", str(watch)]
     labels = {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": "model-server"}

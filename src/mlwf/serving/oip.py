@@ -336,7 +336,7 @@ def _error(status: int, message: str):
 
 
 # --------------------------------------------------------------------------- running it
-def serve(source: str, *, store=None, bucket: str | None = None, host: str = "0.0.0.0",
+def serve(source: str, *, store=None, bucket: str | None = None, host: str = "127.0.0.1",
           port: int | None = None, name: str = DEFAULT_NAME, limits: Limits = Limits(),
           threads: int | None = None, watch: float | None = None, grace: float = 30.0,
           max_memory: int | str | None = None) -> int:

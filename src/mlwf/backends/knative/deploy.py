@@ -34,7 +34,7 @@ from typing import Any
 from mlwf import workflows
 from mlwf.backends.knative.events import PLACEHOLDER_SECRET
 from mlwf.workflows.definition import Profile
-from mlwf.deploy import SECRET_NAME, check_target, namespace_document
+from mlwf.deploy import POD_HOST, SECRET_NAME, check_target, memory_budget, namespace_document
 
 CONTAINER_PORT = 8080
 REQUEST_TIMEOUT_S = 300
@@ -71,7 +71,8 @@ def _env(s3_host: str, s3_port: int, bucket: str) -> list[dict[str, Any]]:
 def _service(image: str, namespace: str, env: list, profile: Profile, min_scale: int, bucket: str,
              workflow: str | None = None, stage: str | None = None, name: str | None = None) -> dict[str, Any]:
     args = ["serve", "--stages", f"{workflow}/{stage}" if workflow else "all", "--store", "s3://", "--bucket", bucket,
-            "--workers" if profile.processes else "--threads", str(profile.concurrency)]
+            *POD_HOST, "--workers" if profile.processes else "--threads", str(profile.concurrency)]
+    env = [*env, memory_budget(profile.memory, profile.concurrency if profile.processes else 1)]
     labels = _labels(workflow, stage)
     return {
         "apiVersion": "serving.knative.dev/v1",

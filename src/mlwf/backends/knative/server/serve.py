@@ -51,7 +51,7 @@ def preload() -> None:
     threadpool_limits(1)
 
 
-def serve(*, host: str = "0.0.0.0", port: int | None = None, stages: str | None = None,
+def serve(*, host: str = "127.0.0.1", port: int | None = None, stages: str | None = None,
           store: str | None = None, bucket: str | None = None,
           max_body: int = DEFAULT_MAX_BODY, threads: int | None = None, grace: float = DEFAULT_GRACE,
           insecure_no_auth: bool = False, max_age: int = events.DEFAULT_MAX_AGE,
