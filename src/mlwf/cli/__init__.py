@@ -150,6 +150,18 @@ def _main(argv: list[str] | None) -> int:
         return INTERRUPTED_EXIT
     except BrokenPipeError:
         raise  # the reader went away: main() exits quietly
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e.name, argv)
+        if debug or extra is None:
+            if debug:
+                raise
+            print(f"mlwf: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+            return 1
+        command = " ".join(a for a in argv[:2] if not a.startswith("-"))
+        print(f"mlwf: error: mlwf {command} needs {e.name.split('.')[0]}, an optional library: "
+              f"pip install 'mlwf[{extra}]'", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
             raise
@@ -159,6 +171,23 @@ def _main(argv: list[str] | None) -> int:
     finally:
         if handle_ctrl_c:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+#: The optional libraries (top-level modules) and the extra of pyproject.toml that installs each; uvicorn and
+#: starlette are in two extras: ``mlwf model serve`` needs ``serve``, everything else ``knative``.
+_EXTRA_OF = {"ray": "ray", "httpx": "knative", "cloudevents": "knative", "h11": "knative", "yaml": "knative",
+             "uvicorn": "knative", "starlette": "knative", "onnx": "onnx", "onnxruntime": "onnx",
+             "matplotlib": "bench"}
+
+
+def missing_extra(module: str | None, argv: list[str]) -> str | None:
+    """The extra that installs ``module`` for the command ``argv``, or None when ``module`` is not an
+    optional library of mlwf (its absence is then a bug, not a missing extra)."""
+    top = (module or "").split(".")[0]
+    extra = _EXTRA_OF.get(top)
+    if extra == "knative" and top in ("uvicorn", "starlette") and argv[:2] == ["model", "serve"]:
+        return "serve"
+    return extra
 
 
 def _dispatch(args) -> int:
