@@ -210,13 +210,21 @@ def test_every_install_hint_names_an_extra_that_holds_its_package():
     for backend, (libraries, hint) in _INSTALL_HINTS.items():
         [extra] = re.findall(r"mlwf\[([^\]]+)\]", hint)
         assert all(extra_holds(extra, library) for library in libraries), hint
+    # The command line's table for a library missing wherever it is imported: the same rule.
+    from mlwf.cli import _EXTRA_OF, missing_extra
+
+    for module, extra in _EXTRA_OF.items():
+        assert extra_holds(extra, _MODULE_TO_DISTRIBUTION.get(module, module)), (module, extra)
+    for module in ("uvicorn", "starlette"):
+        assert extra_holds(missing_extra(module, ["model", "serve"]), module)
 
 
 def test_every_install_hint_is_spelled_as_the_docs_spell_it():
     for path in (ROOT / "src").rglob("*.py"):
         for line in path.read_text(encoding="utf-8").splitlines():
             if "pip install" in line:
-                assert re.search(r"pip install 'mlwf\[[a-z,]+\]'", line), f"{path.relative_to(ROOT)}: {line.strip()}"
+                assert re.search(r"pip install 'mlwf\[([a-z,]+|\{extra\})\]'", line), \
+                    f"{path.relative_to(ROOT)}: {line.strip()}"
 
 
 def test_each_extra_installs_what_its_hint_promises_in_this_environment():
