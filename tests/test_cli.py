@@ -487,6 +487,10 @@ def test_every_positional_argument_has_help_text():
     (["run", "ml-inference", "./model", "ml-inference/batch", "4"],
      "MODEL_PREFIX './model' is a path on this machine, but a model lives in the store: give the prefix ml-training "
      "published it at (default ml-inference/model; 'mlwf model show PREFIX' shows one)"),
+    (["invoke", "ml-training", "./data/train", "2", "8", "--endpoint", "http://127.0.0.1:1"],
+     "DATA_PREFIX './data/train' is a folder on this machine, but the workflows read images from the store: "
+     "upload it, then give 'ml-training/train' as DATA_PREFIX; to upload it: mlwf s3 upload-dir --host-path "
+     "./data/train --s3-path ml-training/train --store {store}"),
     (["bench", "ml-training", "~/data", "2", "8", "--out", "b"],
      "DATA_PREFIX '~/data' is a folder on this machine, but the workflows read images from the store: upload it, "
      "then give 'ml-training/data' as DATA_PREFIX; to upload it: mlwf s3 upload-dir --host-path {home}/data "

@@ -7,7 +7,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from mlwf.cli.options import (Parser, allow_unvalidated_argument, common, emit, inference_arguments, open_store,
+from mlwf.cli.options import (Parser, allow_unvalidated_argument, check_prefix_arguments, common, emit,
+                              inference_arguments, open_store,
                               training_arguments, training_config)
 
 
@@ -44,6 +45,7 @@ def handle(args) -> int:
     from mlwf.engine.driver import MAX_TIMEOUT_S, check_seconds
     from mlwf.settings import Settings
 
+    check_prefix_arguments(args)
     if args.wait:
         check_seconds("--timeout", args.timeout, MAX_TIMEOUT_S)
     settings = Settings.resolve(store=args.store, bucket=args.bucket)
