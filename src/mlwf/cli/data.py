@@ -45,25 +45,26 @@ def add_parsers(sub) -> None:
     s3 = sub.add_parser("s3", help="manage objects in the configured store (directory or S3)")
     s3s = s3.add_subparsers(dest="s3_command", required=True, parser_class=Parser)
     up = s3s.add_parser("upload-dir", help="upload a folder (idempotent: unchanged objects are skipped)")
-    up.add_argument("--host-path", required=True)
-    up.add_argument("--s3-path", required=True)
+    up.add_argument("--host-path", required=True, metavar="DIR", help="the folder on this machine to upload")
+    up.add_argument("--s3-path", required=True, metavar="PREFIX",
+                    help="the prefix in the store to upload it under (e.g. ml-training/mnist-images-2k)")
     up.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     up.add_argument("--overwrite", action="store_true",
                     help="replace objects that hold other bytes (without it, such an upload is refused)")
     common(up)
     down = s3s.add_parser("download-dir", help="download every object under a prefix into a folder")
-    down.add_argument("--s3-path", required=True)
-    down.add_argument("--host-path", required=True)
+    down.add_argument("--s3-path", required=True, metavar="PREFIX", help="the prefix in the store to download")
+    down.add_argument("--host-path", required=True, metavar="DIR", help="the folder on this machine to write into")
     down.add_argument("--overwrite", action="store_true",
                       help="replace local files that hold other bytes (without it, such a download is refused)")
     common(down)
     cb = s3s.add_parser("clear-bucket", help="delete every object in the bucket")
     common(cb)
     cd = s3s.add_parser("clear-dir", help="delete every object in a folder (PREFIX/…); never the whole bucket")
-    cd.add_argument("--prefix", required=True)
+    cd.add_argument("--prefix", required=True, help="the folder (PREFIX/…) whose objects are deleted")
     common(cd)
     ls = s3s.add_parser("ls", help="list objects")
-    ls.add_argument("--prefix", default="")
+    ls.add_argument("--prefix", default="", help="list only the objects under this prefix (default: all)")
     common(ls)
 
 

@@ -10,7 +10,7 @@ from mlwf.cli.options import common
 def add_parsers(sub) -> None:
     """``mlwf demo``."""
     demo = sub.add_parser("demo", help="build the digits dataset, train, classify a held-out batch")
-    demo.add_argument("--workers", type=int)
+    demo.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
     common(demo)
 
 
