@@ -11,11 +11,10 @@ from __future__ import annotations
 import errno
 import gzip
 import os
-import resource
 import struct
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -58,25 +57,31 @@ def run_mlwf(args: list, *, timeout: float = 30) -> tuple[int, str, float, int]:
     """``mlwf args`` in its own process: exit status, stderr, seconds, and that process's peak RSS in bytes.
 
     Its address space is capped at 2 GiB, so a reader that inflates a bomb in
-    full fails there instead of taking the machine's memory.
+    full fails there instead of taking the machine's memory. The peak is the
+    process's own ``VmHWM``, read by it as it ends: ``ru_maxrss`` from
+    ``wait4`` would not do, since Linux carries the parent's peak into a
+    child's across fork and exec (this test process is large late in a session).
     """
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=cap)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of the session's
-    finally:
-        timer.cancel()
-        proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, time.monotonic() - started, usage.ru_maxrss * 1024
+    measured = ("import os, resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+                "from mlwf.cli import main\n"
+                "try:\n"
+                "    code = main(sys.argv[2:])\n"
+                "finally:\n"
+                "    peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+                "    open(sys.argv[1], 'w').write(peak)\n"
+                "sys.exit(code)\n")
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak_file:
+        started = time.monotonic()
+        try:
+            done = subprocess.run([sys.executable, "-c", measured, peak_file.name, *map(str, args)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return -9, f"killed: still running after {timeout} s", time.monotonic() - started, 0
+        seconds = time.monotonic() - started
+        peak_kib = int(peak_file.read() or 0)
+    return done.returncode, done.stderr, seconds, peak_kib * 1024
 
 
 def assert_refused(code: int, err: str, *names) -> None:
