@@ -17,8 +17,8 @@ Library use::
     model = mlwf.model.load("path/to/model.mlwf")      # or from a file
     model.predict(["img1.png", "img2.png"])            # -> array of class names
 
-* :mod:`mlwf.model.predict`: :class:`Model` (predict, predict_proba) and :func:`project`;
-* :mod:`mlwf.model.format`: to and from bytes, every check and limit (:func:`from_bytes`, :func:`build`);
+* :mod:`mlwf.model.predict`: :class:`Model` (predict, predict_proba, to_bytes) and :func:`project`;
+* :mod:`mlwf.model.format`: from bytes, every check and limit (:func:`from_bytes`, :func:`build`);
 * :mod:`mlwf.model.forest`: a fitted scikit-learn forest as arrays (:func:`export_forest`);
 * :mod:`mlwf.model.registry`: publish, rollback, read what is published.
 """
