@@ -396,6 +396,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     MlwfError
         Whatever a run raised (bad input, a failed stage).
     """
+    from mlwf.storage import StoreSpec
 
     _check_spec(spec)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -405,7 +406,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     if "knative" in {b for b, _ in pairs}:
         check_endpoints(spec.endpoints)
     settings = Settings.resolve(store=spec.store, bucket=spec.bucket)
-    store = settings.store.open(settings)
+    store = StoreSpec.from_settings(settings).open(settings)
     if spec.baseline:
         load_baseline()
         _bucket_folder(store, spec.args[0] if spec.workflow == "ml-training" else spec.args[1])

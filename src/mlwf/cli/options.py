@@ -272,10 +272,11 @@ def open_store(args):
     ``MLWF_WORKFLOW_MODULES`` names are known from here on (``mlwf runs`` lists their runs too)."""
     from mlwf import workflows
     from mlwf.settings import Settings
+    from mlwf.storage import StoreSpec
 
     settings = Settings.resolve(store=args.store, bucket=args.bucket)
     workflows.use(settings.workflow_modules)
-    return settings.store.open(settings)
+    return StoreSpec.from_settings(settings).open(settings)
 
 
 def version() -> str:

@@ -118,7 +118,7 @@ class RayBackend:
         self.address = config.address or settings.ray_address
         check_address(self.address)
         self.shared_store = config.shared_store
-        self.store = settings.store
+        self.store = StoreSpec.from_settings(settings)
         self.connect_timeout = cluster.connect_timeout(settings, config.connect_timeout)
         self.resources = self._check_requests(dict(config.stage_resources or {}))
         self.use_pool = config.use_pool
