@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from mlwf import budget, images
+from mlwf.images import decoder, headers, resize
 from mlwf.budget import BudgetExceeded
 from mlwf.model.predict import project
 from tests import crafted_images as craft
@@ -93,7 +94,7 @@ def test_decode_many_keeps_order_and_names_the_undecodable(digits_dir):
     files = sorted((digits_dir / "batch").rglob("*.png"))[:40]
     good = [f.read_bytes() for f in files]
     truncated = good[0][: len(good[0]) // 2]
-    garbage = images._PNG_MAGIC + b"x" * 64
+    garbage = headers._PNG_MAGIC + b"x" * 64
     bad_idat = bytearray(good[1])
     start = bad_idat.index(b"IDAT") + 4
     bad_idat[start : start + 8] = b"\xff" * 8  # the compressed stream itself, not only its checksum
@@ -148,7 +149,7 @@ def test_batched_resizing_equals_pillow_on_every_shape_both_ways():
         stack = rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)
         for size in (28, 64, 5):
             out = np.empty((3, size * size), dtype=np.uint8)
-            images._resize_levels(stack, size, out)
+            resize.resize_levels(stack, size, out)
             expected = [np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BILINEAR)).ravel()
                         for a in stack]
             np.testing.assert_array_equal(out, np.stack(expected), err_msg=f"{h}x{w} → {size}")
@@ -241,18 +242,18 @@ def test_a_png_with_fewer_rows_than_its_header_declares_is_refused_not_padded(co
 
 @pytest.mark.parametrize("mode", ["P", "I;16", "RGB", "LA", "RGBA"])
 def test_a_complete_png_whose_last_row_holds_the_decoders_mark_is_counted_and_decoded(mode, monkeypatch):
-    """The mark written over the last row before Pillow decodes (images._mark_last_row) may be a real
+    """The mark written over the last row before Pillow decodes (decoder._mark_last_row) may be a real
     row's pixels: then the image data is counted again, and the image decoded."""
     image = Image.new(mode, (30, 20))
-    image.im.paste(images._LAST_ROW_MARK[mode], (0, 0, 30, 20))  # every row is the mark, as written
+    image.im.paste(decoder._LAST_ROW_MARK[mode], (0, 0, 30, 20))  # every row is the mark, as written
     if mode == "P":
         image.putpalette(bytes(range(256)) * 3)
     png = encode(image)
     counted = []
-    monkeypatch.setattr(images, "_require_complete", lambda idat, header: counted.append(header))
+    monkeypatch.setattr(decoder, "_require_complete", lambda idat, header: counted.append(header))
     header = images.inspect(png)
     assert header.mode == mode
-    assert images._levels(png, header).shape == (20, 30) and counted == [header]
+    assert decoder.gray_levels(png, header).shape == (20, 30) and counted == [header]
     np.testing.assert_array_equal(images.decode(png, 16), pillow_pixels(png, 16))
 
 
@@ -282,7 +283,7 @@ def test_a_jpeg_is_walked_marker_by_marker_before_it_is_decoded():
 
 
 def test_a_jpeg_walked_from_the_header_it_shares_with_the_last_one_still_counts_its_scans():
-    """JPEGs sharing the bytes up to their first scan are walked from there (images._last_jpeg_head):
+    """JPEGs sharing the bytes up to their first scan are walked from there (headers._last_jpeg_head):
     the scans after it are counted all the same."""
     progressive = encode(Image.new("RGB", (64, 64)), "JPEG", quality=90, progressive=True)
     repeated = craft.repeated_scans_jpeg(64, repeats=200)
@@ -304,8 +305,8 @@ def _scans(jpeg: bytes, n: int) -> bytes:
 
 def test_a_decode_past_its_cpu_allowance_is_refused(monkeypatch):
     jpeg = encode(noise(np.random.default_rng(10), (64, 64), "RGB"), "JPEG", progressive=True)
-    monkeypatch.setattr(images, "DECODE_CPU_SECONDS", -1.0)
-    monkeypatch.setattr(images, "_WATCHED_PIXELS", 0)
+    monkeypatch.setattr(decoder, "DECODE_CPU_SECONDS", -1.0)
+    monkeypatch.setattr(decoder, "_WATCHED_PIXELS", 0)
     pixels, refused = images.decode_many([jpeg], 16)
     assert isinstance(refused[0], images.ImageTooLarge) and "of CPU" in str(refused[0])
 

@@ -1,7 +1,8 @@
-"""What the manifest renderers share: target checks, the Namespace, the Secret's name, writing YAML.
+"""What the manifest renderers share: target checks, the Namespace, the Secret's name, a Job, writing YAML.
 
-``mlwf deploy knative`` (:mod:`mlwf.backends.knative.deploy`) and ``mlwf
-deploy kserve`` (:mod:`mlwf.serving.kserve`) render with these.
+``mlwf deploy knative`` (:mod:`mlwf.backends.knative.deploy`; its driverless
+mode's Eventing resources and start Jobs: :mod:`mlwf.choreography.manifests`)
+and ``mlwf deploy kserve`` (:mod:`mlwf.serving.kserve`) render with these.
 """
 
 from __future__ import annotations
@@ -58,6 +59,21 @@ def check_target(*, image: str, namespace: str, s3_host: str, s3_port: int, buck
 
 def namespace_document(namespace: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+
+
+def job(image: str, namespace: str, env: list, *, generate_name: str, component: str, args: list[str]) -> dict:
+    """A Kubernetes Job running ``mlwf ARGS`` once (no retry), as a non-root user, kept an hour after it ends."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"generateName": generate_name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": component}},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": component, "image": image, "command": ["mlwf"], "args": args, "env": env,
+                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                                "capabilities": {"drop": ["ALL"]}}}]}}},
+    }
 
 
 def write(files: dict[str, Any], out: str | Path, *, command: str = "mlwf deploy knative") -> list[Path]:

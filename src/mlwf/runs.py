@@ -66,7 +66,8 @@ def timestamp(moment: _dt.datetime) -> str:
     return moment.isoformat(timespec="milliseconds")
 
 
-def _parse_time(value: Any) -> _dt.datetime | None:
+def parse_time(value: Any) -> _dt.datetime | None:
+    """A record's time (ISO 8601 with a zone, as :func:`timestamp` writes it), or None for anything else."""
     if not isinstance(value, str) or len(value) > 64:
         return None
     try:
@@ -101,7 +102,7 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = 
         return "unknown"
     if status != "running":
         return status
-    beat = _parse_time(record.get("heartbeat_at")) or _parse_time(record.get("updated_at"))
+    beat = parse_time(record.get("heartbeat_at")) or parse_time(record.get("updated_at"))
     lease = record.get("lease_s")
     if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not math.isfinite(lease) or lease <= 0:
         lease = DEFAULT_LEASE_S
@@ -110,7 +111,7 @@ def effective_status(record: dict[str, Any], now: _dt.datetime | float | None = 
     if isinstance(now, (int, float)) and not isinstance(now, bool):
         now = _dt.datetime.fromtimestamp(now, _dt.UTC)
     now = now or now_utc()
-    held = _parse_time(record.get("held_until"))
+    held = parse_time(record.get("held_until"))
     if held is not None and 0 <= (held - now).total_seconds() <= MAX_HELD_S:
         return "running"
     age = (now - beat).total_seconds()
@@ -201,8 +202,8 @@ def _duration_ms(status: str, record: dict[str, Any], report: dict[str, Any], no
     """How long the run took (its report's end to end), or has been going, or went before it stopped."""
     if status == "succeeded" and isinstance(report.get("e2e_ms"), (int, float)):
         return float(report["e2e_ms"])
-    start = _parse_time(record.get("started_at"))
-    end = now if status == "running" else _parse_time(record.get("updated_at"))
+    start = parse_time(record.get("started_at"))
+    end = now if status == "running" else parse_time(record.get("updated_at"))
     if start is None or end is None or end < start:
         return None
     return round((end - start).total_seconds() * 1e3, 3)

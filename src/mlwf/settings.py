@@ -25,10 +25,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mlwf.storage import StoreSpec
 
 #: Variables with these prefixes reach the worker processes a driver starts.
 FORWARDED_PREFIXES = ("MLWF_", "S3_", "AWS_")
@@ -103,28 +99,31 @@ class Settings:
         return value or None
 
     # ------------------------------------------------------------------ the store
+    # :meth:`mlwf.storage.StoreSpec.from_settings` makes the store's spec of these two.
     @cached_property
-    def store(self) -> StoreSpec:
-        """The store and bucket: ``--store`` > ``MLWF_STORE`` > the default local store;
-        ``--bucket`` > ``MLWF_BUCKET`` > ``S3_BUCKET`` (S3 only) > ``tless``.
+    def store_url(self) -> str:
+        """The store: ``--store`` > ``MLWF_STORE`` > the default local store.
 
         Raises :class:`~mlwf.errors.StoreError` for a flag given empty or
         blank: it never means the default.
         """
-        from mlwf.errors import StoreError
-        from mlwf.storage import StoreSpec
+        _refuse_blank("--store", self.store_flag)
+        return self.store_flag or self._get("MLWF_STORE") or self.default_store_url()
 
-        for flag, value in (("--store", self.store_flag), ("--bucket", self.bucket_flag)):
-            if value is not None and not value.strip():
-                raise StoreError(f"{flag} {value!r} is empty: name the {flag[2:]} or leave the option out "
-                                 "for the default")
-        url = self.store_flag or self._get("MLWF_STORE") or self.default_store_url()
+    @cached_property
+    def bucket(self) -> str:
+        """The bucket: ``--bucket`` > ``MLWF_BUCKET`` > ``S3_BUCKET`` (S3 only) > ``tless``.
+
+        Raises :class:`~mlwf.errors.StoreError` for a flag (``--store`` too) given empty or blank.
+        """
+        url = self.store_url
+        _refuse_blank("--bucket", self.bucket_flag)
         bucket = self.bucket_flag
         if bucket is None:
             bucket = self._get("MLWF_BUCKET")
             if bucket is None and url.startswith("s3://"):
                 bucket = self._get("S3_BUCKET")
-        return StoreSpec(url=url, bucket=bucket or DEFAULT_BUCKET)
+        return bucket or DEFAULT_BUCKET
 
     def default_store_url(self) -> str:
         """The store used when neither ``--store`` nor ``MLWF_STORE`` is given."""
@@ -222,6 +221,13 @@ class Settings:
 
 
 # --------------------------------------------------------------------------- worker processes
+def _refuse_blank(flag: str, value: str | None) -> None:
+    if value is not None and not value.strip():
+        from mlwf.errors import StoreError
+
+        raise StoreError(f"{flag} {value!r} is empty: name the {flag[2:]} or leave the option out for the default")
+
+
 def adopt_forwarded(forwarded: Mapping[str, str]) -> None:
     """In a worker process: make this process's ``MLWF_*``/``S3_*``/``AWS_*`` exactly ``forwarded``."""
     keep_forwarded(forwarded)

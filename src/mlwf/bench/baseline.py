@@ -4,7 +4,8 @@ Training reads the same PNG files from the local store's bucket folder, holds
 out the same stratified fraction, fits P PCAs on the round-robin partitions and
 T random forests on their slices with the same settings, one after the other;
 the ensemble averages ``predict_proba``. Inference decodes a folder of images
-and applies that ensemble. Nothing here imports mlwf, so it measures what a
+and applies that ensemble. Nothing here imports mlwf but the settings' default
+values (:data:`mlwf.presets.DEFAULTS`, plain values), so it measures what a
 user would write by hand.
 
 Also: ``single_forest`` fits one PCA and one forest on all the training images
@@ -16,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import numpy as np
 from PIL import Image
@@ -24,16 +25,10 @@ from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import train_test_split
 
+from mlwf.presets import DEFAULTS
 
-@dataclass(frozen=True)
-class Settings:
-    image_size: int = 64
-    n_components: int = 10
-    n_trees: int = 100
-    max_depth: int = 10
-    min_samples_split: int = 5
-    holdout: float = 0.2
-    seed: int = 0
+#: The settings the baseline follows, named as ml-training names them, by default the same (the reference's).
+Settings = make_dataclass("Settings", [(name, type(value), value) for name, value in DEFAULTS.items()], frozen=True)
 
 
 def list_images(folder: str) -> tuple[list[str], list[str]]:

@@ -17,6 +17,7 @@ from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows
                               merge_csv, stats, write_latency_csv)
 from mlwf.bench.plots import plot_dir
 from mlwf.errors import Interrupted, StageError, UsageError
+from mlwf.presets import DEFAULTS
 from mlwf.cli.options import training_flags
 from mlwf.settings import Settings
 
@@ -131,10 +132,9 @@ def _bucket_folder(store, prefix: str) -> str:
     return str(folder)
 
 
-def _settings(baseline, config):
-    return baseline.Settings(image_size=config.image_size, n_components=config.n_components, n_trees=config.n_trees,
-                             max_depth=config.max_depth, min_samples_split=config.min_samples_split,
-                             holdout=config.holdout, seed=config.seed)
+def _settings(baseline, config: dict[str, Any]):
+    """The baseline's settings: those of a training config (as a dict) that it follows."""
+    return baseline.Settings(**{name: config[name] for name in DEFAULTS if name in config})
 
 
 def _trained_on(store, model_prefix: str) -> tuple[dict[str, Any], str]:
@@ -163,22 +163,19 @@ def baseline_runs(spec: BenchSpec, store, tick: Callable[[str], None]) -> tuple[
 
         data_prefix, num_pca, num_train = spec.args
         folder = _bucket_folder(store, data_prefix)
-        _baseline_can_train(asdict(spec.config or TrainingConfig()))
-        settings = _settings(baseline, spec.config or TrainingConfig())
+        config = asdict(spec.config or TrainingConfig())
+        _baseline_can_train(config)
+        settings = _settings(baseline, config)
 
         def once():
             return baseline.train(folder, num_pca, num_train, settings)
 
         key = "validation_accuracy"
     else:
-        from mlwf.workflows.training import TrainingConfig
-
         model_prefix, data_prefix, _ = spec.args
         cfg, train_folder = _trained_on(store, model_prefix)
         _baseline_can_train(cfg)
-        fields = {k: cfg[k] for k in ("image_size", "n_components", "n_trees", "max_depth", "min_samples_split",
-                                      "holdout", "seed") if k in cfg}
-        settings = _settings(baseline, TrainingConfig(**fields))
+        settings = _settings(baseline, cfg)
         trained = baseline.train(train_folder, int(cfg["num_pca"]), int(cfg["num_train"]), settings)["model"]
         folder = _bucket_folder(store, data_prefix)
 
@@ -396,6 +393,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     MlwfError
         Whatever a run raised (bad input, a failed stage).
     """
+    from mlwf.storage import StoreSpec
 
     _check_spec(spec)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -405,7 +403,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     if "knative" in {b for b, _ in pairs}:
         check_endpoints(spec.endpoints)
     settings = Settings.resolve(store=spec.store, bucket=spec.bucket)
-    store = settings.store.open(settings)
+    store = StoreSpec.from_settings(settings).open(settings)
     if spec.baseline:
         load_baseline()
         _bucket_folder(store, spec.args[0] if spec.workflow == "ml-training" else spec.args[1])

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlwf.deploy import job
+
 BROKER = "mlwf"
 DEAD_LETTER_SERVICE = "mlwf-dead-letter"
 #: Redeliveries of an event by the Broker (the reference: retry 10 on pca-to-rf).
@@ -82,8 +84,6 @@ def eventing(namespace: str, stages: dict[str, list[str]], service_for) -> list[
 
 def invoke_job(image: str, namespace: str, env: list, workflow: str, bucket: str, args: list[str]) -> dict[str, Any]:
     """A Job that starts a run with one event to the Broker and follows it to the end."""
-    from mlwf.backends.knative.deploy import job
-
     command = ["invoke", workflow, *args, "--endpoint", broker_url(namespace), "--store", "s3://", "--bucket", bucket,
                "--wait", "--json"]
     return job(image, namespace, env, generate_name=f"mlwf-invoke-{workflow}-", component="invoke", args=command)

@@ -52,7 +52,7 @@ from typing import Any
 
 from mlwf.errors import MlwfError, NotFoundError, StoreError
 from mlwf.engine.layout import RunLayout
-from mlwf.runs import now_utc, timestamp
+from mlwf.runs import now_utc, parse_time, timestamp
 from mlwf.storage import Store
 
 #: Compare-and-swap attempts on a run record before giving up (others keep changing it).
@@ -158,15 +158,8 @@ def utc_time(seconds: float):
 
 def seconds_of(value: Any) -> float | None:
     """Wall-clock seconds of a record's time (ISO 8601 with a zone), or None."""
-    import datetime as _dt
-
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    try:
-        moment = _dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment.timestamp() if moment.tzinfo is not None else None
+    moment = parse_time(value)
+    return None if moment is None else moment.timestamp()
 
 
 def mark_failed(store: Store, workflow: str, run_id: str, error: str, stage: str | None) -> bool:
@@ -403,10 +396,6 @@ def commit(store: Store, layout: RunLayout, claim: Claim, call_json: dict[str, A
     doc = {"call": call_digest, "outcome": outcome_json, "claim": claim.identity}
     key = layout.done(call_json["stage"], call_json["index"])
     if store.put_if_absent(key, json.dumps(doc).encode()):
-        from mlwf.choreography.replay import remember_done
-        from mlwf.engine.calls import Call
-
-        remember_done(store, layout, Call.from_json(call_json), json.loads(json.dumps(outcome_json)))
         return None
     found = read_json(store, key)
     return {"owner": "unknown"} if found is None else (found[0].get("claim") or {"owner": "a driver"})

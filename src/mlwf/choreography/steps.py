@@ -71,7 +71,7 @@ from typing import Any
 
 from mlwf.choreography import records
 from mlwf.choreography.records import Claim, Claims
-from mlwf.choreography.replay import Complete, Pending, replay
+from mlwf.choreography.replay import Complete, Pending, remember_done, replay
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.engine.checkpoints import Checkpoints, call_digest
 from mlwf.engine.layout import RECORD, RUN_ID, RunLayout, runs_folder
@@ -217,8 +217,12 @@ class Choreographer:
         """Commit ``call``'s outcome as this claim's run; None if it counts, else the claim whose run
         was recorded first (this one is discarded)."""
         self.claims.done(claim)
-        return records.commit(self.store, RunLayout(ctx.workflow, ctx.run_id), claim, call.to_json(),
-                              outcome.to_json(), call_digest(call))
+        layout = RunLayout(ctx.workflow, ctx.run_id)
+        call_json, outcome_json = call.to_json(), outcome.to_json()
+        first = records.commit(self.store, layout, claim, call_json, outcome_json, call_digest(call))
+        if first is None:  # kept as if read back, for the replays that follow (see mlwf.choreography.replay)
+            remember_done(self.store, layout, Call.from_json(call_json), json.loads(json.dumps(outcome_json)))
+        return first
 
     def failed(self, call: Call, ctx: RunContext, claim: Claim, error: BaseException, *, retryable: bool,
                event_id: str) -> None:

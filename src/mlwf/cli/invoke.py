@@ -44,12 +44,13 @@ def handle(args) -> int:
     from mlwf.choreography import invoke
     from mlwf.engine.driver import MAX_TIMEOUT_S, check_seconds
     from mlwf.settings import Settings
+    from mlwf.storage import StoreSpec
 
     check_prefix_arguments(args)
     if args.wait:
         check_seconds("--timeout", args.timeout, MAX_TIMEOUT_S)
     settings = Settings.resolve(store=args.store, bucket=args.bucket)
-    run_id = invoke.invoke(args.workflow, invocation(args), args.endpoint, settings.store,
+    run_id = invoke.invoke(args.workflow, invocation(args), args.endpoint, StoreSpec.from_settings(settings),
                            secret=settings.function_secret)
     if not args.wait:
         print(json.dumps({"run_id": run_id, "workflow": args.workflow, "status": "started"}) if args.json else run_id)

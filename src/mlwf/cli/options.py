@@ -145,15 +145,16 @@ def engine_options(p: argparse.ArgumentParser) -> None:
 
 
 #: The training settings as flags: (flag, TrainingConfig field, type, help). The one mapping between the
-#: two, for ``mlwf run``, ``mlwf bench`` and the cold ``mlwf run`` command lines bench writes.
+#: two, for ``mlwf run``, ``mlwf bench`` and the cold ``mlwf run`` command lines bench writes. ``{}`` in a
+#: help is the setting's default (:data:`mlwf.presets.DEFAULTS`).
 TRAINING_FLAGS = (
-    ("--seed", "seed", int, "run seed (default 0): same seed and data, same model bytes"),
-    ("--image-size", "image_size", int, "images are resized to N×N (default 64)"),
-    ("--components", "n_components", int, "PCA components (default 10)"),
-    ("--trees", "n_trees", int, "trees per forest (default 100)"),
-    ("--max-depth", "max_depth", int, "tree depth (default 10)"),
-    ("--min-samples-split", "min_samples_split", int, "fewest samples a node needs to be split (default 5)"),
-    ("--holdout", "holdout", float, "fraction held out for validation (default 0.2)"),
+    ("--seed", "seed", int, "run seed (default {}): same seed and data, same model bytes"),
+    ("--image-size", "image_size", int, "images are resized to N×N (default {})"),
+    ("--components", "n_components", int, "PCA components (default {})"),
+    ("--trees", "n_trees", int, "trees per forest (default {})"),
+    ("--max-depth", "max_depth", int, "tree depth (default {})"),
+    ("--min-samples-split", "min_samples_split", int, "fewest samples a node needs to be split (default {})"),
+    ("--holdout", "holdout", float, "fraction held out for validation (default {})"),
     ("--forest", "forest", str, "random forests (random, the default, as the reference) or extra trees (extra: "
                                 "faster to fit)"),
     ("--train-rows", "train_rows", str, "each training function learns from its own slice of its PCA "
@@ -164,7 +165,7 @@ TRAINING_FLAGS = (
 
 def training_arguments(p: argparse.ArgumentParser) -> None:
     """ml-training's arguments and settings (mlwf run and mlwf bench)."""
-    from mlwf.presets import DEFAULT_MODEL_PREFIX, PRESETS
+    from mlwf.presets import DEFAULT_MODEL_PREFIX, DEFAULTS, PRESETS
 
     p.add_argument("data_prefix", metavar="DATA_PREFIX",
                    help="where the labelled images are in the store, as class folders DATA_PREFIX/<class>/<image> "
@@ -180,7 +181,7 @@ def training_arguments(p: argparse.ArgumentParser) -> None:
                                     for preset, values in PRESETS.items()))
     # Defaults are None here: a flag given on the command line overrides the --preset's value.
     for flag, name, kind, help_text in TRAINING_FLAGS:
-        p.add_argument(flag, dest=name, type=kind, default=None, help=help_text,
+        p.add_argument(flag, dest=name, type=kind, default=None, help=help_text.format(DEFAULTS.get(name)),
                        metavar=flag[2:].upper().replace("-", "_"))
     p.add_argument("--model-prefix", default=DEFAULT_MODEL_PREFIX,
                    help=f"where the model is published (default {DEFAULT_MODEL_PREFIX})")
@@ -272,10 +273,11 @@ def open_store(args):
     ``MLWF_WORKFLOW_MODULES`` names are known from here on (``mlwf runs`` lists their runs too)."""
     from mlwf import workflows
     from mlwf.settings import Settings
+    from mlwf.storage import StoreSpec
 
     settings = Settings.resolve(store=args.store, bucket=args.bucket)
     workflows.use(settings.workflow_modules)
-    return settings.store.open(settings)
+    return StoreSpec.from_settings(settings).open(settings)
 
 
 def version() -> str:

@@ -33,6 +33,7 @@ from mlwf.errors import AlreadyDone, Interrupted, MlwfError, UsageError
 from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RESUMABLE_STATUSES, effective_status, find_run,
                        latest_resumable, now_utc, timestamp)
 from mlwf.settings import Settings
+from mlwf.storage import StoreSpec
 
 from mlwf.backends import NAMES, TRANSFERS, make_backend
 from mlwf.backends.base import BackendConfig
@@ -120,7 +121,7 @@ class Engine:
 
             budget.parse_size(self.settings.max_memory)
         workflows.use(self.settings.workflow_modules)
-        self.spec = self.settings.store
+        self.spec = StoreSpec.from_settings(self.settings)
         self.store = self.spec.open(self.settings)
         self.transfer = transfer
         self.retries = retries

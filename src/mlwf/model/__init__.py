@@ -17,8 +17,8 @@ Library use::
     model = mlwf.model.load("path/to/model.mlwf")      # or from a file
     model.predict(["img1.png", "img2.png"])            # -> array of class names
 
-* :mod:`mlwf.model.predict`: :class:`Model` (predict, predict_proba) and :func:`project`;
-* :mod:`mlwf.model.format`: to and from bytes, every check and limit (:func:`from_bytes`, :func:`build`);
+* :mod:`mlwf.model.predict`: :class:`Model` (predict, predict_proba, to_bytes) and :func:`project`;
+* :mod:`mlwf.model.format`: from bytes, every check and limit (:func:`from_bytes`, :func:`build`);
 * :mod:`mlwf.model.forest`: a fitted scikit-learn forest as arrays (:func:`export_forest`);
 * :mod:`mlwf.model.registry`: publish, rollback, read what is published.
 """
@@ -74,10 +74,10 @@ def load(source: str | os.PathLike | bytes, *, store=None, bucket: str | None = 
         if what is not None:  # a FIFO or a device would be read for ever, not taken for a prefix
             raise ModelError(f"model file {path} is {what}, not a regular file; give a .mlwf file or a model prefix")
     from mlwf.settings import Settings
-    from mlwf.storage import Store
+    from mlwf.storage import Store, StoreSpec
 
     if not isinstance(store, Store):
         settings = Settings.resolve(store=store, bucket=bucket)
-        store = settings.store.open(settings)
+        store = StoreSpec.from_settings(settings).open(settings)
     data, manifest = read_published(store.get, path, where=f"bucket {store.bucket!r} of {store.location}")
     return from_bytes(data, source=manifest["object"])

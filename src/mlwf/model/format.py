@@ -1,9 +1,11 @@
-"""The model file: to and from bytes, with every structural check and limit.
+"""The model file read back: from bytes, with every structural check and limit.
 
-The file is an :mod:`mlwf.codec` payload: JSON metadata plus raw arrays.
-Loading parses and checks it (format version, checksum, shapes, tree
-structure) and never executes anything from it; the limits below bound what
-a file read from anywhere can make mlwf build.
+The file is an :mod:`mlwf.codec` payload: JSON metadata plus raw arrays,
+written by :meth:`Model.to_bytes <mlwf.model.predict.Model.to_bytes>` (which
+names the :data:`FORMAT` and its :data:`FORMAT_VERSION`). Loading parses and
+checks it (format version, checksum, shapes, tree structure) and never
+executes anything from it; the limits below bound what a file read from
+anywhere can make mlwf build.
 """
 
 from __future__ import annotations
@@ -16,11 +18,7 @@ import numpy as np
 
 from mlwf import codec
 from mlwf.errors import ModelError
-from mlwf.model.predict import Model
-
-FORMAT = "mlwf-model"
-#: Bump when the model layout changes; :func:`from_bytes` refuses other versions.
-FORMAT_VERSION = 1
+from mlwf.model.predict import FORMAT, FORMAT_VERSION, Model
 
 #: Bounds of a model read from anywhere (see :func:`from_bytes`); training refuses settings beyond them.
 MAX_CLASSES = 1000
@@ -33,7 +31,7 @@ MAX_HEADER_BYTES = 8 << 20
 MAX_HEADER_DEPTH = 8
 #: Control characters, never allowed in a class name or a manifest's text fields.
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-#: The one dtype of each array of a projection and of a member, as :func:`to_bytes` writes them
+#: The one dtype of each array of a projection and of a member, as :meth:`Model.to_bytes` writes them
 #: (:func:`mlwf.model.export_forest`, training's PCA). Another dtype is refused, never cast: a cast
 #: would hide a file no mlwf wrote, and the walks index with these arrays as they are (an unsigned
 #: index mixed with a signed one becomes a float; a narrow one overflows).
@@ -41,24 +39,6 @@ PROJECTION_DTYPES = {"mean": np.dtype("<f8"), "components": np.dtype("<f8")}
 MEMBER_DTYPES = {"roots": np.dtype("<i4"), "left": np.dtype("<i4"), "right": np.dtype("<i4"),
                  "feature": np.dtype("<i4"), "threshold": np.dtype("<f8"), "leaf_index": np.dtype("<i4"),
                  "leaf_value": np.dtype("<f4")}
-
-
-def to_bytes(model: Model) -> bytes:
-    """Serialize ``model``; equal models give equal bytes. Sets ``model.digest``."""
-    data = codec.encode(
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "classes": list(model.classes),
-            "image_size": int(model.image_size),
-            "config": model.config,
-            "metrics": model.metrics,
-            "projections": model.projections,
-            "members": model.members,
-        }
-    )
-    model.digest = codec.digest(data)
-    return data
 
 
 def build(classes, image_size, projections, members, config=None, metrics=None) -> Model:

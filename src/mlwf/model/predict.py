@@ -5,7 +5,8 @@ on plus its random forest, exported to plain arrays (no scikit-learn objects,
 see :mod:`mlwf.model.forest`). Prediction projects the images with each
 member's trained projection, runs every tree, and averages the class
 probabilities over all members, over the full set of classes (a member that
-never saw a class gives it probability 0).
+never saw a class gives it probability 0). A model writes itself
+(:meth:`Model.to_bytes`); :mod:`mlwf.model.format` reads it back and checks it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from mlwf import codec
 from mlwf.model import walk
+
+FORMAT = "mlwf-model"
+#: Bump when the model layout changes; :func:`mlwf.model.format.from_bytes` refuses other versions.
+FORMAT_VERSION = 1
 
 _BATCH = 4096
 #: Values (images × trees × classes) one prediction batch may hold: 16 MiB of float32.
@@ -145,10 +151,21 @@ class Model:
 
     # ---------------------------------------------------------------- bytes
     def to_bytes(self) -> bytes:
-        """Serialize (see :mod:`mlwf.model.format`); equal models give equal bytes. Sets :attr:`digest`."""
-        from mlwf.model.format import to_bytes
-
-        return to_bytes(self)
+        """Serialize (read back by :mod:`mlwf.model.format`); equal models give equal bytes. Sets :attr:`digest`."""
+        data = codec.encode(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "classes": list(self.classes),
+                "image_size": int(self.image_size),
+                "config": self.config,
+                "metrics": self.metrics,
+                "projections": self.projections,
+                "members": self.members,
+            }
+        )
+        self.digest = codec.digest(data)
+        return data
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description (no arrays)."""

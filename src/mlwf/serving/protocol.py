@@ -322,8 +322,8 @@ def preparation_bytes(n: int, height: int, width: int, size: int) -> int:
     Its arrays, from :func:`mlwf.images.as_pixels`: a copy of the pixels,
     the resized levels (1 byte a pixel) and their float32 scaling (4 bytes).
     Then what resizing makes, which the pixel count does not bound: the
-    strips of :func:`mlwf.images._resize_levels`, which resizes up to
-    ``_RESIZE_BATCH`` images at once in two passes, each pass making
+    strips of :func:`mlwf.images.resize.resize_levels`, which resizes up to
+    ``RESIZE_BATCH`` images at once in two passes, each pass making
     ``size × height`` or ``size × width`` bytes per image, then Pillow's
     copy of it and a transposed copy (255 images of 65536 × 1 resized to
     16 × 16: 800 MiB); the pass-order probe of a new shape (one noise image,
@@ -341,10 +341,10 @@ def preparation_bytes(n: int, height: int, width: int, size: int) -> int:
     -------
     int: bytes, at least the peak of what preparing the tensor allocates.
     """
-    from mlwf.images import _RESIZE_BATCH
+    from mlwf.images.resize import RESIZE_BATCH
 
     strip = size * (height + width)  # both passes' output for one image, counted together
-    together = min(n, _RESIZE_BATCH)
+    together = min(n, RESIZE_BATCH)
     weights = 24 * (height + width)
     return (n * height * width + 5 * n * size * size + 3 * together * strip
             + 2 * height * width + 3 * strip + weights)

@@ -62,12 +62,12 @@ class ModelSlot:
     def _open_store(self):
         if self._store is None:
             from mlwf.settings import Settings
-            from mlwf.storage import Store
+            from mlwf.storage import Store, StoreSpec
 
             store = self._store_arg
             if not isinstance(store, Store):
                 settings = Settings.resolve(store=store, bucket=self._bucket)
-                store = settings.store.open(settings)
+                store = StoreSpec.from_settings(settings).open(settings)
             self._store = store
         return self._store
 

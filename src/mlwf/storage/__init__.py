@@ -35,12 +35,21 @@ class StoreSpec:
 
     It holds no credentials: S3 credentials are read from the settings of
     the process that opens the store, so they never travel with a task. The
-    settings resolve a spec from ``--store``/``--bucket`` and the environment
-    (:attr:`mlwf.settings.Settings.store`).
+    settings resolve a spec's URL and bucket from ``--store``/``--bucket`` and
+    the environment (:meth:`from_settings`).
     """
 
     url: str
     bucket: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StoreSpec:
+        """The store ``settings`` name (:attr:`~mlwf.settings.Settings.store_url`,
+        :attr:`~mlwf.settings.Settings.bucket`).
+
+        Raises :class:`~mlwf.errors.StoreError` for ``--store`` or ``--bucket`` given empty.
+        """
+        return cls(url=settings.store_url, bucket=settings.bucket)
 
     @property
     def is_local(self) -> bool:

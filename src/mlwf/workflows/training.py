@@ -15,7 +15,7 @@ import numpy as np
 
 from mlwf.errors import DataError, UsageError
 from mlwf.model import MAX_CLASSES, MAX_COMPONENTS, class_name_problem
-from mlwf.presets import DEFAULT_MODEL_PREFIX
+from mlwf.presets import DEFAULT_MODEL_PREFIX, DEFAULTS
 from mlwf.workflows.base import Blob, StageOutput, derive_seed
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
 
@@ -30,15 +30,16 @@ MAX_PIXEL_BYTES_PER_PCA = 4 << 30
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Everything that decides the model's bytes (besides the images)."""
+    """Everything that decides the model's bytes (besides the images); by default the reference's
+    settings (:data:`mlwf.presets.DEFAULTS`)."""
 
-    image_size: int = 64
-    n_components: int = 10
-    n_trees: int = 100
-    max_depth: int = 10
-    min_samples_split: int = 5
-    holdout: float = 0.2
-    seed: int = 0
+    image_size: int = DEFAULTS["image_size"]
+    n_components: int = DEFAULTS["n_components"]
+    n_trees: int = DEFAULTS["n_trees"]
+    max_depth: int = DEFAULTS["max_depth"]
+    min_samples_split: int = DEFAULTS["min_samples_split"]
+    holdout: float = DEFAULTS["holdout"]
+    seed: int = DEFAULTS["seed"]
     #: ``random``: scikit-learn's RandomForestClassifier (the reference's); ``extra``: its
     #: ExtraTreesClassifier (random thresholds: several times faster to fit).
     forest: str = "random"

@@ -34,7 +34,7 @@ from typing import Any
 from mlwf import workflows
 from mlwf.backends.knative.events import PLACEHOLDER_SECRET
 from mlwf.workflows.definition import Profile
-from mlwf.deploy import POD_HOST, SECRET_NAME, check_target, memory_budget, namespace_document
+from mlwf.deploy import POD_HOST, SECRET_NAME, check_target, job, memory_budget, namespace_document
 
 CONTAINER_PORT = 8080
 REQUEST_TIMEOUT_S = 300
@@ -102,21 +102,6 @@ def _service(image: str, namespace: str, env: list, profile: Profile, min_scale:
                 }],
             },
         }},
-    }
-
-
-def job(image: str, namespace: str, env: list, *, generate_name: str, component: str, args: list[str]) -> dict:
-    """A Kubernetes Job running ``mlwf ARGS`` once (no retry), as a non-root user, kept an hour after it ends."""
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"generateName": generate_name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "mlwf", "app.kubernetes.io/component": component}},
-        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "template": {"spec": {
-            "restartPolicy": "Never",
-            "containers": [{"name": component, "image": image, "command": ["mlwf"], "args": args, "env": env,
-                            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                                                "capabilities": {"drop": ["ALL"]}}}]}}},
     }
 
 

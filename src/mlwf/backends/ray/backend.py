@@ -19,15 +19,11 @@ A worker process that dies mid-call fails the call with
 :class:`~mlwf.errors.WorkerLost`; Ray's own task retries are off
 (``max_retries=0``), so the driver's budget is the only one: a call runs at
 most ``1 + --retries`` times, as on every backend. For the same reason Ray
-cannot rebuild an output it lost with a node (its lineage reconstruction
-reruns a task only within that task's Ray retries). This backend keeps its own
-lineage instead: it remembers which call made each output it holds, and a call
-that fails because an input was lost fails with a retryable ``WorkerLost``;
-before the driver's retry runs it, the calls that made its lost inputs run
-again (their outputs have fixed bytes, so they come back under the same
-checksums), and the run's report names them in a warning. A final output
-the driver finds lost is made again the same way. ``--transfer store`` keeps
-intermediate state out of Ray altogether. Start-up is quiet and bounded:
+cannot rebuild an output it lost with a node: this backend keeps its own
+lineage instead (:mod:`mlwf.backends.ray.lineage`), and a call that lost an
+input fails with a retryable ``WorkerLost`` and is retried once the call that
+made the input has made it again. ``--transfer store`` keeps intermediate
+state out of Ray altogether. Start-up is quiet and bounded:
 no dashboard, worker output stays in Ray's log files, and an address where no
 cluster answers fails within ``connect_timeout`` seconds with one line.
 
@@ -46,7 +42,6 @@ report says so in one warning, and its calls run as tasks.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -60,6 +55,7 @@ from mlwf import workflows
 from mlwf.backends.base import BackendConfig
 from mlwf.backends.ray import cluster, pool
 from mlwf.backends.ray.cluster import check_address, first_line, is_local_address, local_ips
+from mlwf.backends.ray.lineage import Lineage
 from mlwf.backends.ray.task import remote_call
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, refs_in
 from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
@@ -103,7 +99,7 @@ READ_REMAKE_TIMEOUT_S = 600.0
 _DEFAULT_REQUEST = {"num_cpus": 1}
 
 
-class RayBackend:
+class RayBackend(Lineage):
     """Runs calls as Ray tasks, or on the cluster's worker pool (see :class:`RayConfig`); the run's store is
     checked before connecting."""
 
@@ -118,7 +114,7 @@ class RayBackend:
         self.address = config.address or settings.ray_address
         check_address(self.address)
         self.shared_store = config.shared_store
-        self.store = settings.store
+        self.store = StoreSpec.from_settings(settings)
         self.connect_timeout = cluster.connect_timeout(settings, config.connect_timeout)
         self.resources = self._check_requests(dict(config.stage_resources or {}))
         self.use_pool = config.use_pool
@@ -134,12 +130,7 @@ class RayBackend:
         self._in_flight: dict[int, Any] = {}  # id(future) -> the task's ObjectRefGenerator
         #: Outputs held in Ray's object store (direct transfer): run id -> checksum -> ObjectRef.
         self._held: dict[str, dict[str, Any]] = {}
-        #: Our own lineage of what is held: run id -> checksum -> the call that made it, and its run.
-        self._made_by: dict[str, dict[str, tuple[Call, RunContext]]] = {}
-        #: Calls run again to make lost outputs: run id -> call name -> the call and its future (shared by every
-        #: call waiting for it).
-        self._remade: dict[str, dict[str, tuple[Call, Future]]] = {}
-        self._lineage_lock = threading.Lock()
+        super().__init__()  # the lineage of what is held
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -413,140 +404,6 @@ class RayBackend:
             return bytes(ray.get(held[ref.sha256]))
         raise StageError(f"the output of {ref.producer} (SHA-256 {ref.sha256}) is no longer in Ray's object store")
 
-    # ------------------------------------------------------------------ lineage: outputs lost with a node
-    def _forget_lost(self, call: Call, ctx: RunContext, object_hex: str) -> InputLost:
-        """``call`` could not read an input Ray lost: forget it (every held input of the call, if Ray did not say
-        which), so that the next submit makes it again; the error the driver's retry policy sees. (Another call
-        may have reported the same object first: then it is forgotten already.)"""
-        held = self._held.get(ctx.run_id, {})
-        inputs = [r for r in refs_in(call.args.values()) if r.held_by_backend]
-        with self._lineage_lock:
-            if object_hex:
-                lost = [r for r in inputs if r.sha256 not in held or held[r.sha256].hex() == object_hex]
-            else:
-                lost = inputs
-            for r in lost:
-                held.pop(r.sha256, None)
-        made_by = self._made_by.get(ctx.run_id, {})
-        names = ", ".join(dict.fromkeys(made_by[r.sha256][0].name if r.sha256 in made_by else r.producer
-                                        for r in lost)) or "an input"
-        return InputLost(f"{call.workflow} stage {call.name} failed: Ray lost the output of {names} it needs "
-                         "(with a node that died?); it is made again if the call is retried")
-
-    def _after_remaking(self, call: Call, ctx: RunContext, lost: list[Ref]) -> Future[Outcome]:
-        """``call``, submitted once the calls that made ``lost`` have made them again; ``call``'s future.
-
-        Ray reports lost inputs one at a time (a call's read stops at the first), and a node takes all it held:
-        should ``call`` find another input lost, that one is made again too and ``call`` submitted once more,
-        within this same attempt, as long as each round finds a new loss.
-        """
-        out: Future[Outcome] = Future()
-        ready = self._make_again(lost, ctx, f"{call.workflow} stage {call.name}")
-
-        def finished(f: Future) -> None:
-            if not out.cancelled() and not f.cancelled() and isinstance(f.exception(), InputLost) \
-                    and self._missing(call, ctx):
-                submit()  # _forget_lost dropped the next lost input: submit makes it again first
-            else:
-                _chain(f, out)
-
-        def submit() -> None:
-            try:
-                inner = self.submit(call, ctx)
-            except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the driver
-                with contextlib.suppress(InvalidStateError):
-                    out.set_exception(e)
-                return
-            inner.add_done_callback(finished)
-            out.add_done_callback(lambda f: f.cancelled() and inner.cancel())
-
-        def then(f: Future) -> None:
-            if f.cancelled() or f.exception() is not None:
-                with contextlib.suppress(InvalidStateError):
-                    out.set_exception(f.exception() if not f.cancelled() else StageError(
-                        f"{call.workflow} stage {call.name} failed: an input Ray lost did not come back"))
-            else:
-                submit()
-
-        ready.add_done_callback(lambda f: out.cancelled() or then(f))
-        out.add_done_callback(lambda f: f.cancelled() and ready.cancel())
-        return out
-
-    def _missing(self, call: Call, ctx: RunContext) -> list[Ref]:
-        """The inputs of ``call`` that should be in Ray's object store and that this backend no longer holds."""
-        held = self._held.get(ctx.run_id, {})
-        return [r for r in refs_in(call.args.values()) if r.held_by_backend and r.sha256 not in held]
-
-    def _make_again(self, lost: list[Ref], ctx: RunContext, who: str) -> Future[None]:
-        """Run again the calls that made ``lost`` (forgotten outputs); done when every one of them is held again,
-        else failed with the reason, which names ``who`` needed them."""
-        ready: Future[None] = Future()
-        made_by = self._made_by.get(ctx.run_id, {})
-        makers: dict[str, Call] = {}
-        for r in lost:
-            if r.sha256 not in made_by:
-                ready.set_exception(StageError(
-                    f"{who} failed: the output of {r.producer} it needs is no longer in Ray's object store and this "
-                    "driver does not know the call that made it: run again, or with --transfer store"))
-                return ready
-            maker = made_by[r.sha256][0]
-            makers[maker.name] = maker
-        remakes = [self._remake(maker, ctx) for maker in makers.values()]
-        left = [len(remakes)]
-        lock = threading.Lock()
-
-        def one_done(_: Future) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            failed = next((f for f in remakes if f.cancelled() or f.exception() is not None), None)
-            held = self._held.get(ctx.run_id, {})
-            if failed is not None:
-                error = failed.exception() if not failed.cancelled() else \
-                    StageError(f"{who} failed: {', '.join(makers)} did not run again")
-            elif not all(r.sha256 in held for r in lost):
-                error = StageError(f"{who} failed: {', '.join(makers)} ran again to make an output Ray lost, but "
-                                   "did not make the same bytes")
-            else:
-                error = None
-            with contextlib.suppress(InvalidStateError):
-                if error is None:
-                    ready.set_result(None)
-                else:
-                    ready.set_exception(error)
-
-        for f in remakes:
-            f.add_done_callback(one_done)
-        ready.add_done_callback(lambda f: f.cancelled() and [r.cancel() for r in remakes])
-        return ready
-
-    def _remake(self, maker: Call, ctx: RunContext) -> Future[Outcome]:
-        """``maker`` run again (once, however many calls wait for its outputs); noted for the run's report.
-
-        If Ray lost one of ``maker``'s own inputs too, it runs once more, after the call that made that input.
-        """
-        with self._lineage_lock:
-            remade = self._remade.setdefault(ctx.run_id, {})
-            running = remade.get(maker.name)
-            if running is not None and not running[1].done():
-                return running[1]
-            fut: Future[Outcome] = Future()
-            remade[maker.name] = (maker, fut)
-
-        def first_done(first: Future) -> None:
-            if not first.cancelled() and isinstance(first.exception(), InputLost):
-                try:
-                    _chain(self.submit(maker, ctx), fut)
-                except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the waiting calls
-                    with contextlib.suppress(InvalidStateError):
-                        fut.set_exception(e)
-            else:
-                _chain(first, fut)
-
-        self.submit(maker, ctx).add_done_callback(first_done)
-        return fut
-
     def end_run(self, run_id: str) -> None:
         """Let Ray free what the run's calls handed on (direct transfer)."""
         self._held.pop(run_id, None)
@@ -577,28 +434,6 @@ class RayBackend:
         if self._joined:
             self._joined = False
             cluster.leave()
-
-
-class InputLost(WorkerLost):
-    """A call could not read an input Ray lost (with a node); retried, it first makes the input again."""
-
-    def __init__(self, message: str):
-        super().__init__(message, restart=False)
-
-
-def _chain(inner: Future, out: Future) -> None:
-    """``out`` gets ``inner``'s result or exception; cancelling ``out`` cancels ``inner``."""
-    def copy(f: Future) -> None:
-        with contextlib.suppress(InvalidStateError):
-            if f.cancelled():
-                out.cancel()
-            elif f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                out.set_result(f.result())
-
-    inner.add_done_callback(copy)
-    out.add_done_callback(lambda f: f.cancelled() and inner.cancel())
 
 
 def _lost_object(e: BaseException) -> str | None:

@@ -29,17 +29,13 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING
 
 from mlwf.errors import StoreError
-from mlwf.storage.s3.config import CREDENTIAL_HINT, DEFAULT_REGION, ENV_TIMEOUT, Credentials, endpoint_hint
+from mlwf.storage.s3.config import CREDENTIAL_HINT, DEFAULT_REGION, ENV_TIMEOUT, Credentials, S3Target, endpoint_hint
 from mlwf.storage.s3.errors import scrub, who
 
-if TYPE_CHECKING:
-    from mlwf.storage.s3.store import S3Store
 
-
-def create_bucket(store: S3Store) -> None:
+def create_bucket(store: S3Target) -> None:
     """Create the store's bucket; an existing bucket owned by these credentials is fine.
 
     Raises
@@ -71,7 +67,7 @@ def create_bucket(store: S3Store) -> None:
     raise StoreError(f"cannot {what}: the server answered HTTP {status} ({scrub(code_s, store.credentials)})")
 
 
-def _bucket_location(store: S3Store) -> tuple[str, str]:
+def _bucket_location(store: S3Target) -> tuple[str, str]:
     """``(base URL, path)`` of the bucket's root, addressed as obstore addresses the store."""
     if store.endpoint:
         return store.endpoint, "/" + store.bucket
@@ -80,7 +76,7 @@ def _bucket_location(store: S3Store) -> tuple[str, str]:
     return f"https://s3.{store.region}.amazonaws.com", "/" + store.bucket
 
 
-def _send(store: S3Store, method: str, body: bytes) -> tuple[int, str]:
+def _send(store: S3Target, method: str, body: bytes) -> tuple[int, str]:
     """One signed request, retried like obstore's (5xx, connection errors), all within ``MLWF_S3_TIMEOUT`` s."""
     t = store.timeouts
     base, path = _bucket_location(store)

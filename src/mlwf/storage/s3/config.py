@@ -22,7 +22,7 @@ import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mlwf.errors import StoreError
 from mlwf.settings import Settings
@@ -134,6 +134,21 @@ class Credentials:
             return value
 
         return credentials
+
+
+class S3Target(Protocol):
+    """An S3 store as the bucket request and the error messages read it (an
+    :class:`~mlwf.storage.s3.S3Store`): where, as whom, within what bounds."""
+
+    bucket: str
+    location: str
+    endpoint: str | None
+    endpoint_source: str
+    region: str
+    credentials: Credentials | None
+    timeouts: S3Timeouts
+
+    def bucket_exists(self) -> bool: ...
 
 
 def credentials_from(settings: Settings) -> Credentials | None:

@@ -16,13 +16,9 @@ and retrying the whole call would multiply the bound docs/s3.md promises.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from mlwf.errors import NotFoundError, StoreError
-from mlwf.storage.s3.config import CREDENTIAL_HINT, ENV_TIMEOUT, Credentials, endpoint_hint, strip_userinfo
-
-if TYPE_CHECKING:
-    from mlwf.storage.s3.store import S3Store
+from mlwf.storage.s3.config import CREDENTIAL_HINT, ENV_TIMEOUT, Credentials, S3Target, endpoint_hint, strip_userinfo
 
 
 class NoSuchBucketError(NotFoundError):
@@ -68,19 +64,19 @@ def scrub_detail(exc: BaseException, credentials: Credentials | None) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def bucket_missing(store: S3Store) -> NoSuchBucketError:
+def bucket_missing(store: S3Target) -> NoSuchBucketError:
     return NoSuchBucketError(
         f"bucket {store.bucket!r} does not exist at {store.location}: create it with --create-bucket, "
         "or check --bucket (and the endpoint)"
     )
 
 
-def who(store: S3Store) -> str:
+def who(store: S3Target) -> str:
     """Where the store's credentials came from, for a message."""
     return store.credentials.source if store.credentials else "no credentials (anonymous)"
 
 
-def store_error(store: S3Store, op: str, key: str | None, exc: BaseException) -> StoreError:
+def store_error(store: S3Target, op: str, key: str | None, exc: BaseException) -> StoreError:
     """Turn an obstore exception raised doing ``op`` on ``key`` into our error; never carries its raw text."""
     from obstore import exceptions as oe
 

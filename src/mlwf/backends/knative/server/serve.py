@@ -81,6 +81,7 @@ def serve(*, host: str = "127.0.0.1", port: int | None = None, stages: str | Non
     """
     from mlwf import budget
     from mlwf.errors import StoreError
+    from mlwf.storage import StoreSpec
     from mlwf.httpguard import Limits
 
     single_threaded_blas()
@@ -107,7 +108,7 @@ def serve(*, host: str = "127.0.0.1", port: int | None = None, stages: str | Non
     memory = budget.configure(max_memory if max_memory is not None else settings.max_memory)
     choreography = _choreography_config(sinks, settings.k_sink, dead_letter, delivery_retries, claim_lease, retries,
                                         sink_connections, run_deadline)
-    spec = settings.store
+    spec = StoreSpec.from_settings(settings)
     try:
         spec.open(settings).close()  # a bad URL or bucket name fails here, not at the first call
     except StoreError as e:
