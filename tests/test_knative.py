@@ -552,7 +552,7 @@ def test_deploy_renders_manifests_a_cluster_can_use(tmp_path, capsys):
 
 def test_dockerfile_runs_serve_as_a_non_root_user_with_only_the_server_extras():
     text = (REPO / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in text and 'CMD ["mlwf", "serve"]' in text and "ENV PORT=8080" in text
+    assert "FROM python:3.11-slim" in text and 'CMD ["mlwf", "serve", "--host", "0.0.0.0"]' in text and "ENV PORT=8080" in text
     assert '".[knative,serve]"' in text and "[test]" not in text and "onnx" not in text.split("FROM")[1]
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert user and user[-1] not in ("root", "0")

@@ -39,7 +39,8 @@ def test_the_inference_service_runs_the_model_server_with_what_a_cluster_needs(t
     assert args[:3] == ["model", "serve", "ml-inference/model"]
     assert args[args.index("--store") + 1] == "s3://" and args[args.index("--name") + 1] == "mlwf"
     assert args[args.index("--watch") + 1] == "30"
-    assert "--port" not in args and "--host" not in args  # $PORT (Knative) or 8080, on every interface
+    assert "--port" not in args  # $PORT (Knative) or 8080
+    assert args[args.index("--host") + 1] == "0.0.0.0"  # every interface of the pod, said explicitly
     env = {e["name"]: e for e in container["env"]}
     assert "PORT" not in env
     for name, key in (("S3_USER", "s3-user"), ("S3_PASSWORD", "s3-password")):
