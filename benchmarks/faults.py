@@ -1,6 +1,8 @@
-"""What fault tolerance costs when nothing fails, and what one killed worker costs.
+"""Faults: what fault tolerance costs when nothing fails, and what one killed worker costs.
 
-    python benchmarks/fault_tolerance.py [--repeats 7]
+Usage (from the repository root, with mlwf installed):
+
+    python benchmarks/faults.py [--repeats 7] [--fashion DIR] [--out benchmarks/results/faults]
 
 Training 2k `2 8` (default settings) on the benchmark store that
 benchmarks/run.py prepares. Overhead: warm runs with the per-call done records
@@ -8,25 +10,21 @@ benchmarks/run.py prepares. Overhead: warm runs with the per-call done records
 alternated, medians. Recovery: runs on a fresh worker pool with
 MLWF_FAULTS=train:3:exit:1 (call 3 of train kills its worker once) against
 fresh-pool runs without a fault; both must give the same model digest.
+Writes ``faults.json`` into ``--out`` and prints the table of the results page.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from run import TRAIN, arguments, machine, prepare  # noqa: E402
+from common import TRAIN, arguments, command, load_average, machine, now, prepare, write
 
 
 def main() -> None:
-    a = arguments(__doc__, repeats=7).parse_args()
+    a = arguments(__doc__, "faults", repeats=7).parse_args()
+    load_at_start = load_average()
     from mlwf.engine.driver import Engine
 
     store = prepare(a.fashion, a.data)
@@ -61,16 +59,15 @@ def main() -> None:
         killed.append(ms)
         digests.add(d)
     result = {
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(), "date": now(), "command": command(),
+        "load_average": {"start": load_at_start, "end": load_average()},
         "with_records_ms": statistics.median(on), "without_records_ms": statistics.median(off),
         "overhead_pct": 100 * (statistics.median(on) / statistics.median(off) - 1),
         "fresh_pool_clean_ms": statistics.median(clean), "fresh_pool_one_killed_worker_ms": statistics.median(killed),
         "recovery_ms": statistics.median(killed) - statistics.median(clean),
         "same_digest": len(digests) == 1, "runs": {"on": on, "off": off, "clean": clean, "killed": killed},
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "fault_tolerance.json").write_text(json.dumps(result, indent=2))
+    write(a.out, "faults.json", result)
     print(f"| warm 2k `2 8` with done records | {result['with_records_ms']:.0f} ms |")
     print(f"| same, records off | {result['without_records_ms']:.0f} ms |")
     print(f"| overhead | {result['overhead_pct']:+.1f} % (target ≤ 5 %) |")

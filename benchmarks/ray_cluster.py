@@ -1,9 +1,9 @@
-"""Issue 16 (d): a fresh driver against an already-running two-node Ray cluster vs the local cold run.
+"""Ray cluster: a fresh driver against a running two-node Ray cluster, with and without ``mlwf ray pool``.
 
-Usage (from the repository root, after ``python benchmarks/run.py`` has prepared
-benchmarks/data/store)::
+Usage (from the repository root, with mlwf[ray] installed; under ``nice`` on a shared machine):
 
-    nice -n 10 python benchmarks/issue16/ray_cluster_bench.py [--repeats 5] [--variants tasks,pool]
+    python benchmarks/ray_cluster.py [--repeats 5] [--variants tasks,pool] [--fashion DIR]
+        [--out benchmarks/results/ray_cluster]
 
 For each variant a fresh two-node cluster (tests/raycluster.py: two raylets on
 this host, 1 CPU each, token authentication) is started, one untimed run warms
@@ -12,28 +12,25 @@ it (its first job), and then each repeat times, alternately, a cold local run
 start to exit) and a run from a new driver process against the cluster
 (``--backend ray --ray-address …``, also process start to exit). Also timed: a
 new process that only joins the cluster (``ray.init(address=…)``) and exits,
-the floor of any fresh driver.
+the floor of any fresh driver. The figure to read is the median of each
+round's ratio (its two runs were back to back: the ratio cancels most of the
+machine's drift).
 
 Variants:
 
 * ``tasks``: no worker pool on the cluster: each call a Ray task, each job
   starts its own workers.
-* ``preload``: the same, with the nodes started with
-  ``RAY_preload_python_modules`` (scikit-learn and the stage code imported by
-  every worker Ray starts, before it takes work).
 * ``pool``: ``mlwf ray pool start`` (timed once, not counted) before the
   untimed first run; every timed run's report must say all its calls ran on
   the pool.
 
-Writes benchmarks/results/issue16/ray_cluster.json and prints medians (min–max).
+All runs must give the same model bytes. Writes ``ray_cluster.json`` into
+``--out`` and prints medians (min–max).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,14 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, TRAIN, arguments, command, load_average, machine, now, prepare, stats, write
 
-from tests.raycluster import RayCluster  # noqa: E402
-
-STORE = str(ROOT / "benchmarks/data/store")
-RUN = ["run", "ml-training", "ml-training/fashion-2k", "2", "8", "--store", STORE, "--json"]
-PRELOAD = "sklearn.decomposition,sklearn.ensemble,mlwf.engine.runner,mlwf.workflows.training,mlwf.workflows.inference"
+VARIANTS = ("tasks", "pool")
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, dict | None]:
@@ -63,18 +55,15 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, dict | None]:
         return wall, None
 
 
-def stats(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values)), "min": round(min(values)), "max": round(max(values)),
-            "runs": [round(v) for v in values]}
+def measure(variant: str, repeats: int, run: list[str]) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from tests.raycluster import RayCluster
 
-
-def measure(variant: str, repeats: int) -> dict:
-    node_env = {"RAY_preload_python_modules": PRELOAD} if variant == "preload" else {}
     with tempfile.TemporaryDirectory(prefix="mlwf-bench-ray-") as tmp, \
-            RayCluster(Path(tmp), nodes=2, cpus=1, node_env=node_env) as cluster:
+            RayCluster(Path(tmp), nodes=2, cpus=1) as cluster:
         env = cluster.driver_env()
         mlwf = [sys.executable, "-m", "mlwf.cli"]
-        remote_args = [*RUN, "--backend", "ray", "--ray-address", cluster.address,
+        remote_args = [*run, "--backend", "ray", "--ray-address", cluster.address,
                        "--model-prefix", f"ml-inference/model-ray-{variant}"]
         join = [sys.executable, "-c", f"import ray, logging; ray.init(address={cluster.address!r}, "
                                       "log_to_driver=False, logging_level=logging.ERROR)"]
@@ -85,7 +74,7 @@ def measure(variant: str, repeats: int) -> dict:
         timed([*mlwf, *remote_args], env)  # the cluster's first job: not counted
         local, fresh, joins, digests = [], [], [], set()
         for _ in range(repeats):
-            wall, report = timed([*mlwf, *RUN, "--model-prefix", "ml-inference/model-local-cold"], env)
+            wall, report = timed([*mlwf, *run, "--model-prefix", "ml-inference/model-local-cold"], env)
             local.append(wall)
             digests.add(report["model_digest"])
             wall, report = timed([*mlwf, *remote_args], env)
@@ -99,31 +88,32 @@ def measure(variant: str, repeats: int) -> dict:
         if variant == "pool":
             timed([*mlwf, "ray", "pool", "stop", "--ray-address", cluster.address, "--json"], env)
     fresh_wall = [r["wall_ms"] for r in fresh]
-    return {"variant": variant, "pool_start_ms": pool_start_ms, "local_cold_ms": stats(local),
-            "fresh_driver_ms": stats(fresh_wall),
-            "fresh_driver_e2e_ms": stats([r["e2e_ms"] for r in fresh]),
+    return {"variant": variant, "pool_start_ms": pool_start_ms, "local_cold_ms": stats(local, 0),
+            "fresh_driver_ms": stats(fresh_wall, 0),
+            "fresh_driver_e2e_ms": stats([r["e2e_ms"] for r in fresh], 0),
             "ratio_fresh_over_local": round(statistics.median(fresh_wall) / statistics.median(local), 2),
             # Each round's two runs were back to back: their ratio cancels most of the load's drift.
             "ratio_per_round": [round(f / c, 2) for f, c in zip(fresh_wall, local)],
             "median_ratio_per_round": round(statistics.median(f / c for f, c in zip(fresh_wall, local)), 2),
-            "join_only_ms": stats(joins), "same_model_bytes": len(digests) == 1,
+            "join_only_ms": stats(joins, 0), "same_model_bytes": len(digests) == 1,
             "stages_last_run": fresh[-1]["stage_ms"]}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default="tasks,pool")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/issue16/ray_cluster.json"))
+    p = arguments(__doc__, "ray_cluster", repeats=5)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="tasks, pool (default both)")
     a = p.parse_args()
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeats": a.repeats,
-               "machine": f"{os.cpu_count()} cores, {platform.platform()}",
-               "load_average_before": [round(x, 2) for x in os.getloadavg()],
-               "command": "mlwf " + " ".join(RUN), "cluster": "2 raylets on this host, 1 CPU each, token auth",
-               "variants": []}
-    for variant in a.variants.split(","):
-        r = measure(variant, a.repeats)
-        r["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    variants = a.variants.split(",")
+    if set(variants) - set(VARIANTS):
+        sys.exit(f"ray_cluster.py: --variants takes {', '.join(VARIANTS)}")
+    store = prepare(a.fashion, a.data)
+    run = ["run", "ml-training", TRAIN, "2", "8", "--store", store, "--json"]
+    results = {"machine": machine(), "date": now(), "command": command(), "repeats": a.repeats,
+               "load_average_before": load_average(), "run": "mlwf " + " ".join(run),
+               "cluster": "2 raylets on this host, 1 CPU each, token auth", "variants": []}
+    for variant in variants:
+        r = measure(variant, a.repeats, run)
+        r["load_average_after"] = load_average()
         results["variants"].append(r)
         print(f"{variant:8} local cold {r['local_cold_ms']['median']} ms ({r['local_cold_ms']['min']}–"
               f"{r['local_cold_ms']['max']}), fresh driver on the cluster {r['fresh_driver_ms']['median']} ms "
@@ -131,8 +121,7 @@ def main() -> None:
               f"{r['ratio_fresh_over_local']} (per round: median {r['median_ratio_per_round']}, "
               f"{r['ratio_per_round']}); join only {r['join_only_ms']['median']} ms; same bytes "
               f"{r['same_model_bytes']}", flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
+    write(a.out, "ray_cluster.json", results)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The Knative backend on loopback: function-server load, and ml-training through two servers.
+"""Knative: the function server under load, and ml-training through two servers against the local backend.
 
 Usage (from the repository root, with mlwf installed with its knative extra):
 
-    python benchmarks/knative_load.py [--fashion DIR] [--repeats 5] [--out benchmarks/results]
+    python benchmarks/knative.py [--repeats 5] [--rounds 5] [--concurrency 200]
+        [--fashion DIR] [--out benchmarks/results/knative]
 
 1. Load: one ``mlwf serve`` process on 127.0.0.1; ``--concurrency`` (200)
    signed invocations of ml-inference's ``partition`` over a 16-image prefix
@@ -16,68 +17,28 @@ Usage (from the repository root, with mlwf installed with its knative extra):
    is shared by loopback servers; a cluster would use S3/MinIO). Target:
    knative ≤ 2× local.
 
-Writes ``--out/knative.json`` and prints a markdown table.
+Writes ``knative.json`` into ``--out`` and prints a markdown table.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import run as bench  # noqa: E402  (benchmarks/run.py)
+from common import TEST1K, TRAIN, Server, arguments, command, load_average, machine, now, prepare, warm, write
 
 TINY = "ml-inference/tiny-16"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, env: dict, log: Path, store: str, *args: str, port: int | None = None):
-        import httpx
-
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlwf.cli", "serve", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--store", store, "--bucket", "tless", *args], env=env,
-                                     stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"mlwf serve exited with {self.proc.returncode}: see {log}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"mlwf serve not ready after 60 s: see {log}")
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        self._log.close()
-        return code
+def function_server(env: dict, log: Path, store: str, *args: str, port: int | None = None) -> Server:
+    """``mlwf serve`` on 127.0.0.1 over the local store ``store``, ready."""
+    return Server(["serve", "--store", store, "--bucket", "tless", *args], ready="/readyz", env=env, log=log,
+                  port=port, timeout=60)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -119,22 +80,18 @@ async def load_round(url: str, store: str, secret: str, n: int) -> tuple[list[fl
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fashion", type=Path, default=HERE.parent.parent / "shared/datasets/fashion-mnist")
-    p.add_argument("--data", type=Path, default=HERE / "data")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--concurrency", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p = arguments(__doc__, "knative", repeats=5)
+    p.add_argument("--concurrency", type=int, default=200, help="invocations sent at once (default 200)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of load after a warm-up round (default 5)")
     a = p.parse_args()
 
     from mlwf import bulk
     from mlwf.engine.driver import Engine
     from mlwf.storage import StoreSpec
 
-    store_url = str(Path(bench.prepare(a.fashion, a.data)).resolve())
+    store_url = prepare(a.fashion, a.data)
     store = StoreSpec(store_url, "tless").open()
-    folder = a.data / bench.TEST1K.replace("/", "_")
+    folder = a.data / TEST1K.replace("/", "_")
     tiny = sorted(folder.rglob("*.png"))[:16]
     with tempfile.TemporaryDirectory() as tmp:
         for png in tiny:
@@ -147,11 +104,11 @@ def main() -> None:
     env["MLWF_FUNCTION_SECRET"] = secret
     os.environ["MLWF_FUNCTION_SECRET"] = secret
     logs = Path(tempfile.mkdtemp(prefix="mlwf-knative-bench-"))
-    results: dict = {"machine": bench.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "repeats": a.repeats, "logs": str(logs)}
+    results: dict = {"machine": machine(), "date": now(), "command": command(), "repeats": a.repeats,
+                     "load_average_at_start": load_average(), "logs": str(logs)}
 
     # --- 1. load: `concurrency` signed invocations at once, several rounds
-    server = Server(env, logs / "load.log", store_url)
+    server = function_server(env, logs / "load.log", store_url)
     try:
         asyncio.run(load_round(server.url, store_url, secret, a.concurrency))  # warm-up
         lat, errors, walls = [], 0, []
@@ -171,18 +128,18 @@ def main() -> None:
     # --- 2. ml-training `2 8` on 2k images, warm: two loopback servers vs the local backend
     # CPU-bound stages: each server runs its calls in worker processes (one per core), as the local backend does.
     cores = str(os.cpu_count() or 1)
-    a_srv = Server(env, logs / "a.log", store_url, "--stages", "ml-training/partition,ml-training/pca,ml-training/validation",
-                   "--workers", cores)
-    b_srv = Server(env, logs / "b.log", store_url, "--stages", "ml-training/train", "--workers", cores)
+    a_srv = function_server(env, logs / "a.log", store_url, "--stages",
+                            "ml-training/partition,ml-training/pca,ml-training/validation", "--workers", cores)
+    b_srv = function_server(env, logs / "b.log", store_url, "--stages", "ml-training/train", "--workers", cores)
     try:
         endpoints = [f"ml-training/partition={a_srv.url}", f"ml-training/pca={a_srv.url}",
                      f"ml-training/validation={a_srv.url}", f"ml-training/train={b_srv.url}"]
         with Engine(store_url, "tless", backend="knative", backend_options={"endpoints": endpoints}) as engine:
-            kn = bench.warm(lambda: engine.run_training(bench.TRAIN, 2, 8, publish=False), a.repeats)
+            kn = warm(lambda: engine.run_training(TRAIN, 2, 8, publish=False), a.repeats)
     finally:
         exits = [a_srv.stop(), b_srv.stop()]
     with Engine(store_url, "tless") as engine:
-        local = bench.warm(lambda: engine.run_training(bench.TRAIN, 2, 8, publish=False), a.repeats)
+        local = warm(lambda: engine.run_training(TRAIN, 2, 8, publish=False), a.repeats)
     for r in (kn, local):
         r["last"] = {k: r["last"][k] for k in ("backend", "e2e_ms", "stage_ms", "state_transfer_ms",
                                                "validation_accuracy", "model_digest")}
@@ -192,8 +149,8 @@ def main() -> None:
     results["same_model"] = kn["last"]["model_digest"] == local["last"]["model_digest"]
     results["server_exits"] = exits
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "knative.json").write_text(json.dumps(results, indent=2))
+    results["load_average_at_end"] = load_average()
+    write(a.out, "knative.json", results)
     print(table(results))
     if errors or not results["same_model"]:
         sys.exit(1)

@@ -1,4 +1,9 @@
-"""Our S3 path against plain boto3, and ml-training on S3 against the local store.
+"""S3: mlwf's S3 client against plain boto3, and ml-training on S3 against the local store.
+
+Usage (from the repository root, with mlwf[s3] and moto[server] installed):
+
+    python benchmarks/s3.py [--runs 3] [--threads 32] [--fast-n 5000] [--fashion DIR]
+        [--out benchmarks/results/s3/s3.json]
 
 Four measurements, all in one run (the ratios are what matter: moto, the
 default server, is a Python server doing a few hundred small requests/s, so it
@@ -6,7 +11,7 @@ is the bottleneck of every moto figure):
 
 1. **read**: ``S3Store.list`` + ``S3Store.get_many`` of the 2,000 Fashion-MNIST
    training PNGs (``ml-training/fashion-2k`` in bucket ``tless``, copied from
-   the local store that ``benchmarks/run.py`` prepares) against a plain
+   the local store that ``common.prepare()`` builds) against a plain
    concurrent boto3 reader (``list_objects_v2`` pages + ``get_object`` on a
    32-thread pool, one shared client, ``max_pool_connections=64``): the ceiling.
    Target: our rate ≥ 90 % of boto3's.
@@ -33,9 +38,7 @@ server CPU is read from /proc for the server process.
 
 The moto server is started here on 127.0.0.1 unless an endpoint is set in the
 environment (``S3_HOST``/``S3_PORT``/``S3_USER``/``S3_PASSWORD`` or
-``AWS_ENDPOINT_URL``/``AWS_*``). Results go to ``benchmarks/results/s3.json``.
-
-    python benchmarks/s3_client.py [--runs 3] [--threads 32] [--fast-n 5000]
+``AWS_ENDPOINT_URL``/``AWS_*``). Results go to ``--out``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
+
+from common import default_fashion  # noqa: E402
 
 TRAIN = "ml-training/fashion-2k"
 BUCKET = "tless"
@@ -332,11 +337,10 @@ def local_images(data: Path, fashion: Path) -> tuple[Path, Path, list[str], list
 
     store_root, folder = data / "store", data / TRAIN.replace("/", "_")
     if not (store_root / BUCKET / TRAIN).is_dir() or not folder.is_dir():
-        log(f"preparing the Fashion-MNIST local store under {data} (benchmarks/run.py prepare)")
-        sys.path.insert(0, str(HERE))
-        import run as bench_run
+        log(f"preparing the Fashion-MNIST local store under {data} (common.prepare)")
+        import common
 
-        bench_run.prepare(fashion, data)
+        common.prepare(fashion, data)
     local = StoreSpec(str(store_root), BUCKET).open()
     keys = [o.key for o in local.list(TRAIN + "/")]
     images = local.get_many(keys)
@@ -353,10 +357,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement, median reported (default 3)")
     parser.add_argument("--threads", type=int, default=32, help="boto3 threads (default 32)")
     parser.add_argument("--fast-n", type=int, default=5000, help="keys against the no-op responder (default 5000)")
-    parser.add_argument("--data", type=Path, default=HERE / "data", help="benchmarks/run.py's data folder")
-    parser.add_argument("--fashion", type=Path, default=ROOT.parent / "shared/datasets/fashion-mnist",
+    parser.add_argument("--data", type=Path, default=HERE / "data", help="the benchmarks' data folder")
+    parser.add_argument("--fashion", type=Path, default=default_fashion(),
                         help="Fashion-MNIST IDX files, used only if the data folder is not prepared yet")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "s3.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "s3" / "s3.json")
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
