@@ -11,8 +11,9 @@ import it as ``common``:
 * ``source_of(commit)``: the ``src`` folder of an earlier commit, extracted
   with ``git archive``, for a same-run comparison against it (put first on
   ``PYTHONPATH`` by ``side_env``);
-* ``machine()``, ``stats()``, ``now()``, ``load_average()``, ``write()``:
-  what every results file records the same way.
+* ``Server``: an ``mlwf serve`` or ``mlwf model serve`` process on 127.0.0.1;
+* ``warm()``, ``stats()``, ``machine()``, ``now()``, ``load_average()``,
+  ``write()``: what every results file records the same way.
 """
 
 from __future__ import annotations
@@ -132,9 +133,12 @@ def side_env(src: Path | None, base: dict | None = None) -> dict[str, str]:
 
 
 def stats(values: list[float], digits: int = 1) -> dict:
-    """Median, min, max and every value, rounded."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
+    """Median, min, max and every value, rounded to ``digits`` (0: whole numbers)."""
+    def r(v: float) -> float | int:
+        return round(v, digits) if digits else round(v)
+
+    return {"median": r(statistics.median(values)), "min": r(min(values)), "max": r(max(values)),
+            "runs": [r(v) for v in values]}
 
 
 def warm(fn, repeats: int) -> dict:

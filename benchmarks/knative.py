@@ -12,7 +12,7 @@ Usage (from the repository root, with mlwf installed with its knative extra):
    errors (which must be 0).
 2. ml-training ``2 8`` on 2,000 Fashion-MNIST images (``benchmarks/run.py``'s
    ``prepare()``), warm, through two ``mlwf serve`` processes with per-stage
-   endpoints (partition, pca and validation on one, train on the other),
+   endpoints (partition, pca and validation on one, train and score on the other),
    against the local backend, warm, on the same local store (a local store
    is shared by loopback servers; a cluster would use S3/MinIO). Target:
    knative ≤ 2× local.
@@ -130,10 +130,12 @@ def main() -> None:
     cores = str(os.cpu_count() or 1)
     a_srv = function_server(env, logs / "a.log", store_url, "--stages",
                             "ml-training/partition,ml-training/pca,ml-training/validation", "--workers", cores)
-    b_srv = function_server(env, logs / "b.log", store_url, "--stages", "ml-training/train", "--workers", cores)
+    b_srv = function_server(env, logs / "b.log", store_url, "--stages", "ml-training/train,ml-training/score",
+                            "--workers", cores)
     try:
         endpoints = [f"ml-training/partition={a_srv.url}", f"ml-training/pca={a_srv.url}",
-                     f"ml-training/validation={a_srv.url}", f"ml-training/train={b_srv.url}"]
+                     f"ml-training/validation={a_srv.url}", f"ml-training/train={b_srv.url}",
+                     f"ml-training/score={b_srv.url}"]
         with Engine(store_url, "tless", backend="knative", backend_options={"endpoints": endpoints}) as engine:
             kn = warm(lambda: engine.run_training(TRAIN, 2, 8, publish=False), a.repeats)
     finally:
