@@ -3,7 +3,7 @@
 Usage (from the repository root, with mlwf[s3] and moto[server] installed):
 
     python benchmarks/s3.py [--runs 3] [--threads 32] [--fast-n 5000] [--fashion DIR]
-        [--out benchmarks/results/s3/s3.json]
+        [--out benchmarks/results/s3]
 
 Four measurements, all in one run (the ratios are what matter: moto, the
 default server, is a Python server doing a few hundred small requests/s, so it
@@ -38,7 +38,7 @@ server CPU is read from /proc for the server process.
 
 The moto server is started here on 127.0.0.1 unless an endpoint is set in the
 environment (``S3_HOST``/``S3_PORT``/``S3_USER``/``S3_PASSWORD`` or
-``AWS_ENDPOINT_URL``/``AWS_*``). Results go to ``--out``.
+``AWS_ENDPOINT_URL``/``AWS_*``). Writes ``s3.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -360,7 +360,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=HERE / "data", help="the benchmarks' data folder")
     parser.add_argument("--fashion", type=Path, default=default_fashion(),
                         help="Fashion-MNIST IDX files, used only if the data folder is not prepared yet")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "s3" / "s3.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "s3",
+                        help="folder for s3.json (default benchmarks/results/s3)")
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
@@ -547,11 +548,11 @@ def main() -> int:
 
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     text = table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     results["table"] = text
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "s3.json").write_text(json.dumps(results, indent=2) + "\n")
     print(text)
-    log(f"wrote {args.out} (total {results['total_s']} s)")
+    log(f"wrote {args.out / 's3.json'} (total {results['total_s']} s)")
     return 0
 
 
