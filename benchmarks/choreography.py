@@ -66,7 +66,7 @@ def main() -> None:
     secret = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLWF_", "S3_"))}
     env["MLWF_FUNCTION_SECRET"] = os.environ["MLWF_FUNCTION_SECRET"] = secret
-    logs = Path(tempfile.mkdtemp(prefix="mlwf-choreography-scale-"))
+    logs = Path(tempfile.mkdtemp(prefix="mlwf-choreography-bench-"))
     cores = str(os.cpu_count() or 1)
     port_a, port_b = free_port(), free_port()
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
