@@ -2,12 +2,12 @@
 
 Usage (from the repository root, with mlwf installed with its bench extra):
 
-    python benchmarks/scaling.py [--fashion DIR] [--sizes 2000,10000,60000] [--configs "2 8,4 16"]
-                                 [--repeats 3] [--out benchmarks/results]
+    python benchmarks/scaling.py [--sizes 2000,10000,60000] [--configs "2 8,4 16"] [--repeats 3]
+                                 [--fashion DIR] [--out benchmarks/results/scaling] [--plot-only]
 
 For each number of Fashion-MNIST training images (the first N of the 60k
 training set, written once as PNG class folders into the benchmark store by
-``run.py``'s ``prepare()``: ``ml-training/fashion-2k``, ``-10k``, ``-60k``) and
+``common.prepare()``: ``ml-training/fashion-2k``, ``-10k``, ``-60k``) and
 each function count ``P T``:
 
 * mlwf, warm: one fresh process holds an ``Engine`` on the local backend
@@ -37,29 +37,18 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from common import TEST10K, TRAIN, arguments, command, machine, now, prepare, stats, write
 
-from mlwf.bench import baseline  # noqa: E402
-import run as bench  # noqa: E402  (benchmarks/run.py: prepare(), machine())
-
-TEST10K = bench.TEST10K
 MODEL_PREFIX = "ml-inference/model-scaling"
 
 
 def prefix_of(size: int) -> str:
     return f"ml-training/fashion-{size // 1000}k"
-
-
-def _stats(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "runs": [round(v, 1) for v in values]}
 
 
 # --------------------------------------------------------------------------- one measurement, in its own process
@@ -79,7 +68,7 @@ def child_mlwf(store: str, size: int, num_pca: int, num_train: int, repeats: int
             reports.append(once())
             times.append((time.perf_counter() - t) * 1e3)
         last = reports[-1]
-        out = {"wall_ms": _stats(times), "e2e_ms": _stats([r["e2e_ms"] for r in reports]),
+        out = {"wall_ms": stats(times), "e2e_ms": stats([r["e2e_ms"] for r in reports]),
                "validation_accuracy": last["validation_accuracy"], "num_images": last["num_images"],
                "memory": {"driver_peak_mb": max(r["memory"]["driver_peak_mb"] for r in reports),
                           "worker_peak_mb": max(r["memory"]["worker_peak_mb"] for r in reports),
@@ -97,13 +86,15 @@ def child_mlwf(store: str, size: int, num_pca: int, num_train: int, repeats: int
 
 
 def child_baseline(store: str, size: int, num_pca: int, num_train: int, repeats: int, accuracy: bool) -> dict:
+    from mlwf.bench import baseline
+
     folder = str(Path(store) / "tless" / prefix_of(size))
     baseline.train(folder, num_pca, num_train)  # warm-up, not counted
     times, last = [], {}
     for _ in range(repeats):
         last = baseline.train(folder, num_pca, num_train)
         times.append(last["ms"])
-    out = {"wall_ms": _stats(times), "validation_accuracy": last["validation_accuracy"]}
+    out = {"wall_ms": stats(times), "validation_accuracy": last["validation_accuracy"]}
     if accuracy:
         test = baseline.infer(last["model"], str(Path(store) / "tless" / TEST10K))
         out["test"] = {"accuracy": test["accuracy"], "num_images": test["num_images"], "wall_ms": round(test["ms"], 1)}
@@ -211,15 +202,12 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fashion", type=Path, default=HERE.parent.parent / "shared/datasets/fashion-mnist")
-    p.add_argument("--data", type=Path, default=HERE / "data")
-    p.add_argument("--sizes", default="2000,10000,60000")
-    p.add_argument("--configs", default="2 8,4 16")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--max-load", type=float, default=1.5)
-    p.add_argument("--max-wait", type=float, default=120.0)
+    p = arguments(__doc__, "scaling", repeats=3)
+    p.add_argument("--sizes", default="2000,10000,60000", help="training images (default 2000,10000,60000)")
+    p.add_argument("--configs", default="2 8,4 16", help="function counts `P T` (default \"2 8,4 16\")")
+    p.add_argument("--max-load", type=float, default=1.5, help="wait for the 1-minute load average to fall below "
+                                                              "this before each measurement (default 1.5)")
+    p.add_argument("--max-wait", type=float, default=120.0, help="… for at most this many seconds (default 120)")
     p.add_argument("--plot-only", action="store_true", help="redraw scaling.png from --out/scaling.json")
     # one measurement (internal)
     p.add_argument("--child", choices=("mlwf", "baseline"), help=argparse.SUPPRESS)
@@ -242,10 +230,9 @@ def main() -> None:
 
     sizes = [int(s) for s in a.sizes.split(",")]
     configs = [tuple(int(x) for x in c.split()) for c in a.configs.split(",")]
-    extra = [(prefix_of(s), "train", s, 0) for s in sizes if prefix_of(s) != bench.TRAIN]
-    store = bench.prepare(a.fashion, a.data, extra)
-    doc = {"machine": bench.machine(), "repeats": a.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]), "results": []}
+    extra = [(prefix_of(s), "train", s, 0) for s in sizes if prefix_of(s) != TRAIN]
+    store = prepare(a.fashion, a.data, extra)
+    doc = {"machine": machine(), "repeats": a.repeats, "date": now(), "command": command(), "results": []}
     for size in sizes:
         for num_pca, num_train in configs:
             accuracy = size == max(sizes) and (num_pca, num_train) == configs[-1]
@@ -253,8 +240,7 @@ def main() -> None:
             r["mlwf"] = measure("mlwf", store, size, num_pca, num_train, a.repeats, accuracy, a)
             r["baseline"] = measure("baseline", store, size, num_pca, num_train, a.repeats, accuracy, a)
             doc["results"].append(r)
-            a.out.mkdir(parents=True, exist_ok=True)
-            (a.out / "scaling.json").write_text(json.dumps(doc, indent=2))
+            write(a.out, "scaling.json", doc)
     plot(doc["results"], a.out)
     print(table(doc["results"]))
     last = doc["results"][-1]
