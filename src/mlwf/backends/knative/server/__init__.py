@@ -13,8 +13,9 @@ seconds) and exits with status 0.
 in one of N worker processes (the local backend's pool): with threads, the
 GIL serialises CPU-bound stages, and ml-training 2k ``2 8`` through two
 servers took 2.04× the local backend's time; with a worker per core, 0.98×
-(2026-11-26, ``benchmarks/knative.py``). A server acts on one
-store only, the one it was started with (``--store``/``--bucket``, else
+(2026-11-26, ``benchmarks/knative.py``).
+
+A server acts on one store only, the one it was started with (``--store``/``--bucket``, else
 ``MLWF_STORE``/``MLWF_BUCKET``, as every command), opened with *this*
 process's credentials (they never travel with a call): a call naming any
 other store or bucket is refused, and a call writes only under its own run's
