@@ -5,7 +5,7 @@ Usage (from the repository root, with mlwf installed):
     python benchmarks/faults.py [--repeats 7] [--fashion DIR] [--out benchmarks/results/faults]
 
 Training 2k `2 8` (default settings) on the benchmark store that
-benchmarks/run.py prepares. Overhead: warm runs with the per-call done records
+``common.prepare()`` builds. Overhead: warm runs with the per-call done records
 (what --resume needs) against the same engine with them switched off,
 alternated, medians. Recovery: runs on a fresh worker pool with
 MLWF_FAULTS=train:3:exit:1 (call 3 of train kills its worker once) against

@@ -10,8 +10,8 @@ Usage (from the repository root, with mlwf installed with its knative extra):
    sent at once (binary CloudEvents over httpx, one connection each), for
    ``--rounds`` rounds after a warm-up round: requests/s, p50/p99 latency and
    errors (which must be 0).
-2. ml-training ``2 8`` on 2,000 Fashion-MNIST images (``benchmarks/run.py``'s
-   ``prepare()``), warm, through two ``mlwf serve`` processes with per-stage
+2. ml-training ``2 8`` on 2,000 Fashion-MNIST images (from ``common.prepare()``),
+   warm, through two ``mlwf serve`` processes with per-stage
    endpoints (partition, pca and validation on one, train and score on the other),
    against the local backend, warm, on the same local store (a local store
    is shared by loopback servers; a cluster would use S3/MinIO). Target:

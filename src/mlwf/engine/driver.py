@@ -8,6 +8,19 @@ concurrently, retrying as :mod:`~mlwf.engine.retry` says, and returns when
 all are done (the barrier the reference's driver has between stages). What
 the calls cost is counted by :mod:`~mlwf.engine.accounting`; finished calls
 are kept on record for ``--resume`` by :mod:`~mlwf.engine.checkpoints`.
+
+Worker start-up is reported apart. Before the first stage a run starts the
+backend's workers (``warm_up``) and reports that wait as ``startup_ms`` (a
+``worker start-up`` span in a trace; 0 on a warm engine), so every stage time
+is the stage's own: before, ``partition`` (about 20 ms of work) showed about
+1 s, the fork server's scikit-learn import and the first worker's start. The
+driver never imports scikit-learn either (a model records its version from
+the package metadata): that was 0.7 s of every cold run that belonged to no
+stage. Both together: cold 2k ``2 8`` 3,076 → 2,186 ms, the same model bytes
+(2026-11-28, ``benchmarks/cold_start.py --before b1c0f27``).
+
+The run's lease costs one small put of ``run.json`` per heartbeat (15 s), from
+a thread that sleeps in between.
 """
 
 from __future__ import annotations

@@ -4,6 +4,15 @@ Metadata chunks only decoders would inflate are dropped unread, a PNG whose
 data ends before its last row is refused (never padded black), and what the
 headers cannot bound runs under a CPU allowance (:data:`DECODE_CPU_SECONDS`
 plus :data:`DECODE_CPU_PER_PIXEL` per pixel); see :mod:`mlwf.images`.
+
+Why two decoders: the data sets' images are 8-bit gray PNGs, and libspng
+(pyspng) decoding them, with Pillow's resize done in strips
+(:mod:`mlwf.images.resize`), brought a Fashion-MNIST image at 64×64 from 62.3
+to 28.3 µs of CPU (×0.45, median of 7, 2026-11-28,
+``benchmarks/results/throughput/2026-11-28-decode-per-image.json``;
+``benchmarks/throughput.py --measures decode`` checks a change), the same
+pixels as Pillow alone for all 60,000 images and for every kind of image in
+``tests/test_images.py``.
 """
 
 from __future__ import annotations

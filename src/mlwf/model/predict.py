@@ -57,7 +57,9 @@ def project_all(pixels: np.ndarray, projections) -> list[np.ndarray]:
     outs = [np.empty((len(pixels), len(components)), dtype=np.float32) for _, components in projections]
     # A few dozen rows at a time, centred into one reused buffer: the float64
     # rows stay in cache instead of costing a page fault per 4 KiB of a fresh
-    # array (10k images: 0.9 s → 0.1 s), and a model's projections share them.
+    # array, and a model's projections share them. Whole, 10k × 4,096 pixels
+    # made 330 MB arrays per projection: 0.85–1.45 s for 4 projections against
+    # 0.13 s in blocks; with the table, a predict call of 625 images 33 → 19 ms.
     centred = np.empty((min(_PROJECT_ROWS, len(pixels)), pixels.shape[1] if pixels.ndim == 2 else 0))
     for start in range(0, len(pixels), _PROJECT_ROWS):
         rows = pixels[start : start + _PROJECT_ROWS]

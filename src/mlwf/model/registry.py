@@ -4,7 +4,9 @@ A model prefix is a folder: ``<prefix>/versions/<sha256>.mlwf`` holds every
 version (content-addressed) and ``<prefix>/MODEL.json``, the manifest, names
 the current one and keeps the earlier ones in its ``history``. The manifest is
 replaced by compare-and-swap, so readers see one whole model or another,
-never a mix, and concurrent publishers each land in turn.
+never a mix, and concurrent publishers each land in turn. That costs one
+conditional read and write of ``MODEL.json`` per publish; republishing a
+version reads its object once instead of writing it again.
 """
 
 from __future__ import annotations

