@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -161,19 +160,13 @@ def load_average() -> list[float]:
 
 
 def machine() -> dict:
-    """The CPU, cores, memory and the versions that move the figures."""
-    import numpy
-    import sklearn
+    """The CPU, cores, memory and the versions that move the figures (``mlwf bench``'s record, and mlwf's
+    version)."""
+    from mlwf.bench.files import machine as bench_machine
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "mlwf": version()}
+    record = bench_machine()
+    record.pop("load_average_at_end", None)  # each suite records the load where it measures
+    return {**record, "mlwf": version()}
 
 
 def write(out: Path, name: str, result: dict) -> Path:
