@@ -30,6 +30,8 @@ import uuid
 
 import pytest
 
+from tests.httpsink import QuietHandler
+
 __all__ = ["FaultProxy", "MotoServer", "free_port", "stop_process", "s3_env", "s3_server", "S3_ENV_VARS"]
 
 #: Variables that could point a store elsewhere; ``s3_env`` clears them.
@@ -247,12 +249,7 @@ class FaultProxy:
     def _handler(self):
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _any(self) -> None:
                 with proxy._lock:
                     proxy.in_flight += 1

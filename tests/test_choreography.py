@@ -19,14 +19,14 @@ import time
 import httpx
 import pytest
 
-from mlwf import bulk
-from mlwf.cli import main
-from mlwf import workflows
+from mlwf import bulk, workflows
 from mlwf.backends.knative import events
+from mlwf.cli import main
 from mlwf.engine.driver import Engine
 from mlwf.errors import DataError, StageError
 from mlwf.storage import StoreSpec
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
+from tests.httpsink import QuietHandler
 from tests.s3server import free_port
 from tests.test_knative import SECRET, ServeProcess, _point_at, _server_env, digits_bucket
 
@@ -52,14 +52,9 @@ class DeliveryProxy:
         self._lock = threading.Lock()
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self.body()
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 with proxy._lock:
                     proxy.requests += 1
@@ -101,12 +96,11 @@ class Recorder:
         self.events = []
         recorder = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
+        class Handler(QuietHandler):
+            protocol_version = "HTTP/1.0"  # one request per connection, as before
 
             def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self.body()
                 recorder.events.append(events.from_http(dict(self.headers.items()), body))
                 self.send_response(202)
                 self.send_header("content-length", "0")
@@ -543,9 +537,9 @@ def test_the_readme_commands_of_the_choreographed_mode_parse():
     import re
     import shlex
 
+    from mlwf.backends.knative.server.serve import parse_stages
     from mlwf.choreography.sinks import parse_sinks
     from mlwf.cli import build_parser
-    from mlwf.backends.knative.server.serve import parse_stages
     from tests.test_knative import REPO
 
     text = (REPO / "docs" / "knative.md").read_text()

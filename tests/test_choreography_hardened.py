@@ -26,6 +26,7 @@ from mlwf import bulk, datasets
 from mlwf.backends.knative import events
 from mlwf.cli import main
 from mlwf.storage import StoreSpec
+from tests.httpsink import QuietHandler
 from tests.s3server import free_port
 from tests.test_knative import SECRET, ServeProcess
 
@@ -106,14 +107,9 @@ class Broker:
         self._lock = threading.Lock()
         broker = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self.body()
                 with broker._lock:
                     broker.held.append(({k: v for k, v in self.headers.items()
                                          if k.lower() not in ("host", "content-length")}, body))
@@ -452,14 +448,9 @@ class CopyingProxy:
     def __init__(self, first: str, second: str, delay: float):
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = self.body()
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 threading.Timer(delay, proxy._send, (second, headers, body)).start()
                 resp = proxy._send(first, headers, body)
@@ -536,12 +527,7 @@ class SlowSink:
         self._lock = threading.Lock()
         sink = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def setup(self) -> None:
                 super().setup()
                 with sink._lock:
