@@ -42,8 +42,6 @@ HOSTILE_PREFIX = "ml-inference/hostile"
 
 def _hostile() -> dict[str, tuple[bytes, int, str]]:
     """name → (file, the server's status, a part of its message); a workflow skips each with that message."""
-    good_png = craft.encode(craft.noise((28, 28), "L"))
-    good_jpeg = craft.encode(craft.noise((64, 64), "RGB"), "JPEG", progressive=True)
     budget_bites = "--max-memory / MLWF_MAX_MEMORY"
     cases = {
         # Issue 24's rows.

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from mlwf.cli import main
 from tests.conftest import BATCH_PREFIX, TRAIN_PREFIX
