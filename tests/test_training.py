@@ -264,6 +264,12 @@ def test_direct_transfer_gives_the_same_model_and_accounts_for_every_edge(engine
     assert {("partition", "pca"), ("pca", "train"), ("train", "validation"), ("store", "pca")} <= set(edges)
     assert all(e["bytes"] > 0 for e in edges.values())
     assert edges[("train", "validation")]["serialize_ms"] > 0
+    # With no done records to count, the run still reports every call done (runs ls / runs show).
+    from mlwf.runs import list_runs, show_run
+
+    expected = {"partition": "1/1", "pca": "2/2", "train": "4/4", "score": "2/2", "validation": "1/1"}
+    assert show_run(engine.store, direct["run_id"])["progress"] == expected
+    assert {r["run_id"]: r["progress"] for r in list_runs(engine.store)}[direct["run_id"]] == expected
 
 
 def test_unknown_backend_or_transfer_is_refused(store_url):

@@ -171,6 +171,19 @@ def find_run(store, run_id: str) -> dict[str, Any] | None:
     return None
 
 
+def _progress(record: dict[str, Any], done: dict[str, int]) -> dict[str, str]:
+    """Finished/expected calls per stage: from the done records in the run's folder (``store``
+    transfer, the choreography) or from the count the driver keeps in ``run.json`` (every transfer),
+    whichever says more (a crafted count is capped at the expected number)."""
+    recorded = record.get("calls_done") if isinstance(record.get("calls_done"), dict) else {}
+    out = {}
+    for s, n in _expected_calls(record).items():
+        kept = recorded.get(s)
+        kept = kept if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 0 else 0
+        out[s] = f"{max(done.get(s, 0), min(kept, n))}/{n}"
+    return out
+
+
 def _expected_calls(record: dict[str, Any]) -> dict[str, int]:
     try:
         report = record.get("report") or {}
@@ -260,7 +273,7 @@ def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, A
                 "duration_ms": _duration_ms(status, record, report, now),
                 "e2e_ms": report.get("e2e_ms"),
                 "accuracy": _accuracy(workflow, report),
-                "progress": {s: f"{done.get(s, 0)}/{n}" for s, n in _expected_calls(record).items()},
+                "progress": _progress(record, done),
                 "error": record.get("error"),
                 **sizes,
             })
@@ -429,7 +442,7 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
         "transfer": record.get("transfer"),
         "resumed": record.get("resumed"),
         "error": record.get("error"),
-        "progress": {s: f"{done.get(s, 0)}/{n}" for s, n in _expected_calls(record).items()},
+        "progress": _progress(record, done),
         "report": report,
         "outputs": {k: v for k, v in outputs.items() if v},
     }

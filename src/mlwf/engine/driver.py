@@ -285,6 +285,9 @@ class Run:
         self.started_at = timestamp(now_utc())  # of this attempt, for a resumed run
         self._record_lock = threading.Lock()
         self._final = False
+        #: Finished calls per stage (reused ones included), recorded in ``run.json``: how ``mlwf runs``
+        #: shows the progress of a run whose transfer writes no done records (every one but ``store``).
+        self.calls_done: dict[str, int] = {}
         #: The status last recorded in run.json.
         self.status: str | None = None
         self._record("running")
@@ -323,10 +326,13 @@ class Run:
         def finished(call: Call, outcome: Outcome) -> None:
             results[call.stage][call.index] = outcome
             progress.call_done(call.stage)
+            self.calls_done[call.stage] = self.calls_done.get(call.stage, 0) + 1
             remaining[call.stage] -= 1
             if remaining[call.stage] == 0:
                 self.accounts.stats[call.stage].wall_ms = (time.perf_counter() - started[call.stage]) * 1e3
                 progress.stage_done(call.stage)
+                if not self.checkpoints.enabled:
+                    self._record_progress()
 
         def attempted(call: Call) -> None:
             self.accounts.stats[call.stage].attempts += 1
@@ -461,6 +467,13 @@ class Run:
             except Exception:  # noqa: BLE001 - a missed beat is retried at the next one; the lease allows for it
                 pass
 
+    def _record_progress(self) -> None:
+        """Rewrite ``run.json`` as a stage ends, so its ``calls_done`` shows (no done records say it)."""
+        try:
+            self._record("running")
+        except MlwfError:
+            pass  # progress only: the next heartbeat or the run's end records it
+
     def _record(self, status: str, **extra: Any) -> None:
         with self._record_lock:
             if self._final:
@@ -469,7 +482,7 @@ class Run:
             doc = {"run_id": self.run_id, "workflow": self.workflow, "status": status,
                    "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
                    "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
-                   "lease_s": self.engine.lease_s, **extra}
+                   "lease_s": self.engine.lease_s, "calls_done": dict(self.calls_done), **extra}
             self.store.put(self.layout.record, json.dumps(doc, indent=2).encode())
             # Final only once written: a put cut short (by a Ctrl-C) leaves room for the record that says so.
             self._final = status != "running"
