@@ -134,7 +134,12 @@ def test_bench_local_writes_csvs_breakdown_summary_and_plots(store_url, tmp_path
     warm = summary[("local", "store", "warm")]
     assert warm["runs"] == "2" and float(warm["min_ms"]) <= float(warm["median_ms"]) <= float(warm["max_ms"])
     assert float(warm["ratio_to_baseline"]) > 0 and float(warm["accuracy"]) > 0.5
-    for fig in ("latency", "breakdown"):
+    # The memory the run's processes hold together (PSS, shared pages once): at least the driver's
+    # Python and NumPy, and less than every process's RSS added up would say.
+    assert all(r["state"] == "light" for r in summary.values())
+    assert 30 < float(warm["peak_pss_mb"]) < 4000 and int(warm["state_bytes"]) > 0
+    assert int(summary[("local", "direct", "warm")]["state_bytes"]) > 0
+    for fig in ("latency", "breakdown", "transfer"):
         for ext, magic in (("png", PNG_MAGIC), ("svg", b"<?xml")):
             assert (out / f"{fig}.{ext}").read_bytes().startswith(magic)
     assert (out / "traces" / "local-store-ml-training-warm.png").stat().st_size > 5000
@@ -142,10 +147,11 @@ def test_bench_local_writes_csvs_breakdown_summary_and_plots(store_url, tmp_path
     assert len(result["summary"]) == 5
 
     # `mlwf bench plot` redraws everything from the files
-    for fig in ("latency.png", "breakdown.svg"):
+    for fig in ("latency.png", "breakdown.svg", "transfer.png"):
         (out / fig).unlink()
     assert cli.main(["bench", "plot", str(out)]) == 0
     assert (out / "latency.png").stat().st_size > 5000 and (out / "breakdown.svg").exists()
+    assert (out / "transfer.png").stat().st_size > 5000
 
 
 def test_bench_inference_with_baseline_keeps_the_training_rows(trained, store_url, tmp_path, capsys):

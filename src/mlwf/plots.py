@@ -6,7 +6,10 @@
 * :func:`latency`: end-to-end latency per backend, transfer and mode, with
   the spread of the runs, beside the reference's published figures;
 * :func:`breakdown`: where each stage's time goes (compute, fetch,
-  serialize, transfer, deserialize), stacked.
+  serialize, transfer, deserialize), stacked;
+* :func:`transfer`: what moving the state costs on each edge of the graph,
+  per transfer mode (serialize, transfer, deserialize, stacked), the light
+  and heavy variants side by side.
 
 matplotlib is an optional dependency: ``pip install 'mlwf[bench]'``.
 """
@@ -173,11 +176,16 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def config_order(backend: str, transfer: str, mode: str) -> tuple:
-    """Sort key of a measured configuration: by backend, the store transfer first, warm before cold."""
+#: Transfer modes in the order figures show them: the store (the reference's) first.
+TRANSFER_ORDER = ["store", "direct", "payload", "shm"]
+
+
+def config_order(backend: str, transfer: str, mode: str, state: str = "light") -> tuple:
+    """Sort key of a measured configuration: light before heavy, by backend, the store transfer
+    first, warm before cold."""
     backends = ["local", "ray", "knative"]
-    return (backends.index(backend) if backend in backends else 9, backend, transfer != "store", transfer,
-            mode != "warm")
+    return (state != "light", backends.index(backend) if backend in backends else 9, backend,
+            TRANSFER_ORDER.index(transfer) if transfer in TRANSFER_ORDER else 9, transfer, mode != "warm")
 
 
 def latency(series: dict[str, dict[str, list[float]]], out_base: str | Path,
@@ -257,16 +265,16 @@ def breakdown(stage_rows: list[dict[str, Any]], out_base: str | Path) -> list[Pa
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    panels: dict[tuple[str, str, str, str], dict[str, dict[str, list[float]]]] = {}
+    panels: dict[tuple[str, str, str, str, str], dict[str, dict[str, list[float]]]] = {}
     for r in stage_rows:
-        key = (r["workflow"], r["backend"], r["transfer"], r["mode"])
+        key = (r["workflow"], r["backend"], r["transfer"], r["mode"], r.get("state") or "light")
         stage = panels.setdefault(key, {}).setdefault(r["stage"], {})
         for comp, fields in COMPONENTS.items():
             stage.setdefault(comp, []).append(sum(float(r.get(f) or 0) for f in fields))
         stage.setdefault("wall", []).append(float(r.get("wall_ms") or 0))
     if not panels:
         raise UsageError("no per-stage rows to draw a breakdown from")
-    keys = sorted(panels, key=lambda k: (k[0] != "ml-training", k[0], config_order(k[1], k[2], k[3])))
+    keys = sorted(panels, key=lambda k: (k[0] != "ml-training", k[0], config_order(k[1], k[2], k[3], k[4])))
     ncols = min(4, len(keys))
     nrows = -(-len(keys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.4 * nrows), squeeze=False)
@@ -284,7 +292,7 @@ def breakdown(stage_rows: list[dict[str, Any]], out_base: str | Path) -> list[Pa
         ax.scatter(range(len(stages)), walls, marker="_", s=500, color="black", zorder=3, linewidths=2)
         ax.set_xticks(range(len(stages)))
         ax.set_xticklabels(stages, fontsize=8)
-        ax.set_title(f"{key[0]}\n{key[1]} · {key[2]} · {key[3]}", fontsize=8.5)
+        ax.set_title(f"{key[0]}\n{key[1]} · {key[2]} · {key[4]} · {key[3]}", fontsize=8.5)
         ax.set_ylabel("ms", fontsize=8)
         ax.tick_params(axis="y", labelsize=7.5)
         ax.grid(axis="y", alpha=0.25)
@@ -297,3 +305,90 @@ def breakdown(stage_rows: list[dict[str, Any]], out_base: str | Path) -> list[Pa
                  "transfer = store writes + reads (or the return to the driver)", fontsize=9)
     fig.tight_layout()
     return save(fig, out_base)
+
+
+#: The parts of an edge's cost in :func:`transfer`, with their colours (as in :func:`breakdown`).
+EDGE_PARTS = {"serialize": "serialize_ms", "transfer": "transfer_ms", "deserialize": "deserialize_ms"}
+
+
+def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path]:
+    """What moving the state costs, per edge of the graph and transfer mode: stacked bars of
+    serialize / transfer / deserialize (ms summed over the edge's calls, median of the runs).
+
+    ``edge_rows`` are the ``kind == "edge"`` rows of the breakdown CSV (warm runs are drawn where
+    there are any, else cold ones). One row of panels per workflow, a panel per backend and state
+    (light, then heavy, side by side: their scales differ), in each a group of bars per edge, a bar
+    per transfer mode, labelled with the bytes the edge moved. Edges from the store (a stage reading
+    its input images) are left out: they are data, not state handed on.
+    """
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
+    rows = [r for r in edge_rows if r.get("from") != "store"]
+    if any(r.get("mode") == "warm" for r in rows):
+        rows = [r for r in rows if r.get("mode") == "warm"]
+    panels: dict[tuple[str, str, str], dict[tuple[str, str], dict[str, dict[str, list[float]]]]] = {}
+    for r in rows:
+        key = (r["workflow"], r["backend"], r.get("state") or "light")
+        edge = (r["from"], r["to"])
+        parts = panels.setdefault(key, {}).setdefault(edge, {}).setdefault(r["transfer"], {})
+        for part, column in EDGE_PARTS.items():
+            parts.setdefault(part, []).append(float(r.get(column) or 0))
+        parts.setdefault("bytes", []).append(float(r.get("bytes") or 0))
+    if not panels:
+        raise UsageError("no per-edge rows to draw the transfer figure from")
+    flows = sorted({k[0] for k in panels}, key=lambda w: (w != "ml-training", w))
+    columns = sorted({k[1:] for k in panels}, key=lambda c: config_order(c[0], "store", "warm", c[1]))
+    most = max(len(edges) for edges in panels.values())
+    fig, axes = plt.subplots(len(flows), len(columns), squeeze=False,
+                             figsize=(max(5.5, (0.95 * most + 1.2) * len(columns)), 4.0 * len(flows)))
+    order = workflows.stage_order() + ["driver"]
+
+    def edge_key(e):
+        return tuple(order.index(s) if s in order else len(order) for s in e)
+
+    for row, flow in enumerate(flows):
+        for col, (backend, state) in enumerate(columns):
+            ax = axes[row][col]
+            edges = panels.get((flow, backend, state))
+            if not edges:
+                ax.set_visible(False)
+                continue
+            modes = sorted({m for e in edges.values() for m in e},
+                           key=lambda m: TRANSFER_ORDER.index(m) if m in TRANSFER_ORDER else 9)
+            width = 0.8 / len(modes)
+            names = sorted(edges, key=edge_key)
+            for i, edge in enumerate(names):
+                for j, mode in enumerate(modes):
+                    parts = edges[edge].get(mode)
+                    if parts is None:
+                        continue
+                    x = i + (j - (len(modes) - 1) / 2) * width
+                    bottom = 0.0
+                    for part in EDGE_PARTS:
+                        v = statistics.median(parts[part])
+                        ax.bar(x, v, bottom=bottom, width=width * 0.92, color=_COMPONENT_COLOURS[part])
+                        bottom += v
+                    ax.text(x, bottom, mode, rotation=90, ha="center", va="bottom", fontsize=6.5)
+            ax.set_xticks(range(len(names)))
+            moved = [max(statistics.median(p["bytes"]) for p in edges[e].values()) for e in names]
+            ax.set_xticklabels([f"{a} →\n{b}\n{_fmt_bytes(n)}" for (a, b), n in zip(names, moved)], fontsize=7)
+            ax.set_title(f"{flow} · {backend} · {state} state", fontsize=8.5)
+            ax.set_ylabel("ms (summed over the calls)", fontsize=7.5)
+            ax.tick_params(axis="y", labelsize=7.5)
+            ax.grid(axis="y", alpha=0.25)
+            ax.margins(y=0.18)
+    handles = [Patch(facecolor=_COMPONENT_COLOURS[p], label=p) for p in EDGE_PARTS]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle("Moving the state between functions, per edge and transfer mode (median of the runs; "
+                 "under each edge: the bytes it moved)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out_base)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"

@@ -387,25 +387,41 @@ def print_model(info: dict[str, Any]) -> None:
 
 
 def print_bench(result: dict[str, Any]) -> None:
-    """The summary of ``mlwf bench``: one row per configuration, then where the files are.
+    """The summary of ``mlwf bench``: one row per configuration, fastest first within each mode,
+    then where the files are.
 
     Every row is one workflow's, so the workflow is in the title; without
     vertical rules the table fits 80 columns, and a narrower terminal wraps
-    headers and cells rather than cutting them.
+    headers and cells rather than cutting them. The state column and the
+    memory column show only when they say something (a heavy variant; PSS
+    measured).
     """
     console = stdout_console()
-    workflows = sorted({r["workflow"] for r in result["summary"]})
-    table = Table(title=Text(f"mlwf bench {', '.join(workflows)}"), box=box.SIMPLE_HEAD)
-    for col in ("backend", "transfer", "mode", "median", "min–max", "× baseline", "accuracy"):
-        table.add_column(col, overflow="fold",
-                         justify="right" if col in ("median", "min–max", "× baseline", "accuracy") else "left")
-    for r in result["summary"]:
-        table.add_row(r["backend"], r["transfer"] or "", r["mode"], f"{r['median_ms']:.0f} ms",
-                      f"{r['min_ms']:.0f}–{r['max_ms']:.0f} ms",
-                      "" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}",
-                      _pct(r.get("accuracy")))
+    rows = result["summary"]
+    workflows = sorted({r["workflow"] for r in rows})
+    states = any((r.get("state") or "light") != "light" for r in rows)
+    memory = any(r.get("peak_pss_mb") not in (None, "") for r in rows)
+    table = Table(title=Text(f"mlwf bench {', '.join(workflows)}"), box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["backend", "transfer", *(["state"] * states), "mode", "median", "min–max",
+               *(["memory"] * memory), "× baseline", "accuracy"]
+    for col in columns:
+        table.add_column(col, overflow="fold", justify="left" if col in ("backend", "transfer", "state", "mode")
+                         else "right")
+    ranked = sorted(rows, key=lambda r: (r["backend"] == "baseline", (r.get("state") or "light") != "light",
+                                         r["mode"] != "warm", r["median_ms"]))
+    for r in ranked:
+        cells = [r["backend"], r["transfer"] or "", *([r.get("state") or "light"] * states), r["mode"],
+                 f"{r['median_ms']:.0f} ms", f"{r['min_ms']:.0f}–{r['max_ms']:.0f} ms"]
+        if memory:
+            cells.append("" if r.get("peak_pss_mb") in (None, "") else f"{r['peak_pss_mb']:.0f} MB")
+        cells += ["" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}",
+                  _pct(r.get("accuracy"))]
+        table.add_row(*cells)
     console.print(table)
-    console.print(f"{len(result['files'])} files written: CSVs, traces/ and latency/breakdown plots in "
+    if memory:
+        console.print("memory: the peak of the PSS summed over the run's processes on this machine (shared "
+                      "pages once)", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"{len(result['files'])} files written: CSVs, traces/ and latency/breakdown/transfer plots in "
                   f"{result['out']}", soft_wrap=True, markup=False, highlight=False)
 
 

@@ -13,8 +13,19 @@ from typing import Any
 from mlwf.errors import UsageError
 
 
-LATENCY_CSV = re.compile(r"^(?P<backend>[a-z0-9_]+)-(?P<transfer>[a-z0-9_]+)-(?P<workflow>ml-training|ml-inference)"
-                         r"-(?P<mode>warm|cold)\.csv$")
+#: ``BACKEND-TRANSFER[-heavy]-WORKFLOW-MODE.csv``: a light run's name is the one it had before ``--state``.
+LATENCY_CSV = re.compile(r"^(?P<backend>[a-z0-9_]+)-(?P<transfer>[a-z0-9_]+)(?:-(?P<state>heavy))?"
+                         r"-(?P<workflow>ml-training|ml-inference)-(?P<mode>warm|cold)\.csv$")
+
+
+def latency_csv_name(backend: str, transfer: str, workflow: str, mode: str, state: str = "light") -> str:
+    """The latency CSV of one configuration (matched by :data:`LATENCY_CSV`)."""
+    return f"{backend}-{transfer}{'-heavy' if state == 'heavy' else ''}-{workflow}-{mode}.csv"
+
+
+def label(backend: str, transfer: str, state: str = "light", mode: str | None = None) -> str:
+    """``local · shm · heavy`` (and the mode if given): a configuration as figures and progress name it."""
+    return " · ".join([backend, transfer, state] + ([mode] if mode else []))
 
 
 BASELINE_CSV = re.compile(r"^baseline-(?P<workflow>ml-training|ml-inference)\.csv$")
@@ -30,13 +41,17 @@ STAGE_FIELDS = ["calls", "wall_ms", "compute_ms", "fetch_ms", "encode_ms", "put_
 EDGE_FIELDS = ["from", "to", "bytes", "serialize_ms", "transfer_ms", "deserialize_ms"]
 
 
-BREAKDOWN_COLUMNS = ["backend", "transfer", "workflow", "mode", "run", "e2e_ms", "kind", "stage", *STAGE_FIELDS,
-                     *[f for f in EDGE_FIELDS if f != "bytes"]]
+BREAKDOWN_COLUMNS = ["backend", "transfer", "workflow", "mode", "state", "run", "e2e_ms", "peak_pss_mb", "kind",
+                     "stage", *STAGE_FIELDS, *[f for f in EDGE_FIELDS if f != "bytes"]]
 
 
-SUMMARY_COLUMNS = ["backend", "transfer", "workflow", "mode", "runs", "median_ms", "min_ms", "max_ms",
-                   "median_e2e_ms", "median_state_transfer_ms", "accuracy", "driver_peak_mb", "worker_peak_mb",
-                   "ratio_to_baseline"]
+#: ``peak_pss_mb``: the median over the runs of each run's peak of the PSS summed over its processes
+#: on this machine (shared pages once); ``peak_shm_mb``: of mlwf's shared-memory segments' bytes
+#: (:mod:`mlwf.bench.memory`). ``driver_peak_mb``, ``worker_peak_mb``: the largest single process's
+#: resident peak, as each process reports it.
+SUMMARY_COLUMNS = ["backend", "transfer", "workflow", "mode", "state", "runs", "median_ms", "min_ms", "max_ms",
+                   "median_e2e_ms", "median_state_transfer_ms", "state_bytes", "accuracy", "peak_pss_mb",
+                   "peak_shm_mb", "driver_peak_mb", "worker_peak_mb", "ratio_to_baseline"]
 
 
 #: Report fields (per stage) behind each breakdown column that is not named the same.
@@ -65,7 +80,8 @@ def read_latency_csv(path: Path) -> list[float]:
 def breakdown_rows(key: dict[str, str], run: int, report: dict[str, Any]) -> list[dict[str, Any]]:
     """The breakdown CSV rows of one run report (``key``: backend, transfer, workflow, mode)."""
     rows = []
-    base = {**key, "run": run, "e2e_ms": report.get("e2e_ms")}
+    base = {**key, "run": run, "e2e_ms": report.get("e2e_ms"),
+            "peak_pss_mb": report.get("memory", {}).get("peak_pss_mb")}
     for stage, st in report.get("stages", {}).items():
         row = {**base, "kind": "stage", "stage": stage}
         for f in STAGE_FIELDS:
@@ -83,7 +99,8 @@ def merge_csv(path: Path, columns: list[str], rows: list[dict], replaced: set[tu
     if path.exists():
         with open(path, newline="") as f:
             kept = [r for r in csv.DictReader(f)
-                    if (r.get("backend"), r.get("transfer"), r.get("workflow"), r.get("mode")) not in replaced]
+                    if (r.get("backend"), r.get("transfer"), r.get("workflow"), r.get("mode"),
+                        r.get("state") or "light") not in replaced]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
@@ -124,3 +141,31 @@ def describe_input(workflow: str, args: list[Any], num_images: int | None) -> st
 
 def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _median(values: list[Any], digits: int = 1) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return round(statistics.median(values), digits) if values else None
+
+
+def summary_row(names: dict[str, str], times: list[float], reports: list[dict[str, Any]],
+                base_median: float | None) -> dict[str, Any]:
+    """The ``summary.csv`` row of one configuration from its wall times and run reports."""
+    last = reports[-1]
+    s = stats(times)
+    accuracy = last.get("validation_accuracy") if names["workflow"] == "ml-training" else last.get("accuracy")
+    return {
+        **names, "runs": len(times), "median_ms": round(s["median"], 1), "min_ms": round(s["min"], 1),
+        "max_ms": round(s["max"], 1),
+        "median_e2e_ms": _median([x.get("e2e_ms") for x in reports]),
+        "median_state_transfer_ms": _median([x.get("state_transfer_ms", 0.0) for x in reports]),
+        # Bytes that crossed between functions in one run (the input images read from the store left
+        # out): what the state weighs.
+        "state_bytes": int(sum(e.get("bytes") or 0 for e in last.get("edges", []) if e.get("from") != "store")),
+        "accuracy": None if accuracy is None else round(accuracy, 4),
+        "peak_pss_mb": _median([x.get("memory", {}).get("peak_pss_mb") for x in reports]),
+        "peak_shm_mb": _median([x.get("memory", {}).get("peak_shm_mb") for x in reports]),
+        "driver_peak_mb": last.get("memory", {}).get("driver_peak_mb"),
+        "worker_peak_mb": last.get("memory", {}).get("worker_peak_mb"),
+        "ratio_to_baseline": round(s["median"] / base_median, 2) if base_median else None,
+    }

@@ -23,15 +23,16 @@ def plot_dir(out: str | Path, *, traces: bool = True) -> list[Path]:
     series: dict[str, dict[str, list[float]]] = {}
     found = sorted(p for p in out.iterdir() if LATENCY_CSV.match(p.name) or BASELINE_CSV.match(p.name))
     if not found:
-        raise UsageError(f"no benchmark CSVs (BACKEND-TRANSFER-WORKFLOW-MODE.csv) in {out}: run "
+        raise UsageError(f"no benchmark CSVs (BACKEND-TRANSFER[-heavy]-WORKFLOW-MODE.csv) in {out}: run "
                          f"'mlwf bench … --out {out}' first")
     def order(p: Path) -> tuple:
         m = LATENCY_CSV.match(p.name)
-        return (1,) if m is None else (0, plots.config_order(m["backend"], m["transfer"], m["mode"]))
+        return (1,) if m is None else (0, plots.config_order(m["backend"], m["transfer"], m["mode"],
+                                                            m["state"] or "light"))
 
     for p in sorted(found, key=order):  # measured configurations in a fixed order, the baseline last
         if m := LATENCY_CSV.match(p.name):
-            label = f"{m['backend']} · {m['transfer']} · {m['mode']}"
+            label = " · ".join([m["backend"], m["transfer"], *([m["state"]] if m["state"] else []), m["mode"]])
             wf = m["workflow"]
         else:
             m = BASELINE_CSV.match(p.name)
@@ -47,9 +48,13 @@ def plot_dir(out: str | Path, *, traces: bool = True) -> list[Path]:
         meta = {}
     inputs = {wf: m.get("input") for wf, m in meta.items() if isinstance(m, dict)}
     written = plots.latency(series, out / "latency", inputs)
-    stage_rows = [r for r in read_csv(out / "breakdown.csv") if r.get("kind") == "stage"]
+    rows = read_csv(out / "breakdown.csv")
+    stage_rows = [r for r in rows if r.get("kind") == "stage"]
     if stage_rows:
         written += plots.breakdown(stage_rows, out / "breakdown")
+    edge_rows = [r for r in rows if r.get("kind") == "edge" and r.get("from") != "store"]
+    if edge_rows:
+        written += plots.transfer(edge_rows, out / "transfer")
     if traces and (out / "traces").is_dir():
         from mlwf.engine import trace
 

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, machine,
-                              merge_csv, stats, write_latency_csv)
+from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, label,
+                              latency_csv_name, machine, merge_csv, stats, summary_row, write_latency_csv)
+from mlwf.bench.memory import PeakMemory
 from mlwf.bench.plots import plot_dir
 from mlwf.errors import Interrupted, StageError, UsageError
 from mlwf.presets import DEFAULTS
@@ -23,6 +24,9 @@ from mlwf.settings import Settings
 
 WORKFLOWS = ("ml-training", "ml-inference")
 MODES = ("warm", "cold")
+#: ``--state``: ``light`` (stages hand each other keys: the reference's) or ``heavy`` (decoded pixels and
+#: full feature matrices: :mod:`mlwf.workflows`).
+STATES = ("light", "heavy")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class BenchSpec:
     out: Path
     backends: list[str] = field(default_factory=lambda: ["local"])
     transfers: list[str] = field(default_factory=lambda: ["store"])
+    states: list[str] = field(default_factory=lambda: ["light"])
     repeats: int = 5
     cold: bool = False
     baseline: bool = False
@@ -83,7 +88,8 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
 
 
 def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str, str]]:
-    """The (backend, transfer) pairs to measure; pairs a backend cannot do are skipped with a note."""
+    """The (backend, transfer) pairs to measure (each with every ``--state``); pairs a backend
+    cannot do are skipped with a note."""
     from mlwf.backends import backend_class
 
     pairs = []
@@ -108,6 +114,7 @@ def _check_spec(spec: BenchSpec) -> None:
 
     spec.backends = split_list(spec.backends, "backend", BACKENDS)
     spec.transfers = split_list(spec.transfers, "transfer", TRANSFERS)
+    spec.states = split_list(spec.states, "state", STATES)
     if spec.workers is not None and spec.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {spec.workers}")
     if spec.baseline and spec.workflow == "ml-training" and spec.config is not None:
@@ -194,9 +201,10 @@ def baseline_runs(spec: BenchSpec, store, tick: Callable[[str], None]) -> tuple[
 
 
 # --------------------------------------------------------------------------- running the workflow
-def _cli_args(spec: BenchSpec, backend: str, transfer: str) -> list[str]:
+def _cli_args(spec: BenchSpec, backend: str, transfer: str, state: str = "light") -> list[str]:
     """The ``mlwf run`` command line of one cold run (without the interpreter)."""
     argv = ["run", spec.workflow, *map(str, spec.args), "--backend", backend, "--transfer", transfer, "--json"]
+    argv += ["--state", state] * (state != "light")
     if spec.store:
         argv += ["--store", spec.store]
     if spec.bucket:
@@ -226,7 +234,7 @@ def _where_flags(spec: BenchSpec) -> list[str]:
     return argv
 
 
-def resume_command(spec: BenchSpec, backend: str, transfer: str, run_id: str) -> str:
+def resume_command(spec: BenchSpec, backend: str, transfer: str, run_id: str, state: str = "light") -> str:
     """The ``mlwf run`` command line that finishes run ``run_id`` of this benchmark."""
     import shlex
 
@@ -234,6 +242,7 @@ def resume_command(spec: BenchSpec, backend: str, transfer: str, run_id: str) ->
 
     argv = ["run", spec.workflow, *map(str, spec.args)]
     argv += ["--backend", backend] * (backend != "local") + ["--transfer", transfer] * (transfer != "store")
+    argv += ["--state", state] * (state != "light")
     argv += _where_flags(spec)
     if spec.workflow == "ml-training":  # only what differs from the defaults: the run records the rest
         argv += training_flags(spec.config or TrainingConfig(), changed_only=True)
@@ -248,6 +257,7 @@ def command_line(spec: BenchSpec) -> str:
 
     argv = ["mlwf", "bench", spec.workflow, *map(str, spec.args), "--backend", ",".join(spec.backends),
             "--transfer", ",".join(spec.transfers), "--repeats", str(spec.repeats)]
+    argv += ["--state", ",".join(spec.states)] * (spec.states != ["light"])
     argv += ["--cold"] * spec.cold + ["--baseline"] * spec.baseline + ["--out", str(spec.out)]
     argv += _where_flags(spec)
     if spec.workflow == "ml-training":
@@ -261,16 +271,24 @@ def command_line(spec: BenchSpec) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _run_once(spec: BenchSpec, engine) -> dict[str, Any]:
+def _run_once(spec: BenchSpec, engine, state: str) -> dict[str, Any]:
     if spec.workflow == "ml-training":
         data_prefix, num_pca, num_train = spec.args
         return engine.run_training(data_prefix, num_pca, num_train, config=spec.config,
-                                   model_prefix=spec.model_prefix, publish=spec.publish)
+                                   model_prefix=spec.model_prefix, publish=spec.publish,
+                                   **({"state": state} if state != "light" else {}))
     model_prefix, data_prefix, num_funcs = spec.args
-    return engine.run_inference(model_prefix, data_prefix, num_funcs)
+    return engine.run_inference(model_prefix, data_prefix, num_funcs, **({"state": state} if state != "light" else {}))
 
 
-def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[float], list[dict], dict]:
+def _with_memory(report: dict[str, Any], peak: PeakMemory) -> dict[str, Any]:
+    """``report`` with the run's peak memory on this machine (:mod:`mlwf.bench.memory`)."""
+    report["memory"] = {**report.get("memory", {}), "peak_pss_mb": peak.pss_mb, "peak_shm_mb": peak.shm_mb}
+    return report
+
+
+def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick,
+              state: str = "light") -> tuple[list[float], list[dict], dict]:
     """Wall times (ms) and reports of ``repeats`` warm runs, and the trace of the last one."""
     from mlwf.backends import config_from_flags
     from mlwf.engine import trace
@@ -280,41 +298,48 @@ def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[
     config = config_from_flags(backend, workflow=spec.workflow, workers=spec.workers,
                                ray_address=spec.ray_address, endpoints=spec.endpoints)
     with Engine(spec.store, spec.bucket, backend=config, transfer=transfer, progress=clock) as engine:
+        what = label(backend, transfer, state)
         try:
-            _run_once(spec, engine)
-            tick(f"{backend} · {transfer} · warm-up")
+            _run_once(spec, engine, state)
+            tick(f"{what} · warm-up")
             times, reports = [], []
             for i in range(spec.repeats):
-                t = time.perf_counter()
-                reports.append(_run_once(spec, engine))
-                times.append((time.perf_counter() - t) * 1e3)
-                tick(f"{backend} · {transfer} · warm {i + 1}/{spec.repeats}")
+                with PeakMemory() as peak:
+                    t = time.perf_counter()
+                    report = _run_once(spec, engine, state)
+                    times.append((time.perf_counter() - t) * 1e3)
+                reports.append(_with_memory(report, peak))
+                tick(f"{what} · warm {i + 1}/{spec.repeats}")
         except Interrupted as e:
             if e.run_id:
-                e.resume = resume_command(spec, backend, transfer, e.run_id)
+                e.resume = resume_command(spec, backend, transfer, e.run_id, state)
             raise
         doc = trace.build(engine.last_run, reports[-1], clock)
     return times, reports, doc
 
 
-def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick) -> tuple[list[float], list[dict]]:
+def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick,
+              state: str = "light") -> tuple[list[float], list[dict]]:
     """Wall times (ms, process start to exit) and reports of ``repeats`` fresh ``mlwf run`` processes."""
-    argv = [sys.executable, "-m", "mlwf.cli", *_cli_args(spec, backend, transfer)]
+    argv = [sys.executable, "-m", "mlwf.cli", *_cli_args(spec, backend, transfer, state)]
+    what = label(backend, transfer, state)
     times, reports = [], []
     for i in range(spec.repeats):
-        t = time.perf_counter()
-        done = _cold_run(argv, spec, backend, transfer)
-        times.append((time.perf_counter() - t) * 1e3)
+        with PeakMemory() as peak:
+            t = time.perf_counter()
+            done = _cold_run(argv, spec, backend, transfer, state)
+            times.append((time.perf_counter() - t) * 1e3)
         if done.returncode != 0:
             lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-            raise StageError(f"cold run {i + 1} on {backend} · {transfer} failed: "
+            raise StageError(f"cold run {i + 1} on {what} failed: "
                              f"{lines[-1] if lines else f'exit status {done.returncode}'}")
-        reports.append(json.loads(done.stdout))
-        tick(f"{backend} · {transfer} · cold {i + 1}/{spec.repeats}")
+        reports.append(_with_memory(json.loads(done.stdout), peak))
+        tick(f"{what} · cold {i + 1}/{spec.repeats}")
     return times, reports
 
 
-def _cold_run(argv: list[str], spec: BenchSpec, backend: str, transfer: str) -> subprocess.CompletedProcess:
+def _cold_run(argv: list[str], spec: BenchSpec, backend: str, transfer: str,
+              state: str = "light") -> subprocess.CompletedProcess:
     """One cold ``mlwf run`` process, to its end; on Ctrl-C, :class:`Interrupted` naming its run.
 
     The process is in the terminal's process group, so the Ctrl-C reached it too: it is given the
@@ -336,7 +361,7 @@ def _cold_run(argv: list[str], spec: BenchSpec, backend: str, transfer: str) -> 
             pass
         run_id = said.get("run_id") if isinstance(said, dict) else None
         raise Interrupted(spec.workflow, run_id, said.get("status") if run_id else None,
-                          resume_command(spec, backend, transfer, run_id) if run_id else None) from None
+                          resume_command(spec, backend, transfer, run_id, state) if run_id else None) from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
@@ -412,32 +437,35 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     out.mkdir(parents=True, exist_ok=True)
     (out / "traces").mkdir(exist_ok=True)
 
-    total = len(pairs) * (spec.repeats + 1 + (spec.repeats if spec.cold else 0)) + \
+    total = len(pairs) * len(spec.states) * (spec.repeats + 1 + (spec.repeats if spec.cold else 0)) + \
         (spec.repeats + 1 if spec.baseline else 0)
     results: list[dict[str, Any]] = []  # one per configuration: key, times, reports
     written: list[Path] = []
     with _BenchBar(total, progress) as bar:
         for text in notes:
             bar.note(text)
-        for backend, transfer in pairs:
-            times, reports, doc = warm_runs(spec, backend, transfer, bar.tick)
-            results.append({"key": (backend, transfer, spec.workflow, "warm"), "times": times, "reports": reports})
-            from mlwf.engine import trace
-
-            stem = f"{backend}-{transfer}-{spec.workflow}-warm"
-            written.append(trace.write(doc, out / "traces" / f"{stem}.trace.json"))
-            if spec.plots:
-                from mlwf import plots
-
-                written.append(plots.gantt(doc, out / "traces" / f"{stem}.png"))
-            bar.note(f"{backend} · {transfer} · warm: median {statistics.median(times):.0f} ms "
-                     f"({min(times):.0f}–{max(times):.0f})")
-            if spec.cold:
-                times, reports = cold_runs(spec, backend, transfer, bar.tick)
-                results.append({"key": (backend, transfer, spec.workflow, "cold"), "times": times,
+        for state in spec.states:
+            for backend, transfer in pairs:
+                what = label(backend, transfer, state)
+                times, reports, doc = warm_runs(spec, backend, transfer, bar.tick, state)
+                results.append({"key": (backend, transfer, spec.workflow, "warm", state), "times": times,
                                 "reports": reports})
-                bar.note(f"{backend} · {transfer} · cold: median {statistics.median(times):.0f} ms "
+                from mlwf.engine import trace
+
+                stem = latency_csv_name(backend, transfer, spec.workflow, "warm", state)[:-len(".csv")]
+                written.append(trace.write(doc, out / "traces" / f"{stem}.trace.json"))
+                if spec.plots:
+                    from mlwf import plots
+
+                    written.append(plots.gantt(doc, out / "traces" / f"{stem}.png"))
+                bar.note(f"{what} · warm: median {statistics.median(times):.0f} ms "
                          f"({min(times):.0f}–{max(times):.0f})")
+                if spec.cold:
+                    times, reports = cold_runs(spec, backend, transfer, bar.tick, state)
+                    results.append({"key": (backend, transfer, spec.workflow, "cold", state), "times": times,
+                                    "reports": reports})
+                    bar.note(f"{what} · cold: median {statistics.median(times):.0f} ms "
+                             f"({min(times):.0f}–{max(times):.0f})")
         base = None
         if spec.baseline:
             times, accuracy = baseline_runs(spec, store, bar.tick)
@@ -449,36 +477,24 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     summary_rows, breakdown, replaced = [], [], set()
     base_median = statistics.median(base["times"]) if base else None
     for r in results:
-        backend, transfer, workflow, mode = key = r["key"]
+        backend, transfer, workflow, mode, state = key = r["key"]
         replaced.add(key)
-        path = out / f"{backend}-{transfer}-{workflow}-{mode}.csv"
+        path = out / latency_csv_name(*key)
         write_latency_csv(path, r["times"])
         written.append(path)
-        names = dict(zip(("backend", "transfer", "workflow", "mode"), key))
+        names = dict(zip(("backend", "transfer", "workflow", "mode", "state"), key))
         for i, rep in enumerate(r["reports"]):
             breakdown += breakdown_rows(names, i, rep)
-        last = r["reports"][-1]
-        s = stats(r["times"])
-        accuracy = last.get("validation_accuracy") if workflow == "ml-training" else last.get("accuracy")
-        summary_rows.append({
-            **names, "runs": len(r["times"]), "median_ms": round(s["median"], 1), "min_ms": round(s["min"], 1),
-            "max_ms": round(s["max"], 1),
-            "median_e2e_ms": round(statistics.median(x["e2e_ms"] for x in r["reports"]), 1),
-            "median_state_transfer_ms": round(statistics.median(x.get("state_transfer_ms", 0.0)
-                                                                for x in r["reports"]), 1),
-            "accuracy": None if accuracy is None else round(accuracy, 4),
-            "driver_peak_mb": last.get("memory", {}).get("driver_peak_mb"),
-            "worker_peak_mb": last.get("memory", {}).get("worker_peak_mb"),
-            "ratio_to_baseline": round(s["median"] / base_median, 2) if base_median else None,
-        })
+        summary_rows.append(summary_row(names, r["times"], r["reports"], base_median))
     if base:
         path = out / f"baseline-{spec.workflow}.csv"
         write_latency_csv(path, base["times"])
         written.append(path)
-        key = ("baseline", "", spec.workflow, "warm")
+        key = ("baseline", "", spec.workflow, "warm", "light")
         replaced.add(key)
         s = stats(base["times"])
         summary_rows.append({"backend": "baseline", "transfer": "", "workflow": spec.workflow, "mode": "warm",
+                             "state": "light",
                              "runs": len(base["times"]), "median_ms": round(s["median"], 1),
                              "min_ms": round(s["min"], 1), "max_ms": round(s["max"], 1),
                              "accuracy": round(base["accuracy"], 4), "ratio_to_baseline": 1.0})
@@ -496,6 +512,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
         "command": command or command_line(spec), "args": spec.args,
         "input": describe_input(spec.workflow, spec.args, num_images),
         "num_images": num_images, "repeats": spec.repeats, "backends": spec.backends, "transfers": spec.transfers,
+        "states": spec.states,
         "cold": spec.cold, "baseline": spec.baseline,
         "config": asdict(spec.config) if spec.config is not None else None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),

@@ -21,7 +21,11 @@ def add_parsers(sub) -> None:
         b.add_argument("--backend", default="local",
                        help="backends, comma-separated: local,ray,knative (default local)")
         b.add_argument("--transfer", default="store",
-                       help="transfers, comma-separated: store,direct (default store)")
+                       help="transfers, comma-separated: store,direct,payload,shm (default store; each backend "
+                            "takes its own: docs/transfer.md)")
+        b.add_argument("--state", default="light",
+                       help="state variants, comma-separated: light,heavy (default light: stages hand each other "
+                            "keys; heavy: decoded pixels and feature matrices)")
         b.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
         b.add_argument("--cold", action="store_true", help="also time fresh 'mlwf run' processes, start to exit")
         b.add_argument("--baseline", action="store_true",
@@ -62,7 +66,7 @@ def bench(args) -> int:
         positional = [args.model_prefix, args.data_prefix, args.num_funcs]
         extra = {}
     spec = bench.BenchSpec(workflow=args.bench_workflow, args=positional, out=args.out, backends=args.backend,
-                           transfers=args.transfer, repeats=args.repeats, cold=args.cold, baseline=args.baseline,
+                           transfers=args.transfer, states=args.state, repeats=args.repeats, cold=args.cold, baseline=args.baseline,
                            store=args.store, bucket=args.bucket, workers=args.workers, endpoints=args.endpoint,
                            ray_address=args.ray_address, plots=not args.no_plots, **extra)
     try:

@@ -1,0 +1,136 @@
+"""The memory a run holds on this machine: the sum of its processes' PSS, sampled while it runs.
+
+Resident set sizes cannot be added up: pages that several processes map (the
+fork server's imports that every worker shares, a shared-memory segment that
+a producer wrote and its consumers read) would count once per process. The
+proportional set size (``Pss`` in ``/proc/PID/smaps_rollup``) charges each
+shared page to its processes in equal parts, so the sum over the processes is
+the memory they hold together, shared pages once. The sampler reads it every
+``interval`` seconds for this process and every process descending from it
+(the local backend's fork server and workers, a Ray instance this process
+started, a cold ``mlwf run`` and its children); processes elsewhere (a Ray
+cluster's nodes, ``mlwf serve`` behind ``--endpoint``) are not seen.
+
+Also sampled: the bytes held by mlwf's shared-memory segments (``/dev/shm/mlwf-*``,
+``--transfer shm``). Pages of a segment that a process maps are already in
+its PSS; a segment no process maps at that instant (written, not yet read) is
+in none, so the two figures are kept apart rather than added.
+
+Linux only: elsewhere the figures are None.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "mlwf-"
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid → child pids, for every process in /proc."""
+    tree: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(name))
+    return tree
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descending from it."""
+    tree = _children()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(tree.get(pid, []))
+    return found
+
+
+def pss_kb(pid: int) -> int:
+    """The proportional set size of ``pid`` in KiB (0 if it is gone or not readable)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def shm_bytes() -> int:
+    """Bytes allocated to mlwf's shared-memory segments now (0 without /dev/shm)."""
+    total = 0
+    try:
+        with os.scandir(SHM_DIR) as it:
+            for entry in it:
+                if entry.name.startswith(SHM_PREFIX):
+                    try:
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+    except OSError:
+        return 0
+    return total
+
+
+def supported() -> bool:
+    """Whether this machine says what a process's PSS is (Linux 4.14 and later)."""
+    return os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
+
+
+class PeakMemory:
+    """The peak, over a ``with`` block, of the PSS summed over this process's tree, and of the
+    shared-memory segments' bytes; sampled every ``interval`` seconds in a thread (and once at
+    each end of the block, so a block shorter than the interval is still measured).
+
+    ``pss_mb`` and ``shm_mb`` are None where the machine cannot say (not Linux).
+    """
+
+    def __init__(self, interval: float = 0.05, root: int | None = None):
+        self.interval = interval
+        self.root = root or os.getpid()
+        self.enabled = supported()
+        self._peak_pss_kb = 0
+        self._peak_shm = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        pss = sum(pss_kb(pid) for pid in process_tree(self.root))
+        self._peak_pss_kb = max(self._peak_pss_kb, pss)
+        self._peak_shm = max(self._peak_shm, shm_bytes())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> PeakMemory:
+        if self.enabled:
+            self.sample()
+            self._thread = threading.Thread(target=self._loop, name="mlwf-bench-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.sample()
+
+    @property
+    def pss_mb(self) -> float | None:
+        return round(self._peak_pss_kb / 1024, 1) if self.enabled else None
+
+    @property
+    def shm_mb(self) -> float | None:
+        return round(self._peak_shm / 2**20, 1) if self.enabled else None
