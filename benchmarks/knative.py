@@ -113,8 +113,8 @@ def main() -> None:
         asyncio.run(load_round(server.url, store_url, secret, a.concurrency))  # warm-up
         lat, errors, walls = [], 0, []
         for _ in range(a.rounds):
-            l, e, w = asyncio.run(load_round(server.url, store_url, secret, a.concurrency))
-            lat += l
+            lats, e, w = asyncio.run(load_round(server.url, store_url, secret, a.concurrency))
+            lat += lats
             errors += e
             walls.append(w)
     finally:
