@@ -18,15 +18,17 @@ signature covers every byte, as it does for a JSON call.
 
 Why not JSON. The JSON the store mode sends holds a Ref's bytes in base64
 (``Ref.to_json``), and structured mode must (the CloudEvents JSON format
-carries binary data as ``data_base64``). On the project's 2-core machine,
-32 MiB of float32 state cost, per hop, base64 encode 172 ms and decode
-189 ms, the canonical JSON the signature hashes 248 ms, the SDK's
-serialization 257 ms and parse 116 ms, each paid by both sides of the call
-and again by the reply: about 2.8 s per 32 MiB hop, for bytes loopback moves
-in tens of ms. Framed, the same hop costs one SHA-256 (23 ms) on each side and
-a copy (2026-12-01, ``/tmp`` micro-benchmark of these very functions). So
-binary mode carries the frames; structured mode, which cannot, keeps the JSON
-(a payload run with ``structured=True`` works, at that price).
+carries binary data as ``data_base64``). On the project's 2-core machine, one
+call carrying 32 MiB of float32 state cost 839 ms to make as JSON (base64
+encode, the canonical JSON its signature hashes, the SDK's serialization)
+and 570 ms to take apart (parse, canonical JSON again, base64 decode), and the
+reply pays both again: 44.7 MB on the wire, 1.4 s a direction. Framed, the
+same call takes 42 ms to make and 63 ms to take apart (a copy, and a SHA-256
+of the bytes), 33.6 MB on the wire: 13× less (2026-12-06, best of 3-5, timing
+these functions and :func:`mlwf.backends.knative.events.to_http` /
+``from_http`` on the call). So binary mode carries the frames; structured
+mode, which cannot, keeps the JSON (a payload run with ``structured=True``
+works, at that price).
 """
 
 from __future__ import annotations
