@@ -6,16 +6,21 @@ tests/test_knative.py starts them), over the moto S3 server.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from mlwf.backends.knative import KnativeBackend, frames
+from mlwf.backends.knative import KnativeBackend, events, frames
 from mlwf.engine.calls import Call, Ref
 from mlwf.engine.driver import Engine
 from mlwf.errors import UsageError
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX
-from tests.test_knative import SECRET, ServeProcess, _keys, _point_at, _server_env, digits_bucket
+from tests.test_knative import (
+    SECRET,
+    ServeProcess,
+    _keys,
+    _point_at,
+    _server_env,
+    digits_bucket,
+)
 
 MODEL = "ml-inference/model"
 
@@ -173,9 +178,7 @@ def test_the_server_advertises_its_body_limit_and_refuses_a_framed_choreographed
 
     assert httpx.get(f"{small_server.url}/healthz").json() == {"status": "ok", "max_body": 32 << 10}
     ref = Ref(frames.codec.digest(b"x"), 1, data=b"x", producer="pca")
-    bare, blobs = frames.split_call(dataclasses.replace(Call("ml-training", "train", 0, {"projection": ref})))
-    from mlwf.backends.knative import events
-
+    bare, blobs = frames.split_call(Call("ml-training", "train", 0, {"projection": ref}))
     event = events.call_event(bare.to_json(), {"run_id": "r"}, SECRET, kind="event")
     headers, body = frames.to_http(event, blobs)
     resp = httpx.post(small_server.url, content=body, headers=headers)
