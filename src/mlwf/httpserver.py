@@ -25,7 +25,9 @@ from mlwf.budget import BudgetExceeded, Reservation
 from mlwf.errors import UsageError
 
 log = logging.getLogger("mlwf.serve")
-#: The largest --max-body: every body is held in memory while it is checked.
+#: The largest --max-body unless a server says otherwise (``mlwf serve`` allows more, for calls that carry
+#: their state: :data:`mlwf.backends.knative.events.MAX_BODY`): every body is held in memory while it is
+#: checked, and counted against the process's memory budget.
 MAX_BODY_LIMIT = 64 << 20
 
 
@@ -296,8 +298,8 @@ def make_server(config, app):
     return _server_class()(config, app)
 
 
-def parse_size(text: str) -> int:
-    """``1048576``, ``512KiB``, ``1MiB``, ``2MB`` → bytes."""
+def parse_size(text: str, high: int = MAX_BODY_LIMIT) -> int:
+    """``1048576``, ``512KiB``, ``1MiB``, ``2MB`` → bytes, from 1 KiB to ``high``."""
     m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise UsageError(f"--max-body {text!r} is not a size: give bytes or e.g. 1MiB")
@@ -307,8 +309,10 @@ def parse_size(text: str) -> int:
              "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30}[unit]
     if n * scale < 1024:
         raise UsageError(f"--max-body {text!r} is too small: at least 1KiB")
-    if n * scale > MAX_BODY_LIMIT:
-        raise UsageError(f"--max-body {text!r} is too large: at most 64MiB (a call carries store keys, not data)")
+    if n * scale > high:
+        shown = f"{high >> 30}GiB" if high % (1 << 30) == 0 else f"{high >> 20}MiB"
+        raise UsageError(f"--max-body {text!r} is too large: at most {shown} (every body is held in memory "
+                         "while it is checked)")
     return n * scale
 
 

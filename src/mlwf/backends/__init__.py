@@ -19,7 +19,11 @@ from mlwf.errors import UsageError
 
 #: Backend names, in the order they are listed.
 NAMES = ("local", "ray", "knative")
-TRANSFERS = ("store", "direct")
+#: ``--transfer`` modes: ``store`` (every intermediate an object in the store), ``direct`` (handed on by the
+#: backend: the local pool's pipe, Ray's object store), ``payload`` (inline in each call and its reply: the
+#: local pool's pipe again, a Knative request's body). Each backend says which it does (``transfers``) and
+#: why not the others it could be asked for (``transfer_notes``).
+TRANSFERS = ("store", "direct", "payload")
 #: What a backend with optional libraries says when one is missing: (its libraries, the hint).
 _INSTALL_HINTS = {"ray": (("ray",), "the Ray backend needs Ray: pip install 'mlwf[ray]'"),
                   "knative": (("httpx", "cloudevents"),
@@ -41,6 +45,13 @@ def backend_class(name: str) -> Any:
         if e.name and e.name.split(".")[0] in libraries:
             raise UsageError(hint) from None
         raise
+
+
+def cannot_transfer(cls: Any, transfer: str) -> str:
+    """The one line saying that backend class ``cls`` cannot do ``--transfer transfer``, and why if it says."""
+    why = getattr(cls, "transfer_notes", {}).get(transfer)
+    return (f"the {cls.name} backend cannot do --transfer {transfer}" + (f" ({why})" if why else "")
+            + f": use {' or '.join(cls.transfers)}")
 
 
 def make_backend(name_or_config: Any, settings, options: dict[str, Any] | None = None):

@@ -61,8 +61,11 @@ class Backend(Protocol):
     """What the driver calls on a backend (:class:`~mlwf.engine.driver.Engine` owns one)."""
 
     name: ClassVar[str]  # "local", "ray", "knative"
-    #: The ``--transfer`` modes it can do: ``store`` (outputs are objects in the store) and/or ``direct``.
+    #: The ``--transfer`` modes it can do (:data:`mlwf.backends.TRANSFERS`): ``store`` (outputs are objects in
+    #: the store), ``direct`` (the backend hands them on), ``payload`` (inline in each call and reply).
     transfers: ClassVar[tuple[str, ...]]
+    #: Optional: ``{transfer: why not}`` for modes it does not do, said when one is asked for.
+    transfer_notes: ClassVar[dict[str, str]]
     Config: ClassVar[type[BackendConfig]]
 
     def __init__(self, config: Any, settings: Settings) -> None: ...

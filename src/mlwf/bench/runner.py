@@ -90,16 +90,16 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
 def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str, str]]:
     """The (backend, transfer) pairs to measure (each with every ``--state``); pairs a backend
     cannot do are skipped with a note."""
-    from mlwf.backends import backend_class
+    from mlwf.backends import backend_class, cannot_transfer
 
     pairs = []
     for backend in spec.backends:
-        can = tuple(backend_class(backend).transfers)
+        cls = backend_class(backend)
         for transfer in spec.transfers:
-            if transfer in can:
+            if transfer in cls.transfers:
                 pairs.append((backend, transfer))
             else:
-                note(f"skipping {backend} · {transfer}: the {backend} backend cannot do --transfer {transfer}")
+                note(f"skipping {backend} · {transfer}: {cannot_transfer(cls, transfer)}")
     if not pairs:
         raise UsageError(f"no backend in {','.join(spec.backends)} can do --transfer {','.join(spec.transfers)}")
     return pairs

@@ -24,7 +24,10 @@ def add_parsers(sub) -> None:
                                     "(default: $MLWF_STORE, else ~/.local/share/mlwf/store); calls naming "
                                     "another store are refused")
     sv.add_argument("--bucket", help=BUCKET_HELP + "; calls naming another bucket are refused")
-    sv.add_argument("--max-body", default="1MiB", help="largest request body, e.g. 1MiB (default); more: 413")
+    sv.add_argument("--max-body", default="1MiB",
+                    help="largest request body, e.g. 1MiB (default, ample for --transfer store, whose calls carry "
+                         "store keys); a --transfer payload call carries its inputs, so give it the largest call's "
+                         "state (up to 2GiB, with --max-memory to match); more: 413")
     sv.add_argument("--max-memory", metavar="SIZE",
                     help="memory requests may make the server hold at once, shared by all of them, e.g. 512MiB "
                          "(default: $MLWF_MAX_MEMORY, else 512MiB); a request needing more alone: 413, while "
@@ -102,10 +105,11 @@ def _cluster_target(p) -> None:
 def handle(args) -> int:
     if args.command == "serve":
         from mlwf import budget
-        from mlwf.backends.knative import server
+        from mlwf.backends.knative import events, server
 
+        max_body = server.parse_size(args.max_body, events.MAX_BODY)
         return server.serve(host=args.host, port=args.port, stages=args.stages, store=args.store,
-                            bucket=args.bucket, max_body=server.parse_size(args.max_body), threads=args.threads,
+                            bucket=args.bucket, max_body=max_body, threads=args.threads,
                             grace=args.grace, insecure_no_auth=args.insecure_no_auth, max_age=args.max_age,
                             request_timeout=args.request_timeout, max_connections=args.max_connections,
                             max_client_connections=args.max_client_connections, workers=args.workers,

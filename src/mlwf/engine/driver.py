@@ -48,7 +48,7 @@ from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RESUMABLE_STATUSES,
 from mlwf.settings import Settings
 from mlwf.storage import StoreSpec
 
-from mlwf.backends import NAMES, TRANSFERS, make_backend
+from mlwf.backends import NAMES, TRANSFERS, cannot_transfer, make_backend
 from mlwf.backends.base import BackendConfig
 
 
@@ -87,7 +87,8 @@ class Engine:
         ``backend=LocalConfig(workers=...)``.
     transfer : how intermediate state moves between stages: ``"store"`` (every
         intermediate is an object in the store, as in the reference) or ``"direct"``
-        (handed from call to call by the backend).
+        (handed from call to call by the backend) or ``"payload"`` (inline in each call and its reply;
+        on the local backend the same path as ``direct``, on Knative each request's body).
     backend_options : the fields of the named backend's config (e.g. ``address`` for Ray,
         ``endpoints`` for Knative).
     timeout : seconds a call may run before it counts as failed (default 600, at most
@@ -146,8 +147,7 @@ class Engine:
         self.last_run: Run | None = None
         self.backend = make_backend(backend, self.settings, backend_options)
         if transfer not in self.backend.transfers:
-            raise UsageError(f"the {self.backend.name} backend cannot do --transfer {transfer}: use "
-                             f"{' or '.join(self.backend.transfers)}")
+            raise UsageError(cannot_transfer(type(self.backend), transfer))
         self.backend.start()
 
     def timeout_for(self, stage: str) -> float:
@@ -170,7 +170,8 @@ class Engine:
         if resume is None:
             return Run(self, workflow, params)
         if self.transfer != "store":
-            raise UsageError("--resume needs --transfer store: a direct-transfer run keeps no outputs to reuse")
+            raise UsageError(f"--resume needs --transfer store: a {self.transfer}-transfer run keeps no outputs "
+                             "to reuse")
         if resume == "latest":
             resume = self._latest_resumable(workflow, params)
         record = find_run(self.store, resume)

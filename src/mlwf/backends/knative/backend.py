@@ -9,10 +9,22 @@ tests and benchmarks). ``endpoints`` says where each stage runs:
   workflow (``ml-inference=URL``). Qualified names win over bare stage names,
   which win over a plain URL.
 
-Intermediate state moves through the store only (``transfers = ("store",)``):
-a call carries store keys and checksums, never the bytes, and each service
-acts on the one store it was started with (``mlwf serve --store/--bucket``),
-with its own credentials. So the run's store must be the one the services
+Intermediate state moves through the store (``--transfer store``, the
+default: a call carries store keys and checksums, never the bytes) or inline
+(``--transfer payload``, RMMap's "rpc": each call's inputs ride in its
+request and its outputs in the reply, framed as raw bytes after the call's
+JSON in binary content mode, :mod:`mlwf.backends.knative.frames`; nothing of
+the state goes to the store). There is no ``direct``: a service holds no
+outputs between calls. A payload request is as big as the state it carries,
+so it meets the services' body limit (``mlwf serve --max-body``, which each
+service advertises on ``GET /healthz``): a call over a service's limit is
+refused here before it is sent, and a 413 from anything on the way (an
+ingress's own limit) the same way, in one line naming the limit and
+``--transfer store``; never by quietly putting the state in the store.
+
+Either way each service acts on the one store it was started with
+(``mlwf serve --store/--bucket``), with its own credentials (stages still
+read their data from it). So the run's store must be the one the services
 serve, named the same way (``s3://`` with each side's S3_HOST/S3_PORT, or
 ``s3://HOST:PORT``, or the same directory when every endpoint is on this
 machine, 127.0.0.1/localhost); a service serving another store refuses the
@@ -58,7 +70,7 @@ from typing import Any, ClassVar
 from mlwf import errors, workflows
 from mlwf.aio import BACKGROUND
 from mlwf.backends.base import BackendConfig, HoldsNoOutputs
-from mlwf.backends.knative import events
+from mlwf.backends.knative import events, frames
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.errors import MlwfError, StageError, UsageError, one_line
 from mlwf.settings import Settings
@@ -171,7 +183,8 @@ class KnativeBackend(HoldsNoOutputs):
     """Runs each call by POSTing a signed CloudEvent to the service for its stage."""
 
     name = "knative"
-    transfers = ("store",)
+    #: ``payload``: state inline in each request and reply (see the module docstring).
+    transfers = ("store", "payload")
     Config = KnativeConfig
 
     def __init__(self, config: KnativeConfig | None = None, settings: Settings | None = None):
@@ -197,7 +210,9 @@ class KnativeBackend(HoldsNoOutputs):
         self._clients: dict[str, Any] = {}  # used on the background loop only
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._in_flight: set[Future] = set()
-        self._checked: set[tuple[str, str]] = set()
+        self._checked: set[tuple[str, str, str]] = set()
+        #: Each service's advertised body limit (``mlwf serve --max-body``), None when it says none.
+        self._max_body: dict[str, int | None] = {}
 
     # ------------------------------------------------------------------ protocol
     def start(self) -> None:
@@ -242,7 +257,7 @@ class KnativeBackend(HoldsNoOutputs):
 
     def _check(self, ctx: RunContext) -> None:
         """Before a workflow's first call: every stage has a service, and the store is one they share."""
-        key = (ctx.workflow, ctx.store_url)
+        key = (ctx.workflow, ctx.store_url, ctx.transfer)
         if key in self._checked:
             return
         stages = workflows.known_stages().get(ctx.workflow, [])
@@ -257,7 +272,27 @@ class KnativeBackend(HoldsNoOutputs):
                 raise UsageError(f"the knative backend needs a store its services share: the local directory "
                                  f"{ctx.store_url!r} is not reachable from {remote[0]}; use --store s3:// "
                                  "(MinIO/S3), or run the services on this machine (127.0.0.1 endpoints)")
+        if ctx.transfer == "payload":
+            for url in {self.url_for(ctx.workflow, s) for s in stages}:
+                if url not in self._max_body:
+                    self._max_body[url] = self._advertised_max_body(url)
         self._checked.add(key)
+
+    def _advertised_max_body(self, url: str) -> int | None:
+        """The body limit ``url`` advertises on ``GET /healthz`` (``mlwf serve --max-body``), or None.
+
+        None (no answer, or no limit in it) leaves the check to the service's
+        413; a platform in front of it (an ingress) may have a lower limit of
+        its own, which only its 413 tells.
+        """
+        import httpx
+
+        try:
+            resp = httpx.get(urllib.parse.urljoin(url.rstrip("/") + "/", "healthz"), timeout=self.connect_timeout)
+            limit = resp.json().get("max_body") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return limit if type(limit) is int and limit > 0 else None
 
     @staticmethod
     def _wire_context(ctx: RunContext) -> RunContext:
@@ -285,8 +320,17 @@ class KnativeBackend(HoldsNoOutputs):
         import httpx
 
         where = f"{call.workflow} stage {call.name}"
-        event = events.call_event(call.to_json(), ctx.to_json(), self.secret)
-        headers, body = events.to_http(event, structured=self.structured)
+        if ctx.transfer == "payload" and not self.structured:
+            bare, blobs = frames.split_call(call)
+            event = events.call_event(bare.to_json(), ctx.to_json(), self.secret)
+            headers, body = frames.to_http(event, blobs)
+        else:  # JSON (a payload's bytes in base64 in it: structured mode has no other way)
+            event = events.call_event(call.to_json(), ctx.to_json(), self.secret)
+            headers, body = events.to_http(event, structured=self.structured)
+        limit = self._max_body.get(url) if ctx.transfer == "payload" else None
+        if limit is not None and len(body) > limit:
+            raise UsageError(_too_big(where, url, len(body), f"its limit of {limit:,} bytes (mlwf serve "
+                                                             f"--max-body {events.size_arg(limit)})"))
         client, slots = self._client(url)
         try:
             async with slots:
@@ -322,6 +366,8 @@ class KnativeBackend(HoldsNoOutputs):
                              f"{err['store']} --bucket {err.get('bucket')} (S3: with S3_HOST/S3_PORT pointing at "
                              "the same service), or start the services with 'mlwf serve --store ... --bucket ...' "
                              "for this store")
+        if resp.status_code == 413 and ctx.transfer == "payload":
+            raise UsageError(_too_big(where, url, len(body), f"a body limit on the way (413: {err['error']})"))
         raise UsageError(_refusal(resp.status_code, err["error"], where, url))
 
     def _limit(self, e) -> float:
@@ -330,8 +376,12 @@ class KnativeBackend(HoldsNoOutputs):
         return self.connect_timeout if isinstance(e, httpx.ConnectTimeout) else self.timeout
 
     def _outcome(self, resp, request, call: Call, ctx: RunContext) -> Outcome:
+        rest = None
         try:
-            reply = events.from_http(resp.headers, resp.content)
+            if frames.is_frames(resp.headers.get("content-type")):
+                reply, rest = frames.from_http(resp.headers, resp.content)
+            else:
+                reply = events.from_http(resp.headers, resp.content)
         except Exception as e:
             raise ValueError(f"not a CloudEvent ({one_line(e, 500)})") from None
         expected_type = events.event_type(call.workflow, call.stage, done=True)
@@ -347,9 +397,10 @@ class KnativeBackend(HoldsNoOutputs):
             raise ValueError("the reply's signature does not match (is the service's MLWF_FUNCTION_SECRET "
                              "the same as here?)")
         try:
-            return Outcome.from_json(data)
+            outcome = Outcome.from_json(data)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed outcome ({one_line(e, 500)})") from None
+        return outcome if rest is None else frames.join_outcome(outcome, rest)
 
 
 def _error_body(resp) -> dict[str, Any]:
@@ -361,6 +412,13 @@ def _error_body(resp) -> dict[str, Any]:
         pass
     text = " ".join(resp.text.split())[:300] or resp.reason_phrase
     return {"error": text}
+
+
+def _too_big(where: str, url: str, nbytes: int, limit: str) -> str:
+    """The one line for a payload call too big for a service: what, where, and the two ways out."""
+    return (f"{where}: the call carries its inputs inline (--transfer payload), {nbytes:,} bytes, over {limit} "
+            f"at {url}: start the service with a larger 'mlwf serve --max-body SIZE' (up to "
+            f"{events.size_arg(events.MAX_BODY)}, with --max-memory to match), or run with --transfer store")
 
 
 def _refusal(status: int, error: str, where: str, url: str) -> str:

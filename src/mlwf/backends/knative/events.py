@@ -52,6 +52,12 @@ MIN_SECRET_CHARS = 16
 #: What the rendered Secret template holds until someone puts a real secret in it.
 PLACEHOLDER_SECRET = "CHANGE-ME-run-openssl-rand-hex-32"
 JSON_TYPE = "application/json"
+#: The largest body ``mlwf serve --max-body`` allows. A store-mode call carries keys (kilobytes); a
+#: ``--transfer payload`` call carries its inputs, so the limit must admit the largest call of the
+#: state-heavy workflows: 2k images ``2 8`` is about 32 MB per edge set, 60k about 1 GB, which one
+#: gathering call may take whole. Every body is held in memory while it is checked, so what really
+#: bounds a server is its memory budget (``--max-memory``), which every request is counted against.
+MAX_BODY = 2 << 30
 STRUCTURED_TYPE = "application/cloudevents+json"
 
 
@@ -69,6 +75,14 @@ def read_secret(value: str | None, *, who: str) -> str:
         raise UsageError(f"{SECRET_ENV} is too short ({len(secret)} characters): use at least "
                          f"{MIN_SECRET_CHARS}, e.g. 'openssl rand -hex 32'")
     return secret
+
+
+def size_arg(n: int) -> str:
+    """``n`` bytes as a size a flag takes (``64MiB``, ``2GiB``, ``1536KiB``, ``1000``)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def event_type(workflow: str, stage: str, *, done: bool = False) -> str:

@@ -78,7 +78,12 @@ class LocalBackend(HoldsNoOutputs):
     name = "local"
     #: ``direct`` hands each output's bytes back through the pool's pipe to the
     #: driver and on to the next call; ``store`` puts them in the object store.
-    transfers = ("store", "direct")
+    #: ``payload`` (state inline in the call) is, on one machine's pool, the same
+    #: mechanism as ``direct``: the bytes ride the pipe inside the call and its
+    #: result. The two differ on Ray (``direct`` is its object store, ``payload``
+    #: it does not offer) and on Knative (``payload`` is the request's body,
+    #: ``direct`` it does not offer).
+    transfers = ("store", "direct", "payload")
     Config = LocalConfig
 
     def __init__(self, config: LocalConfig | None = None, settings: Settings | None = None):

@@ -111,6 +111,12 @@ class RayBackend(Lineage):
     name = "ray"
     #: ``direct`` passes outputs task to task through Ray's object store.
     transfers = ("store", "direct")
+    #: Ray inlines a task's arguments in its call only up to 100 KB and moves any larger one through its
+    #: object store (docs.ray.io, "Anti-pattern: passing the same large argument by value"), so a
+    #: ``payload`` run on Ray would measure ``direct`` under another name.
+    transfer_notes: ClassVar[dict[str, str]] = {
+        "payload": "Ray moves any task argument over 100 KB through its object store, so state cannot ride "
+                   "inline in the call; --transfer direct measures that object store"}
     Config = RayConfig
 
     def __init__(self, config: RayConfig | None = None, settings: Settings | None = None):

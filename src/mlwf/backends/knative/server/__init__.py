@@ -23,6 +23,15 @@ folder ``<workflow>/outputs/<run id>/``. The reply is a signed CloudEvent
 ``dev.mlwf.<workflow>.<stage>.done`` in the request's mode, with
 ``Outcome.to_json()`` as its data.
 
+``--transfer payload``: a call carries its inputs inline and the reply its
+outputs, framed after the JSON in binary mode
+(:mod:`mlwf.backends.knative.frames`), base64 in the JSON in structured
+mode; nothing of the state is put in the store. Such a request is as big as
+the state, so ``--max-body`` (1 MiB by default, ample for store-mode calls,
+which carry keys) goes up to 2 GiB (:data:`mlwf.backends.knative.events.MAX_BODY`),
+and ``GET /healthz`` says what it is (``max_body``), so that a driver refuses
+a call over it before sending it.
+
 Choreography. Started with ``--sink`` (or ``K_SINK``), a server also takes
 choreographed events, those carrying ``mlwfkind`` (a run's start event, or a
 stage event whose server emits what comes next), and ``POST /dead-letter``;
@@ -73,8 +82,11 @@ server stays up and nothing runs:
 400   not a CloudEvent, not JSON, or not ``{call, context}``; a
       ``call.index`` that is not a whole number 0..2**31-1; corrupt or
       truncated gzip/deflate data
-400   also: a context that writes outside its run's folder, or a transfer
-      other than ``store``
+400   also: a context that writes outside its run's folder, a transfer
+      other than ``store`` or ``payload``, a framed payload call
+      (:mod:`mlwf.backends.knative.frames`) whose inline bytes do not
+      match the digests its signed JSON names, or a choreographed event
+      sent framed
 401   no signature, or a signature that does not match
 403   signing time too old/too far ahead; an event id seen before (here or
       by a server sharing the store); a store or bucket other than this
@@ -84,7 +96,8 @@ server stays up and nothing runs:
 408   the request did not arrive whole within ``--request-timeout``
 413   body over ``--max-body`` (counted while reading, and again as a
       compressed body inflates), or a request that alone needs more
-      memory than ``--max-memory``
+      memory than ``--max-memory`` (a payload call's inline inputs, and
+      the outputs its reply carries, count too)
 415   a ``Content-Encoding`` other than gzip or deflate
 500   the stage raised: ``type`` names the error class; ``retryable`` is
       false for bad input (DataError, ModelError, UsageError,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlwf import budget
-from mlwf.backends.knative import events
+from mlwf.backends.knative import events, frames
 from mlwf.backends.knative.server.auth import REPLAY_SLOT_S, ReplayGuard, ReplayLedger, check_signature
 from mlwf.engine.layout import RunLayout
 from mlwf.errors import MlwfError, UsageError, WorkerLost, one_line, retryable
@@ -115,7 +115,8 @@ class App:
     async def healthz(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"status": "ok"})
+        # The body limit, so that a driver refuses a --transfer payload call over it before sending it.
+        return JSONResponse({"status": "ok", "max_body": self.config.max_body})
 
     async def readyz(self, request):
         from starlette.responses import JSONResponse
@@ -138,18 +139,30 @@ class App:
             if self.draining:
                 raise Refusal(503, "shutting down: retry on another instance", retryable=True)
             body = await read_body(request, self.config.max_body, reservation)
+            structured = events.is_structured(request.headers)
+            # A --transfer payload call in binary mode: its JSON, then its inputs' bytes (frames).
+            framed = not structured and frames.is_frames(request.headers.get("content-type"))
+            rest = None
             try:
+                head, rest = frames.split_body(body) if framed else (body, None)
                 # The SDK decodes and parses the JSON; the signature check writes the data again as
                 # canonical JSON, where \uXXXX escapes make up to 3 bytes a byte (6 with its encoding).
-                reservation.grow(json_cost(body) + 6 * len(body), "the JSON of this event")
+                # A framed call's inputs are copied once out of the body, each checked against its digest.
+                reservation.grow(json_cost(head) + 6 * len(head) + (len(rest) if framed else 0),
+                                 "the JSON of this event" + (" and its inline inputs" if framed else ""))
             except budget.BudgetExceeded as e:
                 raise budget_refusal(e) from None
+            except frames.FrameError as e:
+                raise Refusal(400, f"not a framed call ({frames.FRAMES_TYPE}): {one_line(e)}") from None
             try:
-                event = events.from_http(request.headers, body)
+                event = (frames.event_from_http if framed else events.from_http)(request.headers, head)
             except Exception as e:  # the SDK raises several kinds for malformed input
                 raise Refusal(400, f"not a CloudEvents 1.0 request: {one_line(e)}") from None
             event_id, etype = event.get_id(), event.get_type()
             kind = event.get_extension(events.KIND_ATTR)
+            if framed and (kind is not None or request.url.path == "/dead-letter"):
+                raise Refusal(400, f"a choreographed event carries no inline state: send it as JSON, not "
+                                   f"{frames.FRAMES_TYPE}")
             if kind is not None or request.url.path == "/dead-letter":
                 # Choreographed: a start or stage event whose server emits what comes next.
                 if self.choreography is None:
@@ -165,13 +178,27 @@ class App:
             self._authenticate(event, "call", call.workflow, call.stage, ctx.run_id, data)
             self._route(call)
             ctx = self._check_store(ctx)
+            if framed:
+                try:
+                    call = frames.join_call(call, rest)
+                except frames.FrameError as e:
+                    raise Refusal(400, f"the call's inline inputs do not match it: {one_line(e)}") from None
+                del head, rest, body  # the inputs were copied out: the body is not needed any more
             await self._claim(event)
             self.in_flight += 1
             try:
                 outcome = await self._run(call, ctx)
             finally:
                 self.in_flight -= 1
-            headers, payload = self._reply(event, call, ctx, outcome, events.is_structured(request.headers))
+            try:
+                # The reply holds the outputs a payload call hands back: framed, once more (the joined
+                # body); as JSON, in base64 several times over (the text, its parse, the canonical copy).
+                inline = frames.inline_bytes(outcome.outputs.values())
+                if inline:
+                    reservation.grow((2 if framed else 8) * inline, "the outputs in this call's reply")
+            except budget.BudgetExceeded as e:
+                raise budget_refusal(e) from None
+            headers, payload = self._reply(event, call, ctx, outcome, structured, framed)
             status = 200
             return Response(payload, status_code=200, headers=headers)
         except Refusal as r:
@@ -232,9 +259,9 @@ class App:
     def _check_store(self, ctx):
         """``ctx`` if it names this server's store and bucket and writes only under its run; else Refusal."""
         own = self.config.store
-        if ctx.transfer != "store":
-            raise Refusal(400, f"context.transfer {_clean(ctx.transfer)!r} is not 'store': mlwf serve hands "
-                               "outputs on through its store only")
+        if ctx.transfer not in ("store", "payload"):
+            raise Refusal(400, f"context.transfer {_clean(ctx.transfer)!r} is neither 'store' nor 'payload': "
+                               "mlwf serve hands outputs on through its store or inline in its reply")
         if not _RUN_ID.fullmatch(ctx.run_id) or ctx.outputs_prefix != RunLayout(ctx.workflow, ctx.run_id).folder:
             raise Refusal(400, "context.run_id must be a run id (letters, digits, '.', '_', '-') and "
                                "context.outputs_prefix exactly <workflow>/outputs/<run_id>: a call writes only "
@@ -311,7 +338,10 @@ class App:
             raise Refusal(404, f"this server does not serve {call.workflow}/{call.stage} (--stages): "
                                "check the caller's --endpoint")
 
-    def _reply(self, request_event, call, ctx, outcome, structured: bool):
+    def _reply(self, request_event, call, ctx, outcome, structured: bool, framed: bool = False):
+        blobs = None
+        if framed:  # as the call came: the outputs' bytes after the JSON
+            outcome, blobs = frames.split_outcome(outcome)
         data = events.plain_json(outcome.to_json())
         reply_id = f"{request_event.get_id()}.done"
         stamp = events.now_stamp()
@@ -321,7 +351,8 @@ class App:
         if self.config.secret is not None:
             attrs[events.SIGNATURE_ATTR] = events.sign(self.config.secret, "done", call.workflow, call.stage,
                                                        ctx.run_id, data, reply_id, stamp)
-        return events.to_http(events.make_event(attrs, data), structured=structured)
+        event = events.make_event(attrs, data)
+        return frames.to_http(event, blobs) if framed else events.to_http(event, structured=structured)
 
 
 def _execute(call, ctx, settings):
