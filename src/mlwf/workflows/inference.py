@@ -22,7 +22,7 @@ import numpy as np
 from mlwf.errors import DataError, UsageError
 from mlwf.workflows.base import Blob, StageOutput
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
-from mlwf.workflows.training import label_of, merged_reasons, skipped_reasons
+from mlwf.workflows.labels import label_of, merged_reasons, skipped_reasons
 
 WORKFLOW = "ml-inference"
 _EXAMPLES = 5
@@ -76,7 +76,7 @@ def predict(assignment: dict, model, fetch) -> StageOutput:
     Returns ``predictions``: ``keys``, ``labels``, predicted class numbers
     ``pred`` and their probabilities ``prob``; objects mlwf does not decode
     are skipped, counted (``skipped``) and named with the reason in the info
-    (``skipped_reasons``, key → reason, at most :data:`~mlwf.workflows.training.SKIPPED_REASONS_KEPT`).
+    (``skipped_reasons``, key → reason, at most :data:`~mlwf.workflows.labels.SKIPPED_REASONS_KEPT`).
     """
     from mlwf.images import decode_many
 

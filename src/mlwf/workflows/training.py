@@ -29,6 +29,13 @@ from mlwf.model import MAX_CLASSES, MAX_COMPONENTS, class_name_problem
 from mlwf.presets import DEFAULT_MODEL_PREFIX, DEFAULTS
 from mlwf.workflows.base import Blob, StageOutput, derive_seed
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
+from mlwf.workflows.labels import (
+    first_reason,
+    label_of,
+    merged_reasons,
+    skipped_reasons,
+    sort_classes,
+)
 
 WORKFLOW = "ml-training"
 _EXAMPLES = 5
@@ -91,45 +98,6 @@ class TrainingConfig:
 FORESTS = ("random", "extra")
 TRAIN_ROWS = ("slice", "partition")
 _LATER_FIELDS = ("forest", "train_rows")
-
-
-def label_of(key: str, prefix: str) -> str | None:
-    """The class folder of ``key`` under ``prefix`` (``prefix/<label>/…``), or None."""
-    rel = key[len(prefix):]
-    label, sep, rest = rel.partition("/")
-    return label if sep and label and rest else None
-
-
-#: Skipped objects named with their reason in a call's info and a run's report (``skipped_reasons``);
-#: ``skipped`` counts them all.
-SKIPPED_REASONS_KEPT = 1_000
-
-
-def skipped_reasons(keys: list[str], refused: dict) -> dict[str, str]:
-    """Key → why it was skipped, for the images :func:`mlwf.images.decode_many` refused (at most
-    :data:`SKIPPED_REASONS_KEPT`, in order)."""
-    return {keys[i]: str(reason) for i, reason in list(refused.items())[:SKIPPED_REASONS_KEPT]}
-
-
-def merged_reasons(parts) -> dict[str, str]:
-    """The ``skipped_reasons`` of several calls as one, in key order (at most :data:`SKIPPED_REASONS_KEPT`)."""
-    merged = {key: reason for part in parts for key, reason in part.items()}
-    return {key: merged[key] for key in sorted(merged)[:SKIPPED_REASONS_KEPT]}
-
-
-def _first_reason(keys: list[str], refused: dict) -> str:
-    """``, e.g. KEY: REASON`` for the first refused image, for a message ('' if none)."""
-    first = next(iter(refused), None)
-    return "" if first is None else f", e.g. {keys[first]}: {refused[first]}"
-
-
-def sort_classes(names) -> list[str]:
-    """Class names in a stable order: numerically if all are integers, else by text."""
-    names = set(names)
-    # isdecimal, not isdigit: int() refuses digits such as '²', and '--5' is no integer.
-    if all(n.removeprefix("-").isdecimal() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
 
 
 def train_split(num_pca: int, num_train: int) -> list[int]:
@@ -258,7 +226,7 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     n_slices = int(assignment["num_train"])
     if len(levels) < max(n_components, n_slices):
         raise DataError(f"PCA function {index} has {len(levels)} decodable images of {len(keys)} "
-                        f"({len(skipped)} skipped{_first_reason(keys, refused)}): it needs at least "
+                        f"({len(skipped)} skipped{first_reason(keys, refused)}): it needs at least "
                         f"{max(n_components, n_slices)}; use fewer functions or check the images")
     facts = []
     identical = not np.any(np.ptp(levels, axis=0) > 0)
