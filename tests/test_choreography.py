@@ -264,6 +264,21 @@ def test_both_workflows_run_by_their_events_alone_and_match_the_local_backend(pa
     store.close()
 
 
+def test_heavy_state_runs_by_events_too_with_the_same_model_and_accuracy(pair, s3_env, reference, capsys):
+    """--state heavy changes only the calls' arguments, so the choreography replays it as it is."""
+    local_trained, local_inferred = reference
+    code, out, err = _train(capsys, pair.a.url, s3_env, "--state", "heavy")
+    assert code == 0, err
+    trained = json.loads(out)
+    assert trained["state"] == "heavy" and trained["model_digest"] == local_trained["model_digest"]
+    assert any(e["from"] == "store" and e["to"] == "partition" for e in trained["edges"])
+    code, out, err = _invoke(capsys, pair.a.url, s3_env, "ml-inference", "ml-inference/model", BATCH_PREFIX, "4",
+                             "--state", "heavy")
+    assert code == 0, err
+    inferred = json.loads(out)
+    assert inferred["state"] == "heavy" and inferred["accuracy"] == local_inferred["accuracy"]
+
+
 def test_duplicated_and_reordered_deliveries_validate_once_and_make_the_same_model(pair, s3_env, reference, capsys):
     for proxy in pair.proxies:
         proxy.duplicate = True

@@ -39,14 +39,14 @@ GOLDEN = {
 TRAINING_KEYS = ["backend", "bucket", "classes", "confusion", "e2e_ms", "edges", "memory", "model_bytes",
                  "model_digest", "model_prefix", "num_images", "num_train_images", "num_validation",
                  "publish_ms", "run_id", "skipped", "skipped_examples", "skipped_reasons", "stage_ms", "stages",
-                 "startup_ms", "state_transfer_ms", "store", "train_per_pca", "transfer", "unlabelled",
+                 "startup_ms", "state", "state_transfer_ms", "store", "train_per_pca", "transfer", "unlabelled",
                  "unlabelled_examples", "validated", "validation_accuracy", "validation_per_class", "warnings",
                  "workflow"]
 INFERENCE_KEYS = ["accuracy", "backend", "bucket", "confusion", "data_prefix", "e2e_ms", "edges",
                   "labels_not_in_model", "memory", "model_digest", "model_prefix", "num_funcs",
                   "num_funcs_requested", "num_images", "num_labelled", "num_predicted", "results_key",
                   "run_id", "skipped", "skipped_examples", "skipped_reasons", "stage_ms", "stages", "startup_ms",
-                  "state_transfer_ms", "store", "summary_key", "transfer", "warnings", "workflow"]
+                  "state", "state_transfer_ms", "store", "summary_key", "transfer", "warnings", "workflow"]
 #: Per stage, in report order: the figures it reports.
 STAGE_KEYS = {
     "ml-training": {

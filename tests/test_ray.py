@@ -85,6 +85,10 @@ def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
         inferred = engine.run_inference("ml-inference/model", BATCH_PREFIX, 4)
         rows = _predictions(engine, inferred)
         written = [o.key for o in engine.store.list(f"ml-training/outputs/{trained['run_id']}/")]
+        # --state heavy (pixels and whole feature matrices between the tasks): the same model and predictions.
+        heavy = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False, state="heavy")
+        heavy_rows = _predictions(engine, engine.run_inference("ml-inference/model", BATCH_PREFIX, 4, state="heavy"))
+    assert heavy["model_digest"] == local_trained["model_digest"] and heavy_rows == local_rows
 
     assert trained["backend"] == inferred["backend"] == "ray" and trained["transfer"] == transfer
     assert trained["model_digest"] == local_trained["model_digest"]

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from mlwf.cli.options import (Parser, allow_unvalidated_argument, check_prefix_arguments, common, emit,
-                              inference_arguments, open_store,
+                              inference_arguments, open_store, state_argument,
                               training_arguments, training_config)
 
 
@@ -22,6 +22,7 @@ def add_parsers(sub) -> None:
     inf = wf.add_parser("ml-inference", help="start ml-inference MODEL_PREFIX DATA_PREFIX NUM_FUNCS")
     inference_arguments(inf)
     for p in (tr, inf):
+        state_argument(p)
         p.add_argument("--endpoint", metavar="URL",
                        help="the service (mlwf serve --sink ...) or Broker that takes the start event")
         p.add_argument("--wait", action="store_true",
@@ -32,12 +33,16 @@ def add_parsers(sub) -> None:
 
 
 def invocation(args) -> dict[str, Any]:
-    """The driver's arguments and settings as a start event carries them (the same as 'mlwf run')."""
+    """The driver's arguments and settings as a start event carries them (the same as 'mlwf run').
+
+    ``--state`` is carried only when heavy, so a light start event is what it was.
+    """
+    state = {"state": args.state} if args.state != "light" else {}
     if args.workflow == "ml-training":
         return {"args": [args.data_prefix, args.num_pca, args.num_train],
                 "options": {"config": asdict(training_config(args)), "model_prefix": args.model_prefix,
-                            "publish": not args.no_publish, "allow_unvalidated": args.allow_unvalidated}}
-    return {"args": [args.model_prefix, args.data_prefix, args.num_funcs], "options": {}}
+                            "publish": not args.no_publish, "allow_unvalidated": args.allow_unvalidated, **state}}
+    return {"args": [args.model_prefix, args.data_prefix, args.num_funcs], "options": state}
 
 
 def handle(args) -> int:

@@ -190,6 +190,16 @@ def training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-publish", action="store_true", help="train and validate, but publish nothing")
 
 
+def state_argument(p: argparse.ArgumentParser) -> None:
+    """``--state light|heavy`` (mlwf run and invoke, both workflows): how much state the stages hand on."""
+    from mlwf.workflows.state import STATES
+
+    p.add_argument("--state", default=STATES[0], choices=STATES,
+                   help="what the stages hand each other: image keys, each function fetching and decoding its "
+                        "own (light, the default, as the reference), or the decoded pixels and whole feature "
+                        "matrices (heavy: the state-transfer study's variant; the same model and predictions)")
+
+
 def allow_unvalidated_argument(p: argparse.ArgumentParser) -> None:
     """``--allow-unvalidated`` (mlwf run and invoke ml-training)."""
     p.add_argument("--allow-unvalidated", action="store_true",

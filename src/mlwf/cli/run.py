@@ -8,7 +8,7 @@ import sys
 
 from mlwf.cli.options import (INTERRUPTED_EXIT, Parser, allow_unvalidated_argument, backend_config,
                               check_prefix_arguments, common, emit, engine_options, inference_arguments,
-                              resume_command, training_arguments, training_config)
+                              resume_command, state_argument, training_arguments, training_config)
 
 
 def add_parsers(sub) -> None:
@@ -20,12 +20,14 @@ def add_parsers(sub) -> None:
                                    "DATA_PREFIX/<label>/<image>) and publish the model.")
     training_arguments(tr)
     allow_unvalidated_argument(tr)
+    state_argument(tr)
     engine_options(tr)
     common(tr)
 
     inf = wf.add_parser("ml-inference", help="{partition ‖ load} → predict ×N over a batch of images",
                         description="Classify the images under DATA_PREFIX with the model at MODEL_PREFIX.")
     inference_arguments(inf)
+    state_argument(inf)
     engine_options(inf)
     common(inf)
 
@@ -56,10 +58,11 @@ def handle(args) -> int:
                 report = engine.run_training(args.data_prefix, args.num_pca, args.num_train,
                                              config=training_config(args),
                                              model_prefix=args.model_prefix, publish=not args.no_publish,
-                                             allow_unvalidated=args.allow_unvalidated, resume=args.resume)
+                                             allow_unvalidated=args.allow_unvalidated, resume=args.resume,
+                                             state=args.state)
             else:
                 report = engine.run_inference(args.model_prefix, args.data_prefix, args.num_funcs,
-                                              resume=args.resume)
+                                              resume=args.resume, state=args.state)
             trace_path = None
             if args.trace and not report.get("already_done"):
                 from mlwf.engine import trace

@@ -22,7 +22,14 @@ import numpy as np
 from mlwf.errors import DataError, UsageError
 from mlwf.workflows.base import Blob, StageOutput
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
-from mlwf.workflows.training import label_of, merged_reasons, skipped_reasons
+from mlwf.workflows.labels import label_of, merged_reasons, skipped_reasons
+from mlwf.workflows.state import (
+    check_partition_size,
+    check_state,
+    decode_shares,
+    is_heavy,
+    received,
+)
 
 WORKFLOW = "ml-inference"
 _EXAMPLES = 5
@@ -31,22 +38,30 @@ MAX_FUNCS = 100_000
 
 
 # --------------------------------------------------------------------------- stages
-def partition(list_keys, *, prefix: str, num_funcs: int) -> StageOutput:
+def partition(list_keys, fetch=None, *, prefix: str, num_funcs: int, state: str = "light",
+              image_size: int | None = None) -> StageOutput:
     """List the images under ``prefix`` in key order and deal them round-robin to
     at most ``num_funcs`` predict functions (never more functions than images).
 
     Returns ``assignments``, each with ``keys`` and ``labels`` (the class
-    folder of each key, or ``None`` for keys directly under the prefix).
+    folder of each key, or ``None`` for keys directly under the prefix). With
+    ``state="heavy"`` it also decodes each assignment's images at the model's
+    ``image_size``, as the predict call would, and hands on their ``pixels``
+    and ``refused`` (:mod:`mlwf.workflows.state`).
     """
     folder = prefix.rstrip("/") + "/"
     keys = list_keys(folder)
     if not keys:
         raise DataError(f"no images under prefix {folder!r}: upload them first "
                         f"('mlwf s3 upload-dir --host-path DIR --s3-path {prefix.rstrip('/')}')")
+    if state == "heavy":
+        check_partition_size(len(keys), image_size, folder)
     used = min(num_funcs, len(keys))
     labels = [label_of(k, folder) for k in keys]
     assignments = [{"keys": keys[i::used], "labels": labels[i::used]} for i in range(used)]
     info = {"num_images": len(keys), "num_funcs": used, "labelled": len(labels) - labels.count(None)}
+    if state == "heavy":
+        info.update(state="heavy", **decode_shares(fetch, assignments, image_size))
     return StageOutput({"assignments": assignments}, info)
 
 
@@ -76,12 +91,15 @@ def predict(assignment: dict, model, fetch) -> StageOutput:
     Returns ``predictions``: ``keys``, ``labels``, predicted class numbers
     ``pred`` and their probabilities ``prob``; objects mlwf does not decode
     are skipped, counted (``skipped``) and named with the reason in the info
-    (``skipped_reasons``, key → reason, at most :data:`~mlwf.workflows.training.SKIPPED_REASONS_KEPT`).
+    (``skipped_reasons``, key → reason, at most :data:`~mlwf.workflows.labels.SKIPPED_REASONS_KEPT`).
     """
     from mlwf.images import decode_many
 
     keys = assignment["keys"]
-    levels, refused = decode_many(fetch(keys), model.image_size, levels=True)
+    if is_heavy(assignment):  # decoded by partition (--state heavy)
+        levels, refused = received(assignment)
+    else:
+        levels, refused = decode_many(fetch(keys), model.image_size, levels=True)
     ok = [i for i in range(len(keys)) if i not in refused]
     proba = model.proba_from_pixels(levels)
     pred = np.argmax(proba, axis=1).astype(np.int32)
@@ -113,16 +131,20 @@ INFERENCE = Workflow(
 
 # --------------------------------------------------------------------------- driver
 def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
-          resume: str | None = None) -> dict[str, Any]:
+          resume: str | None = None, state: str = "light") -> dict[str, Any]:
     """Run the inference workflow and write its results.
 
     Writes ``ml-inference/outputs/<run-id>/predictions.csv`` (``key,prediction,
     probability,label``, one row per classified image in key order) and
     ``summary.json``; returns the report with ``accuracy`` (None when no image
-    is labelled), ``results_key`` and ``model_digest``.
+    is labelled), ``results_key`` and ``model_digest``. ``state="heavy"``
+    hands the predict calls decoded pixels instead of keys
+    (:mod:`mlwf.workflows.state`): ``load`` then runs before ``partition``,
+    which decodes at the image size of the model the predict calls get.
     """
     from mlwf.storage import check_prefix
 
+    heavy = check_state(state) == "heavy"
     if not isinstance(num_funcs, int) or isinstance(num_funcs, bool) or num_funcs < 1:
         raise UsageError(f"NUM_FUNCS must be a positive integer, got {num_funcs!r}")
     if num_funcs > MAX_FUNCS:
@@ -138,11 +160,16 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
     # Fail before starting any function when there is no model at all.
     read_manifest(engine.store.get, model_prefix, where=f"bucket {engine.spec.bucket!r} of {engine.spec.url}")
     run = engine.start_run(WORKFLOW, {"model_prefix": model_prefix, "data_prefix": data_prefix,
-                                      "num_funcs": num_funcs}, resume=resume)
+                                      "num_funcs": num_funcs, **({"state": state} if heavy else {})}, resume=resume)
     try:
-        first = run.run_calls(partition=[dict(prefix=data_prefix, num_funcs=num_funcs)],
-                              load=[dict(model_prefix=model_prefix)])
-        [part], [loaded] = first["partition"], first["load"]
+        if heavy:
+            [loaded] = run.run_calls(load=[{"model_prefix": model_prefix}])["load"]
+            [part] = run.run_calls(partition=[{"prefix": data_prefix, "num_funcs": num_funcs, "state": state,
+                                               "image_size": loaded.info["image_size"]}])["partition"]
+        else:
+            first = run.run_calls(partition=[dict(prefix=data_prefix, num_funcs=num_funcs)],
+                                  load=[dict(model_prefix=model_prefix)])
+            [part], [loaded] = first["partition"], first["load"]
         model_ref = loaded.outputs["model"]
         preds = run.run_calls(predict=[dict(assignment=ref, model=model_ref)
                                        for ref in part.outputs["assignments"]])["predict"]
@@ -195,6 +222,7 @@ def drive(engine, model_prefix: str, data_prefix: str, num_funcs: int, *,
             "skipped_reasons": reasons,
             "results_key": results_key,
             "summary_key": run.layout.result("summary.json"),
+            "state": state,
         }
         engine.store.put(results_key, buf.getvalue().encode())
         report = run.report(**summary)

@@ -14,6 +14,14 @@ is scikit-learn's: about 1 ms of its Python per tree beside building it
 (``clone``/``get_params`` through ``inspect.signature``,
 ``check_random_state``, target checks). ``sklearn.config_context(assume_finite=True,
 skip_parameter_validation=True)`` around the fits was tried and gave nothing.
+
+``--state heavy`` (:mod:`mlwf.workflows.state`, issue 27's study) keeps the
+stages and their definition and changes what their data holds: partition
+decodes and hands on pixels, each PCA call hands its whole feature matrix to
+each of its train calls (``whole``), and the driver gives every train call its
+row range. One definition for both variants keeps ``mlwf deploy knative`` and
+the choreography as they are: a heavy run is only other arguments to the same
+calls.
 """
 
 from __future__ import annotations
@@ -29,6 +37,21 @@ from mlwf.model import MAX_CLASSES, MAX_COMPONENTS, class_name_problem
 from mlwf.presets import DEFAULT_MODEL_PREFIX, DEFAULTS
 from mlwf.workflows.base import Blob, StageOutput, derive_seed
 from mlwf.workflows.definition import Input, Output, Profile, Stage, Workflow
+from mlwf.workflows.labels import (
+    first_reason,
+    label_of,
+    merged_reasons,
+    skipped_reasons,
+    sort_classes,
+)
+from mlwf.workflows.state import (
+    check_partition_size,
+    check_state,
+    decode_shares,
+    is_heavy,
+    received,
+    row_ranges,
+)
 
 WORKFLOW = "ml-training"
 _EXAMPLES = 5
@@ -93,45 +116,6 @@ TRAIN_ROWS = ("slice", "partition")
 _LATER_FIELDS = ("forest", "train_rows")
 
 
-def label_of(key: str, prefix: str) -> str | None:
-    """The class folder of ``key`` under ``prefix`` (``prefix/<label>/…``), or None."""
-    rel = key[len(prefix):]
-    label, sep, rest = rel.partition("/")
-    return label if sep and label and rest else None
-
-
-#: Skipped objects named with their reason in a call's info and a run's report (``skipped_reasons``);
-#: ``skipped`` counts them all.
-SKIPPED_REASONS_KEPT = 1_000
-
-
-def skipped_reasons(keys: list[str], refused: dict) -> dict[str, str]:
-    """Key → why it was skipped, for the images :func:`mlwf.images.decode_many` refused (at most
-    :data:`SKIPPED_REASONS_KEPT`, in order)."""
-    return {keys[i]: str(reason) for i, reason in list(refused.items())[:SKIPPED_REASONS_KEPT]}
-
-
-def merged_reasons(parts) -> dict[str, str]:
-    """The ``skipped_reasons`` of several calls as one, in key order (at most :data:`SKIPPED_REASONS_KEPT`)."""
-    merged = {key: reason for part in parts for key, reason in part.items()}
-    return {key: merged[key] for key in sorted(merged)[:SKIPPED_REASONS_KEPT]}
-
-
-def _first_reason(keys: list[str], refused: dict) -> str:
-    """``, e.g. KEY: REASON`` for the first refused image, for a message ('' if none)."""
-    first = next(iter(refused), None)
-    return "" if first is None else f", e.g. {keys[first]}: {refused[first]}"
-
-
-def sort_classes(names) -> list[str]:
-    """Class names in a stable order: numerically if all are integers, else by text."""
-    names = set(names)
-    # isdecimal, not isdigit: int() refuses digits such as '²', and '--5' is no integer.
-    if all(n.removeprefix("-").isdecimal() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
 def train_split(num_pca: int, num_train: int) -> list[int]:
     """How many training functions each PCA function feeds.
 
@@ -144,14 +128,18 @@ def train_split(num_pca: int, num_train: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- stages
-def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: float, seed: int,
-              n_components: int, image_size: int = 64) -> StageOutput:
+def partition(list_keys, fetch=None, *, prefix: str, num_pca: int, num_train: int, holdout: float, seed: int,
+              n_components: int, image_size: int = 64, state: str = "light") -> StageOutput:
     """List the images, label them from their class folders, hold out a validation
     set and deal the rest to the PCA functions.
 
     Returns ``assignments``, one per PCA function (``keys``, ``labels``,
     ``num_train``, ``first_train``), and the ``holdout`` set in as many shares
-    (``keys``, ``labels``); its info holds the class names and counts.
+    (``keys``, ``labels``); its info holds the class names and counts. With
+    ``state="heavy"`` it also decodes every share's images, as the PCA and
+    score calls would, and hands on their ``pixels`` and ``refused``
+    (:mod:`mlwf.workflows.state`); its info then counts them (``decoded``,
+    ``decode_skipped``).
     """
     folder = prefix.rstrip("/") + "/"
     objects = list_keys(folder)
@@ -208,6 +196,8 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
             f"each PCA function would hold {-(-n_train // num_pca):,} images of {image_size}×{image_size} "
             f"pixels ({pixel_bytes / 2**30:.1f} GiB, more than the {MAX_PIXEL_BYTES_PER_PCA >> 30} GiB allowed): "
             "use more PCA functions or a smaller --image-size")
+    if state == "heavy":
+        check_partition_size(len(keys), image_size, folder)
     split = train_split(num_pca, num_train)
 
     assignments: list[Any] = []
@@ -233,6 +223,8 @@ def partition(list_keys, *, prefix: str, num_pca: int, num_train: int, holdout: 
         "unlabelled_examples": unlabelled[:_EXAMPLES],
         "train_per_pca": split,
     }
+    if state == "heavy":
+        info.update(state="heavy", **decode_shares(fetch, assignments + holdout, image_size))
     return StageOutput({"assignments": assignments, "holdout": holdout}, info)
 
 
@@ -245,6 +237,8 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     reason in the info (``skipped_reasons``). Returns ``slices``, one per
     training function (``features``, ``labels``), or with ``whole`` one slice
     of all rows for all of them, and the ``projection`` (``mean``, ``components``).
+    An assignment of ``--state heavy`` carries its images decoded (float32
+    pixels, :mod:`mlwf.workflows.state`): they are used as they are.
     """
     from sklearn.decomposition import PCA  # fitted in float32: 8x faster here than float64
 
@@ -252,13 +246,16 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     from mlwf.model import project
 
     keys = assignment["keys"]
-    levels, refused = decode_many(fetch(keys), image_size, levels=True)
+    if is_heavy(assignment):
+        levels, refused = received(assignment)
+    else:
+        levels, refused = decode_many(fetch(keys), image_size, levels=True)
     labels = np.delete(np.asarray(assignment["labels"]), np.fromiter(refused, np.intp, len(refused)))
     skipped = [keys[i] for i in refused]
     n_slices = int(assignment["num_train"])
     if len(levels) < max(n_components, n_slices):
         raise DataError(f"PCA function {index} has {len(levels)} decodable images of {len(keys)} "
-                        f"({len(skipped)} skipped{_first_reason(keys, refused)}): it needs at least "
+                        f"({len(skipped)} skipped{first_reason(keys, refused)}): it needs at least "
                         f"{max(n_components, n_slices)}; use fewer functions or check the images")
     facts = []
     identical = not np.any(np.ptp(levels, axis=0) > 0)
@@ -267,9 +264,11 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
     # Identical images make scikit-learn divide by a zero total variance: expected, and said above.
     with np.errstate(divide="ignore" if identical else "warn", invalid="ignore" if identical else "warn"):
         # copy=False: PCA centres (and squares) these pixels in place instead of copying
-        # them; the projection below starts again from the gray levels.
+        # them; the projection below starts again from the gray levels (or from the heavy
+        # state's float32 pixels, which the fit gets a copy of: they are its input's read-only view).
+        scaled = unit_scale(levels) if levels.dtype == np.uint8 else np.array(levels, dtype=np.float32)
         fitted = PCA(n_components=n_components, svd_solver="randomized", copy=False,
-                     random_state=derive_seed(seed, "pca", index)).fit(unit_scale(levels))
+                     random_state=derive_seed(seed, "pca", index)).fit(scaled)
     mean = fitted.mean_.astype(np.float64)
     components = fitted.components_.astype(np.float64)
     features = project(levels, mean, components)
@@ -282,9 +281,14 @@ def pca(assignment: dict, fetch, *, image_size: int, n_components: int, seed: in
 
 
 def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_samples_split: int,
-          seed: int, index: int, projection: int, forest: str = "random") -> StageOutput:
+          seed: int, index: int, projection: int, forest: str = "random",
+          rows: list[int] | None = None) -> StageOutput:
     """Train one forest (random forest, or extra trees with ``forest="extra"``) on a slice
-    and export it as a model member."""
+    and export it as a model member.
+
+    ``rows``: ``[start, stop]`` of the slice to fit when ``data`` is the PCA call's whole
+    feature matrix (``--state heavy``); else ``data`` is the slice itself.
+    """
     from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 
     from mlwf.model import export_forest
@@ -292,10 +296,14 @@ def train(data: dict, *, num_classes: int, n_trees: int, max_depth: int, min_sam
     kind = ExtraTreesClassifier if forest == "extra" else RandomForestClassifier
     fitted = kind(n_estimators=n_trees, max_depth=max_depth, min_samples_split=min_samples_split,
                   random_state=derive_seed(seed, "train", index), n_jobs=1)
-    fitted.fit(data["features"], data["labels"])
+    features, labels = data["features"], data["labels"]
+    if rows is not None:
+        start, stop = rows
+        features, labels = features[start:stop], labels[start:stop]
+    fitted.fit(features, labels)
     member = export_forest(fitted, fitted.classes_.tolist(), num_classes)
     member["projection"] = projection
-    return StageOutput({"member": member}, {"num_samples": len(data["labels"]),
+    return StageOutput({"member": member}, {"num_samples": len(labels),
                                             "num_nodes": int(len(member["left"]))})
 
 
@@ -313,7 +321,10 @@ def score(holdout: dict, members: list, projections: list, fetch, *, classes: li
     keys = holdout["keys"]
     truth, pred, skipped = np.zeros(0, np.int32), np.zeros(0, np.int32), {}
     if keys:
-        levels, refused = decode_many(fetch(keys), image_size, levels=True)
+        if is_heavy(holdout):  # decoded by partition (--state heavy)
+            levels, refused = received(holdout)
+        else:
+            levels, refused = decode_many(fetch(keys), image_size, levels=True)
         skipped = {keys[i]: str(reason) for i, reason in refused.items()}
         truth = np.delete(np.asarray(holdout["labels"], dtype=np.int32), np.fromiter(refused, np.intp, len(refused)))
         if len(truth):
@@ -389,7 +400,7 @@ TRAINING = Workflow(
 # --------------------------------------------------------------------------- driver
 def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: TrainingConfig | None = None,
           model_prefix: str = DEFAULT_MODEL_PREFIX, publish: bool = True, allow_unvalidated: bool = False,
-          resume: str | None = None) -> dict[str, Any]:
+          resume: str | None = None, state: str = "light") -> dict[str, Any]:
     """Run the training workflow on ``engine`` and publish the model.
 
     Classes are counted after decoding: a class folder without one decodable
@@ -403,6 +414,8 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     Returns the run's report (see :meth:`mlwf.engine.driver.Run.report`) with
     ``validation_accuracy``, ``model_prefix`` and ``model_digest``. With
     ``resume=RUN_ID`` the calls of that run whose outputs verify are reused.
+    ``state="heavy"`` hands the stages pixels and whole feature matrices
+    instead of keys and slices (:mod:`mlwf.workflows.state`): the same model.
 
     Raises
     ------
@@ -415,6 +428,7 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     from mlwf.storage import check_prefix
 
     config = (config or TrainingConfig()).check()
+    heavy = check_state(state) == "heavy"
     for name, v in (("NUM_PCA", num_pca), ("NUM_TRAIN", num_train)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UsageError(f"{name} must be a positive integer, got {v!r}")
@@ -435,33 +449,39 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
     engine.store.require_bucket()
 
     cfg = config.recorded()
+    # The state is a parameter of heavy runs only: a light run's record (and so --resume of one
+    # started before the variant existed) is what it was.
     params = {"data_prefix": data_prefix, "num_pca": num_pca, "num_train": num_train,
-              "model_prefix": model_prefix, **cfg}
+              "model_prefix": model_prefix, **cfg, **({"state": state} if heavy else {})}
     run = engine.start_run(WORKFLOW, params, resume=resume)
     enforce = publish and not allow_unvalidated
     try:
         [part] = run.run_calls(partition=[dict(prefix=data_prefix, num_pca=num_pca, num_train=num_train,
                                                holdout=config.holdout, seed=config.seed,
-                                               n_components=config.n_components,
-                                               image_size=config.image_size)])["partition"]
+                                               n_components=config.n_components, image_size=config.image_size,
+                                               **({"state": state} if heavy else {}))])["partition"]
         classes = part.info["classes"]
         if enforce:
             _require_validation(classes, part.info["holdout_per_class"], data_prefix, decoded=False)
         whole = config.train_rows == "partition"
+        # Heavy: each PCA call hands on its whole feature matrix, each train call is told its rows.
         pcas = run.run_calls(pca=[dict(assignment=assignment, image_size=config.image_size,
                                        n_components=config.n_components, seed=config.seed, index=i,
-                                       **({"whole": True} if whole else {}))
+                                       **({"whole": True} if whole or heavy else {}))
                                   for i, assignment in enumerate(part.outputs["assignments"])])["pca"]
         _require_decoded_classes(classes, pcas, data_prefix)
         train_calls = []
         for i, out in enumerate(pcas):
             # With whole partitions, a PCA function's training functions all read its one slice.
-            refs = out.outputs["slices"] * (part.info["train_per_pca"][i] if whole else 1)
-            for ref in refs:
+            n_slices = part.info["train_per_pca"][i]
+            refs = out.outputs["slices"] * (n_slices if whole or heavy else 1)
+            ranges = row_ranges(out.info["num_images"], n_slices) if heavy and not whole else [None] * len(refs)
+            for ref, rows in zip(refs, ranges):
                 train_calls.append(dict(data=ref, num_classes=len(classes), n_trees=config.n_trees,
                                         max_depth=config.max_depth, min_samples_split=config.min_samples_split,
                                         seed=config.seed, index=len(train_calls), projection=i,
-                                        **({"forest": config.forest} if config.forest != "random" else {})))
+                                        **({"forest": config.forest} if config.forest != "random" else {}),
+                                        **({"rows": rows} if rows is not None else {})))
         trains = run.run_calls(train=train_calls)["train"]
         model_config = {**cfg, "num_pca": num_pca, "num_train": num_train,
                         "data_prefix": data_prefix, "trained_with": _versions()}
@@ -498,6 +518,7 @@ def drive(engine, data_prefix: str, num_pca: int, num_train: int, *, config: Tra
             "model_digest": model_ref.sha256,
             "model_bytes": model_ref.nbytes,
             "model_prefix": model_prefix if publish else None,
+            "state": state,
         }
         model = run.read_bytes(model_ref) if publish else b""
         # Published and recorded as one step: a Ctrl-C meanwhile waits until both are done, so a run
