@@ -24,9 +24,6 @@ from mlwf.settings import Settings
 
 WORKFLOWS = ("ml-training", "ml-inference")
 MODES = ("warm", "cold")
-#: ``--state``: ``light`` (stages hand each other keys: the reference's) or ``heavy`` (decoded pixels and
-#: full feature matrices: :mod:`mlwf.workflows`).
-STATES = ("light", "heavy")
 
 
 @dataclass
@@ -114,6 +111,8 @@ def _check_spec(spec: BenchSpec) -> None:
 
     spec.backends = split_list(spec.backends, "backend", BACKENDS)
     spec.transfers = split_list(spec.transfers, "transfer", TRANSFERS)
+    from mlwf.workflows.state import STATES
+
     spec.states = split_list(spec.states, "state", STATES)
     if spec.workers is not None and spec.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {spec.workers}")
@@ -275,10 +274,9 @@ def _run_once(spec: BenchSpec, engine, state: str) -> dict[str, Any]:
     if spec.workflow == "ml-training":
         data_prefix, num_pca, num_train = spec.args
         return engine.run_training(data_prefix, num_pca, num_train, config=spec.config,
-                                   model_prefix=spec.model_prefix, publish=spec.publish,
-                                   **({"state": state} if state != "light" else {}))
+                                   model_prefix=spec.model_prefix, publish=spec.publish, state=state)
     model_prefix, data_prefix, num_funcs = spec.args
-    return engine.run_inference(model_prefix, data_prefix, num_funcs, **({"state": state} if state != "light" else {}))
+    return engine.run_inference(model_prefix, data_prefix, num_funcs, state=state)
 
 
 def _with_memory(report: dict[str, Any], peak: PeakMemory) -> dict[str, Any]:
