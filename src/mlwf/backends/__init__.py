@@ -19,7 +19,8 @@ from mlwf.errors import UsageError
 
 #: Backend names, in the order they are listed.
 NAMES = ("local", "ray", "knative")
-TRANSFERS = ("store", "direct")
+#: Every ``--transfer`` mode; each backend's ``transfers`` says which it takes.
+TRANSFERS = ("store", "direct", "shm")
 #: What a backend with optional libraries says when one is missing: (its libraries, the hint).
 _INSTALL_HINTS = {"ray": (("ray",), "the Ray backend needs Ray: pip install 'mlwf[ray]'"),
                   "knative": (("httpx", "cloudevents"),

@@ -12,7 +12,9 @@ call in flight). A backend never retries a call itself: the driver alone
 decides, from :attr:`~mlwf.errors.MlwfError.retryable`
 (:mod:`mlwf.engine.retry`).
 
-Two methods are optional (the driver looks for them): ``warm_up() -> bool``
+A backend may say why it does not take a transfer mode
+(``transfer_notes``: mode → reason), for the error that refuses it. Two
+methods are optional (the driver looks for them): ``warm_up() -> bool``
 starts the workers before a run's first stage (True if it had to), and
 ``notes(run_id) -> dict`` gives fields the backend adds to the run's report,
 whose ``warnings`` (lines) join the report's own.
@@ -61,7 +63,7 @@ class Backend(Protocol):
     """What the driver calls on a backend (:class:`~mlwf.engine.driver.Engine` owns one)."""
 
     name: ClassVar[str]  # "local", "ray", "knative"
-    #: The ``--transfer`` modes it can do: ``store`` (outputs are objects in the store) and/or ``direct``.
+    #: The ``--transfer`` modes it can do: ``store`` (outputs are objects in the store), ``direct``, ``shm``.
     transfers: ClassVar[tuple[str, ...]]
     Config: ClassVar[type[BackendConfig]]
 

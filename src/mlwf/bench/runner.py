@@ -88,12 +88,15 @@ def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str
 
     pairs = []
     for backend in spec.backends:
-        can = tuple(backend_class(backend).transfers)
+        cls = backend_class(backend)
+        can = tuple(cls.transfers)
         for transfer in spec.transfers:
             if transfer in can:
                 pairs.append((backend, transfer))
             else:
-                note(f"skipping {backend} · {transfer}: the {backend} backend cannot do --transfer {transfer}")
+                why = getattr(cls, "transfer_notes", {}).get(transfer)
+                note(f"skipping {backend} · {transfer}: the {backend} backend cannot do --transfer {transfer}"
+                     + (f" ({why})" if why else ""))
     if not pairs:
         raise UsageError(f"no backend in {','.join(spec.backends)} can do --transfer {','.join(spec.transfers)}")
     return pairs

@@ -21,7 +21,7 @@ def add_parsers(sub) -> None:
         b.add_argument("--backend", default="local",
                        help="backends, comma-separated: local,ray,knative (default local)")
         b.add_argument("--transfer", default="store",
-                       help="transfers, comma-separated: store,direct (default store)")
+                       help="transfers, comma-separated: store,direct,shm (default store)")
         b.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
         b.add_argument("--cold", action="store_true", help="also time fresh 'mlwf run' processes, start to exit")
         b.add_argument("--baseline", action="store_true",

@@ -117,9 +117,10 @@ def common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
 def engine_options(p: argparse.ArgumentParser) -> None:
     """How a run runs: backend, transfer, retries, timeouts, and each backend's own flags."""
     p.add_argument("--backend", default="local", help="where stages run: local (default), ray or knative")
-    p.add_argument("--transfer", default="store", choices=("store", "direct"),
-                   help="how state moves between stages: through the object store (default, as in the reference) "
-                        "or directly from call to call")
+    p.add_argument("--transfer", default="store", choices=("store", "direct", "shm"),
+                   help="how state moves between stages: through the object store (default, as in the reference), "
+                        "directly from call to call, or (local backend) written once into shared memory that the "
+                        "next calls map")
     p.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed call (default 2)")
     p.add_argument("--timeout", type=float, default=600.0,

@@ -26,7 +26,13 @@ cannot rebuild an output it lost with a node: this backend keeps its own
 lineage instead (:mod:`mlwf.backends.ray.lineage`), and a call that lost an
 input fails with a retryable ``WorkerLost`` and is retried once the call that
 made the input has made it again. ``--transfer store`` keeps intermediate
-state out of Ray altogether. Start-up is quiet and bounded:
+state out of Ray altogether. There is no ``--transfer shm`` here (the local
+backend's: outputs written once into ``/dev/shm``, mapped read-only by their
+consumers): Ray's object store already is shared memory on each node (Plasma,
+in ``/dev/shm``), and a NumPy array read from it on the node that holds it is
+mapped, not copied, so ``direct`` on Ray is its ``shm``; across nodes it
+copies the object once into the reading node's store, which no file in one
+machine's ``/dev/shm`` could do. Start-up is quiet and bounded:
 no dashboard, worker output stays in Ray's log files, and an address where no
 cluster answers fails within ``connect_timeout`` seconds with one line.
 Starting a local Ray instance takes about 3.4 s, most of a cold ``--backend
@@ -111,6 +117,10 @@ class RayBackend(Lineage):
     name = "ray"
     #: ``direct`` passes outputs task to task through Ray's object store.
     transfers = ("store", "direct")
+    #: Why a transfer mode is not taken, for the error that refuses it.
+    transfer_notes: ClassVar[dict[str, str]] = {
+        "shm": "Ray's object store is its shared memory: on one node --transfer direct already maps NumPy arrays "
+               "from it without copying"}
     Config = RayConfig
 
     def __init__(self, config: RayConfig | None = None, settings: Settings | None = None):
