@@ -309,10 +309,12 @@ def _hand_on(call: Call, ctx: RunContext, stage: Stage, result: StageOutput, sto
 def _into_segment(call: Call, ctx: RunContext, part: Any, j: int, clock: _Clock) -> Ref:
     """Write output part ``j`` of ``call`` into its shared-memory segment (``--transfer shm``); its Ref."""
     t = time.time()
-    plan = None if isinstance(part, Blob) else codec.Plan(part)
+    plan = None
+    if not isinstance(part, Blob):
+        plan = codec.Plan(part)  # the layout (no array copied yet): serialization's first step
+        t = clock.add("encode", t)
     size = len(part.data) if plan is None else plan.size
-    name = shm.segment_name(ctx.shm_owner, ctx.run_id, call.stage, call.index, j)
-    segment = shm.Segment(name, size)
+    segment = shm.Segment(shm.segment_name(ctx.shm_owner, ctx.run_id, call.stage, call.index, j), size)
     t = clock.add("put", t)
     try:
         if plan is None:
@@ -326,4 +328,4 @@ def _into_segment(call: Call, ctx: RunContext, part: Any, j: int, clock: _Clock)
         segment.discard()
         raise
     clock.add("put", t)
-    return Ref(sha256=sha, nbytes=size, shm=name, producer=call.stage)
+    return Ref(sha256=sha, nbytes=size, shm=segment.name, producer=call.stage)
