@@ -64,7 +64,96 @@ def encode(value: Any) -> bytes:
     TypeError
         If the value holds something else (objects, non-string keys).
     """
-    arrays: list[np.ndarray] = []
+    plan = Plan(value)
+    body = b"".join(plan.body_pieces())
+    return plan.header(hashlib.sha256(body).hexdigest()) + body
+
+
+class Plan:
+    """The layout of one value's payload, worked out before a byte of it is written.
+
+    :func:`encode` and :meth:`write_into` both follow it, so their bytes are the
+    same. Its :attr:`size` is known before the arrays are copied anywhere: a
+    caller can make a buffer of that size (a shared-memory segment) and have
+    the payload written straight into it, each array copied once
+    (``--transfer shm``). The header's length does not depend on the body's
+    SHA-256 (always 64 hex digits), so the header can be sized first and
+    written last, once the body it describes is in place.
+
+    Raises
+    ------
+    TypeError
+        As :func:`encode`.
+    """
+
+    def __init__(self, value: Any):
+        arrays: list[np.ndarray] = []
+        self.meta = _lift(value, arrays)
+        self.arrays: list[np.ndarray] = []
+        self.descs: list[dict] = []
+        offset = 0
+        for a in arrays:
+            dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+            if dt.str not in _DTYPES:
+                raise TypeError(f"cannot encode arrays of dtype {a.dtype}")
+            offset += (-offset) % _ALIGN
+            nbytes = a.size * dt.itemsize
+            # A 0-d array is written as shape [1], as NumPy's ascontiguousarray always made it here.
+            shape = list(a.shape) if a.ndim else [1]
+            self.descs.append({"dtype": dt.str, "shape": shape, "offset": offset, "nbytes": nbytes})
+            self.arrays.append(a)
+            offset += nbytes
+        self.body_size = offset
+        self.head_size = len(self.header("0" * 64))
+        #: Bytes of the whole payload.
+        self.size = self.head_size + self.body_size
+
+    def header(self, body_sha256: str) -> bytes:
+        """Preamble, header JSON and padding, for a body of this SHA-256."""
+        header = {"arrays": self.descs, "meta": self.meta, "sha256": body_sha256}
+        hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        head_len = _PREAMBLE.size + len(hjson)
+        return b"".join([_PREAMBLE.pack(MAGIC, VERSION, len(hjson)), hjson, b"\0" * ((-head_len) % _ALIGN)])
+
+    def body_pieces(self):
+        """The body as bytes pieces (padding, then each array's bytes): :func:`encode`'s way."""
+        offset = 0
+        for a, d in zip(self.arrays, self.descs):
+            if d["offset"] > offset:
+                yield b"\0" * (d["offset"] - offset)
+            yield np.ascontiguousarray(a).astype(d["dtype"], copy=False).tobytes()
+            offset = d["offset"] + d["nbytes"]
+
+    def write_into(self, buf) -> str:
+        """Write the payload into ``buf`` (writable, exactly :attr:`size` bytes); return the SHA-256 of
+        the whole payload.
+
+        Each array is copied once, from wherever it is (strided or big-endian
+        arrays too) into its place in ``buf``; the body's SHA-256 is then taken
+        over what ``buf`` holds, and the header is written in front of it.
+        """
+        out = memoryview(buf).cast("B")
+        if len(out) != self.size:
+            raise ValueError(f"a payload of {self.size:,} bytes needs a buffer of that size, not {len(out):,}")
+        start = self.head_size
+        offset = 0
+        for a, d in zip(self.arrays, self.descs):
+            if d["offset"] > offset:
+                out[start + offset : start + d["offset"]] = bytes(d["offset"] - offset)
+            if d["nbytes"]:
+                dst = np.ndarray(tuple(d["shape"]), dtype=d["dtype"], buffer=out, offset=start + d["offset"])
+                np.copyto(dst, a, casting="equiv")  # a big-endian array swapped on the way, nothing else cast
+            offset = d["offset"] + d["nbytes"]
+        body = out[start:]
+        head = self.header(hashlib.sha256(body).hexdigest())
+        out[:start] = head
+        hasher = hashlib.sha256(head)
+        hasher.update(body)
+        return hasher.hexdigest()
+
+
+def _lift(value: Any, arrays: list[np.ndarray]) -> Any:
+    """The header's JSON for ``value``: each array replaced by ``{"__array__": i}`` and put in ``arrays``."""
 
     def lift(v: Any) -> Any:
         if isinstance(v, np.ndarray):
@@ -90,30 +179,7 @@ def encode(value: Any) -> bytes:
             return v
         raise TypeError(f"cannot encode {type(v).__name__}")
 
-    meta = lift(value)
-    descs = []
-    offset = 0
-    blobs = []
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-        a = a.astype(dt, copy=False)
-        if dt.str not in _DTYPES:
-            raise TypeError(f"cannot encode arrays of dtype {a.dtype}")
-        pad = (-offset) % _ALIGN
-        if pad:
-            blobs.append(b"\0" * pad)
-            offset += pad
-        data = a.tobytes()
-        descs.append({"dtype": dt.str, "shape": list(a.shape), "offset": offset, "nbytes": len(data)})
-        blobs.append(data)
-        offset += len(data)
-    body = b"".join(blobs)
-    header = {"arrays": descs, "meta": meta, "sha256": hashlib.sha256(body).hexdigest()}
-    hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    head_len = _PREAMBLE.size + len(hjson)
-    pad = b"\0" * ((-head_len) % _ALIGN)
-    return b"".join([_PREAMBLE.pack(MAGIC, VERSION, len(hjson)), hjson, pad, body])
+    return lift(value)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -21,9 +21,10 @@ from mlwf.errors import UsageError
 NAMES = ("local", "ray", "knative")
 #: ``--transfer`` modes: ``store`` (every intermediate an object in the store), ``direct`` (handed on by the
 #: backend: the local pool's pipe, Ray's object store), ``payload`` (inline in each call and its reply: the
-#: local pool's pipe again, a Knative request's body). Each backend says which it does (``transfers``) and
-#: why not the others it could be asked for (``transfer_notes``).
-TRANSFERS = ("store", "direct", "payload")
+#: local pool's pipe again, a Knative request's body), ``shm`` (written once into shared memory that the
+#: next calls map: the local backend). Each backend says which it does (``transfers``) and why not the
+#: others it could be asked for (``transfer_notes``).
+TRANSFERS = ("store", "direct", "payload", "shm")
 #: What a backend with optional libraries says when one is missing: (its libraries, the hint).
 _INSTALL_HINTS = {"ray": (("ray",), "the Ray backend needs Ray: pip install 'mlwf[ray]'"),
                   "knative": (("httpx", "cloudevents"),

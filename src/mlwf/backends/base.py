@@ -12,7 +12,9 @@ call in flight). A backend never retries a call itself: the driver alone
 decides, from :attr:`~mlwf.errors.MlwfError.retryable`
 (:mod:`mlwf.engine.retry`).
 
-Two methods are optional (the driver looks for them): ``warm_up() -> bool``
+A backend may say why it does not take a transfer mode
+(``transfer_notes``: mode → reason), for the error that refuses it. Two
+methods are optional (the driver looks for them): ``warm_up() -> bool``
 starts the workers before a run's first stage (True if it had to), and
 ``notes(run_id) -> dict`` gives fields the backend adds to the run's report,
 whose ``warnings`` (lines) join the report's own.
@@ -62,7 +64,8 @@ class Backend(Protocol):
 
     name: ClassVar[str]  # "local", "ray", "knative"
     #: The ``--transfer`` modes it can do (:data:`mlwf.backends.TRANSFERS`): ``store`` (outputs are objects in
-    #: the store), ``direct`` (the backend hands them on), ``payload`` (inline in each call and reply).
+    #: the store), ``direct`` (the backend hands them on), ``payload`` (inline in each call and reply),
+    #: ``shm`` (written once into shared memory on one machine).
     transfers: ClassVar[tuple[str, ...]]
     #: Optional: ``{transfer: why not}`` for modes it does not do, said when one is asked for.
     transfer_notes: ClassVar[dict[str, str]]

@@ -120,8 +120,9 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="local", help="where stages run: local (default), ray or knative")
     p.add_argument("--transfer", default="store", choices=TRANSFERS,
                    help="how state moves between stages: through the object store (default, as in the reference), "
-                        "directly from call to call (direct: local, ray), or inline in each call and reply "
-                        "(payload: local, knative)")
+                        "directly from call to call (direct: local, ray), inline in each call and reply "
+                        "(payload: local, knative), or written once into shared memory that the next calls map "
+                        "(shm: local)")
     p.add_argument("--workers", type=int, help="worker processes for the local backend (default: one per core)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a failed call (default 2)")
     p.add_argument("--timeout", type=float, default=600.0,

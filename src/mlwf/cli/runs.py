@@ -27,6 +27,7 @@ def add_parsers(sub) -> None:
 
 def handle(args) -> int:
     from mlwf import runs
+    from mlwf.engine import shm
 
     store = open_store(args)
     where = {"store": store.location, "bucket": store.bucket}
@@ -55,6 +56,8 @@ def handle(args) -> int:
         # What each run keeps, read before: what the collected runs freed.
         before = {r["run_id"]: r["intermediate_bytes"] for r in runs.list_runs(store)}
         result = runs.gc_runs(store, args.keep)
+        # Shared-memory segments of --transfer shm drivers that were killed: this machine's, not the store's.
+        result["shm_segments"] = shm.remove_orphans()
     finally:
         store.close()
     result = {**where, **result, "keep": args.keep, "freed_bytes": sum(before.get(r, 0) for r in result["runs"])}
@@ -82,6 +85,9 @@ def gc_summary(result: dict) -> str:
     keep = result["keep"]
     kept_text = [f"kept the {keep} newest run{'s' if keep != 1 else ''} of each workflow whole "
                  f"({kept} run{'s' if kept != 1 else ''})"] if keep else []
+    segments = result.get("shm_segments", 0)
+    left += [f"removed {segments} shared-memory segment{'s' if segments != 1 else ''} of killed drivers"] \
+        * bool(segments)
     return (f"deleted {result['deleted']} intermediate objects ({size(result['freed_bytes'])}) of {collected} "
             f"run{'s' if collected != 1 else ''}" + "".join(f"; {text}" for text in kept_text + left)
             + " (run records, results and models are never deleted)")

@@ -3,9 +3,10 @@
 All of it is plain data that survives JSON (for the Knative backend) as well
 as pickling between processes; none of it holds a backend's own object. A
 :class:`Ref` names one output of a finished call: the store key where it was
-put, or its bytes inline, or neither (a backend holds it, e.g. in Ray's object
-store, and finds it by its checksum); always its SHA-256, so a consumer can
-verify and cache it.
+put, or its bytes inline, or the shared-memory segment that holds them
+(``--transfer shm``: :mod:`mlwf.engine.shm`), or none of these (a backend
+holds it, e.g. in Ray's object store, and finds it by its checksum); always
+its SHA-256, so a consumer can verify and cache it.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ class Ref:
     key: str | None = None  # where it is in the object store
     data: bytes | None = None  # or the bytes themselves
     producer: str = ""  # stage that made it, for per-edge accounting
+    shm: str | None = None  # or the name of the shared-memory segment holding them (mlwf.engine.shm)
 
     @property
     def held_by_backend(self) -> bool:
-        """Neither in the store nor inline: the backend that ran the call holds it (``direct`` transfer)."""
-        return self.key is None and self.data is None
+        """Not in the store, inline or shared memory: the backend that ran the call holds it (``direct``)."""
+        return self.key is None and self.data is None and self.shm is None
 
     def to_json(self) -> dict:
         # Written out rather than dataclasses.asdict (which deep-copies field by field): a choreographed
         # replay digests every call of a batch, each naming its input Refs. Same keys, same order.
         return {"sha256": self.sha256, "nbytes": self.nbytes, "key": self.key,
                 "data": None if self.data is None else base64.b64encode(self.data).decode(),
-                "producer": self.producer}
+                "producer": self.producer, **({"shm": self.shm} if self.shm is not None else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Ref:
@@ -62,7 +64,11 @@ def refs_in(values) -> Iterator[Ref]:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every call of one run shares: the run, its store (the canonical name) and the transfer."""
+    """What every call of one run shares: the run, its store (the canonical name) and the transfer.
+
+    ``shm_owner`` (``--transfer shm`` only) is the driver's ``<pid>.<start time>``, which every
+    shared-memory segment of the run is named after (:mod:`mlwf.engine.shm`).
+    """
 
     run_id: str
     workflow: str
@@ -70,6 +76,7 @@ class RunContext:
     bucket: str
     outputs_prefix: str  # <workflow>/outputs/<run-id> (mlwf.engine.layout)
     transfer: str = "store"
+    shm_owner: str = ""
 
     @property
     def store(self):
@@ -79,7 +86,10 @@ class RunContext:
         return StoreSpec(self.store_url, self.bucket)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.shm_owner:
+            del d["shm_owner"]  # the same JSON as before shm existed, for every other transfer
+        return d
 
 
 @dataclass(frozen=True)

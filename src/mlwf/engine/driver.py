@@ -36,6 +36,7 @@ from mlwf import workflows
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext
 from mlwf.engine.accounting import Accounts, StageStats
 from mlwf.engine.checkpoints import Checkpoints
+from mlwf.engine import shm
 from mlwf.engine.interrupts import deferred
 from mlwf.engine.layout import RunLayout, new_run_id
 from mlwf.engine.progress import SILENT
@@ -86,9 +87,11 @@ class Engine:
     workers : worker processes for the local backend (default: one per core); the same as
         ``backend=LocalConfig(workers=...)``.
     transfer : how intermediate state moves between stages: ``"store"`` (every
-        intermediate is an object in the store, as in the reference) or ``"direct"``
-        (handed from call to call by the backend) or ``"payload"`` (inline in each call and its reply;
-        on the local backend the same path as ``direct``, on Knative each request's body).
+        intermediate is an object in the store, as in the reference), ``"direct"``
+        (handed from call to call by the backend), ``"payload"`` (inline in each call and its reply;
+        on the local backend the same path as ``direct``, on Knative each request's body) or ``"shm"``
+        (the local backend: written once into shared memory, mapped read-only by the calls that read
+        it; :mod:`mlwf.engine.shm`).
     backend_options : the fields of the named backend's config (e.g. ``address`` for Ray,
         ``endpoints`` for Knative).
     timeout : seconds a call may run before it counts as failed (default 600, at most
@@ -148,6 +151,10 @@ class Engine:
         self.backend = make_backend(backend, self.settings, backend_options)
         if transfer not in self.backend.transfers:
             raise UsageError(cannot_transfer(type(self.backend), transfer))
+        if transfer == "shm":
+            shm.check_available()
+            # Segments left by drivers that were killed (kill -9) go now; live drivers' are theirs.
+            shm.remove_orphans()
         self.backend.start()
 
     def timeout_for(self, stage: str) -> float:
@@ -271,7 +278,8 @@ class Run:
         self.run_id = run_id or new_run_id()
         self.layout = RunLayout(workflow, self.run_id)
         self.ctx = RunContext(self.run_id, workflow, engine.spec.url, engine.spec.bucket,
-                              self.layout.folder, engine.transfer)
+                              self.layout.folder, engine.transfer,
+                              shm_owner=shm.owner() if engine.transfer == "shm" else "")
         self.accounts = Accounts()
         self.checkpoints = Checkpoints(engine.store, self.layout, enabled=engine.transfer == "store"
                                        and engine.checkpoints, resumed=self.resumed)
@@ -385,17 +393,25 @@ class Run:
     def read(self, ref: Ref, decoder: str = "codec") -> Any:
         """Read an output in the driver (e.g. to merge results), decoded as ``decoder`` says, with accounting."""
         t = time.perf_counter()
-        data = self.read_bytes(ref)
+        data = self._view(ref) if ref.shm is not None else self.read_bytes(ref)
         t1 = time.perf_counter()
-        value = decode(data, decoder, ref.key or f"output of {ref.producer}")
+        value = decode(data, decoder, ref.key or ref.shm or f"output of {ref.producer}")
         self.accounts.add_read(ref, (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3)
         return value
 
     def read_bytes(self, ref: Ref) -> bytes:
-        """The bytes of an output: inline, from the store, or from the backend that holds them."""
+        """The bytes of an output: inline, from the store, from shared memory, or from the backend that
+        holds them."""
+        if ref.shm is not None:
+            return bytes(self._view(ref))
         if ref.held_by_backend:
             return self.engine.backend.read(ref)
         return ref.data if ref.data is not None else self.store.get(ref.key)
+
+    def _view(self, ref: Ref) -> memoryview:
+        """An output in shared memory, mapped read-only (``--transfer shm``)."""
+        return shm.open_view(ref.shm, ref.nbytes, owner_tag=self.ctx.shm_owner, run_id=self.run_id,
+                             what=f"the {ref.producer} output the driver reads")
 
     # ------------------------------------------------------------------ report
     def report(self, **extra: Any) -> dict[str, Any]:

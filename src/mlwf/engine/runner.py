@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Any
 
 from mlwf import budget, codec, workflows
+from mlwf.engine import shm
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, is_refs
 from mlwf.engine.faults import maybe_inject
 from mlwf.engine.layout import RunLayout
@@ -168,6 +169,11 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
         t = time.time()
         if ref.data is not None:
             data = ref.data
+        elif ref.shm is not None:
+            # Mapped, not read: the arrays decode() makes are views of the producer's pages.
+            data = shm.open_view(ref.shm, ref.nbytes, owner_tag=ctx.shm_owner, run_id=ctx.run_id,
+                                 what=f"{call.workflow} stage {call.name}: input {inp.name} from {ref.producer}")
+            edge["transfer_ms"] = (clock.add("input_get", t, ref.nbytes, "input_bytes") - t) * 1e3
         elif ref.key is not None:
             data = store.get(ref.key)
             edge["transfer_ms"] = (clock.add("input_get", t, len(data), "input_bytes") - t) * 1e3
@@ -179,7 +185,7 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
             raise StageError(f"{call.workflow} stage {call.name}: input {inp.name} from {ref.producer} is held by "
                              "the backend that made it, which did not hand it over")
         t = time.time()
-        value = decode(data, inp.decode, ref.key or f"output of {ref.producer}")
+        value = decode(data, inp.decode, ref.key or ref.shm or f"output of {ref.producer}")
         edge["deserialize_ms"] = (clock.add("input_decode", t) - t) * 1e3
         edges.append(edge)
         if inp.cache or ref.nbytes > (1 << 20):
@@ -247,7 +253,16 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
 
 def _hand_on(call: Call, ctx: RunContext, stage: Stage, result: StageOutput, store: Store,
              clock: _Clock) -> dict[str, Ref | list[Ref]]:
-    """Encode each output and put it in the store or inline (as the transfer says); its references by name."""
+    """Encode each output and put it in the store, inline or in shared memory (as the transfer says); its
+    references by name.
+
+    With ``shm`` each output is written once, straight into its segment: the
+    codec lays the payload out first (:class:`mlwf.codec.Plan`), the segment
+    is made that size (counted as ``put``, as reserving the memory is what a
+    put costs here) and the payload is written into it (``encode``, the
+    serialization: arrays copied once, the checksum taken over what was
+    written). A blob (already bytes, e.g. a model) is copied in once.
+    """
     named = result.parts if isinstance(result.parts, dict) else {}
     defined = [o.name for o in stage.outputs]
     if sorted(named) != sorted(defined):
@@ -259,6 +274,8 @@ def _hand_on(call: Call, ctx: RunContext, stage: Stage, result: StageOutput, sto
     def hand_on(part) -> Ref:
         nonlocal number
         j, number = number, number + 1
+        if ctx.transfer == "shm":
+            return _into_segment(call, ctx, part, j, clock)
         t = time.time()
         stored_at, sha = None, None
         if isinstance(part, Blob):
@@ -287,3 +304,28 @@ def _hand_on(call: Call, ctx: RunContext, stage: Stage, result: StageOutput, sto
         else:
             outputs[output.name] = hand_on(value)
     return outputs
+
+
+def _into_segment(call: Call, ctx: RunContext, part: Any, j: int, clock: _Clock) -> Ref:
+    """Write output part ``j`` of ``call`` into its shared-memory segment (``--transfer shm``); its Ref."""
+    t = time.time()
+    plan = None
+    if not isinstance(part, Blob):
+        plan = codec.Plan(part)  # the layout (no array copied yet): serialization's first step
+        t = clock.add("encode", t)
+    size = len(part.data) if plan is None else plan.size
+    segment = shm.Segment(shm.segment_name(ctx.shm_owner, ctx.run_id, call.stage, call.index, j), size)
+    t = clock.add("put", t)
+    try:
+        if plan is None:
+            segment.buf[:] = part.data
+            sha = part.sha256 or codec.digest(part.data)
+        else:
+            sha = plan.write_into(segment.buf)
+        t = clock.add("encode", t, size, "output_bytes")
+        segment.publish()
+    except BaseException:
+        segment.discard()
+        raise
+    clock.add("put", t)
+    return Ref(sha256=sha, nbytes=size, shm=segment.name, producer=call.stage)

@@ -185,6 +185,9 @@ class KnativeBackend(HoldsNoOutputs):
     name = "knative"
     #: ``payload``: state inline in each request and reply (see the module docstring).
     transfers = ("store", "payload")
+    #: Why a transfer mode is not taken, for the error that refuses it.
+    transfer_notes: ClassVar[dict[str, str]] = {
+        "shm": "each function runs in its own pod, possibly on another node, with no memory in common with the others"}
     Config = KnativeConfig
 
     def __init__(self, config: KnativeConfig | None = None, settings: Settings | None = None):

@@ -19,12 +19,20 @@ Workers exit as soon as the process that owns the pool is gone, even one
 killed with ``kill -9`` in the middle of a stuck call (they watch a pipe only
 the owner holds: :mod:`mlwf.backends.lifeline`); the fork server and
 multiprocessing's resource tracker then exit by themselves.
+
+``--transfer shm`` is this backend's alone (:mod:`mlwf.engine.shm`): every
+worker is on this machine, so an output written once into shared memory can
+be mapped by any later call. The run's segments are removed when the run ends
+(:meth:`LocalBackend.end_run`); a run that failed with calls still running
+has those workers killed first, or a call finishing after the clean-up would
+leave a segment behind for as long as the driver lives.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -32,7 +40,7 @@ from typing import ClassVar
 
 from mlwf.backends import forkserver, lifeline, memory
 from mlwf.backends.base import BackendConfig, HoldsNoOutputs
-from mlwf.engine import runner
+from mlwf.engine import runner, shm
 from mlwf.engine.calls import Call, Outcome, RunContext
 from mlwf.errors import StageError, UsageError, WorkerLost
 from mlwf.settings import Settings
@@ -77,13 +85,14 @@ class LocalBackend(HoldsNoOutputs):
 
     name = "local"
     #: ``direct`` hands each output's bytes back through the pool's pipe to the
-    #: driver and on to the next call; ``store`` puts them in the object store.
+    #: driver and on to the next call; ``store`` puts them in the object store;
+    #: ``shm`` writes them once into shared memory that later calls map.
     #: ``payload`` (state inline in the call) is, on one machine's pool, the same
     #: mechanism as ``direct``: the bytes ride the pipe inside the call and its
     #: result. The two differ on Ray (``direct`` is its object store, ``payload``
     #: it does not offer) and on Knative (``payload`` is the request's body,
     #: ``direct`` it does not offer).
-    transfers = ("store", "direct", "payload")
+    transfers = ("store", "direct", "payload", "shm")
     Config = LocalConfig
 
     def __init__(self, config: LocalConfig | None = None, settings: Settings | None = None):
@@ -94,6 +103,9 @@ class LocalBackend(HoldsNoOutputs):
         self.keep_freed_bytes = config.keep_freed_bytes
         self._pool: ProcessPoolExecutor | None = None
         self._workers_started = False
+        #: The calls in flight of each --transfer shm run (for end_run), and their lock.
+        self._shm_calls: dict[str, set[Future]] = {}
+        self._shm_lock = threading.Lock()
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -155,9 +167,28 @@ class LocalBackend(HoldsNoOutputs):
             else:
                 out.set_exception(error)
 
+        if ctx.transfer == "shm":
+            with self._shm_lock:
+                self._shm_calls.setdefault(ctx.run_id, set()).add(pooled)
+            pooled.add_done_callback(lambda f: self._shm_call_ended(ctx.run_id, f))
         pooled.add_done_callback(finished)
         out.add_done_callback(lambda f: pooled.cancel() if f.cancelled() else None)  # the driver dropped it
         return out
+
+    def _shm_call_ended(self, run_id: str, pooled: Future) -> None:
+        with self._shm_lock:
+            self._shm_calls.get(run_id, set()).discard(pooled)
+
+    def end_run(self, run_id: str) -> None:
+        """Remove the run's shared-memory segments (``--transfer shm``), its calls still running (a failed
+        run's) stopped first so that none makes one afterwards."""
+        with self._shm_lock:
+            calls = self._shm_calls.pop(run_id, None)
+        if calls is None:
+            return
+        if any(not f.done() for f in calls):
+            self.cancel_all()
+        shm.remove_run(shm.owner(), run_id)
 
     def cancel_all(self) -> None:
         """Kill the workers (a dead, stuck or broken pool); the next call starts new ones."""

@@ -26,7 +26,13 @@ cannot rebuild an output it lost with a node: this backend keeps its own
 lineage instead (:mod:`mlwf.backends.ray.lineage`), and a call that lost an
 input fails with a retryable ``WorkerLost`` and is retried once the call that
 made the input has made it again. ``--transfer store`` keeps intermediate
-state out of Ray altogether. Start-up is quiet and bounded:
+state out of Ray altogether. There is no ``--transfer shm`` here (the local
+backend's: outputs written once into ``/dev/shm``, mapped read-only by their
+consumers): Ray's object store already is shared memory on each node (Plasma,
+in ``/dev/shm``), and a NumPy array read from it on the node that holds it is
+mapped, not copied, so ``direct`` on Ray is its ``shm``; across nodes it
+copies the object once into the reading node's store, which no file in one
+machine's ``/dev/shm`` could do. Start-up is quiet and bounded:
 no dashboard, worker output stays in Ray's log files, and an address where no
 cluster answers fails within ``connect_timeout`` seconds with one line.
 Starting a local Ray instance takes about 3.4 s, most of a cold ``--backend
@@ -113,10 +119,13 @@ class RayBackend(Lineage):
     transfers = ("store", "direct")
     #: Ray inlines a task's arguments in its call only up to 100 KB and moves any larger one through its
     #: object store (docs.ray.io, "Anti-pattern: passing the same large argument by value"), so a
-    #: ``payload`` run on Ray would measure ``direct`` under another name.
+    #: ``payload`` run on Ray would measure ``direct`` under another name; and that object store is
+    #: Ray's shared memory, so ``shm`` is what ``direct`` already does on one node.
     transfer_notes: ClassVar[dict[str, str]] = {
         "payload": "Ray moves any task argument over 100 KB through its object store, so state cannot ride "
-                   "inline in the call; --transfer direct measures that object store"}
+                   "inline in the call; --transfer direct measures that object store",
+        "shm": "Ray's object store is its shared memory: on one node --transfer direct already maps NumPy arrays "
+               "from it without copying"}
     Config = RayConfig
 
     def __init__(self, config: RayConfig | None = None, settings: Settings | None = None):
