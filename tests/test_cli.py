@@ -439,7 +439,7 @@ def test_a_command_in_first_place_builds_only_its_group():
     (["runs", "ls", "--jsn"], "unknown flag --jsn for 'mlwf runs ls': did you mean '--json'? "
                               "(see 'mlwf runs ls --help')"),
     (["run", "ml-training", "d", "2", "8", "--transfer", "dirct"],
-     "--transfer 'dirct' is not one of store, direct or shm: did you mean 'direct'? (see 'mlwf run ml-training --help')"),
+     "--transfer 'dirct' is not one of store, direct, payload or shm: did you mean 'direct'? (see 'mlwf run ml-training --help')"),
     (["runs", "show", "a", "b"], "'mlwf runs show' takes no argument 'b' (quote a value with spaces; flags start "
                                  "with --) (see 'mlwf runs show --help')"),
 ])
