@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlwf import runs, workflows
@@ -141,3 +142,32 @@ def test_the_tiny_workflow_runs_choreographed_with_no_driver(tiny, tmp_path, mon
         service.stop()
     assert service.log().count(f"run={run_id} call=tiny-squares/square[") == 4
 
+
+
+def test_a_large_input_is_read_again_by_the_next_run_not_found_in_the_worker(tiny):
+    """A worker keeps a large decoded input for the other calls of its run only (unless the input is
+    declared cacheable, as the model is): a repeated run moves its state again, so a benchmark's warm
+    runs measure the transfer they claim to."""
+    from mlwf import codec
+    from mlwf.engine import runner
+    from mlwf.engine.calls import Call, Ref, RunContext
+
+    store = StoreSpec(tiny, "tless").open()
+    data = codec.encode({"values": np.arange(300_000, dtype=np.int64)})  # 2.4 MB: over the 1 MiB mark
+    store.put("chunk.bin", data)
+    ref = Ref(sha256=codec.digest(data), nbytes=len(data), key="chunk.bin", producer="split")
+
+    def moved(run_id: str) -> int:
+        ctx = RunContext(run_id, "tiny-squares", tiny, "tless", f"tiny-squares/outputs/{run_id}")
+        outcome = runner.execute(Call("tiny-squares", "square", 0, {"chunk": ref}), ctx)
+        [edge] = outcome.input_edges
+        return edge["bytes"]
+
+    runner.forget_decoded()
+    try:
+        assert moved("run-a") == len(data)
+        assert moved("run-a") == 0  # the same run: found in the worker
+        assert moved("run-b") == len(data)  # another run: read again
+    finally:
+        runner.forget_decoded()
+        runner.forget_stores()

@@ -34,7 +34,7 @@ from mlwf.workflows.definition import Input, Stage, load_function
 
 _stores: dict[tuple, Store] = {}
 _process_settings: tuple[int, Settings] | None = None
-_decoded: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_decoded: OrderedDict[tuple, Any] = OrderedDict()
 _DECODED_MAX = 8
 _signatures: dict[Any, frozenset[str]] = {}
 
@@ -153,7 +153,10 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
     edges: list[dict] = []
 
     def resolve(ref: Ref, inp: Input):
-        cache_key = (ref.sha256, inp.decode)
+        # Inputs a workflow declares cacheable (the model) are kept across runs by content; any other
+        # large input only within its run: a repeated run (a benchmark's) moves its state again, as a
+        # new run on new data would, rather than finding it in the worker (--state heavy's pixels).
+        cache_key = (ref.sha256, inp.decode) if inp.cache else (ctx.run_id, ref.sha256, inp.decode)
         cached = _decoded.get(cache_key)
         # A cached object read from the store moved no bytes; inline bytes always rode along.
         moved = ref.nbytes if cached is None or ref.data is not None else 0
