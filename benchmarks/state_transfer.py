@@ -64,9 +64,11 @@ def table(out) -> list[dict]:
                      "or state changed what was computed")
         for state in ("light", "heavy"):
             mine = [r for r in rows if r["workflow"] == workflow and r["state"] == state]
+            if not mine:
+                continue
             store = next((float(r["median_ms"]) for r in mine if (r["backend"], r["transfer"]) == ("local", "store")),
                          None)
-            print(f"\n{workflow} · {state} state (accuracy {accuracies.pop()})")
+            print(f"\n{workflow} · {state} state (accuracy {next(iter(accuracies))})")
             print("| backend · transfer | median | × local store | state transfer | state bytes | peak PSS |")
             print("|---|---|---|---|---|---|")
             for r in sorted(mine, key=lambda r: float(r["median_ms"])):

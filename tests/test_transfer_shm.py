@@ -83,6 +83,18 @@ def test_a_payload_written_into_a_buffer_is_the_bytes_encode_makes():
         assert bytes(buf) == expected
     back = codec.decode(bytes(buf))
     assert back == 7
+    # Unhashed (shm's way): the same layout and arrays, read back only without verification.
+    plan = codec.Plan(value)
+    unchecked = bytearray(plan.size)
+    assert plan.write_into(unchecked, checksum=False) is None
+    # What a segment is written with: the arrays' own buffers, in pieces, the same bytes.
+    assert b"".join(bytes(memoryview(p).cast("B")) for p in plan.unchecked_pieces()) == unchecked
+    encoded = codec.encode(value)
+    assert len(unchecked) == len(encoded) and unchecked[plan.head_size:] == encoded[plan.head_size:]
+    got = codec.decode(unchecked, verify=False)
+    assert np.array_equal(got["nested"][0]["strided"], value["nested"][0]["strided"]) and got["labels"] == ["a", "b", None]
+    with pytest.raises(codec.CodecError, match="carries no checksum"):
+        codec.decode(unchecked)
     with pytest.raises(ValueError, match="needs a buffer of that size"):
         codec.Plan(value).write_into(bytearray(10))
 
@@ -131,13 +143,21 @@ def test_a_retried_call_replaces_its_earlier_attempt_s_segment(store_url):
     call = Call("ml-inference", "partition", 0, {"prefix": BATCH_PREFIX, "num_funcs": 2})
     try:
         first = runner.execute(call, ctx)
+        ref = next(first.refs())
+        written = bytes(shm.open_view(ref.shm, ref.nbytes, owner_tag=ctx.shm_owner, run_id="r1", what="test"))
         again = runner.execute(call, ctx)  # as a retry would, with the same segment names
         refs = list(again.refs())
         assert [r.shm for r in refs] == [r.shm for r in first.refs()] and all(r.shm for r in refs)
-        assert [r.sha256 for r in refs] == [r.sha256 for r in first.refs()]
+        assert [r.nbytes for r in refs] == [r.nbytes for r in first.refs()]
+        # Nothing hashed (a random id names each output), but the same bytes in the same place.
+        assert len({r.sha256 for r in refs} | {r.sha256 for r in first.refs()}) == 2 * len(refs)
         assert shm.listed(shm.owner()) == sorted(r.shm for r in refs)  # no temporary left over
         view = shm.open_view(refs[0].shm, refs[0].nbytes, owner_tag=ctx.shm_owner, run_id="r1", what="test")
-        assert codec.digest(view) == refs[0].sha256 and view.readonly
+        assert bytes(view) == written and view.readonly
+        assert codec.decode(view, verify=False)["keys"] == codec.decode(written, verify=False)["keys"]
+        # A payload with no checksum never passes where payloads are verified (the store's, the network's).
+        with pytest.raises(codec.CodecError, match="carries no checksum"):
+            codec.decode(written)
     finally:
         shm.remove_run(shm.owner(), "r1")
     assert shm.listed(shm.owner()) == []

@@ -38,6 +38,10 @@ _DTYPES = frozenset(
 )
 
 
+#: What a header holds instead of its body's SHA-256 when nothing was hashed (:meth:`Plan.write_into`
+#: with ``checksum=False``): as long as a digest, and no digest, so a verifying :func:`decode` refuses it.
+UNCHECKED = "-" * 64
+
 #: Types a JSON header holds as they are.
 _PLAIN = frozenset([str, int, float, bool, type(None)])
 
@@ -124,13 +128,30 @@ class Plan:
             yield np.ascontiguousarray(a).astype(d["dtype"], copy=False).tobytes()
             offset = d["offset"] + d["nbytes"]
 
-    def write_into(self, buf) -> str:
+    def unchecked_pieces(self):
+        """The payload as pieces to write in order, with no checksum (:data:`UNCHECKED` in the header)
+        and nothing hashed: each array's own buffer where it is contiguous and little-endian (no copy
+        here), else a contiguous copy of it. Read back only with ``decode(..., verify=False)``."""
+        yield self.header(UNCHECKED)
+        offset = 0
+        for a, d in zip(self.arrays, self.descs):
+            if d["offset"] > offset:
+                yield bytes(d["offset"] - offset)
+            if d["nbytes"]:
+                yield np.ascontiguousarray(a).astype(d["dtype"], copy=False).reshape(-1).view(np.uint8)
+            offset = d["offset"] + d["nbytes"]
+
+    def write_into(self, buf, *, checksum: bool = True) -> str | None:
         """Write the payload into ``buf`` (writable, exactly :attr:`size` bytes); return the SHA-256 of
         the whole payload.
 
         Each array is copied once, from wherever it is (strided or big-endian
         arrays too) into its place in ``buf``; the body's SHA-256 is then taken
         over what ``buf`` holds, and the header is written in front of it.
+        With ``checksum=False`` nothing is hashed: the header says
+        :data:`UNCHECKED` where the body's SHA-256 would be, only
+        ``decode(..., verify=False)`` reads the payload, and None is returned
+        (``--transfer shm``: a segment read only where it was written).
         """
         out = memoryview(buf).cast("B")
         if len(out) != self.size:
@@ -145,6 +166,9 @@ class Plan:
                 np.copyto(dst, a, casting="equiv")  # a big-endian array swapped on the way, nothing else cast
             offset = d["offset"] + d["nbytes"]
         body = out[start:]
+        if not checksum:
+            out[:start] = self.header(UNCHECKED)
+            return None
         head = self.header(hashlib.sha256(body).hexdigest())
         out[:start] = head
         hasher = hashlib.sha256(head)
@@ -194,7 +218,7 @@ def _finite_float(text: str) -> float:
 
 
 def decode(data: bytes | bytearray | memoryview, *, what: str = "payload", max_header: int = MAX_HEADER,
-           max_depth: int = MAX_DEPTH) -> Any:
+           max_depth: int = MAX_DEPTH, verify: bool = True) -> Any:
     """Parse a payload made by :func:`encode`, trusting nothing in it.
 
     Arrays come back as read-only views of ``data`` (no copy). Every claim in
@@ -203,6 +227,11 @@ def decode(data: bytes | bytearray | memoryview, *, what: str = "payload", max_h
     nested at most ``max_depth`` deep, its numbers are finite, each array lies
     inside the body, arrays do not overlap, and each is referenced at most
     once, so the arrays a payload yields never add up to more than its size.
+    ``verify=False`` leaves out only the body's SHA-256 (every bound above is
+    checked all the same): for a payload the run wrote itself and reads where
+    it was written (a shared-memory segment of this user's, mapped read-only:
+    ``--transfer shm``), where hashing every byte again would be the whole
+    cost of reading it.
 
     Raises
     ------
@@ -238,7 +267,10 @@ def decode(data: bytes | bytearray | memoryview, *, what: str = "payload", max_h
     start = _PREAMBLE.size + hlen
     start += (-start) % _ALIGN
     body = buf[start:]
-    if hashlib.sha256(body).hexdigest() != digest:
+    if verify and digest == UNCHECKED:
+        raise CodecError(f"{what} carries no checksum (a shared-memory payload, read only where it was "
+                         "written): refused")
+    if verify and hashlib.sha256(body).hexdigest() != digest:
         raise CodecError(f"{what} is corrupt or was modified (checksum mismatch)")
     arrays = []
     spans = []

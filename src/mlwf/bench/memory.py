@@ -83,6 +83,44 @@ def shm_bytes() -> int:
     return total
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc
+
+
+def return_large_buffers() -> None:
+    """Have this process's allocator give every buffer of 1 MiB or more back to the system when it is
+    freed (glibc: a fixed ``M_MMAP_THRESHOLD``).
+
+    By default glibc raises that threshold after the first large buffer is freed, and serves later
+    ones from per-thread arenas whose top it never trims: after one ``--transfer direct`` heavy run
+    the benchmark's driver kept ~75 MB it had freed (the inline state its result thread unpickled),
+    which the next configuration's peak would have counted as its own.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_freed() -> None:
+    """Give the memory this process has freed back to the system (the garbage collector, then glibc's
+    ``malloc_trim``), so a configuration measured after another does not carry its leftovers in the
+    driver's PSS."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def supported() -> bool:
     """Whether this machine says what a process's PSS is (Linux 4.14 and later)."""
     return os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")

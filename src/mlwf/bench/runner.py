@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, label,
                               latency_csv_name, machine, merge_csv, stats, summary_row, write_latency_csv)
-from mlwf.bench.memory import PeakMemory
+from mlwf.bench.memory import PeakMemory, release_freed, return_large_buffers
 from mlwf.bench.plots import plot_dir
 from mlwf.errors import Interrupted, StageError, UsageError
 from mlwf.presets import DEFAULTS
@@ -292,6 +292,7 @@ def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick,
     from mlwf.engine import trace
     from mlwf.engine.driver import Engine
 
+    release_freed()  # the previous configuration's leftovers are not this one's memory
     clock = trace.StageClock()
     config = config_from_flags(backend, workflow=spec.workflow, workers=spec.workers,
                                ray_address=spec.ray_address, endpoints=spec.endpoints)
@@ -419,6 +420,7 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
     from mlwf.storage import StoreSpec
 
     _check_spec(spec)
+    return_large_buffers()  # each configuration's peak memory is its own (mlwf.bench.memory)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     out = Path(spec.out)
     notes: list[str] = []

@@ -6,7 +6,9 @@ as pickling between processes; none of it holds a backend's own object. A
 put, or its bytes inline, or the shared-memory segment that holds them
 (``--transfer shm``: :mod:`mlwf.engine.shm`), or none of these (a backend
 holds it, e.g. in Ray's object store, and finds it by its checksum); always
-its SHA-256, so a consumer can verify and cache it.
+its SHA-256, so a consumer can verify and cache it, except for a payload in a
+shared-memory segment, which nothing hashes: its ``sha256`` is a random id,
+unique to it (why: :mod:`mlwf.engine.shm`).
 """
 
 from __future__ import annotations

@@ -395,7 +395,7 @@ class Run:
         t = time.perf_counter()
         data = self._view(ref) if ref.shm is not None else self.read_bytes(ref)
         t1 = time.perf_counter()
-        value = decode(data, decoder, ref.key or ref.shm or f"output of {ref.producer}")
+        value = decode(data, decoder, ref.key or ref.shm or f"output of {ref.producer}", verify=ref.shm is None)
         self.accounts.add_read(ref, (t1 - t) * 1e3, (time.perf_counter() - t1) * 1e3)
         return value
 

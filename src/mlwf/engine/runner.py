@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import os
 import resource
+import secrets
 import socket
 import threading
 import time
@@ -92,12 +93,13 @@ def forget_decoded() -> None:
     _decoded.clear()
 
 
-def decode(data, decoder: str, what: str) -> Any:
-    """Turn bytes into the value a stage receives, as its input's ``decode`` says."""
+def decode(data, decoder: str, what: str, *, verify: bool = True) -> Any:
+    """Turn bytes into the value a stage receives, as its input's ``decode`` says (``verify``: see
+    :func:`mlwf.codec.decode`)."""
     if decoder == "raw":
         return bytes(data)
     if decoder == "codec":
-        return codec.decode(data, what=what)
+        return codec.decode(data, what=what, verify=verify)
     return load_function(decoder)(data, source=what)
 
 
@@ -188,7 +190,8 @@ def execute(call: Call, ctx: RunContext, settings: Settings | None = None) -> Ou
             raise StageError(f"{call.workflow} stage {call.name}: input {inp.name} from {ref.producer} is held by "
                              "the backend that made it, which did not hand it over")
         t = time.time()
-        value = decode(data, inp.decode, ref.key or ref.shm or f"output of {ref.producer}")
+        value = decode(data, inp.decode, ref.key or ref.shm or f"output of {ref.producer}",
+                       verify=ref.shm is None)
         edge["deserialize_ms"] = (clock.add("input_decode", t) - t) * 1e3
         edges.append(edge)
         if inp.cache or ref.nbytes > (1 << 20):
@@ -321,10 +324,13 @@ def _into_segment(call: Call, ctx: RunContext, part: Any, j: int, clock: _Clock)
     t = clock.add("put", t)
     try:
         if plan is None:
-            segment.buf[:] = part.data
+            segment.write([part.data])
             sha = part.sha256 or codec.digest(part.data)
         else:
-            sha = plan.write_into(segment.buf)
+            # Zero-copy means no pass over the bytes but the one copy: nothing is hashed (see
+            # mlwf.engine.shm); the Ref's name for them is a random one, unique to this output.
+            segment.write(plan.unchecked_pieces())
+            sha = secrets.token_hex(32)
         t = clock.add("encode", t, size, "output_bytes")
         segment.publish()
     except BaseException:
