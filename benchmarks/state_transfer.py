@@ -19,7 +19,8 @@ configurations already there), so the study's files are the ones
 * Ray (a local instance): ``--transfer store,direct``: Ray's ``direct`` is
   its object store, which maps NumPy arrays from shared memory on one node;
 * Knative (``--backend knative`` against one loopback ``mlwf serve`` with
-  two workers): ``--transfer store,payload``.
+  two workers, ``--max-body 256MiB --max-memory 2GiB`` for the payload
+  calls): ``--transfer store,payload``.
 
 Every configuration must give the same model digest (training) and the same
 predictions summary (inference) as local · store · light; the script checks
@@ -47,11 +48,12 @@ def bench(workflow: str, backend: str, store: str, out, repeats: int, extra: lis
     argv = ["mlwf", "bench", workflow, *WORKFLOW_ARGS[workflow], "--store", store, "--bucket", BUCKET,
             "--backend", backend, "--transfer", TRANSFERS[backend], "--state", "light,heavy",
             "--repeats", str(repeats), "--out", str(out), *extra]
-    print("$", " ".join(argv), flush=True)
+    shown = [os.path.relpath(a) if a in (store, str(out)) else a for a in argv]
+    print("$", " ".join(shown), flush=True)
     done = subprocess.run([sys.executable, "-m", "mlwf.cli", *argv[1:]], env=env)
     if done.returncode:
         sys.exit(f"mlwf bench {workflow} on {backend} failed (exit {done.returncode})")
-    return argv
+    return shown
 
 
 def table(out) -> list[dict]:
@@ -104,7 +106,10 @@ def main() -> None:
         for backend in backends:
             extra: list[str] = []
             if backend == "knative":
-                server = Server(["serve", "--store", store, "--bucket", BUCKET, "--workers", "2"], ready="/readyz",
+                # Payload calls carry the state: a heavy partition's reply holds every decoded image
+                # (32 MB at 2k), so the body limit and the work budget are raised to match.
+                server = Server(["serve", "--store", store, "--bucket", BUCKET, "--workers", "2",
+                                 "--max-body", "256MiB", "--max-memory", "2GiB"], ready="/readyz",
                                 env=env, log=a.out / "serve.log")
                 extra = ["--endpoint", server.url]
             for workflow in workflows:

@@ -168,6 +168,33 @@ def test_bench_inference_with_baseline_keeps_the_training_rows(trained, store_ur
     assert (out / "baseline-ml-inference.csv").read_text().startswith("Run,TimeMs\n0,")
 
 
+def test_bench_measures_every_transfer_and_state_and_draws_the_transfer_figure(trained, store_url, tmp_path,
+                                                                                capsys):
+    """The study's command: every transfer × state into one summary and breakdown with a state column,
+    the same accuracy everywhere, heavy moving more, and transfer.png with both variants."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "study"
+    assert cli.main(["bench", "ml-inference", "ml-inference/model", BATCH_PREFIX, "3", "--store", store_url,
+                     "--transfer", "store,direct,payload,shm", "--state", "light,heavy", "--repeats", "1",
+                     "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = {(r["transfer"], r["state"]): r for r in _rows(out / "summary.csv")}
+    assert set(summary) == {(t, s) for t in ("store", "direct", "payload", "shm") for s in ("light", "heavy")}
+    assert len({r["accuracy"] for r in summary.values()}) == 1
+    pixels = {(r["transfer"], r["state"]): int(r["bytes"]) for r in _rows(out / "breakdown.csv")
+              if r["kind"] == "edge" and (r["from"], r["to"]) == ("partition", "predict")}
+    for t in ("store", "direct", "payload", "shm"):
+        assert int(summary[(t, "heavy")]["state_bytes"]) > int(summary[(t, "light")]["state_bytes"])
+        assert pixels[(t, "heavy")] > 10 * pixels[(t, "light")]  # pixels, not keys
+        assert float(summary[(t, "heavy")]["peak_pss_mb"]) > 0
+    assert float(summary[("store", "heavy")]["peak_shm_mb"]) == 0  # only shm makes segments
+    assert (out / "local-shm-heavy-ml-inference-warm.csv").exists() and (out / "local-shm-ml-inference-warm.csv").exists()
+    assert [r["state"] for r in result["summary"]].count("heavy") == 4
+    (out / "transfer.png").unlink()
+    assert cli.main(["bench", "plot", str(out)]) == 0
+    assert (out / "transfer.png").stat().st_size > 5000
+
+
 def test_bench_plot_on_a_folder_without_csv_fails_in_one_line(tmp_path, capsys):
     _one_error_line(capsys, cli.main(["bench", "plot", str(tmp_path)]))
     _one_error_line(capsys, cli.main(["bench", "plot", str(tmp_path / "missing")]))

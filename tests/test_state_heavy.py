@@ -28,11 +28,11 @@ def _with_junk(engine) -> None:
     engine.store.put(f"{BATCH_PREFIX}/7/junk.png", b"\x89PNG\r\n\x1a\n truncated")
 
 
-@pytest.mark.parametrize("transfer", ["store", "direct"])
+@pytest.mark.parametrize("transfer", ["store", "direct", "payload", "shm"])
 def test_heavy_gives_the_same_model_accuracy_and_predictions_as_light(store_url, transfer):
     with Engine(store_url, "tless") as publisher:
         _with_junk(publisher)
-        publisher.run_training(TRAIN_PREFIX, 2, 4, config=FAST)  # the model inference uses
+        base = publisher.run_training(TRAIN_PREFIX, 2, 4, config=FAST)  # store · light; the model inference uses
     with Engine(store_url, "tless", transfer=transfer) as engine:
         light = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
         heavy = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False, state="heavy")
@@ -40,6 +40,7 @@ def test_heavy_gives_the_same_model_accuracy_and_predictions_as_light(store_url,
         heavy_inf = engine.run_inference("ml-inference/model", BATCH_PREFIX, 3, state="heavy")
 
     assert (light["state"], heavy["state"]) == ("light", "heavy")
+    assert heavy["model_digest"] == light["model_digest"] == base["model_digest"]  # every mode × variant
     for key in ("model_digest", "validation_accuracy", "num_train_images", "num_validation", "confusion",
                 "skipped", "skipped_reasons"):
         assert heavy[key] == light[key], key

@@ -25,10 +25,10 @@ from tests.test_knative import (
 MODEL = "ml-inference/model"
 
 
-def _both(engine: Engine) -> tuple[dict, dict, bytes]:
+def _both(engine: Engine, state: str = "light") -> tuple[dict, dict, bytes]:
     """Training then inference on ``engine``: the two reports and the predictions file."""
-    trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
-    inferred = engine.run_inference(MODEL, BATCH_PREFIX, 4)
+    trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, state=state)
+    inferred = engine.run_inference(MODEL, BATCH_PREFIX, 4, state=state)
     return trained, inferred, engine.store.get(inferred["results_key"])
 
 
@@ -130,10 +130,15 @@ def test_knative_payload_gives_the_store_runs_results_with_no_state_in_the_store
         store_run = _both(engine)
     with _knative(s3, big_server.url, "payload") as engine:
         payload_run = _both(engine)
+        heavy_run = _both(engine, "heavy")  # pixels and whole feature matrices in the requests' bodies
     _same_results(store_run, payload_run)
+    _same_results(store_run, heavy_run)
+    for light, heavy in zip(payload_run[:2], heavy_run[:2]):
+        moved = [sum(e["bytes"] for e in r["edges"] if e["from"] == "partition") for r in (light, heavy)]
+        assert moved[1] > 10 * moved[0]
     keys = _keys(s3_server, s3)
     assert _run_outputs(keys, store_run[0]) and _run_outputs(keys, store_run[1])
-    assert not _run_outputs(keys, payload_run[0]) and not _run_outputs(keys, payload_run[1])
+    assert not any(_run_outputs(keys, r) for r in (*payload_run[:2], *heavy_run[:2]))
     # The calls went framed (binary mode), and their inputs did arrive inline: edges moved bytes.
     edges = {(e["from"], e["to"]): e for e in payload_run[0]["edges"]}
     assert edges[("pca", "train")]["bytes"] > 0 and edges[("train", "validation")]["bytes"] > 0

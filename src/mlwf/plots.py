@@ -316,7 +316,7 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
     serialize / transfer / deserialize (ms summed over the edge's calls, median of the runs).
 
     ``edge_rows`` are the ``kind == "edge"`` rows of the breakdown CSV (warm runs are drawn where
-    there are any, else cold ones). One row of panels per workflow, a panel per backend and state
+    there are any, else cold ones). A row of panels per workflow and backend, a column per state
     (light, then heavy, side by side: their scales differ), in each a group of bars per edge, a bar
     per transfer mode, labelled with the bytes the edge moved. Edges from the store (a stage reading
     its input images) are left out: they are data, not state handed on.
@@ -337,18 +337,19 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
         parts.setdefault("bytes", []).append(float(r.get("bytes") or 0))
     if not panels:
         raise UsageError("no per-edge rows to draw the transfer figure from")
-    flows = sorted({k[0] for k in panels}, key=lambda w: (w != "ml-training", w))
-    columns = sorted({k[1:] for k in panels}, key=lambda c: config_order(c[0], "store", "warm", c[1]))
+    lines = sorted({k[:2] for k in panels}, key=lambda k: (k[0] != "ml-training", k[0],
+                                                          config_order(k[1], "store", "warm")))
+    states = sorted({k[2] for k in panels}, key=lambda s: s != "light")
     most = max(len(edges) for edges in panels.values())
-    fig, axes = plt.subplots(len(flows), len(columns), squeeze=False,
-                             figsize=(max(5.5, (0.95 * most + 1.2) * len(columns)), 4.0 * len(flows)))
+    fig, axes = plt.subplots(len(lines), len(states), squeeze=False,
+                             figsize=(max(5.5, (0.95 * most + 1.2) * len(states)), 3.6 * len(lines)))
     order = workflows.stage_order() + ["driver"]
 
     def edge_key(e):
         return tuple(order.index(s) if s in order else len(order) for s in e)
 
-    for row, flow in enumerate(flows):
-        for col, (backend, state) in enumerate(columns):
+    for row, (flow, backend) in enumerate(lines):
+        for col, state in enumerate(states):
             ax = axes[row][col]
             edges = panels.get((flow, backend, state))
             if not edges:
@@ -380,8 +381,8 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
             ax.margins(y=0.18)
     handles = [Patch(facecolor=_COMPONENT_COLOURS[p], label=p) for p in EDGE_PARTS]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.04))
-    fig.suptitle("Moving the state between functions, per edge and transfer mode (median of the runs; "
+               bbox_to_anchor=(0.5, -0.01 * len(lines)))
+    fig.suptitle("Moving the state between functions, per edge and transfer mode\n(median of the runs; "
                  "under each edge: the bytes it moved)", fontsize=9)
     fig.tight_layout()
     return save(fig, out_base)

@@ -16,7 +16,8 @@ so stage code never sees Ray. What this module adds is where calls run and how
   touch the driver.) On one node this costs more than the store: an object
   put in Ray's store is also registered with its owner, so train → validation
   took 11.4 ms for a Ray put and get against 3.3 ms for a local-disk put and
-  get (8.0 ms through the local pool's pipe; 2026-11-26, ``benchmarks/transfer.py``).
+  get (8.0 ms through the local pool's pipe; 2026-11-26, by a script since
+  retired into ``benchmarks/state_transfer.py``).
 
 A worker process that dies mid-call fails the call with
 :class:`~mlwf.errors.WorkerLost`; Ray's own task retries are off
