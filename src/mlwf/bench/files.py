@@ -24,8 +24,9 @@ def latency_csv_name(backend: str, transfer: str, workflow: str, mode: str, stat
 
 
 def label(backend: str, transfer: str, state: str = "light", mode: str | None = None) -> str:
-    """``local · shm · heavy`` (and the mode if given): a configuration as figures and progress name it."""
-    return " · ".join([backend, transfer, state] + ([mode] if mode else []))
+    """``local · shm · heavy`` (and the mode if given): a configuration as figures and progress name it;
+    the default light state goes unsaid, as in a light configuration's file name."""
+    return " · ".join([backend, transfer, *([state] if state != "light" else []), *([mode] if mode else [])])
 
 
 BASELINE_CSV = re.compile(r"^baseline-(?P<workflow>ml-training|ml-inference)\.csv$")
