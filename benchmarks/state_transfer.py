@@ -110,7 +110,7 @@ def main() -> None:
                 # (32 MB at 2k), so the body limit and the work budget are raised to match.
                 server = Server(["serve", "--store", store, "--bucket", BUCKET, "--workers", "2",
                                  "--max-body", "256MiB", "--max-memory", "2GiB"], ready="/readyz",
-                                env=env, log=a.out / "serve.log")
+                                env=env, log=a.data / "state_transfer-serve.log")
                 extra = ["--endpoint", server.url]
             for workflow in workflows:
                 commands.append(" ".join(bench(workflow, backend, store, a.out, a.repeats, extra, env)))
