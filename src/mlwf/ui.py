@@ -392,18 +392,19 @@ def print_bench(result: dict[str, Any]) -> None:
 
     Every row is one workflow's, so the workflow is in the title; without
     vertical rules the table fits 80 columns, and a narrower terminal wraps
-    headers and cells rather than cutting them. The state column and the
-    memory column show only when they say something (a heavy variant; PSS
-    measured).
+    headers and cells rather than cutting them. The state, memory and
+    × baseline columns show only when they say something (a heavy variant;
+    PSS measured; a baseline run), so the usual table fits 80 columns whole.
     """
     console = stdout_console()
     rows = result["summary"]
     workflows = sorted({r["workflow"] for r in rows})
     states = any((r.get("state") or "light") != "light" for r in rows)
     memory = any(r.get("peak_pss_mb") not in (None, "") for r in rows)
+    baseline = any(r.get("ratio_to_baseline") is not None for r in rows)
     table = Table(title=Text(f"mlwf bench {', '.join(workflows)}"), box=box.SIMPLE_HEAD, pad_edge=False)
     columns = ["backend", "transfer", *(["state"] * states), "mode", "median", "min–max",
-               *(["memory"] * memory), "× baseline", "accuracy"]
+               *(["memory"] * memory), *(["× baseline"] * baseline), "accuracy"]
     for col in columns:
         table.add_column(col, overflow="fold", justify="left" if col in ("backend", "transfer", "state", "mode")
                          else "right")
@@ -414,13 +415,14 @@ def print_bench(result: dict[str, Any]) -> None:
                  f"{r['median_ms']:.0f} ms", f"{r['min_ms']:.0f}–{r['max_ms']:.0f} ms"]
         if memory:
             cells.append("" if r.get("peak_pss_mb") in (None, "") else f"{r['peak_pss_mb']:.0f} MB")
-        cells += ["" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}",
-                  _pct(r.get("accuracy"))]
+        if baseline:
+            cells.append("" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}")
+        cells.append(_pct(r.get("accuracy")))
         table.add_row(*cells)
     console.print(table)
     if memory:
-        console.print("memory: the peak of the PSS summed over the run's processes on this machine (shared "
-                      "pages once)", soft_wrap=True, markup=False, highlight=False)
+        console.print("memory: peak PSS summed over the run's processes (shared pages counted once)",
+                      soft_wrap=True, markup=False, highlight=False)
     console.print(f"{len(result['files'])} files written: CSVs, traces/ and latency/breakdown/transfer plots in "
                   f"{result['out']}", soft_wrap=True, markup=False, highlight=False)
 
