@@ -98,17 +98,19 @@ def bucket(s3_server, digits_dir):
 @pytest.fixture(scope="module")
 def big_server(s3_server, bucket, tmp_path_factory):
     """A service whose body limit admits the runs' payload calls."""
-    proc = ServeProcess(_server_env(s3_server), tmp_path_factory.mktemp("serve") / "big.log",
-                        "--store", "s3://", "--bucket", bucket, "--max-body", "64MiB").wait_ready()
-    yield proc
-    assert proc.stop() == 0, proc.log()
+    yield from _serving(s3_server, bucket, tmp_path_factory, "big", "64MiB")
 
 
 @pytest.fixture(scope="module")
 def small_server(s3_server, bucket, tmp_path_factory):
     """A service with a small body limit: ample for store-mode calls, too small for payload ones."""
-    proc = ServeProcess(_server_env(s3_server), tmp_path_factory.mktemp("serve") / "small.log",
-                        "--store", "s3://", "--bucket", bucket, "--max-body", "32KiB").wait_ready()
+    yield from _serving(s3_server, bucket, tmp_path_factory, "small", "32KiB")
+
+
+def _serving(s3_server, bucket, tmp_path_factory, name: str, max_body: str):
+    """An ``mlwf serve`` on the test's S3 bucket with ``--max-body max_body``, stopped cleanly after."""
+    proc = ServeProcess(_server_env(s3_server), tmp_path_factory.mktemp("serve") / f"{name}.log",
+                        "--store", "s3://", "--bucket", bucket, "--max-body", max_body).wait_ready()
     yield proc
     assert proc.stop() == 0, proc.log()
 

@@ -324,6 +324,8 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
     plt = pyplot()
     from matplotlib.patches import Patch
 
+    from mlwf.ui import size
+
     rows = [r for r in edge_rows if r.get("from") != "store"]
     if any(r.get("mode") == "warm" for r in rows):
         rows = [r for r in rows if r.get("mode") == "warm"]
@@ -373,7 +375,7 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
                     ax.text(x, bottom, mode, rotation=90, ha="center", va="bottom", fontsize=6.5)
             ax.set_xticks(range(len(names)))
             moved = [max(statistics.median(p["bytes"]) for p in edges[e].values()) for e in names]
-            ax.set_xticklabels([f"{a} →\n{b}\n{_fmt_bytes(n)}" for (a, b), n in zip(names, moved)], fontsize=7)
+            ax.set_xticklabels([f"{a} →\n{b}\n{size(int(n))}" for (a, b), n in zip(names, moved)], fontsize=7)
             ax.set_title(f"{flow} · {backend} · {state} state", fontsize=8.5)
             ax.set_ylabel("ms (summed over the calls)", fontsize=7.5)
             ax.tick_params(axis="y", labelsize=7.5)
@@ -386,10 +388,3 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
                  "under each edge: the bytes it moved)", fontsize=9)
     fig.tight_layout()
     return save(fig, out_base)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mlwf.bench.files import BASELINE_CSV, BASELINE_LABEL, LATENCY_CSV, read_csv, read_latency_csv
+from mlwf.bench.files import label as config_label
 from mlwf.errors import UsageError
 
 
@@ -32,7 +33,7 @@ def plot_dir(out: str | Path, *, traces: bool = True) -> list[Path]:
 
     for p in sorted(found, key=order):  # measured configurations in a fixed order, the baseline last
         if m := LATENCY_CSV.match(p.name):
-            label = " · ".join([m["backend"], m["transfer"], *([m["state"]] if m["state"] else []), m["mode"]])
+            label = config_label(m["backend"], m["transfer"], m["state"] or "light", m["mode"])
             wf = m["workflow"]
         else:
             m = BASELINE_CSV.match(p.name)
