@@ -42,7 +42,7 @@ def run_demo(store: str | None = None, bucket: str | None = None, workers: int |
 
     from mlwf import bulk, datasets
     from mlwf.engine.driver import Engine
-    from mlwf.ui import StageBars, print_report, stdout_console
+    from mlwf.terminal import StageBars, print_report, stdout_console
 
     def say(text: str, whole: bool = False) -> None:
         # ``whole``: a command or key to copy, one logical line that a narrow terminal wraps softly.

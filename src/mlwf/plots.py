@@ -324,7 +324,7 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
     plt = pyplot()
     from matplotlib.patches import Patch
 
-    from mlwf.ui import size
+    from mlwf.terminal import size
 
     rows = [r for r in edge_rows if r.get("from") != "store"]
     if any(r.get("mode") == "warm" for r in rows):

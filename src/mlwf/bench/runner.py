@@ -377,7 +377,7 @@ class _BenchBar:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-            from mlwf.ui import show_progress
+            from mlwf.terminal import show_progress
 
             self._p = show_progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                                     TimeElapsedColumn())
@@ -386,7 +386,7 @@ class _BenchBar:
 
     def __exit__(self, exc_type, *exc):
         if self._p is not None:
-            from mlwf.ui import hide_progress
+            from mlwf.terminal import hide_progress
 
             # A benchmark that failed or was interrupted says so in one line, without a half-drawn bar.
             hide_progress(self._p, erase=exc_type is not None)
@@ -397,7 +397,7 @@ class _BenchBar:
 
     def note(self, text: str) -> None:
         if self._p is not None:
-            from mlwf.ui import drawing
+            from mlwf.terminal import drawing
 
             with drawing():  # printed above the bar: a frame of the display
                 self._p.console.print(text)

@@ -76,7 +76,7 @@ def bench(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        from mlwf.ui import print_bench
+        from mlwf.terminal import print_bench
 
         print_bench(result)
     return 0

@@ -71,7 +71,7 @@ def add_parsers(sub) -> None:
 
 def dataset(args) -> int:
     from mlwf import datasets
-    from mlwf.ui import count_bar
+    from mlwf.terminal import count_bar
 
     with count_bar("writing images", enabled=not args.json) as progress:
         if args.dataset == "digits":
@@ -99,7 +99,7 @@ def dataset(args) -> int:
 
 def s3(args) -> int:
     from mlwf import bulk
-    from mlwf.ui import count_bar
+    from mlwf.terminal import count_bar
 
     store = open_store(args)
     try:

@@ -103,7 +103,7 @@ def show_or_rollback(args) -> int:
     if args.json:
         print(json.dumps(info))
     else:
-        from mlwf.ui import print_model
+        from mlwf.terminal import print_model
 
         print_model(info)
     return 0

@@ -276,7 +276,7 @@ def emit(args, report: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(report, sort_keys=False))
         return
-    from mlwf.ui import print_report
+    from mlwf.terminal import print_report
 
     print_report(report)
 

@@ -46,7 +46,7 @@ def handle(args) -> int:
             forkserver.start(args.workflow)
         from mlwf.engine.driver import Engine
         from mlwf.engine.trace import StageClock
-        from mlwf.ui import StageBars
+        from mlwf.terminal import StageBars
 
         # Under --json only the report goes to stdout (Ray prints worker-death notices there).
         quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()

@@ -40,7 +40,7 @@ def handle(args) -> int:
             if args.json:
                 print(json.dumps(listing))
             else:
-                from mlwf.ui import print_runs
+                from mlwf.terminal import print_runs
 
                 print_runs(listing)
             return 0
@@ -49,7 +49,7 @@ def handle(args) -> int:
             if args.json:
                 print(json.dumps(info))
             else:
-                from mlwf.ui import print_run
+                from mlwf.terminal import print_run
 
                 print_run(info)
             return 0
@@ -73,7 +73,7 @@ def handle(args) -> int:
 
 def gc_summary(result: dict) -> str:
     """What ``mlwf runs gc`` did, in one line: what it deleted, and what it kept and why."""
-    from mlwf.ui import size
+    from mlwf.terminal import size
 
     running = sum(s["reason"] == "running" for s in result["skipped"])
     unreadable = sum(s["reason"].startswith("unreadable") for s in result["skipped"])

@@ -1,7 +1,7 @@
 """What a run tells whoever watches it: the one progress protocol, its silent default, and a clock.
 
 The driver calls a :class:`RunProgress` as stages start, as calls finish and
-as stages end; a terminal display (:class:`mlwf.ui.StageBars`), the
+as stages end; a terminal display (:class:`mlwf.terminal.StageBars`), the
 :class:`StageClock` that notes the driver's view of each stage for a trace,
 or nothing (:data:`SILENT`).
 """
