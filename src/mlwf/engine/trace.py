@@ -12,7 +12,7 @@ Layout of the trace:
   metadata), one thread per lane: calls that overlap on one worker (threads of
   an HTTP function server) go to separate lanes so every lane nests properly;
 * one ``X`` (complete) event per function call, named ``stage[index]``, with
-  ``args`` ``stage``, ``index``, ``worker`` and the call's timings, and inside
+  ``args`` ``stage``, ``index``, ``worker``, ``attempts`` (1 + its retries) and the call's timings, and inside
   it one event per span the worker recorded: store reads and writes
   (``store list``, ``store read``, ``input read``, ``store write``),
   ``serialize``/``deserialize`` and ``compute`` (store reads a stage asks for
@@ -118,7 +118,9 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
             events.append({"ph": "X", "cat": "call", "name": call.name, "pid": pid, "tid": lane + 1,
                            "ts": start, "dur": round(stop - start, 3),
                            "args": {"stage": call.stage, "index": call.index, "worker": o.worker,
-                                    "workflow": call.workflow, **timings}})
+                                    "workflow": call.workflow,
+                                    "attempts": getattr(run, "attempts", {}).get((call.stage, call.index), 1),
+                                    **timings}})
             for name, s, e in o.spans:
                 label, cat = SPANS.get(name, (name, "other"))
                 s_us, e_us = max(start, us(s)), min(stop, us(e))  # rounding never pokes out of the call
