@@ -61,6 +61,7 @@ class RunIndex:
         #: run.json objects read from the store since the server started (what the cache saves).
         self.records_read = 0
         self.listings = 0
+        self._rows: list[dict[str, Any]] | None = None
 
     def _list(self) -> None:
         folders: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
@@ -98,8 +99,9 @@ class RunIndex:
         """Every run, newest first: :func:`mlwf.runs.list_runs`'s fields, and ``backend``, ``transfer``
         and ``model_prefix`` (where a training run published)."""
         with self._lock:
-            if time.monotonic() - self._listed_at >= self.list_interval_s:
-                self._list()
+            if time.monotonic() - self._listed_at < self.list_interval_s and self._rows is not None:
+                return self._rows  # made from the listing every request of this interval shares
+            self._list()
             now = runs.now_utc()
             out = []
             for (workflow, run_id), (keys, signature) in self._folders.items():
@@ -111,7 +113,8 @@ class RunIndex:
                 row["transfer"] = record.get("transfer") if isinstance(record.get("transfer"), str) else None
                 row["model_prefix"] = report.get("model_prefix")
                 out.append(row)
-        out.sort(key=lambda r: r["run_id"], reverse=True)
+            out.sort(key=lambda r: r["run_id"], reverse=True)
+            self._rows = out
         return out
 
     def page(self, *, q: str = "", workflow: str = "", status: str = "", backend: str = "",
