@@ -161,7 +161,8 @@ def test_the_runs_list_is_what_the_store_holds(page, filled):
     sync_api.expect(rows).to_have_count(len(expected))
     shown = rows.evaluate_all("rows => rows.map(r => [r.dataset.runId, r.dataset.workflow, r.dataset.status])")
     assert shown == [[r["run_id"], r["workflow"], r["status"]] for r in expected]
-    accuracies = page.page.locator("#runs-body td[data-accuracy]").evaluate_all("cells => cells.map(c => c.dataset.accuracy)")
+    accuracies = page.page.locator("#runs-body td[data-accuracy]").evaluate_all(
+        "cells => cells.map(c => c.dataset.accuracy)")
     assert [float(a) for a in accuracies] == [r["accuracy"] for r in expected]
     assert _fits(page)
     _screenshot(page, "runs")
@@ -207,7 +208,8 @@ def test_a_run_started_while_its_page_is_open_goes_live_to_succeeded(browser, se
         page.page.evaluate("window.notReloaded = true")
         sync_api.expect(page.page.locator("h1 .status")).to_have_attribute("data-status", "succeeded")
         assert page.page.evaluate("window.notReloaded") is True
-        done = page.page.locator("#stages .progress").evaluate_all("ps => ps.map(p => [p.dataset.done, p.dataset.total])")
+        done = page.page.locator("#stages .progress").evaluate_all(
+            "ps => ps.map(p => [p.dataset.done, p.dataset.total])")
         assert done and all(d == t for d, t in done)
         run_id = page.page.url.rsplit("/", 1)[1]
         calls = _calls_in_trace(filled["store"], "ml-training", run_id)
@@ -337,7 +339,8 @@ def test_compare_shows_runs_and_the_bench_folder_side_by_side(page, filled):
     sync_api.expect(table.locator("thead th a")).to_have_text(ids)
     e2e = table.locator('tr[data-metric="end to end"] td').all_inner_texts()
     assert len(e2e) == 2
-    sync_api.expect(page.page.locator("table.compare-edges tbody tr")).to_have_count(len(filled["trainings"][0]["edges"]))
+    edges = page.page.locator("table.compare-edges tbody tr")
+    sync_api.expect(edges).to_have_count(len(filled["trainings"][0]["edges"]))
     sync_api.expect(page.page.locator("#compare svg.bars rect")).to_have_count(2)
     sync_api.expect(page.page.locator("table.bench-summary tbody tr")).to_have_count(2)
     sync_api.expect(page.page.locator("#bench svg.bars rect")).to_have_count(2)

@@ -23,7 +23,8 @@ from mlwf.errors import MlwfError
 
 #: Each command and the module of :mod:`mlwf.cli` that handles it, in the order ``--help`` lists them.
 _GROUPS = {"run": "run", "invoke": "invoke", "dataset": "data", "s3": "data", "model": "model", "runs": "runs",
-           "serve": "serve", "deploy": "serve", "ray": "raypool", "bench": "bench", "trace": "bench", "demo": "demo", "ui": "ui"}
+           "ui": "ui", "serve": "serve", "deploy": "serve", "ray": "raypool", "bench": "bench", "trace": "bench",
+           "demo": "demo"}
 
 
 def _group(name: str) -> ModuleType:
