@@ -242,3 +242,20 @@ def test_a_bench_folder_is_read_as_summary_and_median_edges(tmp_path):
     assert found["edges"] == [{"backend": "local", "transfer": "store", "workflow": "ml-training", "mode": "warm",
                                "state": "light", "edge": "pca→train", "serialize_ms": 2.0, "transfer_ms": 2.0,
                                "deserialize_ms": 2.0, "bytes": 100.0}]
+
+
+def test_a_run_that_kept_no_trace_is_drawn_from_its_done_records(engine):
+    """A choreographed run has no driver to write a trace; its done records say where each call ran."""
+    from mlwf.ui import views
+    from tests.conftest import FAST, TRAIN_PREFIX
+
+    report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+    key = f"ml-training/outputs/{report['run_id']}/trace.json"
+    traced = views.gantt_calls(json.loads(engine.store.get(key)))
+    engine.store.delete(key)
+    detail = views.run_detail(engine.store, report["run_id"])
+    assert detail["trace"] is False
+    assert sorted(c["name"] for c in detail["calls"]) == sorted(c["name"] for c in traced)
+    assert len(detail["calls"]) == sum(s["calls"] for s in report["stages"].values())
+    assert {c["worker"] for c in detail["calls"]} == {c["worker"] for c in traced}
+    assert min(c["start_ms"] for c in detail["calls"]) == 0 and all(c["duration_ms"] > 0 for c in detail["calls"])

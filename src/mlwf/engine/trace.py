@@ -50,7 +50,7 @@ SPANS = {
 DRIVER_PID = 1
 
 
-def _lanes(intervals: list[tuple[float, float]]) -> list[int]:
+def assign_lanes(intervals: list[tuple[float, float]]) -> list[int]:
     """A lane per interval such that intervals in one lane never overlap (greedy, by start)."""
     order = sorted(range(len(intervals)), key=lambda i: (intervals[i][0], -intervals[i][1]))
     ends: list[float] = []
@@ -109,7 +109,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
         meta(pid, None, "process_name", f"worker {worker}")
         meta(pid, None, "process_sort_index", pid)
         mine = [(c, o) for c, o in ran if o.worker == worker]
-        lanes = _lanes([(o.start, o.end) for _, o in mine])
+        lanes = assign_lanes([(o.start, o.end) for _, o in mine])
         for lane in sorted(set(lanes)):
             meta(pid, lane + 1, "thread_name", f"calls (lane {lane + 1})" if max(lanes) else "calls")
         for (call, o), lane in zip(mine, lanes):
@@ -151,7 +151,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
             span = by_stage.setdefault(call.stage, [o.start, o.end])
             span[0], span[1] = min(span[0], o.start), max(span[1], o.end)
         stage_spans = [(s, a, b) for s, (a, b) in by_stage.items()]
-    lanes = _lanes([(a, b) for _, a, b in stage_spans])
+    lanes = assign_lanes([(a, b) for _, a, b in stage_spans])
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 10 + lane, "thread_name", "stages" if not lane else f"stages ({lane + 1})")
     for (stage, a, b), lane in zip(stage_spans, lanes):
@@ -161,7 +161,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
                        "args": {"stage": stage, "calls": st.calls if st else None,
                                 "source": "driver" if stage_clock is not None else "calls"}})
     returns = [(c, o) for c, o in ran if "return_ms" in o.durations_ms]
-    lanes = _lanes([(o.end, o.end + o.durations_ms["return_ms"] / 1e3) for _, o in returns])
+    lanes = assign_lanes([(o.end, o.end + o.durations_ms["return_ms"] / 1e3) for _, o in returns])
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 100 + lane, "thread_name", "outputs returning" + (f" ({lane + 1})" if lane else ""))
     for (call, o), lane in zip(returns, lanes):

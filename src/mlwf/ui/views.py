@@ -17,6 +17,8 @@ from mlwf.ui.index import backend_of
 
 #: Largest trace read (a 1,000-way fan-out's is about 2 MiB).
 MAX_TRACE_BYTES = 64 << 20
+#: Most done records read to draw the calls of a run that kept no trace.
+MAX_DONE_RECORDS = 5000
 #: Most runs compared at once.
 MAX_COMPARED = 8
 
@@ -38,10 +40,12 @@ def run_detail(store, run_id: str) -> dict[str, Any] | None:
     info = runs.show_run(store, run_id)
     report = info.get("report") or {}
     trace = read_trace(store, info["workflow"], run_id)
+    calls = gantt_calls(trace) if trace is not None else None
+    if calls is None and info["status"] != "running":
+        calls = calls_from_done_records(store, info["workflow"], run_id)
     return {**info, "backend": backend_of(record), "failed_stage": record.get("failed_stage"),
             "mode": record.get("mode") or "driver", "confusion": confusion(report),
-            "edges": report.get("edges") or [], "calls": gantt_calls(trace) if trace is not None else None,
-            "trace": trace is not None}
+            "edges": report.get("edges") or [], "calls": calls, "trace": trace is not None}
 
 
 def read_trace_bytes(store, workflow: str, run_id: str) -> bytes | None:
@@ -82,6 +86,44 @@ def gantt_calls(trace: dict[str, Any]) -> list[dict[str, Any]]:
                       "worker": worker, "lane": f"{worker} · {ev.get('tid', 1)}", "start_ms": round(start, 3),
                       "duration_ms": round(duration, 3),
                       "attempts": attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 1})
+    calls.sort(key=lambda c: (c["start_ms"], c["lane"]))
+    return calls
+
+
+def calls_from_done_records(store, workflow: str, run_id: str) -> list[dict[str, Any]] | None:
+    """The calls of a run that kept no trace, as :func:`gantt_calls` gives them, from the done records
+    in its folder (each holds its call's outcome: worker, start, end); None if it has none, or more
+    than :data:`MAX_DONE_RECORDS`.
+
+    A choreographed run has no driver to write a trace; its servers write a done record per call.
+    So does a driver's run with ``--transfer store`` (the default) that ended before traces were kept.
+    """
+    from mlwf.engine.layout import parse_intermediate
+    from mlwf.engine.trace import assign_lanes
+
+    folder = RunLayout(workflow, run_id).folder + "/"
+    keys = [o.key for o in store.list(folder) if (parse_intermediate(o.key[len(folder):]) or ("", False))[1]]
+    if not keys or len(keys) > MAX_DONE_RECORDS:
+        return None
+    found = []
+    for key, raw in zip(keys, store.get_many(keys)):
+        stage, name = key[len(folder):].split("/")
+        try:
+            outcome = json.loads(raw)["outcome"]
+            start, end, worker = float(outcome["start"]), float(outcome["end"]), str(outcome["worker"])
+        except (ValueError, KeyError, TypeError, RecursionError):
+            continue
+        found.append((stage, int(name.split(".")[0]), worker, start, max(start, end)))
+    if not found:
+        return None
+    t0 = min(f[3] for f in found)
+    calls = []
+    for worker in sorted({f[2] for f in found}):
+        mine = [f for f in found if f[2] == worker]
+        for (stage, index, _, start, end), lane in zip(mine, assign_lanes([(f[3], f[4]) for f in mine])):
+            calls.append({"name": f"{stage}[{index}]", "stage": stage, "index": index, "worker": worker,
+                          "lane": f"{worker} · {lane + 1}", "start_ms": round((start - t0) * 1e3, 3),
+                          "duration_ms": round((end - start) * 1e3, 3), "attempts": 1})
     calls.sort(key=lambda c: (c["start_ms"], c["lane"]))
     return calls
 

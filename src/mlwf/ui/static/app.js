@@ -237,7 +237,7 @@ function ganttSection(run, classes) {
   if (run.calls === null) {
     section.append(el("p", {class: "muted"}, run.status === "running"
       ? "The calls are drawn once the run ends (its driver writes its trace then)."
-      : "This run kept no trace (a run with no driver, or one from before traces were kept)."));
+      : "This run kept no trace and no done records to draw its calls from (a run with --transfer other than store from before traces were kept)."));
     return section;
   }
   const calls = run.calls;
@@ -250,8 +250,9 @@ function ganttSection(run, classes) {
   section.append(
     el("p", {}, `${calls.length} calls on ${new Set(calls.map((c) => c.worker)).size} workers over ${ms(end)}` +
       (first > 1 ? `, the first ${ms(first)} after the run started. ` : ". "),
-      el("a", {href: `/api/runs/${encodeURIComponent(run.run_id)}/trace.json`, download: `${run.run_id}.trace.json`, id: "trace-download"},
-        "Download the Perfetto trace"), el("span", {class: "muted"}, " (open it in Perfetto or chrome://tracing)")),
+      run.trace ? [el("a", {href: `/api/runs/${encodeURIComponent(run.run_id)}/trace.json`, download: `${run.run_id}.trace.json`,
+        id: "trace-download"}, "Download the Perfetto trace"), el("span", {class: "muted"}, " (open it in Perfetto or chrome://tracing)")]
+        : el("span", {class: "muted", id: "from-done-records"}, "Drawn from the run's done records: it kept no trace.")),
     el("div", {class: "legend"}, stages.map((s) => el("span", {class: classes[s]}, s))),
     el("div", {class: "gantt", id: "gantt", "data-calls": calls.length},
       lanes.map((lane) => el("div", {class: "lane"}, el("span", {class: "lane-name", title: lane}, lane),
