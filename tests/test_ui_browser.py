@@ -23,6 +23,7 @@ from playwright import sync_api
 
 from mlwf import bulk
 from mlwf.engine.driver import Engine
+from mlwf.errors import DataError
 from mlwf.model.registry import publish, read_manifest
 from mlwf.runs import list_runs
 from mlwf.storage import StoreSpec
@@ -265,7 +266,7 @@ def test_an_inference_run_shows_its_predictions_and_its_trace_downloads(page, fi
 
 def test_a_failed_run_says_where_and_why(page, filled):
     with Engine(filled["url"], "tless") as engine:
-        with pytest.raises(Exception):
+        with pytest.raises(DataError):
             engine.run_inference(MODEL, "ml-inference/nothing-here", 2)
     failed = next(r for r in list_runs(filled["store"]) if r["status"] == "failed")
     page.goto(f"/runs/{failed['run_id']}")
