@@ -410,8 +410,8 @@ def test_the_top_level_help_lists_every_command_whatever_follows_it(argv, capsys
         main(argv)
     assert info.value.code == 0
     listed = re.search(r"\{([a-z0-9,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert listed == ["run", "invoke", "dataset", "s3", "model", "runs", "serve", "deploy", "ray", "bench", "trace",
-                      "demo"]
+    assert listed == ["run", "invoke", "dataset", "s3", "model", "runs", "ui", "serve", "deploy", "ray", "bench",
+                      "trace", "demo"]
 
 
 def test_a_command_in_first_place_builds_only_its_group():

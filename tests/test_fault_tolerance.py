@@ -242,7 +242,8 @@ def test_runs_ls_and_gc_keep_models_and_recent_runs(trained, capsys):
     gc = json.loads(capsys.readouterr().out)
     assert gc["runs"] == [first["run_id"]] and gc["deleted"] > 0
     left = [o.key for o in engine.store.list(f"ml-training/outputs/{first['run_id']}/")]
-    assert left == [f"ml-training/outputs/{first['run_id']}/run.json"]
+    # The record and the trace (a result, as predictions are) stay.
+    assert left == [f"ml-training/outputs/{first['run_id']}/run.json", f"ml-training/outputs/{first['run_id']}/trace.json"]
     assert engine.store.list(f"ml-training/outputs/{third['run_id']}/train/")
     assert engine.store.exists(second["results_key"])
     assert mlwf.model.load("ml-inference/model", store=engine.store).digest == third["model_digest"]

@@ -41,6 +41,7 @@ SERVE = "uvicorn,starlette"
     (KNATIVE, ["deploy", "knative", "--image", "i:1", "--namespace", "mlwf", "--s3-host", "h", "--s3-port", "9000",
                "--out", "{tmp}/k"], "knative"),
     (SERVE, ["model", "serve", "{tmp}/model.mlwf", "--port", "0"], "serve"),
+    (SERVE, ["ui", "--store", "{store}", "--port", "0"], "ui"),
     ("onnx,onnxruntime", ["model", "export", "{tmp}/model.mlwf", "--format", "onnx", "-o", "{tmp}/m.onnx"], "onnx"),
     ("matplotlib", ["trace", "plot", "{tmp}/trace.json", "--out", "{tmp}/t.png"], "bench"),
 ])

@@ -256,9 +256,10 @@ def test_direct_transfer_gives_the_same_model_and_accounts_for_every_edge(engine
     with Engine(engine.spec.url, "tless", transfer="direct") as direct_engine:
         direct = direct_engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     assert direct["transfer"] == "direct" and direct["model_digest"] == stored["model_digest"]
-    # Direct transfer writes no intermediate to the store; store transfer writes them all.
+    # Direct transfer writes no intermediate to the store (only the record and the trace); store transfer
+    # writes them all.
     prefix = f"ml-training/outputs/{direct['run_id']}/"
-    assert [o.key for o in engine.store.list(prefix)] == [prefix + "run.json"]
+    assert [o.key for o in engine.store.list(prefix)] == [prefix + "run.json", prefix + "trace.json"]
     assert any(o.key.endswith("/train/0-0.bin") for o in engine.store.list(f"ml-training/outputs/{stored['run_id']}/"))
     edges = {(e["from"], e["to"]): e for e in direct["edges"]}
     assert {("partition", "pca"), ("pca", "train"), ("train", "validation"), ("store", "pca")} <= set(edges)

@@ -222,6 +222,47 @@ def _duration_ms(status: str, record: dict[str, Any], report: dict[str, Any], no
     return round((end - start).total_seconds() * 1e3, 3)
 
 
+def summarize(workflow: str, run_id: str, keys: list[tuple[str, int]], record: dict[str, Any] | None,
+              error: str | None, now: _dt.datetime) -> dict[str, Any]:
+    """One entry of :func:`list_runs`: the run living in ``<workflow>/outputs/<run_id>/``.
+
+    ``keys`` are the keys below its folder (relative to it) with their sizes;
+    ``record`` its ``run.json`` as :func:`read_record` returned it, or None
+    with ``error`` saying why it could not be read. (``mlwf ui`` keeps records
+    it has read and calls this with them.)
+    """
+    done: dict[str, int] = defaultdict(int)
+    intermediate_bytes = 0
+    for rest, size in keys:
+        intermediate = parse_intermediate(rest)
+        if intermediate is not None and intermediate[1]:
+            done[intermediate[0]] += 1
+        if _is_intermediate(workflow, rest):
+            intermediate_bytes += size
+    entry: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
+    sizes = {"bytes": sum(size for _, size in keys), "intermediate_bytes": intermediate_bytes}
+    if record is None:
+        why = f"no {RECORD}" if RECORD not in {rest for rest, _ in keys} else str(error)
+        return {**entry, "status": "unreadable", "started_at": None, "updated_at": None,
+                "heartbeat_at": None, "duration_ms": None, "e2e_ms": None, "accuracy": None,
+                "progress": {}, "error": why, **sizes}
+    report = record.get("report") if isinstance(record.get("report"), dict) else {}
+    status = effective_status(record, now)
+    return {
+        **entry,
+        "status": status,
+        "started_at": record.get("started_at"),
+        "updated_at": record.get("updated_at"),
+        "heartbeat_at": record.get("heartbeat_at"),
+        "duration_ms": _duration_ms(status, record, report, now),
+        "e2e_ms": report.get("e2e_ms"),
+        "accuracy": _accuracy(workflow, report),
+        "progress": _progress(record, done),
+        "error": record.get("error"),
+        **sizes,
+    }
+
+
 def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, Any]]:
     """Every run in the store, newest first.
 
@@ -244,39 +285,11 @@ def list_runs(store: Store, now: _dt.datetime | None = None) -> list[dict[str, A
     runs = []
     for workflow in workflows.names():
         for run_id, keys in _folders(store, workflow).items():
-            done: dict[str, int] = defaultdict(int)
-            intermediate_bytes = 0
-            for rest, size in keys:
-                intermediate = parse_intermediate(rest)
-                if intermediate is not None and intermediate[1]:
-                    done[intermediate[0]] += 1
-                if _is_intermediate(workflow, rest):
-                    intermediate_bytes += size
-            entry: dict[str, Any] = {"run_id": run_id, "workflow": workflow}
-            sizes = {"bytes": sum(size for _, size in keys), "intermediate_bytes": intermediate_bytes}
             try:
-                record = read_record(store, workflow, run_id)
+                record, error = read_record(store, workflow, run_id), None
             except (MlwfError, ValueError) as e:
-                why = f"no {RECORD}" if RECORD not in {rest for rest, _ in keys} else str(e)
-                runs.append({**entry, "status": "unreadable", "started_at": None, "updated_at": None,
-                             "heartbeat_at": None, "duration_ms": None, "e2e_ms": None, "accuracy": None,
-                             "progress": {}, "error": why, **sizes})
-                continue
-            report = record.get("report") if isinstance(record.get("report"), dict) else {}
-            status = effective_status(record, now)
-            runs.append({
-                **entry,
-                "status": status,
-                "started_at": record.get("started_at"),
-                "updated_at": record.get("updated_at"),
-                "heartbeat_at": record.get("heartbeat_at"),
-                "duration_ms": _duration_ms(status, record, report, now),
-                "e2e_ms": report.get("e2e_ms"),
-                "accuracy": _accuracy(workflow, report),
-                "progress": _progress(record, done),
-                "error": record.get("error"),
-                **sizes,
-            })
+                record, error = None, str(e)
+            runs.append(summarize(workflow, run_id, keys, record, error, now))
     runs.sort(key=lambda r: r["run_id"], reverse=True)
     return runs
 

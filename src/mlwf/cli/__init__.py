@@ -3,7 +3,7 @@
 One module per command group, each with ``add_parsers(sub)`` and ``handle(args)``:
 :mod:`~mlwf.cli.run`, :mod:`~mlwf.cli.invoke`, :mod:`~mlwf.cli.data` (dataset, s3), :mod:`~mlwf.cli.model`,
 :mod:`~mlwf.cli.runs`, :mod:`~mlwf.cli.serve` (serve, deploy), :mod:`~mlwf.cli.raypool` (ray pool), :mod:`~mlwf.cli.bench`
-(bench, trace), :mod:`~mlwf.cli.demo`; the flags they share are in :mod:`~mlwf.cli.options`.
+(bench, trace), :mod:`~mlwf.cli.demo`, :mod:`~mlwf.cli.ui`; the flags they share are in :mod:`~mlwf.cli.options`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mlwf.errors import MlwfError
 
 #: Each command and the module of :mod:`mlwf.cli` that handles it, in the order ``--help`` lists them.
 _GROUPS = {"run": "run", "invoke": "invoke", "dataset": "data", "s3": "data", "model": "model", "runs": "runs",
-           "serve": "serve", "deploy": "serve", "ray": "raypool", "bench": "bench", "trace": "bench", "demo": "demo"}
+           "ui": "ui", "serve": "serve", "deploy": "serve", "ray": "raypool", "bench": "bench", "trace": "bench",
+           "demo": "demo"}
 
 
 def _group(name: str) -> ModuleType:
@@ -179,7 +180,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 #: The optional libraries (top-level modules) and the extra of pyproject.toml that installs each; uvicorn and
-#: starlette are in two extras: ``mlwf model serve`` needs ``serve``, everything else ``knative``.
+#: starlette are in three extras: ``mlwf model serve`` needs ``serve``, ``mlwf ui`` needs ``ui``, everything
+#: else ``knative``.
 _EXTRA_OF = {"ray": "ray", "httpx": "knative", "cloudevents": "knative", "h11": "knative", "yaml": "knative",
              "uvicorn": "knative", "starlette": "knative", "onnx": "onnx", "onnxruntime": "onnx",
              "matplotlib": "bench"}
@@ -192,6 +194,8 @@ def missing_extra(module: str | None, argv: list[str]) -> str | None:
     extra = _EXTRA_OF.get(top)
     if extra == "knative" and top in ("uvicorn", "starlette") and argv[:2] == ["model", "serve"]:
         return "serve"
+    if extra == "knative" and top in ("uvicorn", "starlette") and argv[:1] == ["ui"]:
+        return "ui"
     return extra
 
 

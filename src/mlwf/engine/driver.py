@@ -38,8 +38,8 @@ from mlwf.engine.accounting import Accounts, StageStats
 from mlwf.engine.checkpoints import Checkpoints
 from mlwf.engine import shm
 from mlwf.engine.interrupts import deferred
-from mlwf.engine.layout import RunLayout, new_run_id
-from mlwf.engine.progress import SILENT
+from mlwf.engine.layout import TRACE, RunLayout, new_run_id
+from mlwf.engine.progress import SILENT, StageClock
 from mlwf.engine.runner import decode
 from mlwf.engine.retry import RetryPolicy
 from mlwf.engine.scheduling import run_concurrently
@@ -299,6 +299,10 @@ class Run:
         self.calls_done: dict[str, int] = {}
         #: The status last recorded in run.json.
         self.status: str | None = None
+        #: Attempts per call (stage, index) of this run: a trace shows each call's retries.
+        self.attempts: dict[tuple[str, int], int] = {}
+        #: Calls not yet finished per stage of the batch going now: where a failure happened.
+        self._remaining: dict[str, int] = {}
         self._record("running")
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(target=self._renew_lease, name=f"mlwf-lease-{self.run_id}", daemon=True)
@@ -330,7 +334,7 @@ class Run:
             self._start_workers()
         results: dict[str, list[Outcome | None]] = {s: [None] * len(c) for s, c in calls.items()}
         started: dict[str, float] = {}
-        remaining = {s: len(c) for s, c in calls.items()}
+        remaining = self._remaining = {s: len(c) for s, c in calls.items()}
 
         def finished(call: Call, outcome: Outcome) -> None:
             results[call.stage][call.index] = outcome
@@ -345,6 +349,7 @@ class Run:
 
         def attempted(call: Call) -> None:
             self.accounts.stats[call.stage].attempts += 1
+            self.attempts[call.stage, call.index] = self.attempts.get((call.stage, call.index), 0) + 1
 
         def done(call: Call, outcome: Outcome) -> None:
             self.accounts.add(call, outcome)
@@ -448,6 +453,7 @@ class Run:
         with deferred():
             self._stop_heartbeat.set()
             self.engine.backend.end_run(self.run_id)
+            self._keep_trace(report)
             self._record("succeeded", report=report)
 
     def fail(self, error: BaseException) -> None:
@@ -457,8 +463,10 @@ class Run:
             return
         self._stop_heartbeat.set()
         self.engine.backend.end_run(self.run_id)
+        self._keep_trace(None)
+        stage = next((s for s, left in self._remaining.items() if left > 0), None)
         try:
-            self._record("failed", error=str(error))
+            self._record("failed", error=str(error), failed_stage=stage)
         except MlwfError:
             pass  # the store itself may be what failed; the original error matters more
 
@@ -475,6 +483,19 @@ class Run:
             self._record("interrupted")
         except MlwfError:
             pass  # the store failed: the record stays 'running' and shows as abandoned once its lease expires
+
+    def _keep_trace(self, report: dict[str, Any] | None) -> None:
+        """Write the run's trace (:mod:`mlwf.engine.trace`) as ``trace.json`` in its folder, before the
+        record that ends it: ``mlwf ui`` draws every call from it, whatever the backend. A trace that
+        cannot be written costs the run nothing."""
+        from mlwf.engine import trace
+
+        clock = self.engine.progress if isinstance(self.engine.progress, StageClock) else None
+        try:
+            doc = trace.build(self, report, clock)
+            self.store.put(self.layout.result(TRACE), json.dumps(doc).encode())
+        except Exception:  # noqa: BLE001 - the trace is an aid; the run's outcome is what matters
+            pass
 
     def _renew_lease(self) -> None:
         """Rewrite ``run.json`` every heartbeat while the run is going (a background thread)."""
@@ -497,7 +518,8 @@ class Run:
                 return  # a late heartbeat never overwrites how the run ended
             now = timestamp(now_utc())
             doc = {"run_id": self.run_id, "workflow": self.workflow, "status": status,
-                   "params": self.params, "transfer": self.engine.transfer, "resumed": self.resumed,
+                   "params": self.params, "backend": self.engine.backend.name,
+                   "transfer": self.engine.transfer, "resumed": self.resumed,
                    "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
                    "lease_s": self.engine.lease_s, "calls_done": dict(self.calls_done), **extra}
             self.store.put(self.layout.record, json.dumps(doc, indent=2).encode())

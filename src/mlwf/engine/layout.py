@@ -8,6 +8,8 @@ A run lives in ``<workflow>/outputs/<run-id>/``::
                                   of a ``many`` output counted
     <stage>/<index>.done.json     a finished call: its outputs and their SHA-256 (for --resume)
     predictions.csv, ...          results a workflow's driver writes
+    trace.json                    the run's calls as a Chrome/Perfetto trace (mlwf.engine.trace), written
+                                  by its driver as it ends (drawn by mlwf ui)
     choreography/claims/<stage>-<index>.json, choreography/batches/<stages>.json,
     choreography/failures/<stage>-<index>.json
                                   a choreographed run's claims, batch markers and failed deliveries
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from mlwf.storage import join_key
 
 RECORD = "run.json"
+#: A run's trace, beside its record (a result: never collected by mlwf runs gc).
+TRACE = "trace.json"
 #: The shape of every run id :func:`new_run_id` makes.
 RUN_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 #: Where a choreographed run keeps its claims and batch markers (mlwf.choreography.records).

@@ -12,7 +12,7 @@ Layout of the trace:
   metadata), one thread per lane: calls that overlap on one worker (threads of
   an HTTP function server) go to separate lanes so every lane nests properly;
 * one ``X`` (complete) event per function call, named ``stage[index]``, with
-  ``args`` ``stage``, ``index``, ``worker`` and the call's timings, and inside
+  ``args`` ``stage``, ``index``, ``worker``, ``attempts`` (1 + its retries) and the call's timings, and inside
   it one event per span the worker recorded: store reads and writes
   (``store list``, ``store read``, ``input read``, ``store write``),
   ``serialize``/``deserialize`` and ``compute`` (store reads a stage asks for
@@ -50,7 +50,7 @@ SPANS = {
 DRIVER_PID = 1
 
 
-def _lanes(intervals: list[tuple[float, float]]) -> list[int]:
+def assign_lanes(intervals: list[tuple[float, float]]) -> list[int]:
     """A lane per interval such that intervals in one lane never overlap (greedy, by start)."""
     order = sorted(range(len(intervals)), key=lambda i: (intervals[i][0], -intervals[i][1]))
     ends: list[float] = []
@@ -109,7 +109,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
         meta(pid, None, "process_name", f"worker {worker}")
         meta(pid, None, "process_sort_index", pid)
         mine = [(c, o) for c, o in ran if o.worker == worker]
-        lanes = _lanes([(o.start, o.end) for _, o in mine])
+        lanes = assign_lanes([(o.start, o.end) for _, o in mine])
         for lane in sorted(set(lanes)):
             meta(pid, lane + 1, "thread_name", f"calls (lane {lane + 1})" if max(lanes) else "calls")
         for (call, o), lane in zip(mine, lanes):
@@ -118,7 +118,9 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
             events.append({"ph": "X", "cat": "call", "name": call.name, "pid": pid, "tid": lane + 1,
                            "ts": start, "dur": round(stop - start, 3),
                            "args": {"stage": call.stage, "index": call.index, "worker": o.worker,
-                                    "workflow": call.workflow, **timings}})
+                                    "workflow": call.workflow,
+                                    "attempts": getattr(run, "attempts", {}).get((call.stage, call.index), 1),
+                                    **timings}})
             for name, s, e in o.spans:
                 label, cat = SPANS.get(name, (name, "other"))
                 s_us, e_us = max(start, us(s)), min(stop, us(e))  # rounding never pokes out of the call
@@ -149,7 +151,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
             span = by_stage.setdefault(call.stage, [o.start, o.end])
             span[0], span[1] = min(span[0], o.start), max(span[1], o.end)
         stage_spans = [(s, a, b) for s, (a, b) in by_stage.items()]
-    lanes = _lanes([(a, b) for _, a, b in stage_spans])
+    lanes = assign_lanes([(a, b) for _, a, b in stage_spans])
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 10 + lane, "thread_name", "stages" if not lane else f"stages ({lane + 1})")
     for (stage, a, b), lane in zip(stage_spans, lanes):
@@ -159,7 +161,7 @@ def build(run, report: dict[str, Any] | None = None, stage_clock: StageClock | N
                        "args": {"stage": stage, "calls": st.calls if st else None,
                                 "source": "driver" if stage_clock is not None else "calls"}})
     returns = [(c, o) for c, o in ran if "return_ms" in o.durations_ms]
-    lanes = _lanes([(o.end, o.end + o.durations_ms["return_ms"] / 1e3) for _, o in returns])
+    lanes = assign_lanes([(o.end, o.end + o.durations_ms["return_ms"] / 1e3) for _, o in returns])
     for lane in sorted(set(lanes)):
         meta(DRIVER_PID, 100 + lane, "thread_name", "outputs returning" + (f" ({lane + 1})" if lane else ""))
     for (call, o), lane in zip(returns, lanes):

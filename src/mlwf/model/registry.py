@@ -182,7 +182,7 @@ def publish(store, prefix: str, data: bytes, *, run_id: str, summary: dict[str, 
     return _update_manifest(store, prefix, change, replace_corrupt=True)
 
 
-def rollback(store, prefix: str) -> dict:
+def rollback(store, prefix: str, *, expected: str | None = None) -> dict:
     """Make the previous published version current again; return the new manifest.
 
     The model it replaces becomes the newest entry of ``history`` (so a
@@ -190,12 +190,20 @@ def rollback(store, prefix: str) -> dict:
     what was replaced). The manifest is replaced by compare-and-swap, as in
     :func:`publish`.
 
+    Parameters
+    ----------
+    expected : the sha256 of the version the caller saw current (``mlwf ui``
+        shows it before asking to confirm), or None for whatever is current.
+        Checked inside the compare-and-swap, so a publish that lands between
+        the caller's look and the rollback makes it refuse, never roll back
+        from a version nobody looked at.
+
     Raises
     ------
     ModelError
-        If there is no model, no earlier version, the manifest is corrupt, or
-        the earlier object is missing, does not match its checksum or is not
-        a valid model.
+        If there is no model, no earlier version, the manifest is corrupt, the
+        current version is not ``expected``, or the earlier object is missing,
+        does not match its checksum or is not a valid model.
     """
     where = f"bucket {store.bucket!r} of {store.location}"
     checked: set[str] = set()
@@ -203,6 +211,10 @@ def rollback(store, prefix: str) -> dict:
     def change(current: dict | None, write_id: str) -> dict:
         if current is None:
             read_manifest(store.get, prefix, where=where)  # raises the "no model" error
+        if expected is not None and current["sha256"] != expected:
+            raise ModelError(f"the model at {prefix!r} changed since you looked: {current['sha256'][:12]} "
+                             f"(run {current.get('run_id')}) is current now, not {expected[:12]}; nothing was "
+                             "rolled back: look again, then roll back if you still want to")
         history = current["history"]
         if not history:
             raise ModelError(f"no earlier version of the model at {prefix!r} to roll back to")
