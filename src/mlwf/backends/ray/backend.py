@@ -54,6 +54,7 @@ report says so in one warning, and its calls run as tasks.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -67,7 +68,7 @@ from mlwf import workflows
 from mlwf.backends.base import BackendConfig
 from mlwf.backends.ray import cluster, pool
 from mlwf.backends.ray.cluster import check_address, first_line, is_local_address, local_ips
-from mlwf.backends.ray.lineage import Lineage
+from mlwf.backends.ray.lineage import Lineage, _chain
 from mlwf.backends.ray.task import remote_call
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, refs_in
 from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
@@ -391,6 +392,13 @@ class RayBackend(Lineage):
         except BaseException as e:  # noqa: BLE001 - becomes the Future's exception
             lost = _lost_object(e)
             result, error = None, (_error(e, call) if lost is None else self._forget_lost(call, ctx, lost))
+            if lost is not None and error is None:  # made again meanwhile: read the new one, same attempt
+                try:
+                    _chain(self.submit(call, ctx), out)
+                except BaseException as again:  # noqa: BLE001 - off Ray's callback thread: it must reach the driver
+                    with contextlib.suppress(InvalidStateError):
+                        out.set_exception(again)
+                return
         try:
             if error is None:
                 out.set_result(result)
@@ -432,6 +440,7 @@ class RayBackend(Lineage):
         with self._lineage_lock:
             self._made_by.pop(run_id, None)
             self._remade.pop(run_id, None)
+            self._forgotten.pop(run_id, None)
 
     def cancel_all(self) -> None:
         """Stop every call still running (the driver gave up on them: stuck or timed out).

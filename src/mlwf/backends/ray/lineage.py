@@ -36,11 +36,16 @@ class Lineage:
         #: call waiting for it).
         self._remade: dict[str, dict[str, tuple[Call, Future]]] = {}
         self._lineage_lock = threading.Lock()
+        #: Objects Ray lost, once forgotten: run id -> object id (hex) -> the output it held.
+        self._forgotten: dict[str, dict[str, str]] = {}
 
-    def _forget_lost(self, call: Call, ctx: RunContext, object_hex: str) -> InputLost:
+    def _forget_lost(self, call: Call, ctx: RunContext, object_hex: str) -> InputLost | None:
         """``call`` could not read an input Ray lost: forget it (every held input of the call, if Ray did not say
         which), so that the next submit makes it again; the error the driver's retry policy sees. (Another call
-        may have reported the same object first: then it is forgotten already.)"""
+        may have reported the same object first: then it is forgotten already.) None if another call has
+        already made that input again, so that ``call``, submitted again at once, reads the new one: two calls
+        reading one lost input race, and the slower one must not spend its retry, or fail, on a loss already
+        mended."""
         held = self._held.get(ctx.run_id, {})
         inputs = [r for r in refs_in(call.args.values()) if r.held_by_backend]
         with self._lineage_lock:
@@ -48,8 +53,13 @@ class Lineage:
                 lost = [r for r in inputs if r.sha256 not in held or held[r.sha256].hex() == object_hex]
             else:
                 lost = inputs
+            forgotten = self._forgotten.setdefault(ctx.run_id, {})
+            if forgotten.get(object_hex, "") in held:
+                return None
             for r in lost:
-                held.pop(r.sha256, None)
+                gone = held.pop(r.sha256, None)
+                if gone is not None:
+                    forgotten[gone.hex()] = r.sha256
         made_by = self._made_by.get(ctx.run_id, {})
         names = ", ".join(dict.fromkeys(made_by[r.sha256][0].name if r.sha256 in made_by else r.producer
                                         for r in lost)) or "an input"
