@@ -166,6 +166,9 @@ def test_the_runs_list_is_what_the_store_holds(page, filled):
         "cells => cells.map(c => c.dataset.accuracy)")
     assert [float(a) for a in accuracies] == [r["accuracy"] for r in expected]
     assert _fits(page)
+    # At 1280×800 every column shows whole: the table needs no scrolling of its own either.
+    assert page.page.evaluate("[...document.querySelectorAll('.table-wrap')].every("
+                              "w => w.scrollWidth <= w.clientWidth + 1)")
     _screenshot(page, "runs")
     page.page.fill("#filter-q", "ml-inference")
     sync_api.expect(rows).to_have_count(sum(r["workflow"] == "ml-inference" for r in expected))

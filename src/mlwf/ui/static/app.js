@@ -140,7 +140,10 @@ function runsPage() {
     tbody.replaceChildren(...data.runs.map((r) => {
       const box = el("input", {type: "checkbox", "aria-label": `select ${r.run_id}`, checked: selected.has(r.run_id),
         onchange: (e) => { e.target.checked ? selected.add(r.run_id) : selected.delete(r.run_id); compare.disabled = selected.size < 2; }});
-      const progress = Object.entries(r.progress || {}).map(([s, p]) => `${s} ${p}`).join(" · ");
+      // One short figure (calls done of all), the stages in its tooltip: the column fits a 1280-wide window.
+      const stages = Object.entries(r.progress || {});
+      const [done, total] = stages.reduce(([d, t], [, p]) => { const [a, b] = p.split("/").map(Number); return [d + (a || 0), t + (b || 0)]; }, [0, 0]);
+      const progress = el("span", {title: stages.map(([s, p]) => `${s} ${p}`).join(" · ")}, stages.length ? `${done}/${total} calls` : "–");
       return el("tr", {"data-run-id": r.run_id, "data-status": r.status, "data-workflow": r.workflow},
         el("td", {}, box), el("td", {}, runLink(r.run_id)), el("td", {}, r.workflow),
         el("td", {class: "hide-narrow"}, r.backend || "–"), el("td", {class: "hide-narrow"}, r.transfer || "–"),
