@@ -241,6 +241,14 @@ def test_both_workflows_run_by_their_events_alone_and_match_the_local_backend(pa
     assert shown["status"] == "succeeded" and shown["report"]["model_digest"] == trained["model_digest"]
     assert shown["progress"] == {"partition": "1/1", "pca": "2/2", "train": "4/4", "score": "2/2",
                                  "validation": "1/1"}
+    # The dashboard (mlwf ui) draws it with no driver's trace: one bar per call, from its servers' records.
+    from mlwf.ui.views import run_detail
+
+    detail = run_detail(StoreSpec("s3://", s3_env).open(), run)
+    assert detail["mode"] == "choreography" and detail["trace"] is False and detail["status"] == "succeeded"
+    assert sorted(c["name"] for c in detail["calls"]) == sorted(
+        f"{stage}[{i}]" for stage, n in {"partition": 1, "pca": 2, "train": 4, "score": 2, "validation": 1}.items()
+        for i in range(n))
 
     # Without --wait, invoke prints the run id as soon as the run has started.
     code, out, err = _invoke(capsys, pair.a.url, s3_env, "ml-inference", "ml-inference/model", BATCH_PREFIX, "3",
