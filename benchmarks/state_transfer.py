@@ -4,6 +4,7 @@ Usage (from the repository root; Ray needs mlwf[ray], Knative mlwf[knative]):
 
     python benchmarks/state_transfer.py [--backends local,ray,knative] [--repeats 5]
         [--workflows ml-training,ml-inference] [--fashion DIR] [--out benchmarks/results/state_transfer]
+    python benchmarks/state_transfer.py --at-60k [--repeats 3]   # the heavy variant at 60k images
 
 The study of docs/transfer.md. Data: the 2,000 Fashion-MNIST training images
 and the first 1,000 test images as PNG objects in the local store
@@ -37,16 +38,17 @@ import secrets
 import subprocess
 import sys
 
-from common import (BUCKET, TEST1K, TRAIN, Server, arguments, command, load_average, machine, now, prepare,
+from common import (BUCKET, TEST1K, TRAIN, TRAIN60K, Server, arguments, command, load_average, machine, now, prepare,
                     side_env, write)
 
 TRANSFERS = {"local": "store,direct,payload,shm", "ray": "store,direct", "knative": "store,payload"}
 WORKFLOW_ARGS = {"ml-training": [TRAIN, "2", "8"], "ml-inference": ["ml-inference/model", TEST1K, "16"]}
 
 
-def bench(workflow: str, backend: str, store: str, out, repeats: int, extra: list[str], env) -> list[str]:
-    argv = ["mlwf", "bench", workflow, *WORKFLOW_ARGS[workflow], "--store", store, "--bucket", BUCKET,
-            "--backend", backend, "--transfer", TRANSFERS[backend], "--state", "light,heavy",
+def bench(workflow: str, backend: str, store: str, out, repeats: int, extra: list[str], env,
+          args: list[str] | None = None, transfers: str | None = None, states: str = "light,heavy") -> list[str]:
+    argv = ["mlwf", "bench", workflow, *(args or WORKFLOW_ARGS[workflow]), "--store", store, "--bucket", BUCKET,
+            "--backend", backend, "--transfer", transfers or TRANSFERS[backend], "--state", states,
             "--repeats", str(repeats), "--out", str(out), *extra]
     shown = [os.path.relpath(a) if a in (store, str(out)) else a for a in argv]
     print("$", " ".join(shown), flush=True)
@@ -81,11 +83,37 @@ def table(out) -> list[dict]:
     return rows
 
 
+#: The transfers measured at 60k: payload on the local backend is direct's pipe, so it is left out.
+AT_60K_TRANSFERS = "store,direct,shm"
+
+
+def at_60k(a) -> None:
+    """The heavy variant at 60k images: does shm's share of store's state transfer hold when an edge is 1 GB?"""
+    store = prepare(a.fashion, a.data, extra=[(TRAIN60K, "train", 60000, 0)])
+    out = a.out / "60k"
+    out.mkdir(parents=True, exist_ok=True)
+    env = side_env(None)
+    load_before = load_average()
+    shown = bench("ml-training", "local", store, out, a.repeats, [], env, args=[TRAIN60K, "2", "8"],
+                  transfers=AT_60K_TRANSFERS, states="heavy")
+    rows = table(out)
+    write(out, "state_transfer.json", {"command": command(), "date": now(), "machine": machine(),
+                                       "load_average": {"before": load_before, "after": load_average()},
+                                       "commands": [" ".join(shown)], "rows": rows})
+    print(f"\nfigures: {os.path.relpath(out / 'transfer.png')}")
+
+
 def main() -> None:
     p = arguments(__doc__, "state_transfer", repeats=5)
     p.add_argument("--backends", default="local,ray,knative", help="backends to measure (default local,ray,knative)")
     p.add_argument("--workflows", default="ml-training,ml-inference", help="workflows (default both)")
+    p.add_argument("--at-60k", action="store_true",
+                   help="instead: ml-training 2 8 on all 60,000 training images, heavy state only, local "
+                        f"backend, --transfer {AT_60K_TRANSFERS} (about 1 GB on the partition -> pca edge); "
+                        "into --out's 60k/ folder")
     a = p.parse_args()
+    if a.at_60k:
+        return at_60k(a)
     backends = [b for b in a.backends.split(",") if b]
     workflows = [w for w in a.workflows.split(",") if w]
     for b in backends:

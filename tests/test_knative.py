@@ -139,6 +139,12 @@ def test_both_workflows_through_knative_match_the_local_backend(server, s3_data,
 
     assert trained["backend"] == inferred["backend"] == "knative"
     assert trained["model_digest"] == local_trained["model_digest"]
+    # The dashboard (mlwf ui) shows a Knative driver's run as any other: one bar per call from its trace.
+    from mlwf.ui.views import run_detail
+
+    shown = run_detail(StoreSpec("s3://", s3_data).open(), trained["run_id"])
+    assert shown["backend"] == "knative" and shown["trace"] is True
+    assert len(shown["calls"]) == sum(s["calls"] for s in trained["stages"].values())
     assert inferred["accuracy"] == local_inferred["accuracy"] and inferred["num_predicted"] == 120
     assert inferred["model_digest"] == trained["model_digest"]
     keys = _keys(s3_server, s3_data)

@@ -85,6 +85,12 @@ def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
         inferred = engine.run_inference("ml-inference/model", BATCH_PREFIX, 4)
         rows = _predictions(engine, inferred)
         written = [o.key for o in engine.store.list(f"ml-training/outputs/{trained['run_id']}/")]
+        # The dashboard (mlwf ui) shows a Ray run as any other: its backend, one bar per call from its trace.
+        from mlwf.ui.views import run_detail
+
+        shown = run_detail(engine.store, trained["run_id"])
+        assert shown["backend"] == "ray" and shown["trace"] is True
+        assert len(shown["calls"]) == sum(s["calls"] for s in trained["stages"].values())
         # --state heavy (pixels and whole feature matrices between the tasks): the same model and predictions.
         heavy = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False, state="heavy")
         heavy_rows = _predictions(engine, engine.run_inference("ml-inference/model", BATCH_PREFIX, 4, state="heavy"))
@@ -102,7 +108,8 @@ def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
     assert all(e["transfer_ms"] >= 0 and e["deserialize_ms"] >= 0 for e in trained["edges"])
     if transfer == "direct":
         # Intermediates went task to task through Ray's object store: only the run record is in the store.
-        assert written == [f"ml-training/outputs/{trained['run_id']}/run.json"]
+        # Only the run's record and its trace (what mlwf ui draws the calls from) are in the store.
+        assert written == [f"ml-training/outputs/{trained['run_id']}/{name}" for name in ("run.json", "trace.json")]
         assert trained["stages"]["train"]["put_ms"] > 0 and trained["stages"]["train"]["input_get_ms"] > 0
     else:
         assert any("/train/" in k for k in written)
