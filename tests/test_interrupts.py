@@ -300,3 +300,19 @@ def test_resume_latest_finishes_the_newest_interrupted_run_with_these_arguments(
     assert main([*run, "--resume", "latest", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["run_id"] == run_id
     assert _records(store_url, "ml-training")[run_id]["status"] == "succeeded"
+
+
+def test_ctrl_c_while_mlwf_run_reads_its_command_line_says_nothing_was_written(monkeypatch, capsys):
+    """Ctrl-C before 'mlwf run' reaches its own handler (the command line read, the stage code imported):
+    the same line as a Ctrl-C before the run started, not a bare 'interrupted'."""
+    import mlwf.cli
+
+    def pressed(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlwf.cli, "build_parser", pressed)
+    assert mlwf.cli.main(["run", "ml-training", "x", "2", "4"]) == 130
+    assert capsys.readouterr().err.strip() == ("mlwf: interrupted before the run started: nothing was written; "
+                                               "run the same command to start it")
+    assert mlwf.cli.main(["runs", "ls"]) == 130
+    assert capsys.readouterr().err.strip() == "mlwf: interrupted"

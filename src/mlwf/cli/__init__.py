@@ -151,6 +151,12 @@ def _main(argv: list[str] | None) -> int:
             raise
         # 'mlwf run' and 'mlwf bench' say more themselves; any other command that ran a run names it.
         run_id = getattr(e, "run_id", None)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if run_id is None and command == "run":
+            # Pressed while the command line was read or the stage code imported: no run exists yet.
+            print("mlwf: interrupted before the run started: nothing was written; run the same command to start it",
+                  file=sys.stderr)
+            return INTERRUPTED_EXIT
         print("mlwf: interrupted" + (f" run {run_id} ('mlwf runs show {run_id}' shows it)" if run_id else ""),
               file=sys.stderr)
         return INTERRUPTED_EXIT

@@ -487,9 +487,11 @@ class Run:
     def _keep_trace(self, report: dict[str, Any] | None) -> None:
         """Write the run's trace (:mod:`mlwf.engine.trace`) as ``trace.json`` in its folder, before the
         record that ends it: ``mlwf ui`` draws every call from it, whatever the backend. A trace that
-        cannot be written costs the run nothing."""
+        cannot be written costs the run nothing; a run that ran no call (refused at its start) keeps none."""
         from mlwf.engine import trace
 
+        if not self.accounts.outcomes:
+            return
         clock = self.engine.progress if isinstance(self.engine.progress, StageClock) else None
         try:
             doc = trace.build(self, report, clock)

@@ -71,15 +71,20 @@ class Lineage:
 
         Ray reports lost inputs one at a time (a call's read stops at the first), and a node takes all it held:
         should ``call`` find another input lost, that one is made again too and ``call`` submitted once more,
-        within this same attempt, as long as each round finds a new loss.
+        within this same attempt, at most once per input it reads (each round finds one more input lost, or
+        finds that another call waiting for it made it again meanwhile).
         """
         out: Future[Outcome] = Future()
         ready = self._make_again(lost, ctx, f"{call.workflow} stage {call.name}")
+        # Each round finds one more lost input (or one another call made again meanwhile): at most one per input.
+        rounds = [len([r for r in refs_in(call.args.values()) if r.held_by_backend])]
 
         def finished(f: Future) -> None:
-            if not out.cancelled() and not f.cancelled() and isinstance(f.exception(), InputLost) \
-                    and self._missing(call, ctx):
-                submit()  # _forget_lost dropped the next lost input: submit makes it again first
+            if not out.cancelled() and not f.cancelled() and isinstance(f.exception(), InputLost) and rounds[0] > 0:
+                # _forget_lost dropped the next lost input: submit makes it again first (or, if another call
+                # waiting for it made it again meanwhile, reads it at once).
+                rounds[0] -= 1
+                submit()
             else:
                 _chain(f, out)
 
