@@ -89,3 +89,21 @@ def trained(engine):
     """An engine whose store has a model published at ml-inference/model."""
     report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
     return engine, report
+
+
+@pytest.fixture(scope="session")
+def local_training(tmp_path_factory, digits_dir) -> dict:
+    """The local backend's report of a training run on the digits with FAST (``2 4``, not published), made once
+    per session on a store of its own: the reference other backends' runs must match (each test used to make
+    the same run again on its own store)."""
+    url = str(tmp_path_factory.mktemp("reference") / "store")
+    store = StoreSpec(url, "tless").open()
+    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX, create_bucket=True)
+    with Engine(url, "tless") as local:
+        return local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+
+
+@pytest.fixture(scope="session")
+def local_model_digest(local_training) -> str:
+    """The digest of :func:`local_training`'s model."""
+    return local_training["model_digest"]
