@@ -74,11 +74,8 @@ def _cli(args: list[str], env: dict | None = None, prelude: str = "", timeout: f
 
 # --------------------------------------------------------------------------- both workflows
 @pytest.mark.parametrize("transfer", ["store", "direct"])
-def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
-    with Engine(store_url, "tless") as local:
-        local_trained = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
-        local_inferred = local.run_inference("ml-inference/model", BATCH_PREFIX, 4)
-        local_rows = _predictions(local, local_inferred)
+def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer, local_reference):
+    local_trained, local_inferred, local_rows = local_reference.trained, local_reference.inferred, local_reference.rows
 
     with Engine(store_url, "tless", backend="ray", transfer=transfer) as engine:
         trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
