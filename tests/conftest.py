@@ -6,8 +6,11 @@ test reads ../shared or downloads anything.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,40 @@ def trained(engine):
     """An engine whose store has a model published at ml-inference/model."""
     report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
     return engine, report
+
+
+@dataclass(frozen=True)
+class LocalReference:
+    """What the local backend makes of the digits with FAST: training (``2 4``, published at
+    ml-inference/model of its own store), then inference of the batch (``4``) with that model."""
+
+    trained: dict
+    inferred: dict
+    rows: list  # the inference's results CSV, as rows
+
+
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory, digits_dir) -> LocalReference:
+    """The reference other backends' and stores' runs must match, made once per session on a store of its own
+    (each test used to make the same two runs again on its own store)."""
+    url = str(tmp_path_factory.mktemp("reference") / "store")
+    store = StoreSpec(url, "tless").open()
+    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX, create_bucket=True)
+    bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
+    with Engine(url, "tless") as local:
+        trained = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
+        inferred = local.run_inference("ml-inference/model", BATCH_PREFIX, 4)
+        rows = list(csv.reader(io.StringIO(local.store.get(inferred["results_key"]).decode())))
+    return LocalReference(trained, inferred, rows)
+
+
+@pytest.fixture(scope="session")
+def local_training(local_reference) -> dict:
+    """The report of :func:`local_reference`'s training run."""
+    return local_reference.trained
+
+
+@pytest.fixture(scope="session")
+def local_model_digest(local_reference) -> str:
+    """The digest of :func:`local_reference`'s model."""
+    return local_reference.trained["model_digest"]

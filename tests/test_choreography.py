@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from mlwf import bulk, workflows
+from mlwf import workflows
 from mlwf.backends.knative import events
 from mlwf.cli import main
 from mlwf.engine.driver import Engine
@@ -131,16 +131,10 @@ def bucket(s3_server, digits_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(digits_dir, tmp_path_factory):
-    """What the local backend makes of the same work: the model digest and the inference accuracy."""
-    url = str(tmp_path_factory.mktemp("reference") / "store")
-    store = StoreSpec(url, "tless").open()
-    bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX, create_bucket=True)
-    bulk.upload_dir(store, digits_dir / "batch", BATCH_PREFIX)
-    with Engine(url, "tless", workers=2) as engine:
-        trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
-        inferred = engine.run_inference("ml-inference/model", BATCH_PREFIX, 4)
-    return trained, inferred
+def reference(local_reference):
+    """What the local backend makes of the same work (the session's run): the model digest and the inference
+    accuracy."""
+    return local_reference.trained, local_reference.inferred
 
 
 class Pair:

@@ -241,7 +241,9 @@ def test_a_1000_way_fan_out_of_each_workflow_matches_the_driver_with_bounded_soc
 
         run("run", "ml-training", DIGITS, "2", "4", *FAST, "--backend", "knative", *endpoints)  # the model to use
         inference = ["ml-inference", "ml-inference/model", DIGITS, "1000"]
-        driven = run("run", *inference, "--backend", "knative", *endpoints)
+        # The reference is the local backend's (the servers already took a 1,000-way driven run above; through
+        # them this one took four times as long, and the local backend's results are the same, test_knative.py).
+        driven = run("run", *inference)
         choreographed = run("invoke", *inference, "--endpoint", url_a, "--wait", "--timeout", "120")
         assert choreographed["num_funcs"] == 1000 and choreographed["num_predicted"] == 1300
         assert choreographed["accuracy"] == driven["accuracy"]
@@ -254,12 +256,17 @@ def test_a_1000_way_fan_out_of_each_workflow_matches_the_driver_with_bounded_soc
     # Each event was delivered once: none was sent again while it waited (nothing skipped as a duplicate).
     assert logs.count("call=ml-training/train[") == 1000 and "skipped" not in logs
     assert max(most.values()) <= 4, most  # the old dispatcher left ~230 sockets in CLOSE-WAIT
-    # Idle: every connection the servers opened is closed, and they spend no CPU.
-    time.sleep(3)
+    # Idle: every connection the servers opened is closed (within 3 s: their sinks close after IDLE_CLOSE_S = 2),
+    # and they spend no CPU.
+    deadline = time.monotonic() + 3
     try:
-        for server in (a, b):
-            states = tcp_states(server.proc.pid)
-            assert states["CLOSE_WAIT"] == 0 and states["ESTABLISHED"] == 0, states
+        while True:
+            states = [tcp_states(server.proc.pid) for server in (a, b)]
+            if all(s["CLOSE_WAIT"] == 0 and s["ESTABLISHED"] == 0 for s in states) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for server_states in states:
+            assert server_states["CLOSE_WAIT"] == 0 and server_states["ESTABLISHED"] == 0, server_states
         before = {s.proc.pid: cpu_seconds(s.proc.pid) for s in (a, b)}
         time.sleep(2)
         spent = {pid: cpu_seconds(pid) - used for pid, used in before.items()}

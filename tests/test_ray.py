@@ -74,11 +74,8 @@ def _cli(args: list[str], env: dict | None = None, prelude: str = "", timeout: f
 
 # --------------------------------------------------------------------------- both workflows
 @pytest.mark.parametrize("transfer", ["store", "direct"])
-def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
-    with Engine(store_url, "tless") as local:
-        local_trained = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
-        local_inferred = local.run_inference("ml-inference/model", BATCH_PREFIX, 4)
-        local_rows = _predictions(local, local_inferred)
+def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer, local_reference):
+    local_trained, local_inferred, local_rows = local_reference.trained, local_reference.inferred, local_reference.rows
 
     with Engine(store_url, "tless", backend="ray", transfer=transfer) as engine:
         trained = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
@@ -115,13 +112,12 @@ def test_both_workflows_on_ray_match_the_local_backend(store_url, transfer):
         assert any("/train/" in k for k in written)
 
 
-def test_a_worker_killed_mid_call_is_rerun_by_the_driver_with_the_same_model(store_url, monkeypatch):
-    with Engine(store_url, "tless") as local:
-        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+def test_a_worker_killed_mid_call_is_rerun_by_the_driver_with_the_same_model(store_url, monkeypatch,
+                                                                              local_model_digest):
     monkeypatch.setenv("MLWF_FAULTS", "train:1:exit:1")  # reaches the workers through runtime_env
     with Engine(store_url, "tless", backend="ray", transfer="direct", retries=1) as engine:
         report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
-    assert report["model_digest"] == clean["model_digest"]
+    assert report["model_digest"] == local_model_digest
     # The worker did die (the fault was claimed) and the driver, not Ray, ran the call again: one budget.
     assert (Path(tempfile.gettempdir()) / "mlwf-faults" / report["run_id"] / "train-1-exit-1-0").exists()
     assert report["stages"]["train"]["attempts"] == 5
@@ -152,11 +148,9 @@ def _a_lost_object():
     return ref
 
 
-def test_outputs_ray_lost_are_made_again_before_a_call_or_the_driver_reads_them(store_url):
+def test_outputs_ray_lost_are_made_again_before_a_call_or_the_driver_reads_them(store_url, local_model_digest):
     """What a node's death does to --transfer direct (tests/test_ray_cluster.py kills a real node): a member
     is lost before scoring reads it, the model before the driver reads it. Both are made again."""
-    with Engine(store_url, "tless") as local:
-        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     lost = _a_lost_object()
     with Engine(store_url, "tless", backend="ray", transfer="direct", retries=1) as engine:
         backend = engine.backend
@@ -185,17 +179,15 @@ def test_outputs_ray_lost_are_made_again_before_a_call_or_the_driver_reads_them(
         backend.submit, backend.read = submit_losing_a_member, read_losing_the_model
         report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, model_prefix="ml-inference/model-remade")
         published = mlwf.model.load("ml-inference/model-remade", store=engine.store)
-    assert report["model_digest"] == clean["model_digest"] == published.digest
+    assert report["model_digest"] == local_model_digest == published.digest
     assert report["warnings"] == ["Ray lost outputs held in its object store (a node died?); train[1], validation[0] "
                                   "ran again to make them"]
     assert report["stages"]["score"]["attempts"] > 2  # a score call failed on the lost member and was retried
 
 
-def test_many_outputs_lost_at_once_cost_one_retry_though_ray_reports_them_one_by_one(store_url):
+def test_many_outputs_lost_at_once_cost_one_retry_though_ray_reports_them_one_by_one(store_url, local_model_digest):
     """A node takes every output it held, but a call that reads them fails on the first lost one only. With
     --retries 1, three lost members must all be made again within the one retry."""
-    with Engine(store_url, "tless") as local:
-        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     lost = {name: _a_lost_object() for name in ("train[0]", "train[2]", "train[3]")}
     with Engine(store_url, "tless", backend="ray", transfer="direct", retries=1) as engine:
         backend, submit = engine.backend, engine.backend.submit
@@ -210,19 +202,17 @@ def test_many_outputs_lost_at_once_cost_one_retry_though_ray_reports_them_one_by
 
         backend.submit = submit_losing_members
         report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
-    assert report["model_digest"] == clean["model_digest"]
+    assert report["model_digest"] == local_model_digest
     assert report["warnings"] == ["Ray lost outputs held in its object store (a node died?); train[0], train[2], "
                                   "train[3] ran again to make them"]
     assert report["stages"]["score"]["attempts"] <= 4  # two score calls, each at most once more
 
 
-def test_a_hung_call_is_timed_out_its_worker_killed_and_the_call_rerun(store_url, monkeypatch):
-    with Engine(store_url, "tless") as local:
-        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
+def test_a_hung_call_is_timed_out_its_worker_killed_and_the_call_rerun(store_url, monkeypatch, local_model_digest):
     monkeypatch.setenv("MLWF_FAULTS", "train:1:hang:1")
     with Engine(store_url, "tless", backend="ray", transfer="direct", stage_timeouts={"train": 3}) as engine:
         report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
-        assert report["model_digest"] == clean["model_digest"]
+        assert report["model_digest"] == local_model_digest
         deadline = time.monotonic() + 10  # the stuck task was cancelled: its CPU comes back
         while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -235,14 +225,12 @@ def test_a_stage_error_on_ray_is_the_stages_own_one_line_error(store_url):
         engine.run_training("ml-training/nothing", 2, 4, config=FAST)
 
 
-def test_s3_settings_reach_the_ray_workers(s3_env, digits_dir, store_url):
+def test_s3_settings_reach_the_ray_workers(s3_env, digits_dir, local_model_digest):
     store = StoreSpec("s3://", s3_env).open()
     bulk.upload_dir(store, digits_dir / "train", TRAIN_PREFIX)
-    with Engine(store_url, "tless") as local:
-        clean = local.run_training(TRAIN_PREFIX, 2, 4, config=FAST, publish=False)
     with Engine("s3://", s3_env, backend="ray") as engine:
         report = engine.run_training(TRAIN_PREFIX, 2, 4, config=FAST)
-    assert report["model_digest"] == clean["model_digest"]
+    assert report["model_digest"] == local_model_digest
     assert any(o.key.startswith(f"ml-training/outputs/{report['run_id']}/train/")
                for o in store.list("ml-training/outputs/"))
 

@@ -45,10 +45,11 @@ def test_the_cluster_has_two_nodes_of_one_cpu(ray_cluster):
     assert [n["CPU"] for n in nodes] == [1.0, 1.0]
 
 
-def test_both_workflows_on_the_cluster_use_both_nodes_and_match_the_local_backend(ray_cluster, store_url, tmp_path):
+def test_both_workflows_on_the_cluster_use_both_nodes_and_match_the_local_backend(ray_cluster, store_url, tmp_path,
+                                                                                 local_training):
     env = ray_cluster.driver_env()
     train = ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS, "--json"]
-    local = _report(_mlwf([*train, "--model-prefix", "ml-inference/model-local"], env))
+    local = local_training
     trace = tmp_path / "cluster-run.json"
     with ray_cluster.watch_nodes() as node_of:
         remote = _report(_mlwf([*train, "--model-prefix", "ml-inference/model-cluster", "--backend", "ray",
@@ -179,7 +180,8 @@ def pool_env(ray_cluster):
     _pool("stop", env, "--ray-address", ray_cluster.address)
 
 
-def test_a_fresh_driver_runs_on_the_pool_and_gets_the_local_model(ray_cluster, pool_env, store_url, tmp_path):
+def test_a_fresh_driver_runs_on_the_pool_and_gets_the_local_model(ray_cluster, pool_env, store_url, tmp_path,
+                                                                  local_model_digest):
     """A pool's life in one test (each pool start costs seconds): started, used by fresh drivers (both
     transfers, credentials not kept), skipped for bigger stages and --no-ray-pool, its workers dying under
     calls (killed, stuck), then stopped in the middle of a run."""
@@ -192,13 +194,12 @@ def test_a_fresh_driver_runs_on_the_pool_and_gets_the_local_model(ray_cluster, p
     assert {w["pid"] for w in before["workers"]} <= ray_cluster.pids()
 
     train = ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url, *FAST_FLAGS, "--json"]
-    local = _report(_mlwf([*train, "--model-prefix", "ml-inference/model-local"], env))
     trace = tmp_path / "pool-run.json"
     # Credentials travel with each call and stay with it (a local store does not use them).
     with_keys = {**env, "AWS_ACCESS_KEY_ID": "pool-test-key-id", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}
     remote = _report(_mlwf([*train, "--model-prefix", "ml-inference/model-pool", "--backend", "ray",
                             "--ray-address", ray_cluster.address, "--trace", str(trace)], with_keys))
-    assert remote["model_digest"] == local["model_digest"]
+    assert remote["model_digest"] == local_model_digest
     assert remote["warnings"] == []
     calls = sum(s["calls"] for s in remote["stages"].values())
     assert remote["ray_pool"] == {"used": True, "workers": 2, "pool_calls": calls, "task_calls": 0}
@@ -229,21 +230,21 @@ def test_a_fresh_driver_runs_on_the_pool_and_gets_the_local_model(ray_cluster, p
     asks = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
                           "--stage-memory", "train=64"], env))
     assert asks["ray_pool"]["task_calls"] == 4 and asks["ray_pool"]["pool_calls"] == calls - 4
-    assert asks["model_digest"] == local["model_digest"]
+    assert asks["model_digest"] == local_model_digest
     off = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
                          "--no-ray-pool"], env))
-    assert off["ray_pool"] is None and off["model_digest"] == local["model_digest"]
+    assert off["ray_pool"] is None and off["model_digest"] == local_model_digest
 
     # A call stuck past its timeout: its worker is killed (Ray restarts it), the call is retried.
     stuck = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address,
                            "--timeout", "5"], {**env, "MLWF_FAULTS": "train:2:hang:1"}))
-    assert stuck["model_digest"] == local["model_digest"] and stuck["stages"]["train"]["attempts"] == 5
+    assert stuck["model_digest"] == local_model_digest and stuck["stages"]["train"]["attempts"] == 5
 
     # A pool worker killed mid-run (its process exits under a call): the call is retried, the run finishes.
     crash = {**env, "MLWF_FAULTS": "train:1:exit:1"}
     survived = _report(_mlwf([*train, "--no-publish", "--backend", "ray", "--ray-address", ray_cluster.address],
                              crash))
-    assert survived["model_digest"] == local["model_digest"]
+    assert survived["model_digest"] == local_model_digest
     assert survived["stages"]["train"]["attempts"] == 5
     # ... and with no retry left, it fails in one line.
     crash = {**env, "MLWF_FAULTS": "train:1:exit:1"}
@@ -275,7 +276,7 @@ def test_a_fresh_driver_runs_on_the_pool_and_gets_the_local_model(ray_cluster, p
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] is True, stopped.stderr
     assert run.returncode == 0, err
     mid_run = json.loads(out)
-    assert mid_run["ray_pool"]["task_calls"] >= 1 and mid_run["model_digest"] == local["model_digest"]
+    assert mid_run["ray_pool"]["task_calls"] >= 1 and mid_run["model_digest"] == local_model_digest
     assert _pool_status(ray_cluster, env) == {"running": False, "address": ray_cluster.address}
     assert not any(Path(f"/proc/{w['pid']}").exists() for w in workers if w)
     again = _pool("stop", env, "--ray-address", ray_cluster.address)
