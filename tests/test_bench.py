@@ -221,3 +221,47 @@ def test_bench_knative_endpoint_that_does_not_answer(store_url, tmp_path, capsys
                                              "--out", str(tmp_path / "b")]))
     assert f"http://127.0.0.1:{port} does not answer" in line
     assert not (tmp_path / "b").exists()
+
+
+def test_peak_memory_counts_a_function_server_listening_on_loopback(tmp_path):
+    """A Knative run against 'mlwf serve' on this machine: the server's processes hold the state the calls
+    handle, so the bench's peak PSS counts them (the process listening on the endpoint's port, and its
+    children), not the driver's alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlwf.bench.memory import PeakMemory, listening_pids
+
+    # A stand-in server, started apart (not a child of this process, as 'mlwf serve' is not a child of the
+    # bench): it listens on a loopback port and a child of its own holds 200 MB of touched memory.
+    port_file = tmp_path / "port"
+    code = ("import socket, subprocess, sys, time\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "child = subprocess.Popen([sys.executable, '-c', "
+            "'import sys, time; b = bytearray(200 << 20); b[::4096] = b\"x\" * len(b[::4096]); "
+            "print(1, flush=True); time.sleep(60)'], stdout=subprocess.PIPE)\n"
+            "child.stdout.readline(); open(sys.argv[1] + '.tmp', 'w').write(str(s.getsockname()[1]))\n"
+            "import os; os.rename(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(60)\n")
+    launcher = subprocess.run([sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen("
+                               "sys.argv[1:], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)", sys.executable, "-c", code,
+                               str(port_file)], capture_output=True, text=True, check=True)
+    server = int(launcher.stdout)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            assert time.monotonic() < deadline, "the stand-in server did not start"
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        assert listening_pids([f"http://127.0.0.1:{port}/"]) == [server]
+        assert listening_pids([f"http://localhost:{port}"]) == [server]
+        assert listening_pids([f"http://10.1.2.3:{port}/", "not a url"]) == []  # not this machine's loopback
+        with PeakMemory() as alone:
+            time.sleep(0.1)
+        with PeakMemory(also=[server]) as counted:
+            time.sleep(0.1)
+        assert counted.pss_mb - alone.pss_mb > 190
+    finally:
+        os.killpg(server, signal.SIGKILL)

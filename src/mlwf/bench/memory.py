@@ -8,8 +8,11 @@ shared page to its processes in equal parts, so the sum over the processes is
 the memory they hold together, shared pages once. The sampler reads it every
 ``interval`` seconds for this process and every process descending from it
 (the local backend's fork server and workers, a Ray instance this process
-started, a cold ``mlwf run`` and its children); processes elsewhere (a Ray
-cluster's nodes, ``mlwf serve`` behind ``--endpoint``) are not seen.
+started, a cold ``mlwf run`` and its children), and of every function server
+behind an ``--endpoint`` on this machine's loopback interface (the process
+listening on that port, and its workers: :func:`listening_pids`), so that a
+Knative run on one machine counts its functions' memory too. Processes on
+other machines (a Ray cluster's nodes, a real Knative service) are not seen.
 
 Also sampled: the bytes held by mlwf's shared-memory segments (``/dev/shm/mlwf-*``,
 ``--transfer shm``). Pages of a segment that a process maps are already in
@@ -42,6 +45,52 @@ def _children() -> dict[int, list[int]]:
             continue
         tree.setdefault(ppid, []).append(int(name))
     return tree
+
+
+#: Loopback host names: a function server behind one of these runs on this machine.
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def listening_pids(urls: list[str]) -> list[int]:
+    """The processes (readable by this user) listening on the port of each loopback URL in ``urls``.
+
+    The listening socket's inode is found in ``/proc/net/tcp`` and ``tcp6``
+    (state ``0A``, LISTEN), then the processes holding a descriptor of it.
+    """
+    from urllib.parse import urlsplit
+
+    ports = set()
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            if parts.hostname in LOOPBACK or f"[{parts.hostname}]" in LOOPBACK:
+                ports.add(parts.port or (443 if parts.scheme == "https" else 80))
+        except ValueError:
+            continue
+    if not ports:
+        return []
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except (OSError, ValueError, IndexError):
+            continue
+    found = []
+    for name in os.listdir("/proc") if inodes else []:
+        if not name.isdigit():
+            continue
+        try:
+            links = {os.readlink(f"/proc/{name}/fd/{fd}") for fd in os.listdir(f"/proc/{name}/fd")}
+        except OSError:
+            continue
+        if links & inodes:
+            found.append(int(name))
+    return found
 
 
 def process_tree(root: int) -> list[int]:
@@ -127,16 +176,18 @@ def supported() -> bool:
 
 
 class PeakMemory:
-    """The peak, over a ``with`` block, of the PSS summed over this process's tree, and of the
+    """The peak, over a ``with`` block, of the PSS summed over this process's tree (and ``also``'s), and of the
     shared-memory segments' bytes; sampled every ``interval`` seconds in a thread (and once at
     each end of the block, so a block shorter than the interval is still measured).
 
     ``pss_mb`` and ``shm_mb`` are None where the machine cannot say (not Linux).
     """
 
-    def __init__(self, interval: float = 0.05, root: int | None = None):
+    def __init__(self, interval: float = 0.05, root: int | None = None, also: list[int] = ()):
         self.interval = interval
         self.root = root or os.getpid()
+        #: Other processes whose trees are counted too (function servers on this machine).
+        self.also = list(also)
         self.enabled = supported()
         self._peak_pss_kb = 0
         self._peak_shm = 0
@@ -144,7 +195,10 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def sample(self) -> None:
-        pss = sum(pss_kb(pid) for pid in process_tree(self.root))
+        pids = set(process_tree(self.root))
+        for root in self.also:
+            pids.update(process_tree(root))
+        pss = sum(pss_kb(pid) for pid in pids)
         self._peak_pss_kb = max(self._peak_pss_kb, pss)
         self._peak_shm = max(self._peak_shm, shm_bytes())
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, label,
                               latency_csv_name, machine, merge_csv, stats, summary_row, write_latency_csv)
-from mlwf.bench.memory import PeakMemory, release_freed, return_large_buffers
+from mlwf.bench.memory import PeakMemory, listening_pids, release_freed, return_large_buffers
 from mlwf.bench.plots import plot_dir
 from mlwf.errors import Interrupted, StageError, UsageError
 from mlwf.presets import DEFAULTS
@@ -82,6 +82,17 @@ def check_endpoints(entries: list[str], timeout: float = 3.0) -> None:
         except httpx.HTTPError as e:
             raise UsageError(f"--endpoint {url} does not answer ({type(e).__name__}: {e or 'no reply'}): start "
                              "'mlwf serve' there or give the right URL") from None
+
+
+def local_servers(spec: BenchSpec) -> list[int]:
+    """The processes serving ``spec``'s ``--endpoint`` URLs on this machine's loopback interface: their memory
+    is the run's too (:func:`mlwf.bench.memory.listening_pids`)."""
+    if not spec.endpoints:
+        return []
+    from mlwf.backends.knative import parse_endpoints
+
+    default, routes = parse_endpoints(spec.endpoints)
+    return listening_pids(sorted({u for u in [default, *routes.values()] if u}))
 
 
 def combinations(spec: BenchSpec, note: Callable[[str], None]) -> list[tuple[str, str]]:
@@ -302,8 +313,9 @@ def warm_runs(spec: BenchSpec, backend: str, transfer: str, tick,
             _run_once(spec, engine, state)
             tick(f"{what} · warm-up")
             times, reports = [], []
+            servers = local_servers(spec)
             for i in range(spec.repeats):
-                with PeakMemory() as peak:
+                with PeakMemory(also=servers) as peak:
                     t = time.perf_counter()
                     report = _run_once(spec, engine, state)
                     times.append((time.perf_counter() - t) * 1e3)
@@ -323,8 +335,9 @@ def cold_runs(spec: BenchSpec, backend: str, transfer: str, tick,
     argv = [sys.executable, "-m", "mlwf.cli", *_cli_args(spec, backend, transfer, state)]
     what = label(backend, transfer, state)
     times, reports = [], []
+    servers = local_servers(spec)
     for i in range(spec.repeats):
-        with PeakMemory() as peak:
+        with PeakMemory(also=servers) as peak:
             t = time.perf_counter()
             done = _cold_run(argv, spec, backend, transfer, state)
             times.append((time.perf_counter() - t) * 1e3)
