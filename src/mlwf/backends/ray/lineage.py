@@ -64,27 +64,25 @@ class Lineage:
         names = ", ".join(dict.fromkeys(made_by[r.sha256][0].name if r.sha256 in made_by else r.producer
                                         for r in lost)) or "an input"
         return InputLost(f"{call.workflow} stage {call.name} failed: Ray lost the output of {names} it needs "
-                         "(with a node that died?); it is made again if the call is retried")
+                         "(with a node that died?); it is made again if the call is retried",
+                         forgot=[r.sha256 for r in lost])
 
     def _after_remaking(self, call: Call, ctx: RunContext, lost: list[Ref]) -> Future[Outcome]:
         """``call``, submitted once the calls that made ``lost`` have made them again; ``call``'s future.
 
         Ray reports lost inputs one at a time (a call's read stops at the first), and a node takes all it held:
         should ``call`` find another input lost, that one is made again too and ``call`` submitted once more,
-        within this same attempt, at most once per input it reads (each round finds one more input lost, or
-        finds that another call waiting for it made it again meanwhile).
+        within this same attempt, as long as each round finds a new loss (or finds that the input it lost was
+        made again meanwhile by another call waiting for it).
         """
         out: Future[Outcome] = Future()
         ready = self._make_again(lost, ctx, f"{call.workflow} stage {call.name}")
-        # Each round finds one more lost input (or one another call made again meanwhile): at most one per input.
-        rounds = [len([r for r in refs_in(call.args.values()) if r.held_by_backend])]
-
         def finished(f: Future) -> None:
-            if not out.cancelled() and not f.cancelled() and isinstance(f.exception(), InputLost) and rounds[0] > 0:
-                # _forget_lost dropped the next lost input: submit makes it again first (or, if another call
-                # waiting for it made it again meanwhile, reads it at once).
-                rounds[0] -= 1
-                submit()
+            error = None if out.cancelled() or f.cancelled() else f.exception()
+            if isinstance(error, InputLost) and self._missing(call, ctx):
+                submit()  # _forget_lost dropped the next lost input: submit makes it again first
+            elif isinstance(error, InputLost) and error.forgot and self._held_again(ctx, error.forgot):
+                submit()  # another call waiting for the same input made it again first: read it at once
             else:
                 _chain(f, out)
 
@@ -109,6 +107,11 @@ class Lineage:
         ready.add_done_callback(lambda f: out.cancelled() or then(f))
         out.add_done_callback(lambda f: f.cancelled() and ready.cancel())
         return out
+
+    def _held_again(self, ctx: RunContext, checksums: list[str]) -> bool:
+        """Whether every one of these forgotten outputs is held again (made again by some call)."""
+        held = self._held.get(ctx.run_id, {})
+        return all(sha in held for sha in checksums)
 
     def _missing(self, call: Call, ctx: RunContext) -> list[Ref]:
         """The inputs of ``call`` that should be in Ray's object store and that this backend no longer holds."""
@@ -189,8 +192,10 @@ class Lineage:
 class InputLost(WorkerLost):
     """A call could not read an input Ray lost (with a node); retried, it first makes the input again."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, forgot: list[str] = ()):
         super().__init__(message, restart=False)
+        #: The checksums of the outputs the call found lost (forgotten, to be made again).
+        self.forgot = list(forgot)
 
 
 def _chain(inner: Future, out: Future) -> None:
