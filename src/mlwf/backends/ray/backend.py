@@ -392,7 +392,9 @@ class RayBackend(Lineage):
         except BaseException as e:  # noqa: BLE001 - becomes the Future's exception
             lost = _lost_object(e)
             result, error = None, (_error(e, call) if lost is None else self._forget_lost(call, ctx, lost))
-            if lost is not None and error is None:  # made again meanwhile: read the new one, same attempt
+            if lost is not None and (error is None or self._lost_again(call, ctx, error)):
+                # Made again meanwhile (read the new one), or a later attempt of a call that already lost an
+                # input finding another one lost (Ray reports them one at a time): mended within this attempt.
                 try:
                     _chain(self.submit(call, ctx), out)
                 except BaseException as again:  # noqa: BLE001 - off Ray's callback thread: it must reach the driver
@@ -441,6 +443,7 @@ class RayBackend(Lineage):
             self._made_by.pop(run_id, None)
             self._remade.pop(run_id, None)
             self._forgotten.pop(run_id, None)
+            self._met_loss.pop(run_id, None)
 
     def cancel_all(self) -> None:
         """Stop every call still running (the driver gave up on them: stuck or timed out).

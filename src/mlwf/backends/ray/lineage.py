@@ -38,6 +38,8 @@ class Lineage:
         self._lineage_lock = threading.Lock()
         #: Objects Ray lost, once forgotten: run id -> object id (hex) -> the output it held.
         self._forgotten: dict[str, dict[str, str]] = {}
+        #: Calls that have failed an attempt on a lost input: run id -> call names.
+        self._met_loss: dict[str, set[str]] = {}
 
     def _forget_lost(self, call: Call, ctx: RunContext, object_hex: str) -> InputLost | None:
         """``call`` could not read an input Ray lost: forget it (every held input of the call, if Ray did not say
@@ -107,6 +109,18 @@ class Lineage:
         ready.add_done_callback(lambda f: out.cancelled() or then(f))
         out.add_done_callback(lambda f: f.cancelled() and ready.cancel())
         return out
+
+    def _lost_again(self, call: Call, ctx: RunContext, error: BaseException) -> bool:
+        """Whether ``error`` is ``call`` finding an input lost after an earlier attempt of it already did: the
+        first loss costs the call an attempt (its retry makes the input again), later ones are mended within
+        the attempt, so that a node taking many outputs at once costs one retry, not one per output."""
+        if not isinstance(error, InputLost) or not error.forgot:
+            return False
+        with self._lineage_lock:
+            met = self._met_loss.setdefault(ctx.run_id, set())
+            again = call.name in met
+            met.add(call.name)
+        return again and bool(self._missing(call, ctx))
 
     def _held_again(self, ctx: RunContext, checksums: list[str]) -> bool:
         """Whether every one of these forgotten outputs is held again (made again by some call)."""
