@@ -259,3 +259,20 @@ def test_a_run_that_kept_no_trace_is_drawn_from_its_done_records(engine):
     assert len(detail["calls"]) == sum(s["calls"] for s in report["stages"].values())
     assert {c["worker"] for c in detail["calls"]} == {c["worker"] for c in traced}
     assert min(c["start_ms"] for c in detail["calls"]) == 0 and all(c["duration_ms"] > 0 for c in detail["calls"])
+
+
+def test_a_bench_folder_with_non_finite_figures_leaves_them_out(tmp_path):
+    """A hand-edited breakdown.csv with 'nan' or 'inf' must not break the Compare page's JSON."""
+    import json as _json
+
+    from mlwf.ui.views import bench
+
+    (tmp_path / "summary.csv").write_text("backend,transfer,workflow,mode,median_ms\nlocal,store,ml-training,warm,5\n")
+    (tmp_path / "breakdown.csv").write_text(
+        "backend,transfer,workflow,mode,kind,from,to,serialize_ms,transfer_ms,deserialize_ms,bytes\n"
+        "local,store,ml-training,warm,edge,pca,train,nan,inf,1.5,10\n"
+        "local,store,ml-training,warm,edge,pca,train,2.0,3.0,2.5,10\n")
+    found = bench(tmp_path)
+    [edge] = found["edges"]
+    assert edge["serialize_ms"] == 2.0 and edge["transfer_ms"] == 3.0 and edge["deserialize_ms"] == 2.0
+    _json.dumps(found, allow_nan=False)

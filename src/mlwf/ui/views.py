@@ -7,6 +7,7 @@ Everything here reads; the one write, a rollback, goes through
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -216,9 +217,11 @@ def bench(folder: Path | None) -> dict[str, Any] | None:
         figures = edges.setdefault(key, {})
         for name in ("serialize_ms", "transfer_ms", "deserialize_ms", "bytes"):
             try:
-                figures.setdefault(name, []).append(float(row.get(name) or 0))
+                value = float(row.get(name) or 0)
             except ValueError:
-                pass
+                continue
+            if math.isfinite(value):  # 'nan' or 'inf' in a hand-edited file: no JSON number, left out
+                figures.setdefault(name, []).append(value)
     from statistics import median
 
     edge_rows = [{"backend": k[0], "transfer": k[1], "workflow": k[2], "mode": k[3], "state": k[4], "edge": k[5],
