@@ -45,7 +45,10 @@ if pid == 0:
     os.setpgid(0, 0)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     os.tcsetpgrp(0, os.getpid())
-    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    # An interactive shell gives its foreground job the default dispositions: a test suite started in
+    # the background (nohup, `&` in a script) has SIGINT and SIGQUIT ignored, and that would be inherited.
+    for sig in (signal.SIGTTOU, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
     os.execvp(sys.argv[1], sys.argv[1:])
 os.write(report, f"{pid}\n".encode())
 _, status = os.waitpid(pid, 0)
