@@ -129,3 +129,17 @@ def local_training(local_reference) -> dict:
 def local_model_digest(local_reference) -> str:
     """The digest of :func:`local_reference`'s model."""
     return local_reference.trained["model_digest"]
+
+
+#: Test modules that start Ray (an instance in the test process, a cluster, or a run on it): under
+#: pytest-xdist they share one worker, so two Ray instances never compete for the 2 cores at once.
+_RAY_MODULES = {"test_ray", "test_ray_cluster", "test_processes", "test_third_workflow"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` (the default addopts) each module's tests run on one worker, in order, so a
+    module's fixtures (a venv, servers, a Ray cluster) are made once; the Ray modules share one worker."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("ray" if module in _RAY_MODULES else module))

@@ -57,6 +57,28 @@ os.read(hold, 1)
 """
 
 
+class _WrapScreen(pyte.HistoryScreen):
+    """pyte's screen, marking each row the terminal wrapped onto the next (``row.wrapped``), so that a line
+    whose wrap falls on a space is still known to go on. Erasing a row's end unmarks it."""
+
+    def draw(self, data: str) -> None:
+        for char in data:
+            if self.cursor.x == self.columns and pyte.modes.DECAWM in self.mode:
+                self.buffer[self.cursor.y].wrapped = True
+            super().draw(char)
+
+    def erase_in_line(self, how: int = 0, private: bool = False) -> None:
+        super().erase_in_line(how, private)
+        if how in (0, 2):
+            self.buffer[self.cursor.y].wrapped = False
+
+    def erase_in_display(self, how: int = 0, *args, **kwargs) -> None:
+        super().erase_in_display(how, *args, **kwargs)
+        rows = {0: range(self.cursor.y, self.lines), 1: range(0, self.cursor.y)}.get(how, range(self.lines))
+        for y in rows:
+            self.buffer[y].wrapped = False
+
+
 @dataclass
 class Screen:
     """What the terminal showed once the command ended."""
@@ -65,6 +87,8 @@ class Screen:
     columns: int
     #: Every line the terminal drew, top to bottom (scrolled-off lines first), right-stripped.
     lines: list[str]
+    #: Per line: the terminal wrapped it onto the next (it was full; not a newline).
+    wrapped: list[bool] = field(default_factory=list)
     #: The command's process group (its pid).
     pgid: int = 0
     #: Seconds from the start to the Ctrl-C, and from the Ctrl-C to the command's exit (None: no Ctrl-C).
@@ -85,11 +109,13 @@ class Screen:
         raise AssertionError(f"no such line after line {start}:\n{self.text}")
 
     def logical_line(self, i: int) -> str:
-        """Line ``i`` joined with the lines a full row wrapped it onto (a soft-wrapped value, whole)."""
+        """Line ``i`` joined with the rows the terminal wrapped it onto (a soft-wrapped value, whole).
+
+        A wrapped row that ends in a space keeps it: ``lines`` are right-stripped, so the space is put back."""
         text = self.lines[i]
-        while len(self.lines[i]) == self.columns and i + 1 < len(self.lines):
+        while i + 1 < len(self.lines) and self.wrapped[i]:
+            text = text.ljust(self.columns) + self.lines[i + 1]
             i += 1
-            text += self.lines[i]
         return text
 
 
@@ -167,13 +193,14 @@ def run_in_terminal(argv: list[str], *, columns: int, rows: int = 24, env: dict[
         shell.wait(timeout=30)
         os.close(master)
         os.close(report_r)
-    screen = pyte.HistoryScreen(columns, rows, history=100_000)
+    screen = _WrapScreen(columns, rows, history=100_000)
     pyte.ByteStream(screen).feed(b"".join(chunks))
-    lines = ["".join(line[x].data for x in range(columns)).rstrip() for line in screen.history.top]
-    lines += [line.rstrip() for line in screen.display]
+    rows_drawn = [*screen.history.top, *(screen.buffer[y] for y in range(screen.lines))]
+    lines = ["".join(row[x].data for x in range(columns)).rstrip() for row in rows_drawn]
+    wrapped = [getattr(row, "wrapped", False) for row in rows_drawn]
     while lines and not lines[-1]:
         lines.pop()
-    return Screen(returncode, columns, lines, pgid=pgid or 0,
+    return Screen(returncode, columns, lines, wrapped=wrapped[:len(lines)], pgid=pgid or 0,
                   interrupted_at=None if interrupted_at is None else interrupted_at - start,
                   exit_after_interrupt=None if interrupted_at is None else ended_at - interrupted_at,
                   left=left)

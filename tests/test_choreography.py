@@ -196,7 +196,8 @@ def test_invoke_wait_on_a_narrow_terminal_prints_the_whole_report(pair, s3_serve
     run_id = screen.logical_line(started).split()[3].rstrip(";")
     report = _run_record(StoreSpec("s3://", s3_env).open(), "ml-training", run_id)["report"]
     # The report follows the line saying the run started (which names the run too).
-    below = Screen(screen.returncode, screen.columns, screen.lines[started + 1:])
+    below = Screen(screen.returncode, screen.columns, screen.lines[started + 1:],
+                   wrapped=screen.wrapped[started + 1:])
     _assert_report_whole(below, report, ["backend", "images", "training / validation", "classes", "functions",
                                           "validation accuracy", "end to end", "stages", "state transfer"],
                          {"model": "ml-inference/model", "model sha256": report["model_digest"]})
