@@ -4,12 +4,14 @@ Usage (from the repository root; Ray needs mlwf[ray], Knative mlwf[knative]):
 
     python benchmarks/state_transfer.py [--backends local,ray,knative] [--repeats 5]
         [--workflows ml-training,ml-inference] [--fashion DIR] [--out benchmarks/results/state_transfer]
-    python benchmarks/state_transfer.py --at-60k [--repeats 3]   # the local study at 60k images
+    python benchmarks/state_transfer.py --at-60k [--repeats 3] [--backends ...]   # the study at 60k images
 
 The study of docs/transfer.md. Data: the 2,000 Fashion-MNIST training images
 and the first 1,000 test images as PNG objects in the local store
 ``common.prepare()`` builds. Workloads: ml-training ``2 8`` (default settings,
 publishing the model) and ml-inference ``16`` functions with that model.
+``--at-60k``: all 60,000 training images, and the 10,000 test images, into
+``--out``'s ``60k/`` folder.
 
 It runs ``mlwf bench`` once per backend and workflow, each time with both
 state variants, into one folder (``mlwf bench`` keeps the rows of other
@@ -21,18 +23,21 @@ configurations already there), so the study's files are the ones
   its object store, which maps NumPy arrays from shared memory on one node;
 * Knative (``--backend knative`` against one loopback ``mlwf serve`` with
   two workers, ``--max-body 256MiB --max-memory 2GiB`` for the payload
-  calls): ``--transfer store,payload``.
+  calls, ``2GiB`` and ``6GiB`` at 60k): ``--transfer store,payload``.
 
 Every configuration must give the same model digest (training) and the same
 predictions summary (inference) as local · store · light; the script checks
 the accuracy column and stops if two differ. Prints, per workflow and state,
 the modes ranked by median with their state-transfer time and peak memory.
-Writes ``state_transfer.json`` (the table and the commands) into ``--out``.
+Writes ``state_transfer.json`` into the folder: the table, and the commands of
+every invocation that wrote into it (one per backend is fine: each keeps the
+other backends' rows).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import secrets
 import subprocess
@@ -83,24 +88,58 @@ def table(out) -> list[dict]:
     return rows
 
 
-def at_60k(a) -> None:
-    """The study's command at 60k: both workflows, every local mode, both states, edges up to 1 GB.
+#: The function server the Knative runs call, per study: payload calls carry the state, so the body limit and
+#: the memory budget are raised to match (a heavy partition's reply holds every decoded image: 32 MB at 2k,
+#: 983 MB at 60k).
+SERVER_LIMITS = {"2k": ["--max-body", "256MiB", "--max-memory", "2GiB"],
+                 "60k": ["--max-body", "2GiB", "--max-memory", "6GiB"]}
+#: The workloads at 60k: all 60,000 training images; the 10,000 test images with the model that training published.
+WORKFLOW_ARGS_60K = {"ml-training": [TRAIN60K, "2", "8"], "ml-inference": ["ml-inference/model", TEST10K, "16"]}
 
-    ml-training trains on all 60,000 training images (``2 8``); ml-inference then
-    classifies the 10,000 test images (16 calls) with the model it published.
-    """
-    store = prepare(a.fashion, a.data, extra=[(TRAIN60K, "train", 60000, 0)])
-    out = a.out / "60k"
+
+def study(a, store: str, out, backends: list[str], workflows: list[str], size: str) -> None:
+    """``mlwf bench`` per backend and workflow (both states) into ``out``; the table; ``state_transfer.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    env = side_env(None)
+    args = WORKFLOW_ARGS if size == "2k" else WORKFLOW_ARGS_60K
+    # The driver and the function server share the secret that signs the calls.
+    env = {**side_env(None), "MLWF_FUNCTION_SECRET": secrets.token_hex(32)}
     load_before = load_average()
-    commands = [" ".join(bench("ml-training", "local", store, out, a.repeats, [], env, args=[TRAIN60K, "2", "8"])),
-                " ".join(bench("ml-inference", "local", store, out, a.repeats, [], env,
-                               args=["ml-inference/model", TEST10K, "16"]))]
+    started = now()
+    commands = []
+    if "ml-inference" in workflows and "ml-training" not in workflows:
+        # The inference runs need a published model: one training run makes it.
+        subprocess.run([sys.executable, "-m", "mlwf.cli", "run", "ml-training", *args["ml-training"], "--store",
+                        store, "--bucket", BUCKET], env=env, check=True, stdout=subprocess.DEVNULL)
+    server = None
+    try:
+        for backend in backends:
+            extra: list[str] = []
+            if backend == "knative":
+                server = Server(["serve", "--store", store, "--bucket", BUCKET, "--workers", "2",
+                                 *SERVER_LIMITS[size]], ready="/readyz", env=env,
+                                log=a.data / "state_transfer-serve.log")
+                extra = ["--endpoint", server.url]
+            for workflow in workflows:
+                commands.append(" ".join(bench(workflow, backend, store, out, a.repeats, extra, env,
+                                               args=args[workflow])))
+            if server is not None:
+                server.stop()
+                server = None
+    finally:
+        if server is not None:
+            server.stop()
     rows = table(out)
-    write(out, "state_transfer.json", {"command": command(), "date": now(), "machine": machine(),
-                                       "load_average": {"before": load_before, "after": load_average()},
-                                       "commands": commands, "rows": rows})
+    # Rows of other backends may come from an earlier invocation into the same folder (mlwf bench keeps
+    # them): the record keeps every invocation's commands, the newest last.
+    path = out / "state_transfer.json"
+    earlier = []
+    if path.exists():
+        previous = json.loads(path.read_text())
+        earlier = previous.get("invocations") or [{k: previous.get(k) for k in ("command", "date", "load_average",
+                                                                                  "commands")}]
+    this = {"command": command(), "date": started, "load_average": {"before": load_before, "after": load_average()},
+            "commands": commands}
+    write(out, "state_transfer.json", {"machine": machine(), "invocations": [*earlier, this], "rows": rows})
     print(f"\nfigures: {os.path.relpath(out / 'transfer.png')}")
 
 
@@ -109,51 +148,23 @@ def main() -> None:
     p.add_argument("--backends", default="local,ray,knative", help="backends to measure (default local,ray,knative)")
     p.add_argument("--workflows", default="ml-training,ml-inference", help="workflows (default both)")
     p.add_argument("--at-60k", action="store_true",
-                   help="instead: the local backend's whole study (every mode, both states) at 60k: "
-                        "ml-training 2 8 on all 60,000 training images (about 1 GB on the partition -> pca "
-                        "edge), then ml-inference on the 10,000 test images; into --out's 60k/ folder")
+                   help="the study at 60k instead: ml-training 2 8 on all 60,000 training images (about 1 GB on "
+                        "the partition -> pca edge), then ml-inference on the 10,000 test images; into --out's "
+                        "60k/ folder")
     a = p.parse_args()
-    if a.at_60k:
-        return at_60k(a)
     backends = [b for b in a.backends.split(",") if b]
     workflows = [w for w in a.workflows.split(",") if w]
     for b in backends:
         if b not in TRANSFERS:
             sys.exit(f"unknown backend {b!r}: choose from {', '.join(TRANSFERS)}")
-    store = prepare(a.fashion, a.data)
-    a.out.mkdir(parents=True, exist_ok=True)
-    # The driver and the function server share the secret that signs the calls.
-    env = {**side_env(None), "MLWF_FUNCTION_SECRET": secrets.token_hex(32)}
-    load_before = load_average()
-    commands = []
-    if "ml-inference" in workflows and "ml-training" not in workflows:
-        # The inference runs need a published model: one training run makes it.
-        subprocess.run([sys.executable, "-m", "mlwf.cli", "run", "ml-training", TRAIN, "2", "8", "--store", store,
-                        "--bucket", BUCKET], env=env, check=True, stdout=subprocess.DEVNULL)
-    server = None
-    try:
-        for backend in backends:
-            extra: list[str] = []
-            if backend == "knative":
-                # Payload calls carry the state: a heavy partition's reply holds every decoded image
-                # (32 MB at 2k), so the body limit and the work budget are raised to match.
-                server = Server(["serve", "--store", store, "--bucket", BUCKET, "--workers", "2",
-                                 "--max-body", "256MiB", "--max-memory", "2GiB"], ready="/readyz",
-                                env=env, log=a.data / "state_transfer-serve.log")
-                extra = ["--endpoint", server.url]
-            for workflow in workflows:
-                commands.append(" ".join(bench(workflow, backend, store, a.out, a.repeats, extra, env)))
-            if server is not None:
-                server.stop()
-                server = None
-    finally:
-        if server is not None:
-            server.stop()
-    rows = table(a.out)
-    write(a.out, "state_transfer.json", {"command": command(), "date": now(), "machine": machine(),
-                                          "load_average": {"before": load_before, "after": load_average()},
-                                          "commands": commands, "rows": rows})
-    print(f"\nfigures: {os.path.relpath(a.out / 'transfer.png')}")
+    for w in workflows:
+        if w not in WORKFLOW_ARGS:
+            sys.exit(f"unknown workflow {w!r}: choose from {', '.join(WORKFLOW_ARGS)}")
+    if a.at_60k:
+        store = prepare(a.fashion, a.data, extra=[(TRAIN60K, "train", 60000, 0)])
+        study(a, store, a.out / "60k", backends, workflows, "60k")
+    else:
+        study(a, prepare(a.fashion, a.data), a.out, backends, workflows, "2k")
 
 
 if __name__ == "__main__":
