@@ -265,3 +265,23 @@ def test_peak_memory_counts_a_function_server_listening_on_loopback(tmp_path):
         assert counted.pss_mb - alone.pss_mb > 190
     finally:
         os.killpg(server, signal.SIGKILL)
+
+
+def test_transfer_figure_leaves_room_above_the_tallest_bar_for_its_label(tmp_path, monkeypatch):
+    """A bar whose top part is empty (an edge with no deserialize, as Ray's direct load → predict) is still
+    the tallest: the axis goes above it, so the mode's label over it is not cut off."""
+    pytest.importorskip("matplotlib")
+    from mlwf import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save", lambda fig, base: drawn.append(fig) or [])
+    row = {"workflow": "ml-inference", "backend": "ray", "state": "light", "mode": "warm", "bytes": "100"}
+    rows = [{**row, "transfer": "direct", "from": "load", "to": "predict", "serialize_ms": "0.002",
+             "transfer_ms": "46.6", "deserialize_ms": "0"},
+            {**row, "transfer": "store", "from": "partition", "to": "predict", "serialize_ms": "12",
+             "transfer_ms": "5", "deserialize_ms": "13"}]
+    plots.transfer(rows, tmp_path / "transfer")
+    ax = next(a for a in drawn[0].axes if a.get_visible() and a.patches)
+    tallest = max(p.get_y() + p.get_height() for p in ax.patches)
+    assert tallest == pytest.approx(46.602)
+    assert ax.get_ylim()[1] > tallest * 1.1

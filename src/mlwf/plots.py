@@ -370,6 +370,10 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
                     bottom = 0.0
                     for part in EDGE_PARTS:
                         v = statistics.median(parts[part])
+                        if v <= 0:
+                            # Not drawn: an empty segment's bottom is a sticky edge, and on the tallest bar
+                            # it would keep the axis from leaving room above the bar for its label.
+                            continue
                         ax.bar(x, v, bottom=bottom, width=width * 0.92, color=_COMPONENT_COLOURS[part])
                         bottom += v
                     ax.text(x, bottom, mode, rotation=90, ha="center", va="bottom", fontsize=6.5)
