@@ -97,9 +97,24 @@ SERVER_LIMITS = {"2k": ["--max-body", "256MiB", "--max-memory", "2GiB"],
 WORKFLOW_ARGS_60K = {"ml-training": [TRAIN60K, "2", "8"], "ml-inference": ["ml-inference/model", TEST10K, "16"]}
 
 
+def earlier_invocations(path) -> list[dict]:
+    """The invocations an earlier record at ``path`` holds (read before the work: an unreadable one stops it)."""
+    if not path.exists():
+        return []
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        sys.exit(f"{path}: cannot read the earlier record ({e}): move it away, or --out another folder")
+    return previous.get("invocations") or [{k: previous.get(k) for k in ("command", "date", "load_average",
+                                                                          "commands")}]
+
+
 def study(a, store: str, out, backends: list[str], workflows: list[str], size: str) -> None:
     """``mlwf bench`` per backend and workflow (both states) into ``out``; the table; ``state_transfer.json``."""
     out.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_invocations(out / "state_transfer.json")
     args = WORKFLOW_ARGS if size == "2k" else WORKFLOW_ARGS_60K
     # The driver and the function server share the secret that signs the calls.
     env = {**side_env(None), "MLWF_FUNCTION_SECRET": secrets.token_hex(32)}
@@ -131,12 +146,6 @@ def study(a, store: str, out, backends: list[str], workflows: list[str], size: s
     rows = table(out)
     # Rows of other backends may come from an earlier invocation into the same folder (mlwf bench keeps
     # them): the record keeps every invocation's commands, the newest last.
-    path = out / "state_transfer.json"
-    earlier = []
-    if path.exists():
-        previous = json.loads(path.read_text())
-        earlier = previous.get("invocations") or [{k: previous.get(k) for k in ("command", "date", "load_average",
-                                                                                  "commands")}]
     this = {"command": command(), "date": started, "load_average": {"before": load_before, "after": load_average()},
             "commands": commands}
     write(out, "state_transfer.json", {"machine": machine(), "invocations": [*earlier, this], "rows": rows})
