@@ -161,8 +161,10 @@ def main() -> None:
                         "the partition -> pca edge), then ml-inference on the 10,000 test images; into --out's "
                         "60k/ folder")
     a = p.parse_args()
-    backends = [b for b in a.backends.split(",") if b]
-    workflows = [w for w in a.workflows.split(",") if w]
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    workflows = [w.strip() for w in a.workflows.split(",") if w.strip()]
+    if not backends or not workflows:
+        sys.exit("--backends and --workflows each name at least one (e.g. --backends local --workflows ml-training)")
     for b in backends:
         if b not in TRANSFERS:
             sys.exit(f"unknown backend {b!r}: choose from {', '.join(TRANSFERS)}")
