@@ -281,7 +281,10 @@ def test_transfer_figure_leaves_room_above_the_tallest_bar_for_its_label(tmp_pat
             {**row, "transfer": "store", "from": "partition", "to": "predict", "serialize_ms": "12",
              "transfer_ms": "5", "deserialize_ms": "13"}]
     plots.transfer(rows, tmp_path / "transfer")
-    ax = next(a for a in drawn[0].axes if a.get_visible() and a.patches)
-    tallest = max(p.get_y() + p.get_height() for p in ax.patches)
-    assert tallest == pytest.approx(46.602)
-    assert ax.get_ylim()[1] > tallest * 1.1
+    try:
+        ax = next(a for a in drawn[0].axes if a.get_visible() and a.patches)
+        tallest = max(p.get_y() + p.get_height() for p in ax.patches)
+        assert tallest == pytest.approx(46.602)
+        assert ax.get_ylim()[1] > tallest * 1.1
+    finally:
+        plots.pyplot().close(drawn[0])
