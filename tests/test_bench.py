@@ -288,3 +288,23 @@ def test_transfer_figure_leaves_room_above_the_tallest_bar_for_its_label(tmp_pat
         assert ax.get_ylim()[1] > tallest * 1.1
     finally:
         plots.pyplot().close(drawn[0])
+
+
+def test_breakdown_figure_leaves_room_above_the_tallest_bar(tmp_path, monkeypatch):
+    """A stage whose only time is compute (every later part empty) is the tallest bar: the axis still goes
+    above it, as for the transfer figure."""
+    pytest.importorskip("matplotlib")
+    from mlwf import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save", lambda fig, base: drawn.append(fig) or [])
+    row = {"workflow": "ml-training", "backend": "local", "transfer": "store", "mode": "warm", "run": "0",
+           "stage": "partition", "wall_ms": "10", "compute_ms": "50"}
+    plots.breakdown([row], tmp_path / "breakdown")
+    try:
+        ax = drawn[0].axes[0]
+        tallest = max(p.get_y() + p.get_height() for p in ax.patches)
+        assert tallest == pytest.approx(50)
+        assert ax.get_ylim()[1] > tallest * 1.03
+    finally:
+        plots.pyplot().close(drawn[0])

@@ -251,6 +251,15 @@ def latency(series: dict[str, dict[str, list[float]]], out_base: str | Path,
 
 
 # --------------------------------------------------------------------------- breakdown
+def _segments(ax, xs, heights, bottoms, **style) -> None:
+    """One layer of stacked bars, its empty segments left out: an empty segment's bottom is a sticky edge,
+    and on the tallest bar it would keep the axis from leaving room above the bar (for its label, or the
+    stage's wall-time tick)."""
+    keep = [(x, h, b) for x, h, b in zip(xs, heights, bottoms) if h > 0]
+    if keep:
+        ax.bar([k[0] for k in keep], [k[1] for k in keep], bottom=[k[2] for k in keep], **style)
+
+
 def breakdown(stage_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path]:
     """Stacked bars of where each stage's time goes, one panel per workflow and configuration.
 
@@ -286,7 +295,7 @@ def breakdown(stage_rows: list[dict[str, Any]], out_base: str | Path) -> list[Pa
         bottom = [0.0] * len(stages)
         for comp in COMPONENTS:
             vals = [statistics.median(panels[key][s][comp]) for s in stages]
-            ax.bar(range(len(stages)), vals, bottom=bottom, color=_COMPONENT_COLOURS[comp], width=0.65)
+            _segments(ax, range(len(stages)), vals, bottom, color=_COMPONENT_COLOURS[comp], width=0.65)
             bottom = [b + v for b, v in zip(bottom, vals)]
         walls = [statistics.median(panels[key][s]["wall"]) for s in stages]
         ax.scatter(range(len(stages)), walls, marker="_", s=500, color="black", zorder=3, linewidths=2)
@@ -370,11 +379,7 @@ def transfer(edge_rows: list[dict[str, Any]], out_base: str | Path) -> list[Path
                     bottom = 0.0
                     for part in EDGE_PARTS:
                         v = statistics.median(parts[part])
-                        if v <= 0:
-                            # Not drawn: an empty segment's bottom is a sticky edge, and on the tallest bar
-                            # it would keep the axis from leaving room above the bar for its label.
-                            continue
-                        ax.bar(x, v, bottom=bottom, width=width * 0.92, color=_COMPONENT_COLOURS[part])
+                        _segments(ax, [x], [v], [bottom], width=width * 0.92, color=_COMPONENT_COLOURS[part])
                         bottom += v
                     ax.text(x, bottom, mode, rotation=90, ha="center", va="bottom", fontsize=6.5)
             ax.set_xticks(range(len(names)))
