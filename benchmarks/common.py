@@ -170,10 +170,13 @@ def machine() -> dict:
 
 
 def write(out: Path, name: str, result: dict) -> Path:
-    """Write ``result`` as ``out/name`` (JSON) and return the path."""
+    """Write ``result`` as ``out/name`` (JSON, replacing it whole) and return the path."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    # Whole or not at all: a suite killed while writing leaves the record it had, not half of a new one.
+    part = path.with_name(f".{name}.{os.getpid()}.part")
+    part.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(part, path)
     return path
 
 

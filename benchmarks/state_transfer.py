@@ -105,10 +105,14 @@ def earlier_invocations(path) -> list[dict]:
         previous = json.loads(path.read_text())
         if not isinstance(previous, dict):
             raise ValueError("not a JSON object")
+        invocations = previous.get("invocations")
+        if invocations is not None and not (isinstance(invocations, list)
+                                            and all(isinstance(i, dict) for i in invocations)):
+            raise ValueError("'invocations' is not a list of objects")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         sys.exit(f"{path}: cannot read the earlier record ({e}): move it away, or --out another folder")
-    return previous.get("invocations") or [{k: previous.get(k) for k in ("command", "date", "load_average",
-                                                                          "commands")}]
+    # A record from before invocations were kept holds one at its top level.
+    return invocations or [{k: previous.get(k) for k in ("command", "date", "load_average", "commands")}]
 
 
 def study(a, store: str, out, backends: list[str], workflows: list[str], size: str) -> None:
