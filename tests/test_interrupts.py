@@ -143,6 +143,8 @@ def test_ctrl_c_while_the_workers_start_leaves_a_run_the_printed_command_finishe
     assert command == (f"mlwf run ml-training {TRAIN_PREFIX} 2 4 {' '.join(FAST_FLAGS)} --store {store_url} "
                        f"--seed 3 --resume {run_id}")
     assert _status_everywhere(store_url, "ml-training", run_id, capsys) == "interrupted"
+    assert main(["runs", "show", run_id, "--json", "--store", store_url]) == 0
+    assert json.loads(capsys.readouterr().out)["resume"] == command  # the same command, asked for later
     report = _finish_as_printed(command, _env(tmp_path), "ml-training", run_id)
     assert report["model_prefix"] == "ml-inference/model" and report["validation_accuracy"] > 0.8
     assert _status_everywhere(store_url, "ml-training", run_id, capsys) == "succeeded"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import time
 
 import pytest
@@ -280,3 +281,68 @@ def test_runs_ls_json_has_what_the_table_shows_and_what_the_store_keeps(engine, 
     assert run["duration_ms"] == report["e2e_ms"] and run["started_at"].endswith("+00:00")
     assert 0 < run["intermediate_bytes"] < run["bytes"] == listing["bytes"]
     assert (listing["store"], listing["bucket"]) == (engine.store.location, "tless")
+
+
+# --------------------------------------------------------------------------- how to resume a run
+FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
+
+
+def _abandon(store, workflow: str, run_id: str) -> None:
+    """Make the run's record say what a killed driver's says: ``running``, its lease long expired."""
+    key = f"{workflow}/outputs/{run_id}/run.json"
+    rec = json.loads(store.get(key))
+    store.put(key, json.dumps({**rec, "status": "running", "lease_s": 1,
+                               "heartbeat_at": at(10**6)}).encode())
+
+
+def test_runs_show_prints_the_command_that_resumes_an_abandoned_run_and_it_does(store_url, capsys):
+    where = ["--store", store_url]
+    assert main(["run", "ml-training", TRAIN_PREFIX, "2", "4", *FAST_FLAGS, "--no-publish", "--json",
+                 *where]) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+    store = StoreSpec(store_url, "tless").open()
+    _abandon(store, "ml-training", run_id)
+    store.close()
+    assert main(["runs", "show", run_id, "--json", *where]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    command = (f"mlwf run ml-training {TRAIN_PREFIX} 2 4 {' '.join(FAST_FLAGS)} --no-publish --json "
+               f"--store {store_url} --resume {run_id}")
+    assert shown["status"] == "abandoned" and shown["resume"] == command
+    assert main(["runs", "show", run_id, *where]) == 0
+    # One line, whole, to copy (a pipe is wide enough for it: never folded inside the table's frame).
+    assert f"resume with  {command}" in capsys.readouterr().out.splitlines()
+    # The printed command finishes the run, reusing its calls; then there is nothing to resume.
+    assert main(shlex.split(command)[1:]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["run_id"] == run_id and report["stages"]["train"]["reused"] == 4
+    assert main(["runs", "show", run_id, "--json", *where]) == 0
+    assert json.loads(capsys.readouterr().out)["resume"] is None
+
+
+@pytest.mark.parametrize("command", [
+    None,                                                                  # a run started from Python
+    ["bench", "ml-training"],                                              # not a run's command line
+    ["run", "ml-training", "--store", "s3://key:secret@host/x"],            # credentials
+    ["run", "ml-training", "--bucket", "a\x1b[2Jb"],                        # a terminal escape
+    ["run", "ml-training", "x\ny"],                                         # a line break
+    ["run", "ml-training", *["x"] * 1000],                                  # too many words
+    ["run", "ml-training", "x" * 100_000],                                  # too long
+    "run ml-training",                                                     # not a list of words
+    ["run", 5],
+])
+def test_runs_show_gives_no_command_it_should_not_and_says_how_to_resume_instead(store, capsys, command):
+    rid = run_id(1)
+    put_run(store, rid, record(rid, status="interrupted", **({} if command is None else {"command": command})))
+    assert main(["runs", "show", rid, "--json", "--store", store.root.as_posix(), "--bucket", "tless"]) == 0
+    assert json.loads(capsys.readouterr().out)["resume"] == f"its own command line and '--resume {rid}'"
+
+
+@pytest.mark.parametrize("status, transfer", [("succeeded", "store"), ("failed", "store"),
+                                              ("interrupted", "direct"), ("interrupted", "shm")])
+def test_runs_show_offers_no_resume_for_a_run_that_cannot_be_resumed(store, capsys, status, transfer):
+    rid = run_id(2)
+    put_run(store, rid, record(rid, status=status, transfer=transfer, command=["run", "ml-training", "x"]))
+    assert main(["runs", "show", rid, "--json", "--store", store.root.as_posix(), "--bucket", "tless"]) == 0
+    assert json.loads(capsys.readouterr().out)["resume"] is None
+    assert main(["runs", "show", rid, "--store", store.root.as_posix(), "--bucket", "tless"]) == 0
+    assert "resume with" not in capsys.readouterr().out

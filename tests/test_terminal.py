@@ -306,7 +306,7 @@ def test_runs_ls_on_a_terminal_is_a_table_with_headers_that_fits(many_runs, tmp_
         below += 1
     progress = {r["run_id"]: r for r in listing["runs"]}[interrupted]["progress"]
     assert "  ".join(detail) == "  ".join(f"{stage} {done}" for stage, done in progress.items()), screen.text
-    assert "Resume an interrupted run with its own command line and '--resume RUN_ID'" in screen.text
+    assert "To resume an interrupted run: 'mlwf runs show RUN_ID' prints its command." in screen.lines, screen.text
 
 
 def test_runs_ls_piped_follows_columns_else_120_and_has_no_colour(many_runs, tmp_path):

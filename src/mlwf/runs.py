@@ -33,7 +33,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
+import shlex
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from mlwf import workflows
@@ -55,6 +58,57 @@ RESUMABLE_STATUSES = ("interrupted", "abandoned")
 MAX_HELD_S = 2 * 86_400.0
 #: Largest run.json read; a driver writes a few kilobytes.
 _MAX_RECORD_BYTES = 4 << 20
+#: A URL's user name or password (``s3://key:secret@host``): a command holding one is not recorded.
+_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*@")
+
+
+#: Most words, and most characters in all, of the command line a run records for ``mlwf runs show``.
+MAX_COMMAND_WORDS = 256
+MAX_COMMAND_CHARS = 16_384
+
+
+def recordable_command(words: Sequence[str] | None) -> list[str] | None:
+    """``mlwf run``'s own words (after ``mlwf``) as a run records them, to show how to resume it.
+
+    None (nothing recorded) if there are none, if they are not ``run <workflow> …``, if they are too many
+    or too long, or if a word holds what a command line should not carry into a record: a character that
+    is not printable, or a URL with a user name or password in it.
+    """
+    if not words or not all(isinstance(w, str) for w in words):
+        return None
+    words = list(words)
+    if (words[0] != "run" or len(words) > MAX_COMMAND_WORDS or sum(map(len, words)) > MAX_COMMAND_CHARS
+            or not all(w.isprintable() for w in words) or any(_CREDENTIALS.search(w) for w in words)):
+        return None
+    return words
+
+
+def resume_command(words: Sequence[str], run_id: str) -> str:
+    """The command line that resumes ``run_id``: ``mlwf`` and ``words`` (a ``mlwf run`` command line
+    without ``mlwf``) with any ``--resume`` replaced by ``--resume run_id``, quoted for a POSIX shell."""
+    kept: list[str] = []
+    skip_value = False
+    for word in words:
+        if skip_value:
+            skip_value = False
+            continue
+        name, equals, _ = word.partition("=")
+        if len(name) >= 5 and "--resume".startswith(name):  # --resume, or the abbreviation argparse took for it
+            skip_value = not equals
+            continue
+        kept.append(word)
+    return shlex.join(["mlwf", *kept, "--resume", run_id])
+
+
+def _resume_hint(record: dict[str, Any], status: str, run_id: str) -> str | None:
+    """How to resume a run that can be (``mlwf runs show``), or None: its recorded command line with
+    ``--resume``, else the words that say so. Only a store-transfer run keeps outputs to reuse."""
+    if status not in RESUMABLE_STATUSES or record.get("transfer", "store") != "store":
+        return None
+    words = recordable_command(record.get("command"))
+    if words is None:
+        return f"its own command line and '--resume {run_id}'"
+    return resume_command(words, run_id)
 
 
 def now_utc() -> _dt.datetime:
@@ -413,7 +467,8 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
     -------
     dict with ``run_id``, ``workflow``, ``status``, ``started_at``, ``updated_at``,
     ``duration_ms`` (as :func:`list_runs` says), ``params``,
-    ``transfer``, ``resumed``, ``error``, ``progress`` (finished/expected calls
+    ``transfer``, ``resumed``, ``error``, ``resume`` (for an interrupted or abandoned
+    run that can be resumed, the command that does it, else None), ``progress`` (finished/expected calls
     per stage), ``report`` (the run's report once it succeeded, else None:
     per-stage figures, accuracy, confusion matrix) and ``outputs`` (name → key).
 
@@ -455,6 +510,7 @@ def show_run(store: Store, run_id: str) -> dict[str, Any]:
         "transfer": record.get("transfer"),
         "resumed": record.get("resumed"),
         "error": record.get("error"),
+        "resume": _resume_hint(record, status, run_id),
         "progress": _progress(record, done),
         "report": report,
         "outputs": {k: v for k, v in outputs.items() if v},

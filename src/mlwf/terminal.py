@@ -339,6 +339,8 @@ def print_run(info: dict[str, Any]) -> None:
             _add(table, f"  {stage}", Items(figures, ", "))
     console.print(table)
     values = list(info["outputs"].items())
+    if info.get("resume"):  # copied whole, so among the values, not folded in the table
+        values.append(("resume with", info["resume"]))
     if report.get("model_digest"):
         values.append(("model sha256", report["model_digest"]))
     _print_values(console, values)
@@ -519,8 +521,7 @@ def print_runs(listing: dict[str, Any]) -> None:
                 console.print(Text(" " * indent + text), soft_wrap=True)
     if any(r["status"] in ("interrupted", "abandoned") for r in runs):
         console.print()
-        console.print(Text("Resume an interrupted run with its own command line and '--resume RUN_ID' "
-                           "(or '--resume latest')."))
+        console.print(Text("To resume an interrupted run: 'mlwf runs show RUN_ID' prints its command."))
 
 
 def _detail_lines(console: Console, detail, width: int) -> list[str]:

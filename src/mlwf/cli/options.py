@@ -333,18 +333,6 @@ def check_prefix_arguments(args) -> None:
 def resume_command(args, run_id: str) -> str:
     """The command line that resumes ``run_id``: the user's own (``args.argv``, else this process's
     arguments), its ``--resume`` (if any) replaced, quoted for a POSIX shell."""
-    import shlex
+    from mlwf.runs import resume_command as resume
 
-    argv = list(getattr(args, "argv", None) or sys.argv[1:])
-    kept: list[str] = []
-    skip_value = False
-    for word in argv:
-        if skip_value:
-            skip_value = False
-            continue
-        name, equals, _ = word.partition("=")
-        if len(name) >= 5 and "--resume".startswith(name):  # --resume, or the abbreviation argparse took for it
-            skip_value = not equals
-            continue
-        kept.append(word)
-    return shlex.join(["mlwf", *kept, "--resume", run_id])
+    return resume(list(getattr(args, "argv", None) or sys.argv[1:]), run_id)

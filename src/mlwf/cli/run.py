@@ -53,7 +53,7 @@ def handle(args) -> int:
         with quiet, StageBars(enabled=not args.json) as progress, \
                 Engine(args.store, args.bucket, backend=backend_config(args),
                        transfer=args.transfer, retries=args.retries, timeout=args.timeout,
-                       progress=(clock := StageClock(progress))) as engine:
+                       progress=(clock := StageClock(progress)), command=getattr(args, "argv", None)) as engine:
             if args.workflow == "ml-training":
                 report = engine.run_training(args.data_prefix, args.num_pca, args.num_train,
                                              config=training_config(args),

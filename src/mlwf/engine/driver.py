@@ -30,6 +30,7 @@ import math
 import resource
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mlwf import workflows
@@ -45,7 +46,7 @@ from mlwf.engine.retry import RetryPolicy
 from mlwf.engine.scheduling import run_concurrently
 from mlwf.errors import AlreadyDone, Interrupted, MlwfError, UsageError
 from mlwf.runs import (DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_S, RESUMABLE_STATUSES, effective_status, find_run,
-                       latest_resumable, now_utc, timestamp)
+                       latest_resumable, now_utc, recordable_command, timestamp)
 from mlwf.settings import Settings
 from mlwf.storage import StoreSpec
 
@@ -104,13 +105,17 @@ class Engine:
         how long the lease lasts (default ``MLWF_HEARTBEAT_S`` and ``MLWF_LEASE_S``, else
         15 and 120 s; see :mod:`mlwf.runs`).
     progress : a :class:`~mlwf.engine.progress.RunProgress` (``stage_started``, ``call_done``, ``stage_done``).
+    command : the ``mlwf run`` command line (its words after ``mlwf``) that started the runs, kept in their
+        records so that ``mlwf runs show`` prints how to resume one (not kept if it holds credentials:
+        :func:`mlwf.runs.recordable_command`).
     """
 
     def __init__(self, store: str | None = None, bucket: str | None = None, *,
                  backend: str | BackendConfig = "local", workers: int | None = None, transfer: str = "store",
                  retries: int = 2, progress=None, backend_options: dict[str, Any] | None = None,
                  timeout: float = 600.0, stage_timeouts: dict[str, float] | None = None,
-                 heartbeat_s: float | None = None, lease_s: float | None = None):
+                 heartbeat_s: float | None = None, lease_s: float | None = None,
+                 command: Sequence[str] | None = None):
         if not isinstance(backend, BackendConfig) and backend not in NAMES:
             raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(NAMES)}")
         if transfer not in TRANSFERS:
@@ -142,6 +147,9 @@ class Engine:
         self.store = self.spec.open(self.settings)
         self.transfer = transfer
         self.retries = retries
+        #: ``mlwf run``'s command line, kept in each run's record so that ``mlwf runs show`` can say
+        #: how to resume it (None when it should not be kept: :func:`mlwf.runs.recordable_command`).
+        self.command = recordable_command(command)
         self.retry_policy = RetryPolicy(retries)
         #: Record each finished call for --resume (switch off only to measure what it costs).
         self.checkpoints = True
@@ -524,7 +532,8 @@ class Run:
                    "params": self.params, "backend": self.engine.backend.name,
                    "transfer": self.engine.transfer, "resumed": self.resumed,
                    "started_at": self.started_at, "updated_at": now, "heartbeat_at": now,
-                   "lease_s": self.engine.lease_s, "calls_done": dict(self.calls_done), **extra}
+                   "lease_s": self.engine.lease_s, "calls_done": dict(self.calls_done),
+                   **({"command": self.engine.command} if self.engine.command else {}), **extra}
             self.store.put(self.layout.record, json.dumps(doc, indent=2).encode())
             # Final only once written: a put cut short (by a Ctrl-C) leaves room for the record that says so.
             self._final = status != "running"
