@@ -68,7 +68,7 @@ from mlwf import workflows
 from mlwf.backends.base import BackendConfig
 from mlwf.backends.ray import cluster, pool
 from mlwf.backends.ray.cluster import check_address, first_line, is_local_address, local_ips
-from mlwf.backends.ray.lineage import Lineage, _chain
+from mlwf.backends.ray.lineage import Lineage, chain
 from mlwf.backends.ray.task import remote_call
 from mlwf.engine.calls import Call, Outcome, Ref, RunContext, refs_in
 from mlwf.errors import MlwfError, StageError, UsageError, WorkerLost
@@ -396,7 +396,7 @@ class RayBackend(Lineage):
                 # Made again meanwhile (read the new one), or a later attempt of a call that already lost an
                 # input finding another one lost (Ray reports them one at a time): mended within this attempt.
                 try:
-                    _chain(self.submit(call, ctx), out)
+                    chain(self.submit(call, ctx), out)
                 except BaseException as again:  # noqa: BLE001 - off Ray's callback thread: it must reach the driver
                     with contextlib.suppress(InvalidStateError):
                         out.set_exception(again)

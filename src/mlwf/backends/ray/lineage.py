@@ -86,7 +86,7 @@ class Lineage:
             elif isinstance(error, InputLost) and error.forgot and self._held_again(ctx, error.forgot):
                 submit()  # another call waiting for the same input made it again first: read it at once
             else:
-                _chain(f, out)
+                chain(f, out)
 
         def submit() -> None:
             try:
@@ -192,12 +192,12 @@ class Lineage:
         def first_done(first: Future) -> None:
             if not first.cancelled() and isinstance(first.exception(), InputLost):
                 try:
-                    _chain(self.submit(maker, ctx), fut)
+                    chain(self.submit(maker, ctx), fut)
                 except BaseException as e:  # noqa: BLE001 - in a callback: it must reach the waiting calls
                     with contextlib.suppress(InvalidStateError):
                         fut.set_exception(e)
             else:
-                _chain(first, fut)
+                chain(first, fut)
 
         self.submit(maker, ctx).add_done_callback(first_done)
         return fut
@@ -212,7 +212,7 @@ class InputLost(WorkerLost):
         self.forgot = list(forgot)
 
 
-def _chain(inner: Future, out: Future) -> None:
+def chain(inner: Future, out: Future) -> None:
     """``out`` gets ``inner``'s result or exception; cancelling ``out`` cancels ``inner``."""
     def copy(f: Future) -> None:
         with contextlib.suppress(InvalidStateError):
