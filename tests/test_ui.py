@@ -6,6 +6,7 @@ The pages themselves, drawn by a real browser, are tests/test_ui_browser.py's.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -276,3 +277,38 @@ def test_a_bench_folder_with_non_finite_figures_leaves_them_out(tmp_path):
     [edge] = found["edges"]
     assert edge["serialize_ms"] == 2.0 and edge["transfer_ms"] == 3.0 and edge["deserialize_ms"] == 2.0
     _json.dumps(found, allow_nan=False)
+
+
+def test_a_bench_folder_is_read_again_only_when_a_file_changed(tmp_path, monkeypatch):
+    """A Compare page polled every few seconds costs a stat of each file, not a parse of 200 KB of CSV."""
+    import os
+
+    from mlwf.ui import views
+
+    (tmp_path / "summary.csv").write_text("backend,transfer,workflow,mode,median_ms\nlocal,store,ml-training,warm,5\n")
+    reads = []
+    real = views._read_rows
+    monkeypatch.setattr(views, "_read_rows", lambda path, ident: reads.append(path.name) or real(path, ident))
+    first = views.bench(tmp_path)
+    assert views.bench(tmp_path) == first and reads == ["summary.csv", "breakdown.csv"]
+    (tmp_path / "summary.csv").write_text("backend,transfer,workflow,mode,median_ms\nlocal,store,ml-training,warm,7\n")
+    os.utime(tmp_path / "summary.csv", ns=(1, 1))  # a changed time, even within the clock's tick
+    assert views.bench(tmp_path)["summary"][0]["median_ms"] == "7" and len(reads) == 4
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: os.mkfifo(p), "is not a regular file"),                      # a read would wait forever
+    (lambda p: p.mkdir(), "is not a regular file"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00garbage\n"), "is not a CSV file 'mlwf bench' wrote"),
+    (lambda p: p.write_text("a,b\n\"" + "x" * 200_000 + "\"\n"), "is not a CSV file 'mlwf bench' wrote"),
+    (lambda p: os.truncate(p.write_bytes(b"") or p, (16 << 20) + 1), "over the dashboard's 16 MiB"),
+])
+def test_a_bench_file_the_dashboard_cannot_read_gives_one_line_and_no_rows(tmp_path, make, says):
+    from mlwf.ui import views
+
+    (tmp_path / "summary.csv").write_text("backend,transfer,workflow,mode,median_ms\nlocal,store,ml-training,warm,5\n")
+    make(tmp_path / "breakdown.csv")
+    found = views.bench(tmp_path)
+    assert found["summary"] == [] and found["edges"] == [], found
+    assert says in found["error"] and str(tmp_path / "breakdown.csv") in found["error"], found["error"]
+    assert "\n" not in found["error"]

@@ -391,6 +391,11 @@ async function drawBench() {
   try { data = (await api("/api/bench")).bench; } catch (e) { showProblem(e); return; }
   if (!data) return;
   const box = document.getElementById("bench");
+  if (data.error) {
+    box.replaceChildren(el("section", {class: "card"}, el("h2", {}, "Benchmark ", el("span", {class: "mono"}, data.folder)),
+      el("p", {class: "error-box", role: "alert"}, data.error)));
+    return;
+  }
   const config = (r) => `${r.backend}/${r.transfer}${r.state && r.state !== "light" ? "/" + r.state : ""} ${r.workflow} ${r.mode}`;
   box.replaceChildren(el("section", {class: "card"}, el("h2", {}, "Benchmark ", el("span", {class: "mono"}, data.folder)),
     table("bench-summary", ["Configuration", el("th", {class: "num"}, "Runs"), el("th", {class: "num"}, "Median"),
