@@ -280,7 +280,7 @@ def test_a_bench_folder_with_non_finite_figures_leaves_them_out(tmp_path):
 
 
 def test_a_bench_folder_is_read_again_only_when_a_file_changed(tmp_path, monkeypatch):
-    """A Compare page polled every few seconds costs a stat of each file, not a parse of 200 KB of CSV."""
+    """A Compare page loaded again costs a stat of each file, not a parse of 200 KB of CSV."""
     import os
 
     from mlwf.ui import views

@@ -216,8 +216,8 @@ def bench(folder: Path | None) -> dict[str, Any] | None:
     """A ``mlwf bench`` folder: its ``summary.csv`` rows, and the median of each edge's figures per
     configuration from ``breakdown.csv``; None when no folder was given.
 
-    The files are read again only when one has changed (its size, time or inode), so a page polling
-    the folder costs a ``stat`` each. A file that cannot be read (not a regular file, over
+    The files are read again only when one has changed (its size, time or inode), so a page loaded again
+    costs a ``stat`` of each. A file that cannot be read (not a regular file, over
     :data:`MAX_BENCH_FILE_BYTES`, not text) gives no rows and an ``error`` that says which and why.
     """
     if folder is None:
