@@ -94,7 +94,7 @@ EDGES = {
                      ("store", "predict")],
 }
 EDGE_KEYS = ["bytes", "deserialize_ms", "from", "serialize_ms", "to", "transfer_ms"]
-RUNS_SHOW_KEYS = ["duration_ms", "error", "outputs", "params", "progress", "report", "resumed", "run_id",
+RUNS_SHOW_KEYS = ["duration_ms", "error", "outputs", "params", "progress", "report", "resume", "resumed", "run_id",
                   "started_at", "status", "transfer", "updated_at", "workflow"]
 RUNS_LS_KEYS = ["accuracy", "bytes", "duration_ms", "e2e_ms", "error", "heartbeat_at", "intermediate_bytes",
                 "progress", "run_id", "started_at", "status", "updated_at", "workflow"]
