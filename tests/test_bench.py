@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 
 import pytest
@@ -198,6 +199,26 @@ def test_bench_measures_every_transfer_and_state_and_draws_the_transfer_figure(t
 def test_bench_plot_on_a_folder_without_csv_fails_in_one_line(tmp_path, capsys):
     _one_error_line(capsys, cli.main(["bench", "plot", str(tmp_path)]))
     _one_error_line(capsys, cli.main(["bench", "plot", str(tmp_path / "missing")]))
+
+
+def test_bench_and_bench_plot_refuse_a_csv_they_cannot_read_in_one_line_before_any_run(store_url, tmp_path,
+                                                                                       capsys):
+    """A FIFO named breakdown.csv would make a read wait forever; a file of gigabytes would fill memory."""
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "cpu-store-ml-training-warm.csv").write_text("Run,TimeMs\n0,5\n")
+    os.mkfifo(out / "breakdown.csv")
+    line = _one_error_line(capsys, cli.main(["bench", "plot", str(out)]))
+    assert f"{out / 'breakdown.csv'} is not a regular file" in line
+    line = _one_error_line(capsys, cli.main(["bench", "ml-training", TRAIN_PREFIX, "2", "4", "--store", store_url,
+                                             "--repeats", "1", "--out", str(out)]))
+    assert f"{out / 'breakdown.csv'} is not a regular file" in line
+    assert not list((out / "traces").iterdir()) and not (out / "summary.csv").exists()  # no run was made
+    (out / "breakdown.csv").unlink()
+    with open(out / "breakdown.csv", "wb") as f:
+        f.truncate((16 << 20) + 1)
+    line = _one_error_line(capsys, cli.main(["bench", "plot", str(out)]))
+    assert "over the 16 MiB a benchmark CSV file may take" in line
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import platform
 import re
+import stat
 import statistics
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,55 @@ _STAGE_SOURCE = {"get_ms": "input_get_ms", "decode_ms": "input_decode_ms", "byte
                  "fetch_bytes": "fetch_bytes", "input_bytes": "input_bytes"}
 
 
+#: Largest CSV file of a bench folder read (the state-transfer study's breakdown, 176 runs of every edge,
+#: is 210 KB).
+MAX_CSV_BYTES = 16 << 20
+
+
 # --------------------------------------------------------------------------- files
+def csv_identity(path: Path) -> tuple | None:
+    """``path``'s size, modification time, inode and device (None if there is no such file), checked
+    before anything is read: a regular file (a FIFO would make a read wait forever) within
+    :data:`MAX_CSV_BYTES`.
+
+    Raises :class:`~mlwf.errors.UsageError` (one line) otherwise.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file: give the folder 'mlwf bench --out' wrote")
+    if st.st_size > MAX_CSV_BYTES:
+        raise UsageError(f"{path} is {st.st_size / 2**20:.0f} MiB, over the {MAX_CSV_BYTES >> 20} MiB a "
+                         "benchmark CSV file may take: split the benchmark into folders")
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of the CSV file ``path`` as dicts (none if there is no such file), checked by
+    :func:`csv_identity` first and read to at most :data:`MAX_CSV_BYTES`; a file that is not UTF-8 CSV
+    is a :class:`~mlwf.errors.UsageError`."""
+    if csv_identity(path) is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CSV_BYTES + 1)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_CSV_BYTES:  # it grew after the look
+        raise UsageError(f"{path} is over the {MAX_CSV_BYTES >> 20} MiB a benchmark CSV file may take: split "
+                         "the benchmark into folders")
+    try:
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path} is not a CSV file 'mlwf bench' wrote ({e})") from None
+
+
 def write_latency_csv(path: Path, times: list[float]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -70,8 +120,7 @@ def write_latency_csv(path: Path, times: list[float]) -> None:
 
 
 def read_latency_csv(path: Path) -> list[float]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(path)
     try:
         return [float(r["TimeMs"]) for r in rows]
     except (KeyError, TypeError, ValueError):
@@ -96,24 +145,14 @@ def breakdown_rows(key: dict[str, str], run: int, report: dict[str, Any]) -> lis
 
 def merge_csv(path: Path, columns: list[str], rows: list[dict], replaced: set[tuple]) -> None:
     """Write ``rows`` into ``path``, keeping the rows of other configurations already there."""
-    kept = []
-    if path.exists():
-        with open(path, newline="") as f:
-            kept = [r for r in csv.DictReader(f)
-                    if (r.get("backend"), r.get("transfer"), r.get("workflow"), r.get("mode"),
-                        r.get("state") or "light") not in replaced]
+    kept = [r for r in read_csv(path)
+            if (r.get("backend"), r.get("transfer"), r.get("workflow"), r.get("mode"),
+                r.get("state") or "light") not in replaced]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in kept + rows:
             w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def machine() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlwf.bench.files import (BREAKDOWN_COLUMNS, SUMMARY_COLUMNS, breakdown_rows, describe_input, label,
-                              latency_csv_name, machine, merge_csv, stats, summary_row, write_latency_csv)
+                              latency_csv_name, machine, merge_csv, read_csv, stats, summary_row, write_latency_csv)
 from mlwf.bench.memory import PeakMemory, listening_pids, release_freed, return_large_buffers
 from mlwf.bench.plots import plot_dir
 from mlwf.errors import Interrupted, StageError, UsageError
@@ -449,6 +449,8 @@ def run(spec: BenchSpec, *, progress: bool = True, command: str | None = None) -
             _trained_on(store, spec.args[0])
     out.mkdir(parents=True, exist_ok=True)
     (out / "traces").mkdir(exist_ok=True)
+    for name in ("breakdown.csv", "summary.csv"):  # the rows kept at the end: one it cannot read stops it now
+        read_csv(out / name)
 
     total = len(pairs) * len(spec.states) * (spec.repeats + 1 + (spec.repeats if spec.cold else 0)) + \
         (spec.repeats + 1 if spec.baseline else 0)

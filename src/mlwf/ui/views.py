@@ -6,12 +6,8 @@ Everything here reads; the one write, a rollback, goes through
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import os
-import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,9 +23,6 @@ MAX_TRACE_BYTES = 64 << 20
 MAX_DONE_RECORDS = 5000
 #: Most runs compared at once.
 MAX_COMPARED = 8
-#: Largest ``summary.csv`` or ``breakdown.csv`` of a bench folder read (the state-transfer study's
-#: breakdown, 176 runs of every edge, is 210 KB).
-MAX_BENCH_FILE_BYTES = 16 << 20
 
 #: The bench folder as last read, with the files' identity then: read again only when a file changed.
 _bench_cache: dict[Path, tuple[tuple, dict[str, Any]]] = {}
@@ -218,13 +211,15 @@ def bench(folder: Path | None) -> dict[str, Any] | None:
 
     The files are read again only when one has changed (its size, time or inode), so a page loaded again
     costs a ``stat`` of each. A file that cannot be read (not a regular file, over
-    :data:`MAX_BENCH_FILE_BYTES`, not text) gives no rows and an ``error`` that says which and why.
+    :data:`mlwf.bench.files.MAX_CSV_BYTES`, not CSV) gives no rows and an ``error`` that says which and why.
     """
     if folder is None:
         return None
+    from mlwf.bench.files import csv_identity, read_csv
+
     files = [folder / "summary.csv", folder / "breakdown.csv"]
     try:
-        identity = tuple(_identity(path) for path in files)
+        identity = tuple(csv_identity(path) for path in files)
     except MlwfError as e:
         return {"folder": str(folder), "summary": [], "edges": [], "error": str(e)}
     with _bench_lock:
@@ -232,50 +227,13 @@ def bench(folder: Path | None) -> dict[str, Any] | None:
         if cached is not None and cached[0] == identity:
             return cached[1]
     try:
-        summary, breakdown = (_read_rows(path, ident) for path, ident in zip(files, identity))
+        summary, breakdown = (read_csv(path) for path in files)
         found = {"folder": str(folder), "summary": summary, "edges": _edge_medians(breakdown)}
     except MlwfError as e:
         found = {"folder": str(folder), "summary": [], "edges": [], "error": str(e)}
     with _bench_lock:
         _bench_cache[folder] = (identity, found)
     return found
-
-
-def _identity(path: Path) -> tuple | None:
-    """``path``'s size, modification time and inode (None if there is no such file), checked to be a
-    regular file within :data:`MAX_BENCH_FILE_BYTES`, before anything is read."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{path} is not a regular file: give 'mlwf ui --bench' the folder 'mlwf bench --out' wrote")
-    if st.st_size > MAX_BENCH_FILE_BYTES:
-        raise UsageError(f"{path} is {st.st_size / 2**20:.0f} MiB, over the dashboard's "
-                         f"{MAX_BENCH_FILE_BYTES >> 20} MiB for a bench file: split the benchmark into folders")
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-
-def _read_rows(path: Path, identity: tuple | None) -> list[dict[str, str]]:
-    """The CSV rows of ``path`` (none if it did not exist), reading at most :data:`MAX_BENCH_FILE_BYTES`."""
-    if identity is None:
-        return []
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BENCH_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > MAX_BENCH_FILE_BYTES:  # it grew after the look
-        raise UsageError(f"{path} is over the dashboard's {MAX_BENCH_FILE_BYTES >> 20} MiB for a bench file: "
-                         "split the benchmark into folders")
-    try:
-        return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UsageError(f"{path} is not a CSV file 'mlwf bench' wrote ({e})") from None
 
 
 def _edge_medians(breakdown: list[dict[str, str]]) -> list[dict[str, Any]]:
