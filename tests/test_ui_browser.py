@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -274,6 +275,20 @@ def test_a_failed_run_says_where_and_why(page, filled):
     failed = next(r for r in list_runs(filled["store"]) if r["status"] == "failed")
     page.goto(f"/runs/{failed['run_id']}")
     sync_api.expect(page.page.locator("#failure")).to_contain_text("no images under prefix")
+
+
+def test_an_interrupted_run_says_the_command_that_resumes_it(page, filled):
+    words = ["run", "ml-training", TRAIN_PREFIX, "2", "4", "--store", filled["url"], "--seed", "7"]
+    with Engine(filled["url"], "tless", command=words) as engine:
+        run = engine.start_run("ml-training", {"probe": 7})
+        run.interrupted()
+    page.goto(f"/runs/{run.run_id}")
+    sync_api.expect(page.page.locator("h1")).to_contain_text("interrupted")
+    sync_api.expect(page.page.locator("#resume")).to_have_text(
+        shlex.join(["mlwf", *words, "--resume", run.run_id]))
+    page.goto(f"/runs/{filled['inference']['run_id']}")  # a run that succeeded offers none
+    sync_api.expect(page.page.locator("#predictions")).to_be_visible()
+    assert page.page.locator("#resume").count() == 0
 
 
 @pytest.mark.parametrize("path", ["/runs/not-a-run", "/runs/20261101T000000.000000Z-abcdef",

@@ -193,6 +193,10 @@ function drawRun(run, keepGantt) {
     sections.push(el("div", {class: "error-box", id: "failure", role: "alert"},
       el("strong", {}, run.failed_stage ? `Failed in stage ${run.failed_stage}: ` : "Failed: "), run.error || "no reason recorded"));
   }
+  if (run.resume) {  // an interrupted or abandoned run that --resume can finish: the command that does
+    sections.push(el("section", {class: "card"}, el("h2", {}, "Resume"),
+      el("p", {}, "Finish this run, reusing the calls it made, with:"), el("pre", {id: "resume", class: "mono"}, run.resume)));
+  }
   sections.push(el("section", {class: "card", id: "stages"}, el("h2", {}, "Stages"),
     stageNames.length ? stageNames.map((s) => {
       const [done, total] = run.progress[s].split("/").map(Number);
