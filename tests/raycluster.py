@@ -115,6 +115,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def last_json(stdout: str):
+    """The last line of a driver's ``stdout`` that is a JSON document: Ray prints there too, after it
+    (a node lost while the driver looked: "raylet has lagging heartbeats due to slow network")."""
+    import json
+
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(("{", "[")):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise AssertionError(f"no JSON line in the driver's output: {stdout[-2000:]!r}")
+
+
 class RayCluster:
     """A Ray cluster of ``nodes`` raylets on this host, started and stopped by us.
 
@@ -240,13 +254,11 @@ class RayCluster:
                 f"ray.init(address={self.address!r}, log_to_driver=False, logging_level=logging.ERROR)\n"
                 "print(json.dumps([{'NodeID': n['NodeID'], 'CPU': n['Resources'].get('CPU', 0)}\n"
                 "                  for n in ray.nodes() if n['Alive']]))\n")
-        import json
-
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                              env=self.driver_env(), stdin=subprocess.DEVNULL)
         if out.returncode != 0:
             raise RuntimeError(f"could not list the cluster's nodes: {out.stderr.strip()[-2000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return last_json(out.stdout)
 
     @contextlib.contextmanager
     def watch_nodes(self, every: float = 0.05):

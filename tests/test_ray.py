@@ -32,6 +32,7 @@ from mlwf.backends.ray import RayBackend, RayConfig  # noqa: E402
 from mlwf.errors import DataError, StageError, UsageError  # noqa: E402
 from mlwf.storage import StoreSpec  # noqa: E402
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX  # noqa: E402
+from tests.raycluster import last_json  # noqa: E402
 from tests.s3server import free_port  # noqa: E402
 
 FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
@@ -414,7 +415,7 @@ def test_the_local_ray_instance_mlwf_starts_listens_on_loopback_only(store_url):
     done = subprocess.run([sys.executable, "-c", probe, store_url], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    sockets = json.loads(done.stdout.strip().splitlines()[-1])
+    sockets = last_json(done.stdout)
     assert len({pid for _, _, pid in sockets}) >= 3, sockets  # the driver, GCS and raylet at least
     from tests.procfs import is_loopback
 

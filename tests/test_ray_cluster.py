@@ -22,6 +22,7 @@ pytest.importorskip("ray", reason="the Ray backend needs Ray: pip install 'mlwf[
 
 from mlwf.engine.driver import Engine  # noqa: E402
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX  # noqa: E402
+from tests.raycluster import last_json  # noqa: E402
 
 pytest_plugins = ["tests.raycluster"]
 
@@ -169,7 +170,7 @@ def _look_into_workers(ray_cluster, env: dict[str, str]) -> list[dict]:
     done = subprocess.run([sys.executable, "-c", _LOOK, ray_cluster.address, SECRET_VALUE], capture_output=True,
                           text=True, env=env, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return last_json(done.stdout)
 
 
 @pytest.fixture
@@ -428,7 +429,7 @@ def test_outputs_ray_lost_with_a_node_are_made_again_by_the_calls_that_made_them
         while len(cluster.alive_nodes()) != 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert len(cluster.alive_nodes()) == 1
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = last_json(done.stdout)
     assert got["lost"] and all(name.startswith("train[") for name in got["lost"])  # members only there
     assert got["digest"] == clean["model_digest"]
     # Exactly the calls whose outputs were lost ran again, and the report says which.
