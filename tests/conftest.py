@@ -21,7 +21,7 @@ from mlwf.settings import BLAS_THREAD_VARIABLES
 from mlwf.storage import StoreSpec
 from mlwf.workflows.training import TrainingConfig
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.s3server", "tests.raycluster"]
 
 TRAIN_PREFIX = "ml-training/digits"
 BATCH_PREFIX = "ml-inference/digits-batch"

@@ -23,7 +23,7 @@ Token authentication (Ray 2.52+): ``RAY_AUTH_MODE=token`` and
 nodes and for every driver that joins (:meth:`RayCluster.env`). The user's
 ``~/.ray/auth_token`` is never read or written.
 
-Fixture (load with ``pytest_plugins = ["tests.raycluster"]``): ``ray_cluster``
+Fixture (a plugin of the suite: tests/conftest.py): ``ray_cluster``
 (module scope), a started :class:`RayCluster` with 1 CPU per node.
 """
 

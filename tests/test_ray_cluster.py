@@ -24,7 +24,6 @@ from mlwf.engine.driver import Engine  # noqa: E402
 from tests.conftest import BATCH_PREFIX, FAST, TRAIN_PREFIX  # noqa: E402
 from tests.raycluster import last_json  # noqa: E402
 
-pytest_plugins = ["tests.raycluster"]
 
 FAST_FLAGS = ["--image-size", "16", "--components", "6", "--trees", "12", "--max-depth", "8"]
 ROOT = Path(__file__).resolve().parent.parent
