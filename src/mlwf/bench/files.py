@@ -81,27 +81,37 @@ def csv_identity(path: Path) -> tuple | None:
         return None
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    _check_csv_file(path, st)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _check_csv_file(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{path} is not a regular file: give the folder 'mlwf bench --out' wrote")
     if st.st_size > MAX_CSV_BYTES:
         raise UsageError(f"{path} is {st.st_size / 2**20:.0f} MiB, over the {MAX_CSV_BYTES >> 20} MiB a "
                          "benchmark CSV file may take: split the benchmark into folders")
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """The rows of the CSV file ``path`` as dicts (none if there is no such file), checked by
-    :func:`csv_identity` first and read to at most :data:`MAX_CSV_BYTES`; a file that is not UTF-8 CSV
-    is a :class:`~mlwf.errors.UsageError`."""
-    if csv_identity(path) is None:
-        return []
+    """The rows of the CSV file ``path`` as dicts (none if there is no such file), checked as
+    :func:`csv_identity` checks it once opened and read to at most :data:`MAX_CSV_BYTES`; a file that is
+    not UTF-8 CSV is a :class:`~mlwf.errors.UsageError`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CSV_BYTES + 1)
+        # Not blocking: a FIFO put in the file's place after a look would otherwise make open() wait forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return []
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        _check_csv_file(path, os.fstat(fd))  # the file opened, not the name looked at before
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CSV_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_CSV_BYTES:  # it grew after the look
         raise UsageError(f"{path} is over the {MAX_CSV_BYTES >> 20} MiB a benchmark CSV file may take: split "
                          "the benchmark into folders")
