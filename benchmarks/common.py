@@ -175,8 +175,11 @@ def write(out: Path, name: str, result: dict) -> Path:
     path = out / name
     # Whole or not at all: a suite killed while writing leaves the record it had, not half of a new one.
     part = path.with_name(f".{name}.{os.getpid()}.part")
-    part.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(part, path)
+    try:
+        part.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)  # a write that failed (a full disk) leaves no aside copy either
     return path
 
 
